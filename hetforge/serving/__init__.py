@@ -1,0 +1,1 @@
+"""Serving pipelines on Ray Serve: stage runtimes, metrics, hot-swap (needs the `serving` extra)."""

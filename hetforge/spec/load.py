@@ -1,0 +1,169 @@
+"""Load a pipeline file: safe YAML, then the schema, then references and the graph, all errors located."""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path as FsPath
+
+from pydantic import BaseModel, ValidationError
+
+from hetforge import config
+from hetforge.spec import models
+from hetforge.spec.errors import Diagnostic, Path, Problem, SpecError, message
+from hetforge.spec.models import Pipeline
+from hetforge.spec.references import check_references
+from hetforge.spec.yaml_source import SourceMap, YamlError, decode, parse
+
+
+class SpecIOError(Exception):
+    """The pipeline file cannot be read at all (missing, a directory, no permission)."""
+
+
+def load_pipeline(path: str | FsPath, check_graph: bool = True) -> Pipeline:
+    """The validated pipeline in `path`; SpecError with every located error, SpecIOError if unreadable."""
+    path = FsPath(path)
+    limit = config.spec_max_bytes()
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as err:
+        raise SpecIOError(f"{path}: cannot read: {err.strerror or err}") from None
+    if len(data) > limit:
+        raise SpecError([Diagnostic(str(path), 1, 1, f'Got "more than {limit} bytes" for the document: a pipeline file of at most {limit} bytes (HETFORGE_SPEC_MAX_BYTES).')])
+    return load_bytes(data, str(path), path.resolve().parent, check_graph)
+
+
+def load_bytes(data: bytes, file: str = "<string>", base_dir: FsPath | None = None, check_graph: bool = True) -> Pipeline:
+    """Validate a pipeline document; `base_dir` resolves relative files (None skips file checks)."""
+    try:
+        raw, source, yaml_errors = parse(decode(data))
+    except YamlError as err:
+        raise SpecError([err.diagnostic(file)]) from None
+
+    diagnostics = [err.diagnostic(file) for _, err in yaml_errors]
+    broken = [p for p, _ in yaml_errors]
+    if not isinstance(raw, dict):
+        line, col = source.locate(())
+        diagnostics.append(Diagnostic(file, line, col, message(Problem((), raw, "a mapping with name, entry, output and stages"))))
+        raise SpecError(diagnostics)
+
+    try:
+        pipeline = Pipeline.model_validate(raw)
+    except ValidationError as err:
+        problems = [p for p in _problems(err) if not any(p.path[: len(b)] == b for b in broken)]
+        raise SpecError(diagnostics + _locate(problems, source, file)) from None
+    if diagnostics:
+        raise SpecError(diagnostics)
+
+    problems = check_references(pipeline, base_dir)
+    if not problems and check_graph:
+        from hetforge.planners.graph import graph_problems  # the graph is the planner's; it needs a valid spec
+
+        problems = graph_problems(pipeline)
+    if problems:
+        raise SpecError(_locate(problems, source, file))
+    return pipeline
+
+
+def _locate(problems: list[Problem], source: SourceMap, file: str) -> list[Diagnostic]:
+    out = []
+    for problem in problems:
+        line, col = source.locate(problem.path, problem.at_key)
+        out.append(Diagnostic(file, line, col, message(problem)))
+    return out
+
+
+_PATTERN_RULES = {
+    models.NAME_PATTERN: models.NAME_RULE,
+    models.IMPORT_PATTERN: "an import path, `package.module:attr` or `file.py:attr`",
+}
+
+
+def _problems(err: ValidationError) -> list[Problem]:
+    """pydantic's errors as document problems; several union branches failing at one place become one."""
+    by_path: dict[tuple[Path, bool], tuple[object, list[str]]] = {}
+    for e in err.errors(include_url=False):
+        path = tuple(part for part in e["loc"] if not (isinstance(part, str) and part.startswith("<")))
+        kind, ctx, value = e["type"], e.get("ctx") or {}, e.get("input")
+        at_key = False
+        if kind == "missing":
+            value, must = None, "a value is required here"
+        elif kind == "extra_forbidden":
+            at_key, value = True, path[-1]
+            must = _unknown_field(tuple(e["loc"][:-1]), str(path[-1]))
+        elif kind == "stage_kind":
+            path = path + ("kind",)
+            value = value.get("kind") if isinstance(value, dict) else value
+            must = "a stage kind: model, llm or tool" if isinstance(value, str) or value is None else "a mapping with a kind"
+        elif kind == "string_pattern_mismatch":
+            must = _PATTERN_RULES.get(ctx.get("pattern"), f"text matching {ctx.get('pattern')}")
+        elif kind == "literal_error":
+            must = "one of " + str(ctx.get("expected", "")).replace("'", "")
+        else:
+            must = e["msg"].removeprefix("Value error, ").removeprefix("Input should be ").removeprefix("Input ")
+        key = (path, at_key)
+        if key in by_path:
+            if must not in by_path[key][1]:
+                by_path[key][1].append(must)
+        else:
+            by_path[key] = (value, [must])
+    return [Problem(path, value, " or ".join(musts), at_key) for (path, at_key), (value, musts) in by_path.items()]
+
+
+def _unknown_field(loc: tuple, name: str) -> str:
+    model = _model_at(loc)
+    if model is None:
+        return "not a known field here"
+    fields = sorted(f.alias or n for n, f in model.model_fields.items())
+    close = difflib.get_close_matches(name, fields, n=1)
+    hint = f'; did you mean "{close[0]}"?' if close else f"; the fields are {', '.join(fields)}"
+    return "not a field of " + _describe(model) + hint
+
+
+def _describe(model: type[BaseModel]) -> str:
+    kind = model.model_fields.get("kind")
+    if kind is not None and typing.get_args(kind.annotation):
+        return f"a {typing.get_args(kind.annotation)[0]} stage"
+    return {"Pipeline": "a pipeline"}.get(model.__name__, f"{model.__name__}")
+
+
+_TAGGED = {"<model>": models.ModelStage, "<llm>": models.LlmStage, "<tool>": models.ToolStage}
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that validated the value at pydantic location `loc`."""
+    current: object = Pipeline
+    for part in loc:
+        if isinstance(part, str) and part in _TAGGED:
+            current = _TAGGED[part]
+            continue
+        current = _unwrap(current)
+        if isinstance(part, int):
+            args = typing.get_args(current)
+            current = args[0] if args else None
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            fields = {(f.alias or n): f for n, f in current.model_fields.items()}
+            current = fields[part].annotation if part in fields else None
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(tp: object) -> object:
+    """Strip Annotated and Optional; a union with exactly one model member becomes that model."""
+    for _ in range(8):
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+            continue
+        if origin in (typing.Union, types.UnionType):
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            found = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
+            if len(found) == 1 or len(members) == 1:
+                tp = (found or members)[0]
+                continue
+        return tp
+    return tp

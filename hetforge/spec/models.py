@@ -1,0 +1,319 @@
+"""The pipeline spec: what a user writes in YAML, as pydantic v2 models.
+
+Every model forbids unknown fields and every field has a description and bounds, so that
+`hetforge schema` gives editors a complete JSON Schema and the loader can say exactly what a
+field must be. Cross-stage checks (references, cycles, reachability) live in
+`hetforge.spec.references` and `hetforge.planners.graph`, because they need the whole file.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
+NAME_RULE = "a name of lowercase letters, digits, '_' or '-', starting with a letter, at most 63 characters"
+
+# `package.module:attr` or `relative/file.py:attr` (resolved against the pipeline file's folder).
+IMPORT_PATTERN = r"^(?:[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|[^:\s]+\.py):[A-Za-z_][A-Za-z0-9_]*$"
+
+# GPU models a stage may name as its device. The planner's device table (`hetforge.planners`)
+# carries their figures; the spec only needs the names.
+GPU_MODELS = ("H100", "H200", "B200", "A100", "A10G", "L4", "L40S", "T4", "V100", "RTX6000-BLACKWELL")
+DEVICE_RULE = "auto, cpu, cuda, or a GPU model (" + ", ".join(GPU_MODELS) + ")"
+
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
+DIM_PATTERN = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+Precision = Literal["strict", "tf32", "bf16"]
+
+
+class _Spec(BaseModel):
+    """Base of every spec model: unknown fields are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+
+class TensorSpec(_Spec):
+    """One input of a model stage: its shape (with named dynamic dimensions) and dtype."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$", description="Argument name of the input.")
+    shape: list[int | str] = Field(
+        min_length=0,
+        max_length=8,
+        description="Dimensions: positive integers, or names of dynamic dimensions such as 'batch'.",
+    )
+    dtype: Literal[DTYPES] = Field(default="float32", description="Element type.")  # type: ignore[valid-type]
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: list[int | str]) -> list[int | str]:
+        for dim in shape:
+            if isinstance(dim, bool) or (isinstance(dim, int) and not 1 <= dim <= 1 << 20):
+                raise ValueError("dimensions must be integers from 1 to 1048576 or names like 'batch'")
+            if isinstance(dim, str) and not DIM_PATTERN.match(dim):
+                raise ValueError(f"a dynamic dimension is a lowercase name like 'batch', not '{dim}'")
+        return shape
+
+
+class Batching(_Spec):
+    """Request batching for a model stage (Ray Serve's `serve.batch`)."""
+
+    max_batch_size: int = Field(default=8, ge=1, le=4096, description="Most requests run as one batch.")
+    wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="Longest wait to fill a batch, in ms.")
+
+
+class Autoscaling(_Spec):
+    """Replica autoscaling bounds (Ray Serve's autoscaling_config)."""
+
+    min_replicas: int = Field(default=1, ge=0, le=1024, description="Fewest replicas.")
+    max_replicas: int = Field(default=4, ge=1, le=1024, description="Most replicas.")
+    target_ongoing_requests: float = Field(default=2.0, gt=0, le=10_000, description="Requests per replica to aim for.")
+
+    @model_validator(mode="after")
+    def _order(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class _StageBase(_Spec):
+    """Settings every stage has."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Stage name, unique in the pipeline: " + NAME_RULE + ".")
+    description: str = Field(default="", max_length=2000, description="What the stage does, for people.")
+    device: str = Field(
+        default="auto",
+        description="Where the stage must run: " + DEVICE_RULE + ". `auto` lets the planner choose.",
+    )
+    prefer_device: str | None = Field(
+        default=None, description="A device the planner should prefer when it is not slower: " + DEVICE_RULE + "."
+    )
+    replicas: int | Autoscaling = Field(default=1, description="A fixed replica count (1-1024) or autoscaling bounds.")
+    latency_budget_ms: float | None = Field(
+        default=None, gt=0, le=3_600_000, description="This stage's share of the end-to-end latency target, in ms."
+    )
+    precision: Precision = Field(
+        default="strict",
+        description="Numerics a faster variant may use: strict (fp32 as written), tf32 (TF32 matmuls), bf16.",
+    )
+    optimize: bool = Field(default=True, description="Whether hetforge may generate kernels for this stage.")
+
+    @field_validator("device", "prefer_device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return normalize_device(value)
+
+    @field_validator("replicas")
+    @classmethod
+    def _replicas(cls, value: int | Autoscaling) -> int | Autoscaling:
+        if isinstance(value, int) and not 1 <= value <= 1024:
+            raise ValueError("a replica count from 1 to 1024, or an autoscaling block")
+        return value
+
+
+def normalize_device(value: str) -> str:
+    """Canonical device name (`auto`, `cpu`, `cuda` or an upper-case GPU model), or ValueError."""
+    lowered = value.strip().lower()
+    if lowered in ("auto", "cpu", "cuda"):
+        return lowered
+    for model in GPU_MODELS:
+        if lowered == model.lower():
+            return model
+    raise ValueError(DEVICE_RULE)
+
+
+class ModelStage(_StageBase):
+    """A PyTorch module: from an import path or a problem file (Model, get_inputs, get_init_inputs)."""
+
+    kind: Literal["model"] = Field(description="Stage kind.")
+    module: str | None = Field(
+        default=None,
+        pattern=IMPORT_PATTERN,
+        description="Import path of the nn.Module class, `package.module:Class` or `file.py:Class`.",
+    )
+    problem_file: str | None = Field(
+        default=None,
+        pattern=r"^[^\x00]+\.py$",
+        max_length=4096,
+        description="A .py file (relative to this YAML) defining Model, get_inputs(), get_init_inputs().",
+    )
+    init_args: list[Any] | None = Field(
+        default=None, max_length=64, description="Positional constructor arguments (default: the problem file's)."
+    )
+    init_kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword constructor arguments.")
+    weights: str | None = Field(
+        default=None, max_length=4096, description="A state_dict file (relative to this YAML); else seeded init."
+    )
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seed for parameter initialization without weights.")
+    inputs: list[TensorSpec] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Input signature; empty means the problem file's get_inputs() defines it.",
+    )
+    batching: Batching | None = Field(default=None, description="Request batching; none means one request per call.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelStage:
+        if (self.module is None) == (self.problem_file is None):
+            raise ValueError("a model stage needs exactly one of `module` or `problem_file`")
+        if self.module is not None and not self.inputs:
+            raise ValueError("a model stage given by `module` must declare its `inputs`")
+        return self
+
+
+class VllmEngine(_Spec):
+    """A language model run by a vLLM engine inside hetforge."""
+
+    model: str = Field(min_length=1, max_length=4096, description="Model folder (relative to this YAML) or name.")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.EngineArgs, passed as given.")
+    chat_template: str | None = Field(default=None, max_length=4096, description="Chat template file, if the tokenizer has none.")
+
+
+class Endpoint(_Spec):
+    """A language model behind an OpenAI-compatible HTTP API."""
+
+    base_url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2048, description="The API's base URL, e.g. http://host:8000/v1.")
+    model: str = Field(min_length=1, max_length=256, description="Model name the endpoint serves.")
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Z_][A-Z0-9_]{0,127}$",
+        description="Name of the environment variable holding the API key (never the key itself).",
+    )
+    timeout_s: float = Field(default=60.0, gt=0, le=3600, description="Request timeout in seconds.")
+
+
+class Sampling(_Spec):
+    """Decoding settings of an LLM stage."""
+
+    max_tokens: int = Field(default=128, ge=1, le=131_072, description="Most tokens generated per call.")
+    temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+
+
+class AgentLoop(_Spec):
+    """An LLM that may call tools and run again with their results."""
+
+    tools: list[str] = Field(min_length=1, max_length=64, description="Names of tool stages the LLM may call.")
+    max_iterations: int = Field(ge=1, le=64, description="Most LLM calls in one request, tool rounds between them.")
+
+
+class LlmStage(_StageBase):
+    """A language model: a vLLM engine or an OpenAI-compatible endpoint."""
+
+    kind: Literal["llm"] = Field(description="Stage kind.")
+    vllm: VllmEngine | None = Field(default=None, description="Serve the model with vLLM.")
+    endpoint: Endpoint | None = Field(default=None, description="Call an OpenAI-compatible endpoint.")
+    system_prompt: str = Field(default="", max_length=100_000, description="System message sent first.")
+    sampling: Sampling = Field(default_factory=Sampling, description="Decoding settings.")
+    agent_loop: AgentLoop | None = Field(default=None, description="Tools this LLM may call in a loop.")
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> LlmStage:
+        if (self.vllm is None) == (self.endpoint is None):
+            raise ValueError("an llm stage needs exactly one of `vllm` or `endpoint`")
+        return self
+
+
+class HttpTool(_Spec):
+    """A tool reached over HTTP: the stage's input is sent as JSON, the JSON answer is its output."""
+
+    url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2048, description="Endpoint URL.")
+    method: Literal["GET", "POST"] = Field(default="POST", description="HTTP method.")
+    headers_env: dict[str, str] = Field(
+        default_factory=dict, description="Header name -> environment variable holding its value."
+    )
+
+
+class ToolStage(_StageBase):
+    """Plain code: a Python callable or an HTTP endpoint."""
+
+    kind: Literal["tool"] = Field(description="Stage kind.")
+    callable: str | None = Field(
+        default=None, pattern=IMPORT_PATTERN, description="`package.module:function` or `file.py:function`."
+    )
+    http: HttpTool | None = Field(default=None, description="Call an HTTP endpoint.")
+    timeout_s: float = Field(default=10.0, gt=0, le=3600, description="Per-attempt timeout in seconds.")
+    retries: int = Field(default=0, ge=0, le=10, description="Retries after a failed or timed-out attempt.")
+    concurrency: int = Field(default=16, ge=1, le=10_000, description="Most calls in flight per replica.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ToolStage:
+        if (self.callable is None) == (self.http is None):
+            raise ValueError("a tool stage needs exactly one of `callable` or `http`")
+        return self
+
+
+def _stage_kind(value: Any) -> str | None:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind if kind in ("model", "llm", "tool") else None
+
+
+# Tags are spelled unlike any field name so that error locations can drop them unambiguously.
+Stage = Annotated[
+    Union[
+        Annotated[ModelStage, Tag("<model>")],
+        Annotated[LlmStage, Tag("<llm>")],
+        Annotated[ToolStage, Tag("<tool>")],
+    ],
+    Discriminator(
+        lambda v: None if _stage_kind(v) is None else f"<{_stage_kind(v)}>",
+        custom_error_type="stage_kind",
+        custom_error_message="kind must be one of model, llm, tool",
+    ),
+]
+
+
+class Condition(_Spec):
+    """A branch condition on a field of the upstream stage's JSON output."""
+
+    field: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$", description="Output field, dotted for nesting.")
+    equals: str | int | float | bool | None = Field(default=None, description="Take the edge when the field equals this.")
+    one_of: list[str | int | float | bool] | None = Field(
+        default=None, min_length=1, max_length=256, description="Take the edge when the field is one of these."
+    )
+
+    @model_validator(mode="after")
+    def _one_test(self) -> Condition:
+        if (self.equals is None) == (self.one_of is None):
+            raise ValueError("a condition needs exactly one of `equals` or `one_of`")
+        return self
+
+
+class Edge(_Spec):
+    """Data flow: the `from` stage's output is an input of the `to` stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    source: str = Field(alias="from", pattern=NAME_PATTERN, description="Upstream stage name.")
+    target: str = Field(alias="to", pattern=NAME_PATTERN, description="Downstream stage name.")
+    when: Condition | None = Field(default=None, description="Take this edge only when the condition holds.")
+
+
+class Slo(_Spec):
+    """End-to-end latency target."""
+
+    p99_ms: float = Field(gt=0, le=3_600_000, description="Target 99th-percentile request latency, in ms.")
+
+
+class Pipeline(_Spec):
+    """A whole agent pipeline: stages, the data flow between them, and its targets."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Pipeline name: " + NAME_RULE + ".")
+    description: str = Field(default="", max_length=10_000, description="What the pipeline does, for people.")
+    entry: str = Field(pattern=NAME_PATTERN, description="The stage that receives each request.")
+    output: str = Field(pattern=NAME_PATTERN, description="The stage whose result answers the request.")
+    slo: Slo | None = Field(default=None, description="End-to-end latency target.")
+    stages: list[Stage] = Field(min_length=1, max_length=512, description="The stages.")
+    flow: list[Edge] = Field(default_factory=list, max_length=4096, description="Data flow edges between stages.")
+
+    def stage(self, name: str) -> ModelStage | LlmStage | ToolStage:
+        """The stage called `name`; KeyError if there is none."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)

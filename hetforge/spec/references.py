@@ -1,0 +1,69 @@
+"""Checks that need the whole pipeline: names are unique and every reference resolves."""
+
+from __future__ import annotations
+
+from pathlib import Path as FsPath
+
+from hetforge.spec.errors import Problem
+from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
+
+
+def check_references(pipeline: Pipeline, base_dir: FsPath | None) -> list[Problem]:
+    """Every problem with names, references and referenced files; empty when all resolve."""
+    problems: list[Problem] = []
+    kinds: dict[str, str] = {}
+    for i, stage in enumerate(pipeline.stages):
+        if stage.name in kinds:
+            problems.append(Problem(("stages", i, "name"), stage.name, "stage names must be unique; this one is used twice"))
+        kinds.setdefault(stage.name, stage.kind)
+    known = ", ".join(sorted(kinds))
+
+    for field in ("entry", "output"):
+        name = getattr(pipeline, field)
+        if name not in kinds:
+            problems.append(Problem((field,), name, f"the name of a stage ({known})"))
+
+    seen_edges: set[tuple[str, str]] = set()
+    for i, edge in enumerate(pipeline.flow):
+        for end, name in (("from", edge.source), ("to", edge.target)):
+            if name not in kinds:
+                problems.append(Problem(("flow", i, end), name, f"the name of a stage ({known})"))
+        if edge.source == edge.target:
+            problems.append(Problem(("flow", i, "to"), edge.target, "a stage cannot feed itself; use an agent loop to repeat an LLM"))
+        if (edge.source, edge.target) in seen_edges:
+            problems.append(Problem(("flow", i), f"{edge.source} -> {edge.target}", "each edge once; this one is declared twice"))
+        seen_edges.add((edge.source, edge.target))
+        if edge.target == pipeline.entry:
+            problems.append(Problem(("flow", i, "to"), edge.target, "an edge into the entry stage; the entry takes the request only"))
+
+    for i, stage in enumerate(pipeline.stages):
+        if isinstance(stage, LlmStage) and stage.agent_loop is not None:
+            for j, tool in enumerate(stage.agent_loop.tools):
+                where = ("stages", i, "agent_loop", "tools", j)
+                if tool not in kinds:
+                    problems.append(Problem(where, tool, f"the name of a tool stage ({known})"))
+                elif kinds[tool] != "tool":
+                    problems.append(Problem(where, tool, f"a tool stage; {tool} is a {kinds[tool]} stage"))
+        if base_dir is not None:
+            problems.extend(_check_files(stage, i, base_dir))
+    return problems
+
+
+def _check_files(stage: ModelStage | LlmStage | ToolStage, i: int, base_dir: FsPath) -> list[Problem]:
+    """Files a stage names must exist; model folders of LLMs are checked at deploy time (they may be built later)."""
+    wanted: list[tuple[str, str]] = []
+    if isinstance(stage, ModelStage):
+        if stage.problem_file:
+            wanted.append(("problem_file", stage.problem_file))
+        if stage.module and stage.module.split(":")[0].endswith(".py"):
+            wanted.append(("module", stage.module.split(":")[0]))
+        if stage.weights:
+            wanted.append(("weights", stage.weights))
+    elif isinstance(stage, ToolStage) and stage.callable and stage.callable.split(":")[0].endswith(".py"):
+        wanted.append(("callable", stage.callable.split(":")[0]))
+    problems = []
+    for field, rel in wanted:
+        if not (base_dir / rel).is_file():
+            value = getattr(stage, field)
+            problems.append(Problem(("stages", i, field), value, f"an existing file relative to the pipeline's folder ({base_dir})"))
+    return problems
