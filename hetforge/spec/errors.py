@@ -64,4 +64,5 @@ def show_value(value: object, limit: int = 60) -> str:
 
 def message(problem: Problem) -> str:
     must = problem.must.rstrip(".")
-    return f'Got "{show_value(problem.value)}" for {field_name(problem.path)}: {must}.'
+    end = "" if must.endswith("?") else "."
+    return f'Got "{show_value(problem.value)}" for {field_name(problem.path)}: {must}{end}'

@@ -52,7 +52,7 @@ def load_bytes(data: bytes, file: str = "<string>", base_dir: FsPath | None = No
     try:
         pipeline = Pipeline.model_validate(raw)
     except ValidationError as err:
-        problems = [p for p in _problems(err) if not any(p.path[: len(b)] == b for b in broken)]
+        problems = [p for p in _problems(err, source) if not any(p.path[: len(b)] == b for b in broken)]
         raise SpecError(diagnostics + _locate(problems, source, file)) from None
     if diagnostics:
         raise SpecError(diagnostics)
@@ -81,12 +81,26 @@ _PATTERN_RULES = {
 }
 
 
-def _problems(err: ValidationError) -> list[Problem]:
+_TYPE_RULES = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
+    "string_type": "text", "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+    "list_type": "a list", "none_required": "nothing",
+}
+_BOUND_RULES = {
+    "greater_than": "a number greater than {gt}", "greater_than_equal": "a number of at least {ge}",
+    "less_than": "a number less than {lt}", "less_than_equal": "a number of at most {le}",
+    "string_too_long": "text of at most {max_length} characters", "string_too_short": "text of at least {min_length} characters",
+    "too_long": "at most {max_length} items", "too_short": "at least {min_length} items",
+}
+
+
+def _problems(err: ValidationError, source: SourceMap) -> list[Problem]:
     """pydantic's errors as document problems; several union branches failing at one place become one."""
-    by_path: dict[tuple[Path, bool], tuple[object, list[str]]] = {}
+    by_path: dict[tuple[Path, bool], tuple[object, list[tuple[str, str]]]] = {}
     for e in err.errors(include_url=False):
-        path = tuple(part for part in e["loc"] if not (isinstance(part, str) and part.startswith("<")))
         kind, ctx, value = e["type"], e.get("ctx") or {}, e.get("input")
+        path = _document_path(e["loc"], source, keep_last=kind in ("missing", "extra_forbidden"))
         at_key = False
         if kind == "missing":
             value, must = None, "a value is required here"
@@ -101,15 +115,31 @@ def _problems(err: ValidationError) -> list[Problem]:
             must = _PATTERN_RULES.get(ctx.get("pattern"), f"text matching {ctx.get('pattern')}")
         elif kind == "literal_error":
             must = "one of " + str(ctx.get("expected", "")).replace("'", "")
+        elif kind in _TYPE_RULES:
+            must = _TYPE_RULES[kind]
+        elif kind in _BOUND_RULES:
+            must = _BOUND_RULES[kind].format(**ctx)
         else:
             must = e["msg"].removeprefix("Value error, ").removeprefix("Input should be ").removeprefix("Input ")
-        key = (path, at_key)
-        if key in by_path:
-            if must not in by_path[key][1]:
-                by_path[key][1].append(must)
-        else:
-            by_path[key] = (value, [must])
-    return [Problem(path, value, " or ".join(musts), at_key) for (path, at_key), (value, musts) in by_path.items()]
+        value_and_musts = by_path.setdefault((path, at_key), (value, []))
+        if (kind, must) not in value_and_musts[1]:
+            value_and_musts[1].append((kind, must))
+    problems = []
+    for (path, at_key), (value, musts) in by_path.items():
+        # A union reports one error per branch: when some branch got past the type check, its
+        # complaint is the useful one ("min_replicas must not exceed max_replicas", not "an integer").
+        specific = [m for k, m in musts if k not in _TYPE_RULES] or [m for _, m in musts]
+        problems.append(Problem(path, value, " or ".join(dict.fromkeys(specific)), at_key))
+    return problems
+
+
+def _document_path(loc: tuple, source: SourceMap, keep_last: bool) -> Path:
+    """The document path of a pydantic location: drops the union-branch names pydantic inserts."""
+    path: Path = ()
+    for i, part in enumerate(loc):
+        if path + (part,) in source.values or (keep_last and i == len(loc) - 1):
+            path = path + (part,)
+    return path
 
 
 def _unknown_field(loc: tuple, name: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 NAME_RULE = "a name of lowercase letters, digits, '_' or '-', starting with a letter, at most 63 characters"
@@ -25,7 +25,18 @@ GPU_MODELS = ("H100", "H200", "B200", "A100", "A10G", "L4", "L40S", "T4", "V100"
 DEVICE_RULE = "auto, cpu, cuda, or a GPU model (" + ", ".join(GPU_MODELS) + ")"
 
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
-DIM_PATTERN = re.compile(r"^[a-z_][a-z0-9_]*$")
+DIM_RULE = "a size from 1 to 1048576 or the lowercase name of a dynamic dimension, like batch"
+
+
+def _dim(value: object) -> int | str:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1 << 20:
+        return value
+    if isinstance(value, str) and re.fullmatch(r"[a-z_][a-z0-9_]{0,31}", value):
+        return value
+    raise ValueError(DIM_RULE)
+
+
+Dim = Annotated[Union[int, str], BeforeValidator(_dim), Field(description=DIM_RULE)]
 
 Precision = Literal["strict", "tf32", "bf16"]
 
@@ -40,22 +51,12 @@ class TensorSpec(_Spec):
     """One input of a model stage: its shape (with named dynamic dimensions) and dtype."""
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$", description="Argument name of the input.")
-    shape: list[int | str] = Field(
+    shape: list[Dim] = Field(
         min_length=0,
         max_length=8,
         description="Dimensions: positive integers, or names of dynamic dimensions such as 'batch'.",
     )
     dtype: Literal[DTYPES] = Field(default="float32", description="Element type.")  # type: ignore[valid-type]
-
-    @field_validator("shape")
-    @classmethod
-    def _dims(cls, shape: list[int | str]) -> list[int | str]:
-        for dim in shape:
-            if isinstance(dim, bool) or (isinstance(dim, int) and not 1 <= dim <= 1 << 20):
-                raise ValueError("dimensions must be integers from 1 to 1048576 or names like 'batch'")
-            if isinstance(dim, str) and not DIM_PATTERN.match(dim):
-                raise ValueError(f"a dynamic dimension is a lowercase name like 'batch', not '{dim}'")
-        return shape
 
 
 class Batching(_Spec):

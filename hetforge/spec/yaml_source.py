@@ -16,12 +16,16 @@ import yaml
 from yaml.constructor import SafeConstructor
 
 from hetforge import config
-from hetforge.spec.errors import Diagnostic, Path
+from hetforge.spec.errors import Diagnostic, Path, field_name
 
 _CORE = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {_CORE + t for t in ("str", "int", "float", "bool", "null")}
 _TIMESTAMP = _CORE + "timestamp"  # kept as its text: a pipeline has no use for datetime objects
 _MAP, _SEQ = _CORE + "map", _CORE + "seq"
+
+# Stands in for a value whose tag was rejected: present, so that checks of the enclosing mapping
+# ("exactly one of callable or http") do not add a second, misleading error; its own error is dropped.
+REJECTED = "<rejected tag>"
 
 
 @dataclass
@@ -105,7 +109,8 @@ def _reader(text: str, err: yaml.YAMLError) -> YamlError:
     position = getattr(err, "position", 0)
     line, col = _position(text, position)
     char = getattr(err, "character", "?")
-    code = f"U+{ord(char):04X}" if isinstance(char, str) else str(char)
+    point = ord(char) if isinstance(char, str) and len(char) == 1 else char
+    code = f"U+{point:04X}" if isinstance(point, int) else str(point)
     return YamlError(line, col, f'Got "{code}" for the document: printable UTF-8 text (is this a binary file?).')
 
 
@@ -148,13 +153,13 @@ class _Builder:
             raise YamlError(line, col, f'Got "nesting deeper than {self.max_depth}" for the document: no recursive aliases.')
         self.source.values.setdefault(path, _mark(node.start_mark))
         if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, path) if self._tag_ok(node, {_MAP}, path) else None
+            return self._mapping(node, path) if self._tag_ok(node, {_MAP}, path) else REJECTED
         if isinstance(node, yaml.SequenceNode):
             if not self._tag_ok(node, {_SEQ}, path):
-                return None
+                return REJECTED
             return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
         if not self._tag_ok(node, _SCALAR_TAGS | {_TIMESTAMP}, path):
-            return None
+            return REJECTED
         if node.tag == _TIMESTAMP:
             return node.value
         return self.scalars.construct_object(node)
@@ -164,7 +169,8 @@ class _Builder:
         if node.tag in allowed:
             return True
         line, col = _mark(node.start_mark)
-        message = f'Got "{node.tag}" for a tag: only plain YAML values (no tags that build objects).'
+        tag = node.tag.replace(_CORE, "!!")
+        message = f'Got "{tag}" for {field_name(path)}: a plain YAML value; tags that build Python objects are refused.'
         self.errors.append((path, YamlError(line, col, message)))
         return False
 
@@ -173,16 +179,18 @@ class _Builder:
         for key_node, value_node in node.value:
             line, col = _mark(key_node.start_mark)
             if key_node.tag == _CORE + "merge":
-                self.errors.append((path, YamlError(line, col, 'Got "<<" for a key: merge keys are not supported; write the fields out.')))
+                message = f'Got "<<" for a key of {field_name(path)}: write the fields out; merge keys are not supported.'
+                self.errors.append((path, YamlError(line, col, message)))
                 continue
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _CORE + "str":
                 shown = key_node.value if isinstance(key_node, yaml.ScalarNode) else "a collection"
-                self.errors.append((path, YamlError(line, col, f'Got "{shown!s:.40}" for a key: keys are plain text.')))
+                message = f'Got "{shown!s:.40}" for a key of {field_name(path)}: keys are plain text.'
+                self.errors.append((path, YamlError(line, col, message)))
                 continue
             key = key_node.value
             if key in out:
                 first = self.source.keys[path + (key,)]
-                message = f'Got "{key}" for a key: each key once in a mapping (first at line {first[0]}).'
+                message = f'Got "{key}" for {field_name(path + (key,))}: each key once in a mapping (first at line {first[0]}).'
                 self.errors.append((path + (key,), YamlError(line, col, message)))
                 continue
             self.source.keys[path + (key,)] = (line, col)
