@@ -125,6 +125,81 @@ def graph(
         typer.echo(f"critical path: {' -> '.join(path.stages)} ({path.length:.3f} ms)", err=True)
 
 
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class PrecisionPolicy(str, Enum):
+    strict = "strict"
+    tf32 = "tf32"
+    bf16 = "bf16"
+
+
+class Baseline(str, Enum):
+    eager = "eager"
+    compile = "compile"
+
+
+@app.command()
+def verify(
+    reference: Annotated[Path, typer.Argument(help="Reference problem file (Model, get_inputs, get_init_inputs).", show_default=False)],
+    candidate: Annotated[Path, typer.Argument(help="Candidate file defining ModelNew.", show_default=False)],
+    device: Annotated[Device, typer.Option(help="Where to run and time both.")] = Device.cpu,
+    precision: Annotated[PrecisionPolicy, typer.Option(help="Tolerance policy: strict fp32, or tf32 / bf16 where allowed.")] = PrecisionPolicy.strict,
+    trials: Annotated[int, typer.Option(min=1, max=100, help="Correctness trials on fresh inputs.")] = 3,
+    timeout: Annotated[float, typer.Option(min=1, max=3600, help="Seconds per worker request before a candidate counts as hung.")] = 60.0,
+    baseline: Annotated[Baseline, typer.Option(help="Time the reference eager or under torch.compile.")] = Baseline.eager,
+    rounds: Annotated[int, typer.Option(min=1, max=100, help="Timing rounds (reference and candidate interleaved).")] = 5,
+    no_timing: Annotated[bool, typer.Option("--no-timing", help="Check correctness only.")] = False,
+    min_speedup: Annotated[float, typer.Option(min=0, help="Reject candidates slower than this speedup (0: never).")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as one JSON object on the last line.")] = False,
+) -> None:
+    """Judge a candidate kernel against its reference: correctness on fresh inputs, then speed.
+
+    Exit 0 accepted, 1 rejected, 2 usage or I/O error.
+    """
+    from hetforge.optimizer.problem import Problem
+    from hetforge.optimizer.verify import VerifyOptions, verify as run_verify
+
+    for path in (reference, candidate):
+        if not path.is_file():
+            typer.echo(f"error: {path}: no such file", err=True)
+            raise typer.Exit(EXIT_USAGE)
+    if device is Device.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            typer.echo("error: --device cuda: no CUDA device is available here", err=True)
+            raise typer.Exit(EXIT_USAGE)
+    options = VerifyOptions(device=device.value, precision=precision.value, trials=trials, timeout_s=timeout,
+                            baseline=baseline.value, rounds=rounds, time=not no_timing, min_speedup=min_speedup)
+    result = run_verify(Problem(file=str(reference)), candidate, options)
+    if as_json:
+        typer.echo(result.to_json())
+    else:
+        _print_verdict(result)
+    raise typer.Exit(0 if result.accepted else EXIT_INVALID)
+
+
+def _print_verdict(result) -> None:
+    from rich.console import Console
+
+    console = Console(soft_wrap=True)
+    colour = "green" if result.accepted else "red"
+    console.print(f"[bold {colour}]{result.verdict}[/]" + (" [yellow](needs review)[/]" if result.needs_review else "")
+                  + f"  on {result.device}, precision {result.precision}, {result.elapsed_s:.1f} s")
+    for reason in result.reasons:
+        console.print(f"  [red]{reason.kind}[/]: {reason.message}", highlight=False)
+    for flag in result.flags:
+        console.print(f"  [yellow]flag[/] {flag}", highlight=False)
+    for trial in result.trials:
+        console.print(f"  trial seed {trial.seed}: max abs err {trial.max_abs_err:.3g}, max rel err {trial.max_rel_err:.3g}")
+    if result.speedup is not None:
+        console.print(f"  reference {result.reference_ms:.4f} ms ({result.baseline}), candidate {result.candidate_ms:.4f} ms: "
+                      f"[bold]{result.speedup:.3f}x[/]")
+
+
 def _parse_costs(items: list[str], names: set[str]) -> dict[str, float]:
     costs: dict[str, float] = {}
     for item in items:

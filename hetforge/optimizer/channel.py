@@ -1,0 +1,141 @@
+"""Framed messages between the judge and a worker: a JSON header plus raw tensor bytes.
+
+Never pickle: unpickling bytes a candidate controls would run its code in the judge. A frame is
+  8-byte big-endian header length | JSON header | tensor payloads, in header order
+and a value in the header is a JSON value, a tensor reference {"__tensor__": i}, or a list of them.
+The reader bounds every length it is told, so a hostile worker cannot make the judge allocate
+without limit, and every read has a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import struct
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+_LEN = struct.Struct(">Q")
+MAX_HEADER_BYTES = 16 << 20
+
+
+class ChannelClosed(Exception):
+    """The other end closed the pipe (it exited or crashed)."""
+
+
+class ChannelTimeout(Exception):
+    """No complete frame arrived before the deadline."""
+
+
+class ChannelCorrupt(Exception):
+    """The bytes received are not a well-formed frame."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One frame holding `message`; tensors anywhere in it are sent as raw bytes."""
+    payloads: list[bytes] = []
+    header = _pack(message, payloads)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join([_LEN.pack(len(head)), head, *payloads])
+
+
+def _pack(value: Any, payloads: list[bytes]) -> Any:
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        payloads.append(raw)
+        return {"__tensor__": len(payloads) - 1, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "nbytes": len(raw)}
+    if isinstance(value, dict):
+        return {str(k): _pack(v, payloads) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_pack(v, payloads) for v in value]
+    return value
+
+
+_DTYPES = {name: getattr(torch, name) for name in (
+    "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool", "complex64",
+)}
+
+
+def _unpack(value: Any, payloads: list[bytes]) -> Any:
+    if isinstance(value, dict) and "__tensor__" in value:
+        dtype = _DTYPES.get(value.get("dtype"))
+        if dtype is None:
+            raise ChannelCorrupt(f"unsupported dtype {value.get('dtype')!r}")
+        shape = [int(d) for d in value["shape"]]
+        raw = payloads[int(value["__tensor__"])]
+        count = int(np.prod(shape)) if shape else 1
+        if len(raw) != count * torch.empty((), dtype=dtype).element_size():
+            raise ChannelCorrupt("tensor payload does not match its shape and dtype")
+        if not raw:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+    if isinstance(value, dict):
+        return {k: _unpack(v, payloads) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unpack(v, payloads) for v in value]
+    return value
+
+
+def _tensor_sizes(value: Any, out: list[int]) -> None:
+    if isinstance(value, dict) and "__tensor__" in value:
+        out.append(int(value.get("nbytes", 0)))
+    elif isinstance(value, dict):
+        for v in value.values():
+            _tensor_sizes(v, out)
+    elif isinstance(value, list):
+        for v in value:
+            _tensor_sizes(v, out)
+
+
+class Channel:
+    """Blocking framed I/O over two pipe file descriptors, with deadlines on reads."""
+
+    def __init__(self, read_fd: int, write_fd: int, max_frame_bytes: int = 8 << 30):
+        self.read_fd, self.write_fd, self.max_frame_bytes = read_fd, write_fd, max_frame_bytes
+
+    def send(self, message: dict[str, Any]) -> None:
+        data = memoryview(encode(message))
+        while data:
+            try:
+                written = os.write(self.write_fd, data[: 1 << 20])
+            except (BrokenPipeError, OSError) as err:
+                raise ChannelClosed(str(err)) from None
+            data = data[written:]
+
+    def recv(self, timeout_s: float | None = None) -> dict[str, Any]:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        (head_len,) = _LEN.unpack(self._read(_LEN.size, deadline))
+        if head_len > MAX_HEADER_BYTES:
+            raise ChannelCorrupt(f"header of {head_len} bytes")
+        try:
+            header = json.loads(self._read(head_len, deadline))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ChannelCorrupt(f"header is not JSON: {err}") from None
+        sizes: list[int] = []
+        _tensor_sizes(header, sizes)
+        if any(s < 0 for s in sizes) or sum(sizes) > self.max_frame_bytes:
+            raise ChannelCorrupt(f"frame of {sum(sizes)} bytes exceeds {self.max_frame_bytes}")
+        payloads = [self._read(size, deadline) for size in sizes]
+        return _unpack(header, payloads)
+
+    def _read(self, count: int, deadline: float | None) -> bytes:
+        chunks, remaining = [], count
+        while remaining:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.read_fd], [], [], left)[0]:
+                    raise ChannelTimeout(f"no reply within the deadline ({count - remaining}/{count} bytes read)")
+            chunk = os.read(self.read_fd, min(remaining, 1 << 20))
+            if not chunk:
+                raise ChannelClosed("the other end closed the pipe")
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)

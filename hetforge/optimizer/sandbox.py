@@ -1,0 +1,170 @@
+"""Worker processes for untrusted code: spawn, talk with deadlines, pause, and kill.
+
+All subprocess side effects of verification go through `WorkerProcess`. A worker runs in its own
+session (process group), so that it and anything it forks can be stopped or killed together.
+Stronger confinement (no network, no writes outside scratch, namespaces) belongs here too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hetforge
+from hetforge.optimizer.channel import Channel, ChannelClosed, ChannelCorrupt, ChannelTimeout
+
+_PACKAGE_ROOT = str(Path(hetforge.__file__).resolve().parents[1])
+# Variables a worker never sees: candidates must not read the server's secrets.
+_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class WorkerFailure(Exception):
+    """The worker did not answer: it timed out, crashed, exited or broke the protocol."""
+
+    kind: str  # timeout | crashed | exited | protocol
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+class WorkerProcess:
+    """One `hetforge.optimizer.worker` process and the pipes to it."""
+
+    def __init__(self, name: str, memory_mb: int = 0, scratch: str | None = None):
+        self.name = name
+        self.scratch = scratch or tempfile.mkdtemp(prefix=f"hetforge-{name}-")
+        self.log_path = os.path.join(self.scratch, "worker.log")
+        to_worker_r, to_worker_w = os.pipe()
+        from_worker_r, from_worker_w = os.pipe()
+        env = {k: v for k, v in os.environ.items() if not _SECRET.search(k)}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hetforge.optimizer.worker", str(to_worker_r), str(from_worker_w), str(memory_mb)],
+                pass_fds=(to_worker_r, from_worker_w),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.scratch,
+                env=env,
+                start_new_session=True,
+            )
+        os.close(to_worker_r)
+        os.close(from_worker_w)
+        self.channel = Channel(from_worker_r, to_worker_w)
+        self._fds = (from_worker_r, to_worker_w)
+        self.paused = False
+
+    def request(self, message: dict, timeout_s: float) -> dict:
+        """Send one command and wait for its reply; WorkerFailure (and the worker killed) otherwise."""
+        try:
+            self.channel.send(message)
+            return self.channel.recv(timeout_s)
+        except ChannelTimeout:
+            self.kill()
+            raise WorkerFailure("timeout", f"no answer to {message.get('cmd')} within {timeout_s:.0f} s") from None
+        except ChannelCorrupt as err:
+            self.kill()
+            raise WorkerFailure("protocol", f"malformed reply to {message.get('cmd')}: {err}") from None
+        except ChannelClosed:
+            raise self._death(message.get("cmd", "?")) from None
+
+    def _death(self, command: str) -> WorkerFailure:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = self.proc.returncode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            return WorkerFailure("crashed", f"worker killed by {name} during {command}{self._tail()}")
+        return WorkerFailure("exited", f"worker exited with code {code} during {command}{self._tail()}")
+
+    def _tail(self) -> str:
+        try:
+            text = Path(self.log_path).read_text(errors="replace").strip()
+        except OSError:
+            return ""
+        lines = [line for line in text.splitlines() if line.strip()][-3:]
+        return ("; log: " + " | ".join(lines))[:600] if lines else ""
+
+    def pause(self) -> None:
+        """Stop the worker and everything it forked (so it cannot load the machine while another is timed)."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused and self.alive():
+            os.killpg(self.proc.pid, signal.SIGCONT)
+        self.paused = False
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self) -> None:
+        """Ask the worker to exit, then make sure it and its children are gone."""
+        if self.alive():
+            self.resume()
+            try:
+                self.channel.send({"cmd": "exit"})
+                self.proc.wait(timeout=2)
+            except (ChannelClosed, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def wait_all(workers: list[WorkerProcess], message_for: dict[str, dict], timeout_s: float) -> dict[str, dict | WorkerFailure]:
+    """Send each worker its message first, then collect the replies: start-up runs in parallel."""
+    sent: dict[str, WorkerProcess] = {}
+    results: dict[str, dict | WorkerFailure] = {}
+    for worker in workers:
+        try:
+            worker.channel.send(message_for[worker.name])
+            sent[worker.name] = worker
+        except ChannelClosed:
+            results[worker.name] = worker._death(message_for[worker.name].get("cmd", "?"))
+    deadline = time.monotonic() + timeout_s
+    for name, worker in sent.items():
+        try:
+            results[name] = worker.channel.recv(max(0.1, deadline - time.monotonic()))
+        except ChannelTimeout:
+            worker.kill()
+            results[name] = WorkerFailure("timeout", f"no answer to {message_for[name].get('cmd')} within {timeout_s:.0f} s")
+        except ChannelCorrupt as err:
+            worker.kill()
+            results[name] = WorkerFailure("protocol", str(err))
+        except ChannelClosed:
+            results[name] = worker._death(message_for[name].get("cmd", "?"))
+    return results

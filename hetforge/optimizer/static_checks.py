@@ -1,0 +1,88 @@
+"""Static review flags on candidate source: patterns known from reward hacking.
+
+These never reject by themselves (legitimate code can match them); they mark a candidate
+`needs_review`, so that a human looks before it is promoted.
+"""
+
+from __future__ import annotations
+
+import ast
+
+# Modules whose use in a kernel candidate suggests tampering, escaping the timer, or doing work elsewhere.
+_SUSPICIOUS_MODULES = {
+    "threading": "runs work on threads the timer does not see",
+    "multiprocessing": "runs work in other processes",
+    "subprocess": "starts programs",
+    "ctypes": "calls native code directly",
+    "signal": "interferes with signals",
+    "gc": "inspects live objects (can find the judge's tensors)",
+    "inspect": "inspects callers' frames",
+    "socket": "opens network connections",
+    "pickle": "deserializes arbitrary objects",
+    "builtins": "patches builtins",
+    "importlib": "imports code dynamically",
+}
+_SUSPICIOUS_CALLS = {
+    "torch.cuda.Stream": "launches work on a side stream (can hide work from events)",
+    "torch.cuda.stream": "switches streams (can hide work from events)",
+    "sys._getframe": "inspects callers' frames",
+    "os.fork": "forks",
+    "os.system": "runs shell commands",
+    "functools.lru_cache": "caches results across calls",
+    "functools.cache": "caches results across calls",
+    "torch.set_default_dtype": "changes global precision",
+}
+_REFERENCE_NAMES = {"Model", "get_inputs", "get_init_inputs"}
+
+
+def _dotted(node: ast.AST) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def review_flags(source: str) -> list[str]:
+    """Flags (`static:<what>: <why>`) for patterns in `source`; a syntax error is left to the loader."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    flags: list[str] = []
+
+    def add(flag: str) -> None:
+        if flag not in flags:
+            flags.append(flag)
+
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for name in names:
+                root = name.split(".")[0]
+                if root in _SUSPICIOUS_MODULES:
+                    add(f"static:import_{root}: {_SUSPICIOUS_MODULES[root]}")
+            if isinstance(node, ast.ImportFrom) and any(a.name in _REFERENCE_NAMES for a in node.names):
+                add("static:calls_reference: imports the reference's Model or inputs")
+        elif isinstance(node, ast.Try):
+            # A handler that computes something is a fallback path: the fast path may never be the one timed.
+            for handler in node.handlers:
+                if any(isinstance(n, ast.Call) for n in ast.walk(handler)) and not all(isinstance(s, ast.Raise) for s in handler.body):
+                    add("static:try_except_fallback: an exception handler computes a fallback result")
+        elif isinstance(node, ast.Call):
+            name = _dotted(node.func)
+            for pattern, why in _SUSPICIOUS_CALLS.items():
+                if name == pattern or name.endswith("." + pattern.split(".")[-1]) and pattern.split(".")[-1] in ("Stream", "lru_cache", "_getframe"):
+                    add(f"static:{pattern.split('.')[-1].lower()}: {why}")
+            if name in ("Model", "get_inputs") or name.endswith(".Model"):
+                add("static:calls_reference: calls the reference model")
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                name = _dotted(target)
+                if name.endswith("allow_tf32") or name.endswith("allow_bf16_reduced_precision_reduction") or name.endswith("allow_fp16_reduced_precision_reduction"):
+                    add("static:precision_switch: changes global matmul precision")
+                if name.startswith(("torch.", "time.", "os.", "sys.")) and "backends" not in name:
+                    add(f"static:patches_library: assigns to {name}")
+    return flags

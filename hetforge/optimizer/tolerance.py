@@ -1,0 +1,81 @@
+"""The one tolerance table: (output dtype, precision policy) -> (atol, rtol), and the comparison.
+
+`strict` is the default: fp32 compared at atol = rtol = 1e-4. `tf32` and `bf16` loosen it; they
+apply only where the stage opts in. Integer and boolean outputs always compare exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TOLERANCES: dict[tuple[torch.dtype, str], tuple[float, float]] = {
+    (torch.float64, "strict"): (1e-7, 1e-7),
+    (torch.float32, "strict"): (1e-4, 1e-4),
+    (torch.float16, "strict"): (1e-3, 1e-3),
+    (torch.bfloat16, "strict"): (1e-2, 1e-2),
+    # TF32 keeps 10 mantissa bits in matmul inputs: about 5e-4 relative per product, more after long sums.
+    (torch.float64, "tf32"): (1e-2, 1e-2),
+    (torch.float32, "tf32"): (1e-2, 1e-2),
+    (torch.float16, "tf32"): (1e-2, 1e-2),
+    (torch.bfloat16, "tf32"): (2e-2, 2e-2),
+    # bf16 keeps 7 mantissa bits: about 4e-3 relative per rounding.
+    (torch.float64, "bf16"): (5e-2, 5e-2),
+    (torch.float32, "bf16"): (5e-2, 5e-2),
+    (torch.float16, "bf16"): (5e-2, 5e-2),
+    (torch.bfloat16, "bf16"): (5e-2, 5e-2),
+}
+PRECISIONS = ("strict", "tf32", "bf16")
+
+
+def tolerance(dtype: torch.dtype, precision: str) -> tuple[float, float]:
+    """(atol, rtol) for outputs of `dtype` under `precision`; (0, 0) for exact dtypes."""
+    if precision not in PRECISIONS:
+        raise ValueError(f'Got "{precision}" for precision: one of {", ".join(PRECISIONS)}.')
+    if not (dtype.is_floating_point or dtype.is_complex):
+        return (0.0, 0.0)
+    return TOLERANCES.get((dtype, precision), TOLERANCES[(torch.float32, precision)])
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How one candidate tensor compares with the reference's."""
+
+    ok: bool
+    max_abs: float
+    max_rel: float
+    reason: str = ""  # why not ok: shape | dtype | nan | inf | values
+
+
+def compare(candidate: torch.Tensor, reference: torch.Tensor, precision: str) -> Comparison:
+    """Element-wise |c - r| <= atol + rtol * |r|, with NaN and Inf required at the same places."""
+    if candidate.shape != reference.shape:
+        return Comparison(False, float("inf"), float("inf"), f"shape {tuple(candidate.shape)} != {tuple(reference.shape)}")
+    if candidate.dtype != reference.dtype:
+        return Comparison(False, float("inf"), float("inf"), f"dtype {candidate.dtype} != {reference.dtype}")
+    atol, rtol = tolerance(reference.dtype, precision)
+    if reference.numel() == 0:
+        return Comparison(True, 0.0, 0.0)
+    if not reference.dtype.is_floating_point:
+        equal = torch.equal(candidate, reference)
+        mismatch = (candidate != reference).sum().item()
+        return Comparison(equal, 0.0 if equal else float("inf"), 0.0 if equal else float("inf"), "" if equal else f"values: {mismatch} elements differ")
+    c, r = candidate.double(), reference.double()
+    if not torch.equal(torch.isnan(c), torch.isnan(r)):
+        return Comparison(False, float("nan"), float("nan"), "nan: NaN at different places")
+    r_inf, c_inf = torch.isinf(r), torch.isinf(c)
+    if not torch.equal(c_inf, r_inf) or not torch.equal(c[r_inf], r[r_inf]):
+        return Comparison(False, float("inf"), float("inf"), "inf: Inf at different places or signs")
+    finite = torch.isfinite(r)
+    if not finite.any():
+        return Comparison(True, 0.0, 0.0)
+    diff = (c - r)[finite].abs()
+    ref_abs = r[finite].abs()
+    max_abs = diff.max().item()
+    max_rel = (diff / ref_abs.clamp_min(1e-12)).max().item()
+    bad = diff > atol + rtol * ref_abs
+    if bad.any():
+        worst = int(bad.sum().item())
+        return Comparison(False, max_abs, max_rel, f"values: {worst} of {diff.numel()} elements outside atol={atol:g}, rtol={rtol:g} (max abs err {max_abs:.3g})")
+    return Comparison(True, max_abs, max_rel)

@@ -1,0 +1,85 @@
+"""The verification result: a typed verdict, never an exception."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+# Reason kinds (why a candidate is rejected). Each rule that produces one says why in a comment.
+LOAD_ERROR = "load_error"  # the candidate does not import or build
+EXCEPTION = "exception"  # the candidate raised while running
+CRASHED = "crashed"  # the worker died of a signal (segfault, abort)
+EXITED = "exited"  # the worker exited (os._exit, sys.exit)
+TIMEOUT = "timeout"  # no answer before the deadline (a hang)
+OUT_OF_MEMORY = "out_of_memory"  # a runaway allocation
+PROTOCOL = "protocol"  # malformed replies: the harness was tampered with
+MISMATCH = "mismatch"  # values differ beyond the tolerance
+SHAPE = "shape"  # wrong output shape or structure
+DTYPE = "dtype"  # wrong output dtype
+NAN_INF = "nan_inf"  # NaN or Inf where the reference has none, or the other way round
+NOT_PLAIN = "not_plain_tensor"  # a subclass, a meta tensor, another layout or device
+MODIFIES_INPUTS = "modifies_inputs"  # writes into its inputs: unsafe inside a pipeline
+NOT_FASTER = "not_faster"  # below the required speedup
+REFERENCE_FAILED = "reference_failed"  # the reference itself did not run: nothing can be judged
+
+# Flags: accepted, but a human reviews before promotion.
+FLAG_SPEEDUP = "implausible_speedup"
+FLAG_INSENSITIVE = "insensitive_output"
+FLAG_HIDDEN_WORK = "hidden_work"
+FLAG_STATIC_PREFIX = "static:"
+
+
+@dataclass(frozen=True)
+class Reason:
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One correctness trial: fresh inputs under `seed`, every input set (main + variants)."""
+
+    seed: int
+    max_abs_err: float
+    max_rel_err: float
+    ok: bool
+
+
+@dataclass
+class Verdict:
+    verdict: str  # accepted | rejected
+    reasons: list[Reason] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    needs_review: bool = False
+    trials: list[TrialResult] = field(default_factory=list)
+    reference_ms: float | None = None
+    candidate_ms: float | None = None
+    speedup: float | None = None  # reference_ms / candidate_ms
+    spread: dict = field(default_factory=dict)  # per side: p10 and p90 of per-call ms, host-clock ms
+    device: str = ""
+    precision: str = "strict"
+    baseline: str = "eager"
+    versions: dict = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+    @property
+    def accepted(self) -> bool:
+        return self.verdict == "accepted"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """One line of JSON; non-finite numbers (an infinite error) become null."""
+        return json.dumps(_finite(self.to_dict()), allow_nan=False, default=str, separators=(",", ":"))
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,379 @@
+"""The judge: decides whether a candidate computes the reference's function, and how fast it is.
+
+Candidate code never runs here. Two workers run: one with the reference alone (trusted), one with
+the candidate. This process generates the inputs, compares every output itself, and keeps the
+clock that bounds every timing claim, so nothing a candidate does inside its own interpreter can
+change a verdict. See docs in `hetforge.optimizer` and the README for the rules and their reasons.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hetforge.optimizer import verdict as V
+from hetforge.optimizer.problem import LoadedProblem, Problem
+from hetforge.optimizer.sandbox import WorkerFailure, WorkerProcess, wait_all
+from hetforge.optimizer.static_checks import review_flags
+from hetforge.optimizer.tolerance import PRECISIONS, compare
+
+_clock = time.perf_counter  # the judge's own clock; candidates never run in this process
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How hard to look. Defaults suit a small problem (a few ms a call) in well under 20 s on a CPU."""
+
+    device: str = "cpu"
+    precision: str = "strict"
+    trials: int = 3  # correctness trials, each on fresh inputs (every declared variant too)
+    timeout_s: float = 60.0  # per request to a worker (one call, one timed round)
+    startup_timeout_s: float = 120.0  # importing torch and building the modules
+    baseline: str = "eager"  # eager | compile: how the reference is timed
+    seed: int = 0  # the seed both modules are constructed under
+    rounds: int = 5  # timing rounds, reference and candidate interleaved
+    calls_per_round: int = 10  # timed calls per round, each on new input values
+    warmup: int = 3
+    threads: int = 0  # CPU threads per worker; 0 means min(cpu count, 8)
+    review_speedup: float = 10.0  # a larger speedup is accepted but needs review
+    min_speedup: float = 0.0  # below this the candidate is rejected as not faster (0: never)
+    memory_mb: int = 8192  # address-space limit of CPU workers (a runaway allocation fails)
+    time: bool = True  # measure speed (correctness only when False)
+
+    def __post_init__(self):
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f'Got "{self.device}" for device: cpu or cuda.')
+        if self.precision not in PRECISIONS:
+            raise ValueError(f'Got "{self.precision}" for precision: one of {", ".join(PRECISIONS)}.')
+        if self.baseline not in ("eager", "compile"):
+            raise ValueError(f'Got "{self.baseline}" for baseline: eager or compile.')
+        if self.trials < 1 or self.rounds < 1 or self.calls_per_round < 2:
+            raise ValueError("trials and rounds must be at least 1, calls_per_round at least 2")
+
+
+def verify(reference: Problem, candidate_file: str | Path, options: VerifyOptions = VerifyOptions()) -> Verdict:
+    """Judge `candidate_file` (defining ModelNew) against `reference`; always returns a Verdict."""
+    return _Judge(reference, str(candidate_file), options).run()
+
+
+Verdict = V.Verdict
+
+
+@dataclass
+class _Side:
+    """Timing samples of one worker across rounds."""
+
+    per_call_ms: list[float] = field(default_factory=list)
+    window_ms: list[float] = field(default_factory=list)  # judge's clock around each timed round
+    overhead_ms: list[float] = field(default_factory=list)  # window minus the worker's own per-call sum
+    fetch_ms: list[float] = field(default_factory=list)
+
+
+class _Judge:
+    def __init__(self, reference: Problem, candidate_file: str, options: VerifyOptions):
+        self.reference, self.candidate_file, self.opt = reference, candidate_file, options
+        self.verdict = V.Verdict(verdict="rejected", device=_device_name(options.device), precision=options.precision,
+                                 baseline=options.baseline, versions=_versions())
+        self.rng = random.Random(int.from_bytes(os.urandom(8), "little"))  # seeds no candidate can predict
+        self.used_seeds: set[int] = set()
+        self.ref_worker: WorkerProcess | None = None
+        self.cand_worker: WorkerProcess | None = None
+
+    # -- orchestration ---------------------------------------------------------------------
+
+    def run(self) -> V.Verdict:
+        start = _clock()
+        try:
+            self._run()
+        finally:
+            for worker in (self.ref_worker, self.cand_worker):
+                if worker is not None:
+                    worker.close()
+            self.verdict.elapsed_s = round(_clock() - start, 3)
+        return self.verdict
+
+    def _reject(self, kind: str, message: str) -> None:
+        self.verdict.verdict = "rejected"
+        self.verdict.reasons.append(V.Reason(kind, message))
+
+    def _run(self) -> None:
+        try:
+            source = Path(self.candidate_file).read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            return self._reject(V.LOAD_ERROR, f"cannot read candidate {self.candidate_file}: {err}")
+        self.verdict.flags.extend(review_flags(source))
+        try:
+            self.problem = self.reference.load()
+        except Exception as err:  # noqa: BLE001 - the user's reference: report, never crash the judge
+            return self._reject(V.REFERENCE_FAILED, f"cannot load the reference: {type(err).__name__}: {err}")
+
+        threads = self.opt.threads or min(os.cpu_count() or 1, 8)
+        memory = self.opt.memory_mb if self.opt.device == "cpu" else 0  # CUDA reserves huge address space
+        self.ref_worker = WorkerProcess("reference", memory)
+        self.cand_worker = WorkerProcess("candidate", memory)
+        common = {"cmd": "init", "problem": self.reference.to_json(), "device": self.opt.device, "seed": self.opt.seed,
+                  "threads": threads, "precision": self.opt.precision, "baseline": self.opt.baseline}
+        replies = wait_all(
+            [self.ref_worker, self.cand_worker],
+            {"reference": {**common, "role": "reference"},
+             "candidate": {**common, "role": "candidate", "candidate_file": str(Path(self.candidate_file).resolve())}},
+            self.opt.startup_timeout_s,
+        )
+        if not self._reply_ok(replies["reference"], reference=True, stage="start-up"):
+            return
+        if not self._reply_ok(replies["candidate"], reference=False, stage="start-up", load=True):
+            return
+        if not self._correctness():
+            return
+        if self.opt.time:
+            self._timing()
+        if not self.verdict.reasons:
+            self.verdict.verdict = "accepted"
+        self.verdict.needs_review = self.verdict.accepted and bool(self.verdict.flags)
+
+    def _reply_ok(self, reply: dict | WorkerFailure, reference: bool, stage: str, load: bool = False) -> bool:
+        """True for a good reply; otherwise record why the reference or candidate failed."""
+        if isinstance(reply, WorkerFailure):
+            kind = {"timeout": V.TIMEOUT, "crashed": V.CRASHED, "exited": V.EXITED}.get(reply.kind, V.PROTOCOL)
+            if reference:
+                self._reject(V.REFERENCE_FAILED, f"reference worker failed during {stage}: {reply}")
+            else:
+                self._reject(kind, f"candidate worker {reply.kind} during {stage}: {reply.message}")
+            return False
+        if "error" in reply:
+            message = f"{reply.get('message', '')}"
+            if reference:
+                self._reject(V.REFERENCE_FAILED, f"the reference failed during {stage}: {message}")
+            else:
+                kind = V.LOAD_ERROR if load else {"out_of_memory": V.OUT_OF_MEMORY}.get(reply["error"], V.EXCEPTION)
+                self._reject(kind, f"candidate failed during {stage}: {message}")
+            return False
+        return True
+
+    def _fresh_seed(self) -> int:
+        while True:  # never the same tensors twice
+            seed = self.rng.randrange(1, 2**31 - 1)
+            if seed not in self.used_seeds:
+                self.used_seeds.add(seed)
+                return seed
+
+    def _ask(self, worker: WorkerProcess, message: dict, reference: bool, stage: str) -> dict | None:
+        try:
+            reply = worker.request(message, self.opt.timeout_s)
+        except WorkerFailure as failure:
+            reply = failure
+        return reply if self._reply_ok(reply, reference, stage) else None
+
+    # -- correctness -----------------------------------------------------------------------
+
+    def _correctness(self) -> bool:
+        first_outputs: list[tuple[Any, Any]] = []
+        for trial in range(self.opt.trials):
+            seed = self._fresh_seed()
+            worst_abs = worst_rel = 0.0
+            for k, inputs in enumerate(self.problem.input_sets(seed)):
+                label = f"trial {trial + 1} (seed {seed}), input set {k}"
+                result = self._compare_call(inputs, label)
+                if result is None:
+                    self.verdict.trials.append(V.TrialResult(seed, float("inf"), float("inf"), False))
+                    return False
+                ref_out, cand_out, max_abs, max_rel = result
+                worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
+                if k == 0:
+                    first_outputs.append((ref_out, cand_out))
+            self.verdict.trials.append(V.TrialResult(seed, worst_abs, worst_rel, True))
+        self._check_sensitivity(first_outputs)
+        # Rebuild both under another seed: a candidate that hard-codes the first seed's weights fails here.
+        other = self.opt.seed + 1
+        for worker, is_ref in ((self.ref_worker, True), (self.cand_worker, False)):
+            if self._ask(worker, {"cmd": "build", "seed": other}, is_ref, f"rebuild under seed {other}") is None:
+                return False
+        if self._compare_call(self.problem.main_inputs(self._fresh_seed()), f"model re-initialized under seed {other}") is None:
+            return False
+        return True
+
+    def _compare_call(self, inputs: list, label: str) -> tuple[Any, Any, float, float] | None:
+        ref = self._ask(self.ref_worker, {"cmd": "run", "inputs": inputs}, True, label)
+        if ref is None:
+            return None
+        cand = self._ask(self.cand_worker, {"cmd": "run", "inputs": inputs}, False, label)
+        if cand is None:
+            return None
+        if cand.get("inputs_modified"):
+            # Stages share tensors inside a pipeline: writing into an input corrupts another stage's data.
+            self._reject(V.MODIFIES_INPUTS, f"{label}: the candidate modified input(s) {cand['inputs_modified']}")
+            return None
+        outcome = self._compare_outputs(cand.get("outputs"), cand.get("info", []), ref["outputs"], label)
+        if outcome is None:
+            return None
+        return ref["outputs"], cand["outputs"], outcome[0], outcome[1]
+
+    def _compare_outputs(self, cand: Any, info: list, ref: Any, label: str) -> tuple[float, float] | None:
+        ref_flat, cand_flat = _flatten(ref), _flatten(cand)
+        if len(ref_flat) != len(cand_flat):
+            self._reject(V.SHAPE, f"{label}: {len(cand_flat)} outputs, the reference has {len(ref_flat)}")
+            return None
+        for i, item in enumerate(info if isinstance(info, list) else []):
+            # Only plain, materialized tensors on the right device: subclasses and lazy objects can defer or fake work.
+            if isinstance(item, dict) and not (item.get("plain") and item.get("layout") == "torch.strided" and not item.get("meta")
+                                               and item.get("device") == self.opt.device):
+                self._reject(V.NOT_PLAIN, f"{label}: output {i} is {item.get('type')} on {item.get('device')}, not a plain strided tensor on {self.opt.device}")
+                return None
+        worst_abs = worst_rel = 0.0
+        for i, (c, r) in enumerate(zip(cand_flat, ref_flat)):
+            if not isinstance(r, torch.Tensor):
+                if c != r:
+                    self._reject(V.MISMATCH, f"{label}: output {i} is {c!r}, the reference gives {r!r}")
+                    return None
+                continue
+            if not isinstance(c, torch.Tensor):
+                self._reject(V.NOT_PLAIN, f"{label}: output {i} is not a tensor ({str(c)[:80]})")
+                return None
+            result = compare(c, r, self.opt.precision)
+            if not result.ok:
+                kind = {"shape": V.SHAPE, "dtype": V.DTYPE, "nan:": V.NAN_INF, "inf:": V.NAN_INF}.get(result.reason.split(" ")[0], V.MISMATCH)
+                self._reject(kind, f"{label}: output {i}: {result.reason}")
+                return None
+            worst_abs, worst_rel = max(worst_abs, result.max_abs), max(worst_rel, result.max_rel)
+        return worst_abs, worst_rel
+
+    def _check_sensitivity(self, outputs: list[tuple[Any, Any]]) -> None:
+        """Flag a candidate whose output did not change although its inputs did."""
+        if len(outputs) < 2:
+            return
+        (ref_a, cand_a), (ref_b, cand_b) = outputs[0], outputs[1]
+        same = lambda x, y: all(isinstance(p, torch.Tensor) and isinstance(q, torch.Tensor) and p.shape == q.shape and torch.equal(p, q)
+                                for p, q in zip(_flatten(x), _flatten(y)))  # noqa: E731
+        if same(cand_a, cand_b):
+            # An output that ignores its inputs passes a judge that checks one input; the reference decides whether that is legitimate.
+            self.verdict.flags.append(V.FLAG_INSENSITIVE + (": the reference's output did not change either" if same(ref_a, ref_b) else ""))
+
+    # -- timing ----------------------------------------------------------------------------
+
+    def _timing(self) -> None:
+        flush_bytes = _l2_flush_bytes() if self.opt.device == "cuda" else 0
+        sides = {"reference": _Side(), "candidate": _Side()}
+        workers = {"reference": self.ref_worker, "candidate": self.cand_worker}
+        for round_ in range(self.opt.rounds):
+            seeds = [self._fresh_seed() for _ in range(self.opt.calls_per_round)]
+            check = self.rng.randrange(self.opt.calls_per_round)  # chosen after the run: every call must be right
+            order = ("reference", "candidate") if round_ % 2 == 0 else ("candidate", "reference")
+            fetched: dict[str, Any] = {}
+            for name in order:
+                worker, other = workers[name], workers["candidate" if name == "reference" else "reference"]
+                is_ref = name == "reference"
+                stage = f"timing round {round_ + 1}"
+                if self._ask(worker, {"cmd": "prepare_timing", "seeds": seeds, "warmup": self.opt.warmup, "flush_bytes": flush_bytes}, is_ref, stage) is None:
+                    return
+                other.pause()  # nothing of the other process runs while this one is timed
+                try:
+                    t0 = _clock()
+                    reply = self._ask(worker, {"cmd": "time"}, is_ref, stage)
+                    window = (_clock() - t0) * 1e3
+                    if reply is None:
+                        return
+                    t1 = _clock()
+                    got = self._ask(worker, {"cmd": "fetch", "indices": [check]}, is_ref, stage)
+                    fetch = (_clock() - t1) * 1e3
+                    if got is None:
+                        return
+                finally:
+                    other.resume()
+                times = [float(t) for t in reply.get("times_ms", [])][: self.opt.calls_per_round]
+                if len(times) != self.opt.calls_per_round or not all(np.isfinite(times)) or min(times) < 0:
+                    return self._reject(V.PROTOCOL, f"{stage}: the worker reported {len(times)} malformed timings")
+                side = sides[name]
+                side.per_call_ms.extend(times)
+                side.window_ms.append(window)
+                side.overhead_ms.append(window - sum(times))
+                side.fetch_ms.append(fetch)
+                fetched[name] = (got["outputs"][0], got["info"][0])
+            # Timed calls are checked too: answering from a cache or skipping work cannot pass for speed.
+            ref_out, cand_out = fetched["reference"][0], fetched["candidate"]
+            if self._compare_outputs(cand_out[0], cand_out[1], ref_out, f"timed call {check} of round {round_ + 1}") is None:
+                return
+        self._summarize(sides["reference"], sides["candidate"])
+
+    def _summarize(self, ref: _Side, cand: _Side) -> None:
+        n = self.opt.calls_per_round
+        ref_ms = statistics.median(ref.per_call_ms)
+        cand_ms = statistics.median(cand.per_call_ms)
+        # The worker's own per-call times are claims. The judge's clock around each round bounds them:
+        # beyond the reference's (honest) overhead, anything a candidate's round took that its per-call
+        # times do not show (work on another stream, a thread, work deferred to the fetch) is charged to it.
+        honest_overhead = statistics.median(ref.overhead_ms)
+        extra_fetch = statistics.median(max(0.0, c - r) for c, r in zip(cand.fetch_ms, ref.fetch_ms))
+        hidden_per_call = max(0.0, statistics.median(cand.overhead_ms) - honest_overhead + extra_fetch) / n
+        noise = (max(ref.overhead_ms) - min(ref.overhead_ms)) / n
+        if hidden_per_call > 0.1 * cand_ms + 0.05 + 2 * noise:
+            shown = cand_ms + hidden_per_call
+            self.verdict.flags.append(f"{V.FLAG_HIDDEN_WORK}: per-call times say {cand_ms:.3f} ms, the judge's clock {shown:.3f} ms; using the latter")
+            cand_ms = shown
+        host_per_call = [(w + max(0.0, c - r)) / n for w, c, r in zip(cand.window_ms, cand.fetch_ms, ref.fetch_ms)]
+        self.verdict.reference_ms = round(ref_ms, 6)
+        self.verdict.candidate_ms = round(cand_ms, 6)
+        self.verdict.speedup = round(ref_ms / cand_ms, 4) if cand_ms > 0 else float("inf")
+        self.verdict.spread = {
+            "reference": _spread(ref.per_call_ms, [w / n for w in ref.window_ms]),
+            "candidate": _spread(cand.per_call_ms, host_per_call),
+            "rounds": self.opt.rounds,
+            "calls_per_round": n,
+        }
+        if self.verdict.speedup > self.opt.review_speedup:
+            # Published kernel agents' largest "speedups" were mostly exploits: a human looks first.
+            self.verdict.flags.append(f"{V.FLAG_SPEEDUP}: {self.verdict.speedup:.1f}x exceeds {self.opt.review_speedup:g}x")
+        if self.opt.min_speedup and self.verdict.speedup < self.opt.min_speedup:
+            self._reject(V.NOT_FASTER, f"speedup {self.verdict.speedup:.3f}x is below the required {self.opt.min_speedup:g}x")
+
+
+def _spread(per_call: list[float], host: list[float]) -> dict:
+    q = np.percentile(per_call, [10, 50, 90])
+    return {"p10_ms": round(float(q[0]), 6), "median_ms": round(float(q[1]), 6), "p90_ms": round(float(q[2]), 6),
+            "host_median_ms": round(float(np.median(host)), 6)}
+
+
+def _flatten(value: Any) -> list[Any]:
+    return [y for x in value for y in _flatten(x)] if isinstance(value, (list, tuple)) else [value]
+
+
+def _l2_flush_bytes() -> int:
+    try:
+        return 2 * int(torch.cuda.get_device_properties(0).L2_cache_size)
+    except (RuntimeError, AttributeError, AssertionError):
+        return 256 << 20
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        try:
+            return torch.cuda.get_device_name(0)
+        except (RuntimeError, AssertionError) as err:
+            return f"cuda (unavailable: {err})"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _versions() -> dict:
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out

@@ -1,0 +1,219 @@
+"""The worker process: runs one reference or one candidate module on behalf of the judge.
+
+Started by `hetforge.optimizer.sandbox.WorkerProcess` as `python -m hetforge.optimizer.worker
+READ_FD WRITE_FD`. Everything in this process is untrusted once a candidate is imported: the
+judge treats every reply as a claim, checks the data itself and keeps its own clock. Binding the
+clocks first only keeps an honest candidate's own timing honest; it is not what the verdict rests on.
+"""
+
+from __future__ import annotations
+
+import time
+
+_perf_counter = time.perf_counter  # bound before any candidate code is imported
+
+import os  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+from hetforge.optimizer.channel import Channel, ChannelClosed  # noqa: E402
+from hetforge.optimizer.problem import LoadedProblem, Problem, load_module_file  # noqa: E402
+
+_CudaEvent = torch.cuda.Event
+_synchronize = torch.cuda.synchronize
+
+
+def _flatten(value: Any) -> list[Any]:
+    return [y for x in value for y in _flatten(x)] if isinstance(value, (list, tuple)) else [value]
+
+
+def _describe_outputs(value: Any) -> list[dict]:
+    """What the judge cannot see in the bytes: each output's Python type, layout and device."""
+    out = []
+    for item in _flatten(value):
+        plain = type(item) is torch.Tensor  # subclasses can defer work or lie about their data
+        info = {"type": type(item).__qualname__, "plain": plain}
+        if isinstance(item, torch.Tensor):
+            info.update(device=item.device.type, layout=str(item.layout), meta=bool(item.is_meta))
+        out.append(info)
+    return out
+
+
+def _structure(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_structure(v) for v in value]
+    return "tensor" if isinstance(value, torch.Tensor) else type(value).__qualname__
+
+
+class Worker:
+    """Holds the module and the timing state; one method per command of the protocol."""
+
+    def __init__(self) -> None:
+        self.model: torch.nn.Module | None = None
+        self.problem: LoadedProblem | None = None
+        self.model_class: Any = None
+        self.device = "cpu"
+        self.timing_inputs: list[list] = []
+        self.timed_outputs: list[Any] = []
+        self.precision = "strict"
+        self.role = "reference"
+        self.baseline = "eager"
+
+    def init(self, msg: dict) -> dict:
+        self.device = msg["device"]
+        self.role = msg["role"]
+        self.precision = msg.get("precision", "strict")
+        self.baseline = msg.get("baseline", "eager")
+        torch.set_num_threads(int(msg.get("threads", 1)))
+        _set_matmul_precision("strict")
+        if self.device == "cuda":
+            fraction = float(msg.get("cuda_memory_fraction", 0.9))
+            torch.cuda.set_per_process_memory_fraction(fraction)
+        self.problem = Problem.from_json(msg["problem"]).load()
+        if self.role == "candidate":
+            module = load_module_file(msg["candidate_file"], name="hetforge_candidate")
+            if not hasattr(module, "ModelNew"):
+                return {"error": "no_model_new", "message": "the candidate file must define class ModelNew(nn.Module)"}
+            self.model_class = module.ModelNew
+        else:
+            self.model_class = self.problem.model_class
+        return self.build({"seed": msg["seed"]})
+
+    def build(self, msg: dict) -> dict:
+        self.model = self.problem.build(self.model_class, seed=int(msg["seed"]), device=self.device)
+        if self.role == "reference" and self.baseline == "compile":
+            self.model = torch.compile(self.model)
+        return {"ok": True}
+
+    def run(self, msg: dict) -> dict:
+        inputs = [x.to(self.device) if isinstance(x, torch.Tensor) else x for x in msg["inputs"]]
+        before = [x.clone() if isinstance(x, torch.Tensor) else None for x in inputs]
+        with torch.no_grad():
+            out = self.model(*inputs)
+        self._sync()
+        modified = [i for i, (x, b) in enumerate(zip(inputs, before)) if b is not None and not torch.equal(x, b)]
+        return {"outputs": self._payload(out), "structure": _structure(out), "info": _describe_outputs(out), "inputs_modified": modified}
+
+    def prepare_timing(self, msg: dict) -> dict:
+        """Generate one fresh input set per timed call (new values every call), then warm up."""
+        self.timing_inputs = [self.problem.main_inputs(int(seed), self.device) for seed in msg["seeds"]]
+        self.timed_outputs = []
+        self._flush = torch.empty(int(msg.get("flush_bytes", 0)) // 4, dtype=torch.int32, device=self.device) if self.device == "cuda" else None
+        with torch.no_grad(), self._timing_precision():
+            for _ in range(int(msg.get("warmup", 3))):
+                self.model(*self.timing_inputs[0])
+        self._sync()
+        return {"ok": True}
+
+    def time(self, msg: dict) -> dict:
+        """Run every prepared input set once, timing each call; keep the outputs for `fetch`."""
+        times: list[float] = []
+        outputs: list[Any] = []
+        with torch.no_grad(), self._timing_precision():
+            if self.device == "cuda":
+                events = [(_CudaEvent(enable_timing=True), _CudaEvent(enable_timing=True)) for _ in self.timing_inputs]
+                for inputs, (start, end) in zip(self.timing_inputs, events):
+                    if self._flush is not None and self._flush.numel():
+                        self._flush.zero_()  # evict the previous call's data from L2
+                    start.record()
+                    outputs.append(self.model(*inputs))
+                    end.record()
+                _synchronize()
+                times = [start.elapsed_time(end) for start, end in events]
+            else:
+                for inputs in self.timing_inputs:
+                    t0 = _perf_counter()
+                    outputs.append(self.model(*inputs))
+                    times.append((_perf_counter() - t0) * 1e3)
+        self.timed_outputs = outputs
+        return {"times_ms": times}
+
+    def fetch(self, msg: dict) -> dict:
+        chosen = [self.timed_outputs[int(i)] for i in msg["indices"]]
+        return {"outputs": [self._payload(o) for o in chosen], "info": [_describe_outputs(o) for o in chosen]}
+
+    def _payload(self, out: Any) -> Any:
+        if isinstance(out, (list, tuple)):
+            return [self._payload(o) for o in out]
+        if isinstance(out, torch.Tensor):
+            # as_subclass + clone: read the values through the base class, whatever the object claims to be
+            return out.as_subclass(torch.Tensor).detach().clone() if not out.is_meta else None
+        return out if isinstance(out, (int, float, bool, str)) or out is None else repr(out)[:200]
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            _synchronize()
+
+    def _timing_precision(self):
+        """The reference is timed at the precision the stage allows, so speedups compare like with like."""
+        if self.role != "reference" or self.precision == "strict":
+            return _Nothing()
+        if self.precision == "tf32":
+            return _MatmulPrecision("tf32")
+        return torch.autocast(device_type=self.device, dtype=torch.bfloat16)
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _MatmulPrecision:
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __enter__(self):
+        _set_matmul_precision(self.mode)
+
+    def __exit__(self, *exc):
+        _set_matmul_precision("strict")
+        return False
+
+
+def _set_matmul_precision(mode: str) -> None:
+    allow = mode == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+    torch.set_float32_matmul_precision("high" if allow else "highest")
+
+
+def main(argv: list[str]) -> int:
+    read_fd, write_fd = int(argv[1]), int(argv[2])
+    memory_mb = int(argv[3]) if len(argv) > 3 else 0
+    if memory_mb > 0:  # a runaway allocation fails here instead of taking the machine down
+        limit = memory_mb << 20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    channel = Channel(read_fd, write_fd)
+    worker = Worker()
+    while True:
+        try:
+            msg = channel.recv()
+        except ChannelClosed:
+            return 0
+        command = msg.get("cmd")
+        if command == "exit":
+            return 0
+        handler = getattr(worker, command, None) if command in ("init", "build", "run", "prepare_timing", "time", "fetch") else None
+        try:
+            reply = handler(msg) if handler else {"error": "protocol", "message": f"unknown command {command!r}"}
+        except MemoryError as err:
+            reply = {"error": "out_of_memory", "message": f"MemoryError: {err}"}
+        except BaseException as err:  # noqa: BLE001 - any failure of candidate code is reported, not fatal
+            kind = "out_of_memory" if "out of memory" in str(err).lower() or "can't allocate" in str(err).lower() else "exception"
+            reply = {"error": kind, "message": f"{type(err).__name__}: {err}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+        try:
+            channel.send(reply)
+        except ChannelClosed:
+            return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main(sys.argv))
