@@ -300,6 +300,8 @@ class _Judge:
                 fetched[name] = (got["outputs"][0], got["info"][0])
             # Timed calls are checked too: answering from a cache or skipping work cannot pass for speed.
             ref_out, cand_out = fetched["reference"][0], fetched["candidate"]
+            if self.opt.precision == "bf16":  # the reference was timed under bf16 autocast: compare in the strict dtype
+                ref_out = _cast_like(ref_out, cand_out[0])
             if self._compare_outputs(cand_out[0], cand_out[1], ref_out, f"timed call {check} of round {round_ + 1}") is None:
                 return
         self._summarize(sides["reference"], sides["candidate"])
@@ -340,6 +342,14 @@ def _spread(per_call: list[float], host: list[float]) -> dict:
     q = np.percentile(per_call, [10, 50, 90])
     return {"p10_ms": round(float(q[0]), 6), "median_ms": round(float(q[1]), 6), "p90_ms": round(float(q[2]), 6),
             "host_median_ms": round(float(np.median(host)), 6)}
+
+
+def _cast_like(ref: Any, cand: Any) -> Any:
+    if isinstance(ref, list) and isinstance(cand, list):
+        return [_cast_like(r, c) for r, c in zip(ref, cand)]
+    if isinstance(ref, torch.Tensor) and isinstance(cand, torch.Tensor) and ref.is_floating_point() and cand.is_floating_point():
+        return ref.to(cand.dtype)
+    return ref
 
 
 def _flatten(value: Any) -> list[Any]:

@@ -1,0 +1,13 @@
+"""Exploit: none; it just raises. A naive judge without isolation dies with it."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ModelNew(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        raise RuntimeError("kernel launch failed")

@@ -1,0 +1,155 @@
+"""The verifier against an adversarial suite (each candidate exploits a weakness of a naive judge)
+and against legitimate rewrites (the same math re-expressed), which must be accepted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hetforge.optimizer import verdict as V
+from hetforge.optimizer.problem import Problem
+from hetforge.optimizer.verify import VerifyOptions, verify
+from tests.conftest import run_cli
+
+HERE = Path(__file__).resolve().parent
+PROBLEMS, CANDIDATES = HERE / "problems", HERE / "candidates"
+FAST = dict(trials=2, rounds=2, calls_per_round=3, warmup=1, threads=1)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
+
+def judge(problem: str, candidate: str, device: str = "cpu", **overrides) -> V.Verdict:
+    options = VerifyOptions(device=device, **{**FAST, **overrides})
+    return verify(Problem(file=str(PROBLEMS / f"{problem}.py")), CANDIDATES / f"{candidate}.py", options)
+
+
+# candidate -> (problem, expected rejection kind, a fragment of its message, extra options)
+ADVERSARIAL = {
+    "raises": ("linear_relu", V.EXCEPTION, "kernel launch failed", {}),
+    "exits": ("linear_relu", V.EXITED, "exited with code 0", {}),
+    "segfault": ("linear_relu", V.CRASHED, "SIGSEGV", {}),
+    "hangs": ("linear_relu", V.TIMEOUT, "within 3 s", {"timeout_s": 3}),
+    "runaway_alloc": ("linear_relu", V.OUT_OF_MEMORY, "", {"memory_mb": 4096}),
+    "caches_result": ("linear_relu", V.MISMATCH, "trial 2", {}),
+    "partial_work": ("linear_relu", V.MISMATCH, "elements outside", {}),
+    "lower_precision": ("linear_relu", V.MISMATCH, "atol=0.0001", {}),
+    "modifies_input": ("linear_relu", V.MODIFIES_INPUTS, "modified input(s) [0]", {}),
+    "wrong_shape": ("linear_relu", V.SHAPE, "shape (1, 512) != (64, 512)", {}),
+    "wrong_dtype": ("linear_relu", V.DTYPE, "torch.float64 != torch.float32", {}),
+    "tampers_with_judge": ("linear_relu", V.MISMATCH, "elements outside", {}),
+    "tensor_subclass": ("linear_relu", V.NOT_PLAIN, "Lazy", {}),
+    "hardcoded_seed": ("linear_relu", V.MISMATCH, "re-initialized under seed 1", {}),
+    "forges_reply": ("linear_relu", V.PROTOCOL, "", {}),
+    "nan_to_num": ("log_scale", V.NAN_INF, "NaN at different places", {}),
+    "fakes_clock": ("linear_relu", V.NOT_FASTER, "below the required 1x", {"min_speedup": 1.0}),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("candidate", sorted(ADVERSARIAL))
+def test_adversarial_candidate_is_rejected_with_its_reason(candidate, device):
+    problem, kind, fragment, extra = ADVERSARIAL[candidate]
+    if device == "cuda" and candidate in ("runaway_alloc",):
+        pytest.skip("the address-space limit applies to CPU workers; CUDA memory is bounded by the allocator")
+    result = judge(problem, candidate, device, **extra)
+    assert result.verdict == "rejected", result
+    assert result.reasons and result.reasons[0].kind == kind, result.reasons
+    assert fragment in result.reasons[0].message, result.reasons[0].message
+    assert not result.needs_review
+
+
+def test_fake_clock_is_caught_by_the_judges_clock():
+    result = judge("linear_relu", "fakes_clock", min_speedup=1.0)
+    assert any(flag.startswith(V.FLAG_HIDDEN_WORK) for flag in result.flags), result.flags
+    assert result.candidate_ms >= 10.0  # it sleeps 10 ms a call, whatever its own clock says
+    assert result.speedup < 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_side_stream_work_cannot_hide_from_the_timer():
+    result = judge("linear_relu", "side_stream", "cuda", rounds=3, calls_per_round=10)
+    assert result.accepted and result.needs_review
+    assert any(flag.startswith(V.FLAG_HIDDEN_WORK) for flag in result.flags), result.flags
+
+
+# candidate -> (problem, options)
+LEGITIMATE = {
+    "legit_addmm_folded_scale": ("linear_relu", {}),
+    "legit_log_scale": ("log_scale", {}),
+    "legit_pool_as_conv": ("avg_pool", {}),
+    "legit_softmax_explicit": ("softmax", {}),
+    "legit_drop_dead_code": ("wasteful", {}),
+    "lower_precision": ("linear_relu", {"precision": "bf16"}),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("candidate", sorted(LEGITIMATE))
+def test_legitimate_rewrite_is_accepted(candidate, device):
+    problem, extra = LEGITIMATE[candidate]
+    result = judge(problem, candidate, device, **extra)
+    assert result.accepted, result.reasons
+    assert not result.reasons
+    assert len(result.trials) == FAST["trials"] and all(t.ok for t in result.trials)
+    assert len({t.seed for t in result.trials}) == len(result.trials)  # fresh inputs every trial
+    assert result.speedup is not None and result.speedup > 0
+    assert result.reference_ms > 0 and result.candidate_ms > 0
+
+
+def test_dead_code_removal_is_faster():
+    result = judge("wasteful", "legit_drop_dead_code", rounds=3)
+    assert result.accepted and result.speedup > 1.5
+
+
+@pytest.mark.parametrize("candidate,flag", [("calls_reference", "static:calls_reference"), ("try_fallback", "static:try_except_fallback")])
+def test_reward_hacking_patterns_need_review(candidate, flag):
+    result = judge("linear_relu", candidate)
+    assert result.accepted, result.reasons
+    assert result.needs_review
+    assert any(f.startswith(flag) for f in result.flags), result.flags
+
+
+def test_implausible_speedup_needs_review():
+    result = judge("wasteful", "legit_drop_dead_code", rounds=3, review_speedup=1.01)
+    assert result.accepted and result.needs_review
+    assert any(f.startswith(V.FLAG_SPEEDUP) for f in result.flags)
+
+
+def test_missing_model_new_is_a_load_error(tmp_path):
+    empty = tmp_path / "empty.py"
+    empty.write_text("import torch\n")
+    result = verify(Problem(file=str(PROBLEMS / "linear_relu.py")), empty, VerifyOptions(**FAST))
+    assert result.verdict == "rejected" and result.reasons[0].kind == V.LOAD_ERROR
+    assert "ModelNew" in result.reasons[0].message
+
+
+def test_syntax_error_is_a_load_error(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("class ModelNew(:\n")
+    result = verify(Problem(file=str(PROBLEMS / "linear_relu.py")), broken, VerifyOptions(**FAST))
+    assert result.reasons[0].kind == V.LOAD_ERROR and "SyntaxError" in result.reasons[0].message
+
+
+def test_cli_contract_accepted_json_last_line():
+    result = run_cli("verify", str(PROBLEMS / "softmax.py"), str(CANDIDATES / "legit_softmax_explicit.py"),
+                     "--trials", "2", "--rounds", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("verdict", "reasons", "flags", "needs_review", "trials", "reference_ms", "candidate_ms", "speedup",
+                "spread", "device", "versions"):
+        assert key in doc
+    assert doc["verdict"] == "accepted" and doc["versions"]["torch"] == torch.__version__
+    assert {"max_abs_err", "max_rel_err"} <= set(doc["trials"][0])
+
+
+def test_cli_contract_rejected_and_usage():
+    rejected = run_cli("verify", str(PROBLEMS / "linear_relu.py"), str(CANDIDATES / "wrong_shape.py"), "--no-timing", "--json")
+    assert rejected.returncode == 1
+    doc = json.loads(rejected.stdout.strip().splitlines()[-1])
+    assert doc["verdict"] == "rejected" and doc["reasons"][0]["kind"] == V.SHAPE
+    missing = run_cli("verify", str(PROBLEMS / "linear_relu.py"), "/nonexistent/candidate.py")
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    bad_option = run_cli("verify", str(PROBLEMS / "linear_relu.py"), str(CANDIDATES / "wrong_shape.py"), "--precision", "fp8")
+    assert bad_option.returncode == 2
