@@ -72,7 +72,8 @@ class Problem:
             raise ProblemError("a Problem needs a problem `file`, or both `factory` and `inputs` import paths")
 
     def to_json(self) -> dict:
-        return {"file": self.file, "factory": self.factory, "inputs": self.inputs,
+        file = str(Path(self.file).resolve()) if self.file else None  # workers run in their own scratch folders
+        return {"file": file, "factory": self.factory, "inputs": self.inputs,
                 "init_args": list(self.init_args), "init_kwargs": dict(self.init_kwargs)}
 
     @classmethod

@@ -22,15 +22,16 @@ _SUSPICIOUS_MODULES = {
     "builtins": "patches builtins",
     "importlib": "imports code dynamically",
 }
+# Call (matched on its last one or two names) -> (flag key, why).
 _SUSPICIOUS_CALLS = {
-    "torch.cuda.Stream": "launches work on a side stream (can hide work from events)",
-    "torch.cuda.stream": "switches streams (can hide work from events)",
-    "sys._getframe": "inspects callers' frames",
-    "os.fork": "forks",
-    "os.system": "runs shell commands",
-    "functools.lru_cache": "caches results across calls",
-    "functools.cache": "caches results across calls",
-    "torch.set_default_dtype": "changes global precision",
+    "cuda.Stream": ("side_stream", "creates a side stream (work there can hide from events)"),
+    "cuda.stream": ("side_stream", "switches streams (work there can hide from events)"),
+    "sys._getframe": ("frame_inspection", "inspects callers' frames"),
+    "os.fork": ("fork", "forks"),
+    "os.system": ("shell", "runs shell commands"),
+    "lru_cache": ("result_cache", "caches results across calls"),
+    "functools.cache": ("result_cache", "caches results across calls"),
+    "torch.set_default_dtype": ("precision_switch", "changes global precision"),
 }
 _REFERENCE_NAMES = {"Model", "get_inputs", "get_init_inputs"}
 
@@ -53,8 +54,8 @@ def review_flags(source: str) -> list[str]:
         return []
     flags: list[str] = []
 
-    def add(flag: str) -> None:
-        if flag not in flags:
+    def add(flag: str) -> None:  # one flag per key, the first reason found
+        if all(f.split(":")[1] != flag.split(":")[1] for f in flags):
             flags.append(flag)
 
     for node in ast.walk(tree):
@@ -73,9 +74,9 @@ def review_flags(source: str) -> list[str]:
                     add("static:try_except_fallback: an exception handler computes a fallback result")
         elif isinstance(node, ast.Call):
             name = _dotted(node.func)
-            for pattern, why in _SUSPICIOUS_CALLS.items():
-                if name == pattern or name.endswith("." + pattern.split(".")[-1]) and pattern.split(".")[-1] in ("Stream", "lru_cache", "_getframe"):
-                    add(f"static:{pattern.split('.')[-1].lower()}: {why}")
+            for pattern, (key, why) in _SUSPICIOUS_CALLS.items():
+                if name == pattern or name.endswith("." + pattern):
+                    add(f"static:{key}: {why}")
             if name in ("Model", "get_inputs") or name.endswith(".Model"):
                 add("static:calls_reference: calls the reference model")
         elif isinstance(node, ast.Assign):
