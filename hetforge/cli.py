@@ -200,6 +200,14 @@ def _print_verdict(result) -> None:
                       f"[bold]{result.speedup:.3f}x[/]")
 
 
+@app.command()
+def demo() -> None:
+    """Run the main job on the embedded default: validate, graph, profile and verify the examples (CPU)."""
+    from hetforge.demo import run_demo
+
+    raise typer.Exit(run_demo())
+
+
 def _parse_costs(items: list[str], names: set[str]) -> dict[str, float]:
     costs: dict[str, float] = {}
     for item in items:

@@ -1,0 +1,12 @@
+"""The README's main command: `hetforge demo` runs end to end on the CPU."""
+
+from tests.conftest import run_cli
+
+
+def test_demo_runs_the_whole_story_so_far():
+    result = run_cli("demo", timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    out = result.stdout
+    assert out.count("ok examples/") == 3
+    assert "critical path" in out and "rerank" in out
+    assert "verdict: accepted" in out
