@@ -21,8 +21,8 @@ class SpecIOError(Exception):
     """The pipeline file cannot be read at all (missing, a directory, no permission)."""
 
 
-def load_pipeline(path: str | FsPath, check_graph: bool = True) -> Pipeline:
-    """The validated pipeline in `path`; SpecError with every located error, SpecIOError if unreadable."""
+def read_limited(path: str | FsPath) -> bytes:
+    """The bytes of a spec file, refusing files over the size limit; SpecIOError if unreadable."""
     path = FsPath(path)
     limit = config.spec_max_bytes()
     try:
@@ -31,43 +31,52 @@ def load_pipeline(path: str | FsPath, check_graph: bool = True) -> Pipeline:
     except OSError as err:
         raise SpecIOError(f"{path}: cannot read: {err.strerror or err}") from None
     if len(data) > limit:
-        raise SpecError([Diagnostic(str(path), 1, 1, f'Got "more than {limit} bytes" for the document: a pipeline file of at most {limit} bytes (HETFORGE_SPEC_MAX_BYTES).')])
-    return load_bytes(data, str(path), path.resolve().parent, check_graph)
+        raise SpecError([Diagnostic(str(path), 1, 1, f'Got "more than {limit} bytes" for the document: a file of at most {limit} bytes (HETFORGE_SPEC_MAX_BYTES).')])
+    return data
 
 
-def load_bytes(data: bytes, file: str = "<string>", base_dir: FsPath | None = None, check_graph: bool = True) -> Pipeline:
-    """Validate a pipeline document; `base_dir` resolves relative files (None skips file checks)."""
+def load_pipeline(path: str | FsPath, check_graph: bool = True) -> Pipeline:
+    """The validated pipeline in `path`; SpecError with every located error, SpecIOError if unreadable."""
+    data = read_limited(path)
+    return load_bytes(data, str(path), FsPath(path).resolve().parent, check_graph)
+
+
+def load_document(data: bytes, file: str, root: type[BaseModel]) -> tuple[BaseModel, SourceMap]:
+    """Any spec document: safe YAML, then the schema of `root`; SpecError with every located error."""
     try:
         raw, source, yaml_errors = parse(decode(data))
     except YamlError as err:
         raise SpecError([err.diagnostic(file)]) from None
-
     diagnostics = [err.diagnostic(file) for _, err in yaml_errors]
     broken = [p for p, _ in yaml_errors]
     if not isinstance(raw, dict):
         line, col = source.locate(())
-        diagnostics.append(Diagnostic(file, line, col, message(Problem((), raw, "a mapping with name, entry, output and stages"))))
+        diagnostics.append(Diagnostic(file, line, col, message(Problem((), raw, "a mapping"))))
         raise SpecError(diagnostics)
-
     try:
-        pipeline = Pipeline.model_validate(raw)
+        document = root.model_validate(raw)
     except ValidationError as err:
-        problems = [p for p in _problems(err, source) if not any(p.path[: len(b)] == b for b in broken)]
-        raise SpecError(diagnostics + _locate(problems, source, file)) from None
+        problems = [p for p in _problems(err, source, root) if not any(p.path[: len(b)] == b for b in broken)]
+        raise SpecError(diagnostics + locate(problems, source, file)) from None
     if diagnostics:
         raise SpecError(diagnostics)
+    return document, source
 
+
+def load_bytes(data: bytes, file: str = "<string>", base_dir: FsPath | None = None, check_graph: bool = True) -> Pipeline:
+    """Validate a pipeline document; `base_dir` resolves relative files (None skips file checks)."""
+    pipeline, source = load_document(data, file, Pipeline)
     problems = check_references(pipeline, base_dir)
     if not problems and check_graph:
         from hetforge.planners.graph import graph_problems  # the graph is the planner's; it needs a valid spec
 
         problems = graph_problems(pipeline)
     if problems:
-        raise SpecError(_locate(problems, source, file))
+        raise SpecError(locate(problems, source, file))
     return pipeline
 
 
-def _locate(problems: list[Problem], source: SourceMap, file: str) -> list[Diagnostic]:
+def locate(problems: list[Problem], source: SourceMap, file: str) -> list[Diagnostic]:
     out = []
     for problem in problems:
         line, col = source.locate(problem.path, problem.at_key)
@@ -95,7 +104,7 @@ _BOUND_RULES = {
 }
 
 
-def _problems(err: ValidationError, source: SourceMap) -> list[Problem]:
+def _problems(err: ValidationError, source: SourceMap, root: type[BaseModel]) -> list[Problem]:
     """pydantic's errors as document problems; several union branches failing at one place become one."""
     by_path: dict[tuple[Path, bool], tuple[object, list[tuple[str, str]]]] = {}
     for e in err.errors(include_url=False):
@@ -106,7 +115,7 @@ def _problems(err: ValidationError, source: SourceMap) -> list[Problem]:
             value, must = None, "a value is required here"
         elif kind == "extra_forbidden":
             at_key, value = True, path[-1]
-            must = _unknown_field(tuple(e["loc"][:-1]), str(path[-1]))
+            must = _unknown_field(root, tuple(e["loc"][:-1]), str(path[-1]))
         elif kind == "stage_kind":
             path = path + ("kind",)
             value = value.get("kind") if isinstance(value, dict) else value
@@ -142,8 +151,8 @@ def _document_path(loc: tuple, source: SourceMap, keep_last: bool) -> Path:
     return path
 
 
-def _unknown_field(loc: tuple, name: str) -> str:
-    model = _model_at(loc)
+def _unknown_field(root: type[BaseModel], loc: tuple, name: str) -> str:
+    model = _model_at(root, loc)
     if model is None:
         return "not a known field here"
     fields = sorted(f.alias or n for n, f in model.model_fields.items())
@@ -156,15 +165,16 @@ def _describe(model: type[BaseModel]) -> str:
     kind = model.model_fields.get("kind")
     if kind is not None and typing.get_args(kind.annotation):
         return f"a {typing.get_args(kind.annotation)[0]} stage"
-    return {"Pipeline": "a pipeline"}.get(model.__name__, f"{model.__name__}")
+    title = model.model_config.get("title")
+    return title or {"Pipeline": "a pipeline"}.get(model.__name__, model.__name__)
 
 
 _TAGGED = {"<model>": models.ModelStage, "<llm>": models.LlmStage, "<tool>": models.ToolStage}
 
 
-def _model_at(loc: tuple) -> type[BaseModel] | None:
+def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that validated the value at pydantic location `loc`."""
-    current: object = Pipeline
+    current: object = root
     for part in loc:
         if isinstance(part, str) and part in _TAGGED:
             current = _TAGGED[part]

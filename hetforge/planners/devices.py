@@ -1,0 +1,213 @@
+"""Devices: a table of facts for common GPUs and CPUs, and the inventory the planner places onto.
+
+A *device class* is what placement chooses between: `cpu`, or a GPU model such as `H100`. The
+inventory says how many devices of each class there are, their memory, and how fast data moves
+between classes. It comes from local discovery, a running Ray cluster, or a declared cluster file.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """Peak rates (dense, no sparsity), memory bandwidth and sizes of one device model."""
+
+    name: str
+    fp32_tflops: float
+    tf32_tflops: float  # fp32 rate where the device has no TF32
+    bf16_tflops: float  # fp32 rate where the device has no bf16 tensor cores
+    bandwidth_gbs: float  # memory bandwidth, GB/s
+    memory_gib: float
+    l2_mib: float
+    launch_us: float = 5.0  # per-kernel launch and scheduling overhead
+
+    def peak_tflops(self, precision: str) -> float:
+        return {"strict": self.fp32_tflops, "tf32": self.tf32_tflops, "bf16": self.bf16_tflops}[precision]
+
+
+GPU_FACTS: dict[str, DeviceFacts] = {
+    # NVIDIA H100 Tensor Core GPU datasheet (SXM5): FP32 67 TF, TF32 494 TF / BF16 989 TF dense
+    # (the datasheet's 989 / 1979 are with sparsity), HBM3 3.35 TB/s, 80 GB; L2 50 MB (Hopper whitepaper).
+    "H100": DeviceFacts("H100", 67.0, 494.0, 989.0, 3350.0, 80.0, 50.0),
+    # NVIDIA H200 datasheet (SXM): the H100's compute, HBM3e 4.8 TB/s, 141 GB; L2 50 MB.
+    "H200": DeviceFacts("H200", 67.0, 494.0, 989.0, 4800.0, 141.0, 50.0),
+    # NVIDIA DGX B200 datasheet, per GPU (approximate: the datasheet gives system totals and sparse
+    # rates): TF32 1.1 PF, BF16 2.25 PF dense, HBM3e 8 TB/s, 180 GB; FP32 ~80 TF; L2 126 MB.
+    "B200": DeviceFacts("B200", 80.0, 1100.0, 2250.0, 8000.0, 180.0, 126.0),
+    # NVIDIA A100 datasheet (SXM 80GB): FP32 19.5 TF, TF32 156 TF, BF16 312 TF dense, 2039 GB/s; L2 40 MB.
+    "A100": DeviceFacts("A100", 19.5, 156.0, 312.0, 2039.0, 80.0, 40.0),
+    # NVIDIA A10 datasheet (A10G in AWS G5 is the same GA102 part): FP32 31.2 TF, TF32 62.5 TF,
+    # BF16 125 TF dense, 600 GB/s, 24 GB; L2 6 MB (GA102).
+    "A10G": DeviceFacts("A10G", 31.2, 62.5, 125.0, 600.0, 24.0, 6.0),
+    # NVIDIA L4 datasheet: FP32 30.3 TF, TF32 60 TF, BF16 121 TF dense, 300 GB/s, 24 GB; L2 48 MB (AD104).
+    "L4": DeviceFacts("L4", 30.3, 60.0, 121.0, 300.0, 24.0, 48.0),
+    # NVIDIA L40S datasheet: FP32 91.6 TF, TF32 183 TF, BF16 362 TF dense, 864 GB/s, 48 GB; L2 96 MB.
+    "L40S": DeviceFacts("L40S", 91.6, 183.0, 362.0, 864.0, 48.0, 96.0),
+    # NVIDIA T4 datasheet: FP32 8.1 TF, no TF32 or BF16 (FP16 65 TF, not used here), 320 GB/s, 16 GB; L2 4 MB.
+    "T4": DeviceFacts("T4", 8.1, 8.1, 8.1, 320.0, 16.0, 4.0),
+    # NVIDIA V100 datasheet (SXM2 32GB): FP32 15.7 TF, no TF32 or BF16, 900 GB/s; L2 6 MB.
+    "V100": DeviceFacts("V100", 15.7, 15.7, 15.7, 900.0, 32.0, 6.0),
+    # NVIDIA RTX PRO 6000 Blackwell datasheet (approximate): FP32 ~125 TF, BF16 ~500 TF dense,
+    # GDDR7 1792 GB/s, 96 GB; L2 128 MB.
+    "RTX6000-BLACKWELL": DeviceFacts("RTX6000-BLACKWELL", 125.0, 250.0, 500.0, 1792.0, 96.0, 128.0),
+}
+
+
+def cpu_facts(cores: int, memory_gib: float, avx512: bool = True, name: str = "cpu") -> DeviceFacts:
+    """A CPU's roofline figures from its core count.
+
+    Peak: 2.5 GHz x (16 fp32 lanes with AVX-512, 8 with AVX2) x 2 (FMA) x 2 FMA units per core
+    (Intel Xeon Scalable / AMD Zen 4 optimization manuals). Bandwidth: ~5 GB/s of achievable DRAM
+    bandwidth per core, capped at 300 GB/s (12-channel DDR5 sockets measure 250-350 GB/s in STREAM).
+    """
+    lanes = 16 if avx512 else 8
+    tflops = cores * 2.5e9 * lanes * 2 * 2 / 1e12
+    return DeviceFacts(name, tflops, tflops, tflops, min(5.0 * cores, 300.0), memory_gib, 1.0 * cores, launch_us=2.0)
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    """Devices of one kind that placement can choose: how many, their facts, where they live."""
+
+    name: str  # "cpu" or a GPU model
+    kind: str  # cpu | gpu
+    count: int  # devices (CPU: nodes' host CPUs; GPU: GPUs)
+    facts: DeviceFacts
+    nodes: tuple[str, ...] = ()  # node types that have it
+    local: bool = False  # present on this machine (so stages can be measured on it)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What placement can use, and the cost of moving bytes between device classes."""
+
+    classes: dict[str, DeviceClass]
+    host_link_gbs: float = 25.0  # CPU <-> GPU on one node, GB/s (PCIe Gen4 x16)
+    network_gbs: float = 12.5  # between nodes, GB/s
+    network_latency_ms: float = 0.02
+    source: str = "local"
+    notes: tuple[str, ...] = field(default=())
+
+    def transfer_ms(self, a: str, b: str, nbytes: float) -> float:
+        """Time to move `nbytes` from a stage on class `a` to a stage on class `b`."""
+        if a == b:
+            return 0.0
+        ca, cb = self.classes[a], self.classes[b]
+        same_node = bool(set(ca.nodes) & set(cb.nodes)) and (ca.kind == "cpu" or cb.kind == "cpu")
+        if same_node:
+            return 0.01 + nbytes / (self.host_link_gbs * 1e6)
+        return self.network_latency_ms + nbytes / (self.network_gbs * 1e6)
+
+
+def _meminfo_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
+    return 8.0
+
+
+def local_cpu() -> dict:
+    """This machine's CPU: model, cores, memory, vector ISA."""
+    model, flags = platform.processor() or "cpu", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", "cpu", platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1]
+    except OSError:
+        pass
+    isa = "avx512" if "avx512f" in flags else ("avx2" if "avx2" in flags else "baseline")
+    return {"model": model, "cores": os.cpu_count() or 1, "memory_gib": round(_meminfo_gib(), 1), "isa": isa}
+
+
+def local_gpus() -> list[dict]:
+    """Each CUDA GPU here: name, class, multiprocessors, memory, compute capability."""
+    import torch
+
+    out = []
+    if not torch.cuda.is_available():
+        return out
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append({"index": i, "name": p.name, "class": gpu_class(p.name), "multiprocessors": p.multi_processor_count,
+                    "memory_gib": round(p.total_memory / (1 << 30), 1), "capability": f"{p.major}.{p.minor}",
+                    "l2_mib": round(getattr(p, "L2_cache_size", 0) / (1 << 20), 1)})
+    return out
+
+
+def gpu_class(device_name: str) -> str:
+    """The table's class for a CUDA device name ("NVIDIA H100 80GB HBM3" -> "H100")."""
+    upper = device_name.upper().replace(" ", "")
+    if "RTXPRO6000" in upper or ("6000" in upper and "BLACKWELL" in upper):
+        return "RTX6000-BLACKWELL"
+    for name in sorted(GPU_FACTS, key=len, reverse=True):
+        if name in upper:
+            return name
+    return "cuda"
+
+
+def local_inventory() -> Inventory:
+    """The devices of this machine."""
+    cpu = local_cpu()
+    classes = {"cpu": DeviceClass("cpu", "cpu", 1, cpu_facts(cpu["cores"], cpu["memory_gib"], cpu["isa"] == "avx512", cpu["model"]), ("local",), True)}
+    for gpu in local_gpus():
+        name = gpu["class"]
+        facts = GPU_FACTS.get(name) or DeviceFacts(gpu["name"], 20.0, 20.0, 20.0, 1000.0, gpu["memory_gib"], gpu["l2_mib"])
+        if name in classes:
+            prev = classes[name]
+            classes[name] = DeviceClass(name, "gpu", prev.count + 1, prev.facts, prev.nodes, True)
+        else:
+            classes[name] = DeviceClass(name, "gpu", 1, facts, ("local",), True)
+    return Inventory(classes, source="local")
+
+
+def cluster_inventory(cluster) -> Inventory:
+    """The devices a declared cluster file describes (`hetforge.spec.cluster.Cluster`)."""
+    cores = sum(n.cpu.cores * n.count for n in cluster.nodes)
+    mem = min(n.cpu.memory_gib for n in cluster.nodes)
+    cpu_nodes = sum(n.count for n in cluster.nodes)
+    avx512 = all(n.cpu.avx512 for n in cluster.nodes)
+    per_node_cores = max(1, cores // cpu_nodes)
+    classes = {"cpu": DeviceClass("cpu", "cpu", cpu_nodes, cpu_facts(per_node_cores, mem, avx512), tuple(n.name for n in cluster.nodes))}
+    for node in cluster.nodes:
+        for group in node.gpus:
+            prev = classes.get(group.model)
+            count = group.count * node.count + (prev.count if prev else 0)
+            nodes = (prev.nodes if prev else ()) + (node.name,)
+            classes[group.model] = DeviceClass(group.model, "gpu", count, GPU_FACTS[group.model], nodes)
+    host_link = min(n.host_link_gbps for n in cluster.nodes) / 8
+    return Inventory(classes, host_link_gbs=host_link, network_gbs=cluster.interconnect.bandwidth_gbps / 8,
+                     network_latency_ms=cluster.interconnect.latency_us / 1e3, source=f"cluster:{cluster.name}")
+
+
+def ray_inventory(address: str | None = None) -> Inventory:
+    """The devices of a running Ray cluster: CPUs per node, and GPUs by their accelerator_type resource."""
+    try:
+        import ray
+    except ImportError as err:
+        raise RuntimeError("planning for a Ray cluster needs the `serving` extra (ray)") from err
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", logging_level="ERROR")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    classes: dict[str, DeviceClass] = {}
+    cores = sum(int(n["Resources"].get("CPU", 0)) for n in nodes) or 1
+    mem = min((n["Resources"].get("memory", 8 << 30) / (1 << 30) for n in nodes), default=8.0)
+    classes["cpu"] = DeviceClass("cpu", "cpu", len(nodes), cpu_facts(max(1, cores // max(1, len(nodes))), mem), tuple(n["NodeID"][:8] for n in nodes))
+    for n in nodes:
+        gpus = int(n["Resources"].get("GPU", 0))
+        kinds = [k.split(":", 1)[1] for k in n["Resources"] if k.startswith("accelerator_type:")]
+        if gpus:
+            name = gpu_class(kinds[0]) if kinds else "cuda"
+            facts = GPU_FACTS.get(name, DeviceFacts(name, 20.0, 20.0, 20.0, 1000.0, 16.0, 4.0))
+            prev = classes.get(name)
+            classes[name] = DeviceClass(name, "gpu", gpus + (prev.count if prev else 0), facts, (prev.nodes if prev else ()) + (n["NodeID"][:8],))
+    return Inventory(classes, source="ray")

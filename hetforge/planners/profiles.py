@@ -1,0 +1,188 @@
+"""Stage profiles: measured on devices that are here, estimated with a roofline model elsewhere.
+
+A profile says how long one request takes on a device class, how much memory the stage needs and
+how many bytes it hands to the next stage. Measurements are cached in SQLite, keyed by the stage's
+fingerprint (its code, arguments and input signature) and the device class, and replace estimates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from hetforge.optimizer.problem import LoadedProblem, Problem
+from hetforge.planners.devices import DeviceClass
+
+SMALL_MESSAGE_BYTES = 4096  # JSON between tools and LLMs
+
+
+@dataclass(frozen=True)
+class StageProfile:
+    """One stage on one device class."""
+
+    stage: str
+    device: str
+    latency_ms: float
+    source: str  # measured | estimated
+    memory_bytes: int
+    output_bytes: int
+    by_batch_ms: dict = field(default_factory=dict)  # batch size -> ms (measured profiles)
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class StageAnalysis:
+    """Device-independent facts of a model stage, from one forward pass."""
+
+    flops: float
+    bytes_moved: float  # parameters + inputs + every op's output: a lower bound on memory traffic
+    ops: int  # aten ops launched: each costs a launch on a GPU
+    param_bytes: int
+    peak_activation_bytes: int
+    output_bytes: int
+
+
+def hetforge_home() -> Path:
+    return Path(os.environ.get("HETFORGE_HOME", Path.home() / ".hetforge"))
+
+
+class ProfileCache:
+    """Measured profiles in SQLite (one row per fingerprint and device class); safe across processes."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or hetforge_home() / "profiles.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS profiles (fingerprint TEXT, device TEXT, profile TEXT, measured_at REAL, "
+                       "PRIMARY KEY (fingerprint, device))")
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        return db
+
+    def get(self, fingerprint: str, device: str) -> StageProfile | None:
+        with self._connect() as db:
+            row = db.execute("SELECT profile FROM profiles WHERE fingerprint=? AND device=?", (fingerprint, device)).fetchone()
+        return StageProfile(**json.loads(row[0])) if row else None
+
+    def put(self, fingerprint: str, profile: StageProfile) -> None:
+        with self._connect() as db:
+            db.execute("INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?)", (fingerprint, profile.device, json.dumps(asdict(profile)), time.time()))
+
+
+def stage_problem(stage, base_dir: Path) -> Problem:
+    """The verifier's Problem for a model stage given by a problem file."""
+    if stage.problem_file is None:
+        raise ValueError(f"stage {stage.name}: profiling needs a problem_file (module stages are profiled in serving)")
+    return Problem(file=str(base_dir / stage.problem_file), init_args=tuple(stage.init_args or ()), init_kwargs=dict(stage.init_kwargs))
+
+
+def fingerprint(stage, base_dir: Path) -> str:
+    """Changes when the stage's code, arguments, weights or input signature change."""
+    h = hashlib.sha256()
+    for rel in (stage.problem_file, stage.weights):
+        if rel:
+            h.update((base_dir / rel).read_bytes())
+    h.update(json.dumps([stage.module, stage.init_args, stage.init_kwargs, stage.seed,
+                         [i.model_dump() for i in stage.inputs]], default=str, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts aten ops and the bytes they write, and tracks live activation bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.written = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ not in ("detach", "view", "t", "_unsafe_view", "expand", "reshape", "alias"):
+            self.ops += 1
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.written += t.numel() * t.element_size()
+        return out
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def analyze(problem: LoadedProblem, seed: int = 0) -> StageAnalysis:
+    """FLOPs, bytes and op count of one forward pass on the problem's main inputs (on the CPU)."""
+    model = problem.build(seed=seed)
+    inputs = problem.main_inputs(seed=0)
+    params = sum(_nbytes(p) for p in model.parameters()) + sum(_nbytes(b) for b in model.buffers())
+    counter, flops = _OpCounter(), FlopCounterMode(display=False)
+    # The fused transformer fast path is one opaque op to both counters: count its parts instead.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.inference_mode(), flops, counter:
+            out = model(*inputs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    written = counter.written
+    return StageAnalysis(float(flops.get_total_flops()), float(params + _nbytes(inputs) + written), counter.ops, params,
+                         int(written), _nbytes(out))
+
+
+def estimate(stage_name: str, analysis: StageAnalysis, device: DeviceClass, precision: str) -> StageProfile:
+    """Roofline: max(FLOPs / peak, bytes / bandwidth) plus a launch per op; memory = params + activations."""
+    facts = device.facts
+    compute_ms = analysis.flops / (facts.peak_tflops(precision) * 1e9)
+    memory_ms = analysis.bytes_moved / (facts.bandwidth_gbs * 1e6)
+    launch_ms = analysis.ops * facts.launch_us / 1e3
+    latency = max(compute_ms, memory_ms) + launch_ms
+    detail = f"roofline on {facts.name}: compute {compute_ms:.3f} ms, memory {memory_ms:.3f} ms, {analysis.ops} launches {launch_ms:.3f} ms"
+    return StageProfile(stage_name, device.name, latency, "estimated", analysis.param_bytes + analysis.peak_activation_bytes,
+                        analysis.output_bytes, {}, detail)
+
+
+def measure(stage_name: str, problem: LoadedProblem, device: DeviceClass, seed: int = 0, repeats: int = 5) -> StageProfile:
+    """Median latency on a local device class, at batch 1 and at the problem's batch; peak memory."""
+    where = "cuda" if device.kind == "gpu" else "cpu"
+    model = problem.build(seed=seed, device=where)
+    inputs = problem.main_inputs(seed=0, device=where)
+    batches = {1: [x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs]}
+    main_batch = inputs[0].shape[0] if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() > 0 else 1
+    batches[main_batch] = inputs
+    by_batch: dict[int, float] = {}
+    if where == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        for batch, xs in sorted(batches.items()):
+            out = model(*xs)  # warm-up
+            times = []
+            for _ in range(repeats):
+                if where == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                out = model(*xs)
+                if where == "cuda":
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - start) * 1e3)
+            by_batch[batch] = round(statistics.median(times), 4)
+    if where == "cuda":
+        memory = int(torch.cuda.max_memory_allocated())
+    else:
+        memory = sum(_nbytes(p) for p in model.parameters()) + _nbytes(inputs) + 4 * _nbytes(out)
+    return StageProfile(stage_name, device.name, by_batch[main_batch], "measured", memory, _nbytes(out),
+                        {str(k): v for k, v in by_batch.items()}, f"median of {repeats} on this machine")
