@@ -8,7 +8,7 @@ costs `rounds` LLM calls and `rounds - 1` rounds of its slowest tool, with the r
 Search: branch and bound over stages in topological order. The bound is the critical path with the
 stages not yet placed at their fastest allowed class and their edges free, which never exceeds any
 completion, so the result is exact when the search finishes within its node budget. Beyond the
-budget (large pipelines), the result is the best of the search so far and of a greedy start
+budget (large pipelines; 0.5 s by default), the result is the best of the search so far and of a greedy start
 improved by local search (move one stage at a time while that helps), and is marked not exact.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -154,8 +155,8 @@ def _feasible_slo(p: PlacementProblem, score: tuple[float, float], objective: st
     return objective == "latency" or p.slo_ms is None or score[0] <= p.slo_ms
 
 
-def place(p: PlacementProblem, objective: str = "latency", node_budget: int = 200_000) -> Placement:
-    """The best placement found; exact unless the node budget ran out (see the module docstring)."""
+def place(p: PlacementProblem, objective: str = "latency", node_budget: int = 200_000, time_budget_s: float = 0.5) -> Placement:
+    """The best placement found; exact unless the node or time budget ran out (see the module docstring)."""
     if objective not in ("latency", "throughput"):
         raise ValueError(f'Got "{objective}" for objective: latency or throughput.')
     n = len(p.stages)
@@ -173,13 +174,14 @@ def place(p: PlacementProblem, objective: str = "latency", node_budget: int = 20
     used: dict[str, float] = {}
     nodes = 0
     exhausted = False
+    deadline = time.monotonic() + time_budget_s
 
     def dfs(k: int) -> None:
         nonlocal nodes, best, best_assign, exhausted
         if exhausted:
             return
         nodes += 1
-        if nodes > node_budget:
+        if nodes > node_budget or (nodes % 256 == 0 and time.monotonic() > deadline):
             exhausted = True
             return
         if k == n:
