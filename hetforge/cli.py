@@ -235,7 +235,11 @@ def plan(
                 typer.echo(str(diagnostic), err=True)
             raise typer.Exit(EXIT_INVALID) from None
     elif ray_address is not None:
-        inventory = devices.ray_inventory(ray_address)
+        try:
+            inventory = devices.ray_inventory(ray_address)
+        except (RuntimeError, ConnectionError) as err:
+            typer.echo(f"error: --ray-address {ray_address}: {err}", err=True)
+            raise typer.Exit(EXIT_USAGE) from None
     else:
         inventory = devices.local_inventory()
     try:
