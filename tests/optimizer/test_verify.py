@@ -98,11 +98,6 @@ def test_legitimate_rewrite_is_accepted(candidate, device):
     assert result.reference_ms > 0 and result.candidate_ms > 0
 
 
-def test_dead_code_removal_is_faster():
-    result = judge("wasteful", "legit_drop_dead_code", rounds=3)
-    assert result.accepted and result.speedup > 1.5
-
-
 @pytest.mark.parametrize("candidate,flag", [("calls_reference", "static:calls_reference"), ("try_fallback", "static:try_except_fallback")])
 def test_reward_hacking_patterns_need_review(candidate, flag):
     result = judge("linear_relu", candidate)
@@ -112,9 +107,12 @@ def test_reward_hacking_patterns_need_review(candidate, flag):
 
 
 def test_implausible_speedup_needs_review():
-    result = judge("wasteful", "legit_drop_dead_code", rounds=3, review_speedup=1.01)
+    # A threshold of 0 makes any measured speedup "implausible": the rule is tested, not a timing.
+    result = judge("wasteful", "legit_drop_dead_code", review_speedup=0.0)
     assert result.accepted and result.needs_review
     assert any(f.startswith(V.FLAG_SPEEDUP) for f in result.flags)
+    unflagged = judge("wasteful", "legit_drop_dead_code", review_speedup=1e9)
+    assert not any(f.startswith(V.FLAG_SPEEDUP) for f in unflagged.flags)
 
 
 def test_missing_model_new_is_a_load_error(tmp_path):
