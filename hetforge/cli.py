@@ -154,6 +154,7 @@ def verify(
     no_timing: Annotated[bool, typer.Option("--no-timing", help="Check correctness only.")] = False,
     min_speedup: Annotated[float, typer.Option(min=0, help="Reject candidates slower than this speedup (0: never).")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as one JSON object on the last line.")] = False,
+    register: Annotated[Optional[str], typer.Option(help="If accepted, store the candidate in the kernel registry under this name.")] = None,
 ) -> None:
     """Judge a candidate kernel against its reference: correctness on fresh inputs, then speed.
 
@@ -175,11 +176,30 @@ def verify(
     options = VerifyOptions(device=device.value, precision=precision.value, trials=trials, timeout_s=timeout,
                             baseline=baseline.value, rounds=rounds, time=not no_timing, min_speedup=min_speedup)
     result = run_verify(Problem(file=str(reference)), candidate, options)
+    variant = _register(reference, candidate, register, device.value, precision.value, result) if register and result.accepted else None
     if as_json:
         typer.echo(result.to_json())
     else:
         _print_verdict(result)
+        if variant is not None:
+            typer.echo(f"registered as variant {variant.id} ({variant.status})")
     raise typer.Exit(0 if result.accepted else EXIT_INVALID)
+
+
+def _register(reference: Path, candidate: Path, name: str, device: str, precision: str, result):
+    from hetforge.kernels.registry import Registry, source_fingerprint
+    from hetforge.planners.devices import gpu_class
+
+    if device == "cuda":
+        import torch
+
+        device_class = gpu_class(torch.cuda.get_device_name(0))
+    else:
+        device_class = "cpu"
+    return Registry().add(
+        fingerprint=source_fingerprint(reference.read_text()), device_class=device_class, precision=precision, name=name,
+        agent="human", source=candidate.read_text(), verdict=result.to_dict(), recipe={"kind": "candidate_file", "file": candidate.name},
+    )
 
 
 def _print_verdict(result) -> None:
@@ -272,6 +292,91 @@ def demo() -> None:
     from hetforge.demo import run_demo
 
     raise typer.Exit(run_demo())
+
+
+kernels_app = typer.Typer(help="The registry of verified kernel variants ($HETFORGE_HOME/registry.sqlite).", no_args_is_help=True)
+app.add_typer(kernels_app, name="kernels")
+
+
+@kernels_app.command("list")
+def kernels_list(
+    fingerprint: Annotated[Optional[str], typer.Option(help="Only this stage fingerprint.")] = None,
+    device_class: Annotated[Optional[str], typer.Option(help="Only this device class (cpu, H100, ...).")] = None,
+    status: Annotated[Optional[str], typer.Option(help="Only this status: active, pending_review, rejected, retired.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list on the last line.")] = False,
+) -> None:
+    """List registered variants."""
+    from hetforge.kernels.registry import Registry
+
+    variants = Registry().list(fingerprint, device_class, status)
+    if as_json:
+        typer.echo(json.dumps([v.summary() for v in variants], default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("id", "name", "agent", "device", "precision", "speedup", "status", "fingerprint")
+    for v in variants:
+        table.add_row(str(v.id), v.name, v.agent, v.device_class, v.precision, f"{v.speedup:.3f}x" if v.speedup else "-", v.status, v.fingerprint)
+    Console(soft_wrap=True).print(table)
+
+
+def _variant_or_exit(variant_id: int):
+    from hetforge.kernels.registry import Registry, RegistryError
+
+    try:
+        return Registry().get(variant_id)
+    except RegistryError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+@kernels_app.command("show")
+def kernels_show(variant_id: Annotated[int, typer.Argument(help="Variant id.", show_default=False)]) -> None:
+    """Show one variant: its metadata, verdict and source."""
+    variant = _variant_or_exit(variant_id)
+    typer.echo(json.dumps({**variant.summary(), "verdict": variant.verdict}, indent=2, default=str))
+    typer.echo("--- source ---")
+    typer.echo(variant.source)
+
+
+@kernels_app.command("export")
+def kernels_export(
+    variant_id: Annotated[int, typer.Argument(help="Variant id.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Folder to write the candidate file and its metadata into.")] = Path("."),
+) -> None:
+    """Write a variant as a candidate file (ModelNew) and a metadata JSON."""
+    from hetforge.kernels.registry import Registry
+
+    _variant_or_exit(variant_id)
+    source, meta = Registry().export(variant_id, out)
+    typer.echo(f"{source}\n{meta}")
+
+
+def _set_status(variant_id: int, status: str, approver: str) -> None:
+    from hetforge.kernels.registry import Registry
+
+    _variant_or_exit(variant_id)
+    variant = Registry().set_status(variant_id, status, approver)
+    typer.echo(f"variant {variant.id}: {variant.status} (by {variant.approver})")
+
+
+@kernels_app.command("approve")
+def kernels_approve(
+    variant_id: Annotated[int, typer.Argument(help="Variant id.", show_default=False)],
+    by: Annotated[str, typer.Option(help="Who approves (recorded).")] = "cli",
+) -> None:
+    """Approve a variant that waits for review: it becomes active and can be served."""
+    _set_status(variant_id, "active", by)
+
+
+@kernels_app.command("reject")
+def kernels_reject(
+    variant_id: Annotated[int, typer.Argument(help="Variant id.", show_default=False)],
+    by: Annotated[str, typer.Option(help="Who rejects (recorded).")] = "cli",
+) -> None:
+    """Reject a variant: it is kept as evidence and never served."""
+    _set_status(variant_id, "rejected", by)
 
 
 def _parse_costs(items: list[str], names: set[str]) -> dict[str, float]:

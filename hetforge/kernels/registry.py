@@ -1,0 +1,198 @@
+"""The kernel registry: verified variants of stages, looked up by (stage fingerprint, device class,
+precision policy). SQLite is the embedded default.
+
+Every write is one transaction (WAL journal, busy timeout), so concurrent writers from several
+processes neither lose nor corrupt rows, and a crash mid-write leaves the previous state. A variant
+flagged `needs_review` is stored as `pending_review` and is never returned by `best()` until a
+human approves it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STATUSES = ("active", "pending_review", "rejected", "retired")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS variants (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    fingerprint TEXT NOT NULL,      -- the reference stage's fingerprint (code, arguments, signature)
+    device_class TEXT NOT NULL,     -- cpu, H100, ...
+    precision TEXT NOT NULL,        -- strict | tf32 | bf16
+    name TEXT NOT NULL,             -- human label, e.g. "bn_folded"
+    agent TEXT NOT NULL,            -- who proposed it: recipes, rewrites, library, llm, human
+    source TEXT NOT NULL,           -- candidate file text (defines ModelNew)
+    recipe TEXT NOT NULL,           -- JSON: how to build it (compile mode, rewrites, kernels)
+    signature TEXT NOT NULL,        -- JSON: input shapes and dtypes it was verified on
+    verdict TEXT NOT NULL,          -- JSON: the verifier's full verdict
+    reference_ms REAL, candidate_ms REAL, speedup REAL,
+    status TEXT NOT NULL,
+    approver TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS variants_lookup ON variants (fingerprint, device_class, precision, status);
+"""
+
+
+class RegistryError(Exception):
+    """A registry operation cannot be done (unknown id, a rejected verdict, a bad status)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    id: int
+    fingerprint: str
+    device_class: str
+    precision: str
+    name: str
+    agent: str
+    source: str
+    recipe: dict
+    signature: dict
+    verdict: dict
+    reference_ms: float | None
+    candidate_ms: float | None
+    speedup: float | None
+    status: str
+    approver: str | None
+    created_at: float
+    updated_at: float
+
+    def summary(self) -> dict:
+        """Everything but the source and the full verdict."""
+        out = asdict(self)
+        out.pop("source")
+        out.pop("verdict")
+        return out
+
+
+def default_path() -> Path:
+    return Path(os.environ.get("HETFORGE_HOME", Path.home() / ".hetforge")) / "registry.sqlite"
+
+
+def source_fingerprint(source: str, init_args: list | tuple = (), init_kwargs: dict | None = None) -> str:
+    """Fingerprint of a reference given as a problem file's text and its constructor arguments."""
+    doc = json.dumps([list(init_args), init_kwargs or {}], default=str, sort_keys=True)
+    return hashlib.sha256(source.encode() + b"\0" + doc.encode()).hexdigest()[:24]
+
+
+class Registry:
+    """Verified variants in one SQLite file."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._session() as db:
+            db.executescript(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA busy_timeout=60000")
+        return db
+
+    @contextlib.contextmanager
+    def _session(self, write: bool = False):
+        """A connection, closed afterwards; with `write`, one IMMEDIATE transaction, rolled back on error."""
+        db = self._connect()
+        try:
+            if write:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            else:
+                yield db
+        finally:
+            db.close()
+
+    def add(self, *, fingerprint: str, device_class: str, precision: str, name: str, agent: str, source: str,
+            verdict: dict, recipe: dict | None = None, signature: dict | None = None) -> Variant:
+        """Store an accepted variant: `active`, or `pending_review` when its verdict needs review."""
+        if verdict.get("verdict") != "accepted":
+            # Only the verifier's acceptance admits a variant; a rejected one is evidence, not a kernel.
+            raise RegistryError(f"variant {name!r} was {verdict.get('verdict')}: only accepted variants are registered")
+        status = "pending_review" if verdict.get("needs_review") else "active"
+        now = time.time()
+        with self._session(write=True) as db:
+            cur = db.execute(
+                "INSERT INTO variants (fingerprint, device_class, precision, name, agent, source, recipe, signature, verdict,"
+                " reference_ms, candidate_ms, speedup, status, approver, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                (fingerprint, device_class, precision, name, agent, source, json.dumps(recipe or {}), json.dumps(signature or {}),
+                 json.dumps(verdict), verdict.get("reference_ms"), verdict.get("candidate_ms"), verdict.get("speedup"), status, now, now),
+            )
+            new_id = cur.lastrowid
+        return self.get(new_id)
+
+    def get(self, variant_id: int) -> Variant:
+        with self._session() as db:
+            row = db.execute("SELECT * FROM variants WHERE id = ?", (variant_id,)).fetchone()
+        if row is None:
+            raise RegistryError(f"no variant with id {variant_id}")
+        return _variant(row)
+
+    def list(self, fingerprint: str | None = None, device_class: str | None = None, status: str | None = None) -> list[Variant]:
+        clauses, args = [], []
+        for column, value in (("fingerprint", fingerprint), ("device_class", device_class), ("status", status)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self._session() as db:
+            rows = db.execute(f"SELECT * FROM variants{where} ORDER BY id", args).fetchall()
+        return [_variant(r) for r in rows]
+
+    def best(self, fingerprint: str, device_class: str, precision: str) -> Variant | None:
+        """The fastest active variant for a stage on a device class under a precision policy.
+
+        A variant verified under a stricter policy serves a looser one (strict serves tf32 and bf16).
+        """
+        allowed = {"strict": ("strict",), "tf32": ("strict", "tf32"), "bf16": ("strict", "tf32", "bf16")}[precision]
+        marks = ",".join("?" * len(allowed))
+        with self._session() as db:
+            row = db.execute(
+                f"SELECT * FROM variants WHERE fingerprint = ? AND device_class = ? AND precision IN ({marks}) AND status = 'active'"
+                " ORDER BY speedup DESC, id DESC LIMIT 1", (fingerprint, device_class, *allowed)).fetchone()
+        return _variant(row) if row else None
+
+    def set_status(self, variant_id: int, status: str, approver: str | None = None) -> Variant:
+        """Approve (active), reject, or retire a variant; records who did it."""
+        if status not in STATUSES:
+            raise RegistryError(f'Got "{status}" for status: one of {", ".join(STATUSES)}.')
+        with self._session(write=True) as db:
+            cur = db.execute("UPDATE variants SET status = ?, approver = COALESCE(?, approver), updated_at = ? WHERE id = ?",
+                             (status, approver, time.time(), variant_id))
+            if cur.rowcount == 0:
+                raise RegistryError(f"no variant with id {variant_id}")
+        return self.get(variant_id)
+
+    def export(self, variant_id: int, out_dir: str | Path) -> tuple[Path, Path]:
+        """Write a variant as a candidate file (ModelNew) plus its metadata JSON."""
+        variant = self.get(variant_id)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        source_path = out / f"variant_{variant.id}_{variant.name}.py"
+        meta_path = out / f"variant_{variant.id}_{variant.name}.json"
+        source_path.write_text(variant.source)
+        meta_path.write_text(json.dumps({**variant.summary(), "verdict": variant.verdict}, indent=2, default=str))
+        return source_path, meta_path
+
+
+def _variant(row: sqlite3.Row) -> Variant:
+    d = dict(row)
+    for key in ("recipe", "signature", "verdict"):
+        d[key] = json.loads(d[key])
+    return Variant(**d)
