@@ -4,7 +4,7 @@
 2. build each pipeline's graph and profile its model stages on this machine,
 3. compute each pipeline's critical path and its hottest model stage,
 4. verify a hand-written variant of a hot stage against its reference (isolated workers, fresh
-   inputs, interleaved timing) and print the verdict.
+   inputs, interleaved timing), print the verdict, and store it in the kernel registry.
 Deployment, kernel generation and hot-swap join this story as their issues land.
 """
 
@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from hetforge.kernels.registry import Registry, source_fingerprint
 from hetforge.optimizer.problem import Problem
 from hetforge.optimizer.verify import VerifyOptions, verify
 from hetforge.planners.graph import PipelineGraph
@@ -79,4 +80,16 @@ def run_demo(examples: Path = REPO / "examples", console: Console | None = None)
         console.print(f"  [red]{reason.kind}[/]: {reason.message}")
     if verdict.speedup is not None:
         console.print(f"reference {verdict.reference_ms:.2f} ms, variant {verdict.candidate_ms:.2f} ms: [bold]{verdict.speedup:.2f}x[/] on {verdict.device}")
-    return 0 if verdict.accepted else 1
+    if not verdict.accepted:
+        return 1
+
+    console.rule("[bold]4. register the verified variant")
+    registry = Registry()
+    fingerprint = source_fingerprint(reference.read_text())
+    variant = registry.add(fingerprint=fingerprint, device_class="cpu", precision="strict", name="bn_folded", agent="human",
+                           source=candidate.read_text(), verdict=verdict.to_dict(), recipe={"kind": "candidate_file", "file": candidate.name})
+    best = registry.best(fingerprint, "cpu", "strict")
+    console.print(f"variant {variant.id} stored as {variant.status} in {registry.path}")
+    console.print(f"the variant serving (page classifier, cpu, strict) would be: {best.name} (id {best.id}, {best.speedup:.2f}x)" if best
+                  else "no active variant (it waits for review: hetforge kernels approve ID)")
+    return 0
