@@ -43,12 +43,13 @@ def _main(
     """Plan, optimize and serve agentic AI pipelines on heterogeneous hardware."""
 
 
-def _load(path: Path):
-    """The validated pipeline, or exit 1 (invalid, errors on stderr) / 2 (unreadable)."""
+def _load(path: Path, loader=None):
+    """A validated spec file (a pipeline unless `loader` says otherwise), or exit 1 (invalid, errors
+    on stderr) / 2 (unreadable)."""
     from hetforge.spec import SpecError, SpecIOError, load_pipeline
 
     try:
-        return load_pipeline(path)
+        return (loader or load_pipeline)(path)
     except SpecIOError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
@@ -240,20 +241,11 @@ def plan(
     from hetforge.planners import devices
     from hetforge.planners.plan import PlanError, build_plan
     from hetforge.planners.profiles import ProfileCache
-    from hetforge.spec import SpecError, SpecIOError
     from hetforge.spec.cluster import load_cluster
 
     spec = _load(pipeline)
     if cluster is not None:
-        try:
-            inventory = devices.cluster_inventory(load_cluster(cluster))
-        except SpecIOError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(EXIT_USAGE) from None
-        except SpecError as err:
-            for diagnostic in err.diagnostics:
-                typer.echo(str(diagnostic), err=True)
-            raise typer.Exit(EXIT_INVALID) from None
+        inventory = devices.cluster_inventory(_load(cluster, load_cluster))
     elif ray_address is not None:
         try:
             inventory = devices.ray_inventory(ray_address)
