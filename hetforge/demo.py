@@ -3,14 +3,16 @@
 1. validate the example pipelines,
 2. build each pipeline's graph and profile its model stages on this machine,
 3. compute each pipeline's critical path and its hottest model stage,
-4. verify a hand-written variant of a hot stage against its reference (isolated workers, fresh
-   inputs, interleaved timing), print the verdict, and store it in the kernel registry.
+4. apply the graph rewrites to each hot model stage's own instance, verify every rewritten
+   variant against its reference (isolated workers, fresh inputs, interleaved timing), and store
+   the accepted ones in the kernel registry.
 Deployment, kernel generation and hot-swap join this story as their issues land.
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from rich.table import Table
 
 from hetforge.kernels.registry import Registry, source_fingerprint
 from hetforge.optimizer.problem import Problem
+from hetforge.optimizer.rewrites import apply_rewrites, rewrite_candidate_source
 from hetforge.optimizer.verify import VerifyOptions, verify
 from hetforge.planners.graph import PipelineGraph
 from hetforge.spec import ModelStage, load_pipeline
@@ -68,28 +71,36 @@ def run_demo(examples: Path = REPO / "examples", console: Console | None = None)
     console.print("LLM and tool stages are not profiled yet (they join with serving), so they count 0 ms here.")
     console.print(PipelineGraph(loaded[0][1]).to_mermaid())
 
-    console.rule("[bold]3. verify a variant of a hot stage")
-    reference = examples / "models" / "page_encoder.py"
-    candidate = examples / "candidates" / "page_encoder_bn_folded.py"
-    console.print(f"reference {reference.relative_to(REPO)}\ncandidate {candidate.relative_to(REPO)} (batch norm folded into the convolutions)")
-    verdict = verify(Problem(file=str(reference)), candidate, VerifyOptions(device="cpu", trials=3, rounds=3))
-    colour = "green" if verdict.accepted else "red"
-    console.print(f"verdict: [bold {colour}]{verdict.verdict}[/] in {verdict.elapsed_s:.1f} s; "
-                  f"max abs err {max(t.max_abs_err for t in verdict.trials):.2e} over {len(verdict.trials)} fresh-input trials")
-    for reason in verdict.reasons:
-        console.print(f"  [red]{reason.kind}[/]: {reason.message}")
-    if verdict.speedup is not None:
-        console.print(f"reference {verdict.reference_ms:.2f} ms, variant {verdict.candidate_ms:.2f} ms: [bold]{verdict.speedup:.2f}x[/] on {verdict.device}")
-    if not verdict.accepted:
-        return 1
-
-    console.rule("[bold]4. register the verified variant")
+    console.rule("[bold]3. rewrite the hot stages, verify, register")
     registry = Registry()
-    fingerprint = source_fingerprint(reference.read_text())
-    variant = registry.add(fingerprint=fingerprint, device_class="cpu", precision="strict", name="bn_folded", agent="human",
-                           source=candidate.read_text(), verdict=verdict.to_dict(), recipe={"kind": "candidate_file", "file": candidate.name})
-    best = registry.best(fingerprint, "cpu", "strict")
-    console.print(f"variant {variant.id} stored as {variant.status} in {registry.path}")
-    console.print(f"the variant serving (page classifier, cpu, strict) would be: {best.name} (id {best.id}, {best.speedup:.2f}x)" if best
-                  else "no active variant (it waits for review: hetforge kernels approve ID)")
-    return 0
+    verified = 0
+    for _, path, stage in sorted(hot, key=lambda h: -h[0]):
+        reference = path.parent / stage.problem_file
+        problem = Problem(file=str(reference), init_args=tuple(stage.init_args or ()), init_kwargs=stage.init_kwargs)
+        rewritten = apply_rewrites(problem.load().build(seed=stage.seed))
+        if rewritten is None or not rewritten[1]:
+            console.print(f"{stage.name}: no graph rewrite applies" + (" (not traceable by torch.fx)" if rewritten is None else ""))
+            continue
+        applied = rewritten[1]
+        with tempfile.TemporaryDirectory(prefix="hetforge-demo-") as scratch:
+            candidate = Path(scratch) / f"{stage.name}_rewritten.py"
+            candidate.write_text(rewrite_candidate_source(str(reference), list(applied)))
+            console.print(f"{stage.name}: rewrites {applied}; verifying against {reference.relative_to(REPO)} ...")
+            verdict = verify(problem, candidate, VerifyOptions(device="cpu", trials=3, rounds=3))
+        colour = "green" if verdict.accepted else "red"
+        console.print(f"  verdict: [bold {colour}]{verdict.verdict}[/] in {verdict.elapsed_s:.1f} s; max abs err "
+                      f"{max((t.max_abs_err for t in verdict.trials), default=float('nan')):.2e} over {len(verdict.trials)} fresh-input trials")
+        for reason in verdict.reasons:
+            console.print(f"  [red]{reason.kind}[/]: {reason.message}")
+        if not verdict.accepted:
+            continue
+        console.print(f"  reference {verdict.reference_ms:.2f} ms, variant {verdict.candidate_ms:.2f} ms: [bold]{verdict.speedup:.2f}x[/] on {verdict.device}")
+        fingerprint = source_fingerprint(reference.read_text(), list(stage.init_args or ()), stage.init_kwargs)
+        variant = registry.add(fingerprint=fingerprint, device_class="cpu", precision=stage.precision, name="+".join(applied),
+                               agent="rewrites", source=rewrite_candidate_source(str(reference), list(applied)),
+                               verdict=verdict.to_dict(), recipe={"kind": "rewrites", "rewrites": applied})
+        best = registry.best(fingerprint, "cpu", stage.precision)
+        console.print(f"  variant {variant.id} stored as {variant.status} in {registry.path}; serving would use: "
+                      + (f"{best.name} ({best.speedup:.2f}x)" if best else "the reference (the variant waits for review)"))
+        verified += 1
+    return 0 if verified else 1

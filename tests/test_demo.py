@@ -9,5 +9,6 @@ def test_demo_runs_the_whole_story_so_far(tmp_path):
     out = result.stdout
     assert out.count("ok examples/") == 3
     assert "critical path" in out and "rerank" in out
+    assert "classify: rewrites {'fold_bn': 4}" in out  # the page classifier's batch norms
     assert "verdict: accepted" in out
-    assert "variant 1 stored as" in out and (tmp_path / "registry.sqlite").exists()
+    assert "variant 1 stored as active" in out and (tmp_path / "registry.sqlite").exists()
