@@ -1,0 +1,53 @@
+"""Compiler recipes: chosen by device and policy, built from the reference instance, verified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hetforge.optimizer.problem import Problem
+from hetforge.optimizer.recipes import Recipe, recipe_candidate_source, recipes_for
+from hetforge.optimizer.verify import VerifyOptions, verify
+
+PROBLEMS = Path(__file__).resolve().parent / "problems"
+FAST = VerifyOptions(trials=2, rounds=2, calls_per_round=3, warmup=1, threads=1)
+
+
+def test_recipes_follow_device_and_precision_policy():
+    cpu_strict = {r.name for r in recipes_for("cpu", "strict", has_conv=False)}
+    assert {"eager", "compile", "compile-freezing"} <= cpu_strict
+    assert not any("tf32" in n or "bf16" in n or "cudagraphs" in n for n in cpu_strict)
+    cuda_tf32 = {r.name for r in recipes_for("cuda", "tf32", has_conv=True)}
+    assert {"compile-cudagraphs", "compile-max-autotune", "tf32", "channels-last"} <= cuda_tf32
+    assert not any("bf16" in n for n in cuda_tf32)  # tf32 policy does not allow bf16
+    assert "bf16-autocast" in {r.name for r in recipes_for("cpu", "bf16", has_conv=False)}
+
+
+def _verify(problem: str, recipe: Recipe, tmp_path, **options):
+    reference = str(PROBLEMS / f"{problem}.py")
+    candidate = tmp_path / f"{recipe.name}.py"
+    candidate.write_text(recipe_candidate_source(reference, recipe))
+    opts = VerifyOptions(**{**FAST.__dict__, **options})
+    return verify(Problem(file=reference), candidate, opts)
+
+
+def test_eager_and_channels_last_recipes_are_accepted(tmp_path):
+    eager = _verify("softmax", Recipe("eager"), tmp_path)
+    assert eager.accepted and not eager.flags, (eager.reasons, eager.flags)
+    nhwc = _verify("avg_pool", Recipe("channels-last", channels_last=True), tmp_path)
+    assert nhwc.accepted, nhwc.reasons
+
+
+@pytest.mark.slow
+def test_compiled_recipe_is_accepted(tmp_path):
+    result = _verify("linear_relu", Recipe("compile", "default"), tmp_path, startup_timeout_s=300, timeout_s=300)
+    assert result.accepted, result.reasons
+
+
+def test_bf16_recipe_only_passes_where_the_policy_allows(tmp_path):
+    recipe = Recipe("bf16-autocast", bf16_autocast=True)
+    strict = _verify("linear_relu", recipe, tmp_path)
+    assert strict.verdict == "rejected" and strict.reasons[0].kind == "mismatch"
+    loose = _verify("linear_relu", recipe, tmp_path, precision="bf16")
+    assert loose.accepted, loose.reasons
