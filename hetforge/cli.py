@@ -177,7 +177,7 @@ def verify(
     options = VerifyOptions(device=device.value, precision=precision.value, trials=trials, timeout_s=timeout,
                             baseline=baseline.value, rounds=rounds, time=not no_timing, min_speedup=min_speedup)
     result = run_verify(Problem(file=str(reference)), candidate, options)
-    variant = _register(reference, candidate, register, device.value, precision.value, result) if register and result.accepted else None
+    variant = _register(reference, candidate, register, device.value, precision.value, result.to_dict()) if register and result.accepted else None
     if as_json:
         typer.echo(result.to_json())
     else:
@@ -187,7 +187,7 @@ def verify(
     raise typer.Exit(0 if result.accepted else EXIT_INVALID)
 
 
-def _register(reference: Path, candidate: Path, name: str, device: str, precision: str, result):
+def _register(reference: Path, candidate: Path, name: str, device: str, precision: str, verdict: dict, agent: str = "human"):
     from hetforge.kernels.registry import Registry, source_fingerprint
     from hetforge.planners.devices import gpu_class
 
@@ -199,7 +199,7 @@ def _register(reference: Path, candidate: Path, name: str, device: str, precisio
         device_class = "cpu"
     return Registry().add(
         fingerprint=source_fingerprint(reference.read_text()), device_class=device_class, precision=precision, name=name,
-        agent="human", source=candidate.read_text(), verdict=result.to_dict(), recipe={"kind": "candidate_file", "file": candidate.name},
+        agent=agent, source=candidate.read_text(), verdict=verdict, recipe={"kind": "candidate_file", "file": candidate.name},
     )
 
 
@@ -219,6 +219,67 @@ def _print_verdict(result) -> None:
     if result.speedup is not None:
         console.print(f"  reference {result.reference_ms:.4f} ms ({result.baseline}), candidate {result.candidate_ms:.4f} ms: "
                       f"[bold]{result.speedup:.3f}x[/]")
+
+
+@app.command()
+def optimize(
+    problem: Annotated[Path, typer.Argument(help="Problem file (Model, get_inputs, get_init_inputs).", show_default=False)],
+    device: Annotated[Device, typer.Option(help="Target device: candidates are verified and timed there.")] = Device.cpu,
+    precision: Annotated[PrecisionPolicy, typer.Option(help="Numerics the variant may use.")] = PrecisionPolicy.strict,
+    budget_s: Annotated[float, typer.Option(min=1, help="Wall-time budget in seconds.")] = 600.0,
+    agents: Annotated[str, typer.Option(help="Comma-separated agents: recipes, rewrites.")] = "recipes,rewrites",
+    hint: Annotated[str, typer.Option(help="A human hint, recorded in the report (for the LLM agents to come).")] = "",
+    out: Annotated[Path, typer.Option(help="Folder for the best variant (a candidate file) and report.json.")] = Path("hetforge-out"),
+    interactive: Annotated[bool, typer.Option(help="Ask before keeping a variant flagged needs_review.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")] = False,
+) -> None:
+    """Search for a faster implementation of a problem: every candidate verified on the target device.
+
+    Writes the best variant as a candidate file plus report.json, and registers it.
+    Exit 0 with a winner, 1 without one, 2 usage error.
+    """
+    from rich.console import Console
+
+    from hetforge.optimizer.supervisor import OptimizeTask, optimize as run_optimize
+
+    if not problem.is_file():
+        typer.echo(f"error: {problem}: no such file", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    console = Console(soft_wrap=True, stderr=as_json)
+    task = OptimizeTask(str(problem), device.value, precision.value, budget_s, tuple(a.strip() for a in agents.split(",") if a.strip()), hint)
+
+    def progress(record) -> None:
+        shown = f"{record.speedup:.3f}x" if record.verdict and record.verdict.get("speedup") else "-"
+        colour = {"accepted": "green", "rejected": "red", "needs_review": "yellow"}.get(record.status, "white")
+        console.print(f"round {record.round} [{colour}]{record.status:>12}[/] {shown:>9}  {record.name}  {record.note[:120]}", highlight=False)
+
+    def approve(record) -> bool:
+        if not interactive:
+            return False
+        return typer.confirm(f"{record.name} is flagged ({'; '.join(record.verdict['flags'])}). Keep it?", default=False)
+
+    try:
+        report = run_optimize(task, out / "candidates", progress, approve)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    out.mkdir(parents=True, exist_ok=True)
+    doc = report.to_json()
+    best_path = None
+    if report.winner is not None:
+        best_path = out / "best_variant.py"
+        best_path.write_text(report.winner.source)
+        doc["registered_variant"] = _register(problem, best_path, report.winner.name, device.value, precision.value,
+                                              report.winner.verdict, agent=report.winner.agent).id
+    (out / "report.json").write_text(json.dumps(doc, indent=2, default=str))
+    summary = {"best_variant_path": str(best_path) if best_path else None, "speedup_vs_eager": report.speedup_vs_eager,
+               "speedup_vs_compile": report.speedup_vs_compile, "winner_agent": doc["winner_agent"],
+               "verdict": "accepted" if report.winner else "none", "report": str(out / "report.json")}
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        console.print(summary)
+    raise typer.Exit(0 if report.winner else EXIT_INVALID)
 
 
 class Objective(str, Enum):
