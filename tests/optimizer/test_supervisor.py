@@ -27,8 +27,12 @@ def test_flagged_candidates_need_a_human(tmp_path):
     task = OptimizeTask(str(PROBLEMS / "wasteful.py"), agents=("rewrites",), trials=2, rounds=2)
     # Dropping dead code makes this reference implausibly faster: flagged, so not kept unless approved.
     refused = optimize(task, tmp_path / "a", approve=lambda record: False)
-    assert refused.winner is None and refused.candidates[0].status == "needs_review"
-    approved = optimize(task, tmp_path / "b", approve=lambda record: True)
+    [candidate] = refused.candidates
+    assert candidate.status == "needs_review", (candidate.status, candidate.note, candidate.verdict)
+    assert refused.winner is None
+    asked = []
+    approved = optimize(task, tmp_path / "b", approve=lambda record: asked.append(record.name) or True)
+    assert asked == ["rewrites:dead_code"], approved.candidates
     assert approved.winner is not None and approved.winner.note == "approved by a human"
 
 
