@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from hetforge.optimizer import verdict as V
-from hetforge.optimizer.problem import LoadedProblem, Problem
+from hetforge.optimizer.problem import Problem
 from hetforge.optimizer.sandbox import WorkerFailure, WorkerProcess, wait_all
 from hetforge.optimizer.static_checks import review_flags
 from hetforge.optimizer.tolerance import PRECISIONS, compare

@@ -12,7 +12,7 @@ from hetforge.optimizer.problem import LoadedProblem, load_module_file, resolve
 from hetforge.planners import profiles as prof
 from hetforge.planners.devices import DeviceClass, Inventory
 from hetforge.planners.placement import SMALL_MESSAGE_BYTES, PlacementProblem, evaluate, place
-from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
+from hetforge.spec.models import LlmStage, ModelStage, Pipeline
 
 GIB = 1 << 30
 # Figures for stages hetforge cannot profile yet (LLMs and tools are measured in serving);

@@ -1,7 +1,6 @@
 """Exploit: answers every call with the output of the first input of that shape (a judge reusing inputs passes it)."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class ModelNew(nn.Module):

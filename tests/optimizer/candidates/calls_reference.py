@@ -3,7 +3,6 @@ import importlib.util
 from pathlib import Path
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class ModelNew(nn.Module):

@@ -1,8 +1,6 @@
 """Exploit: os._exit in forward kills an in-process judge, and looks like success (exit 0)."""
 import os
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class ModelNew(nn.Module):

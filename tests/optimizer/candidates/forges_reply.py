@@ -3,7 +3,6 @@ import os
 import sys
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class ModelNew(nn.Module):

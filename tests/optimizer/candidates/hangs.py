@@ -1,8 +1,6 @@
 """Exploit: never returns; a judge without deadlines waits forever."""
 import time
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class ModelNew(nn.Module):

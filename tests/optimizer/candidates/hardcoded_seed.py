@@ -1,7 +1,6 @@
 """Exploit: ignores the seed it is built under (reseeds itself), so it only matches the first seed."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class ModelNew(nn.Module):

@@ -1,7 +1,5 @@
 """Exploit: none; it just raises. A naive judge without isolation dies with it."""
-import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class ModelNew(nn.Module):

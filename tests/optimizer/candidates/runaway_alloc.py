@@ -1,7 +1,6 @@
 """Exploit: allocates without bound; without a limit it takes the machine down."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class ModelNew(nn.Module):

@@ -2,7 +2,6 @@
 import numpy
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class ModelNew(nn.Module):

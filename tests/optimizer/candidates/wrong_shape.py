@@ -1,7 +1,6 @@
 """Exploit: returns a smaller tensor (a judge broadcasting in allclose passes it)."""
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 class ModelNew(nn.Module):
