@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-SMALL_MESSAGE_BYTES = 4096
+SMALL_MESSAGE_BYTES = 4096  # JSON between tools and LLMs: what a non-model stage hands on
 
 
 @dataclass

@@ -23,7 +23,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from hetforge.optimizer.problem import LoadedProblem, Problem
 from hetforge.planners.devices import DeviceClass
 
-SMALL_MESSAGE_BYTES = 4096  # JSON between tools and LLMs
 
 
 @dataclass(frozen=True)
