@@ -168,12 +168,7 @@ def verify(
         if not path.is_file():
             typer.echo(f"error: {path}: no such file", err=True)
             raise typer.Exit(EXIT_USAGE)
-    if device is Device.cuda:
-        import torch
-
-        if not torch.cuda.is_available():
-            typer.echo("error: --device cuda: no CUDA device is available here", err=True)
-            raise typer.Exit(EXIT_USAGE)
+    _require_device(device)
     options = VerifyOptions(device=device.value, precision=precision.value, trials=trials, timeout_s=timeout,
                             baseline=baseline.value, rounds=rounds, time=not no_timing, min_speedup=min_speedup)
     result = run_verify(Problem(file=str(reference)), candidate, options)
@@ -185,6 +180,16 @@ def verify(
         if variant is not None:
             typer.echo(f"registered as variant {variant.id} ({variant.status})")
     raise typer.Exit(0 if result.accepted else EXIT_INVALID)
+
+
+def _require_device(device: Device) -> None:
+    """Exit 2 when --device cuda is asked for on a machine without a CUDA device."""
+    if device is Device.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            typer.echo("error: --device cuda: no CUDA device is available here", err=True)
+            raise typer.Exit(EXIT_USAGE)
 
 
 def _register(reference: Path, candidate: Path, name: str, device: str, precision: str, verdict: dict, agent: str = "human"):
@@ -245,6 +250,7 @@ def optimize(
     if not problem.is_file():
         typer.echo(f"error: {problem}: no such file", err=True)
         raise typer.Exit(EXIT_USAGE)
+    _require_device(device)
     console = Console(soft_wrap=True, stderr=as_json)
     task = OptimizeTask(str(problem), device.value, precision.value, budget_s, tuple(a.strip() for a in agents.split(",") if a.strip()), hint)
 
@@ -341,7 +347,8 @@ def plan(
 
 @app.command()
 def demo() -> None:
-    """Run the main job on the embedded default: validate, graph, profile and verify the examples (CPU)."""
+    """Run the main job on the embedded default (CPU): validate, graph and profile the examples, then
+    rewrite their hot stages, verify the variants and register the accepted ones."""
     from hetforge.demo import run_demo
 
     raise typer.Exit(run_demo())

@@ -6,6 +6,7 @@ Every variable is optional. Read at call time, not import time, so tests can set
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def _int(name: str, default: int, lo: int, hi: int) -> int:
@@ -34,3 +35,8 @@ def spec_max_depth() -> int:
 def spec_max_nodes() -> int:
     """Most YAML nodes a file may expand to, aliases counted (HETFORGE_SPEC_MAX_NODES, default 100k)."""
     return _int("HETFORGE_SPEC_MAX_NODES", 100_000, 100, 10_000_000)
+
+
+def home_dir() -> Path:
+    """Where hetforge keeps its state: profiles and the kernel registry (HETFORGE_HOME, default ~/.hetforge)."""
+    return Path(os.environ.get("HETFORGE_HOME") or Path.home() / ".hetforge")

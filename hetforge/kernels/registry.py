@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from hetforge import config
 
 STATUSES = ("active", "pending_review", "rejected", "retired")
 
@@ -75,7 +76,7 @@ class Variant:
 
 
 def default_path() -> Path:
-    return Path(os.environ.get("HETFORGE_HOME", Path.home() / ".hetforge")) / "registry.sqlite"
+    return config.home_dir() / "registry.sqlite"
 
 
 def source_fingerprint(source: str, init_args: list | tuple = (), init_kwargs: dict | None = None) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import statistics
 import time
@@ -20,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from hetforge import config
 from hetforge.optimizer.problem import LoadedProblem, Problem
 from hetforge.planners.devices import DeviceClass
 
@@ -51,15 +51,11 @@ class StageAnalysis:
     output_bytes: int
 
 
-def hetforge_home() -> Path:
-    return Path(os.environ.get("HETFORGE_HOME", Path.home() / ".hetforge"))
-
-
 class ProfileCache:
     """Measured profiles in SQLite (one row per fingerprint and device class); safe across processes."""
 
     def __init__(self, path: Path | None = None):
-        self.path = path or hetforge_home() / "profiles.sqlite"
+        self.path = path or config.home_dir() / "profiles.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS profiles (fingerprint TEXT, device TEXT, profile TEXT, measured_at REAL, "
