@@ -192,7 +192,23 @@ def _require_device(device: Device) -> None:
             raise typer.Exit(EXIT_USAGE)
 
 
-def _register(reference: Path, candidate: Path, name: str, device: str, precision: str, verdict: dict, agent: str = "human"):
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in text.split(",") if a.strip())
+
+
+def _print_leaderboard(console, records) -> None:
+    from rich.table import Table
+
+    table = Table(title="candidates, fastest first")
+    for col in ("candidate", "agent", "round", "status", "speedup vs eager", "note"):
+        table.add_column(col)
+    for r in sorted(records, key=lambda r: -r.speedup):
+        table.add_row(r.name, r.agent, str(r.round), r.status, f"{r.speedup:.3f}x" if r.speedup else "-", r.note[:80])
+    console.print(table)
+
+
+def _register(reference: Path, candidate: Path, name: str, device: str, precision: str, verdict: dict, agent: str = "human",
+              recipe: dict | None = None):
     from hetforge.kernels.registry import Registry, source_fingerprint
     from hetforge.planners.devices import gpu_class
 
@@ -204,7 +220,7 @@ def _register(reference: Path, candidate: Path, name: str, device: str, precisio
         device_class = "cpu"
     return Registry().add(
         fingerprint=source_fingerprint(reference.read_text()), device_class=device_class, precision=precision, name=name,
-        agent=agent, source=candidate.read_text(), verdict=verdict, recipe={"kind": "candidate_file", "file": candidate.name},
+        agent=agent, source=candidate.read_text(), verdict=verdict, recipe=recipe or {"kind": "candidate_file", "file": candidate.name},
     )
 
 
@@ -232,8 +248,11 @@ def optimize(
     device: Annotated[Device, typer.Option(help="Target device: candidates are verified and timed there.")] = Device.cpu,
     precision: Annotated[PrecisionPolicy, typer.Option(help="Numerics the variant may use.")] = PrecisionPolicy.strict,
     budget_s: Annotated[float, typer.Option(min=1, help="Wall-time budget in seconds.")] = 600.0,
-    agents: Annotated[str, typer.Option(help="Comma-separated agents: recipes, rewrites.")] = "recipes,rewrites",
-    hint: Annotated[str, typer.Option(help="A human hint, recorded in the report (for the LLM agents to come).")] = "",
+    agents: Annotated[str, typer.Option(help="Comma-separated agents: recipes, rewrites, library, llm (llm needs HETFORGE_LLM_BASE_URL and HETFORGE_LLM_MODEL).")] = "recipes,rewrites,library,llm",
+    hint: Annotated[str, typer.Option(help="A human hint: goes into every LLM prompt and the report.")] = "",
+    llm_agents: Annotated[int, typer.Option(min=1, max=3, help="LLM swarm size (one strategy each: fuse, reexpress, tile).")] = 3,
+    llm_turns: Annotated[int, typer.Option(min=1, max=10, help="Answers per LLM conversation (first try, then repairs).")] = 3,
+    recipes: Annotated[str, typer.Option(help="Only these compiler recipes (comma-separated names; eager always runs).")] = "",
     out: Annotated[Path, typer.Option(help="Folder for the best variant (a candidate file) and report.json.")] = Path("hetforge-out"),
     interactive: Annotated[bool, typer.Option(help="Ask before keeping a variant flagged needs_review.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")] = False,
@@ -252,7 +271,8 @@ def optimize(
         raise typer.Exit(EXIT_USAGE)
     _require_device(device)
     console = Console(soft_wrap=True, stderr=as_json)
-    task = OptimizeTask(str(problem), device.value, precision.value, budget_s, tuple(a.strip() for a in agents.split(",") if a.strip()), hint)
+    task = OptimizeTask(str(problem), device.value, precision.value, budget_s, _names(agents), hint,
+                        llm_agents=llm_agents, llm_turns=llm_turns, recipes=_names(recipes))
 
     def progress(record) -> None:
         shown = f"{record.speedup:.3f}x" if record.verdict and record.verdict.get("speedup") else "-"
@@ -262,10 +282,20 @@ def optimize(
     def approve(record) -> bool:
         if not interactive:
             return False
+        _print_leaderboard(console, records_so_far + [record])
         return typer.confirm(f"{record.name} is flagged ({'; '.join(record.verdict['flags'])}). Keep it?", default=False)
 
+    records_so_far: list = []
+
+    def progress_and_keep(record) -> None:
+        records_so_far.append(record)
+        progress(record)
+
+    def notice(text: str) -> None:
+        console.print(f"[yellow]{text}[/]", highlight=False)
+
     try:
-        report = run_optimize(task, out / "candidates", progress, approve)
+        report = run_optimize(task, out / "candidates", progress_and_keep, approve, notice)
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
@@ -275,8 +305,11 @@ def optimize(
     if report.winner is not None:
         best_path = out / "best_variant.py"
         best_path.write_text(report.winner.source)
+        recipe = report.winner.spec or {"kind": "module", "weights": "reference state_dict"}
         doc["registered_variant"] = _register(problem, best_path, report.winner.name, device.value, precision.value,
-                                              report.winner.verdict, agent=report.winner.agent).id
+                                              report.winner.verdict, agent=report.winner.agent, recipe=recipe).id
+    if not as_json:
+        _print_leaderboard(console, report.candidates)
     (out / "report.json").write_text(json.dumps(doc, indent=2, default=str))
     summary = {"best_variant_path": str(best_path) if best_path else None, "speedup_vs_eager": report.speedup_vs_eager,
                "speedup_vs_compile": report.speedup_vs_compile, "winner_agent": doc["winner_agent"],

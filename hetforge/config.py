@@ -40,3 +40,29 @@ def spec_max_nodes() -> int:
 def home_dir() -> Path:
     """Where hetforge keeps its state: profiles and the kernel registry (HETFORGE_HOME, default ~/.hetforge)."""
     return Path(os.environ.get("HETFORGE_HOME") or Path.home() / ".hetforge")
+
+
+def llm_endpoint() -> dict | None:
+    """The OpenAI-compatible endpoint of the LLM agents, or None when none is configured.
+
+    HETFORGE_LLM_BASE_URL (else OPENAI_BASE_URL), HETFORGE_LLM_MODEL (required), HETFORGE_LLM_API_KEY
+    (else OPENAI_API_KEY; a local server may need none).
+    """
+    base_url = os.environ.get("HETFORGE_LLM_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+    model = os.environ.get("HETFORGE_LLM_MODEL")
+    if not model or not (base_url or os.environ.get("OPENAI_API_KEY")):
+        return None
+    key = os.environ.get("HETFORGE_LLM_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none"
+    return {"base_url": base_url, "model": model, "api_key": key}
+
+
+def llm_timeout_s() -> int:
+    """Seconds one LLM request may take (HETFORGE_LLM_TIMEOUT_S, default 120)."""
+    return _int("HETFORGE_LLM_TIMEOUT_S", 120, 1, 3600)
+
+
+def kernels_on_cpu() -> bool:
+    """Run the Triton kernels on CPU tensors through Triton's interpreter (tests): both
+    TRITON_INTERPRET=1 (read by Triton when kernels are defined) and HETFORGE_KERNELS_ON_CPU=1.
+    Otherwise CPU tensors take each kernel's torch path."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("HETFORGE_KERNELS_ON_CPU") == "1"

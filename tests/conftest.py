@@ -8,6 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when kernels are defined (at import): without a GPU, define them for
+# the interpreter. They run on CPU tensors only where a test also sets HETFORGE_KERNELS_ON_CPU=1
+# (the `triton_on_cpu` fixture); everything else takes the kernels' torch paths, as users' CPUs do.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -24,3 +31,12 @@ def run_cli(*args: str, timeout: float = 120, env: dict | None = None) -> subpro
 @pytest.fixture
 def examples() -> Path:
     return EXAMPLES
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch) -> str:
+    """The device kernel tests run on: CUDA when present, else the CPU under Triton's interpreter."""
+    if torch.cuda.is_available():
+        return "cuda"
+    monkeypatch.setenv("HETFORGE_KERNELS_ON_CPU", "1")
+    return "cpu"

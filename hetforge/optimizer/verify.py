@@ -49,6 +49,7 @@ class VerifyOptions:
     min_speedup: float = 0.0  # below this the candidate is rejected as not faster (0: never)
     memory_mb: int = 8192  # address-space limit of CPU workers (a runaway allocation fails)
     time: bool = True  # measure speed (correctness only when False)
+    weights_from_reference: bool = False  # load the reference's state_dict into ModelNew (module variants)
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -122,7 +123,8 @@ class _Judge:
         self.ref_worker = WorkerProcess("reference", memory)
         self.cand_worker = WorkerProcess("candidate", memory)
         common = {"cmd": "init", "problem": self.reference.to_json(), "device": self.opt.device, "seed": self.opt.seed,
-                  "threads": threads, "precision": self.opt.precision, "baseline": self.opt.baseline}
+                  "threads": threads, "precision": self.opt.precision, "baseline": self.opt.baseline,
+                  "weights_from_reference": self.opt.weights_from_reference}
         replies = wait_all(
             [self.ref_worker, self.cand_worker],
             {"reference": {**common, "role": "reference"},

@@ -68,6 +68,7 @@ class Worker:
         self.role = msg["role"]
         self.precision = msg.get("precision", "strict")
         self.baseline = msg.get("baseline", "eager")
+        self.weights_from_reference = bool(msg.get("weights_from_reference"))
         torch.set_num_threads(int(msg.get("threads", 1)))
         _set_matmul_precision("strict")
         if self.device == "cuda":
@@ -85,6 +86,13 @@ class Worker:
 
     def build(self, msg: dict) -> dict:
         self.model = self.problem.build(self.model_class, seed=int(msg["seed"]), device=self.device)
+        if self.role == "candidate" and self.weights_from_reference:
+            # a module variant is served with the running instance's weights: load the reference's
+            reference = self.problem.build(seed=int(msg["seed"]), device=self.device)
+            try:
+                self.model.load_state_dict(reference.state_dict(), strict=True)
+            except RuntimeError as err:
+                return {"error": "state_dict_mismatch", "message": "ModelNew must take Model's state_dict: " + str(err).splitlines()[0][:300]}
         if self.role == "reference" and self.baseline == "compile":
             self.model = torch.compile(self.model)
         return {"ok": True}

@@ -13,9 +13,16 @@ import os
 import torch
 import triton
 
+from hetforge import config
+
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def runs_triton(x: torch.Tensor) -> bool:
+    """Whether a kernel runs on `x` (CUDA, or CPU under the interpreter when asked): else its torch path."""
+    return x.is_cuda or config.kernels_on_cpu()
 
 
 @functools.cache

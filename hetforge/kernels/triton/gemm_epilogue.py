@@ -29,7 +29,7 @@ def _gemm_epilogue_kernel(
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_rm, stride_rn, stride_cm, stride_cn,
     HAS_BIAS: tl.constexpr, HAS_V: tl.constexpr, HAS_R: tl.constexpr,
-    PRECISION: tl.constexpr, CAST_BF16: tl.constexpr,
+    PRECISION: tl.constexpr, CAST_BF16: tl.constexpr, UPCAST: tl.constexpr,
     OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
     OP4: tl.constexpr, OP5: tl.constexpr, OP6: tl.constexpr, OP7: tl.constexpr,
     P0, P1, P2, P3, P4, P5, P6, P7,
@@ -58,7 +58,9 @@ def _gemm_epilogue_kernel(
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if CAST_BF16:
+        if UPCAST:  # the interpreter's dot mishandles 16-bit floats: compute those in fp32 there
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif CAST_BF16:
             acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
         else:
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -84,7 +86,7 @@ def _gemm_epilogue_kernel(
 def gemm_epilogue(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None, epilogue: Epilogue = (),
                   v: torch.Tensor | None = None, r: torch.Tensor | None = None, precision: str = "strict") -> torch.Tensor:
     """chain(x @ w_t + bias) with x: [..., K], w_t: [K, N] (the transposed Linear weight), v: [N], r: [..., N]."""
-    if not (x.is_cuda or configs.interpreted()):
+    if not configs.runs_triton(x):
         return gemm_epilogue_reference(x, w_t, bias, epilogue, v, r, inplace=True)
     lead, K = x.shape[:-1], x.shape[-1]
     N = w_t.shape[1]
@@ -102,7 +104,8 @@ def gemm_epilogue(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None 
         M, N, K,
         a.stride(0), a.stride(1), w_t.stride(0), w_t.stride(1), r2.stride(0), r2.stride(1), c.stride(0), c.stride(1),
         HAS_BIAS=bias is not None, HAS_V=v is not None, HAS_R=r is not None,
-        PRECISION="ieee" if configs.interpreted() else DOT_PRECISION[precision], CAST_BF16=precision == "bf16",
+        PRECISION=DOT_PRECISION[precision] if x.is_cuda else "ieee", CAST_BF16=precision == "bf16",
+        UPCAST=not x.is_cuda,
         **kernel_args(epilogue),
     )
     return c.reshape(*lead, N)

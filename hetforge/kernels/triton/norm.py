@@ -84,7 +84,7 @@ def _norm_kernel(
 def fused_norm(x: torch.Tensor, mode: str, weight=None, bias=None, eps: float = 1e-5, groups: int = 1,
                normalized: int = 1, epilogue: Epilogue = (), v=None, r=None) -> torch.Tensor:
     """chain(norm(x)). layer/rms: over the last `normalized` dims; group: x is [B, C, *], `groups` groups."""
-    if not (x.is_cuda or configs.interpreted()):
+    if not configs.runs_triton(x):
         return fused_norm_reference(x, mode, weight, bias, eps, groups, normalized, epilogue, v, r)
     x = x.contiguous()
     if mode == "group":

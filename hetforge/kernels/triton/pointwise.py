@@ -41,7 +41,7 @@ def _pointwise_kernel(
 def pointwise_chain(x: torch.Tensor, epilogue: Epilogue, v: torch.Tensor | None = None, v_dim: int = 1,
                     r: torch.Tensor | None = None) -> torch.Tensor:
     """chain(x); `v` is a per-channel vector along dim `v_dim` of x, `r` a tensor shaped like x."""
-    if not (x.is_cuda or configs.interpreted()):
+    if not configs.runs_triton(x):
         return pointwise_chain_reference(x, epilogue, v, v_dim, r)
     x = x.contiguous()
     y = torch.empty_like(x)

@@ -68,7 +68,7 @@ def _reduce_kernel(
 def fused_reduce(x: torch.Tensor, kind: str, dim: int, keepdim: bool = False, prologue: Epilogue = (),
                  v: torch.Tensor | None = None, v_dim: int = 1) -> torch.Tensor:
     """`kind` of prologue(x) over `dim`; `v` a per-channel vector along dim `v_dim` (as in pointwise)."""
-    if not (x.is_cuda or configs.interpreted()):
+    if not configs.runs_triton(x):
         return fused_reduce_reference(x, kind, dim, keepdim, prologue, v, v_dim)
     x = x.contiguous()
     dim = dim % x.dim()

@@ -1,0 +1,106 @@
+"""nn.Modules around the Triton kernels: what the library agent puts into a stage's graph.
+
+Each module owns its parameters as buffers (copied from the stage's own instance, so a variant
+built from a checkpoint-loaded module carries that checkpoint's weights) and the epilogue chain
+the matcher found. On CUDA (or under `TRITON_INTERPRET=1`) they run the kernels; elsewhere their
+torch path (in-place chains on a fresh output: fewer allocations than the eager graph).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from hetforge.kernels.triton.epilogue import Epilogue, describe
+from hetforge.kernels.triton.gemm_epilogue import gemm_epilogue
+from hetforge.kernels.triton.norm import fused_norm
+from hetforge.kernels.triton.pointwise import pointwise_chain
+from hetforge.kernels.triton.reduce import fused_reduce
+from hetforge.kernels.triton.softmax import fused_softmax
+
+
+def _buffer(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    module.register_buffer(name, value.detach().clone().contiguous() if value is not None else None)
+
+
+class FusedLinear(nn.Module):
+    """chain(x @ W^T + b) in one GEMM kernel; W is kept transposed ([K, N]) for coalesced tile loads."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, epilogue: Epilogue = (),
+                 vector: torch.Tensor | None = None, precision: str = "strict"):
+        super().__init__()
+        _buffer(self, "weight_t", weight.detach().t())
+        _buffer(self, "bias", bias)
+        _buffer(self, "vector", vector.reshape(-1) if vector is not None else None)
+        self.epilogue, self.precision = tuple(epilogue), precision
+
+    def forward(self, x, residual=None):
+        return gemm_epilogue(x, self.weight_t, self.bias, self.epilogue, self.vector, residual, self.precision)
+
+    def extra_repr(self) -> str:
+        k, n = self.weight_t.shape
+        return f"in={k}, out={n}, epilogue={describe(self.epilogue)}, precision={self.precision}"
+
+
+class FusedNorm(nn.Module):
+    """chain(norm(x)) for layer / rms / group norm."""
+
+    def __init__(self, mode: str, weight=None, bias=None, eps: float = 1e-5, groups: int = 1, normalized: int = 1,
+                 epilogue: Epilogue = (), vector=None):
+        super().__init__()
+        _buffer(self, "weight", weight)
+        _buffer(self, "bias", bias)
+        _buffer(self, "vector", vector.reshape(-1) if vector is not None else None)
+        self.mode, self.eps, self.groups, self.normalized, self.epilogue = mode, float(eps), groups, normalized, tuple(epilogue)
+
+    def forward(self, x, residual=None):
+        return fused_norm(x, self.mode, self.weight, self.bias, self.eps, self.groups, self.normalized,
+                          self.epilogue, self.vector, residual)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, eps={self.eps:g}, groups={self.groups}, epilogue={describe(self.epilogue)}"
+
+
+class FusedSoftmax(nn.Module):
+    """softmax / log_softmax / logsumexp of x * scale over the last dim."""
+
+    def __init__(self, mode: str = "softmax", scale: float = 1.0, keepdim: bool = False):
+        super().__init__()
+        self.mode, self.scale, self.keepdim = mode, float(scale), keepdim
+
+    def forward(self, x):
+        y = fused_softmax(x, self.mode, self.scale)
+        return y.unsqueeze(-1) if self.mode == "logsumexp" and self.keepdim else y
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, scale={self.scale:g}"
+
+
+class PointwiseChain(nn.Module):
+    """A chain of pointwise ops in one pass; `vector` is per channel along `vector_dim`."""
+
+    def __init__(self, epilogue: Epilogue, vector=None, vector_dim: int = 1):
+        super().__init__()
+        _buffer(self, "vector", vector.reshape(-1) if vector is not None else None)
+        self.epilogue, self.vector_dim = tuple(epilogue), vector_dim
+
+    def forward(self, x, residual=None):
+        return pointwise_chain(x, self.epilogue, self.vector, self.vector_dim, residual)
+
+    def extra_repr(self) -> str:
+        return f"epilogue={describe(self.epilogue)}"
+
+
+class FusedReduce(nn.Module):
+    """`kind` over `dim` of prologue(x), prologue fused into the loads."""
+
+    def __init__(self, kind: str, dim: int, keepdim: bool, prologue: Epilogue = (), vector=None, vector_dim: int = 1):
+        super().__init__()
+        _buffer(self, "vector", vector.reshape(-1) if vector is not None else None)
+        self.kind, self.dim, self.keepdim, self.prologue, self.vector_dim = kind, dim, keepdim, tuple(prologue), vector_dim
+
+    def forward(self, x):
+        return fused_reduce(x, self.kind, self.dim, self.keepdim, self.prologue, self.vector, self.vector_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}(dim={self.dim}, keepdim={self.keepdim}) of {describe(self.prologue)}"
