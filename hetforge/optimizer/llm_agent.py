@@ -39,7 +39,7 @@ shapes (the reference's weights are loaded into it), and whose forward returns t
 - You may use torch, triton and numpy. No file, network or process access; no caching of results \
 between calls (every call gets new input values); no reading of the caller's frames.
 - Precision policy: {precision}. {precision_rule}
-- Strategy: {strategy}"""
+- Strategy ({name}): {strategy}"""
 
 PRECISION_RULES = {
     "strict": "fp32 results within 1e-4 absolute and relative: TF32 or lower precision math is not "
@@ -182,4 +182,4 @@ def unavailable_reason() -> str | None:
 
 
 def system_prompt(strategy: str, precision: str) -> str:
-    return SYSTEM.format(precision=precision, precision_rule=PRECISION_RULES[precision], strategy=STRATEGIES[strategy])
+    return SYSTEM.format(name=strategy, precision=precision, precision_rule=PRECISION_RULES[precision], strategy=STRATEGIES[strategy])

@@ -27,6 +27,7 @@ from hetforge.optimizer.variants import VariantSpec, variant_candidate_source
 from hetforge.optimizer.verify import VerifyOptions, verify
 
 AGENTS = ("recipes", "rewrites", "library", "llm")
+ENDPOINT_ERROR = "\0"  # marks an answer that is the endpoint's failure, not the model's text
 STALL_GAIN = 1.02  # an LLM turn that improves the best speedup by less than 2% ends the search
 
 
@@ -245,12 +246,13 @@ def _llm_rounds(task: OptimizeTask, problem: Problem, report: OptimizeReport, ju
             answers = list(pool.map(lambda conv: _ask(client, conv.messages), conversations))
         for conv, answer in zip(conversations, answers):  # verified one at a time: timings need the device alone
             conv.messages.append({"role": "assistant", "content": answer})
-            code = llm_agent.extract_code(answer) if not answer.startswith("\0error:") else None
+            failed = answer.startswith(ENDPOINT_ERROR)
+            code = None if failed else llm_agent.extract_code(answer)
             name = f"llm:{conv.strategy}:turn{turn}"
             if code is None:
-                why = answer[len("\0error:"):] if answer.startswith("\0error:") else "the answer has no Python code block"
-                judge((name, "llm", answer[:4000], None), 2 + turn, options, refused=f"no_code: {why}")
-                attempt = llm_agent.Attempt(conv.strategy, turn, "no_code", why)
+                why = answer[len(ENDPOINT_ERROR):] if failed else "no_code: the answer has no Python code block"
+                judge((name, "llm", answer[:4000], None), 2 + turn, options, refused=why)
+                attempt = llm_agent.Attempt(conv.strategy, turn, "endpoint_error" if failed else "no_code", why)
             else:
                 record = judge((name, "llm", code, None), 2 + turn, options)
                 if record.verdict is None:
@@ -271,4 +273,4 @@ def _ask(client, messages: list[dict]) -> str:
     try:
         return client.complete(messages)
     except Exception as err:  # noqa: BLE001 - network errors, bad responses: recorded, the search goes on
-        return f"\0error: endpoint failed: {type(err).__name__}: {str(err)[:200]}"
+        return f"{ENDPOINT_ERROR}endpoint_error: {type(err).__name__}: {str(err)[:200]}"

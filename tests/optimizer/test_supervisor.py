@@ -38,7 +38,7 @@ def test_flagged_candidates_need_a_human(tmp_path):
 
 def test_unknown_agent_is_refused(tmp_path):
     with pytest.raises(ValueError, match="for agents"):
-        optimize(OptimizeTask(str(PROBLEMS / "softmax.py"), agents=("llm",)), tmp_path)
+        optimize(OptimizeTask(str(PROBLEMS / "softmax.py"), agents=("gremlins",)), tmp_path)
 
 
 def test_cli_optimize_budget_json_and_registry(tmp_path):
@@ -57,3 +57,17 @@ def test_cli_optimize_budget_json_and_registry(tmp_path):
     assert statuses["recipe:compile"] == "skipped"
     listed = json.loads(run_cli("kernels", "list", "--json", env=env).stdout.strip().splitlines()[-1])
     assert listed[0]["id"] == report["registered_variant"] and listed[0]["agent"] == "recipes"
+
+
+def test_library_and_rewrites_compose(tmp_path):
+    task = OptimizeTask(str(PROBLEMS / "linear_relu.py"), agents=("rewrites", "library"), trials=2, rounds=2)
+    report = optimize(task, tmp_path)
+    names = [c.name for c in report.candidates]
+    assert names[:2] == ["rewrites:fold_scale", "library:kernels"], names
+    library = report.candidates[1]
+    assert library.verdict["verdict"] == "accepted", library.note
+    assert library.spec == {"kind": "transform", "rewrites": [], "library": True, "recipe": None, "precision": "strict"}
+    # round 2 joins the two only when both beat eager (timings on a shared CPU decide that)
+    for c in report.candidates[2:]:
+        assert c.agent == "compose" and c.spec["rewrites"] == ["fold_scale"] and c.spec["library"]
+        assert c.verdict["verdict"] == "accepted", c.note

@@ -1,0 +1,95 @@
+"""The library agent's matcher: each pattern lands on its kernel and computes the same function."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hetforge.kernels.modules import FusedLinear, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain
+from hetforge.optimizer.library import fuse
+
+
+class Everything(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(32, 48)
+        self.ln = nn.LayerNorm(48)
+        self.act = nn.GELU()
+        self.scale = nn.Parameter(torch.randn(48))
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.gn = nn.GroupNorm(4, 8)
+        self.bias = nn.Parameter(torch.randn(8, 1, 1))
+
+    def forward(self, x, img):
+        h = torch.relu(self.lin(x)) * 2.0 + self.scale  # GEMM + relu, scalar, vector
+        h = self.act(self.ln(h)) + x.sum(-1, keepdim=True).expand(-1, 48).contiguous()  # norm + gelu + residual
+        attn = torch.softmax(h * 0.5, dim=-1)  # scaled softmax
+        c = torch.tanh(self.conv(img) + self.bias) * 3.0  # chain after a convolution, channel vector
+        c = F.leaky_relu(self.gn(c), 0.2)  # group norm + chain
+        pooled = (torch.sigmoid(c) - 0.5).mean(dim=1)  # reduction with a prologue over channels
+        return attn, torch.logsumexp(h, dim=-1), pooled, (c * 2).relu().amax(-1)
+
+
+def _inputs():
+    return [torch.randn(5, 32), torch.randn(2, 3, 10, 10)]
+
+
+def test_every_pattern_matches_and_agrees(triton_on_cpu):
+    torch.manual_seed(0)
+    model, inputs = Everything().eval(), _inputs()
+    gm, counts = fuse(model, inputs)
+    assert counts == {"gemm_epilogue": 1, "norm": 2, "softmax": 2, "pointwise": 1, "reduce": 2}
+    kinds = [type(m) for m in gm.modules()]
+    for cls in (FusedLinear, FusedNorm, FusedSoftmax, PointwiseChain, FusedReduce):
+        assert cls in kinds
+    assert not any(f"torch.{op}(" in gm.code or f".{op}(" in gm.code.replace("self.", "") for op in ("relu", "softmax", "logsumexp", "tanh", "sigmoid"))
+    with torch.no_grad():
+        for got, want in zip(gm(*[x.to(triton_on_cpu) for x in inputs]), model(*inputs)):
+            torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_path_agrees_without_the_interpreter():
+    torch.manual_seed(1)
+    model, inputs = Everything().eval(), _inputs()
+    gm, _ = fuse(model, inputs)
+    with torch.no_grad():
+        for got, want in zip(gm(*inputs), model(*inputs)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_intermediate_is_not_swallowed():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return torch.relu(h) * 2.0, h  # h is an output too: relu/mul must not be folded into the GEMM
+
+    torch.manual_seed(2)
+    model = Shared().eval()
+    gm, counts = fuse(model, [torch.randn(3, 8)])
+    assert counts.get("gemm_epilogue") == 1
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        for got, want in zip(gm(x), model(x)):
+            torch.testing.assert_close(got, want)
+
+
+def test_untraceable_module_gives_none():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x  # data-dependent control flow: fx cannot trace it
+
+    assert fuse(Branchy(), [torch.randn(3)]) is None
+
+
+def test_shapes_from_the_meta_device_leave_the_instance_untouched():
+    torch.manual_seed(3)
+    model = Everything().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fuse(model, _inputs())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]) and value.device.type == "cpu"
