@@ -156,6 +156,7 @@ def verify(
     min_speedup: Annotated[float, typer.Option(min=0, help="Reject candidates slower than this speedup (0: never).")] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as one JSON object on the last line.")] = False,
     register: Annotated[Optional[str], typer.Option(help="If accepted, store the candidate in the kernel registry under this name.")] = None,
+    weights_from_reference: Annotated[bool, typer.Option("--weights-from-reference", help="Load Model's state_dict into ModelNew (an agent's module variant).")] = False,
 ) -> None:
     """Judge a candidate kernel against its reference: correctness on fresh inputs, then speed.
 
@@ -170,7 +171,8 @@ def verify(
             raise typer.Exit(EXIT_USAGE)
     _require_device(device)
     options = VerifyOptions(device=device.value, precision=precision.value, trials=trials, timeout_s=timeout,
-                            baseline=baseline.value, rounds=rounds, time=not no_timing, min_speedup=min_speedup)
+                            baseline=baseline.value, rounds=rounds, time=not no_timing, min_speedup=min_speedup,
+                            weights_from_reference=weights_from_reference)
     result = run_verify(Problem(file=str(reference)), candidate, options)
     variant = _register(reference, candidate, register, device.value, precision.value, result.to_dict()) if register and result.accepted else None
     if as_json:

@@ -1,0 +1,24 @@
+"""Tier 1: sum over the channel dim of an NCHW tensor."""
+import torch
+import torch.nn as nn
+import os
+
+
+def pick(cpu, gpu):  # HETFORGE_BENCH_SIZE=gpu: 1-15 ms a call on an H100; cpu (default): a few ms on 2 cores
+    return gpu if os.environ.get("HETFORGE_BENCH_SIZE", "cpu") == "gpu" else cpu
+
+
+B, C, H, W = pick((8, 64, 32, 32), (64, 256, 128, 128))
+
+
+class Model(nn.Module):
+    def forward(self, x):
+        return x.sum(dim=1)
+
+
+def get_inputs():
+    return [torch.randn(B, C, H, W)]
+
+
+def get_init_inputs():
+    return []

@@ -1,0 +1,34 @@
+"""Tier 2: linear -> eval batch norm -> ReLU."""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def pick(cpu, gpu):  # HETFORGE_BENCH_SIZE=gpu: 1-15 ms a call on an H100; cpu (default): a few ms on 2 cores
+    return gpu if os.environ.get("HETFORGE_BENCH_SIZE", "cpu") == "gpu" else cpu
+
+
+M, K, N = pick((256, 512, 512), (4096, 4096, 4096))
+
+
+class Model(nn.Module):
+    def __init__(self, k, n):
+        super().__init__()
+        self.lin = nn.Linear(k, n)
+        self.bn = nn.BatchNorm1d(n)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.lin(x)))
+
+
+def get_inputs():
+    return [torch.randn(M, K)]
+
+
+def get_init_inputs():
+    return [K, N]

@@ -1,0 +1,30 @@
+"""Tier 2: linear -> divide -> clamp -> Mish."""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def pick(cpu, gpu):  # HETFORGE_BENCH_SIZE=gpu: 1-15 ms a call on an H100; cpu (default): a few ms on 2 cores
+    return gpu if os.environ.get("HETFORGE_BENCH_SIZE", "cpu") == "gpu" else cpu
+
+
+M, K, N = pick((256, 512, 512), (4096, 4096, 4096))
+
+
+class Model(nn.Module):
+    def __init__(self, k, n):
+        super().__init__()
+        self.lin = nn.Linear(k, n)
+
+    def forward(self, x):
+        return F.mish(torch.clamp(self.lin(x) / 2.0, -1.0, 1.0))
+
+
+def get_inputs():
+    return [torch.randn(M, K)]
+
+
+def get_init_inputs():
+    return [K, N]
