@@ -255,6 +255,9 @@ def optimize(
     llm_agents: Annotated[int, typer.Option(min=1, max=3, help="LLM swarm size (one strategy each: fuse, reexpress, tile).")] = 3,
     llm_turns: Annotated[int, typer.Option(min=1, max=10, help="Answers per LLM conversation (first try, then repairs).")] = 3,
     recipes: Annotated[str, typer.Option(help="Only these compiler recipes (comma-separated names; eager always runs).")] = "",
+    compose: Annotated[bool, typer.Option(help="Round 2: join the round-1 winners (rewrites, library, compile) into one variant.")] = True,
+    trials: Annotated[int, typer.Option(min=1, max=20, help="Correctness trials per candidate, each on fresh inputs.")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, max=20, help="Timing rounds per candidate (interleaved with the reference).")] = 3,
     out: Annotated[Path, typer.Option(help="Folder for the best variant (a candidate file) and report.json.")] = Path("hetforge-out"),
     interactive: Annotated[bool, typer.Option(help="Ask before keeping a variant flagged needs_review.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")] = False,
@@ -274,7 +277,7 @@ def optimize(
     _require_device(device)
     console = Console(soft_wrap=True, stderr=as_json)
     task = OptimizeTask(str(problem), device.value, precision.value, budget_s, _names(agents), hint,
-                        llm_agents=llm_agents, llm_turns=llm_turns, recipes=_names(recipes))
+                        llm_agents=llm_agents, llm_turns=llm_turns, recipes=_names(recipes), compose=compose, trials=trials, rounds=rounds)
 
     def progress(record) -> None:
         shown = f"{record.speedup:.3f}x" if record.verdict and record.verdict.get("speedup") else "-"

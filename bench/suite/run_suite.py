@@ -52,6 +52,8 @@ def run_one(problem: Path, args, scratch: Path) -> dict:
            "--agents", args.agents, "--out", str(out), "--json"]
     if args.recipes:
         cmd += ["--recipes", args.recipes]
+    if args.lean:  # what fits the GPU host's time: 2 trials, 2 timing rounds, no round-2 compositions
+        cmd += ["--trials", "2", "--rounds", "2", "--no-compose"]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=args.budget_s * 4 + 300)
     elapsed = time.monotonic() - t0
@@ -134,6 +136,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=60.0)
     parser.add_argument("--agents", default="recipes,rewrites,library")
     parser.add_argument("--recipes", default="", help="restrict compiler recipes (eager always runs)")
+    parser.add_argument("--lean", action="store_true", help="2 trials, 2 timing rounds, no compositions (GPU time is scarce)")
     parser.add_argument("--tag", default="", help="results file suffix, e.g. h100 or cpu")
     parser.add_argument("--append", action="store_true", help="add rows to an existing CSV")
     parser.add_argument("--summarize", action="store_true", help="only rewrite the markdown from the CSV")

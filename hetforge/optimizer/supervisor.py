@@ -46,6 +46,7 @@ class OptimizeTask:
     llm_agents: int = 3  # swarm size: one conversation per strategy
     llm_turns: int = 3  # answers per conversation (first try + repairs/improvements)
     recipes: tuple[str, ...] = ()  # restrict the compiler recipes to these names (empty: all that apply)
+    compose: bool = True  # round 2: join the round-1 winners into one variant
 
 
 @dataclass
@@ -185,7 +186,7 @@ def optimize(task: OptimizeTask, scratch: Path, progress: Callable[[CandidateRec
 
     for proposal in propose_round1(task, problem):
         judge(proposal, 1)
-    for proposal in propose_compositions(task, report):
+    for proposal in propose_compositions(task, report) if task.compose else []:
         judge(proposal, 2)
     if "llm" in task.agents:
         reason = None if llm_client else llm_agent.unavailable_reason()
