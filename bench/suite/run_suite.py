@@ -69,7 +69,8 @@ def run_one(problem: Path, args, scratch: Path) -> dict:
     row |= {"candidates": len(report["candidates"]), "rejected": sum(c["status"] == "rejected" for c in report["candidates"]),
             "compile_ms": compiled.get("candidate_ms"), "eager_ms": eager.get("reference_ms")}
     if winner is None:
-        return row | {"note": "no accepted variant"}
+        why = "; ".join(f"{c['name']}: {c['status']} {c['note'][:120]}" for c in report["candidates"])
+        return row | {"note": f"no accepted variant ({why})"}
     verdict = winner["verdict"]
     row |= {"winner": winner["name"], "winner_agent": winner["agent"], "hetforge_ms": verdict.get("candidate_ms"),
             "speedup_vs_eager": report["speedup_vs_eager"], "speedup_vs_compile": report["speedup_vs_compile"]}

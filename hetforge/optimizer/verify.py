@@ -318,7 +318,9 @@ class _Judge:
         # Minimum over rounds on both sides: a hider pays its hidden work in every round, while load
         # spikes on a busy machine hit single rounds; so noise does not read as hidden work.
         honest_overhead = min(ref.overhead_ms)
-        extra_fetch = min(max(0.0, c - r) for c, r in zip(cand.fetch_ms, ref.fetch_ms))
+        # Fetching copies the timed output to the judge: its time grows with the output (256 MB: tens of
+        # ms, jittery), so only what exceeds the reference's fetch by a margin counts as deferred work.
+        extra_fetch = min(max(0.0, c - 1.25 * r - 1.0) for c, r in zip(cand.fetch_ms, ref.fetch_ms))
         hidden_per_call = max(0.0, min(cand.overhead_ms) - honest_overhead + extra_fetch) / n
         if hidden_per_call > 0.15 * cand_ms + 0.05:
             shown = cand_ms + hidden_per_call
