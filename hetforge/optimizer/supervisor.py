@@ -100,6 +100,13 @@ def propose_round1(task: OptimizeTask, problem: Problem) -> list[Proposal]:
     """Every first-round candidate of the enabled fast agents."""
     reference = str(Path(task.problem_file).resolve())
     out: list[Proposal] = []
+    # baselines first: eager and torch.compile are what every other candidate is measured against
+    if "recipes" in task.agents:
+        for recipe in recipes_for(task.device, task.precision, _has_conv(problem)):
+            if task.recipes and recipe.name not in task.recipes and recipe.name != "eager":
+                continue
+            spec = VariantSpec(recipe=asdict(recipe), precision=task.precision)
+            out.append((f"recipe:{recipe.name}", "recipes", recipe_candidate_source(reference, recipe), spec.to_json()))
     if "rewrites" in task.agents:
         result = apply_rewrites(problem.load().build())
         if result is not None and result[1]:
@@ -109,12 +116,6 @@ def propose_round1(task: OptimizeTask, problem: Problem) -> list[Proposal]:
     if "library" in task.agents:
         spec = VariantSpec(library=True, precision=task.precision)
         out.append(("library:kernels", "library", library_candidate_source(reference, task.precision), spec.to_json()))
-    if "recipes" in task.agents:
-        for recipe in recipes_for(task.device, task.precision, _has_conv(problem)):
-            if task.recipes and recipe.name not in task.recipes and recipe.name != "eager":
-                continue
-            spec = VariantSpec(recipe=asdict(recipe), precision=task.precision)
-            out.append((f"recipe:{recipe.name}", "recipes", recipe_candidate_source(reference, recipe), spec.to_json()))
     return out
 
 
