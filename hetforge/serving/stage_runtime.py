@@ -1,0 +1,215 @@
+"""A model stage at run time: its module, the active variant, and the hot-swap between variants.
+
+The reference module is built once (the spec's weights file, else seeded init). The active variant
+comes from the kernel registry for (stage fingerprint, device class, precision) and is built from
+*that* instance (its loaded weights), or is the reference when the registry has none.
+
+Hot-swap: `swap(variant_id, live_inputs)` builds the new variant beside the running one, runs both
+on live inputs and compares them within the stage's tolerance; only then is the active module
+replaced, by one reference assignment between requests. A request holds the module it started
+with, so in-flight requests finish on the old variant. A variant that raises on a request after
+the swap is rolled back at once and the request is re-run on the previous module, so the caller
+sees no error; the swap is reported `rolled_back`. Nothing restarts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from hetforge.kernels.registry import Registry, RegistryError, Variant, source_fingerprint
+from hetforge.optimizer.problem import LoadedProblem, Problem
+from hetforge.optimizer.tolerance import compare
+from hetforge.optimizer.variants import VariantError, VariantSpec, build_module_variant, build_variant
+from hetforge.serving.metrics import Metrics, default_metrics
+
+REFERENCE = "reference"
+
+
+class SwapRefused(Exception):
+    """A swap that cannot happen: unknown, unapproved or mismatched variant, or a failed live check."""
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    stage: str
+    variant: str
+    outcome: str  # swapped | refused
+    reason: str = ""
+    checked_inputs: int = 0
+    max_abs_err: float = 0.0
+
+
+@dataclass
+class _Active:
+    name: str  # "reference" or "variant:<id>"
+    module: nn.Module
+    speedup: float = 1.0
+
+
+class ModelStageRuntime:
+    """One replica's model stage: call it with a stage's inputs; swap variants while it serves."""
+
+    def __init__(self, pipeline: str, stage: str, problem_file: str | Path, device: str = "cpu", precision: str = "strict",
+                 weights: str | Path | None = None, seed: int = 0, init_args: list | None = None, init_kwargs: dict | None = None,
+                 registry: Registry | None = None, device_class: str | None = None, metrics: Metrics | None = None,
+                 use_registry: bool = True):
+        self.pipeline, self.stage, self.device, self.precision = pipeline, stage, device, precision
+        self.problem_file = Path(problem_file)
+        problem = Problem(file=str(self.problem_file), init_args=tuple(init_args or ()), init_kwargs=dict(init_kwargs or {}))
+        self.loaded: LoadedProblem = problem.load()
+        self.reference = self.loaded.build(seed=seed, device=device)
+        if weights is not None:
+            state = torch.load(weights, map_location=device, weights_only=True)
+            self.reference.load_state_dict(state, strict=True)
+        self.fingerprint = source_fingerprint(self.problem_file.read_text())
+        self.device_class = device_class or _device_class(device)
+        self.registry = registry if registry is not None else Registry()
+        self.metrics = metrics or default_metrics()
+        self._lock = threading.Lock()  # one swap at a time; requests never take it
+        self._active = _Active(REFERENCE, self.reference)
+        self._previous: _Active | None = None
+        self.history: list[SwapResult] = []
+        if use_registry:
+            best = self.registry.best(self.fingerprint, self.device_class, precision)
+            if best is not None:
+                try:
+                    self.swap(best.id, self.example_inputs())
+                except SwapRefused:
+                    pass  # serve the reference; the refusal is in self.history and the metrics
+        self._export_speedup()
+
+    # ------------------------------------------------------------------ serving
+    @property
+    def active_variant(self) -> str:
+        return self._active.name
+
+    def example_inputs(self) -> list:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return [x.to(self.device) if isinstance(x, torch.Tensor) else x for x in self.loaded.get_inputs()]
+
+    def __call__(self, *inputs) -> Any:
+        active = self._active  # held for the whole call: a swap meanwhile does not touch it
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = active.module(*inputs)
+        except Exception as err:  # noqa: BLE001 - the new variant failed on live traffic: roll back, serve the request
+            if active.name == REFERENCE or self._previous is None or self._active is not active:
+                self.metrics.stage_errors.labels(self.pipeline, self.stage).inc()
+                raise
+            self._rollback(active, f"{type(err).__name__}: {err}")
+            return self(*inputs)
+        self.metrics.stage_latency.labels(self.pipeline, self.stage, active.name, self.device).observe(time.perf_counter() - start)
+        return out
+
+    # ------------------------------------------------------------------ hot-swap
+    def swap(self, variant_id: int | str, live_inputs: list[list] | list) -> SwapResult:
+        """Check variant `variant_id` (or "reference") on `live_inputs` against the running one, then switch."""
+        batches = live_inputs if live_inputs and isinstance(live_inputs[0], (list, tuple)) else [live_inputs]
+        with self._lock:
+            try:
+                name, module, speedup = self._build(variant_id)
+                worst = self._check(module, batches)
+            except SwapRefused as err:
+                result = SwapResult(self.stage, str(variant_id), "refused", str(err))
+                self.metrics.kernel_swaps.labels(self.stage, "refused").inc()
+                self.history.append(result)
+                raise SwapRefused(f"swap of stage {self.stage} to {variant_id} refused: {err}") from None
+            self._previous, self._active = self._active, _Active(name, module, speedup)
+            self._export_speedup()
+            result = SwapResult(self.stage, name, "swapped", checked_inputs=len(batches), max_abs_err=worst)
+            self.metrics.kernel_swaps.labels(self.stage, "swapped").inc()
+            self.history.append(result)
+            return result
+
+    def _build(self, variant_id: int | str) -> tuple[str, nn.Module, float]:
+        if variant_id == REFERENCE:
+            return REFERENCE, self.reference, 1.0
+        try:
+            variant = self.registry.get(int(variant_id))
+        except (RegistryError, ValueError) as err:
+            raise SwapRefused(f"no variant {variant_id} in the registry ({err})") from None
+        self._admissible(variant)
+        try:
+            if variant.recipe.get("kind") == "transform":
+                module = build_variant(self.reference, VariantSpec.from_json(variant.recipe), self.example_inputs())
+            else:
+                source = types.ModuleType(f"hetforge_variant_{variant.id}")
+                exec(compile(variant.source, f"<variant {variant.id}>", "exec"), source.__dict__)  # verified code
+                module = build_module_variant(source, self.reference, tuple(self.loaded.init_args), self.loaded.init_kwargs)
+            module = module.to(self.device).eval()
+        except (VariantError, Exception) as err:  # noqa: BLE001 - a variant that cannot be built is refused, never fatal
+            raise SwapRefused(f"variant {variant.id} cannot be built from this replica's module: {type(err).__name__}: {err}") from None
+        return f"variant:{variant.id}", module, float(variant.speedup or 1.0)
+
+    def _admissible(self, variant: Variant) -> None:
+        if variant.status != "active":
+            raise SwapRefused(f"variant {variant.id} is {variant.status}, not active (verified and approved)")
+        if variant.fingerprint != self.fingerprint:
+            raise SwapRefused(f"variant {variant.id} was verified for another reference (fingerprint {variant.fingerprint})")
+        if variant.device_class != self.device_class:
+            raise SwapRefused(f"variant {variant.id} was verified on {variant.device_class}, this replica runs on {self.device_class}")
+        order = ("strict", "tf32", "bf16")
+        if order.index(variant.precision) > order.index(self.precision):
+            raise SwapRefused(f"variant {variant.id} needs precision {variant.precision}; the stage allows {self.precision}")
+
+    def _check(self, module: nn.Module, batches: list) -> float:
+        """Run the candidate and the running module on live inputs: the outputs must agree."""
+        running = self._active.module
+        worst = 0.0
+        for inputs in batches:
+            try:
+                with torch.inference_mode():
+                    want = running(*inputs)
+                    got = module(*inputs)
+            except Exception as err:  # noqa: BLE001
+                raise SwapRefused(f"the variant raised on live inputs: {type(err).__name__}: {err}") from None
+            for g, w in zip(_flat(got), _flat(want)):
+                if not isinstance(w, torch.Tensor):
+                    continue
+                if not isinstance(g, torch.Tensor):
+                    raise SwapRefused("the variant returned a non-tensor where the running module returns a tensor")
+                c = compare(g.detach().cpu(), w.detach().cpu(), self.precision)
+                if not c.ok:
+                    raise SwapRefused(f"the variant disagrees with the running one on live inputs: {c.reason}")
+                worst = max(worst, c.max_abs)
+        return worst
+
+    def _rollback(self, failed: _Active, why: str) -> None:
+        with self._lock:
+            if self._active is failed and self._previous is not None:
+                self._active, self._previous = self._previous, None
+                self._export_speedup()
+                self.metrics.kernel_swaps.labels(self.stage, "rolled_back").inc()
+                self.history.append(SwapResult(self.stage, failed.name, "rolled_back", why[:300]))
+
+    def _export_speedup(self) -> None:
+        """One series per stage: the active variant's speedup (the replaced variant's series is removed)."""
+        shown = getattr(self, "_shown", None)
+        if shown is not None and shown != self._active.name:
+            self.metrics.stage_speedup.remove(self.pipeline, self.stage, shown, self.device)
+        self.metrics.stage_speedup.labels(self.pipeline, self.stage, self._active.name, self.device).set(self._active.speedup)
+        self._shown = self._active.name
+
+
+def _flat(value: Any) -> list:
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flat(v)]
+    return [value]
+
+
+def _device_class(device: str) -> str:
+    if device == "cuda":
+        from hetforge.planners.devices import gpu_class
+
+        return gpu_class(torch.cuda.get_device_name(0))
+    return "cpu"

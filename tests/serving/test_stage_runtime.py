@@ -1,0 +1,158 @@
+"""A model stage's runtime: registry variants built from checkpoint weights, hot-swap under load,
+refusals with reasons, automatic rollback, and the metrics it exports."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry, generate_latest
+
+from hetforge.kernels.registry import Registry, source_fingerprint
+from hetforge.optimizer.variants import VariantSpec
+from hetforge.serving.metrics import SPEC, Metrics
+from hetforge.serving.stage_runtime import ModelStageRuntime, SwapRefused
+
+PROBLEM = Path(__file__).resolve().parents[1] / "optimizer" / "problems" / "linear_relu.py"
+ACCEPTED = {"verdict": "accepted", "needs_review": False, "speedup": 1.3, "reference_ms": 1.0, "candidate_ms": 0.77}
+
+MODULE = '''
+import torch
+import torch.nn as nn
+
+
+class ModelNew(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        {guard}
+        return torch.relu(torch.addmm(self.lin.bias, x, self.lin.weight.t())).mul_({scale})
+'''
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    torch.manual_seed(99)
+    state = {"lin.weight": torch.randn(512, 256) * 0.05, "lin.bias": torch.randn(512)}
+    torch.save(state, tmp_path / "weights.pt")
+    return tmp_path / "weights.pt"
+
+
+@pytest.fixture
+def registry(tmp_path) -> Registry:
+    return Registry(tmp_path / "registry.sqlite")
+
+
+def _add(registry: Registry, name: str, source: str = "", recipe: dict | None = None, verdict: dict = ACCEPTED, **kw) -> int:
+    args = dict(fingerprint=source_fingerprint(PROBLEM.read_text()), device_class="cpu", precision="strict", name=name,
+                agent="test", source=source or "# transform variant", verdict=verdict, recipe=recipe or {"kind": "module"})
+    args.update(kw)
+    return registry.add(**args).id
+
+
+def _runtime(registry, checkpoint, metrics=None, **kw) -> ModelStageRuntime:
+    return ModelStageRuntime("p", "embed", PROBLEM, weights=checkpoint, registry=registry,
+                             metrics=metrics or Metrics(CollectorRegistry()), **kw)
+
+
+def test_reference_runs_with_checkpoint_weights(registry, checkpoint):
+    rt = _runtime(registry, checkpoint)
+    assert rt.active_variant == "reference"
+    state = torch.load(checkpoint)
+    x = torch.randn(4, 256)
+    torch.testing.assert_close(rt(x), torch.relu(x @ state["lin.weight"].t() + state["lin.bias"]) * 2.0)
+
+
+def test_registry_variant_is_built_from_the_loaded_instance_at_start(registry, checkpoint):
+    spec = VariantSpec(rewrites=("fold_scale",), library=True)
+    vid = _add(registry, "folded", recipe=spec.to_json())
+    rt = _runtime(registry, checkpoint)
+    assert rt.active_variant == f"variant:{vid}"
+    x = torch.randn(8, 256)
+    torch.testing.assert_close(rt(x), rt.reference(x), atol=1e-5, rtol=1e-5)  # checkpoint weights, folded
+
+
+def test_refusals_name_the_reason_and_keep_serving(registry, checkpoint):
+    metrics = Metrics(CollectorRegistry())
+    rt = _runtime(registry, checkpoint, metrics)
+    wrong = _add(registry, "wrong", MODULE.format(guard="pass", scale=3.0))
+    pending = _add(registry, "flagged", MODULE.format(guard="pass", scale=2.0), verdict={**ACCEPTED, "needs_review": True})
+    other_device = _add(registry, "h100", MODULE.format(guard="pass", scale=2.0), device_class="H100")
+    looser = _add(registry, "bf16", MODULE.format(guard="pass", scale=2.0), precision="bf16")
+    renamed = _add(registry, "renamed", MODULE.format(guard="pass", scale=2.0).replace("self.lin", "self.proj"))
+    live = [torch.randn(16, 256)]
+    for vid, why in ((wrong, "disagrees"), (pending, "pending_review"), (other_device, "verified on H100"),
+                     (looser, "needs precision bf16"), (renamed, "cannot be built"), (424242, "no variant")):
+        with pytest.raises(SwapRefused, match=why):
+            rt.swap(vid, live)
+        assert rt.active_variant == "reference"
+    assert metrics.kernel_swaps.labels("embed", "refused")._value.get() == 6
+    assert rt(live[0]).shape == (16, 512)
+
+
+def test_swaps_under_load_drop_nothing(registry, checkpoint):
+    good = _add(registry, "addmm", MODULE.format(guard="pass", scale=2.0))
+    rt = _runtime(registry, checkpoint, use_registry=False)
+    xs = [torch.randn(3, 256) for _ in range(8)]
+    want = [rt.reference(x) for x in xs]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            for x, w in zip(xs, want):
+                try:
+                    torch.testing.assert_close(rt(x), w, atol=1e-5, rtol=1e-5)
+                except BaseException as err:  # noqa: BLE001 - collected for the assertion below
+                    errors.append(err)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(10):
+        rt.swap(good if i % 2 == 0 else "reference", [xs[0]])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [r.outcome for r in rt.history] == ["swapped"] * 10
+
+
+def test_variant_failing_on_live_traffic_is_rolled_back_and_the_request_served(registry, checkpoint):
+    metrics = Metrics(CollectorRegistry())
+    flaky = _add(registry, "flaky", MODULE.format(guard="if x.shape[0] == 7: raise RuntimeError('bad tile for 7 rows')", scale=2.0))
+    rt = _runtime(registry, checkpoint, metrics)
+    assert rt.active_variant == f"variant:{flaky}"  # passed its check on the example inputs
+    x = torch.randn(7, 256)
+    torch.testing.assert_close(rt(x), rt.reference(x))  # served by the rolled-back-to reference
+    assert rt.active_variant == "reference"
+    assert rt.history[-1].outcome == "rolled_back" and "bad tile" in rt.history[-1].reason
+    assert metrics.kernel_swaps.labels("embed", "rolled_back")._value.get() == 1
+    assert metrics.stage_errors.labels("p", "embed")._value.get() == 0
+
+
+def test_metric_names_and_labels_are_the_contract(registry, checkpoint):
+    pinned = {
+        "hetforge_pipeline_request_latency_seconds": ("pipeline",),
+        "hetforge_stage_latency_seconds": ("pipeline", "stage", "variant", "device"),
+        "hetforge_pipeline_requests_total": ("pipeline", "outcome"),
+        "hetforge_stage_errors_total": ("pipeline", "stage"),
+        "hetforge_stage_speedup_ratio": ("pipeline", "stage", "variant", "device"),
+        "hetforge_kernel_swaps_total": ("stage", "outcome"),
+    }
+    assert {name: spec[2] for name, spec in SPEC.items()} == pinned  # the dashboards query these
+    metrics = Metrics(CollectorRegistry())
+    vid = _add(registry, "addmm", MODULE.format(guard="pass", scale=2.0))
+    rt = _runtime(registry, checkpoint, metrics)
+    rt(torch.randn(2, 256))
+    text = generate_latest(metrics.registry).decode()
+    assert f'hetforge_stage_speedup_ratio{{device="cpu",pipeline="p",stage="embed",variant="variant:{vid}"}} 1.3' in text
+    assert 'hetforge_stage_latency_seconds_count{device="cpu",pipeline="p",stage="embed",variant="variant:%d"} 1.0' % vid in text
+    assert 'hetforge_kernel_swaps_total{outcome="swapped",stage="embed"} 1.0' in text
+    rt.swap("reference", [torch.randn(2, 256)])
+    text = generate_latest(metrics.registry).decode()
+    assert 'variant="reference"} 1.0' in text and f'hetforge_stage_speedup_ratio{{device="cpu",pipeline="p",stage="embed",variant="variant:{vid}"}}' not in text
