@@ -392,6 +392,48 @@ def demo() -> None:
     raise typer.Exit(run_demo())
 
 
+@app.command()
+def swap(
+    pipeline: Annotated[str, typer.Argument(help="Pipeline name.", show_default=False)],
+    stage: Annotated[str, typer.Argument(help="Stage name.", show_default=False)],
+    variant: Annotated[str, typer.Argument(help='Registry variant id, or "reference".', show_default=False)],
+    replicas: Annotated[int, typer.Option(min=1, help="Replica reports to wait for.")] = 1,
+    wait_s: Annotated[float, typer.Option(min=0, help="Seconds to wait for the replicas' reports.")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="The reports as one JSON object on the last line.")] = False,
+) -> None:
+    """Hot-swap a stage's variant on every replica, each checking it on its own live inputs first.
+
+    A missing, unapproved or mismatched variant is refused before anything is sent.
+    Exit 0 when every reporting replica swapped, 1 when one refused or none answered in time.
+    """
+    from hetforge.kernels.registry import Registry, RegistryError
+    from hetforge.serving.swap_control import SwapBoard
+
+    if variant != "reference":
+        try:
+            found = Registry().get(int(variant))
+        except (RegistryError, ValueError) as err:
+            typer.echo(f"error: swap refused: no variant {variant} in the registry ({err})", err=True)
+            raise typer.Exit(EXIT_INVALID) from None
+        if found.status != "active":
+            typer.echo(f"error: swap refused: variant {variant} is {found.status}, not active (verified and approved)", err=True)
+            raise typer.Exit(EXIT_INVALID)
+    board = SwapBoard()
+    request_id = board.request(pipeline, stage, variant)
+    reports = board.wait(request_id, replicas, wait_s)
+    doc = {"request_id": request_id, "stage": stage, "variant": variant,
+           "reports": [{"replica": r.replica, "outcome": r.outcome, "reason": r.reason} for r in reports]}
+    ok = bool(reports) and all(r.outcome == "swapped" for r in reports)
+    if as_json:
+        typer.echo(json.dumps(doc))
+    else:
+        for r in reports:
+            typer.echo(f"{r.replica}: {r.outcome}{': ' + r.reason if r.reason else ''}")
+        if not reports:
+            typer.echo(f"no replica of {pipeline}/{stage} answered within {wait_s:g} s (request {request_id} stays pending)")
+    raise typer.Exit(0 if ok else EXIT_INVALID)
+
+
 kernels_app = typer.Typer(help="The registry of verified kernel variants ($HETFORGE_HOME/registry.sqlite).", no_args_is_help=True)
 app.add_typer(kernels_app, name="kernels")
 

@@ -14,6 +14,7 @@ sees no error; the swap is reported `rolled_back`. Nothing restarts.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 import types
@@ -77,6 +78,7 @@ class ModelStageRuntime:
         self._active = _Active(REFERENCE, self.reference)
         self._previous: _Active | None = None
         self.history: list[SwapResult] = []
+        self.recent_inputs: collections.deque = collections.deque(maxlen=4)  # live inputs for the next swap's check
         if use_registry:
             best = self.registry.best(self.fingerprint, self.device_class, precision)
             if best is not None:
@@ -91,6 +93,10 @@ class ModelStageRuntime:
     def active_variant(self) -> str:
         return self._active.name
 
+    def live_inputs(self) -> list[list]:
+        """Inputs of the last requests (the problem's example inputs before any request came)."""
+        return list(self.recent_inputs) or [self.example_inputs()]
+
     def example_inputs(self) -> list:
         with torch.random.fork_rng():
             torch.manual_seed(0)
@@ -98,6 +104,7 @@ class ModelStageRuntime:
 
     def __call__(self, *inputs) -> Any:
         active = self._active  # held for the whole call: a swap meanwhile does not touch it
+        self.recent_inputs.append(list(inputs))
         start = time.perf_counter()
         try:
             with torch.inference_mode():

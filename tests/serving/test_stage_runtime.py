@@ -156,3 +156,37 @@ def test_metric_names_and_labels_are_the_contract(registry, checkpoint):
     rt.swap("reference", [torch.randn(2, 256)])
     text = generate_latest(metrics.registry).decode()
     assert 'variant="reference"} 1.0' in text and f'hetforge_stage_speedup_ratio{{device="cpu",pipeline="p",stage="embed",variant="variant:{vid}"}}' not in text
+
+
+def test_cli_swap_reaches_every_replica_and_reports_refusals(tmp_path, checkpoint):
+    import os
+
+    from hetforge.serving.swap_control import SwapBoard, SwapWatcher
+    from tests.conftest import run_cli
+
+    home = tmp_path / "home"
+    os.environ["HETFORGE_HOME"] = str(home)  # the replicas and the CLI share one registry file
+    try:
+        registry = Registry()
+        good = _add(registry, "addmm", MODULE.format(guard="pass", scale=2.0))
+        wrong = _add(registry, "wrong", MODULE.format(guard="pass", scale=3.0))
+        board = SwapBoard()
+        replicas = [_runtime(registry, checkpoint, use_registry=False) for _ in range(2)]
+        watchers = [SwapWatcher(rt, board, f"replica-{i}", interval_s=0.05).start() for i, rt in enumerate(replicas)]
+        for rt in replicas:
+            rt(torch.randn(5, 256))  # live traffic: the swap is checked on these inputs
+        env = {"HETFORGE_HOME": str(home)}
+        ok = run_cli("swap", "p", "embed", str(good), "--replicas", "2", "--wait-s", "60", "--json", env=env)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        doc = __import__("json").loads(ok.stdout.strip().splitlines()[-1])
+        assert sorted(r["outcome"] for r in doc["reports"]) == ["swapped", "swapped"]
+        assert all(rt.active_variant == f"variant:{good}" for rt in replicas)
+        bad = run_cli("swap", "p", "embed", str(wrong), "--replicas", "2", "--wait-s", "60", env=env)
+        assert bad.returncode == 1 and bad.stdout.count(": refused: ") == 2 and "disagrees" in bad.stdout
+        assert all(rt.active_variant == f"variant:{good}" for rt in replicas)  # still serving the good one
+        missing = run_cli("swap", "p", "embed", "999", env=env)
+        assert missing.returncode == 1 and "no variant 999" in missing.stderr
+        for w in watchers:
+            w.stop()
+    finally:
+        del os.environ["HETFORGE_HOME"]

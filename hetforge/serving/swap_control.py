@@ -1,0 +1,129 @@
+"""Swap requests to every replica of a stage, without restarting any.
+
+`hetforge swap` (and the API) writes a swap request into the registry's SQLite file; each replica
+of the stage runs a `SwapWatcher` that polls for requests newer than the one it applied, checks
+the variant on its own recent live inputs (`ModelStageRuntime.swap`) and writes back its outcome.
+The requester waits for the replicas' reports. This reaches every replica whatever the router
+does (a handle call reaches only one), and a replica started later applies the latest request.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hetforge.kernels.registry import default_path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS swap_requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    pipeline TEXT NOT NULL, stage TEXT NOT NULL,
+    variant TEXT NOT NULL,            -- a variant id, or "reference"
+    requested_by TEXT, requested_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS swap_reports (
+    request_id INTEGER NOT NULL, replica TEXT NOT NULL,
+    outcome TEXT NOT NULL,            -- swapped | refused
+    reason TEXT, reported_at REAL NOT NULL,
+    PRIMARY KEY (request_id, replica)
+);
+"""
+
+
+@dataclass(frozen=True)
+class SwapReport:
+    request_id: int
+    replica: str
+    outcome: str
+    reason: str
+
+
+class SwapBoard:
+    """Swap requests and replica reports in one SQLite file (the registry's, by default)."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._db() as db:
+            db.executescript(_SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        db.execute("PRAGMA busy_timeout=60000")
+        return db
+
+    def request(self, pipeline: str, stage: str, variant: str, requested_by: str = "cli") -> int:
+        with self._db() as db:
+            return db.execute("INSERT INTO swap_requests (pipeline, stage, variant, requested_by, requested_at) VALUES (?, ?, ?, ?, ?)",
+                              (pipeline, stage, str(variant), requested_by, time.time())).lastrowid
+
+    def latest(self, pipeline: str, stage: str) -> tuple[int, str] | None:
+        with self._db() as db:
+            row = db.execute("SELECT id, variant FROM swap_requests WHERE pipeline = ? AND stage = ? ORDER BY id DESC LIMIT 1",
+                             (pipeline, stage)).fetchone()
+        return (int(row[0]), row[1]) if row else None
+
+    def report(self, request_id: int, replica: str, outcome: str, reason: str = "") -> None:
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO swap_reports VALUES (?, ?, ?, ?, ?)", (request_id, replica, outcome, reason, time.time()))
+
+    def reports(self, request_id: int) -> list[SwapReport]:
+        with self._db() as db:
+            rows = db.execute("SELECT request_id, replica, outcome, reason FROM swap_reports WHERE request_id = ? ORDER BY replica",
+                              (request_id,)).fetchall()
+        return [SwapReport(int(r[0]), r[1], r[2], r[3] or "") for r in rows]
+
+    def wait(self, request_id: int, replicas: int, timeout_s: float, poll_s: float = 0.1) -> list[SwapReport]:
+        """The reports once `replicas` replicas answered, or whatever came within `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self.reports(request_id)
+            if len(found) >= replicas or time.monotonic() >= deadline:
+                return found
+            time.sleep(poll_s)
+
+
+class SwapWatcher:
+    """A replica's thread applying the newest swap request for its stage."""
+
+    def __init__(self, runtime, board: SwapBoard, replica: str, interval_s: float = 0.2):
+        self.runtime, self.board, self.replica, self.interval_s = runtime, board, replica, interval_s
+        self.applied: int = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"swap-watcher-{replica}", daemon=True)
+
+    def start(self) -> SwapWatcher:
+        latest = self.board.latest(self.runtime.pipeline, self.runtime.stage)
+        self.applied = latest[0] if latest else 0  # requests before start were decided by the registry lookup
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def poll_once(self) -> SwapReport | None:
+        from hetforge.serving.stage_runtime import SwapRefused
+
+        latest = self.board.latest(self.runtime.pipeline, self.runtime.stage)
+        if latest is None or latest[0] <= self.applied:
+            return None
+        request_id, variant = latest
+        try:
+            self.runtime.swap(variant, self.runtime.live_inputs())
+            outcome, reason = "swapped", ""
+        except SwapRefused as err:
+            outcome, reason = "refused", str(err)
+        self.applied = request_id
+        self.board.report(request_id, self.replica, outcome, reason[:500])
+        return SwapReport(request_id, self.replica, outcome, reason)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - a broken poll (locked file, ...) must not kill the replica; next poll retries
+                continue
