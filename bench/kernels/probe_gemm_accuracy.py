@@ -1,4 +1,4 @@
-import torch, torch.nn.functional as F
+import torch
 from hetforge.kernels.triton.gemm_epilogue import gemm_epilogue
 torch.backends.cuda.matmul.allow_tf32=False
 for m,k,n in ((4096,4096,4096),(256,4096,4096)):

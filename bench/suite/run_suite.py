@@ -5,6 +5,7 @@ verifier run on each winner; CSV + markdown with eager, torch.compile and hetfor
     python bench/suite/run_suite.py --device cuda --problems t1_gemm,t3_mlp_block --tag h100 --append
     python bench/suite/run_suite.py --device cpu --problems t2_gemm_relu_scale --tag cpu
     python bench/suite/run_suite.py --summarize --tag h100                # markdown from the CSV only
+    python bench/suite/run_suite.py --merge bench/suite/raw/h100_*.csv --tag h100   # join partial runs
 
 Sizes: HETFORGE_BENCH_SIZE=gpu on CUDA (1-15 ms a call on an H100), cpu sizes otherwise. Each
 problem runs as the user runs it (`python -m hetforge.cli optimize ... --json`) with its own
@@ -85,6 +86,22 @@ def run_one(problem: Path, args, scratch: Path) -> dict:
     return row
 
 
+def merge(paths: list[Path], csv_path: Path) -> None:
+    """One row per problem from several runs' CSVs, in the order given: a later run's row replaces an
+    earlier one unless it lacks the torch.compile figure the earlier one has. Each row names its run."""
+    rows: dict[str, dict] = {}
+    for path in paths:
+        for row in csv.DictReader(path.open()):
+            row["note"] = f"{row['note'] + ' ' if row['note'] else ''}[run: {path.stem}]"
+            old = rows.get(row["problem"])
+            if old is None or row["compile_ms"] or not old["compile_ms"]:
+                rows[row["problem"]] = row
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, FIELDS)
+        writer.writeheader()
+        writer.writerows(rows[k] for k in sorted(rows))
+
+
 def geomean(values: list[float]) -> float | None:
     values = [v for v in values if v and v > 0]
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
@@ -108,6 +125,9 @@ def summarize(csv_path: Path, md_path: Path, header: str) -> str:
     rejected = [r["problem"] for r in rows if r["reverify"] == "REJECTED"]
     lines.append(f"- winners a fresh verifier run rejected: {', '.join(rejected) if rejected else 'none'}")
     text = "\n".join(lines) + "\n"
+    notes = md_path.with_suffix(".notes.md")  # hand-written caveats about how the rows were measured
+    if notes.is_file():
+        text += "\n" + notes.read_text()
     md_path.write_text(text)
     return text
 
@@ -141,11 +161,14 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="results file suffix, e.g. h100 or cpu")
     parser.add_argument("--append", action="store_true", help="add rows to an existing CSV")
     parser.add_argument("--summarize", action="store_true", help="only rewrite the markdown from the CSV")
+    parser.add_argument("--merge", nargs="+", type=Path, help="join these runs' CSVs (in order) into the tag's CSV, then summarize")
     args = parser.parse_args()
     tag = args.tag or args.device
     csv_path, md_path = HERE / f"results_{tag}.csv", HERE / f"results_{tag}.md"
     header_path = HERE / f"results_{tag}.env"
-    if not args.summarize:
+    if args.merge:
+        merge(args.merge, csv_path)
+    elif not args.summarize:
         header_path.write_text(environment(args.device) + "\n") if not args.append or not header_path.exists() else None
         new = not (args.append and csv_path.exists())
         with csv_path.open("w" if new else "a", newline="") as fh:

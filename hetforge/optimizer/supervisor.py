@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 from hetforge.optimizer import llm_agent
-from hetforge.optimizer.library import library_candidate_source
 from hetforge.optimizer.problem import Problem
 from hetforge.optimizer.recipes import recipe_candidate_source, recipes_for
 from hetforge.optimizer.rewrites import apply_rewrites, rewrite_candidate_source
@@ -115,7 +114,7 @@ def propose_round1(task: OptimizeTask, problem: Problem) -> list[Proposal]:
             out.append(("rewrites:" + "+".join(names), "rewrites", rewrite_candidate_source(reference, names), spec.to_json()))
     if "library" in task.agents:
         spec = VariantSpec(library=True, precision=task.precision)
-        out.append(("library:kernels", "library", library_candidate_source(reference, task.precision), spec.to_json()))
+        out.append(("library:kernels", "library", variant_candidate_source(reference, spec), spec.to_json()))
     return out
 
 

@@ -34,7 +34,8 @@ def test_group_norm_with_channel_vector_and_residual(triton_on_cpu):
     torch.manual_seed(0)
     dev = triton_on_cpu
     x = torch.randn(3, 12, 5, 7, device=dev)
-    w, b, v, r = (torch.randn(12, device=dev), torch.randn(12, device=dev), torch.randn(12, device=dev), torch.randn(3, 12, 5, 7, device=dev))
+    w, b, v = (torch.randn(12, device=dev) for _ in range(3))
+    r = torch.randn(3, 12, 5, 7, device=dev)
     ep = (Op("add_v"), Op("relu"), Op("add_r"))
     out = fused_norm(x, "group", w, b, 1e-5, groups=4, epilogue=ep, v=v, r=r)
     ref = torch_apply(F.group_norm(x.double(), 4, w.double(), b.double(), 1e-5), ep, v.double().reshape(12, 1, 1), r.double())

@@ -3,7 +3,6 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def pick(cpu, gpu):  # HETFORGE_BENCH_SIZE=gpu: 1-15 ms a call on an H100; cpu (default): a few ms on 2 cores

@@ -88,7 +88,7 @@ def fused_norm(x: torch.Tensor, mode: str, weight=None, bias=None, eps: float = 
         return fused_norm_reference(x, mode, weight, bias, eps, groups, normalized, epilogue, v, r)
     x = x.contiguous()
     if mode == "group":
-        B, C = x.shape[0], x.shape[1]
+        C = x.shape[1]
         inner = x[0, 0].numel()
         G, CPG, INNER = groups, C // groups, inner
         L = CPG * inner

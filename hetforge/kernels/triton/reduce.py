@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from hetforge.kernels.triton import configs
-from hetforge.kernels.triton.epilogue import Epilogue, apply_chain, kernel_args, next_pow2, torch_apply
+from hetforge.kernels.triton.epilogue import Epilogue, apply_chain, kernel_args, torch_apply
 
 KINDS = {"sum": 0, "mean": 1, "max": 2, "min": 3}
 
