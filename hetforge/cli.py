@@ -409,18 +409,35 @@ def swap(
     from hetforge.kernels.registry import Registry, RegistryError
     from hetforge.serving.swap_control import SwapBoard
 
-    if variant != "reference":
+    recorded = _deployment(pipeline)
+    if recorded is not None:  # a deployment of this pipeline is recorded: ask its API (it knows the replica count)
+        import httpx
+
         try:
-            found = Registry().get(int(variant))
-        except (RegistryError, ValueError) as err:
-            typer.echo(f"error: swap refused: no variant {variant} in the registry ({err})", err=True)
-            raise typer.Exit(EXIT_INVALID) from None
-        if found.status != "active":
-            typer.echo(f"error: swap refused: variant {variant} is {found.status}, not active (verified and approved)", err=True)
+            reply = httpx.post(f"{recorded.url}/v1/pipelines/{pipeline}/stages/{stage}/swap", json={"variant": variant, "wait_s": wait_s},
+                               timeout=wait_s + 30)
+        except httpx.HTTPError as err:
+            typer.echo(f"error: {recorded.url} unreachable: {err}", err=True)
+            raise typer.Exit(EXIT_USAGE) from None
+        doc = reply.json()
+        if "error" in doc:
+            typer.echo(f"error: {doc['error']['message']}", err=True)
             raise typer.Exit(EXIT_INVALID)
-    board = SwapBoard()
-    request_id = board.request(pipeline, stage, variant)
-    reports = board.wait(request_id, replicas, wait_s)
+        reports = [_Report(**r) for r in doc["reports"]]
+        request_id = doc["request_id"]
+    else:
+        if variant != "reference":
+            try:
+                found = Registry().get(int(variant))
+            except (RegistryError, ValueError) as err:
+                typer.echo(f"error: swap refused: no variant {variant} in the registry ({err})", err=True)
+                raise typer.Exit(EXIT_INVALID) from None
+            if found.status != "active":
+                typer.echo(f"error: swap refused: variant {variant} is {found.status}, not active (verified and approved)", err=True)
+                raise typer.Exit(EXIT_INVALID)
+        board = SwapBoard()
+        request_id = board.request(pipeline, stage, variant)
+        reports = board.wait(request_id, replicas, wait_s)
     doc = {"request_id": request_id, "stage": stage, "variant": variant,
            "reports": [{"replica": r.replica, "outcome": r.outcome, "reason": r.reason} for r in reports]}
     ok = bool(reports) and all(r.outcome == "swapped" for r in reports)
@@ -432,6 +449,112 @@ def swap(
         if not reports:
             typer.echo(f"no replica of {pipeline}/{stage} answered within {wait_s:g} s (request {request_id} stays pending)")
     raise typer.Exit(0 if ok else EXIT_INVALID)
+
+
+class _Report:
+    def __init__(self, replica: str, outcome: str, reason: str = ""):
+        self.replica, self.outcome, self.reason = replica, outcome, reason
+
+
+def _deployment(pipeline: str):
+    from hetforge.serving.deploy import load_state
+
+    try:
+        found = load_state(pipeline)
+    except (OSError, ValueError, TypeError):
+        return None
+    return found[0] if found else None
+
+
+@app.command()
+def serve(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file.", show_default=False)],
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default: start Ray locally (the embedded default).")] = None,
+    host: Annotated[str, typer.Option(help="HTTP host of the ingress.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the ingress.")] = 8000,
+    timeout_s: Annotated[float, typer.Option(min=1, help="Seconds to wait for every replica to come up.")] = 600,
+) -> None:
+    """Deploy a pipeline on Ray Serve where the planner places its stages, and serve it.
+
+    With no --address, Ray runs in this process and the pipeline is served until Ctrl-C, SIGTERM or
+    `hetforge down`; with --address the deployment stays on the cluster and the command returns.
+    Exit 0 served, 1 invalid pipeline or failed deployment, 2 usage error.
+    """
+    import signal
+    import time
+
+    from hetforge.planners.plan import PlanError
+    from hetforge.serving import deploy as dep
+
+    spec = _load(pipeline)
+    base_dir = pipeline.resolve().parent
+    try:
+        dep._check_servable(spec, base_dir)
+        placement, notes = dep.placement_for(spec, base_dir)
+    except (ValueError, PlanError) as err:
+        for line in str(err).splitlines():
+            typer.echo(f"{pipeline}: {line}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    for name, where in placement.items():
+        typer.echo(f"{name}: {where['device_class']} {where['ray_actor_options']}")
+    for note in notes:
+        typer.echo(f"note: {note}")
+    record = dep.deploy(pipeline, address=address, host=host, port=port, placement=placement)
+    try:
+        dep.wait_until_running(record, timeout_s)
+    except RuntimeError as err:
+        typer.echo(f"error: {err}", err=True)
+        dep.state_path(record.pipeline).unlink(missing_ok=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    typer.echo(f"serving {record.pipeline} at {record.url}/v1/pipelines/{record.pipeline}/run (metrics {record.url}/metrics)")
+    if address is not None:
+        return
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    from ray import serve as ray_serve
+
+    ray_serve.shutdown()
+    dep.state_path(record.pipeline).unlink(missing_ok=True)
+    typer.echo(f"stopped {record.pipeline}")
+
+
+@app.command()
+def status(
+    pipeline: Annotated[Optional[str], typer.Argument(help="Pipeline name; default: every recorded deployment.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")] = False,
+) -> None:
+    """Deployments, their stages' replicas, devices and active variants."""
+    from hetforge.serving.deploy import status as get_status
+
+    found = get_status(pipeline)
+    if as_json:
+        typer.echo(json.dumps({"deployments": found}, default=str))
+        return
+    if not found:
+        typer.echo("no deployment recorded" + (f" for {pipeline}" if pipeline else ""))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    for d in found:
+        table = Table("stage", "planned", "device", "active variant", "replica", title=f"{d['pipeline']} at {d['url']}: {d['state']}")
+        for name, st in d["stages"].items():
+            table.add_row(name, st.get("planned", ""), st.get("device", ""), st.get("active_variant", st.get("error", "")), st.get("replica", ""))
+        Console(soft_wrap=True).print(table)
+
+
+@app.command()
+def down(pipeline: Annotated[Optional[str], typer.Argument(help="Pipeline name; default: every recorded deployment.")] = None) -> None:
+    """Stop deployments: delete them from Serve (or stop the embedded serving process)."""
+    from hetforge.serving.deploy import down as stop
+
+    stopped = stop(pipeline)
+    typer.echo("stopped: " + (", ".join(stopped) if stopped else "nothing recorded"))
 
 
 kernels_app = typer.Typer(help="The registry of verified kernel variants ($HETFORGE_HOME/registry.sqlite).", no_args_is_help=True)

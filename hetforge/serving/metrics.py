@@ -2,7 +2,10 @@
 
 Names follow `hetforge_<what>_<unit>`; labels are few and bounded (pipeline, stage, variant,
 device, outcome). `tests/serving/test_metrics.py` pins them: renaming one breaks the dashboards.
-Each process (a Ray Serve replica, the in-process runtime) exports its own; Prometheus sums them.
+Each process records its own; under Ray Serve the replicas write prometheus_client's multiprocess
+files into one folder (`PROMETHEUS_MULTIPROC_DIR`) and the ingress's /metrics aggregates them.
+The speedup gauge has no variant label: one series per stage and device, whatever is active
+(a stale per-variant series cannot be removed from multiprocess files).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ SPEC = {  # name -> (kind, help, labels)
     "hetforge_pipeline_requests_total": ("counter", "Pipeline requests, by outcome (ok | error).", ("pipeline", "outcome")),
     "hetforge_stage_errors_total": ("counter", "Stage calls that raised.", ("pipeline", "stage")),
     "hetforge_stage_speedup_ratio": ("gauge", "Active variant's verified speedup over the stage's reference (1 for the reference).",
-                                     ("pipeline", "stage", "variant", "device")),
+                                     ("pipeline", "stage", "device")),
     "hetforge_kernel_swaps_total": ("counter", "Kernel hot-swaps, by outcome (swapped | refused | rolled_back).", ("stage", "outcome")),
 }
 
@@ -34,7 +37,9 @@ class Metrics:
             elif kind == "counter":
                 made[name] = Counter(name.removesuffix("_total"), help_text, labels, registry=registry)
             else:
-                made[name] = Gauge(name, help_text, labels, registry=registry)
+                # Under prometheus_client's multiprocess mode (Ray Serve replicas), the most recent value of live
+                # processes is the one shown; in a single process the mode is ignored.
+                made[name] = Gauge(name, help_text, labels, registry=registry, multiprocess_mode="livemostrecent")
         self.pipeline_latency = made["hetforge_pipeline_request_latency_seconds"]
         self.stage_latency = made["hetforge_stage_latency_seconds"]
         self.pipeline_requests = made["hetforge_pipeline_requests_total"]

@@ -200,12 +200,8 @@ class ModelStageRuntime:
                 self.history.append(SwapResult(self.stage, failed.name, "rolled_back", why[:300]))
 
     def _export_speedup(self) -> None:
-        """One series per stage: the active variant's speedup (the replaced variant's series is removed)."""
-        shown = getattr(self, "_shown", None)
-        if shown is not None and shown != self._active.name:
-            self.metrics.stage_speedup.remove(self.pipeline, self.stage, shown, self.device)
-        self.metrics.stage_speedup.labels(self.pipeline, self.stage, self._active.name, self.device).set(self._active.speedup)
-        self._shown = self._active.name
+        """The active variant's speedup: one series per stage and device."""
+        self.metrics.stage_speedup.labels(self.pipeline, self.stage, self.device).set(self._active.speedup)
 
 
 def _flat(value: Any) -> list:

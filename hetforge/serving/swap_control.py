@@ -86,6 +86,49 @@ class SwapBoard:
             time.sleep(poll_s)
 
 
+class SwapError(Exception):
+    """A swap refused before any replica is asked: `status` is the HTTP status the API answers with."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message, status)
+        self.message, self.status = message, status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def request_swap(registry_path: str | Path | None, pipeline, stage: str, variant: object, replicas: int, wait_s: float) -> dict:
+    """Check the request, post it, wait for `replicas` reports: {"ok", "request_id", "reports", ...}.
+
+    Refused up front (SwapError): an unknown stage, a stage that is not a model stage, a variant that
+    is not in the registry or not active (verified and approved). Each replica then checks the variant
+    on its own live inputs and reports swapped or refused.
+    """
+    from hetforge.kernels.registry import Registry, RegistryError
+
+    names = [s.name for s in pipeline.stages]
+    if stage not in names:
+        raise SwapError(f"swap refused: pipeline {pipeline.name} has no stage {stage!r} (stages: {', '.join(names)})", 404)
+    if pipeline.stage(stage).kind != "model":
+        raise SwapError(f"swap refused: stage {stage} is a {pipeline.stage(stage).kind} stage; only model stages have kernel variants", 400)
+    if variant is None or str(variant) == "":
+        raise SwapError('swap refused: give `variant`, a registry variant id or "reference"', 400)
+    variant = str(variant)
+    if variant != "reference":
+        try:
+            found = Registry(registry_path).get(int(variant))
+        except (RegistryError, ValueError) as err:
+            raise SwapError(f"swap refused: no variant {variant} in the registry ({err})", 404) from None
+        if found.status != "active":
+            raise SwapError(f"swap refused: variant {variant} is {found.status}, not active (verified and approved)", 409)
+    board = SwapBoard(registry_path)
+    request_id = board.request(pipeline.name, stage, variant, requested_by="api")
+    reports = board.wait(request_id, replicas, wait_s)
+    return {"ok": bool(reports) and all(r.outcome == "swapped" for r in reports), "request_id": request_id, "stage": stage,
+            "variant": variant, "replicas_expected": replicas,
+            "reports": [{"replica": r.replica, "outcome": r.outcome, "reason": r.reason} for r in reports]}
+
+
 class SwapWatcher:
     """A replica's thread applying the newest swap request for its stage."""
 

@@ -24,6 +24,9 @@ IMPORT_PATTERN = r"^(?:[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|[^:\s
 GPU_MODELS = ("H100", "H200", "B200", "A100", "A10G", "L4", "L40S", "T4", "V100", "RTX6000-BLACKWELL")
 DEVICE_RULE = "auto, cpu, cuda, or a GPU model (" + ", ".join(GPU_MODELS) + ")"
 
+# `request`, `request.field.sub`, `stage`, `stage.field`: where a stage argument comes from.
+BINDING_PATTERN = r"[a-z][a-z0-9_-]{0,62}(?:\.[A-Za-z_][A-Za-z0-9_]{0,127})*"
+
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
 DIM_RULE = "a size from 1 to 1048576 or the lowercase name of a dynamic dimension, like batch"
 
@@ -101,6 +104,23 @@ class _StageBase(_Spec):
         description="Numerics a faster variant may use: strict (fp32 as written), tf32 (TF32 matmuls), bf16.",
     )
     optimize: bool = Field(default=True, description="Whether hetforge may generate kernels for this stage.")
+    args: dict[str, str] | None = Field(
+        default=None,
+        max_length=64,
+        description="The stage's input as named arguments, each bound to `request`, `request.<field>`, `<stage>` or "
+        "`<stage>.<field>` (dotted for nesting). Default: the request for the entry stage, the upstream stage's "
+        "output for one upstream, {stage: output} for several.",
+    )
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name, ref in (value or {}).items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", name):
+                raise ValueError(f"argument name {name!r} is not an identifier")
+            if not re.fullmatch(BINDING_PATTERN, ref):
+                raise ValueError(f"argument {name}: {ref!r} is not `request`, `request.<field>`, `<stage>` or `<stage>.<field>`")
+        return value
 
     @field_validator("device", "prefer_device")
     @classmethod
@@ -157,6 +177,19 @@ class ModelStage(_StageBase):
         description="Input signature; empty means the problem file's get_inputs() defines it.",
     )
     batching: Batching | None = Field(default=None, description="Request batching; none means one request per call.")
+    preprocess: str | None = Field(
+        default=None, pattern=IMPORT_PATTERN,
+        description="A function from the stage's JSON input to its input tensors (`file.py:function`); default: one "
+        "field per declared input, as nested lists.",
+    )
+    postprocess: str | None = Field(
+        default=None, pattern=IMPORT_PATTERN,
+        description="A function from the output tensor(s) and the stage input to JSON; default: {\"output\": nested lists}.",
+    )
+    labels: list[str] | None = Field(
+        default=None, min_length=1, max_length=100_000,
+        description="Class names of a classifier's last dimension: the output then carries `label` and `scores`.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelStage:
@@ -212,6 +245,15 @@ class LlmStage(_StageBase):
     system_prompt: str = Field(default="", max_length=100_000, description="System message sent first.")
     sampling: Sampling = Field(default_factory=Sampling, description="Decoding settings.")
     agent_loop: AgentLoop | None = Field(default=None, description="Tools this LLM may call in a loop.")
+    prompt_template: str | None = Field(
+        default=None, max_length=100_000,
+        description="The user message, with {field} replaced by the stage input's fields; default: the input itself "
+        "(a string, a `messages` list, or the JSON of the input).",
+    )
+    choices: list[str] | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="Constrain the answer to one of these strings (a router); the output carries it as `choice`.",
+    )
 
     @model_validator(mode="after")
     def _one_backend(self) -> LlmStage:

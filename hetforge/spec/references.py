@@ -44,6 +44,12 @@ def check_references(pipeline: Pipeline, base_dir: FsPath | None) -> list[Proble
                     problems.append(Problem(where, tool, f"the name of a tool stage ({known})"))
                 elif kinds[tool] != "tool":
                     problems.append(Problem(where, tool, f"a tool stage; {tool} is a {kinds[tool]} stage"))
+        for arg, ref in (stage.args or {}).items():
+            head = ref.split(".")[0]
+            if head != "request" and head not in kinds:
+                problems.append(Problem(("stages", i, "args", arg), ref, f"`request` or the name of a stage ({known})"))
+            elif head == stage.name:
+                problems.append(Problem(("stages", i, "args", arg), ref, "a stage cannot take its own output as input"))
         if base_dir is not None:
             problems.extend(_check_files(stage, i, base_dir))
     return problems
@@ -59,6 +65,10 @@ def _check_files(stage: ModelStage | LlmStage | ToolStage, i: int, base_dir: FsP
             wanted.append(("module", stage.module.split(":")[0]))
         if stage.weights:
             wanted.append(("weights", stage.weights))
+        for field in ("preprocess", "postprocess"):
+            target = getattr(stage, field)
+            if target and target.split(":")[0].endswith(".py"):
+                wanted.append((field, target.split(":")[0]))
     elif isinstance(stage, ToolStage) and stage.callable and stage.callable.split(":")[0].endswith(".py"):
         wanted.append(("callable", stage.callable.split(":")[0]))
     problems = []

@@ -1,0 +1,389 @@
+"""The Ray Serve application of one pipeline: a deployment per stage and a FastAPI ingress.
+
+    ingress (FastAPI, serve.ingress)  --handles-->  one deployment per stage
+      POST /v1/pipelines/{name}/run          JSON in, JSON out (or text/event-stream when asked
+                                             and the output stage is an LLM), with a request id
+      POST /v1/chat/completions              OpenAI-compatible, for pipelines ending in an LLM
+      POST /v1/pipelines/{name}/stages/{stage}/swap   hot-swap a model stage's variant
+      GET  /v1/pipelines/{name}/status       replicas, devices and active variants
+      GET  /healthz, GET /metrics            liveness; every replica's hetforge metrics on this node
+
+Each stage deployment gets its `ray_actor_options` (CPUs, GPUs, accelerator type) from the plan,
+its replicas or autoscaling from the spec, and `max_ongoing_requests` from its batching or tool
+concurrency. Model stages batch with `serve.batch`; a swap reaches their replicas through the
+registry file (`swap_control`), so no replica restarts.
+
+Metrics: replicas write prometheus_client's multiprocess files into one folder per deployment
+(`PROMETHEUS_MULTIPROC_DIR`, set through the runtime environment), and the ingress's /metrics
+aggregates them: the names stay exactly those of `metrics.SPEC` (Ray's own metric export would
+prefix them with `ray_`). This covers the replicas of one node; see the README for clusters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+
+from hetforge.serving.dataflow import PipelineError, PipelineRunner, StageError
+from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
+
+
+def _pipeline(doc: dict) -> Pipeline:
+    return Pipeline.model_validate(doc)
+
+
+def _replica_name() -> str:
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:  # noqa: BLE001 - outside a replica (tests calling the class directly)
+        return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _observe(stage_metrics, pipeline: str, stage: str, device: str, start: float, failed: bool) -> None:
+    if failed:
+        stage_metrics.stage_errors.labels(pipeline, stage).inc()
+    else:
+        stage_metrics.stage_latency.labels(pipeline, stage, "reference", device).observe(time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+@serve.deployment
+class ModelStageDeployment:
+    """A model stage replica: batched calls on the active variant, swaps from the registry file."""
+
+    def __init__(self, pipeline_doc: dict, base_dir: str, stage_name: str, device: str, registry_path: str):
+        from hetforge.kernels.registry import Registry
+        from hetforge.serving.model_io import resolve_function
+        from hetforge.serving.stage_runtime import ModelStageRuntime
+        from hetforge.serving.swap_control import SwapBoard, SwapWatcher
+
+        pipeline = _pipeline(pipeline_doc)
+        stage: ModelStage = pipeline.stage(stage_name)
+        base = Path(base_dir)
+        self.stage, self.device = stage, device
+        self.runtime = ModelStageRuntime(pipeline.name, stage.name, base / stage.problem_file, device=device, precision=stage.precision,
+                                         weights=base / stage.weights if stage.weights else None, seed=stage.seed,
+                                         init_args=stage.init_args, init_kwargs=stage.init_kwargs, registry=Registry(registry_path))
+        self.pre = resolve_function(stage.preprocess, base)
+        self.post = resolve_function(stage.postprocess, base)
+        self.arity = len(self.runtime.example_inputs())
+        batching = stage.batching
+        self.run_batch.set_max_batch_size(batching.max_batch_size if batching else 1)
+        self.run_batch.set_batch_wait_timeout_s((batching.wait_ms if batching else 0.0) / 1e3)
+        self.watcher = SwapWatcher(self.runtime, SwapBoard(registry_path), _replica_name()).start()
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def run_batch(self, items: list[list]) -> list[Any]:
+        from hetforge.serving.model_io import run_batched
+
+        try:
+            return await asyncio.to_thread(run_batched, self.runtime, items)
+        except Exception as err:  # noqa: BLE001 - one failure answers every request of the batch, as an error value
+            return [StageError(f"stage {self.stage.name}: {type(err).__name__}: {err}"[:2000], 500)] * len(items)
+
+    async def __call__(self, payload: Any, request_id: str = "") -> Any:
+        from hetforge.serving.model_io import decode_inputs, encode_output
+
+        tensors = [t.to(self.device) for t in decode_inputs(self.stage, payload, self.pre, self.arity)]
+        out = await self.run_batch(tensors)
+        if isinstance(out, Exception):
+            raise out
+        return encode_output(self.stage, out, payload, self.post)
+
+    def status(self) -> dict:
+        r = self.runtime
+        return {"replica": _replica_name(), "stage": self.stage.name, "device": self.device, "device_class": r.device_class,
+                "active_variant": r.active_variant, "swaps": [vars(h) for h in r.history[-10:]]}
+
+
+@serve.deployment
+class ToolStageDeployment:
+    def __init__(self, pipeline_doc: dict, base_dir: str, stage_name: str):
+        from hetforge.serving.metrics import default_metrics
+        from hetforge.serving.tools import ToolRuntime
+
+        pipeline = _pipeline(pipeline_doc)
+        self.pipeline, self.stage = pipeline.name, pipeline.stage(stage_name)
+        self.runtime = ToolRuntime(self.stage, Path(base_dir))
+        self.metrics = default_metrics()
+
+    async def __call__(self, payload: Any, request_id: str = "") -> Any:
+        start, failed = time.perf_counter(), True
+        try:
+            out = await self.runtime(payload)
+            failed = False
+            return out
+        finally:
+            _observe(self.metrics, self.pipeline, self.stage.name, "cpu", start, failed)
+
+    def status(self) -> dict:
+        return {"replica": _replica_name(), "stage": self.stage.name, "device": "cpu", "active_variant": "reference",
+                "attempts": self.runtime.attempts}
+
+
+@serve.deployment
+class LlmStageDeployment:
+    def __init__(self, pipeline_doc: dict, base_dir: str, stage_name: str, device: str):
+        from hetforge.serving.llm import LlmRuntime
+        from hetforge.serving.metrics import default_metrics
+
+        pipeline = _pipeline(pipeline_doc)
+        stage: LlmStage = pipeline.stage(stage_name)
+        tools = [{"name": t, "description": pipeline.stage(t).description} for t in (stage.agent_loop.tools if stage.agent_loop else [])]
+        self.pipeline, self.stage, self.device = pipeline.name, stage, device
+        self.runtime = LlmRuntime(stage, Path(base_dir), tools)
+        self.metrics = default_metrics()
+
+    async def __call__(self, payload: dict, request_id: str = "") -> dict:
+        start, failed = time.perf_counter(), True
+        try:
+            out = await self.runtime(payload, request_id)
+            failed = False
+            return out
+        finally:
+            _observe(self.metrics, self.pipeline, self.stage.name, self.device, start, failed)
+
+    async def stream(self, payload: dict, request_id: str = ""):
+        start, failed = time.perf_counter(), True
+        try:
+            async for delta in self.runtime.stream(payload, request_id):
+                yield delta
+            failed = False
+        finally:
+            _observe(self.metrics, self.pipeline, self.stage.name, self.device, start, failed)
+
+    def status(self) -> dict:
+        backend = "vllm" if self.stage.vllm else f"endpoint {self.stage.endpoint.base_url}"
+        return {"replica": _replica_name(), "stage": self.stage.name, "device": self.device, "active_variant": backend}
+
+    def __del__(self):
+        runtime = getattr(self, "runtime", None)
+        if runtime is not None:
+            runtime.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- ingress
+class HandleCaller:
+    """The pipeline walk's stage calls, through Ray Serve deployment handles."""
+
+    def __init__(self, handles: dict):
+        self.handles = handles
+
+    async def __call__(self, stage: str, payload: Any, request_id: str) -> Any:
+        return await self.handles[stage].remote(payload, request_id)
+
+    async def stream(self, stage: str, payload: Any, request_id: str):
+        async for delta in self.handles[stage].options(stream=True, method_name="stream").remote(payload, request_id):
+            yield delta
+
+
+api = FastAPI(title="hetforge", description="Pipelines served by hetforge on Ray Serve.")
+
+
+def _error(status: int, message: str, request_id: str, stage: str | None = None) -> JSONResponse:
+    return JSONResponse(PipelineError(status, message, request_id, stage).to_json(), status_code=status, headers={"x-request-id": request_id})
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(api)
+class PipelineIngress:
+    def __init__(self, pipeline_doc: dict, handles: dict, registry_path: str, metrics_dir: str):
+        from hetforge.serving.metrics import default_metrics
+
+        self.pipeline = _pipeline(pipeline_doc)
+        self.handles = handles
+        self.runner = PipelineRunner(self.pipeline, HandleCaller(handles))
+        self.registry_path, self.metrics_dir = registry_path, metrics_dir
+        self.metrics = default_metrics()
+        self.ends_in_llm = isinstance(self.pipeline.stage(self.pipeline.output), LlmStage)
+
+    def _check_name(self, name: str, request_id: str) -> JSONResponse | None:
+        if name != self.pipeline.name:
+            return _error(404, f"no pipeline {name!r} here; this deployment serves {self.pipeline.name!r}", request_id)
+        return None
+
+    async def _body(self, request: Request, request_id: str) -> dict | JSONResponse:
+        raw = await request.body()
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as err:
+            return _error(400, f"the body is not JSON: {err}", request_id)
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object, for example {\"input\": {...}}", request_id)
+        return body
+
+    def _count(self, started: float, ok: bool) -> None:
+        self.metrics.pipeline_requests.labels(self.pipeline.name, "ok" if ok else "error").inc()
+        if ok:
+            self.metrics.pipeline_latency.labels(self.pipeline.name).observe(time.perf_counter() - started)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "pipeline": self.pipeline.name}
+
+    @api.get("/metrics")
+    async def metrics_page(self) -> PlainTextResponse:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.metrics_dir)
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @api.post("/v1/pipelines/{name}/run")
+    async def run(self, name: str, request: Request):
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        started = time.perf_counter()
+        bad = self._check_name(name, request_id)
+        if bad is not None:
+            return bad
+        body = await self._body(request, request_id)
+        if isinstance(body, JSONResponse):
+            return body
+        if "input" not in body:
+            return _error(400, "the body needs an `input` field (the entry stage's input)", request_id)
+        unknown = sorted(set(body) - {"input", "stream"})
+        if unknown:
+            return _error(400, f"unknown field(s) {', '.join(unknown)}; the body takes `input` and `stream`", request_id)
+        if body.get("stream"):
+            if not self.ends_in_llm:
+                return _error(400, f"stream needs a pipeline whose output stage is an LLM; {self.pipeline.output} is not", request_id)
+            return StreamingResponse(self._sse(self.runner.stream(body["input"], request_id), request_id, started),
+                                     media_type="text/event-stream", headers={"x-request-id": request_id})
+        try:
+            result = await self.runner.run(body["input"], request_id)
+        except PipelineError as err:
+            self._count(started, False)
+            return JSONResponse(err.to_json(), status_code=err.status, headers={"x-request-id": request_id})
+        self._count(started, True)
+        return JSONResponse(result.to_json(), headers={"x-request-id": request_id})
+
+    async def _sse(self, deltas, request_id: str, started: float, openai_model: str | None = None):
+        ok = False
+        try:
+            async for delta in deltas:
+                if openai_model:
+                    chunk = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": openai_model,
+                             "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]}
+                else:
+                    chunk = {"request_id": request_id, "delta": delta}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            ok = True
+            if openai_model:
+                done = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": openai_model,
+                        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                yield f"data: {json.dumps(done)}\n\n"
+            yield "data: [DONE]\n\n"
+        except PipelineError as err:
+            yield f"data: {json.dumps(err.to_json())}\n\n"
+        finally:
+            self._count(started, ok)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        request_id = request.headers.get("x-request-id") or f"chatcmpl-{uuid.uuid4().hex}"
+        started = time.perf_counter()
+        if not self.ends_in_llm:
+            return _error(404, f"pipeline {self.pipeline.name} does not end in an LLM stage; use /v1/pipelines/{self.pipeline.name}/run",
+                          request_id)
+        body = await self._body(request, request_id)
+        if isinstance(body, JSONResponse):
+            return body
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return _error(400, "`messages` must be a non-empty list of {role, content}", request_id)
+        model = str(body.get("model") or self.pipeline.name)
+        pipeline_input = {"messages": messages}
+        if body.get("stream"):
+            return StreamingResponse(self._sse(self.runner.stream(pipeline_input, request_id), request_id, started, model),
+                                     media_type="text/event-stream", headers={"x-request-id": request_id})
+        try:
+            result = await self.runner.run(pipeline_input, request_id)
+        except PipelineError as err:
+            self._count(started, False)
+            return JSONResponse(err.to_json(), status_code=err.status, headers={"x-request-id": request_id})
+        self._count(started, True)
+        text = result.output.get("text", "") if isinstance(result.output, dict) else str(result.output)
+        return JSONResponse({"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                             "usage": None}, headers={"x-request-id": request_id})
+
+    @api.post("/v1/pipelines/{name}/stages/{stage}/swap")
+    async def swap(self, name: str, stage: str, request: Request):
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        bad = self._check_name(name, request_id)
+        if bad is not None:
+            return bad
+        body = await self._body(request, request_id)
+        if isinstance(body, JSONResponse):
+            return body
+        from hetforge.serving.swap_control import SwapError, request_swap
+
+        replicas = await self._replicas(stage)
+        try:
+            doc = await asyncio.to_thread(request_swap, self.registry_path, self.pipeline, stage, body.get("variant"), replicas,
+                                          float(body.get("wait_s", 30)))
+        except SwapError as err:
+            return _error(err.status, str(err), request_id, stage)
+        return JSONResponse(doc, status_code=200 if doc["ok"] else 409, headers={"x-request-id": request_id})
+
+    async def _replicas(self, stage: str) -> int:
+        try:
+            status = serve.status().applications[serve.get_replica_context().app_name].deployments[_deployment_name(stage)]
+            return max(1, sum(n for state, n in status.replica_states.items() if str(state).endswith("RUNNING")))
+        except Exception:  # noqa: BLE001 - status unavailable: wait for one report
+            return 1
+
+    @api.get("/v1/pipelines/{name}/status")
+    async def status(self, name: str):
+        request_id = uuid.uuid4().hex
+        bad = self._check_name(name, request_id)
+        if bad is not None:
+            return bad
+        stages = {}
+        for stage, handle in self.handles.items():
+            try:
+                stages[stage] = await handle.status.remote()
+            except Exception as err:  # noqa: BLE001
+                stages[stage] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        return {"pipeline": self.pipeline.name, "stages": stages}
+
+
+def _deployment_name(stage: str) -> str:
+    return f"stage-{stage}"
+
+
+def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], registry_path: str, metrics_dir: str):
+    """The bound application: `placement[stage]` = {"device": "cpu"|"cuda", "ray_actor_options": {...}}."""
+    doc = pipeline.model_dump(mode="json", by_alias=True)
+    handles = {}
+    for stage in pipeline.stages:
+        where = placement[stage.name]
+        options: dict[str, Any] = {"name": _deployment_name(stage.name), "ray_actor_options": where["ray_actor_options"]}
+        if isinstance(stage.replicas, int):
+            options["num_replicas"] = stage.replicas
+        else:
+            options["autoscaling_config"] = {"min_replicas": stage.replicas.min_replicas, "max_replicas": stage.replicas.max_replicas,
+                                             "target_ongoing_requests": stage.replicas.target_ongoing_requests}
+        if isinstance(stage, ModelStage):
+            batch = stage.batching.max_batch_size if stage.batching else 1
+            options["max_ongoing_requests"] = max(16, 2 * batch)
+            handles[stage.name] = ModelStageDeployment.options(**options).bind(doc, str(base_dir), stage.name, where["device"], registry_path)
+        elif isinstance(stage, ToolStage):
+            options["max_ongoing_requests"] = max(16, stage.concurrency)
+            handles[stage.name] = ToolStageDeployment.options(**options).bind(doc, str(base_dir), stage.name)
+        else:
+            options["max_ongoing_requests"] = 64
+            options["health_check_timeout_s"] = 120
+            handles[stage.name] = LlmStageDeployment.options(**options).bind(doc, str(base_dir), stage.name, where["device"])
+    return PipelineIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(doc, handles, registry_path, metrics_dir)

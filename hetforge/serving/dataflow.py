@@ -1,0 +1,278 @@
+"""One request's walk through a pipeline: argument bindings, branches, joins and agent loops.
+
+Plain asyncio over the spec; how a stage is called is injected (`StageCaller`: Ray Serve handles
+in production, coroutines in tests), so the walk is the same code everywhere.
+
+- Every stage reachable from the entry over data edges gets a task; a task waits for its upstream
+  stages, then runs when at least one incoming edge was taken (its condition held on the upstream
+  output) and is skipped otherwise (dead-path elimination). Independent branches run concurrently.
+- A stage's input: its `args` bindings when declared; else the request (entry), the upstream
+  output (one upstream that ran), or {upstream: output} (several).
+- An LLM stage with an agent loop is called with the conversation so far; when its answer names a
+  tool of the loop, that tool stage runs with the given arguments and the LLM is called again with
+  the result, up to `max_iterations` LLM calls.
+- Errors carry an HTTP status, the stage and the request id: 4xx for what the client sent, 5xx
+  for a stage that failed or timed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol
+
+from hetforge.spec.models import LlmStage, Pipeline
+
+_SKIPPED = object()
+
+
+class StageError(Exception):
+    """A stage could not answer: `status` is the HTTP status the request gets (400, 422, 500, 504)."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message, status)  # both in args: the error survives pickling across Ray processes
+        self.message, self.status = message, status
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PipelineError(Exception):
+    """A request failed: the status, the stage that failed (if one did) and the request id."""
+
+    def __init__(self, status: int, message: str, request_id: str, stage: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.request_id, self.stage = status, message, request_id, stage
+
+    def to_json(self) -> dict:
+        return {"error": {"message": self.message, "stage": self.stage, "request_id": self.request_id, "status": self.status}}
+
+
+class StageCaller(Protocol):
+    async def __call__(self, stage: str, payload: Any, request_id: str) -> Any: ...
+
+    def stream(self, stage: str, payload: Any, request_id: str) -> AsyncIterator[str]: ...
+
+
+@dataclass
+class RunResult:
+    request_id: str
+    output: Any
+    stages: dict[str, float] = field(default_factory=dict)  # stage -> ms (stages that ran)
+    skipped: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"request_id": self.request_id, "output": self.output,
+                "stages": {k: round(v, 3) for k, v in self.stages.items()}, "skipped": self.skipped}
+
+
+def lookup(value: Any, path: list[str]) -> Any:
+    """`value[a][b]...` for a dotted path; KeyError naming the missing part."""
+    for i, part in enumerate(path):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise KeyError(".".join(path[: i + 1]))
+    return value
+
+
+def condition_holds(when, output: Any) -> bool:
+    try:
+        value = lookup(output, when.field.split("."))
+    except KeyError:
+        return False
+    if when.one_of is not None:
+        return value in when.one_of
+    return value == when.equals
+
+
+class PipelineRunner:
+    """Runs requests through one pipeline with a given stage caller."""
+
+    def __init__(self, pipeline: Pipeline, caller: StageCaller):
+        self.pipeline, self.caller = pipeline, caller
+        self.preds: dict[str, list] = {s.name: [] for s in pipeline.stages}
+        for edge in pipeline.flow:
+            self.preds[edge.target].append(edge)
+        self.dag = self._reachable()
+        self.waits_for = {n: self._bound_stages(n) for n in self.dag}
+        self.llms = {s.name for s in pipeline.stages if isinstance(s, LlmStage)}
+        self.loops = {s.name: s.agent_loop for s in pipeline.stages if isinstance(s, LlmStage) and s.agent_loop}
+
+    def _reachable(self) -> list[str]:
+        seen, todo = [], [self.pipeline.entry]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.append(name)
+            todo.extend(e.target for e in self.pipeline.flow if e.source == name)
+        return [s.name for s in self.pipeline.stages if s.name in seen]
+
+    def _ancestors(self, name: str) -> set[str]:
+        seen, todo = set(), [e.source for e in self.preds[name]]
+        while todo:
+            up = todo.pop()
+            if up not in seen:
+                seen.add(up)
+                todo.extend(e.source for e in self.preds[up])
+        return seen
+
+    def _bound_stages(self, name: str) -> list[str]:
+        """Stages whose output `name`'s args bind: they must be upstream of it (else ValueError naming both)."""
+        stage = self.pipeline.stage(name)
+        heads = {ref.split(".")[0] for ref in (stage.args or {}).values()} - {"request"}
+        later = sorted(heads - self._ancestors(name))
+        if later:
+            raise ValueError(f"stage {name}: args bind {', '.join(later)}, which {'is' if len(later) == 1 else 'are'} not upstream of it "
+                             "in the flow; a stage can only take the output of a stage that runs before it")
+        return sorted(heads)
+
+    # ------------------------------------------------------------------ inputs
+    def stage_input(self, name: str, request: Any, outputs: dict[str, Any], taken: list[str], request_id: str) -> Any:
+        stage = self.pipeline.stage(name)
+        if stage.args:
+            bound = {}
+            for arg, ref in stage.args.items():
+                head, *path = ref.split(".")
+                if head == "request":
+                    source = request
+                elif head in outputs and outputs[head] is not _SKIPPED and not isinstance(outputs[head], tuple):
+                    source = outputs[head]
+                else:  # a branch not taken for this request: the argument is null
+                    bound[arg] = None
+                    continue
+                try:
+                    bound[arg] = lookup(source, path)
+                except KeyError as err:
+                    status = 400 if head == "request" else 500
+                    raise PipelineError(status, f"stage {name}: argument {arg} = {ref}: {head} has no field {err.args[0]!r}",
+                                        request_id, name) from None
+            return bound
+        if name == self.pipeline.entry:
+            return request
+        if len(taken) == 1:
+            return outputs[taken[0]]
+        return {t: outputs[t] for t in taken}
+
+    # ------------------------------------------------------------------ calls
+    async def _call(self, name: str, payload: Any, request_id: str) -> Any:
+        try:
+            return await self.caller(name, payload, request_id)
+        except PipelineError:
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever a stage raised becomes a located 5xx (or its own status)
+            raise _located(err, name, request_id) from None
+
+    async def _run_stage(self, name: str, payload: Any, request_id: str) -> Any:
+        loop = self.loops.get(name)
+        if loop is None:
+            if name in self.llms:
+                payload = {"input": payload, "history": []}
+            return await self._call(name, payload, request_id)
+        history: list[dict] = []
+        out: Any = None
+        for _ in range(loop.max_iterations):
+            out = await self._call(name, {"input": payload, "history": history}, request_id)
+            call = out.get("tool_call") if isinstance(out, dict) else None
+            if not call or call.get("name") not in loop.tools:
+                break
+            args = call.get("arguments") if isinstance(call.get("arguments"), dict) else {}
+            try:
+                result = await self._call(call["name"], args, request_id)
+            except PipelineError as err:
+                if err.status == 504:
+                    raise
+                result = {"error": err.message}  # the LLM sees the tool's error and may try again
+            history += [{"role": "assistant", "content": out.get("text", "")},
+                        {"role": "tool", "content": json.dumps({"tool": call["name"], "result": result}, default=str)[:20_000]}]
+        return out
+
+    async def _walk(self, request: Any, request_id: str, stop_before: str | None = None) -> tuple[dict, dict[str, float]]:
+        outputs: dict[str, Any] = {}
+        timings: dict[str, float] = {}
+        done: dict[str, asyncio.Future] = {n: asyncio.get_running_loop().create_future() for n in self.dag}
+
+        async def node(name: str) -> None:
+            try:
+                for up in self.waits_for[name]:
+                    if up in done:
+                        await asyncio.shield(done[up])
+                taken = []
+                for edge in self.preds[name]:
+                    if edge.source not in done:
+                        continue
+                    up = await done[edge.source]
+                    if up is not _SKIPPED and (edge.when is None or condition_holds(edge.when, up)):
+                        taken.append(edge.source)
+                if name != self.pipeline.entry and not taken:
+                    outputs[name] = _SKIPPED
+                    done[name].set_result(_SKIPPED)
+                    return
+                payload = self.stage_input(name, request, outputs, taken, request_id)
+                if name == stop_before:  # streaming: the caller runs this one
+                    outputs[name] = ("__input__", payload)
+                    done[name].set_result(_SKIPPED)
+                    return
+                start = time.perf_counter()
+                outputs[name] = await self._run_stage(name, payload, request_id)
+                timings[name] = (time.perf_counter() - start) * 1e3
+                done[name].set_result(outputs[name])
+            except BaseException as err:
+                if not done[name].done():
+                    done[name].set_exception(err)
+                raise
+
+        tasks = [asyncio.create_task(node(n)) for n in self.dag]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for f in done.values():  # an upstream failure: its dependants' futures hold it; retrieve it once
+                if f.done() and not f.cancelled():
+                    f.exception()
+        return outputs, timings
+
+    async def run(self, request: Any, request_id: str) -> RunResult:
+        outputs, timings = await self._walk(request, request_id)
+        return self._result(outputs, timings, request_id)
+
+    def _result(self, outputs: dict, timings: dict, request_id: str) -> RunResult:
+        out_name = self.pipeline.output
+        value = outputs.get(out_name, _SKIPPED)
+        if value is _SKIPPED:
+            ran = ", ".join(timings) or "none"
+            raise PipelineError(500, f"no branch reached the output stage {out_name} (stages that ran: {ran})", request_id, out_name)
+        return RunResult(request_id, value, timings, [n for n in self.dag if outputs.get(n) is _SKIPPED])
+
+    async def stream(self, request: Any, request_id: str) -> AsyncIterator[str]:
+        """Text deltas of the output LLM stage, after every stage before it ran (agent loops are not streamed)."""
+        out_name = self.pipeline.output
+        if out_name in self.loops:
+            result = await self.run(request, request_id)
+            yield (result.output or {}).get("text", "") if isinstance(result.output, dict) else str(result.output)
+            return
+        outputs, _ = await self._walk(request, request_id, stop_before=out_name)
+        marked = outputs.get(out_name)
+        if not isinstance(marked, tuple) or marked[0] != "__input__":
+            raise PipelineError(500, f"no branch reached the output stage {out_name}", request_id, out_name)
+        try:
+            async for delta in self.caller.stream(out_name, {"input": marked[1], "history": []}, request_id):
+                yield delta
+        except PipelineError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            raise _located(err, out_name, request_id) from None
+
+
+def _located(err: Exception, stage: str, request_id: str) -> PipelineError:
+    """A stage's exception as a PipelineError: a StageError keeps its status and message; others are 500s."""
+    cause = getattr(err, "cause", None) or err  # Ray wraps a replica's exception; .cause is the original
+    if isinstance(cause, StageError):
+        return PipelineError(cause.status, cause.message[:2000], request_id, stage)
+    return PipelineError(500, f"stage {stage} failed: {type(cause).__name__}: {cause}"[:2000], request_id, stage)

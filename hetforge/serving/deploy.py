@@ -1,0 +1,203 @@
+"""`hetforge serve | status | down`: deploy a pipeline on Ray Serve where the planner put its stages.
+
+With no address, Ray starts locally in this process (the embedded default) and the deployment
+lives as long as `hetforge serve` runs; `--address` deploys on a running cluster and returns.
+Either way a state file, `$HETFORGE_HOME/serve/<pipeline>.json`, records where it runs (Ray's GCS
+address, the HTTP address, the metrics folder, the serving process) for `status` and `down`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hetforge.config import home_dir
+from hetforge.spec.models import LlmStage, ModelStage, Pipeline
+
+# Logical CPU requests of a replica on the embedded default; Ray counts them, the OS shares the cores.
+CPU_REQUEST = {"model": 1.0, "llm": 1.0, "tool": 0.1}
+
+
+@dataclass
+class Deployment:
+    pipeline: str
+    pipeline_file: str
+    url: str
+    gcs_address: str
+    metrics_dir: str
+    registry_path: str
+    pid: int
+    embedded: bool
+    placement: dict
+
+    def save(self) -> Path:
+        path = state_path(self.pipeline)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+
+def state_path(pipeline: str) -> Path:
+    return home_dir() / "serve" / f"{pipeline}.json"
+
+
+def load_state(pipeline: str | None = None) -> list[Deployment]:
+    folder = home_dir() / "serve"
+    files = [state_path(pipeline)] if pipeline else sorted(folder.glob("*.json")) if folder.is_dir() else []
+    return [Deployment(**json.loads(f.read_text())) for f in files if f.is_file()]
+
+
+def placement_for(pipeline: Pipeline, base_dir: Path, inventory=None) -> tuple[dict[str, dict], list[str]]:
+    """Per stage: device ("cpu" or "cuda"), device class and ray_actor_options, from the planner's plan.
+
+    LLM and tool stages keep the device the plan gives them; a stage with no profile is planned on
+    its declared or estimated costs. Returns the placement and the plan's notes.
+    """
+    from hetforge.planners import devices
+    from hetforge.planners.plan import build_plan
+    from hetforge.planners.profiles import ProfileCache
+
+    inventory = inventory or devices.local_inventory()
+    plan = build_plan(pipeline, base_dir, inventory, "latency", ProfileCache())
+    placement = {}
+    for stage in pipeline.stages:
+        planned = plan.stages[stage.name]
+        options = dict(planned.ray_actor_options)
+        on_gpu = options.get("num_gpus", 0) > 0
+        if not on_gpu:
+            options["num_cpus"] = CPU_REQUEST[stage.kind]
+        elif isinstance(stage, LlmStage) and stage.vllm is None:
+            options = {"num_cpus": CPU_REQUEST["tool"]}  # an endpoint client holds no device
+            on_gpu = False
+        placement[stage.name] = {"device": "cuda" if on_gpu else "cpu", "device_class": planned.device, "ray_actor_options": options}
+    return placement, plan.notes
+
+
+def _ray_init(address: str | None, metrics_dir: Path, placement: dict) -> None:
+    import ray
+
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "HETFORGE_HOME": str(home_dir()),
+           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    kwargs: dict = {"namespace": "hetforge", "runtime_env": {"env_vars": env}, "log_to_driver": os.environ.get("HETFORGE_RAY_LOGS") == "1"}
+    if address:
+        ray.init(address=address, **kwargs)
+        return
+    wanted = sum(p["ray_actor_options"].get("num_cpus", 1) for p in placement.values()) + 0.5
+    temp = Path(os.environ.get("HETFORGE_RAY_TMP", f"/tmp/hetforge-ray-{os.getuid()}"))
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)), include_dashboard=False, _temp_dir=str(temp), **kwargs)
+
+
+def deploy(pipeline_file: Path, address: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+           registry_path: str | None = None, placement: dict | None = None) -> Deployment:
+    """Deploy the pipeline and wait until every replica is up; the returned record is saved for status/down."""
+    from ray import serve
+
+    from hetforge.kernels.registry import default_path
+    from hetforge.serving.app import build_app
+    from hetforge.spec import load_pipeline
+
+    pipeline = load_pipeline(pipeline_file)
+    base_dir = pipeline_file.resolve().parent
+    _check_servable(pipeline, base_dir)
+    if placement is None:
+        placement, _ = placement_for(pipeline, base_dir)
+    metrics_dir = home_dir() / "serve" / f"{pipeline.name}.metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # counters of an earlier deployment must not add up with these
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    registry_path = registry_path or str(default_path())
+    _ray_init(address, metrics_dir, placement)
+    import ray
+
+    serve.start(http_options={"host": host, "port": port})
+    app = build_app(pipeline, base_dir, placement, registry_path, str(metrics_dir))
+    serve.run(app, name=pipeline.name, route_prefix="/", blocking=False)
+    record = Deployment(pipeline.name, str(pipeline_file.resolve()), f"http://{host}:{port}", ray.get_runtime_context().gcs_address,
+                        str(metrics_dir), registry_path, os.getpid(), address is None, placement)
+    record.save()
+    return record
+
+
+def _check_servable(pipeline: Pipeline, base_dir: Path) -> None:
+    from hetforge.serving.dataflow import PipelineRunner
+
+    problems = []
+    try:
+        PipelineRunner(pipeline, caller=None)
+    except ValueError as err:
+        problems.append(str(err))
+    for stage in pipeline.stages:
+        if isinstance(stage, ModelStage) and stage.problem_file is None:
+            problems.append(f"stage {stage.name}: serving a model stage given by `module` is not supported yet; give a `problem_file`")
+        if isinstance(stage, LlmStage) and stage.vllm is not None:
+            folder = base_dir / stage.vllm.model
+            if stage.vllm.model.startswith(("models/", "./", "../")) and not folder.is_dir():
+                problems.append(f"stage {stage.name}: model folder {folder} does not exist "
+                                "(the examples' tiny model: `python scripts/build_tiny_llm.py`)")
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def wait_until_running(record: Deployment, timeout_s: float = 600, poll_s: float = 1.0) -> None:
+    """Block until the application is RUNNING; RuntimeError with Serve's message when it fails."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = serve.status().applications.get(record.pipeline)
+        state = str(status.status) if status else "NOT_STARTED"
+        if state.endswith("RUNNING"):
+            return
+        if state.endswith("DEPLOY_FAILED") or state.endswith("UNHEALTHY"):
+            details = "; ".join(f"{n}: {d.message}" for n, d in status.deployments.items() if d.message)
+            raise RuntimeError(f"deployment of {record.pipeline} failed: {status.message or details}"[:4000])
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"deployment of {record.pipeline} not running after {timeout_s:g} s (state {state})")
+        time.sleep(poll_s)
+
+
+def status(pipeline: str | None = None) -> list[dict]:
+    """Deployments, their replicas' devices and active variants, from Serve and the replicas themselves."""
+    import httpx
+
+    out = []
+    for record in load_state(pipeline):
+        doc = {"pipeline": record.pipeline, "url": record.url, "embedded": record.embedded, "pid": record.pid}
+        try:
+            reply = httpx.get(f"{record.url}/v1/pipelines/{record.pipeline}/status", timeout=10)
+            doc["stages"] = reply.json().get("stages", {})
+            doc["state"] = "RUNNING" if reply.status_code == 200 else f"HTTP {reply.status_code}"
+        except httpx.HTTPError as err:
+            doc["state"], doc["stages"] = f"unreachable ({type(err).__name__})", {}
+        for name, where in record.placement.items():
+            doc["stages"].setdefault(name, {})
+            doc["stages"][name]["planned"] = where["device_class"]
+        out.append(doc)
+    return out
+
+
+def down(pipeline: str | None = None) -> list[str]:
+    """Delete the deployments (and stop the embedded serving process); the state files go."""
+    import ray
+    from ray import serve
+
+    stopped = []
+    for record in load_state(pipeline):
+        if record.embedded:
+            try:
+                os.kill(record.pid, signal.SIGTERM)  # `hetforge serve` shuts Serve and Ray down on SIGTERM
+            except ProcessLookupError:
+                pass
+        else:
+            ray.init(address=record.gcs_address, namespace="hetforge", log_to_driver=False, ignore_reinit_error=True)
+            serve.delete(record.pipeline)
+        state_path(record.pipeline).unlink(missing_ok=True)
+        stopped.append(record.pipeline)
+    return stopped

@@ -1,0 +1,92 @@
+"""Tool stages: a Python callable or an HTTP endpoint, with a timeout, retries and a concurrency limit.
+
+The stage's input is the call's arguments: a JSON object is passed as keyword arguments (checked
+against the function's signature first, so a mismatch is the client's 422, not a retried error),
+anything else as the one positional argument. Each attempt has `timeout_s`; a failed or timed-out
+attempt is retried `retries` times; then the stage answers 504 (timeouts) or 500 (errors). At most
+`concurrency` calls run at once per replica; the others wait their turn.
+
+A synchronous callable runs in a worker thread. A thread cannot be killed: an attempt that times
+out is abandoned, not stopped, and keeps its thread until it returns. Tools that may hang should
+be `async def` (cancelled on timeout) or HTTP endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+from hetforge.serving.dataflow import StageError
+from hetforge.serving.model_io import resolve_function
+
+
+class ToolRuntime:
+    def __init__(self, stage, base_dir: Path):
+        self.stage = stage
+        self.fn = resolve_function(stage.callable, base_dir) if stage.callable else None
+        self._sem: asyncio.Semaphore | None = None
+        self._client = None
+        self.attempts = 0  # every attempt made, for tests and status
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        if self._sem is None:  # created inside the serving event loop
+            self._sem = asyncio.Semaphore(self.stage.concurrency)
+        return self._sem
+
+    def _bind(self, payload: Any) -> tuple[tuple, dict]:
+        args, kwargs = ((), dict(payload)) if isinstance(payload, dict) else ((payload,), {})
+        try:
+            inspect.signature(self.fn).bind(*args, **kwargs)
+        except TypeError as err:
+            shown = ", ".join(kwargs) if kwargs else type(payload).__name__
+            raise StageError(f"tool {self.stage.name}: arguments ({shown}) do not fit {self.fn.__name__}{inspect.signature(self.fn)}: {err}",
+                             422) from None
+        return args, kwargs
+
+    async def _once(self, payload: Any) -> Any:
+        if self.fn is not None:
+            args, kwargs = self._bind(payload)
+            if inspect.iscoroutinefunction(self.fn):
+                return await self.fn(*args, **kwargs)
+            return await asyncio.to_thread(self.fn, *args, **kwargs)
+        return await self._http(payload)
+
+    async def _http(self, payload: Any) -> Any:
+        import httpx
+
+        http = self.stage.http
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.stage.timeout_s)
+        headers = {name: os.environ.get(env, "") for name, env in http.headers_env.items()}
+        if http.method == "GET":
+            response = await self._client.get(http.url, params=payload if isinstance(payload, dict) else {"input": payload}, headers=headers)
+        else:
+            response = await self._client.post(http.url, json=payload, headers=headers)
+        if 400 <= response.status_code < 500:
+            raise StageError(f"tool {self.stage.name}: {http.url} answered {response.status_code}: {response.text[:300]}", 422)
+        response.raise_for_status()
+        return response.json()
+
+    async def __call__(self, payload: Any) -> Any:
+        timeout, tries = self.stage.timeout_s, self.stage.retries + 1
+        timeouts, last = 0, None
+        async with self._semaphore():
+            for _ in range(tries):
+                self.attempts += 1
+                try:
+                    return await asyncio.wait_for(self._once(payload), timeout)
+                except StageError as err:
+                    if err.status < 500:
+                        raise  # the arguments are wrong: another attempt would fail the same way
+                    last = err
+                except (TimeoutError, asyncio.TimeoutError):
+                    timeouts += 1
+                except Exception as err:  # noqa: BLE001 - the tool's own failure: retried, then reported
+                    last = err
+        if timeouts == tries:
+            raise StageError(f"tool {self.stage.name}: timed out after {timeout:g} s on all {tries} attempt(s)", 504)
+        detail = f"{type(last).__name__}: {last}" if last is not None else "timed out"
+        raise StageError(f"tool {self.stage.name}: failed on all {tries} attempt(s) ({timeouts} timed out); last: {detail}"[:2000], 500)
