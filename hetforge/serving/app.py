@@ -190,8 +190,15 @@ class HandleCaller:
 api = FastAPI(title="hetforge", description="Pipelines served by hetforge on Ray Serve.")
 
 
+def _request_id(request: Request) -> str:
+    """Ray Serve's request id: the client's X-Request-ID when sent, else the proxy's; the proxy returns it as a header."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id or request.headers.get("x-request-id") or uuid.uuid4().hex
+
+
 def _error(status: int, message: str, request_id: str, stage: str | None = None) -> JSONResponse:
-    return JSONResponse(PipelineError(status, message, request_id, stage).to_json(), status_code=status, headers={"x-request-id": request_id})
+    return JSONResponse(PipelineError(status, message, request_id, stage).to_json(), status_code=status)
 
 
 @serve.deployment(max_ongoing_requests=256)
@@ -242,7 +249,7 @@ class PipelineIngress:
 
     @api.post("/v1/pipelines/{name}/run")
     async def run(self, name: str, request: Request):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = _request_id(request)
         started = time.perf_counter()
         bad = self._check_name(name, request_id)
         if bad is not None:
@@ -259,14 +266,14 @@ class PipelineIngress:
             if not self.ends_in_llm:
                 return _error(400, f"stream needs a pipeline whose output stage is an LLM; {self.pipeline.output} is not", request_id)
             return StreamingResponse(self._sse(self.runner.stream(body["input"], request_id), request_id, started),
-                                     media_type="text/event-stream", headers={"x-request-id": request_id})
+                                     media_type="text/event-stream")
         try:
             result = await self.runner.run(body["input"], request_id)
         except PipelineError as err:
             self._count(started, False)
-            return JSONResponse(err.to_json(), status_code=err.status, headers={"x-request-id": request_id})
+            return JSONResponse(err.to_json(), status_code=err.status)
         self._count(started, True)
-        return JSONResponse(result.to_json(), headers={"x-request-id": request_id})
+        return JSONResponse(result.to_json())
 
     async def _sse(self, deltas, request_id: str, started: float, openai_model: str | None = None):
         ok = False
@@ -291,7 +298,7 @@ class PipelineIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        request_id = request.headers.get("x-request-id") or f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = _request_id(request)
         started = time.perf_counter()
         if not self.ends_in_llm:
             return _error(404, f"pipeline {self.pipeline.name} does not end in an LLM stage; use /v1/pipelines/{self.pipeline.name}/run",
@@ -306,21 +313,21 @@ class PipelineIngress:
         pipeline_input = {"messages": messages}
         if body.get("stream"):
             return StreamingResponse(self._sse(self.runner.stream(pipeline_input, request_id), request_id, started, model),
-                                     media_type="text/event-stream", headers={"x-request-id": request_id})
+                                     media_type="text/event-stream")
         try:
             result = await self.runner.run(pipeline_input, request_id)
         except PipelineError as err:
             self._count(started, False)
-            return JSONResponse(err.to_json(), status_code=err.status, headers={"x-request-id": request_id})
+            return JSONResponse(err.to_json(), status_code=err.status)
         self._count(started, True)
         text = result.output.get("text", "") if isinstance(result.output, dict) else str(result.output)
         return JSONResponse({"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                             "usage": None}, headers={"x-request-id": request_id})
+                             "usage": None})
 
     @api.post("/v1/pipelines/{name}/stages/{stage}/swap")
     async def swap(self, name: str, stage: str, request: Request):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = _request_id(request)
         bad = self._check_name(name, request_id)
         if bad is not None:
             return bad
@@ -335,14 +342,13 @@ class PipelineIngress:
                                           float(body.get("wait_s", 30)))
         except SwapError as err:
             return _error(err.status, str(err), request_id, stage)
-        return JSONResponse(doc, status_code=200 if doc["ok"] else 409, headers={"x-request-id": request_id})
+        return JSONResponse(doc, status_code=200 if doc["ok"] else 409)
 
     async def _replicas(self, stage: str) -> int:
-        try:
-            status = serve.status().applications[serve.get_replica_context().app_name].deployments[_deployment_name(stage)]
-            return max(1, sum(n for state, n in status.replica_states.items() if str(state).endswith("RUNNING")))
-        except Exception:  # noqa: BLE001 - status unavailable: wait for one report
-            return 1
+        """Replicas of the stage alive now, from their heartbeats in the registry file (at least 1)."""
+        from hetforge.serving.swap_control import SwapBoard
+
+        return max(1, len(await asyncio.to_thread(SwapBoard(self.registry_path).alive, self.pipeline.name, stage)))
 
     @api.get("/v1/pipelines/{name}/status")
     async def status(self, name: str):

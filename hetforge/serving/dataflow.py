@@ -176,11 +176,11 @@ class PipelineRunner:
             return await self._call(name, payload, request_id)
         history: list[dict] = []
         out: Any = None
-        for _ in range(loop.max_iterations):
+        for turn in range(loop.max_iterations):
             out = await self._call(name, {"input": payload, "history": history}, request_id)
             call = out.get("tool_call") if isinstance(out, dict) else None
-            if not call or call.get("name") not in loop.tools:
-                break
+            if not call or call.get("name") not in loop.tools or turn == loop.max_iterations - 1:
+                break  # an answer, or the last LLM call allowed: no tool runs after it
             args = call.get("arguments") if isinstance(call.get("arguments"), dict) else {}
             try:
                 result = await self._call(call["name"], args, request_id)

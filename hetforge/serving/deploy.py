@@ -79,7 +79,16 @@ def placement_for(pipeline: Pipeline, base_dir: Path, inventory=None) -> tuple[d
     return placement, plan.notes
 
 
-def _ray_init(address: str | None, metrics_dir: Path, placement: dict) -> None:
+def _cpus_wanted(pipeline: Pipeline, placement: dict) -> float:
+    """Logical CPUs every replica at its most, plus the ingress and Serve's own actors."""
+    total = 0.5
+    for stage in pipeline.stages:
+        count = stage.replicas if isinstance(stage.replicas, int) else stage.replicas.max_replicas
+        total += count * placement[stage.name]["ray_actor_options"].get("num_cpus", 1)
+    return total
+
+
+def _ray_init(address: str | None, metrics_dir: Path, cpus_wanted: float) -> None:
     import ray
 
     env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "HETFORGE_HOME": str(home_dir()),
@@ -89,9 +98,8 @@ def _ray_init(address: str | None, metrics_dir: Path, placement: dict) -> None:
     if address:
         ray.init(address=address, **kwargs)
         return
-    wanted = sum(p["ray_actor_options"].get("num_cpus", 1) for p in placement.values()) + 0.5
     temp = Path(os.environ.get("HETFORGE_RAY_TMP", f"/tmp/hetforge-ray-{os.getuid()}"))
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(wanted)), include_dashboard=False, _temp_dir=str(temp), **kwargs)
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_wanted)), include_dashboard=False, _temp_dir=str(temp), **kwargs)
 
 
 def deploy(pipeline_file: Path, address: str | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -113,7 +121,7 @@ def deploy(pipeline_file: Path, address: str | None = None, host: str = "127.0.0
     metrics_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     registry_path = registry_path or str(default_path())
-    _ray_init(address, metrics_dir, placement)
+    _ray_init(address, metrics_dir, _cpus_wanted(pipeline, placement))
     import ray
 
     serve.start(http_options={"host": host, "port": port})

@@ -30,7 +30,13 @@ CREATE TABLE IF NOT EXISTS swap_reports (
     reason TEXT, reported_at REAL NOT NULL,
     PRIMARY KEY (request_id, replica)
 );
+CREATE TABLE IF NOT EXISTS replicas (  -- heartbeats: which replicas of a stage are alive, and what they run
+    pipeline TEXT NOT NULL, stage TEXT NOT NULL, replica TEXT NOT NULL,
+    active_variant TEXT NOT NULL, seen_at REAL NOT NULL,
+    PRIMARY KEY (pipeline, stage, replica)
+);
 """
+HEARTBEAT_S = 1.0  # a replica writes its heartbeat this often; one silent for 5 heartbeats is counted gone
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,17 @@ class SwapBoard:
     def report(self, request_id: int, replica: str, outcome: str, reason: str = "") -> None:
         with self._db() as db:
             db.execute("INSERT OR REPLACE INTO swap_reports VALUES (?, ?, ?, ?, ?)", (request_id, replica, outcome, reason, time.time()))
+
+    def heartbeat(self, pipeline: str, stage: str, replica: str, active_variant: str) -> None:
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO replicas VALUES (?, ?, ?, ?, ?)", (pipeline, stage, replica, active_variant, time.time()))
+
+    def alive(self, pipeline: str, stage: str, within_s: float = 5 * HEARTBEAT_S) -> dict[str, str]:
+        """replica -> active variant, for the replicas of a stage heard from within `within_s`."""
+        with self._db() as db:
+            rows = db.execute("SELECT replica, active_variant FROM replicas WHERE pipeline = ? AND stage = ? AND seen_at >= ?",
+                              (pipeline, stage, time.time() - within_s)).fetchall()
+        return dict(rows)
 
     def reports(self, request_id: int) -> list[SwapReport]:
         with self._db() as db:
@@ -122,6 +139,7 @@ def request_swap(registry_path: str | Path | None, pipeline, stage: str, variant
         if found.status != "active":
             raise SwapError(f"swap refused: variant {variant} is {found.status}, not active (verified and approved)", 409)
     board = SwapBoard(registry_path)
+    replicas = max(replicas, len(board.alive(pipeline.name, stage)))
     request_id = board.request(pipeline.name, stage, variant, requested_by="api")
     reports = board.wait(request_id, replicas, wait_s)
     return {"ok": bool(reports) and all(r.outcome == "swapped" for r in reports), "request_id": request_id, "stage": stage,
@@ -165,8 +183,12 @@ class SwapWatcher:
         return SwapReport(request_id, self.replica, outcome, reason)
 
     def _loop(self) -> None:
+        last_beat = 0.0
         while not self._stop.wait(self.interval_s):
             try:
+                if time.monotonic() - last_beat >= HEARTBEAT_S:
+                    self.board.heartbeat(self.runtime.pipeline, self.runtime.stage, self.replica, self.runtime.active_variant)
+                    last_beat = time.monotonic()
                 self.poll_once()
             except Exception:  # noqa: BLE001 - a broken poll (locked file, ...) must not kill the replica; next poll retries
                 continue

@@ -1,0 +1,266 @@
+"""The real parts, started here: Ray Serve on a local instance, vLLM's CPU engine on the tiny model,
+and a Prometheus server scraping the ingress. One deployment serves every test of this module."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("ray.serve")
+pytest.importorskip("vllm")
+httpx = pytest.importorskip("httpx")
+
+from tests.conftest import REPO  # noqa: E402
+
+PIPELINE = REPO / "tests" / "data" / "serving" / "pipeline.yaml"
+CLASSIFIER = REPO / "tests" / "data" / "serving" / "models" / "classifier.py"
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+SAME = '''
+import torch
+import torch.nn as nn
+
+
+class ModelNew(nn.Module):
+    """The classifier through addmm: the same function, another kernel sequence."""
+
+    def __init__(self, d_in=16, hidden=32):
+        super().__init__()
+        self.hidden = nn.Linear(d_in, hidden)
+        self.out = nn.Linear(hidden, 2)
+
+    def forward(self, x):
+        h = torch.relu(torch.addmm(self.hidden.bias, x, self.hidden.weight.t()))
+        return torch.addmm(self.out.bias, h, self.out.weight.t())
+'''
+WRONG = SAME.replace("return torch.addmm(self.out.bias, h, self.out.weight.t())", "return torch.addmm(self.out.bias, h, self.out.weight.t()) * 1.5")
+ACCEPTED = {"verdict": "accepted", "needs_review": False, "speedup": 1.4, "reference_ms": 1.0, "candidate_ms": 0.71}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prometheus_binary() -> str | None:
+    return shutil.which("prometheus")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Deploy tests/data/serving/pipeline.yaml; yield (url, home, registry)."""
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_llm.py")], check=True, capture_output=True, timeout=300)
+    home = tmp_path_factory.mktemp("home")
+    saved = {k: os.environ.get(k) for k in ("HETFORGE_HOME", "HETFORGE_RAY_TMP", "PROMETHEUS_MULTIPROC_DIR")}
+    os.environ["HETFORGE_HOME"] = str(home)
+    os.environ["HETFORGE_RAY_TMP"] = f"/tmp/hf-ray-{os.getpid()}"
+    from hetforge.kernels.registry import Registry, source_fingerprint
+    from hetforge.serving import deploy as dep
+
+    registry = Registry(home / "registry.sqlite")
+    fingerprint = source_fingerprint(CLASSIFIER.read_text())
+    ids = {name: registry.add(fingerprint=fingerprint, device_class="cpu", precision="strict", name=name, agent="test", source=src,
+                              verdict=ACCEPTED, recipe={"kind": "module"}).id
+           for name, src in (("addmm", SAME), ("wrong", WRONG))}
+    ids["pending"] = registry.add(fingerprint=fingerprint, device_class="cpu", precision="strict", name="pending", agent="test", source=SAME,
+                                  verdict={**ACCEPTED, "needs_review": True}, recipe={"kind": "module"}).id
+    port = _free_port()
+    record = dep.deploy(PIPELINE, port=port, registry_path=str(home / "registry.sqlite"))
+    try:
+        dep.wait_until_running(record, timeout_s=600)
+        yield {"url": record.url, "home": home, "ids": ids, "record": record}
+    finally:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run(url: str, body: dict, timeout: float = 60) -> httpx.Response:
+    return httpx.post(f"{url}/v1/pipelines/serve-test/run", json=body, timeout=timeout)
+
+
+def _x(seed: int = 0) -> list:
+    return torch.randn(1, 16, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_request_runs_every_stage_with_a_request_id(served):
+    reply = _run(served["url"], {"input": {"x": _x()}})
+    assert reply.status_code == 200, reply.text
+    doc = reply.json()
+    assert set(doc["stages"]) == {"prepare", "classify", "reply"}
+    assert isinstance(doc["output"]["text"], str) and doc["request_id"] == reply.headers["x-request-id"]
+    again = httpx.post(f"{served['url']}/v1/pipelines/serve-test/run", json={"input": {"x": _x()}}, headers={"x-request-id": "mine-1"}, timeout=60)
+    assert again.json()["request_id"] == "mine-1"
+    assert httpx.get(f"{served['url']}/healthz").json() == {"status": "ok", "pipeline": "serve-test"}
+
+
+def test_streaming_and_openai_chat_completions(served):
+    with httpx.stream("POST", f"{served['url']}/v1/pipelines/serve-test/run", json={"input": {"x": _x(1)}, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) >= 2
+    assert all("delta" in json.loads(e) for e in events[:-1])
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{served['url']}/v1", api_key="unused")
+    # the chat input goes to the entry stage: this pipeline's entry wants `x`, so a chat request is the client's error
+    with pytest.raises(Exception) as caught:
+        client.chat.completions.create(model="serve-test", messages=[{"role": "user", "content": "hi"}])
+    assert "x" in str(caught.value) and getattr(caught.value, "status_code", 0) in (400, 422)
+
+
+def test_malformed_requests_get_4xx_with_the_reason(served):
+    url = served["url"]
+    bad_json = httpx.post(f"{url}/v1/pipelines/serve-test/run", content=b"{not json", timeout=30)
+    assert bad_json.status_code == 400 and "not JSON" in bad_json.json()["error"]["message"]
+    assert _run(url, {"inptu": {}}).status_code == 400
+    wrong_shape = _run(url, {"input": {"x": [[1.0, 2.0]]}})
+    assert wrong_shape.status_code == 422
+    err = wrong_shape.json()["error"]
+    assert err["stage"] == "classify" and "dimension 1 must be 16" in err["message"] and err["request_id"]
+    missing_arg = _run(url, {"input": {"y": 1}})
+    assert missing_arg.status_code == 422 and missing_arg.json()["error"]["stage"] == "prepare"
+    assert httpx.post(f"{url}/v1/pipelines/nope/run", json={"input": {}}, timeout=30).status_code == 404
+
+
+def test_stage_that_raises_is_a_located_5xx_and_the_replica_keeps_serving(served):
+    url = served["url"]
+    failed = _run(url, {"input": {"x": _x(), "fail": True}})
+    assert failed.status_code == 500
+    err = failed.json()["error"]
+    assert err["stage"] == "prepare" and "asked to fail" in err["message"] and err["request_id"] == failed.headers["x-request-id"]
+    assert "2 attempt" in err["message"]  # retried once, then reported
+    assert _run(url, {"input": {"x": _x()}}).status_code == 200  # same replicas, still serving
+
+
+def test_tool_timeout_is_retried_then_reported_504(served):
+    start = time.monotonic()
+    slow = _run(served["url"], {"input": {"x": _x(), "sleep_s": 5}})
+    assert slow.status_code == 504
+    assert "timed out after 0.5 s on all 2 attempt(s)" in slow.json()["error"]["message"]
+    assert time.monotonic() - start < 4  # two 0.5 s attempts, not the tool's 5 s
+
+
+def test_swap_refusals_name_the_reason(served):
+    url, ids = served["url"], served["ids"]
+
+    def swap(stage, variant):
+        return httpx.post(f"{url}/v1/pipelines/serve-test/stages/{stage}/swap", json={"variant": variant, "wait_s": 30}, timeout=60)
+
+    missing = swap("classify", 999)
+    assert missing.status_code == 404 and "no variant 999" in missing.json()["error"]["message"]
+    pending = swap("classify", ids["pending"])
+    assert pending.status_code == 409 and "pending_review" in pending.json()["error"]["message"]
+    assert swap("prepare", ids["addmm"]).status_code == 400
+    wrong = swap("classify", ids["wrong"])  # verified once, but disagrees with the running module on live inputs
+    assert wrong.status_code == 409
+    reports = wrong.json()["reports"]
+    assert len(reports) == 2 and all(r["outcome"] == "refused" and "disagrees" in r["reason"] for r in reports)
+
+
+def test_hot_swap_under_load_drops_nothing(served):
+    url, ids = served["url"], served["ids"]
+    failures, done, stop = [], [], threading.Event()
+
+    def load(seed: int) -> None:
+        with httpx.Client(timeout=60) as client:
+            i = 0
+            while not stop.is_set():
+                r = client.post(f"{url}/v1/pipelines/serve-test/run", json={"input": {"x": _x(seed * 1000 + i)}})
+                (done if r.status_code == 200 else failures).append(r.status_code)
+                i += 1
+
+    threads = [threading.Thread(target=load, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    before = len(done)
+    swapped = httpx.post(f"{url}/v1/pipelines/serve-test/stages/classify/swap", json={"variant": ids["addmm"], "wait_s": 60}, timeout=90)
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert swapped.status_code == 200, swapped.text
+    assert [r["outcome"] for r in swapped.json()["reports"]] == ["swapped", "swapped"]  # both replicas, none restarted
+    assert failures == [] and before > 0 and len(done) > before
+    stages = httpx.get(f"{url}/v1/pipelines/serve-test/status", timeout=30).json()["stages"]
+    assert stages["classify"]["active_variant"] == f"variant:{ids['addmm']}"
+
+
+def test_cli_status_and_swap_go_through_the_api(served):
+    env = {**os.environ, "HETFORGE_HOME": str(served["home"])}
+    status = subprocess.run([sys.executable, "-m", "hetforge.cli", "status", "--json"], capture_output=True, text=True, timeout=60, env=env)
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout.strip().splitlines()[-1])["deployments"][0]
+    assert doc["pipeline"] == "serve-test" and doc["state"] == "RUNNING"
+    assert doc["stages"]["reply"]["active_variant"] == "vllm" and doc["stages"]["classify"]["planned"] == "cpu"
+    swap = subprocess.run([sys.executable, "-m", "hetforge.cli", "swap", "serve-test", "classify", "reference", "--json"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert swap.returncode == 0, swap.stdout + swap.stderr
+    assert [r["outcome"] for r in json.loads(swap.stdout.strip().splitlines()[-1])["reports"]] == ["swapped", "swapped"]
+
+
+@pytest.fixture(scope="module")
+def prometheus(served, tmp_path_factory):
+    binary = _prometheus_binary()
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("prometheus is not installed: scripts/test.sh installs Debian's package on CI")
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    folder = tmp_path_factory.mktemp("prometheus")
+    target = served["url"].removeprefix("http://")
+    (folder / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"scrape_configs:\n  - job_name: hetforge\n    metrics_path: /metrics\n    static_configs: [{{targets: ['{target}']}}]\n")
+    port = _free_port()
+    proc = subprocess.Popen([binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_prometheus_scrapes_every_hetforge_metric(served, prometheus):
+    from hetforge.serving.metrics import SPEC
+
+    url = served["url"]
+    for i in range(5):
+        _run(url, {"input": {"x": _x(i)}})
+    _run(url, {"input": {"x": _x(), "fail": True}})
+    httpx.post(f"{url}/v1/pipelines/serve-test/stages/classify/swap", json={"variant": "reference", "wait_s": 30}, timeout=60)
+    queries = {name: (f"{name}_count" if kind == "histogram" else name) for name, (kind, _, _) in SPEC.items()}
+    deadline, missing = time.monotonic() + 90, dict(queries)
+    while missing and time.monotonic() < deadline:
+        for name, query in list(missing.items()):
+            try:
+                result = httpx.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()["data"]["result"]
+            except (httpx.HTTPError, KeyError, ValueError):
+                continue
+            if result:
+                labels = set(result[0]["metric"]) - {"__name__", "instance", "job"}
+                assert labels == set(SPEC[name][2]), (name, labels)
+                del missing[name]
+        time.sleep(1)
+    assert not missing, f"Prometheus has no data for {sorted(missing)}"
+    stage = httpx.get(f"{prometheus}/api/v1/query", params={"query": 'hetforge_stage_latency_seconds_count{stage="classify"}'}).json()
+    assert sum(float(r["value"][1]) for r in stage["data"]["result"]) >= 5
