@@ -211,7 +211,8 @@ def _print_leaderboard(console, records) -> None:
 
 def _register(reference: Path, candidate: Path, name: str, device: str, precision: str, verdict: dict, agent: str = "human",
               recipe: dict | None = None):
-    from hetforge.kernels.registry import Registry, source_fingerprint
+    from hetforge.kernels.registry import Registry
+    from hetforge.optimizer.problem import Problem
     from hetforge.planners.devices import gpu_class
 
     if device == "cuda":
@@ -221,7 +222,7 @@ def _register(reference: Path, candidate: Path, name: str, device: str, precisio
     else:
         device_class = "cpu"
     return Registry().add(
-        fingerprint=source_fingerprint(reference.read_text()), device_class=device_class, precision=precision, name=name,
+        fingerprint=Problem(file=str(reference)).load().fingerprint(), device_class=device_class, precision=precision, name=name,
         agent=agent, source=candidate.read_text(), verdict=verdict, recipe=recipe or {"kind": "candidate_file", "file": candidate.name},
     )
 
@@ -318,7 +319,8 @@ def optimize(
     (out / "report.json").write_text(json.dumps(doc, indent=2, default=str))
     summary = {"best_variant_path": str(best_path) if best_path else None, "speedup_vs_eager": report.speedup_vs_eager,
                "speedup_vs_compile": report.speedup_vs_compile, "winner_agent": doc["winner_agent"],
-               "verdict": "accepted" if report.winner else "none", "report": str(out / "report.json")}
+               "verdict": "accepted" if report.winner else "none", "report": str(out / "report.json"),
+               "registered_variant": doc.get("registered_variant")}
     if as_json:
         typer.echo(json.dumps(summary))
     else:

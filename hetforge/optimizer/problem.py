@@ -111,6 +111,12 @@ class LoadedProblem:
     init_kwargs: dict
     source: str
 
+    def fingerprint(self) -> str:
+        """The registry key of this reference: its source and its effective constructor arguments."""
+        from hetforge.kernels.registry import source_fingerprint
+
+        return source_fingerprint(self.source, list(self.init_args), self.init_kwargs)
+
     def build(self, cls: Callable[..., torch.nn.Module] | None = None, seed: int = 0, device: str = "cpu") -> torch.nn.Module:
         """`cls` (default the reference Model) constructed under `seed`, in eval mode on `device`."""
         torch.manual_seed(seed)

@@ -7,7 +7,8 @@ in production, coroutines in tests), so the walk is the same code everywhere.
   stages, then runs when at least one incoming edge was taken (its condition held on the upstream
   output) and is skipped otherwise (dead-path elimination). Independent branches run concurrently.
 - A stage's input: its `args` bindings when declared; else the request (entry), the upstream
-  output (one upstream that ran), or {upstream: output} (several).
+  output (one incoming edge), or {upstream: output} for the upstream stages that ran (a join: a
+  stage with several incoming edges).
 - An LLM stage with an agent loop is called with the conversation so far; when its answer names a
   tool of the loop, that tool stage runs with the given arguments and the LLM is called again with
   the result, up to `max_iterations` LLM calls.
@@ -155,9 +156,9 @@ class PipelineRunner:
             return bound
         if name == self.pipeline.entry:
             return request
-        if len(taken) == 1:
+        if len(self.preds[name]) == 1:
             return outputs[taken[0]]
-        return {t: outputs[t] for t in taken}
+        return {t: outputs[t] for t in taken}  # a join: the same shape whichever branches ran
 
     # ------------------------------------------------------------------ calls
     async def _call(self, name: str, payload: Any, request_id: str) -> Any:

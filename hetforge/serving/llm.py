@@ -157,10 +157,23 @@ class LlmRuntime:
                 if out.finished and out.outputs:
                     text = out.outputs[0].text
         else:
-            text = "".join([d async for d in self.stream(payload, request_id)])
+            text = await self._complete(build_messages(self.stage, payload, self.tools))
         if self.stage.choices and text.strip() not in self.stage.choices:
             raise StageError(f"stage {self.stage.name}: the model answered {text[:80]!r}, not one of {self.stage.choices}", 502)
         return parse_answer(text, self.stage.choices, self.tools)
+
+    async def _complete(self, messages: list[dict]) -> str:
+        s = self.stage.sampling
+        try:
+            reply = await self.client.chat.completions.create(model=self.stage.endpoint.model, messages=messages, max_tokens=s.max_tokens,
+                                                              temperature=s.temperature, top_p=s.top_p)
+        except Exception as err:  # noqa: BLE001 - the endpoint's failure is this stage's 502
+            raise StageError(f"stage {self.stage.name}: endpoint {self.stage.endpoint.base_url}: {type(err).__name__}: {err}"[:2000], 502) from None
+        message = reply.choices[0].message if reply.choices else None
+        if message is not None and getattr(message, "tool_calls", None):  # a server with native tool calling
+            call = message.tool_calls[0].function
+            return json.dumps({"tool": call.name, "arguments": json.loads(call.arguments or "{}")})
+        return (message.content if message is not None else "") or ""
 
     def shutdown(self) -> None:
         if self.engine is not None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from hetforge.kernels.registry import Registry, RegistryError, Variant, source_fingerprint
+from hetforge.kernels.registry import Registry, RegistryError, Variant
 from hetforge.optimizer.problem import LoadedProblem, Problem
 from hetforge.optimizer.tolerance import compare
 from hetforge.optimizer.variants import VariantError, VariantSpec, build_module_variant, build_variant
@@ -70,7 +70,7 @@ class ModelStageRuntime:
         if weights is not None:
             state = torch.load(weights, map_location=device, weights_only=True)
             self.reference.load_state_dict(state, strict=True)
-        self.fingerprint = source_fingerprint(self.problem_file.read_text())
+        self.fingerprint = self.loaded.fingerprint()
         self.device_class = device_class or _device_class(device)
         self.registry = registry if registry is not None else Registry()
         self.metrics = metrics or default_metrics()

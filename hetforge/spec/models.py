@@ -109,7 +109,7 @@ class _StageBase(_Spec):
         max_length=64,
         description="The stage's input as named arguments, each bound to `request`, `request.<field>`, `<stage>` or "
         "`<stage>.<field>` (dotted for nesting). Default: the request for the entry stage, the upstream stage's "
-        "output for one upstream, {stage: output} for several.",
+        "output for one incoming edge, {stage: output} of the upstream stages that ran for several (a join).",
     )
 
     @field_validator("args")

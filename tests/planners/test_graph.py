@@ -64,7 +64,7 @@ def test_agent_loop_is_the_only_allowed_cycle_and_costs_its_rounds():
 def test_conditional_branches_are_edges_with_conditions():
     g = PipelineGraph(load_pipeline(EXAMPLES / "retrieval_agent.yaml"))
     when = g.graph.edges["router", "search"]["when"]
-    assert (when.field, when.equals) == ("route", "search")
+    assert (when.field, when.equals) == ("choice", "search")
     assert g.graph.edges["search", "embed"]["when"] is None
     costs = {"router": 50, "search": 5, "embed": 20, "rerank": 40, "answer": 300}
     assert g.critical_path(costs).stages == ("router", "search", "embed", "rerank", "answer")
@@ -92,7 +92,7 @@ def test_json_export_round_trips_structure():
     rerank = next(n for n in doc["nodes"] if n["name"] == "rerank")
     assert rerank["replicas"]["max_replicas"] == 4
     edge = next(e for e in doc["edges"] if e["to"] == "search")
-    assert edge["when"] == {"field": "route", "equals": "search"}
+    assert edge["when"] == {"field": "choice", "equals": "search"}
 
 
 @pytest.mark.parametrize("fmt,marker", [("mermaid", "flowchart LR"), ("dot", "digraph"), ("json", '"nodes"')])

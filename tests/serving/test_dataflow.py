@@ -284,3 +284,12 @@ def test_labels_and_batched_runs_split_back_per_request():
     outs = run_batched(model, items)
     assert sorted(calls) == [2, 4]
     assert [o.tolist() for o in outs] == [[[4.0]], [[8.0]] * 3, [[5.0]] * 2]
+
+
+def test_a_join_gets_stage_keyed_input_whichever_branch_ran():
+    pipe = _pipeline([tool("cls"), tool("a"), tool("b"), tool("report")],
+                     [{"from": "cls", "to": "a", "when": {"field": "label", "equals": "a"}},
+                      {"from": "cls", "to": "b", "when": {"field": "label", "equals": "b"}},
+                      {"from": "a", "to": "report"}, {"from": "b", "to": "report"}], "cls", "report")
+    fake = Fake({"cls": {"label": "b"}, "b": {"from_b": 1}, "report": lambda p: p})
+    assert run(PipelineRunner(pipe, fake), {}).output == {"b": {"from_b": 1}}

@@ -48,7 +48,7 @@ def registry(tmp_path) -> Registry:
 
 
 def _add(registry: Registry, name: str, source: str = "", recipe: dict | None = None, verdict: dict = ACCEPTED, **kw) -> int:
-    args = dict(fingerprint=source_fingerprint(PROBLEM.read_text()), device_class="cpu", precision="strict", name=name,
+    args = dict(fingerprint=source_fingerprint(PROBLEM.read_text(), [256, 512]), device_class="cpu", precision="strict", name=name,
                 agent="test", source=source or "# transform variant", verdict=verdict, recipe=recipe or {"kind": "module"})
     args.update(kw)
     return registry.add(**args).id
