@@ -26,6 +26,7 @@ app = typer.Typer(
 )
 
 EXIT_INVALID, EXIT_USAGE = 1, 2
+REGISTER_MIN_GAIN = 1.02  # `optimize` registers a winner only this much faster than eager (noise margin)
 
 
 def _version(value: bool) -> None:
@@ -312,15 +313,22 @@ def optimize(
         best_path = out / "best_variant.py"
         best_path.write_text(report.winner.source)
         recipe = report.winner.spec or {"kind": "module", "weights": "reference state_dict"}
-        doc["registered_variant"] = _register(problem, best_path, report.winner.name, device.value, precision.value,
-                                              report.winner.verdict, agent=report.winner.agent, recipe=recipe).id
+        if report.winner.name == "recipe:eager" or report.winner.speedup < REGISTER_MIN_GAIN:
+            # Serving would swap this in: a variant that does not beat the reference by the margin stays out.
+            doc["registered_variant"] = None
+            doc["not_registered"] = (f"{report.winner.name} is {report.winner.speedup:.3f}x over eager: "
+                                     f"the registry takes variants at least {REGISTER_MIN_GAIN:g}x faster than the reference")
+            console.print(f"[yellow]not registered[/]: {doc['not_registered']}")
+        else:
+            doc["registered_variant"] = _register(problem, best_path, report.winner.name, device.value, precision.value,
+                                                  report.winner.verdict, agent=report.winner.agent, recipe=recipe).id
     if not as_json:
         _print_leaderboard(console, report.candidates)
     (out / "report.json").write_text(json.dumps(doc, indent=2, default=str))
     summary = {"best_variant_path": str(best_path) if best_path else None, "speedup_vs_eager": report.speedup_vs_eager,
                "speedup_vs_compile": report.speedup_vs_compile, "winner_agent": doc["winner_agent"],
                "verdict": "accepted" if report.winner else "none", "report": str(out / "report.json"),
-               "registered_variant": doc.get("registered_variant")}
+               "registered_variant": doc.get("registered_variant"), "not_registered": doc.get("not_registered")}
     if as_json:
         typer.echo(json.dumps(summary))
     else:

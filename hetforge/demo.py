@@ -104,6 +104,9 @@ def run_demo(examples: Path = REPO / "examples", console: Console | None = None)
         variant = registry.add(fingerprint=fingerprint, device_class="cpu", precision=stage.precision, name="+".join(applied),
                                agent="rewrites", source=rewrite_candidate_source(str(reference), list(applied)),
                                verdict=verdict.to_dict(), recipe=VariantSpec(rewrites=tuple(applied)).to_json())
+        if verdict.speedup < 1.02:
+            console.print("  (not faster on this CPU: registered anyway, so that step 5 can show the swap; "
+                          "`hetforge optimize` registers only variants at least 1.02x faster)")
         best = registry.best(fingerprint, "cpu", stage.precision)
         console.print(f"  variant {variant.id} stored as {variant.status} in {registry.path}; serving would use: "
                       + (f"{best.name} ({best.speedup:.2f}x)" if best else "the reference (the variant waits for review)"))

@@ -7,12 +7,14 @@ Stronger confinement (no network, no writes outside scratch, namespaces) belongs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,7 @@ class WorkerFailure(Exception):
 class WorkerProcess:
     """One `hetforge.optimizer.worker` process and the pipes to it."""
 
-    def __init__(self, name: str, memory_mb: int = 0, scratch: str | None = None):
+    def __init__(self, name: str, memory_mb: int = 0, scratch: str | None = None, warm_device: str = "cpu"):
         self.name = name
         self.scratch = scratch or tempfile.mkdtemp(prefix=f"hetforge-{name}-")
         self.log_path = os.path.join(self.scratch, "worker.log")
@@ -48,6 +50,8 @@ class WorkerProcess:
         env = {k: v for k, v in os.environ.items() if not _SECRET.search(k)}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
         env["PYTHONDONTWRITEBYTECODE"] = "1"
+        if warm_device == "cuda":
+            env["HETFORGE_WORKER_WARM_CUDA"] = "1"  # make the CUDA context while waiting for work
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hetforge.optimizer.worker", str(to_worker_r), str(from_worker_w), str(memory_mb)],
@@ -143,6 +147,100 @@ class WorkerProcess:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class SparePool:
+    """Worker processes started ahead of need, so that a verification does not wait for Python and
+    torch to import (several seconds a worker on a GPU host).
+
+    A spare is a fresh worker that has imported torch (and, for CUDA, made its context) and waits
+    for its first message; each verification still gets processes no candidate ever ran in. When
+    one is taken, a replacement starts at once, so its import overlaps the taker's start-up and
+    correctness checks; the judge pauses all spares while it times (`paused()`). Only within
+    `spare_workers(...)`: a lone `hetforge verify` starts its workers as before.
+    """
+
+    def __init__(self, size: int, memory_mb: int, device: str):
+        self.size, self.memory_mb, self.device = size, memory_mb, device
+        self.idle: list[WorkerProcess] = []
+        self.lock = threading.Lock()
+        self.taken = 0
+
+    def _start(self) -> WorkerProcess:
+        return WorkerProcess("spare", self.memory_mb, warm_device=self.device)
+
+    def fill(self) -> None:
+        with self.lock:
+            self.idle = [w for w in self.idle if w.alive()]
+            while len(self.idle) < self.size:
+                self.idle.append(self._start())
+
+    def take(self, name: str) -> WorkerProcess:
+        with self.lock:
+            worker = None
+            while self.idle and worker is None:
+                candidate = self.idle.pop(0)
+                worker = candidate if candidate.alive() else None
+            self.idle.append(self._start())  # the replacement imports while the taker works
+            if worker is None:
+                return WorkerProcess(name, self.memory_mb, warm_device=self.device)
+            self.taken += 1
+            worker.name = name
+            return worker
+
+    def pause(self) -> None:
+        with self.lock:
+            for w in self.idle:
+                w.pause()
+
+    def resume(self) -> None:
+        with self.lock:
+            for w in self.idle:
+                w.resume()
+
+    def close(self) -> None:
+        with self.lock:
+            for w in self.idle:
+                w.close()
+            self.idle = []
+
+
+_pool: SparePool | None = None
+
+
+@contextlib.contextmanager
+def spare_workers(size: int = 2, memory_mb: int = 0, device: str = "cpu"):
+    """Within the block, `start_worker` takes pre-started workers (see SparePool)."""
+    global _pool
+    previous, _pool = _pool, SparePool(size, memory_mb, device)
+    _pool.fill()
+    try:
+        yield _pool
+    finally:
+        _pool.close()
+        _pool = previous
+
+
+def start_worker(name: str, memory_mb: int = 0, device: str = "cpu") -> WorkerProcess:
+    """A fresh worker: a spare when a pool for this memory limit and device is active, else a new process."""
+    pool = _pool
+    if pool is not None and pool.memory_mb == memory_mb and pool.device == device:
+        return pool.take(name)
+    return WorkerProcess(name, memory_mb)
+
+
+@contextlib.contextmanager
+def spares_paused():
+    """Stop every idle spare for the duration (timing): their start-up must not load the machine."""
+    pool = _pool
+    if pool is None:
+        yield
+        return
+    pool.pause()
+    try:
+        yield
+    finally:
+        pool.resume()
 
 
 def wait_all(workers: list[WorkerProcess], message_for: dict[str, dict], timeout_s: float) -> dict[str, dict | WorkerFailure]:

@@ -22,6 +22,7 @@ from hetforge.optimizer import llm_agent
 from hetforge.optimizer.problem import Problem
 from hetforge.optimizer.recipes import recipe_candidate_source, recipes_for
 from hetforge.optimizer.rewrites import apply_rewrites, rewrite_candidate_source
+from hetforge.optimizer.sandbox import spare_workers
 from hetforge.optimizer.variants import VariantSpec, variant_candidate_source
 from hetforge.optimizer.verify import VerifyOptions, verify
 
@@ -143,7 +144,14 @@ def optimize(task: OptimizeTask, scratch: Path, progress: Callable[[CandidateRec
     """Run the rounds; `approve` is asked about accepted candidates flagged for review (default: no).
 
     `llm_client` makes the LLM agents' client (default: the configured OpenAI-compatible endpoint).
+    Workers for the next verification start while the current one runs (`sandbox.spare_workers`).
     """
+    memory = VerifyOptions.memory_mb if task.device == "cpu" else 0
+    with spare_workers(size=2, memory_mb=memory, device=task.device):
+        return _optimize(task, scratch, progress, approve, notice, llm_client)
+
+
+def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_client) -> OptimizeReport:
     unknown = [a for a in task.agents if a not in AGENTS]
     if unknown:
         raise ValueError(f'Got "{",".join(unknown)}" for agents: any of {", ".join(AGENTS)}.')

@@ -23,7 +23,7 @@ import torch
 
 from hetforge.optimizer import verdict as V
 from hetforge.optimizer.problem import Problem
-from hetforge.optimizer.sandbox import WorkerFailure, WorkerProcess, wait_all
+from hetforge.optimizer.sandbox import WorkerFailure, WorkerProcess, spares_paused, start_worker, wait_all
 from hetforge.optimizer.static_checks import review_flags
 from hetforge.optimizer.tolerance import PRECISIONS, compare
 
@@ -120,8 +120,8 @@ class _Judge:
 
         threads = self.opt.threads or min(os.cpu_count() or 1, 8)
         memory = self.opt.memory_mb if self.opt.device == "cpu" else 0  # CUDA reserves huge address space
-        self.ref_worker = WorkerProcess("reference", memory)
-        self.cand_worker = WorkerProcess("candidate", memory)
+        self.ref_worker = start_worker("reference", memory, self.opt.device)
+        self.cand_worker = start_worker("candidate", memory, self.opt.device)
         common = {"cmd": "init", "problem": self.reference.to_json(), "device": self.opt.device, "seed": self.opt.seed,
                   "threads": threads, "precision": self.opt.precision, "baseline": self.opt.baseline,
                   "weights_from_reference": self.opt.weights_from_reference}
@@ -279,16 +279,17 @@ class _Judge:
                     return
                 other.pause()  # nothing of the other process runs while this one is timed
                 try:
-                    t0 = _clock()
-                    reply = self._ask(worker, {"cmd": "time"}, is_ref, stage)
-                    window = (_clock() - t0) * 1e3
-                    if reply is None:
-                        return
-                    t1 = _clock()
-                    got = self._ask(worker, {"cmd": "fetch", "indices": [check]}, is_ref, stage)
-                    fetch = (_clock() - t1) * 1e3
-                    if got is None:
-                        return
+                    with spares_paused():  # nor spare workers still starting up
+                        t0 = _clock()
+                        reply = self._ask(worker, {"cmd": "time"}, is_ref, stage)
+                        window = (_clock() - t0) * 1e3
+                        if reply is None:
+                            return
+                        t1 = _clock()
+                        got = self._ask(worker, {"cmd": "fetch", "indices": [check]}, is_ref, stage)
+                        fetch = (_clock() - t1) * 1e3
+                        if got is None:
+                            return
                 finally:
                     other.resume()
                 times = [float(t) for t in reply.get("times_ms", [])][: self.opt.calls_per_round]

@@ -198,6 +198,8 @@ def main(argv: list[str]) -> int:
     if memory_mb > 0:  # a runaway allocation fails here instead of taking the machine down
         limit = memory_mb << 20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    if os.environ.pop("HETFORGE_WORKER_WARM_CUDA", None) and torch.cuda.is_available():
+        torch.cuda.init()  # a spare worker: the context is ready before any candidate code arrives
     channel = Channel(read_fd, write_fd)
     worker = Worker()
     while True:

@@ -32,6 +32,7 @@ from hetforge.optimizer.variants import VariantError, VariantSpec, build_module_
 from hetforge.serving.metrics import Metrics, default_metrics
 
 REFERENCE = "reference"
+CHECK_PAUSE_S = 0.02  # between the live-input batches of a swap check
 
 
 class SwapRefused(Exception):
@@ -173,7 +174,9 @@ class ModelStageRuntime:
         """Run the candidate and the running module on live inputs: the outputs must agree."""
         running = self._active.module
         worst = 0.0
-        for inputs in batches:
+        for i, inputs in enumerate(batches):
+            if i:
+                time.sleep(CHECK_PAUSE_S)  # the check shares the replica's cores with traffic: let requests through
             try:
                 with torch.inference_mode():
                     want = running(*inputs)

@@ -152,3 +152,30 @@ def test_cli_contract_rejected_and_usage():
     assert missing.returncode == 2 and "no such file" in missing.stderr
     bad_option = run_cli("verify", str(PROBLEMS / "linear_relu.py"), str(CANDIDATES / "wrong_shape.py"), "--precision", "fp8")
     assert bad_option.returncode == 2
+
+
+def test_spare_workers_are_fresh_processes_and_gone_afterwards():
+    """Within spare_workers, verifications take pre-started workers: never one a candidate ran in before,
+    still accepting good and rejecting bad candidates, and no spare outlives the block."""
+    from hetforge.optimizer import sandbox
+
+    handed: list[int] = []
+    original = sandbox.SparePool.take
+
+    def recording_take(self, name):
+        worker = original(self, name)
+        handed.append(worker.proc.pid)
+        return worker
+
+    sandbox.SparePool.take = recording_take
+    try:
+        with sandbox.spare_workers(size=2, memory_mb=VerifyOptions.memory_mb, device="cpu") as pool:
+            good = verify(Problem(file=str(PROBLEMS / "linear_relu.py")), CANDIDATES / "legit_addmm_folded_scale.py", VerifyOptions(**FAST))
+            bad = verify(Problem(file=str(PROBLEMS / "linear_relu.py")), CANDIDATES / "caches_result.py", VerifyOptions(**FAST))
+            spares = list(pool.idle)
+            assert pool.taken == 4  # both verifications ran on spares
+    finally:
+        sandbox.SparePool.take = original
+    assert good.accepted and not bad.accepted
+    assert len(handed) == 4 and len(set(handed)) == 4  # four different processes
+    assert spares and all(not w.alive() for w in spares)
