@@ -83,6 +83,11 @@ def run_one(problem: Path, args, scratch: Path) -> dict:
         check.append("--weights-from-reference")
     again = subprocess.run(check, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     row["reverify"] = "accepted" if again.returncode == 0 else "REJECTED"
+    split = {k: sum((c.get("verdict") or {}).get("phases_s", {}).get(k, 0.0) for c in report["candidates"])
+             for k in ("start", "correctness", "timing")}
+    verified = sum(1 for c in report["candidates"] if c.get("verdict"))
+    row["note"] = (f"time split over {verified} verifications: start {split['start']:.1f} s, correctness "
+                   f"{split['correctness']:.1f} s, timing {split['timing']:.1f} s, rest {elapsed - sum(split.values()):.1f} s")
     return row
 
 

@@ -62,6 +62,7 @@ class Verdict:
     baseline: str = "eager"
     versions: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
+    phases_s: dict = field(default_factory=dict)  # wall seconds: start (workers up, modules built), correctness, timing
 
     @property
     def accepted(self) -> bool:

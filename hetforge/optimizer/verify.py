@@ -93,7 +93,7 @@ class _Judge:
     # -- orchestration ---------------------------------------------------------------------
 
     def run(self) -> V.Verdict:
-        start = _clock()
+        start = self._started = _clock()
         try:
             self._run()
         finally:
@@ -135,10 +135,16 @@ class _Judge:
             return
         if not self._reply_ok(replies["candidate"], reference=False, stage="start-up", load=True):
             return
-        if not self._correctness():
+        mark = _clock()
+        self.verdict.phases_s["start"] = round(mark - self._started, 3)
+        ok = self._correctness()
+        self.verdict.phases_s["correctness"] = round(_clock() - mark, 3)
+        if not ok:
             return
         if self.opt.time:
+            mark = _clock()
             self._timing()
+            self.verdict.phases_s["timing"] = round(_clock() - mark, 3)
         if not self.verdict.reasons:
             self.verdict.verdict = "accepted"
         self.verdict.needs_review = self.verdict.accepted and bool(self.verdict.flags)

@@ -8,6 +8,7 @@ address, the HTTP address, the metrics folder, the serving process) for `status`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -99,6 +100,8 @@ def _ray_init(address: str | None, metrics_dir: Path, cpus_wanted: float) -> Non
         ray.init(address=address, **kwargs)
         return
     temp = Path(os.environ.get("HETFORGE_RAY_TMP", f"/tmp/hetforge-ray-{os.getuid()}"))
+    if len(str(temp)) > 40:  # Ray puts sockets ~70 characters below it; AF_UNIX paths stop at 107 bytes
+        temp = Path(f"/tmp/hf-ray-{hashlib.sha256(str(temp).encode()).hexdigest()[:10]}")
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_wanted)), include_dashboard=False, _temp_dir=str(temp), **kwargs)
 
 
