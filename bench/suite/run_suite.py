@@ -126,7 +126,10 @@ def summarize(csv_path: Path, md_path: Path, header: str) -> str:
         sel = [r for r in rows if tier is None or r["tier"] == tier]
         ge, gc = geomean([f(r["speedup_vs_eager"]) for r in sel]), geomean([f(r["speedup_vs_compile"]) for r in sel])
         label = {"t1": "tier 1 (single ops)", "t2": "tier 2 (fused chains)", "t3": "tier 3 (blocks)", None: "all"}[tier]
-        lines.append(f"- geomean {label}: {ge or 0:.3f}x over eager, {gc or 0:.3f}x over torch.compile ({len(sel)} problems)")
+        n_eager = sum(1 for r in sel if f(r["speedup_vs_eager"]))
+        n_compile = sum(1 for r in sel if f(r["speedup_vs_compile"]))
+        lines.append(f"- geomean {label}: {ge or 0:.3f}x over eager ({n_eager} problems), "
+                     f"{gc or 0:.3f}x over torch.compile ({n_compile} problems with a compile figure)")
     rejected = [r["problem"] for r in rows if r["reverify"] == "REJECTED"]
     lines.append(f"- winners a fresh verifier run rejected: {', '.join(rejected) if rejected else 'none'}")
     text = "\n".join(lines) + "\n"
