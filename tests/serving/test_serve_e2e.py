@@ -121,10 +121,14 @@ def test_streaming_and_openai_chat_completions(served):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{served['url']}/v1", api_key="unused")
-    # the chat input goes to the entry stage: this pipeline's entry wants `x`, so a chat request is the client's error
-    with pytest.raises(Exception) as caught:
-        client.chat.completions.create(model="serve-test", messages=[{"role": "user", "content": "hi"}])
-    assert "x" in str(caught.value) and getattr(caught.value, "status_code", 0) in (400, 422)
+    # the chat messages are the entry stage's input: prepare turns the last message into features
+    reply = client.chat.completions.create(model="serve-test", messages=[{"role": "user", "content": "hello there"}])
+    assert reply.object == "chat.completion" and isinstance(reply.choices[0].message.content, str)
+    chunks = list(client.chat.completions.create(model="serve-test", messages=[{"role": "user", "content": "hi"}], stream=True))
+    assert chunks[-1].choices[0].finish_reason == "stop" and all(c.object == "chat.completion.chunk" for c in chunks)
+    with pytest.raises(Exception) as caught:  # a malformed chat request is the client's error
+        client.chat.completions.create(model="serve-test", messages=[])
+    assert getattr(caught.value, "status_code", 0) == 400
 
 
 def test_malformed_requests_get_4xx_with_the_reason(served):
