@@ -127,12 +127,16 @@ def deploy(pipeline_file: Path, address: str | None = None, host: str = "127.0.0
     _ray_init(address, metrics_dir, _cpus_wanted(pipeline, placement))
     import ray
 
-    serve.start(http_options={"host": host, "port": port})
-    app = build_app(pipeline, base_dir, placement, registry_path, str(metrics_dir))
-    serve.run(app, name=pipeline.name, route_prefix="/", blocking=False)
     record = Deployment(pipeline.name, str(pipeline_file.resolve()), f"http://{host}:{port}", ray.get_runtime_context().gcs_address,
                         str(metrics_dir), registry_path, os.getpid(), address is None, placement)
-    record.save()
+    record.save()  # before the replicas start: `status` and `down` reach a deployment that is still coming up
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        app = build_app(pipeline, base_dir, placement, registry_path, str(metrics_dir))
+        serve.run(app, name=pipeline.name, route_prefix="/", blocking=False)
+    except BaseException:
+        state_path(pipeline.name).unlink(missing_ok=True)
+        raise
     return record
 
 
