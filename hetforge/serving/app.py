@@ -6,7 +6,7 @@
       POST /v1/chat/completions              OpenAI-compatible, for pipelines ending in an LLM
       POST /v1/pipelines/{name}/stages/{stage}/swap   hot-swap a model stage's variant
       GET  /v1/pipelines/{name}/status       replicas, devices and active variants
-      GET  /healthz, GET /metrics            liveness; every replica's hetforge metrics on this node
+      GET  /healthz, GET /metrics            readiness (every stage answers); every replica's metrics on this node
 
 Each stage deployment gets its `ray_actor_options` (CPUs, GPUs, accelerator type) from the plan,
 its replicas or autoscaling from the spec, and `max_ongoing_requests` from its batching or tool
@@ -235,7 +235,21 @@ class PipelineIngress:
             self.metrics.pipeline_latency.labels(self.pipeline.name).observe(time.perf_counter() - started)
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self):
+        """Ready when every stage answers: the ingress alone may be up while an LLM replica still loads."""
+
+        async def answers(handle) -> bool:
+            try:
+                await asyncio.wait_for(handle.status.remote(), timeout=2.0)
+                return True
+            except Exception:  # noqa: BLE001 - not up yet (or not answering): not ready
+                return False
+
+        names = list(self.handles)
+        up = await asyncio.gather(*(answers(self.handles[n]) for n in names))
+        waiting = [n for n, ok in zip(names, up) if not ok]
+        if waiting:
+            return JSONResponse({"status": "starting", "pipeline": self.pipeline.name, "waiting_for": waiting}, status_code=503)
         return {"status": "ok", "pipeline": self.pipeline.name}
 
     @api.get("/metrics")
