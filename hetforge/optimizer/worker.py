@@ -108,7 +108,11 @@ class Worker:
 
     def prepare_timing(self, msg: dict) -> dict:
         """Generate one fresh input set per timed call (new values every call), then warm up."""
-        self.timing_inputs = [self.problem.main_inputs(int(seed), self.device) for seed in msg["seeds"]]
+        # Made on the device itself (factory calls of get_inputs default to it): a memory-bound problem's
+        # 256 MB inputs took ~1 s each to fill on the host and copy over, most of a verification's timing phase.
+        # Both sides use the same seeds on the same device, so they time identical values.
+        with torch.device(self.device):
+            self.timing_inputs = [self.problem.main_inputs(int(seed), self.device) for seed in msg["seeds"]]
         self.timed_outputs = []
         self._flush = torch.empty(int(msg.get("flush_bytes", 0)) // 4, dtype=torch.int32, device=self.device) if self.device == "cuda" else None
         with torch.no_grad(), self._timing_precision():
