@@ -416,8 +416,7 @@ def swap(
     A missing, unapproved or mismatched variant is refused before anything is sent.
     Exit 0 when every reporting replica swapped, 1 when one refused or none answered in time.
     """
-    from hetforge.kernels.registry import Registry, RegistryError
-    from hetforge.serving.swap_control import SwapBoard
+    from hetforge.serving.swap_control import SwapBoard, SwapError, SwapReport, check_variant
 
     recorded = _deployment(pipeline)
     if recorded is not None:  # a deployment of this pipeline is recorded: ask its API (it knows the replica count)
@@ -433,18 +432,14 @@ def swap(
         if "error" in doc:
             typer.echo(f"error: {doc['error']['message']}", err=True)
             raise typer.Exit(EXIT_INVALID)
-        reports = [_Report(**r) for r in doc["reports"]]
         request_id = doc["request_id"]
+        reports = [SwapReport(request_id, r["replica"], r["outcome"], r["reason"]) for r in doc["reports"]]
     else:
-        if variant != "reference":
-            try:
-                found = Registry().get(int(variant))
-            except (RegistryError, ValueError) as err:
-                typer.echo(f"error: swap refused: no variant {variant} in the registry ({err})", err=True)
-                raise typer.Exit(EXIT_INVALID) from None
-            if found.status != "active":
-                typer.echo(f"error: swap refused: variant {variant} is {found.status}, not active (verified and approved)", err=True)
-                raise typer.Exit(EXIT_INVALID)
+        try:
+            check_variant(None, variant)
+        except SwapError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(EXIT_INVALID) from None
         board = SwapBoard()
         request_id = board.request(pipeline, stage, variant)
         reports = board.wait(request_id, replicas, wait_s)
@@ -459,11 +454,6 @@ def swap(
         if not reports:
             typer.echo(f"no replica of {pipeline}/{stage} answered within {wait_s:g} s (request {request_id} stays pending)")
     raise typer.Exit(0 if ok else EXIT_INVALID)
-
-
-class _Report:
-    def __init__(self, replica: str, outcome: str, reason: str = ""):
-        self.replica, self.outcome, self.reason = replica, outcome, reason
 
 
 def _deployment(pipeline: str):
@@ -499,7 +489,7 @@ def serve(
     spec = _load(pipeline)
     base_dir = pipeline.resolve().parent
     try:
-        dep._check_servable(spec, base_dir)
+        dep.check_servable(spec, base_dir)
         placement, notes = dep.placement_for(spec, base_dir)
     except (ValueError, PlanError) as err:
         for line in str(err).splitlines():

@@ -156,7 +156,7 @@ class SparePool:
     A spare is a fresh worker that has imported torch (and, for CUDA, made its context) and waits
     for its first message; each verification still gets processes no candidate ever ran in. When
     one is taken, a replacement starts at once, so its import overlaps the taker's start-up and
-    correctness checks; the judge pauses all spares while it times (`paused()`). Only within
+    correctness checks; the judge pauses all spares while it times (`spares_paused()`). Only within
     `spare_workers(...)`: a lone `hetforge verify` starts its workers as before.
     """
 

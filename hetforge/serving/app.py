@@ -22,6 +22,7 @@ prefix them with `ray_`). This covers the replicas of one node; see the README f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -49,11 +50,16 @@ def _replica_name() -> str:
         return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _observe(stage_metrics, pipeline: str, stage: str, device: str, start: float, failed: bool) -> None:
-    if failed:
-        stage_metrics.stage_errors.labels(pipeline, stage).inc()
-    else:
-        stage_metrics.stage_latency.labels(pipeline, stage, "reference", device).observe(time.perf_counter() - start)
+@contextlib.contextmanager
+def _observed(metrics, pipeline: str, stage: str, device: str):
+    """A tool or LLM stage call: its latency, or an error count when it raises."""
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        metrics.stage_errors.labels(pipeline, stage).inc()
+        raise
+    metrics.stage_latency.labels(pipeline, stage, "reference", device).observe(time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -118,13 +124,8 @@ class ToolStageDeployment:
         self.metrics = default_metrics()
 
     async def __call__(self, payload: Any, request_id: str = "") -> Any:
-        start, failed = time.perf_counter(), True
-        try:
-            out = await self.runtime(payload)
-            failed = False
-            return out
-        finally:
-            _observe(self.metrics, self.pipeline, self.stage.name, "cpu", start, failed)
+        with _observed(self.metrics, self.pipeline, self.stage.name, "cpu"):
+            return await self.runtime(payload)
 
     def status(self) -> dict:
         return {"replica": _replica_name(), "stage": self.stage.name, "device": "cpu", "active_variant": "reference",
@@ -145,22 +146,13 @@ class LlmStageDeployment:
         self.metrics = default_metrics()
 
     async def __call__(self, payload: dict, request_id: str = "") -> dict:
-        start, failed = time.perf_counter(), True
-        try:
-            out = await self.runtime(payload, request_id)
-            failed = False
-            return out
-        finally:
-            _observe(self.metrics, self.pipeline, self.stage.name, self.device, start, failed)
+        with _observed(self.metrics, self.pipeline, self.stage.name, self.device):
+            return await self.runtime(payload, request_id)
 
     async def stream(self, payload: dict, request_id: str = ""):
-        start, failed = time.perf_counter(), True
-        try:
+        with _observed(self.metrics, self.pipeline, self.stage.name, self.device):
             async for delta in self.runtime.stream(payload, request_id):
                 yield delta
-            failed = False
-        finally:
-            _observe(self.metrics, self.pipeline, self.stage.name, self.device, start, failed)
 
     def status(self) -> dict:
         backend = "vllm" if self.stage.vllm else f"endpoint {self.stage.endpoint.base_url}"
@@ -281,13 +273,18 @@ class PipelineIngress:
                 return _error(400, f"stream needs a pipeline whose output stage is an LLM; {self.pipeline.output} is not", request_id)
             return StreamingResponse(self._sse(self.runner.stream(body["input"], request_id), request_id, started),
                                      media_type="text/event-stream")
+        result = await self._run_counted(body["input"], request_id, started)
+        return result if isinstance(result, JSONResponse) else JSONResponse(result.to_json())
+
+    async def _run_counted(self, pipeline_input: Any, request_id: str, started: float):
+        """The pipeline's RunResult, or the error response; counted in the request metrics either way."""
         try:
-            result = await self.runner.run(body["input"], request_id)
+            result = await self.runner.run(pipeline_input, request_id)
         except PipelineError as err:
             self._count(started, False)
             return JSONResponse(err.to_json(), status_code=err.status)
         self._count(started, True)
-        return JSONResponse(result.to_json())
+        return result
 
     async def _sse(self, deltas, request_id: str, started: float, openai_model: str | None = None):
         ok = False
@@ -328,12 +325,9 @@ class PipelineIngress:
         if body.get("stream"):
             return StreamingResponse(self._sse(self.runner.stream(pipeline_input, request_id), request_id, started, model),
                                      media_type="text/event-stream")
-        try:
-            result = await self.runner.run(pipeline_input, request_id)
-        except PipelineError as err:
-            self._count(started, False)
-            return JSONResponse(err.to_json(), status_code=err.status)
-        self._count(started, True)
+        result = await self._run_counted(pipeline_input, request_id, started)
+        if isinstance(result, JSONResponse):
+            return result
         text = result.output.get("text", "") if isinstance(result.output, dict) else str(result.output)
         return JSONResponse({"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],

@@ -24,6 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
+import networkx as nx
+
+from hetforge.planners.graph import PipelineGraph
 from hetforge.spec.models import LlmStage, Pipeline
 
 _SKIPPED = object()
@@ -99,35 +102,19 @@ class PipelineRunner:
         self.preds: dict[str, list] = {s.name: [] for s in pipeline.stages}
         for edge in pipeline.flow:
             self.preds[edge.target].append(edge)
-        self.dag = self._reachable()
+        data = PipelineGraph(pipeline).data_dag()
+        reachable = nx.descendants(data, pipeline.entry) | {pipeline.entry}
+        self.dag = [s.name for s in pipeline.stages if s.name in reachable]
+        self.ancestors = {n: nx.ancestors(data, n) for n in self.dag}
         self.waits_for = {n: self._bound_stages(n) for n in self.dag}
         self.llms = {s.name for s in pipeline.stages if isinstance(s, LlmStage)}
         self.loops = {s.name: s.agent_loop for s in pipeline.stages if isinstance(s, LlmStage) and s.agent_loop}
-
-    def _reachable(self) -> list[str]:
-        seen, todo = [], [self.pipeline.entry]
-        while todo:
-            name = todo.pop()
-            if name in seen:
-                continue
-            seen.append(name)
-            todo.extend(e.target for e in self.pipeline.flow if e.source == name)
-        return [s.name for s in self.pipeline.stages if s.name in seen]
-
-    def _ancestors(self, name: str) -> set[str]:
-        seen, todo = set(), [e.source for e in self.preds[name]]
-        while todo:
-            up = todo.pop()
-            if up not in seen:
-                seen.add(up)
-                todo.extend(e.source for e in self.preds[up])
-        return seen
 
     def _bound_stages(self, name: str) -> list[str]:
         """Stages whose output `name`'s args bind: they must be upstream of it (else ValueError naming both)."""
         stage = self.pipeline.stage(name)
         heads = {ref.split(".")[0] for ref in (stage.args or {}).values()} - {"request"}
-        later = sorted(heads - self._ancestors(name))
+        later = sorted(heads - self.ancestors[name])
         if later:
             raise ValueError(f"stage {name}: args bind {', '.join(later)}, which {'is' if len(later) == 1 else 'are'} not upstream of it "
                              "in the flow; a stage can only take the output of a stage that runs before it")
@@ -142,7 +129,7 @@ class PipelineRunner:
                 head, *path = ref.split(".")
                 if head == "request":
                     source = request
-                elif head in outputs and outputs[head] is not _SKIPPED and not isinstance(outputs[head], tuple):
+                elif outputs.get(head, _SKIPPED) is not _SKIPPED:
                     source = outputs[head]
                 else:  # a branch not taken for this request: the argument is null
                     bound[arg] = None
@@ -193,8 +180,10 @@ class PipelineRunner:
                         {"role": "tool", "content": json.dumps({"tool": call["name"], "result": result}, default=str)[:20_000]}]
         return out
 
-    async def _walk(self, request: Any, request_id: str, stop_before: str | None = None) -> tuple[dict, dict[str, float]]:
+    async def _walk(self, request: Any, request_id: str, stop_before: str | None = None) -> tuple[dict, dict[str, float], dict]:
+        """Run the stages; `stop_before`'s input is computed and held (for streaming) instead of running it."""
         outputs: dict[str, Any] = {}
+        held: dict[str, Any] = {}
         timings: dict[str, float] = {}
         done: dict[str, asyncio.Future] = {n: asyncio.get_running_loop().create_future() for n in self.dag}
 
@@ -216,7 +205,8 @@ class PipelineRunner:
                     return
                 payload = self.stage_input(name, request, outputs, taken, request_id)
                 if name == stop_before:  # streaming: the caller runs this one
-                    outputs[name] = ("__input__", payload)
+                    held[name] = payload
+                    outputs[name] = _SKIPPED
                     done[name].set_result(_SKIPPED)
                     return
                 start = time.perf_counter()
@@ -237,10 +227,10 @@ class PipelineRunner:
             for f in done.values():  # an upstream failure: its dependants' futures hold it; retrieve it once
                 if f.done() and not f.cancelled():
                     f.exception()
-        return outputs, timings
+        return outputs, timings, held
 
     async def run(self, request: Any, request_id: str) -> RunResult:
-        outputs, timings = await self._walk(request, request_id)
+        outputs, timings, _ = await self._walk(request, request_id)
         return self._result(outputs, timings, request_id)
 
     def _result(self, outputs: dict, timings: dict, request_id: str) -> RunResult:
@@ -258,12 +248,11 @@ class PipelineRunner:
             result = await self.run(request, request_id)
             yield (result.output or {}).get("text", "") if isinstance(result.output, dict) else str(result.output)
             return
-        outputs, _ = await self._walk(request, request_id, stop_before=out_name)
-        marked = outputs.get(out_name)
-        if not isinstance(marked, tuple) or marked[0] != "__input__":
+        _, _, held = await self._walk(request, request_id, stop_before=out_name)
+        if out_name not in held:
             raise PipelineError(500, f"no branch reached the output stage {out_name}", request_id, out_name)
         try:
-            async for delta in self.caller.stream(out_name, {"input": marked[1], "history": []}, request_id):
+            async for delta in self.caller.stream(out_name, {"input": held[out_name], "history": []}, request_id):
                 yield delta
         except PipelineError:
             raise

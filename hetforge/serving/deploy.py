@@ -116,13 +116,12 @@ def deploy(pipeline_file: Path, address: str | None = None, host: str = "127.0.0
 
     pipeline = load_pipeline(pipeline_file)
     base_dir = pipeline_file.resolve().parent
-    _check_servable(pipeline, base_dir)
+    check_servable(pipeline, base_dir)
     if placement is None:
         placement, _ = placement_for(pipeline, base_dir)
     metrics_dir = home_dir() / "serve" / f"{pipeline.name}.metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)  # counters of an earlier deployment must not add up with these
     metrics_dir.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     registry_path = registry_path or str(default_path())
     _ray_init(address, metrics_dir, _cpus_wanted(pipeline, placement))
     import ray
@@ -140,7 +139,7 @@ def deploy(pipeline_file: Path, address: str | None = None, host: str = "127.0.0
     return record
 
 
-def _check_servable(pipeline: Pipeline, base_dir: Path) -> None:
+def check_servable(pipeline: Pipeline, base_dir: Path) -> None:
     from hetforge.serving.dataflow import PipelineRunner
 
     problems = []

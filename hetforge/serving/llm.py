@@ -83,6 +83,11 @@ def parse_answer(text: str, choices: list[str] | None, tools: list[dict]) -> dic
     return answer
 
 
+def _engine_id(request_id: str) -> str:
+    """vLLM needs a unique id per generation: an agent loop calls the engine several times per request."""
+    return f"{request_id or 'req'}-{uuid.uuid4().hex[:8]}"
+
+
 class LlmRuntime:
     def __init__(self, stage, base_dir: Path, tools: list[dict] | None = None):
         self.stage, self.tools = stage, tools or []
@@ -104,10 +109,8 @@ class LlmRuntime:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         spec = self.stage.vllm
-        model = spec.model if not (base_dir / spec.model).exists() else str((base_dir / spec.model).resolve())
-        if model == spec.model and spec.model.startswith(("models/", "./", "../")):
-            raise StageError(f"stage {self.stage.name}: model folder {base_dir / spec.model} does not exist "
-                             "(the examples' tiny model is built by `python scripts/build_tiny_llm.py`)", 500)
+        # A folder beside the pipeline file, else a model name (a missing folder is refused by deploy.check_servable)
+        model = str((base_dir / spec.model).resolve()) if (base_dir / spec.model).exists() else spec.model
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         if spec.chat_template:
             self.tokenizer.chat_template = (base_dir / spec.chat_template).read_text()
@@ -133,8 +136,7 @@ class LlmRuntime:
     async def stream(self, payload: dict, request_id: str = "") -> AsyncIterator[str]:
         messages = build_messages(self.stage, payload, self.tools)
         if self.engine is not None:
-            rid = f"{request_id or 'req'}-{uuid.uuid4().hex[:8]}"
-            async for out in self.engine.generate(self._prompt(messages), self._sampling(stream=True), rid):
+            async for out in self.engine.generate(self._prompt(messages), self._sampling(stream=True), _engine_id(request_id)):
                 if out.outputs and out.outputs[0].text:
                     yield out.outputs[0].text
             return
@@ -149,15 +151,14 @@ class LlmRuntime:
             raise StageError(f"stage {self.stage.name}: endpoint {self.stage.endpoint.base_url}: {type(err).__name__}: {err}", 502) from None
 
     async def __call__(self, payload: dict, request_id: str = "") -> dict:
+        messages = build_messages(self.stage, payload, self.tools)
         if self.engine is not None:
-            messages = build_messages(self.stage, payload, self.tools)
-            rid = f"{request_id or 'req'}-{uuid.uuid4().hex[:8]}"
             text = ""
-            async for out in self.engine.generate(self._prompt(messages), self._sampling(stream=False), rid):
+            async for out in self.engine.generate(self._prompt(messages), self._sampling(stream=False), _engine_id(request_id)):
                 if out.finished and out.outputs:
                     text = out.outputs[0].text
         else:
-            text = await self._complete(build_messages(self.stage, payload, self.tools))
+            text = await self._complete(messages)
         if self.stage.choices and text.strip() not in self.stage.choices:
             raise StageError(f"stage {self.stage.name}: the model answered {text[:80]!r}, not one of {self.stage.choices}", 502)
         return parse_answer(text, self.stage.choices, self.tools)

@@ -114,20 +114,10 @@ class SwapError(Exception):
         return self.message
 
 
-def request_swap(registry_path: str | Path | None, pipeline, stage: str, variant: object, replicas: int, wait_s: float) -> dict:
-    """Check the request, post it, wait for `replicas` reports: {"ok", "request_id", "reports", ...}.
-
-    Refused up front (SwapError): an unknown stage, a stage that is not a model stage, a variant that
-    is not in the registry or not active (verified and approved). Each replica then checks the variant
-    on its own live inputs and reports swapped or refused.
-    """
+def check_variant(registry_path: str | Path | None, variant: object) -> str:
+    """The variant as a request names it ("reference" or an id), or SwapError: missing (404), not active (409)."""
     from hetforge.kernels.registry import Registry, RegistryError
 
-    names = [s.name for s in pipeline.stages]
-    if stage not in names:
-        raise SwapError(f"swap refused: pipeline {pipeline.name} has no stage {stage!r} (stages: {', '.join(names)})", 404)
-    if pipeline.stage(stage).kind != "model":
-        raise SwapError(f"swap refused: stage {stage} is a {pipeline.stage(stage).kind} stage; only model stages have kernel variants", 400)
     if variant is None or str(variant) == "":
         raise SwapError('swap refused: give `variant`, a registry variant id or "reference"', 400)
     variant = str(variant)
@@ -138,6 +128,22 @@ def request_swap(registry_path: str | Path | None, pipeline, stage: str, variant
             raise SwapError(f"swap refused: no variant {variant} in the registry ({err})", 404) from None
         if found.status != "active":
             raise SwapError(f"swap refused: variant {variant} is {found.status}, not active (verified and approved)", 409)
+    return variant
+
+
+def request_swap(registry_path: str | Path | None, pipeline, stage: str, variant: object, replicas: int, wait_s: float) -> dict:
+    """Check the request, post it, wait for `replicas` reports: {"ok", "request_id", "reports", ...}.
+
+    Refused up front (SwapError): an unknown stage, a stage that is not a model stage, a variant that
+    is not in the registry or not active (verified and approved). Each replica then checks the variant
+    on its own live inputs and reports swapped or refused.
+    """
+    names = [s.name for s in pipeline.stages]
+    if stage not in names:
+        raise SwapError(f"swap refused: pipeline {pipeline.name} has no stage {stage!r} (stages: {', '.join(names)})", 404)
+    if pipeline.stage(stage).kind != "model":
+        raise SwapError(f"swap refused: stage {stage} is a {pipeline.stage(stage).kind} stage; only model stages have kernel variants", 400)
+    variant = check_variant(registry_path, variant)
     board = SwapBoard(registry_path)
     replicas = max(replicas, len(board.alive(pipeline.name, stage)))
     request_id = board.request(pipeline.name, stage, variant, requested_by="api")
