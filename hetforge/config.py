@@ -66,3 +66,24 @@ def kernels_on_cpu() -> bool:
     TRITON_INTERPRET=1 (read by Triton when kernels are defined) and HETFORGE_KERNELS_ON_CPU=1.
     Otherwise CPU tensors take each kernel's torch path."""
     return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("HETFORGE_KERNELS_ON_CPU") == "1"
+
+
+def confine_workers() -> bool:
+    """Confine verification workers (Landlock, seccomp, process and CPU limits; HETFORGE_CONFINE, default 1).
+    Turn off only to debug a worker: candidates then run with the judge's rights."""
+    return os.environ.get("HETFORGE_CONFINE", "1") != "0"
+
+
+def worker_cpu_s() -> int:
+    """CPU seconds a verification worker may use before SIGXCPU (HETFORGE_WORKER_CPU_S, default 1800)."""
+    return _int("HETFORGE_WORKER_CPU_S", 1800, 10, 86_400)
+
+
+def worker_max_procs() -> int:
+    """Processes and threads a verification worker may have at once (HETFORGE_WORKER_MAX_PROCS, default 512)."""
+    return _int("HETFORGE_WORKER_MAX_PROCS", 512, 16, 65_536)
+
+
+def compile_cache_dir() -> Path:
+    """Compile caches shared by workers of trusted candidates (hetforge's own recipes and kernels)."""
+    return home_dir() / "cache" / "compile"

@@ -1,15 +1,19 @@
 """Worker processes for untrusted code: spawn, talk with deadlines, pause, and kill.
 
 All subprocess side effects of verification go through `WorkerProcess`. A worker runs in its own
-session (process group), so that it and anything it forks can be stopped or killed together.
-Stronger confinement (no network, no writes outside scratch, namespaces) belongs here too.
+session (process group), so that it and anything it forks can be stopped or killed together, and
+confines itself before it loads any candidate (`hetforge.optimizer.confine`): an allow-listed
+environment, writes only in its scratch folder, no network, a process limit (a pids cgroup made
+here when the host allows), a CPU-time limit. `trusted` workers (references, hetforge's own
+recipes and kernels) may also write the shared compile cache; generated code gets its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hetforge
+from hetforge import config
+from hetforge.optimizer import confine
 from hetforge.optimizer.channel import Channel, ChannelClosed, ChannelCorrupt, ChannelTimeout
 
 _PACKAGE_ROOT = str(Path(hetforge.__file__).resolve().parents[1])
-# Variables a worker never sees: candidates must not read the server's secrets.
-_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL", re.IGNORECASE)
+_serial = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -41,15 +46,25 @@ class WorkerFailure(Exception):
 class WorkerProcess:
     """One `hetforge.optimizer.worker` process and the pipes to it."""
 
-    def __init__(self, name: str, memory_mb: int = 0, scratch: str | None = None, warm_device: str = "cpu"):
+    def __init__(self, name: str, memory_mb: int = 0, scratch: str | None = None, warm_device: str = "cpu", trusted: bool = False):
         self.name = name
+        self.trusted = trusted
         self.scratch = scratch or tempfile.mkdtemp(prefix=f"hetforge-{name}-")
         self.log_path = os.path.join(self.scratch, "worker.log")
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
-        env = {k: v for k, v in os.environ.items() if not _SECRET.search(k)}
+        shared = None
+        if trusted:
+            shared = str(config.compile_cache_dir())
+            os.makedirs(shared, exist_ok=True)
+        env = confine.worker_environment(dict(os.environ), self.scratch, shared)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        self.cgroup = None
+        if config.confine_workers():
+            max_procs = config.worker_max_procs()
+            self.cgroup = confine.make_pids_cgroup(f"{os.getpid()}-{next(_serial)}", max_procs)
+            env["HETFORGE_WORKER_CONFINE"] = json.dumps({"writable": [self.scratch] + ([shared] if shared else []),
+                                                         "cpu_s": config.worker_cpu_s(), "max_procs": max_procs, "cgroup": self.cgroup})
         if warm_device == "cuda":
             env["HETFORGE_WORKER_WARM_CUDA"] = "1"  # make the CUDA context while waiting for work
         with open(self.log_path, "wb") as log:
@@ -91,7 +106,8 @@ class WorkerProcess:
             code = self.proc.returncode
         if code is not None and code < 0:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-            return WorkerFailure("crashed", f"worker killed by {name} during {command}{self._tail()}")
+            why = " (its CPU-time limit)" if -code == signal.SIGXCPU else ""
+            return WorkerFailure("crashed", f"worker killed by {name}{why} during {command}{self._tail()}")
         return WorkerFailure("exited", f"worker exited with code {code} during {command}{self._tail()}")
 
     def _tail(self) -> str:
@@ -125,6 +141,8 @@ class WorkerProcess:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        confine.remove_cgroup(self.cgroup)  # anything the candidate forked that is still in the cgroup
+        self.cgroup = None
 
     def close(self) -> None:
         """Ask the worker to exit, then make sure it and its children are gone."""
@@ -166,24 +184,30 @@ class SparePool:
         self.lock = threading.Lock()
         self.taken = 0
 
-    def _start(self) -> WorkerProcess:
-        return WorkerProcess("spare", self.memory_mb, warm_device=self.device)
+    def _start(self, trusted: bool = True) -> WorkerProcess:
+        return WorkerProcess("spare", self.memory_mb, warm_device=self.device, trusted=trusted)
 
     def fill(self) -> None:
+        """`size` trusted spares (references and hetforge's own candidates are most of the work), one untrusted."""
         with self.lock:
             self.idle = [w for w in self.idle if w.alive()]
-            while len(self.idle) < self.size:
+            while sum(w.trusted for w in self.idle) < self.size:
                 self.idle.append(self._start())
+            if not any(not w.trusted for w in self.idle):
+                self.idle.append(self._start(trusted=False))
 
-    def take(self, name: str) -> WorkerProcess:
+    def take(self, name: str, trusted: bool) -> WorkerProcess:
         with self.lock:
             worker = None
-            while self.idle and worker is None:
-                candidate = self.idle.pop(0)
-                worker = candidate if candidate.alive() else None
-            self.idle.append(self._start())  # the replacement imports while the taker works
+            for candidate in [w for w in self.idle if w.trusted == trusted]:
+                self.idle.remove(candidate)
+                if candidate.alive():
+                    worker = candidate
+                    break
+                candidate.close()
+            self.idle.append(self._start(trusted))  # the replacement imports while the taker works
             if worker is None:
-                return WorkerProcess(name, self.memory_mb, warm_device=self.device)
+                return WorkerProcess(name, self.memory_mb, warm_device=self.device, trusted=trusted)
             self.taken += 1
             worker.name = name
             return worker
@@ -221,12 +245,15 @@ def spare_workers(size: int = 2, memory_mb: int = 0, device: str = "cpu"):
         _pool = previous
 
 
-def start_worker(name: str, memory_mb: int = 0, device: str = "cpu") -> WorkerProcess:
-    """A fresh worker: a spare when a pool for this memory limit and device is active, else a new process."""
+def start_worker(name: str, memory_mb: int = 0, device: str = "cpu", trusted: bool = False) -> WorkerProcess:
+    """A fresh worker: a spare when a pool for this memory limit and device is active, else a new process.
+
+    `trusted`: for the reference and hetforge's own candidates, which may share the compile cache.
+    """
     pool = _pool
     if pool is not None and pool.memory_mb == memory_mb and pool.device == device:
-        return pool.take(name)
-    return WorkerProcess(name, memory_mb)
+        return pool.take(name, trusted)
+    return WorkerProcess(name, memory_mb, trusted=trusted)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ NOT_PLAIN = "not_plain_tensor"  # a subclass, a meta tensor, another layout or d
 MODIFIES_INPUTS = "modifies_inputs"  # writes into its inputs: unsafe inside a pipeline
 NOT_FASTER = "not_faster"  # below the required speedup
 REFERENCE_FAILED = "reference_failed"  # the reference itself did not run: nothing can be judged
+CONFINEMENT = "confinement"  # reached for the network, files outside scratch, secrets or too many processes
 
 # Flags: accepted, but a human reviews before promotion.
 FLAG_SPEEDUP = "implausible_speedup"
@@ -63,6 +64,7 @@ class Verdict:
     versions: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
     phases_s: dict = field(default_factory=dict)  # wall seconds: start (workers up, modules built), correctness, timing
+    confinement: dict = field(default_factory=dict)  # what the candidate's worker was confined by (confine.confine's report)
 
     @property
     def accepted(self) -> bool:

@@ -50,6 +50,7 @@ class VerifyOptions:
     memory_mb: int = 8192  # address-space limit of CPU workers (a runaway allocation fails)
     time: bool = True  # measure speed (correctness only when False)
     weights_from_reference: bool = False  # load the reference's state_dict into ModelNew (module variants)
+    trusted_candidate: bool = False  # hetforge's own recipe/rewrite/library code: may share the compile cache
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -120,8 +121,8 @@ class _Judge:
 
         threads = self.opt.threads or min(os.cpu_count() or 1, 8)
         memory = self.opt.memory_mb if self.opt.device == "cpu" else 0  # CUDA reserves huge address space
-        self.ref_worker = start_worker("reference", memory, self.opt.device)
-        self.cand_worker = start_worker("candidate", memory, self.opt.device)
+        self.ref_worker = start_worker("reference", memory, self.opt.device, trusted=True)
+        self.cand_worker = start_worker("candidate", memory, self.opt.device, trusted=self.opt.trusted_candidate)
         common = {"cmd": "init", "problem": self.reference.to_json(), "device": self.opt.device, "seed": self.opt.seed,
                   "threads": threads, "precision": self.opt.precision, "baseline": self.opt.baseline,
                   "weights_from_reference": self.opt.weights_from_reference}
@@ -163,9 +164,12 @@ class _Judge:
             if reference:
                 self._reject(V.REFERENCE_FAILED, f"the reference failed during {stage}: {message}")
             else:
-                kind = V.LOAD_ERROR if load else {"out_of_memory": V.OUT_OF_MEMORY}.get(reply["error"], V.EXCEPTION)
+                kind = V.LOAD_ERROR if load else V.EXCEPTION
+                kind = {"out_of_memory": V.OUT_OF_MEMORY, "confined": V.CONFINEMENT}.get(reply["error"], kind)
                 self._reject(kind, f"candidate failed during {stage}: {message}")
             return False
+        if not reference and "confinement" in reply:
+            self.verdict.confinement = reply["confinement"]
         return True
 
     def _fresh_seed(self) -> int:

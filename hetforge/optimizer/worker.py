@@ -12,6 +12,8 @@ import time
 
 _perf_counter = time.perf_counter  # bound before any candidate code is imported
 
+import errno  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
@@ -20,6 +22,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
+from hetforge.optimizer import confine  # noqa: E402
 from hetforge.optimizer.channel import Channel, ChannelClosed  # noqa: E402
 from hetforge.optimizer.problem import LoadedProblem, Problem, load_module_file  # noqa: E402
 
@@ -62,6 +65,7 @@ class Worker:
         self.precision = "strict"
         self.role = "reference"
         self.baseline = "eager"
+        self.confinement: dict[str, str] = {}
 
     def init(self, msg: dict) -> dict:
         self.device = msg["device"]
@@ -82,7 +86,8 @@ class Worker:
             self.model_class = module.ModelNew
         else:
             self.model_class = self.problem.model_class
-        return self.build({"seed": msg["seed"]})
+        reply = self.build({"seed": msg["seed"]})
+        return {**reply, "confinement": self.confinement} if "error" not in reply else reply
 
     def build(self, msg: dict) -> dict:
         self.model = self.problem.build(self.model_class, seed=int(msg["seed"]), device=self.device)
@@ -196,6 +201,22 @@ def _set_matmul_precision(mode: str) -> None:
     torch.set_float32_matmul_precision("high" if allow else "highest")
 
 
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _os_error(err: OSError, confined: bool) -> dict:
+    """An OSError of candidate code; one that the confinement caused says so (and which rule)."""
+    text = f"{type(err).__name__}: {err}"[:2000]
+    # Confinement replies stay short (no traceback): forked copies of this process may answer on the same
+    # pipe at once, and writes under PIPE_BUF (4 KiB) do not interleave.
+    if confined and err.errno in _DENIED:
+        what = "the network, files outside its scratch folder and process control are closed to candidates"
+        return {"error": "confined", "message": f"denied by the worker's confinement ({what}): {text[:600]}"}
+    if confined and err.errno == errno.EAGAIN and isinstance(err, BlockingIOError):
+        return {"error": "confined", "message": f"process limit of the worker's confinement reached (a fork bomb?): {text[:600]}"}
+    return {"error": "exception", "message": text, "traceback": traceback.format_exc()[-4000:]}
+
+
 def main(argv: list[str]) -> int:
     read_fd, write_fd = int(argv[1]), int(argv[2])
     memory_mb = int(argv[3]) if len(argv) > 3 else 0
@@ -204,8 +225,13 @@ def main(argv: list[str]) -> int:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     if os.environ.pop("HETFORGE_WORKER_WARM_CUDA", None) and torch.cuda.is_available():
         torch.cuda.init()  # a spare worker: the context is ready before any candidate code arrives
-    channel = Channel(read_fd, write_fd)
     worker = Worker()
+    rules = os.environ.pop("HETFORGE_WORKER_CONFINE", None)
+    if rules:  # before any problem or candidate code is imported; a failure leaves the worker unusable
+        rules = json.loads(rules)
+        worker.confinement = confine.confine(rules["writable"], cpu_s=int(rules["cpu_s"]), max_procs=int(rules["max_procs"]),
+                                             cgroup=rules.get("cgroup"))
+    channel = Channel(read_fd, write_fd)
     while True:
         try:
             msg = channel.recv()
@@ -219,6 +245,8 @@ def main(argv: list[str]) -> int:
             reply = handler(msg) if handler else {"error": "protocol", "message": f"unknown command {command!r}"}
         except MemoryError as err:
             reply = {"error": "out_of_memory", "message": f"MemoryError: {err}"}
+        except OSError as err:
+            reply = _os_error(err, bool(worker.confinement))
         except BaseException as err:  # noqa: BLE001 - any failure of candidate code is reported, not fatal
             kind = "out_of_memory" if "out of memory" in str(err).lower() or "can't allocate" in str(err).lower() else "exception"
             reply = {"error": kind, "message": f"{type(err).__name__}: {err}"[:2000], "traceback": traceback.format_exc()[-4000:]}

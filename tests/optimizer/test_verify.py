@@ -162,8 +162,8 @@ def test_spare_workers_are_fresh_processes_and_gone_afterwards():
     handed: list[int] = []
     original = sandbox.SparePool.take
 
-    def recording_take(self, name):
-        worker = original(self, name)
+    def recording_take(self, name, trusted):
+        worker = original(self, name, trusted)
         handed.append(worker.proc.pid)
         return worker
 

@@ -1,0 +1,281 @@
+"""Confinement of a worker process before it runs candidate code: what generated code may not do.
+
+Applied by the worker to itself (`confine()`), after torch is imported and before any candidate is
+loaded, in layers that each work without privileges where the kernel allows:
+
+- environment: the judge starts workers with an allow-list of variables (`worker_environment`), so
+  the server's secrets are not there to read; HOME, TMPDIR and the compile caches point into scratch.
+- no_new_privs and, when running as root, every capability dropped: root without capabilities
+  cannot mount, change namespaces, load modules or bypass the rules below.
+- Landlock (Linux 5.13+): writes, deletes, renames and new files only beneath the writable folders
+  (the worker's scratch; /dev for device files); TCP bind and connect denied (ABI 4+); signals and
+  abstract Unix sockets scoped to the worker's own processes (ABI 6+). Reads stay open: Python and
+  torch read their own files.
+- seccomp: `socket()` only for AF_UNIX (no network of any family, UDP included); setsid/setpgid
+  refused, so every process the candidate forks stays in the worker's process group and dies with
+  it; ptrace and cross-process memory access refused; mount, namespaces, chroot refused.
+- process count: a pids cgroup (`pids.max`) when the host lets this user make one, else
+  RLIMIT_NPROC: a fork bomb gets EAGAIN instead of the machine. Compilers still run (Triton calls
+  ptxas, Inductor calls g++), so forking is limited, not forbidden.
+- RLIMIT_CPU: a candidate that burns CPU past the limit gets SIGXCPU; no core files.
+
+Each layer reports what it did; a layer the kernel lacks is reported `unavailable`, never silently
+assumed (`hetforge verify` prints the report, verdicts carry it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import resource
+import struct
+from pathlib import Path
+
+# Variables a worker keeps from the judge's environment: what Python, torch, Triton and CUDA need.
+_KEEP_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "TORCH", "TRITON_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "HETFORGE_WORKER_")
+_KEEP = {"PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHASHSEED", "VIRTUAL_ENV", "CC", "CXX",
+         "TERM", "USER", "LOGNAME", "SHELL", "HETFORGE_KERNELS_ON_CPU"}
+# Within the kept prefixes, names that still look like credentials are dropped.
+_SECRETISH = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def worker_environment(parent: dict[str, str], scratch: str, shared_cache: str | None = None) -> dict[str, str]:
+    """The environment of a worker whose writable folder is `scratch`: an allow-list, never the server's secrets.
+
+    Compile caches go to `shared_cache` when given (trusted candidates: hetforge's own recipes and
+    kernels share compiled code across workers), else into the worker's own scratch.
+    """
+    env = {k: v for k, v in parent.items()
+           if (k in _KEEP or k.startswith(_KEEP_PREFIXES)) and not any(s in k.upper() for s in _SECRETISH)}
+    cache = Path(shared_cache) if shared_cache else Path(scratch) / "cache"
+    tmp = Path(scratch) / "tmp"
+    for folder in (cache / "inductor", cache / "triton", tmp):
+        folder.mkdir(parents=True, exist_ok=True)
+    env.update(HOME=scratch, TMPDIR=str(tmp), XDG_CACHE_HOME=str(cache), TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
+               TRITON_CACHE_DIR=str(cache / "triton"), TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+# ------------------------------------------------------------------------------------------ libc
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER, PR_CAPBSET_DROP = 38, 22, 2, 24
+
+_ARCH = platform.machine()
+# Syscall numbers that differ per architecture (Landlock's are the same everywhere).
+_NR = {
+    "x86_64": {"socket": 41, "setsid": 112, "setpgid": 109, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
+               "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "unshare": 272, "setns": 308, "capset": 126,
+               "kexec_load": 246, "init_module": 175, "finit_module": 313, "bpf": 321, "perf_event_open": 298},
+    "aarch64": {"socket": 198, "setsid": 157, "setpgid": 154, "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
+                "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "unshare": 97, "setns": 268, "capset": 91,
+                "kexec_load": 104, "init_module": 105, "finit_module": 273, "bpf": 280, "perf_event_open": 241},
+}
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_LANDLOCK_CREATE, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT = 444, 445, 446
+
+
+def _errno_text() -> str:
+    return os.strerror(ctypes.get_errno())
+
+
+# ------------------------------------------------------------------------------------------ layers
+def _no_new_privs() -> str:
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS): " + _errno_text())
+    return "on"
+
+
+def _drop_capabilities() -> str:
+    """Root loses every capability: effective, permitted, inheritable and the bounding set."""
+    if os.geteuid() != 0:
+        return "not root"
+    for cap in range(64):
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == errno.EINVAL:
+            break  # past the last capability this kernel knows
+    header = struct.pack("Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = bytes(24)  # two {effective, permitted, inheritable} words, all zero
+    if _libc.syscall(_NR[_ARCH]["capset"], ctypes.c_char_p(header), ctypes.c_char_p(data)) != 0:
+        raise OSError(ctypes.get_errno(), "capset: " + _errno_text())
+    return "dropped"
+
+
+# Landlock filesystem rights (linux/landlock.h) and the ABI version that introduced each.
+_FS = {"write_file": (1 << 1, 1), "remove_dir": (1 << 4, 1), "remove_file": (1 << 5, 1), "make_char": (1 << 6, 1),
+       "make_dir": (1 << 7, 1), "make_reg": (1 << 8, 1), "make_sock": (1 << 9, 1), "make_fifo": (1 << 10, 1),
+       "make_block": (1 << 11, 1), "make_sym": (1 << 12, 1), "refer": (1 << 13, 2), "truncate": (1 << 14, 3)}
+_NET_BIND_TCP, _NET_CONNECT_TCP = 1, 2
+_SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1, 2
+
+
+def _landlock(writable: list[str]) -> str:
+    abi = _libc.syscall(_LANDLOCK_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
+    if abi < 1:
+        return f"unavailable ({_errno_text()})"
+    handled = sum(bit for bit, since in _FS.values() if since <= abi)
+    net = _NET_BIND_TCP | _NET_CONNECT_TCP if abi >= 4 else 0
+    scoped = _SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL if abi >= 6 else 0
+    attr = struct.pack("QQQ", handled, net, scoped) if abi >= 6 else struct.pack("QQ", handled, net) if abi >= 4 else struct.pack("Q", handled)
+    ruleset = _libc.syscall(_LANDLOCK_CREATE, ctypes.c_char_p(attr), ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset: " + _errno_text())
+    try:
+        rules = [(path, handled) for path in writable] + [("/dev", _FS["write_file"][0] | (_FS["truncate"][0] if abi >= 3 else 0))]
+        for path, rights in rules:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                rule = struct.pack("=Qi", rights, fd)  # struct landlock_path_beneath_attr is packed
+                if _libc.syscall(_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(1), ctypes.c_char_p(rule), ctypes.c_uint32(0)) != 0:
+                    raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}: " + _errno_text())
+            finally:
+                os.close(fd)
+        if _libc.syscall(_LANDLOCK_RESTRICT, ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self: " + _errno_text())
+    finally:
+        os.close(ruleset)
+    parts = ["writes only beneath " + ", ".join(writable) + " and /dev"]
+    parts.append("TCP denied" if net else "TCP not covered (ABI < 4)")
+    parts.append("signals scoped" if scoped else "signals not scoped (ABI < 6)")
+    return f"abi {abi}: " + "; ".join(parts)
+
+
+# Classic BPF for seccomp: struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}.
+_LD_W_ABS, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
+_SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+_AF_UNIX = 1
+_X32_BIT = 0x40000000
+
+
+def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+    return struct.pack("HBBI", code, jt, jf, k)
+
+
+def _seccomp() -> str:
+    nr = _NR.get(_ARCH)
+    if nr is None:
+        return f"unavailable (no syscall table for {_ARCH})"
+    deny_eperm = ["setsid", "setpgid", "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root",
+                  "chroot", "unshare", "setns", "kexec_load", "init_module", "finit_module", "bpf", "perf_event_open"]
+    allow, eperm, eacces = _SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO | errno.EPERM, _SECCOMP_RET_ERRNO | errno.EACCES
+    prog = [
+        _bpf(_LD_W_ABS, 4),                                  # seccomp_data.arch
+        _bpf(_JEQ_K, _AUDIT_ARCH[_ARCH], 1, 0),
+        _bpf(_RET_K, eperm),                                 # another ABI (i386 via int 0x80): refused
+        _bpf(_LD_W_ABS, 0),                                  # seccomp_data.nr
+    ]
+    if _ARCH == "x86_64":  # x32 syscalls carry bit 30: refused, they would bypass the numbers below
+        prog += [struct.pack("HBBI", 0x45, 0, 1, _X32_BIT), _bpf(_RET_K, eperm)]  # jset
+    # socket(domain, ...): AF_UNIX only; any other family (INET, INET6, PACKET, NETLINK, ...) is refused
+    prog += [_bpf(_JEQ_K, nr["socket"], 0, 4),             # not socket: jump past the next four, nr still loaded
+             _bpf(_LD_W_ABS, 16),                            # seccomp_data.args[0] (low word): the address family
+             _bpf(_JEQ_K, _AF_UNIX, 0, 1),
+             _bpf(_RET_K, allow),
+             _bpf(_RET_K, eacces)]
+    for name in deny_eperm:
+        prog += [_bpf(_JEQ_K, nr[name], 0, 1), _bpf(_RET_K, eperm)]
+    prog.append(_bpf(_RET_K, allow))
+    program = b"".join(prog)
+    buffer = ctypes.create_string_buffer(program)
+    fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(buffer))  # struct sock_fprog {u16 len; filter *}
+    fprog_buf = ctypes.create_string_buffer(fprog)
+    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog_buf), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "seccomp filter: " + _errno_text())
+    return "socket: AF_UNIX only; setsid/setpgid, ptrace, mount, namespaces refused"
+
+
+def _process_limit(max_procs: int, cgroup: str | None) -> str:
+    if cgroup:
+        try:
+            Path(cgroup, "cgroup.procs").write_text(str(os.getpid()))
+            return f"pids cgroup {cgroup} (pids.max {Path(cgroup, 'pids.max').read_text().strip()})"
+        except OSError as err:
+            reason = f"cgroup {cgroup}: {err.strerror}"
+        else:  # pragma: no cover
+            reason = ""
+    else:
+        reason = "no pids cgroup"
+    if os.geteuid() == 0:
+        return f"unavailable ({reason}; RLIMIT_NPROC does not bind root)"
+    mine = sum(1 for p in Path("/proc").iterdir() if p.name.isdigit() and _owned(p))
+    limit = mine + max_procs
+    resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+    return f"RLIMIT_NPROC {limit} ({reason})"
+
+
+def _owned(proc: Path) -> bool:
+    try:
+        return proc.stat().st_uid == os.getuid()
+    except OSError:
+        return False
+
+
+def make_pids_cgroup(name: str, max_procs: int) -> str | None:
+    """A pids cgroup for one worker (None when this host does not let us make one): v2, or v1's pids hierarchy."""
+    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
+        if not (root / "cgroup.procs").exists() or (root == Path("/sys/fs/cgroup") and not (root / "pids.max").exists()
+                                                     and "pids" not in _read(root / "cgroup.subtree_control")):
+            continue
+        path = root / f"hetforge-{name}"
+        try:
+            path.mkdir(exist_ok=True)
+            (path / "pids.max").write_text(str(max_procs))
+            return str(path)
+        except OSError:
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+    return None
+
+
+def remove_cgroup(path: str | None) -> None:
+    """Kill whatever is left in the worker's cgroup (children that left its process group), then remove it."""
+    if not path:
+        return
+    import signal
+
+    for _ in range(10):
+        pids = [int(p) for p in _read(Path(path, "cgroup.procs")).split()]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        import time
+
+        time.sleep(0.05)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def confine(writable: list[str], *, cpu_s: int = 0, max_procs: int = 256, cgroup: str | None = None) -> dict[str, str]:
+    """Apply every layer to this process (irreversibly); returns what each layer did.
+
+    A layer that fails raises: a worker that asked for confinement and did not get it must not
+    run candidates. A layer the kernel does not offer is reported `unavailable`.
+    """
+    report = {"process_limit": _process_limit(max_procs, cgroup)}
+    if cpu_s > 0:
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 5))
+        report["cpu"] = f"RLIMIT_CPU {cpu_s} s"
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    report["no_new_privs"] = _no_new_privs()
+    report["capabilities"] = _drop_capabilities()
+    report["landlock"] = _landlock(writable)
+    report["seccomp"] = _seccomp()
+    return report

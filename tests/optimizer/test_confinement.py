@@ -1,0 +1,143 @@
+"""Generated code runs confined: no network, no writes outside its scratch folder, no secrets from
+the server's environment, no fork bomb. Each exploit below is rejected with the reason, and the
+harm it tries does not happen (the listener hears nothing, the file is not there, no process is left)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hetforge.optimizer import verdict as V
+from hetforge.optimizer.problem import Problem
+from hetforge.optimizer.verify import VerifyOptions, verify
+
+HERE = Path(__file__).resolve().parent
+PROBLEM = Problem(file=str(HERE / "problems" / "linear_relu.py"))
+FAST = dict(trials=1, rounds=1, calls_per_round=2, warmup=1, threads=1, time=False)
+
+
+def _candidate(tmp_path: Path, name: str, **fields) -> Path:
+    text = (HERE / "confinement" / f"{name}.py").read_text()
+    for key, value in fields.items():
+        text = text.replace("{" + key + "}", str(value))
+    path = tmp_path / f"{name}.py"
+    path.write_text(text)
+    return path
+
+
+def _workers_left() -> list[int]:
+    """Processes still running the worker module (every worker of a finished verification must be gone)."""
+    left = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"hetforge.optimizer.worker" in (proc / "cmdline").read_bytes():
+                state = (proc / "stat").read_text().split(") ")[1].split()[0]
+                if state != "Z":
+                    left.append(int(proc.name))
+        except OSError:
+            continue
+    return left
+
+
+class _Listener:
+    """A TCP and a UDP socket on one port, recording whatever reaches them."""
+
+    def __init__(self):
+        self.tcp = socket.create_server(("127.0.0.1", 0))
+        self.port = self.tcp.getsockname()[1]
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", self.port))
+        self.heard: list[bytes] = []
+        for target in (self._tcp, self._udp):
+            threading.Thread(target=target, daemon=True).start()
+
+    def _tcp(self):
+        while True:
+            try:
+                conn, _ = self.tcp.accept()
+            except OSError:
+                return
+            self.heard.append(conn.recv(1024) or b"<connected>")
+            conn.close()
+
+    def _udp(self):
+        while True:
+            try:
+                self.heard.append(self.udp.recv(1024))
+            except OSError:
+                return
+
+    def close(self):
+        self.tcp.close()
+        self.udp.close()
+
+
+@pytest.mark.parametrize("name", ["opens_socket", "sends_udp"])
+def test_no_network(tmp_path, name):
+    listener = _Listener()
+    try:
+        result = verify(PROBLEM, _candidate(tmp_path, name, port=listener.port), VerifyOptions(**FAST))
+        time.sleep(0.2)
+        assert listener.heard == []  # nothing left the worker
+    finally:
+        listener.close()
+    assert not result.accepted
+    assert result.reasons[0].kind == V.CONFINEMENT, result.reasons
+    assert "Permission denied" in result.reasons[0].message and "confinement" in result.reasons[0].message
+
+
+def test_no_writes_outside_scratch(tmp_path):
+    target = tmp_path / "planted.txt"  # writable by the judge, not by the candidate
+    result = verify(PROBLEM, _candidate(tmp_path, "writes_outside", target=target), VerifyOptions(**FAST))
+    assert not target.exists()
+    assert not result.accepted and result.reasons[0].kind == V.CONFINEMENT, result.reasons
+    assert str(target) in result.reasons[0].message
+
+
+def test_no_secrets_from_the_environment(tmp_path, monkeypatch):
+    # A name no deny-list would catch: workers get an allow-list of variables, not "all but secrets".
+    monkeypatch.setenv("DATABASE_URL", "postgres://admin:hunter2@db/prod")
+    result = verify(PROBLEM, _candidate(tmp_path, "reads_secret", var="DATABASE_URL"), VerifyOptions(**FAST))
+    assert not result.accepted and result.reasons[0].kind == V.LOAD_ERROR, result.reasons
+    assert "KeyError: 'DATABASE_URL'" in result.reasons[0].message
+    assert "hunter2" not in result.to_json()
+
+
+def test_fork_bomb_is_contained(tmp_path):
+    started = time.monotonic()
+    result = verify(PROBLEM, _candidate(tmp_path, "fork_bomb"), VerifyOptions(**FAST, timeout_s=60))
+    assert not result.accepted
+    # The process limit stops it: the candidate's own processes report it, or their replies collide on the pipe.
+    assert result.reasons[0].kind in (V.CONFINEMENT, V.PROTOCOL), result.reasons
+    if result.reasons[0].kind == V.CONFINEMENT:
+        assert "process limit" in result.reasons[0].message
+    assert time.monotonic() - started < 60
+    assert _workers_left() == []
+
+
+def test_forked_children_cannot_outlive_the_verdict(tmp_path):
+    result = verify(PROBLEM, _candidate(tmp_path, "escapes_group"), VerifyOptions(**FAST))
+    assert result.flags and any("fork" in f for f in result.flags)  # the static review saw it too
+    assert _workers_left() == []  # setsid was refused, so the whole group died with the worker
+
+
+def test_confinement_is_reported_and_honest_code_still_runs(tmp_path):
+    """The legitimate candidates of the suite pass confined; the verdict says what confined them."""
+    result = verify(PROBLEM, HERE / "candidates" / "legit_addmm_folded_scale.py", VerifyOptions(**FAST))
+    assert result.accepted, result.reasons
+    layers = result.confinement
+    assert set(layers) >= {"process_limit", "no_new_privs", "landlock", "seccomp", "cpu"}
+    assert layers["seccomp"].startswith("socket: AF_UNIX only")
+    if not layers["landlock"].startswith("unavailable"):
+        assert "writes only beneath" in layers["landlock"]
+
+
+def test_confinement_can_be_switched_off_for_debugging(tmp_path, monkeypatch):
+    monkeypatch.setenv("HETFORGE_CONFINE", "0")
+    result = verify(PROBLEM, HERE / "candidates" / "legit_addmm_folded_scale.py", VerifyOptions(**FAST))
+    assert result.accepted and result.confinement == {}
