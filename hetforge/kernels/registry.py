@@ -4,7 +4,8 @@ precision policy). SQLite is the embedded default.
 Every write is one transaction (WAL journal, busy timeout), so concurrent writers from several
 processes neither lose nor corrupt rows, and a crash mid-write leaves the previous state. A variant
 flagged `needs_review` is stored as `pending_review` and is never returned by `best()` until a
-human approves it.
+human approves it. A variant found by a background job in production is stored as `canary`: verified,
+waiting for (or in) its rollout, and served only by that rollout until it is promoted to `active`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from hetforge import config
 
-STATUSES = ("active", "pending_review", "rejected", "retired")
+STATUSES = ("active", "pending_review", "canary", "rejected", "retired")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS variants (
@@ -120,12 +121,14 @@ class Registry:
             db.close()
 
     def add(self, *, fingerprint: str, device_class: str, precision: str, name: str, agent: str, source: str,
-            verdict: dict, recipe: dict | None = None, signature: dict | None = None) -> Variant:
-        """Store an accepted variant: `active`, or `pending_review` when its verdict needs review."""
+            verdict: dict, recipe: dict | None = None, signature: dict | None = None, status: str | None = None) -> Variant:
+        """Store an accepted variant: `active` (or `status`), but `pending_review` when its verdict needs review."""
         if verdict.get("verdict") != "accepted":
             # Only the verifier's acceptance admits a variant; a rejected one is evidence, not a kernel.
             raise RegistryError(f"variant {name!r} was {verdict.get('verdict')}: only accepted variants are registered")
-        status = "pending_review" if verdict.get("needs_review") else "active"
+        if status is not None and status not in STATUSES:
+            raise RegistryError(f'Got "{status}" for status: one of {", ".join(STATUSES)}.')
+        status = "pending_review" if verdict.get("needs_review") else (status or "active")
         now = time.time()
         with self._session(write=True) as db:
             cur = db.execute(

@@ -48,6 +48,7 @@ class OptimizeTask:
     llm_turns: int = 3  # answers per conversation (first try + repairs/improvements)
     recipes: tuple[str, ...] = ()  # restrict the compiler recipes to these names (empty: all that apply)
     compose: bool = True  # round 2: join the round-1 winners into one variant
+    threads: int = 0  # CPU threads per verification worker (0: min(cores, 8)); background jobs keep it low
 
 
 @dataclass
@@ -161,7 +162,7 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
     problem = Problem(file=str(Path(task.problem_file).resolve()))
     report = OptimizeReport(task=asdict(task))
     options = VerifyOptions(device=task.device, precision=task.precision, trials=task.trials, rounds=task.rounds,
-                            startup_timeout_s=600, timeout_s=600)
+                            startup_timeout_s=600, timeout_s=600, threads=task.threads)
 
     def over_budget() -> bool:
         return time.monotonic() - start > task.budget_s

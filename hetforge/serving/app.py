@@ -164,6 +164,86 @@ class LlmStageDeployment:
             runtime.shutdown()
 
 
+# ---------------------------------------------------------------------------------------------- re-optimization
+def controller_stages(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict]) -> dict:
+    """The model stages the controller may optimize, with their fingerprints and their jobs' Ray options."""
+    from hetforge.optimizer.problem import Problem
+    from hetforge.serving.controller import StageInfo
+
+    spec = pipeline.reoptimize
+    out = {}
+    for stage in pipeline.stages:
+        if not isinstance(stage, ModelStage) or not stage.optimize or stage.problem_file is None:
+            continue
+        where = placement[stage.name]
+        problem = Problem(file=str(base_dir / stage.problem_file), init_args=tuple(stage.init_args or ()), init_kwargs=dict(stage.init_kwargs))
+        resources: dict[str, Any] = {"num_cpus": spec.job_cpus}
+        if where["device"] == "cuda":
+            # the job shares the stage's GPU (its nice level and thread count keep it behind serving): Ray must not
+            # hide the device from a task that reserves no GPU, and the accelerator type puts it on a node that has one
+            resources["runtime_env"] = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+            if where["ray_actor_options"].get("accelerator_type"):
+                resources["accelerator_type"] = where["ray_actor_options"]["accelerator_type"]
+        out[stage.name] = StageInfo(stage.name, problem.load().fingerprint(), where["device"], where["device_class"], stage.precision,
+                                    str(base_dir / stage.problem_file), list(stage.init_args or []), dict(stage.init_kwargs), resources)
+    return out
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class ReoptimizeController:
+    """The pipeline's re-optimization loop (`controller.Controller`) on a thread of one replica.
+
+    Serve restarts the replica if it dies; the new one resumes from the registry file.
+    """
+
+    def __init__(self, pipeline_doc: dict, base_dir: str, placement: dict, registry_path: str, metrics_dir: str):
+        import threading
+
+        from hetforge.serving.controller import Controller, read_local_metrics
+        from hetforge.serving.jobs import JobLauncher
+        from hetforge.serving.metrics import default_metrics
+        from hetforge.serving.swap_control import SwapBoard, SwapError, request_swap
+
+        pipeline = _pipeline(pipeline_doc)
+        self.pipeline = pipeline
+
+        def swapper(stage: str, variant: str) -> bool:
+            replicas = max(1, len(SwapBoard(registry_path).alive(pipeline.name, stage)))
+            try:
+                return request_swap(registry_path, pipeline, stage, variant, replicas, 60)["ok"]
+            except SwapError:
+                return False
+
+        self.controller = Controller(pipeline, controller_stages(pipeline, Path(base_dir), placement), registry_path,
+                                     metrics_source=lambda: read_local_metrics(metrics_dir, pipeline.name), launcher=JobLauncher(pipeline.name),
+                                     swapper=swapper, metrics=default_metrics())
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="hetforge-controller", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.pipeline.reoptimize.interval_s):
+            self.tick()
+
+    def tick(self) -> dict:
+        with self._lock:
+            try:
+                return self.controller.tick()
+            except Exception as err:  # noqa: BLE001 - a failed look is logged and retried on the next one, never fatal
+                self.errors = (self.errors + [f"{time.strftime('%H:%M:%S')} {type(err).__name__}: {err}"[:500]])[-20:]
+                return {"error": self.errors[-1]}
+
+    def status(self) -> dict:
+        return {**self.controller.status(), "errors": self.errors}
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+
+
 # ---------------------------------------------------------------------------------------------- ingress
 class HandleCaller:
     """The pipeline walk's stage calls, through Ray Serve deployment handles."""
@@ -196,11 +276,13 @@ def _error(status: int, message: str, request_id: str, stage: str | None = None)
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(api)
 class PipelineIngress:
-    def __init__(self, pipeline_doc: dict, handles: dict, registry_path: str, metrics_dir: str):
+    def __init__(self, pipeline_doc: dict, handles: dict, registry_path: str, metrics_dir: str, controller=None, base_dir: str = "."):
         from hetforge.serving.metrics import default_metrics
 
         self.pipeline = _pipeline(pipeline_doc)
+        self.base_dir = Path(base_dir)
         self.handles = handles
+        self.controller = controller
         self.runner = PipelineRunner(self.pipeline, HandleCaller(handles))
         self.registry_path, self.metrics_dir = registry_path, metrics_dir
         self.metrics = default_metrics()
@@ -370,7 +452,85 @@ class PipelineIngress:
                 stages[stage] = await handle.status.remote()
             except Exception as err:  # noqa: BLE001
                 stages[stage] = {"error": f"{type(err).__name__}: {err}"[:300]}
-        return {"pipeline": self.pipeline.name, "stages": stages}
+        doc = {"pipeline": self.pipeline.name, "stages": stages}
+        if self.controller is not None:
+            try:
+                doc["reoptimize"] = await self.controller.status.remote()
+            except Exception as err:  # noqa: BLE001
+                doc["reoptimize"] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        return doc
+
+    # -- re-optimization: approvals, hints, rollouts (the same operations as `hetforge approvals`)
+    @api.get("/v1/pipelines/{name}/approvals")
+    async def approvals(self, name: str):
+        from hetforge.serving import approvals
+
+        bad = self._check_name(name, uuid.uuid4().hex)
+        if bad is not None:
+            return bad
+        return {"pending": await asyncio.to_thread(approvals.pending, self.registry_path, self.pipeline)}
+
+    @api.get("/v1/pipelines/{name}/approvals/{variant_id}")
+    async def approval(self, name: str, variant_id: int):
+        return await self._approval_call(name, "show", variant_id, {})
+
+    @api.post("/v1/pipelines/{name}/approvals/{variant_id}/{action}")
+    async def approval_action(self, name: str, variant_id: int, action: str, request: Request):
+        request_id = _request_id(request)
+        if action not in ("approve", "reject"):
+            return _error(404, f"no action {action!r}: approve or reject", request_id)
+        body = await self._body(request, request_id)
+        if isinstance(body, JSONResponse):
+            return body
+        return await self._approval_call(name, action, variant_id, body)
+
+    async def _approval_call(self, name: str, action: str, variant_id: int, body: dict):
+        from hetforge.serving import approvals
+        from hetforge.serving.swap_control import SwapError
+
+        request_id = uuid.uuid4().hex
+        bad = self._check_name(name, request_id)
+        if bad is not None:
+            return bad
+        try:
+            if action == "show":
+                return await asyncio.to_thread(approvals.show, self.registry_path, self.pipeline, self.base_dir, variant_id)
+            fn = approvals.approve if action == "approve" else approvals.reject
+            return await asyncio.to_thread(fn, self.registry_path, self.pipeline, variant_id, str(body.get("approver") or "api"),
+                                           str(body.get("hint") or ""), str(body.get("note") or ""))
+        except SwapError as err:
+            return _error(err.status, str(err), request_id)
+
+    @api.post("/v1/pipelines/{name}/stages/{stage}/optimize")
+    async def optimize_stage(self, name: str, stage: str, request: Request):
+        """Queue an optimization job for a stage with a human's hint (the controller launches it)."""
+        from hetforge.serving.controller import queue_hint_job
+        from hetforge.serving.swap_control import SwapError
+
+        request_id = _request_id(request)
+        bad = self._check_name(name, request_id)
+        if bad is not None:
+            return bad
+        body = await self._body(request, request_id)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            job = await asyncio.to_thread(queue_hint_job, self.registry_path, self.pipeline, stage, str(body.get("hint") or ""),
+                                          str(body.get("actor") or "api"))
+        except SwapError as err:
+            return _error(err.status, str(err), request_id, stage)
+        return JSONResponse({"queued": job.to_json()}, status_code=202)
+
+    @api.get("/v1/pipelines/{name}/rollouts")
+    async def rollouts(self, name: str):
+        from hetforge.serving.rollout import RolloutBoard
+
+        bad = self._check_name(name, uuid.uuid4().hex)
+        if bad is not None:
+            return bad
+        board = RolloutBoard(self.registry_path)
+        return {"rollouts": [vars(r) for r in await asyncio.to_thread(board.recent, self.pipeline.name, 50)],
+                "events": await asyncio.to_thread(board.events, self.pipeline.name)}
 
 
 def _deployment_name(stage: str) -> str:
@@ -400,4 +560,7 @@ def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], re
             options["max_ongoing_requests"] = 64
             options["health_check_timeout_s"] = 120
             handles[stage.name] = LlmStageDeployment.options(**options).bind(doc, str(base_dir), stage.name, where["device"])
-    return PipelineIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(doc, handles, registry_path, metrics_dir)
+    controller = None
+    if pipeline.reoptimize is not None:
+        controller = ReoptimizeController.options(name="reoptimize-controller").bind(doc, str(base_dir), placement, registry_path, metrics_dir)
+    return PipelineIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(doc, handles, registry_path, metrics_dir, controller, str(base_dir))

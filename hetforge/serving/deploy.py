@@ -86,6 +86,8 @@ def _cpus_wanted(pipeline: Pipeline, placement: dict) -> float:
     for stage in pipeline.stages:
         count = stage.replicas if isinstance(stage.replicas, int) else stage.replicas.max_replicas
         total += count * placement[stage.name]["ray_actor_options"].get("num_cpus", 1)
+    if pipeline.reoptimize is not None:  # background optimization jobs, as many as may run at once
+        total += pipeline.reoptimize.concurrency * pipeline.reoptimize.job_cpus
     return total
 
 
@@ -210,8 +212,11 @@ def down(pipeline: str | None = None) -> list[str]:
             except ProcessLookupError:
                 pass
         else:
+            from hetforge.serving.jobs import JobLauncher
+
             ray.init(address=record.gcs_address, namespace="hetforge", log_to_driver=False, ignore_reinit_error=True)
             serve.delete(record.pipeline)
+            JobLauncher(record.pipeline).stop()  # the detached actor owning its optimization jobs
         state_path(record.pipeline).unlink(missing_ok=True)
         stopped.append(record.pipeline)
     return stopped

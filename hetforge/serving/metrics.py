@@ -23,6 +23,17 @@ SPEC = {  # name -> (kind, help, labels)
                                      ("pipeline", "stage", "device")),
     "hetforge_kernel_swaps_total": ("counter", "Kernel hot-swaps, by outcome (swapped | refused | rolled_back).", ("stage", "outcome")),
 }
+# Written by the re-optimization controller (only pipelines with a `reoptimize:` block have these series).
+CONTROL_SPEC = {
+    "hetforge_rollout_decisions_total": ("counter", "Rollout decisions (start | advance | promote | rollback | resume).",
+                                         ("stage", "decision")),
+    "hetforge_canary_weight_percent": ("gauge", "Percent of a stage's calls its variant under rollout serves (0: none; shadow: 0).",
+                                       ("pipeline", "stage")),
+    "hetforge_optimizer_jobs_total": ("counter", "Background optimization jobs, by outcome (started | registered | no_gain | failed).",
+                                      ("pipeline", "stage", "outcome")),
+    "hetforge_optimizer_candidates_total": ("counter", "Candidates judged by background jobs: accepted, needs_review, skipped, "
+                                            "or rejected:<reason kind>.", ("pipeline", "stage", "outcome")),
+}
 
 
 class Metrics:
@@ -31,7 +42,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         registry = registry if registry is not None else REGISTRY
         made = {}
-        for name, (kind, help_text, labels) in SPEC.items():
+        for name, (kind, help_text, labels) in {**SPEC, **CONTROL_SPEC}.items():
             if kind == "histogram":
                 made[name] = Histogram(name, help_text, labels, buckets=LATENCY_BUCKETS_S, registry=registry)
             elif kind == "counter":
@@ -46,6 +57,10 @@ class Metrics:
         self.stage_errors = made["hetforge_stage_errors_total"]
         self.stage_speedup = made["hetforge_stage_speedup_ratio"]
         self.kernel_swaps = made["hetforge_kernel_swaps_total"]
+        self.rollout_decisions = made["hetforge_rollout_decisions_total"]
+        self.canary_weight = made["hetforge_canary_weight_percent"]
+        self.optimizer_jobs = made["hetforge_optimizer_jobs_total"]
+        self.optimizer_candidates = made["hetforge_optimizer_candidates_total"]
         self.registry = registry
 
 

@@ -10,6 +10,11 @@ replaced, by one reference assignment between requests. A request holds the modu
 with, so in-flight requests finish on the old variant. A variant that raises on a request after
 the swap is rolled back at once and the request is re-run on the previous module, so the caller
 sees no error; the swap is reported `rolled_back`. Nothing restarts.
+
+Rollouts: `start_canary(rollout)` builds a variant under rollout the same way and runs it beside the
+active module through a `rollout.CanaryArm` (shadow or a weighted canary, guarded by a comparison
+with the active module's answer). Every call's input signature (shapes and dtypes) is counted in a
+bounded histogram that the controller reads from the heartbeats, to optimize for what production sees.
 """
 
 from __future__ import annotations
@@ -30,9 +35,43 @@ from hetforge.optimizer.problem import LoadedProblem, Problem
 from hetforge.optimizer.tolerance import compare
 from hetforge.optimizer.variants import VariantError, VariantSpec, build_module_variant, build_variant
 from hetforge.serving.metrics import Metrics, default_metrics
+from hetforge.serving.rollout import CanaryArm, Rollout
 
 REFERENCE = "reference"
 CHECK_PAUSE_S = 0.02  # between the live-input batches of a swap check
+SIGNATURES_KEPT = 32  # distinct input signatures a replica counts; rarer ones are lumped as "other"
+
+
+def signature_of(inputs: list | tuple) -> str:
+    """`float32[8,16];int64[8]`: the shapes and dtypes of one call's inputs."""
+    parts = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            parts.append(f"{str(x.dtype).removeprefix('torch.')}[{','.join(map(str, x.shape))}]")
+        else:
+            parts.append(type(x).__name__)
+    return ";".join(parts)
+
+
+class SignatureHistogram:
+    """Calls per input signature, at most SIGNATURES_KEPT of them (the least seen is folded into `other`)."""
+
+    def __init__(self, kept: int = SIGNATURES_KEPT):
+        self.kept = kept
+        self.counts: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def add(self, inputs) -> None:
+        key = signature_of(inputs)
+        with self._lock:
+            if key not in self.counts and len(self.counts) >= self.kept:
+                rare = min((k for k in self.counts if k != "other"), key=self.counts.__getitem__)
+                self.counts["other"] += self.counts.pop(rare)
+            self.counts[key] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
 
 
 class SwapRefused(Exception):
@@ -80,6 +119,8 @@ class ModelStageRuntime:
         self._previous: _Active | None = None
         self.history: list[SwapResult] = []
         self.recent_inputs: collections.deque = collections.deque(maxlen=4)  # live inputs for the next swap's check
+        self.signatures = SignatureHistogram()
+        self.arm: CanaryArm | None = None  # a variant under rollout, beside the active module
         if use_registry:
             best = self.registry.best(self.fingerprint, self.device_class, precision)
             if best is not None:
@@ -106,6 +147,10 @@ class ModelStageRuntime:
     def __call__(self, *inputs) -> Any:
         active = self._active  # held for the whole call: a swap meanwhile does not touch it
         self.recent_inputs.append(list(inputs))
+        self.signatures.add(inputs)
+        arm = self.arm
+        if arm is not None:
+            return arm.call(list(inputs), lambda which, x: self._forward(active if which == "running" else arm, x))[0]
         start = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -118,6 +163,44 @@ class ModelStageRuntime:
             return self(*inputs)
         self.metrics.stage_latency.labels(self.pipeline, self.stage, active.name, self.device).observe(time.perf_counter() - start)
         return out
+
+    def _forward(self, which: _Active | CanaryArm, inputs: list) -> tuple[Any, float]:
+        """One timed forward of the active module or the arm's variant (latency metric labelled by variant)."""
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = which.module(*inputs)
+        except Exception:
+            if which is not self.arm:
+                self.metrics.stage_errors.labels(self.pipeline, self.stage).inc()
+            raise
+        elapsed = time.perf_counter() - start
+        self.metrics.stage_latency.labels(self.pipeline, self.stage, which.name, self.device).observe(elapsed)
+        return out, elapsed * 1e3
+
+    # ------------------------------------------------------------------ rollouts
+    def start_canary(self, rollout: Rollout) -> CanaryArm:
+        """Build the rollout's variant from this replica's module, check it on live inputs, run it beside the active one."""
+        with self._lock:
+            name, module, _ = self._build(rollout.variant, statuses=("canary", "active"))
+            self._check(module, self.live_inputs())
+            self.arm = CanaryArm(rollout, name, module, self._disagreement)
+        return self.arm
+
+    def stop_canary(self) -> None:
+        self.arm = None
+
+    def _disagreement(self, got: Any, want: Any) -> str:
+        """"" when the variant's output matches the running module's within the stage's tolerance, else why not."""
+        for g, w in zip(_flat(got), _flat(want)):
+            if not isinstance(w, torch.Tensor):
+                continue
+            if not isinstance(g, torch.Tensor) or g.shape != w.shape:
+                return "a different output structure or shape"
+            c = compare(g.detach().cpu(), w.detach().cpu(), self.precision)
+            if not c.ok:
+                return c.reason
+        return ""
 
     # ------------------------------------------------------------------ hot-swap
     def swap(self, variant_id: int | str, live_inputs: list[list] | list) -> SwapResult:
@@ -139,14 +222,17 @@ class ModelStageRuntime:
             self.history.append(result)
             return result
 
-    def _build(self, variant_id: int | str) -> tuple[str, nn.Module, float]:
+    def _build(self, variant_id: int | str, statuses: tuple[str, ...] = ("active",)) -> tuple[str, nn.Module, float]:
         if variant_id == REFERENCE:
             return REFERENCE, self.reference, 1.0
         try:
             variant = self.registry.get(int(variant_id))
         except (RegistryError, ValueError) as err:
             raise SwapRefused(f"no variant {variant_id} in the registry ({err})") from None
-        self._admissible(variant)
+        self._admissible(variant, statuses)
+        arm = self.arm
+        if arm is not None and arm.name == f"variant:{variant.id}":
+            return arm.name, arm.module, float(variant.speedup or 1.0)  # promoting the variant under rollout: already built here
         try:
             if variant.recipe.get("kind") == "transform":
                 module = build_variant(self.reference, VariantSpec.from_json(variant.recipe), self.example_inputs())
@@ -159,9 +245,9 @@ class ModelStageRuntime:
             raise SwapRefused(f"variant {variant.id} cannot be built from this replica's module: {type(err).__name__}: {err}") from None
         return f"variant:{variant.id}", module, float(variant.speedup or 1.0)
 
-    def _admissible(self, variant: Variant) -> None:
-        if variant.status != "active":
-            raise SwapRefused(f"variant {variant.id} is {variant.status}, not active (verified and approved)")
+    def _admissible(self, variant: Variant, statuses: tuple[str, ...] = ("active",)) -> None:
+        if variant.status not in statuses:
+            raise SwapRefused(f"variant {variant.id} is {variant.status}, not {' or '.join(statuses)} (verified and approved)")
         if variant.fingerprint != self.fingerprint:
             raise SwapRefused(f"variant {variant.id} was verified for another reference (fingerprint {variant.fingerprint})")
         if variant.device_class != self.device_class:

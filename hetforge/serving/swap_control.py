@@ -5,10 +5,15 @@ of the stage runs a `SwapWatcher` that polls for requests newer than the one it 
 the variant on its own recent live inputs (`ModelStageRuntime.swap`) and writes back its outcome.
 The requester waits for the replicas' reports. This reaches every replica whatever the router
 does (a handle call reaches only one), and a replica started later applies the latest request.
+
+The same watcher follows rollouts (`rollout.py`): it starts, steps and stops the replica's canary
+arm as the rollout's row says, and writes the arm's numbers back; its heartbeat also carries the
+replica's histogram of input signatures, which the controller reads.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -33,6 +38,11 @@ CREATE TABLE IF NOT EXISTS swap_reports (
 CREATE TABLE IF NOT EXISTS replicas (  -- heartbeats: which replicas of a stage are alive, and what they run
     pipeline TEXT NOT NULL, stage TEXT NOT NULL, replica TEXT NOT NULL,
     active_variant TEXT NOT NULL, seen_at REAL NOT NULL,
+    PRIMARY KEY (pipeline, stage, replica)
+);
+CREATE TABLE IF NOT EXISTS replica_signatures (  -- calls per input signature since the replica started
+    pipeline TEXT NOT NULL, stage TEXT NOT NULL, replica TEXT NOT NULL,
+    counts TEXT NOT NULL, seen_at REAL NOT NULL,
     PRIMARY KEY (pipeline, stage, replica)
 );
 """
@@ -76,9 +86,20 @@ class SwapBoard:
         with self._db() as db:
             db.execute("INSERT OR REPLACE INTO swap_reports VALUES (?, ?, ?, ?, ?)", (request_id, replica, outcome, reason, time.time()))
 
-    def heartbeat(self, pipeline: str, stage: str, replica: str, active_variant: str) -> None:
+    def heartbeat(self, pipeline: str, stage: str, replica: str, active_variant: str, signatures: dict[str, int] | None = None) -> None:
+        now = time.time()
         with self._db() as db:
-            db.execute("INSERT OR REPLACE INTO replicas VALUES (?, ?, ?, ?, ?)", (pipeline, stage, replica, active_variant, time.time()))
+            db.execute("INSERT OR REPLACE INTO replicas VALUES (?, ?, ?, ?, ?)", (pipeline, stage, replica, active_variant, now))
+            if signatures is not None:
+                db.execute("INSERT OR REPLACE INTO replica_signatures VALUES (?, ?, ?, ?, ?)",
+                           (pipeline, stage, replica, json.dumps(signatures), now))
+
+    def signatures(self, pipeline: str, stage: str, within_s: float = 5 * HEARTBEAT_S) -> dict[str, dict[str, int]]:
+        """replica -> {signature: calls since it started}, for the replicas of a stage heard from within `within_s`."""
+        with self._db() as db:
+            rows = db.execute("SELECT replica, counts FROM replica_signatures WHERE pipeline = ? AND stage = ? AND seen_at >= ?",
+                              (pipeline, stage, time.time() - within_s)).fetchall()
+        return {r[0]: json.loads(r[1]) for r in rows}
 
     def alive(self, pipeline: str, stage: str, within_s: float = 5 * HEARTBEAT_S) -> dict[str, str]:
         """replica -> active variant, for the replicas of a stage heard from within `within_s`."""
@@ -157,7 +178,11 @@ class SwapWatcher:
     """A replica's thread applying the newest swap request for its stage."""
 
     def __init__(self, runtime, board: SwapBoard, replica: str, interval_s: float = 0.2):
+        from hetforge.serving.rollout import RolloutBoard
+
         self.runtime, self.board, self.replica, self.interval_s = runtime, board, replica, interval_s
+        self.rollouts = RolloutBoard(board.path)
+        self.failed_rollouts: set[int] = set()
         self.applied: int = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"swap-watcher-{replica}", daemon=True)
@@ -188,13 +213,42 @@ class SwapWatcher:
         self.board.report(request_id, self.replica, outcome, reason[:500])
         return SwapReport(request_id, self.replica, outcome, reason)
 
+    def poll_rollout(self) -> None:
+        """Start, step or stop this replica's canary arm as the stage's running rollout says; report its numbers."""
+        from hetforge.serving.rollout import StepStats
+        from hetforge.serving.stage_runtime import SwapRefused
+
+        runtime = self.runtime
+        running = self.rollouts.running(runtime.pipeline, runtime.stage)
+        current = running[0] if running else None
+        arm = runtime.arm
+        if arm is not None and (current is None or current.id != arm.rollout_id):
+            self.rollouts.write_stats(arm.rollout_id, arm.step, self.replica, arm.snapshot())  # the last numbers of its last step
+            runtime.stop_canary()
+            arm = None
+        if current is None or current.id in self.failed_rollouts:
+            return
+        if arm is None:
+            try:
+                arm = runtime.start_canary(current)
+            except SwapRefused as err:  # this replica cannot run the variant: the controller rolls it back
+                self.failed_rollouts.add(current.id)
+                self.rollouts.write_stats(current.id, current.step, self.replica, StepStats(failures=[str(err)[:500]]))
+                return
+        if arm.step != current.step:
+            self.rollouts.write_stats(arm.rollout_id, arm.step, self.replica, arm.snapshot())
+            arm.set_step(current)
+        self.rollouts.write_stats(arm.rollout_id, arm.step, self.replica, arm.snapshot())
+
     def _loop(self) -> None:
         last_beat = 0.0
         while not self._stop.wait(self.interval_s):
             try:
                 if time.monotonic() - last_beat >= HEARTBEAT_S:
-                    self.board.heartbeat(self.runtime.pipeline, self.runtime.stage, self.replica, self.runtime.active_variant)
+                    self.board.heartbeat(self.runtime.pipeline, self.runtime.stage, self.replica, self.runtime.active_variant,
+                                         self.runtime.signatures.snapshot())
                     last_beat = time.monotonic()
                 self.poll_once()
+                self.poll_rollout()
             except Exception:  # noqa: BLE001 - a broken poll (locked file, ...) must not kill the replica; next poll retries
                 continue

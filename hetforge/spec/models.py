@@ -343,6 +343,55 @@ class Slo(_Spec):
     p99_ms: float = Field(gt=0, le=3_600_000, description="Target 99th-percentile request latency, in ms.")
 
 
+class Canary(_Spec):
+    """How a new variant reaches a stage's traffic: a shadow step, then canary steps, each judged."""
+
+    shadow: bool = Field(
+        default=True, description="Start with a shadow step: the variant runs on duplicated calls, its answers compared and discarded.")
+    steps: list[float] = Field(
+        default_factory=lambda: [5.0, 25.0, 100.0], min_length=1, max_length=10,
+        description="Percent of the stage's calls the variant serves at each step, increasing, ending at 100.")
+    min_calls: int = Field(default=30, ge=5, le=1_000_000, description="Variant calls a step needs before it is judged.")
+    step_timeout_s: float = Field(default=300.0, gt=0, le=86_400, description="A step without enough calls by then is rolled back.")
+    max_latency_ratio: float = Field(
+        default=1.0, gt=0, le=10, description="Promote only when the variant's p50 is at most this times the running one's.")
+    max_p99_ratio: float = Field(default=1.5, gt=0, le=100, description="... and its p99 at most this times the running one's.")
+    max_error_rate: float = Field(default=0.0, ge=0, le=1, description="Largest share of variant calls that may raise.")
+    guard: bool = Field(
+        default=True,
+        description="Check every answer the variant serves against the running module before returning it; a disagreement "
+        "returns the running module's answer and rolls the variant back. Costs a second run on canary calls only.")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: list[float]) -> list[float]:
+        if any(not 0 < v <= 100 for v in value) or any(b <= a for a, b in zip(value, value[1:])) or value[-1] != 100:
+            raise ValueError("steps are increasing percentages in (0, 100] ending at 100, for example [5, 25, 100]")
+        return value
+
+
+class Reoptimize(_Spec):
+    """Background re-optimization in production: when to start a job, how to roll its result out."""
+
+    interval_s: float = Field(default=30.0, ge=0.2, le=86_400, description="How often the controller looks at the metrics.")
+    window_s: float = Field(default=120.0, ge=1, le=86_400, description="The span of metrics each look judges.")
+    min_calls: int = Field(default=20, ge=1, le=1_000_000, description="A stage with fewer calls in the window is not judged.")
+    hot_share: float = Field(
+        default=0.5, gt=0, le=1, description="Optimize a model stage whose share of the measured critical path reaches this.")
+    regression: float = Field(
+        default=1.5, gt=1, le=100, description="Optimize again when a stage's p50 reaches this times its p50 after the last rollout.")
+    new_shape_share: float = Field(
+        default=0.25, gt=0, le=1, description="Optimize again when an input signature no job has seen reaches this share of calls.")
+    budget_s: float = Field(default=300.0, gt=0, le=86_400, description="Wall-time budget of one optimization job.")
+    agents: list[Literal["recipes", "rewrites", "library", "llm"]] = Field(
+        default_factory=lambda: ["recipes", "rewrites", "library"], min_length=1, max_length=4, description="Agents a job runs.")
+    concurrency: int = Field(default=1, ge=1, le=64, description="Most optimization jobs running at once for this pipeline.")
+    job_cpus: float = Field(default=1.0, gt=0, le=256, description="CPUs one job takes (its Ray task's num_cpus, and its threads).")
+    approval: Literal["auto", "manual"] = Field(
+        default="auto", description="manual: every new variant waits for `hetforge approvals approve` before its rollout.")
+    canary: Canary = Field(default_factory=Canary, description="The rollout of a new variant.")
+
+
 class Pipeline(_Spec):
     """A whole agent pipeline: stages, the data flow between them, and its targets."""
 
@@ -353,6 +402,8 @@ class Pipeline(_Spec):
     slo: Slo | None = Field(default=None, description="End-to-end latency target.")
     stages: list[Stage] = Field(min_length=1, max_length=512, description="The stages.")
     flow: list[Edge] = Field(default_factory=list, max_length=4096, description="Data flow edges between stages.")
+    reoptimize: Reoptimize | None = Field(
+        default=None, description="Re-optimize hot stages in the background while serving; absent: never.")
 
     def stage(self, name: str) -> ModelStage | LlmStage | ToolStage:
         """The stage called `name`; KeyError if there is none."""

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from hetforge.kernels.registry import Registry, source_fingerprint
 from hetforge.optimizer.variants import VariantSpec
-from hetforge.serving.metrics import SPEC, Metrics
+from hetforge.serving.metrics import CONTROL_SPEC, SPEC, Metrics
 from hetforge.serving.stage_runtime import ModelStageRuntime, SwapRefused
 
 PROBLEM = Path(__file__).resolve().parents[1] / "optimizer" / "problems" / "linear_relu.py"
@@ -145,6 +145,12 @@ def test_metric_names_and_labels_are_the_contract(registry, checkpoint):
         "hetforge_kernel_swaps_total": ("stage", "outcome"),
     }
     assert {name: spec[2] for name, spec in SPEC.items()} == pinned  # the dashboards query these
+    assert {name: spec[2] for name, spec in CONTROL_SPEC.items()} == {
+        "hetforge_rollout_decisions_total": ("stage", "decision"),
+        "hetforge_canary_weight_percent": ("pipeline", "stage"),
+        "hetforge_optimizer_jobs_total": ("pipeline", "stage", "outcome"),
+        "hetforge_optimizer_candidates_total": ("pipeline", "stage", "outcome"),
+    }
     metrics = Metrics(CollectorRegistry())
     vid = _add(registry, "addmm", MODULE.format(guard="pass", scale=2.0))
     rt = _runtime(registry, checkpoint, metrics)

@@ -1,0 +1,421 @@
+"""The re-optimization controller: watches a served pipeline and keeps its model stages fast.
+
+Every `reoptimize.interval_s` one `tick()`:
+
+1. reads the window's numbers: per-stage calls, mean and p50 latency and errors from hetforge's own
+   metrics (the multiprocess files every replica on this node writes), and per-stage input
+   signatures from the replicas' heartbeats;
+2. ranks stages by their share of the measured critical path (the planner's pipeline graph with the
+   measured mean latencies as stage costs) and queues a job for a model stage that is hot, has
+   regressed against its p50 after the last rollout, or now sees a frequent signature no job has
+   optimized for (thresholds from the pipeline's `reoptimize:` block);
+3. launches queued jobs (its own, the API's, a human's hint) up to `concurrency`, as Ray tasks;
+4. starts a rollout for every verified variant waiting in status `canary` (a job's winner, or one a
+   human approved) and judges each running rollout's step (`rollout.judge_step`): advance, promote
+   (registry `active`, then a hot-swap on every replica), or roll back (registry `rejected`).
+
+All state is in the registry's SQLite file, so a controller that restarts picks up where the last one
+stopped: running jobs keep their rows (and are not started twice), running rollouts resume at their
+step, or roll back when the step ran out of time meanwhile. Every decision goes into the audit log
+with its numbers, and into `hetforge_rollout_decisions_total` / `hetforge_canary_weight_percent`.
+
+The side effects go through small objects passed in (`metrics_source`, `launcher`, `swapper`, a
+clock), so the decisions are unit-tested without Ray (`tests/serving/test_controller.py`).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from hetforge.kernels.registry import Registry
+from hetforge.serving.jobs import Job, JobBoard
+from hetforge.serving.rollout import Rollout, RolloutBoard, judge_step, plan_for
+from hetforge.serving.swap_control import SwapBoard
+
+LATENCY = "hetforge_stage_latency_seconds"
+ERRORS = "hetforge_stage_errors_total"
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+@dataclass
+class StageCounters:
+    """Cumulative numbers of one stage (all variants): what a metrics snapshot holds."""
+
+    count: float = 0.0
+    sum_s: float = 0.0
+    buckets: dict[float, float] = field(default_factory=dict)  # upper bound -> cumulative count
+    errors: float = 0.0
+
+
+def read_local_metrics(metrics_dir: str, pipeline: str) -> dict[str, StageCounters]:
+    """Per-stage cumulative counters from the prometheus_client multiprocess files of this node."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)
+    out: dict[str, StageCounters] = collections.defaultdict(StageCounters)
+    for metric in registry.collect():
+        for sample in metric.samples:
+            labels = sample.labels
+            if labels.get("pipeline") != pipeline or "stage" not in labels:
+                continue
+            c = out[labels["stage"]]
+            if sample.name == LATENCY + "_count":
+                c.count += sample.value
+            elif sample.name == LATENCY + "_sum":
+                c.sum_s += sample.value
+            elif sample.name == LATENCY + "_bucket":
+                le = float(labels["le"])
+                c.buckets[le] = c.buckets.get(le, 0.0) + sample.value
+            elif sample.name == ERRORS:
+                c.errors += sample.value
+    return dict(out)
+
+
+@dataclass(frozen=True)
+class StageWindow:
+    """One stage over the window."""
+
+    calls: float
+    mean_ms: float
+    p50_ms: float | None
+    errors: float
+
+
+def window_of(new: StageCounters, old: StageCounters | None) -> StageWindow:
+    """The difference of two snapshots (a restarted replica's counters start again: then the new ones alone)."""
+    if old is None or new.count < old.count:
+        old = StageCounters()
+    calls = new.count - old.count
+    mean = (new.sum_s - old.sum_s) / calls * 1e3 if calls > 0 else 0.0
+    buckets = {le: new.buckets[le] - old.buckets.get(le, 0.0) for le in new.buckets}
+    return StageWindow(calls, mean, _bucket_quantile(buckets, 0.5), max(0.0, new.errors - old.errors))
+
+
+def _bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
+    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding the rank, in ms."""
+    if not buckets:
+        return None
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for le in bounds:
+        if buckets[le] >= rank:
+            if math.isinf(le):
+                return lower * 1e3
+            inside = buckets[le] - below
+            frac = (rank - below) / inside if inside > 0 else 1.0
+            return (lower + (le - lower) * frac) * 1e3
+        lower, below = le, buckets[le]
+    return lower * 1e3
+
+
+# ---------------------------------------------------------------------------------------------- controller
+@dataclass(frozen=True)
+class StageInfo:
+    """What the controller needs of a model stage it may optimize."""
+
+    name: str
+    fingerprint: str
+    device: str  # cpu | cuda
+    device_class: str
+    precision: str
+    problem_file: str
+    init_args: list
+    init_kwargs: dict
+    resources: dict  # the job's Ray task options
+
+
+class Controller:
+    def __init__(self, pipeline, stages: dict[str, StageInfo], registry_path: str, *, metrics_source: Callable[[], dict],
+                 launcher, swapper: Callable[[str, str], bool], metrics=None, scratch: str | None = None,
+                 clock: Callable[[], float] = time.time):
+        from hetforge.planners.graph import PipelineGraph
+
+        self.pipeline, self.spec = pipeline, pipeline.reoptimize
+        self.stages, self.registry_path = stages, registry_path
+        self.graph = PipelineGraph(pipeline)
+        self.registry, self.jobs, self.rollouts = Registry(registry_path), JobBoard(registry_path), RolloutBoard(registry_path)
+        self.heartbeats = SwapBoard(registry_path)
+        self.metrics_source, self.launcher, self.swapper = metrics_source, launcher, swapper
+        self.metrics, self.clock = metrics, clock
+        self.scratch = scratch or str(Path(registry_path).parent / "jobs")
+        self.snapshots: collections.deque = collections.deque()  # (time, stage counters, stage signatures)
+        self.baseline_p50: dict[str, float] = self._baselines_from_audit()
+        self.last: dict[str, Any] = {}
+        self._resumed = False
+
+    # -- one round ------------------------------------------------------------------------------
+    def tick(self) -> dict:
+        """One look: returns what it saw and did (also kept as `self.last` for the status API)."""
+        now = self.clock()
+        done: list[str] = []
+        if not self._resumed:
+            done += self._resume(now)
+            self._resumed = True
+        windows, signatures = self._observe(now)
+        done += self._reap(now)
+        done += self._rollouts(now)
+        done += self._detect(windows, signatures, now)
+        done += self._launch()
+        self.last = {"at": now, "windows": {s: vars(w) for s, w in windows.items()}, "signatures": signatures,
+                     "critical_path": self._shares(windows), "actions": done}
+        return self.last
+
+    # -- observing ------------------------------------------------------------------------------
+    def _observe(self, now: float) -> tuple[dict[str, StageWindow], dict[str, dict[str, float]]]:
+        counters = self.metrics_source()
+        sigs = {name: self._signature_totals(name) for name in self.stages}
+        self.snapshots.append((now, counters, sigs))
+        while len(self.snapshots) > 2 and self.snapshots[1][0] <= now - self.spec.window_s:
+            self.snapshots.popleft()  # keep one snapshot at or before the window's start
+        _, old_counters, old_sigs = self.snapshots[0]
+        windows = {stage: window_of(c, old_counters.get(stage) if len(self.snapshots) > 1 else None) for stage, c in counters.items()}
+        shares: dict[str, dict[str, float]] = {}
+        for stage, totals in sigs.items():
+            before = old_sigs.get(stage, {}) if len(self.snapshots) > 1 else {}
+            delta = {k: v - before.get(k, 0) for k, v in totals.items()}
+            if any(v < 0 for v in delta.values()):
+                delta = dict(totals)  # a replica restarted: its counts began again
+            calls = sum(delta.values())
+            if calls > 0:
+                shares[stage] = {k: round(v / calls, 4) for k, v in sorted(delta.items(), key=lambda kv: -kv[1]) if v > 0}
+        return windows, shares
+
+    def _signature_totals(self, stage: str) -> dict[str, int]:
+        total: dict[str, int] = collections.Counter()
+        for counts in self.heartbeats.signatures(self.pipeline.name, stage, within_s=30).values():
+            total.update(counts)
+        return dict(total)
+
+    def _shares(self, windows: dict[str, StageWindow]) -> dict[str, float]:
+        """Each stage's share of the critical path measured over the window (the planner's graph, measured costs)."""
+        costs = {s: w.mean_ms for s, w in windows.items() if w.calls > 0}
+        if not costs:
+            return {}
+        path = self.graph.critical_path(costs)
+        total = sum(costs.get(s, 0.0) for s in path.stages)
+        return {s: round(costs.get(s, 0.0) / total, 4) for s in path.stages} if total > 0 else {}
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def _busy(self, stage: str) -> str:
+        """Why no new job may start for the stage now ("" when one may)."""
+        if self.jobs.list(self.pipeline.name, stage, states=("queued", "running")):
+            return "a job is queued or running"
+        if self.rollouts.running(self.pipeline.name, stage):
+            return "a rollout is running"
+        info = self.stages[stage]
+        waiting = [v for v in self.registry.list(fingerprint=info.fingerprint, device_class=info.device_class)
+                   if v.status in ("pending_review", "canary")]
+        return f"variant {waiting[0].id} is {waiting[0].status}" if waiting else ""
+
+    def _detect(self, windows: dict[str, StageWindow], signatures: dict[str, dict[str, float]], now: float) -> list[str]:
+        actions = []
+        shares = self._shares(windows)
+        for stage in self.stages:
+            w = windows.get(stage)
+            if w is None or w.calls < self.spec.min_calls or self._busy(stage):
+                continue
+            sigs = signatures.get(stage, {})
+            history = self.jobs.list(self.pipeline.name, stage)
+            seen = {s for job in history for s in job.signatures}
+            frequent = [s for s, share in sigs.items() if share >= 0.05 and s != "other"][:4]
+            new = [s for s in frequent if s not in seen and sigs[s] >= self.spec.new_shape_share]
+            trigger = reason = ""
+            share = shares.get(stage, 0.0)
+            if not history and share >= self.spec.hot_share:
+                trigger, reason = "hot", f"{share:.0%} of the critical path (threshold {self.spec.hot_share:.0%}), p50 {w.p50_ms or 0:.2f} ms"
+            elif history and new:
+                trigger, reason = "new_shape", f"signature {new[0]} is {sigs[new[0]]:.0%} of calls and no job optimized for it"
+            elif stage in self.baseline_p50 and w.p50_ms and w.p50_ms >= self.spec.regression * self.baseline_p50[stage]:
+                recent = [j for j in history if (j.finished_at or now) > now - self.spec.window_s]
+                if not recent:
+                    trigger, reason = "regression", (f"p50 {w.p50_ms:.2f} ms, {w.p50_ms / self.baseline_p50[stage]:.2f}x its "
+                                                     f"{self.baseline_p50[stage]:.2f} ms after the last rollout")
+            if stage not in self.baseline_p50 and w.p50_ms:
+                self.baseline_p50[stage] = w.p50_ms  # the first full window is the reference point for regressions
+            if trigger:
+                job = self.jobs.queue(self.pipeline.name, stage, trigger, reason, frequent or list(sigs)[:1])
+                if job is not None:
+                    self.rollouts.record(self.pipeline.name, stage, "job", numbers={"job_id": job.id, "trigger": trigger,
+                                                                                    "calls": w.calls, "share": share}, reason=reason)
+                    actions.append(f"queued job {job.id} for {stage}: {trigger} ({reason})")
+        return actions
+
+    def _launch(self) -> list[str]:
+        actions = []
+        running = len(self.jobs.list(self.pipeline.name, states=("running",)))
+        for job in self.jobs.list(self.pipeline.name, states=("queued",)):
+            if running >= self.spec.concurrency:
+                break
+            if job.stage not in self.stages or not self.jobs.claim(job.id):
+                continue
+            info = self.stages[job.stage]
+            doc = {"registry_path": self.registry_path, "job_id": job.id, "pipeline": self.pipeline.name, "stage": job.stage,
+                   "problem_file": info.problem_file, "init_args": info.init_args, "init_kwargs": info.init_kwargs,
+                   "device": info.device, "device_class": info.device_class, "precision": info.precision,
+                   "budget_s": self.spec.budget_s, "agents": list(self.spec.agents), "hint": job.hint, "approval": self.spec.approval,
+                   "signatures": job.signatures, "scratch": self.scratch, "threads": max(1, math.floor(self.spec.job_cpus))}
+            try:
+                self.launcher.launch(doc, info.resources)
+            except Exception as err:  # noqa: BLE001 - a launch that fails fails the job, never the controller
+                self.jobs.finish(job.id, "failed", error=f"launch: {type(err).__name__}: {err}")
+                self._count_job(job.stage, "failed")
+                actions.append(f"job {job.id} failed to launch: {err}")
+                continue
+            running += 1
+            self._count_job(job.stage, "started")
+            actions.append(f"launched job {job.id} for {job.stage} ({job.trigger})")
+        return actions
+
+    def _reap(self, now: float) -> list[str]:
+        """Jobs that ended since the last look: count them (once) and say what they found."""
+        actions = []
+        for job_id, error in self.launcher.failures():
+            if self.jobs.finish(job_id, "failed", error=error):
+                actions.append(f"job {job_id} died: {error}")
+        for job in self.jobs.mark_lost(self.pipeline.name, now):
+            actions.append(f"job {job.id} lost (no heartbeat)")
+        reported = {e["numbers"].get("job_id") for e in self.rollouts.events(self.pipeline.name, limit=1000) if e["decision"] == "job_done"}
+        for job in self.jobs.list(self.pipeline.name, states=("done", "failed")):
+            if job.id in reported:
+                continue
+            outcome = "failed" if job.state == "failed" else "registered" if job.variant_id else "no_gain"
+            self._count_job(job.stage, outcome)
+            summary = job.summary or {}
+            if self.metrics is not None:
+                m = self.metrics.optimizer_candidates
+                for row in summary.get("leaderboard", []):
+                    status = "accepted" if row["status"] in ("winner", "accepted") else row["status"]
+                    if status == "rejected":
+                        status = "rejected:" + (row["note"].split(":", 1)[0] or "other")
+                    m.labels(self.pipeline.name, job.stage, status).inc()
+            numbers = {"job_id": job.id, "outcome": outcome, "variant_id": job.variant_id,
+                       **{k: summary.get(k) for k in ("winner", "speedup_vs_eager", "speedup_vs_compile", "elapsed_s", "candidates")}}
+            self.rollouts.record(self.pipeline.name, job.stage, "job_done", variant=str(job.variant_id) if job.variant_id else None,
+                                 numbers=numbers, reason=job.error or summary.get("not_registered") or "")
+            actions.append(f"job {job.id} for {job.stage}: {outcome}")
+        return actions
+
+    def _count_job(self, stage: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.optimizer_jobs.labels(self.pipeline.name, stage, outcome).inc()
+
+    # -- rollouts -------------------------------------------------------------------------------
+    def _resume(self, now: float) -> list[str]:
+        """After a (re)start: running rollouts continue at their step, or roll back if their step timed out meanwhile."""
+        actions = []
+        for rollout in self.rollouts.running(self.pipeline.name):
+            if now - rollout.step_started_at > self.spec.canary.step_timeout_s:
+                self._rollback(rollout, f"timeout: step {rollout.step} started {now - rollout.step_started_at:.0f} s ago, "
+                                        "before the controller restarted", {})
+                actions.append(f"rolled back rollout {rollout.id} on restart")
+            else:
+                self._decide(rollout, "resume", f"controller restarted: continuing at step {rollout.step}", {})
+                actions.append(f"resumed rollout {rollout.id} at step {rollout.step}")
+        return actions
+
+    def _rollouts(self, now: float) -> list[str]:
+        actions = []
+        for stage, info in self.stages.items():
+            if self.rollouts.running(self.pipeline.name, stage):
+                continue
+            waiting = [v for v in self.registry.list(fingerprint=info.fingerprint, device_class=info.device_class, status="canary")]
+            if waiting:
+                variant = waiting[0]
+                job = next((j for j in self.jobs.list(self.pipeline.name, stage) if j.variant_id == variant.id), None)
+                rollout = self.rollouts.start(self.pipeline.name, stage, str(variant.id), plan_for(self.spec.canary),
+                                              self.spec.canary.guard, job.id if job else None)
+                if rollout is not None:
+                    self._decide(rollout, "start", f"variant {variant.id} ({variant.name}, verified {variant.speedup or 0:.2f}x)",
+                                 {"verified_speedup": variant.speedup, "plan": rollout.plan, "replicas": self.heartbeats.alive(self.pipeline.name, stage)})
+                    actions.append(f"started rollout {rollout.id} of variant {variant.id} on {stage}")
+        for rollout in self.rollouts.running(self.pipeline.name):
+            decision = judge_step(rollout, self.rollouts.step_stats(rollout.id, rollout.step), self.spec.canary, now)
+            if decision.decision == "wait":
+                continue
+            if decision.decision == "rollback":
+                self._rollback(rollout, decision.reason, decision.numbers)
+                actions.append(f"rolled back rollout {rollout.id}: {decision.reason}")
+            elif decision.decision == "advance":
+                self._decide(rollout, "advance", decision.reason, decision.numbers)
+                nxt = self.rollouts.advance(rollout)
+                self._weight(nxt)
+                actions.append(f"rollout {rollout.id} advanced to step {nxt.step} ({nxt.mode} {nxt.weight:g}%)")
+            else:
+                actions.append(self._promote(rollout, decision.reason, decision.numbers))
+        return actions
+
+    def _promote(self, rollout: Rollout, reason: str, numbers: dict) -> str:
+        self.registry.set_status(int(rollout.variant), "active", approver="controller (canary)")
+        if not self.swapper(rollout.stage, rollout.variant):
+            self.registry.set_status(int(rollout.variant), "rejected", approver="controller (canary)")
+            self._rollback(rollout, "the promotion's hot-swap was refused by a replica", numbers)
+            return f"rolled back rollout {rollout.id}: swap refused"
+        if self.rollouts.finish(rollout, "promoted", reason):
+            self._decide(rollout, "promote", reason, numbers)
+            self._weight(None, rollout.stage)
+            if numbers.get("canary_p50_ms"):
+                self.baseline_p50[rollout.stage] = numbers["canary_p50_ms"]
+        return f"promoted variant {rollout.variant} on {rollout.stage}: {reason}"
+
+    def _rollback(self, rollout: Rollout, reason: str, numbers: dict) -> None:
+        if self.rollouts.finish(rollout, "rolled_back", reason):
+            try:
+                self.registry.set_status(int(rollout.variant), "rejected", approver="controller (canary)")
+            except Exception:  # noqa: BLE001 - the variant row is gone: nothing to mark
+                pass
+            self._decide(rollout, "rollback", reason, numbers)
+            self._weight(None, rollout.stage)
+
+    def _decide(self, rollout: Rollout, decision: str, reason: str, numbers: dict) -> None:
+        self.rollouts.record(self.pipeline.name, rollout.stage, decision, rollout=rollout, numbers=numbers, reason=reason)
+        if self.metrics is not None:
+            self.metrics.rollout_decisions.labels(rollout.stage, decision).inc()
+        if decision in ("start", "resume"):
+            self._weight(rollout)
+
+    def _weight(self, rollout: Rollout | None, stage: str | None = None) -> None:
+        if self.metrics is not None:
+            weight = 0.0 if rollout is None or rollout.mode == "shadow" else rollout.weight
+            self.metrics.canary_weight.labels(self.pipeline.name, rollout.stage if rollout else stage).set(weight)
+
+    def _baselines_from_audit(self) -> dict[str, float]:
+        out = {}
+        for event in self.rollouts.events(self.pipeline.name, limit=1000):
+            if event["decision"] == "promote" and event["numbers"].get("canary_p50_ms"):
+                out[event["stage"]] = float(event["numbers"]["canary_p50_ms"])
+        return out
+
+    def status(self) -> dict:
+        name = self.pipeline.name
+        return {"pipeline": name, "last": self.last, "baseline_p50_ms": self.baseline_p50,
+                "jobs": [j.to_json() | {"summary": None} for j in self.jobs.list(name, limit=20)],
+                "rollouts": [vars(r) for r in self.rollouts.recent(name, 10)], "events": self.rollouts.events(name, limit=50)}
+
+
+def queue_hint_job(registry_path: str, pipeline, stage: str, hint: str, actor: str = "human") -> Job:
+    """A job for `stage` carrying a human's hint (the controller launches it on its next look)."""
+    from hetforge.serving.swap_control import SwapError
+
+    names = [s.name for s in pipeline.stages]
+    if stage not in names:
+        raise SwapError(f"pipeline {pipeline.name} has no stage {stage!r} (stages: {', '.join(names)})", 404)
+    if pipeline.stage(stage).kind != "model" or not pipeline.stage(stage).optimize:
+        raise SwapError(f"stage {stage} is not a model stage hetforge may optimize", 400)
+    if not hint.strip():
+        raise SwapError("give a hint: the text that goes into every agent's prompt", 400)
+    jobs = JobBoard(registry_path)
+    job = jobs.queue(pipeline.name, stage, "hint", f"hint from {actor}", [], hint=hint)
+    if job is None:
+        raise SwapError(f"stage {stage} already has a job queued or running; try again when it ends", 409)
+    RolloutBoard(registry_path).record(pipeline.name, stage, "job", numbers={"job_id": job.id, "trigger": "hint"}, reason=hint, actor=actor)
+    return job
