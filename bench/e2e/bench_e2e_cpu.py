@@ -2,11 +2,12 @@
 
     python bench/e2e/bench_e2e_cpu.py [--pipeline examples/page_triage.yaml] [--clients 2] [--after-s 30]
 
-Deploys the pipeline (it must have a `reoptimize:` block) on a fresh local Ray instance with an empty
-registry, runs closed-loop clients the whole time, and reads the controller's audit log to split
-the requests into phases:
+First deploys the pipeline without its `reoptimize:` block and measures the reference serving
+(`before`, --before-s). Then deploys it as written (it must have the block) on a fresh local Ray
+instance with an empty registry, runs closed-loop clients the whole time, and reads the
+controller's audit log to split the requests into phases:
 
-    before  warm-up done .. the job starts             (reference serving)
+    before  the first deployment, after --warmup-s     (reference serving, no controller)
     job     the job starts .. it finishes              (serving while a job optimizes on the same cores)
     rollout the rollout starts .. promotion
     after   promotion + 3 s .. + --after-s             (the promoted variant serving)
@@ -55,6 +56,7 @@ def main() -> int:
     parser.add_argument("--pipeline", type=Path, default=REPO / "examples" / "page_triage.yaml")
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument("--before-s", type=float, default=30.0)
     parser.add_argument("--after-s", type=float, default=30.0)
     parser.add_argument("--timeout-s", type=float, default=900.0)
     args = parser.parse_args()
@@ -70,26 +72,56 @@ def main() -> int:
 
     pipeline = load_pipeline(args.pipeline)
     registry_path = str(home / "registry.sqlite")
-    record = dep.deploy(args.pipeline, port=_free_port(), registry_path=registry_path)
     samples: list[tuple[float, float, bool]] = []  # (start time, ms, ok)
     stop = threading.Event()
+    record = None
 
     def client(seed: int) -> None:
+        url = record.url
         gen = torch.Generator().manual_seed(seed)
         with httpx.Client(timeout=60) as http:
             while not stop.is_set():
                 pages = torch.rand(1, 3, 64, 64, generator=gen).tolist()
                 t0 = time.time()
                 try:
-                    ok = http.post(f"{record.url}/v1/pipelines/{pipeline.name}/run",
+                    ok = http.post(f"{url}/v1/pipelines/{pipeline.name}/run",
                                    json={"input": {"pages": pages, "text": "Invoice 2026-01-31 total 1,250.00"}}).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 samples.append((t0, (time.time() - t0) * 1e3, ok))
 
+    import yaml
+    from ray import serve
+    import ray
+
+    # 1. the reference serving alone: the same pipeline without its reoptimize block
+    doc = yaml.safe_load(args.pipeline.read_text())
+    doc.pop("reoptimize", None)
+    plain = args.pipeline.parent / f".bench-before-{os.getpid()}.yaml"
+    plain.write_text(yaml.safe_dump(doc, sort_keys=False))
+    try:
+        record = dep.deploy(plain, port=_free_port(), registry_path=registry_path)
+        dep.wait_until_running(record, timeout_s=600)
+        before_from = time.time() + args.warmup_s
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.clients)]
+        for t in threads:
+            t.start()
+        time.sleep(args.warmup_s + args.before_s)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        before_to = time.time()
+    finally:
+        plain.unlink(missing_ok=True)
+        serve.shutdown()
+        ray.shutdown()
+    stop.clear()
+
+    # 2. the pipeline as written: the controller finds the hot stage, optimizes it, rolls it out
+    record = dep.deploy(args.pipeline, port=_free_port(), registry_path=registry_path)
+    threads = []
     try:
         dep.wait_until_running(record, timeout_s=600)
-        started = time.time()
         threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(args.clients)]
         for t in threads:
             t.start()
@@ -103,14 +135,15 @@ def main() -> int:
             done = next((e for e in events if e["decision"] == "job_done"), None)
             if done and done["numbers"].get("outcome") != "registered" and not any(e["decision"] == "start" for e in events):
                 break  # the job found nothing worth a rollout
+            if any(e["decision"] == "rollback" for e in events):
+                break  # the canary rejected it: nothing will be promoted
         if promoted is not None:
             time.sleep(3 + args.after_s)
     finally:
         stop.set()
+        for t in threads:  # in-flight requests finish before Serve goes down
+            t.join(timeout=60)
         events = RolloutBoard(registry_path).events(pipeline.name, limit=1000)
-        from ray import serve
-        import ray
-
         serve.shutdown()
         ray.shutdown()
 
@@ -121,7 +154,7 @@ def main() -> int:
     jobs_started = [e for e in events if e["decision"] == "job"]
     t_job = t_hot  # queued and launched on the same look
     phases = {
-        "before": (started + args.warmup_s, t_job or float("inf")),
+        "before": (before_from, before_to),
         "job": (t_job or float("inf"), t_done or float("inf")),
         "rollout": (t_start or float("inf"), t_promote or float("inf")),
         "after": ((t_promote or float("inf")) + 3, (t_promote or float("inf")) + 3 + args.after_s),

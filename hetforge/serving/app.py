@@ -79,7 +79,8 @@ class ModelStageDeployment:
         self.stage, self.device = stage, device
         self.runtime = ModelStageRuntime(pipeline.name, stage.name, base / stage.problem_file, device=device, precision=stage.precision,
                                          weights=base / stage.weights if stage.weights else None, seed=stage.seed,
-                                         init_args=stage.init_args, init_kwargs=stage.init_kwargs, registry=Registry(registry_path))
+                                         init_args=stage.init_args, init_kwargs=stage.init_kwargs, registry=Registry(registry_path),
+                                         max_batch_rows=stage.batching.max_batch_size if stage.batching else 1)
         self.pre = resolve_function(stage.preprocess, base)
         self.post = resolve_function(stage.postprocess, base)
         self.arity = len(self.runtime.example_inputs())

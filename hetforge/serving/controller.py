@@ -149,6 +149,7 @@ class Controller:
         self.metrics, self.clock = metrics, clock
         self.scratch = scratch or str(Path(registry_path).parent / "jobs")
         self.snapshots: collections.deque = collections.deque()  # (time, stage counters, stage signatures)
+        self.settled_at: dict[str, float] = {}  # stage -> when its last rollout ended
         self.baseline_p50: dict[str, float] = self._baselines_from_audit()
         self.last: dict[str, Any] = {}
         self._resumed = False
@@ -237,7 +238,8 @@ class Controller:
                 trigger, reason = "new_shape", f"signature {new[0]} is {sigs[new[0]]:.0%} of calls and no job optimized for it"
             elif stage in self.baseline_p50 and w.p50_ms and w.p50_ms >= self.spec.regression * self.baseline_p50[stage]:
                 recent = [j for j in history if (j.finished_at or now) > now - self.spec.window_s]
-                if not recent:
+                # a window that still holds calls from before the last rollout's end is not judged (it mixes variants)
+                if not recent and now - self.settled_at.get(stage, 0.0) > self.spec.window_s:
                     trigger, reason = "regression", (f"p50 {w.p50_ms:.2f} ms, {w.p50_ms / self.baseline_p50[stage]:.2f}x its "
                                                      f"{self.baseline_p50[stage]:.2f} ms after the last rollout")
             if stage not in self.baseline_p50 and w.p50_ms:
@@ -365,6 +367,7 @@ class Controller:
             self._weight(None, rollout.stage)
             if numbers.get("canary_p50_ms"):
                 self.baseline_p50[rollout.stage] = numbers["canary_p50_ms"]
+            self.settled_at[rollout.stage] = self.clock()
         return f"promoted variant {rollout.variant} on {rollout.stage}: {reason}"
 
     def _rollback(self, rollout: Rollout, reason: str, numbers: dict) -> None:
@@ -375,6 +378,7 @@ class Controller:
                 pass
             self._decide(rollout, "rollback", reason, numbers)
             self._weight(None, rollout.stage)
+            self.settled_at[rollout.stage] = self.clock()
 
     def _decide(self, rollout: Rollout, decision: str, reason: str, numbers: dict) -> None:
         self.rollouts.record(self.pipeline.name, rollout.stage, decision, rollout=rollout, numbers=numbers, reason=reason)
@@ -393,6 +397,8 @@ class Controller:
         for event in self.rollouts.events(self.pipeline.name, limit=1000):
             if event["decision"] == "promote" and event["numbers"].get("canary_p50_ms"):
                 out[event["stage"]] = float(event["numbers"]["canary_p50_ms"])
+            if event["decision"] in ("promote", "rollback"):
+                self.settled_at[event["stage"]] = float(event["at"])
         return out
 
     def status(self) -> dict:

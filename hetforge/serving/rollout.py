@@ -354,13 +354,17 @@ def judge_step(rollout: Rollout, stats: StepStats, canary, now: float) -> StepDe
                                             f"the step needs {canary.min_calls} within {canary.step_timeout_s:g} s", numbers)
         return StepDecision("wait", f"{stats.canary_calls} of {canary.min_calls} variant calls", numbers)
     p50_c, p50_b = statistics.median(stats.canary_ms), statistics.median(stats.baseline_ms)
-    p99_c, p99_b = numbers["canary_p99_ms"], numbers["baseline_p99_ms"]
+    # The tail is judged at p99 once each arm has 100 samples; before that p99 is just the maximum (one
+    # hiccup of a 2-core host rolled a 2x variant back), so the tail is judged at p90.
+    tail = 0.99 if min(len(stats.canary_ms), len(stats.baseline_ms)) >= 100 else 0.9
+    p99_c, p99_b = _q(stats.canary_ms, tail), _q(stats.baseline_ms, tail)
+    numbers["tail_quantile"] = tail
     numbers["speedup_p50"] = round(p50_b / p50_c, 4) if p50_c > 0 else None
     if p50_c > canary.max_latency_ratio * p50_b:
         return StepDecision("rollback", f"slower: p50 {p50_c:.3f} ms against {p50_b:.3f} ms running "
                                         f"(allowed ratio {canary.max_latency_ratio:g})", numbers)
     if p99_c > canary.max_p99_ratio * p99_b:
-        return StepDecision("rollback", f"slower tail: p99 {p99_c:.3f} ms against {p99_b:.3f} ms running "
+        return StepDecision("rollback", f"slower tail: p{round(tail * 100)} {p99_c:.3f} ms against {p99_b:.3f} ms running "
                                         f"(allowed ratio {canary.max_p99_ratio:g})", numbers)
     last = rollout.step == len(rollout.plan) - 1
     why = f"p50 {p50_c:.3f} ms against {p50_b:.3f} ms running ({numbers['speedup_p50']}x), no disagreement, no error"

@@ -101,8 +101,9 @@ class ModelStageRuntime:
     def __init__(self, pipeline: str, stage: str, problem_file: str | Path, device: str = "cpu", precision: str = "strict",
                  weights: str | Path | None = None, seed: int = 0, init_args: list | None = None, init_kwargs: dict | None = None,
                  registry: Registry | None = None, device_class: str | None = None, metrics: Metrics | None = None,
-                 use_registry: bool = True):
+                 use_registry: bool = True, max_batch_rows: int = 1):
         self.pipeline, self.stage, self.device, self.precision = pipeline, stage, device, precision
+        self.max_batch_rows = max_batch_rows  # rows a batched call may have: a new variant is warmed on each count
         self.problem_file = Path(problem_file)
         problem = Problem(file=str(self.problem_file), init_args=tuple(init_args or ()), init_kwargs=dict(init_kwargs or {}))
         self.loaded: LoadedProblem = problem.load()
@@ -184,6 +185,7 @@ class ModelStageRuntime:
         with self._lock:
             name, module, _ = self._build(rollout.variant, statuses=("canary", "active"))
             self._check(module, self.live_inputs())
+            self._warm(module)
             self.arm = CanaryArm(rollout, name, module, self._disagreement)
         return self.arm
 
@@ -210,6 +212,8 @@ class ModelStageRuntime:
             try:
                 name, module, speedup = self._build(variant_id)
                 worst = self._check(module, batches)
+                if self.arm is None or module is not self.arm.module:
+                    self._warm(module)
             except SwapRefused as err:
                 result = SwapResult(self.stage, str(variant_id), "refused", str(err))
                 self.metrics.kernel_swaps.labels(self.stage, "refused").inc()
@@ -279,6 +283,23 @@ class ModelStageRuntime:
                     raise SwapRefused(f"the variant disagrees with the running one on live inputs: {c.reason}")
                 worst = max(worst, c.max_abs)
         return worst
+
+    def _warm(self, module: nn.Module) -> None:
+        """Run a new module once per row count a batched call may have (1..max_batch_rows), here and not on
+        a request: a compiled variant compiles each new shape on first sight (seconds on a CPU), which
+        on the request path is a multi-second p99 (seen in bench/e2e before this warm-up existed)."""
+        if self.max_batch_rows <= 1 or module is self.reference:
+            return
+        base = self.live_inputs()[-1]
+        for rows in range(1, self.max_batch_rows + 1):
+            inputs = [x[:1].repeat(rows, *[1] * (x.dim() - 1)) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] else x
+                      for x in base]
+            try:
+                with torch.inference_mode():
+                    module(*inputs)
+            except Exception as err:  # noqa: BLE001
+                raise SwapRefused(f"the variant raised on a batch of {rows} rows: {type(err).__name__}: {err}") from None
+            time.sleep(CHECK_PAUSE_S)  # the warm-up shares the replica's cores with traffic
 
     def _rollback(self, failed: _Active, why: str) -> None:
         with self._lock:

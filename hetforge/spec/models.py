@@ -355,7 +355,9 @@ class Canary(_Spec):
     step_timeout_s: float = Field(default=300.0, gt=0, le=86_400, description="A step without enough calls by then is rolled back.")
     max_latency_ratio: float = Field(
         default=1.0, gt=0, le=10, description="Promote only when the variant's p50 is at most this times the running one's.")
-    max_p99_ratio: float = Field(default=1.5, gt=0, le=100, description="... and its p99 at most this times the running one's.")
+    max_p99_ratio: float = Field(
+        default=1.5, gt=0, le=100,
+        description="... and its tail at most this times the running one's (p99 once each arm has 100 calls in the step, p90 before).")
     max_error_rate: float = Field(default=0.0, ge=0, le=1, description="Largest share of variant calls that may raise.")
     guard: bool = Field(
         default=True,

@@ -287,3 +287,26 @@ def test_approvals_cli(setup):
     assert registry.get(variant.id).approver == "carol"
     busy = run_cli("approvals", "guide", str(PIPELINE), "score", "--hint", "again", *reg)
     assert busy.returncode == 1 and "already has a job" in busy.stderr
+
+
+def test_regression_waits_for_a_window_after_the_rollout_then_starts_a_job(setup):
+    clock, launcher = Clock(), FakeLauncher()
+    c = setup["make"](clock, launcher)
+    jobs = JobBoard(setup["registry"])
+    first = jobs.queue("reopt-test", "score", "hot", "test", ["float32[2,16]"])
+    jobs.finish(first.id, "done")
+    c.baseline_p50["score"] = 2.0
+    c.settled_at["score"] = clock.t  # a rollout just ended
+    _beat_signatures(setup, {"float32[2,16]": 1})
+    c.tick()
+    setup["state"]["counters"] = _counters(50, 8.0)  # p50 in the 1-10 ms bucket, about 5 ms: 2.5x the 2 ms after the rollout
+    c.spec = c.spec.model_copy(update={"regression": 1.5, "window_s": 4.0})
+    clock.t += 2
+    c.tick()
+    assert launcher.launched == []  # the window still mixes calls from before the rollout's end
+    clock.t += 10
+    setup["state"]["counters"] = _counters(100, 8.0)
+    _beat_signatures(setup, {"float32[2,16]": 60})
+    c.tick()
+    assert [d["signatures"] for d in launcher.launched] == [["float32[2,16]"]]
+    assert jobs.list("reopt-test")[-1].trigger == "regression"
