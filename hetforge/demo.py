@@ -79,9 +79,13 @@ def run_demo(examples: Path = REPO / "examples", console: Console | None = None)
     console.rule("[bold]3. rewrite the hot stages, verify, register")
     registry = Registry()
     verified = 0
+    done: set[str] = set()
     for _, path, stage in sorted(hot, key=lambda h: -h[0]):
         reference = path.parent / stage.problem_file
         problem = Problem(file=str(reference), init_args=tuple(stage.init_args or ()), init_kwargs=stage.init_kwargs)
+        if problem.load().fingerprint() in done:  # the same model in another example pipeline: one variant serves both
+            continue
+        done.add(problem.load().fingerprint())
         rewritten = apply_rewrites(problem.load().build(seed=stage.seed))
         if rewritten is None or not rewritten[1]:
             console.print(f"{stage.name}: no graph rewrite applies" + (" (not traceable by torch.fx)" if rewritten is None else ""))
