@@ -314,8 +314,6 @@ class JobLauncher:
         self._runner = None
 
     def _get(self):
-        import ray
-
         if self._runner is None:
             self._runner = _runner_class().options(name=self.name, namespace="hetforge", lifetime="detached", get_if_exists=True,
                                                    num_cpus=0).remote()

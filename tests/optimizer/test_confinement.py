@@ -4,7 +4,6 @@ harm it tries does not happen (the listener hears nothing, the file is not there
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time

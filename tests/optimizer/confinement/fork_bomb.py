@@ -1,7 +1,6 @@
 """Exploit: a fork bomb, to take the judging machine down with it."""
 import os
 
-import torch
 import torch.nn as nn
 
 
