@@ -557,6 +557,22 @@ def down(pipeline: Annotated[Optional[str], typer.Argument(help="Pipeline name; 
     typer.echo("stopped: " + (", ".join(stopped) if stopped else "nothing recorded"))
 
 
+@app.command()
+def dashboards(
+    out: Annotated[Path, typer.Option(help="Folder for the dashboard JSON and Grafana's provisioning files.")] = Path("dashboards"),
+    configmap: Annotated[Optional[Path], typer.Option(help="Also write them as a Kubernetes ConfigMap manifest here.")] = None,
+) -> None:
+    """Write the Grafana dashboards (generated from hetforge.serving.dashboards) and their provisioning files."""
+    from hetforge.serving import dashboards as gen
+
+    for path in gen.write(out):
+        typer.echo(f"wrote {path}")
+    if configmap is not None:
+        configmap.parent.mkdir(parents=True, exist_ok=True)
+        configmap.write_text(gen.configmap())
+        typer.echo(f"wrote {configmap}")
+
+
 kernels_app = typer.Typer(help="The registry of verified kernel variants ($HETFORGE_HOME/registry.sqlite).", no_args_is_help=True)
 app.add_typer(kernels_app, name="kernels")
 

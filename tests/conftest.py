@@ -40,3 +40,51 @@ def triton_on_cpu(monkeypatch) -> str:
         return "cuda"
     monkeypatch.setenv("HETFORGE_KERNELS_ON_CPU", "1")
     return "cpu"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def system_binary(name: str, package: str) -> str:
+    """A Debian package's program the serving tests need (scripts/test.sh installs it): fail under CI, else skip."""
+    import shutil
+
+    binary = shutil.which(name)
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is not installed: scripts/test.sh installs Debian's {package} package on CI")
+        pytest.skip(f"{name} is not installed (apt-get install {package})")
+    return binary
+
+
+class PrometheusServer:
+    """A real Prometheus server scraping `targets` (host:port) every second, in a folder of its own."""
+
+    def __init__(self, folder: Path, targets: list[str]):
+        folder.mkdir(parents=True, exist_ok=True)
+        binary = system_binary("prometheus", "prometheus")
+        (folder / "prometheus.yml").write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            "scrape_configs:\n  - job_name: hetforge\n    metrics_path: /metrics\n"
+            f"    static_configs: [{{targets: [{', '.join(repr(t) for t in targets)}]}}]\n")
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+                                      f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def query(self, expr: str, **params) -> list[dict]:
+        import httpx
+
+        path = "query_range" if "start" in params else "query"
+        reply = httpx.get(f"{self.url}/api/v1/{path}", params={"query": expr, **params}, timeout=30).json()
+        assert reply.get("status") == "success", (expr, reply)
+        return reply["data"]["result"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)

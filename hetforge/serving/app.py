@@ -218,6 +218,7 @@ class ReoptimizeController:
         self.controller = Controller(pipeline, controller_stages(pipeline, Path(base_dir), placement), registry_path,
                                      metrics_source=lambda: read_local_metrics(metrics_dir, pipeline.name), launcher=JobLauncher(pipeline.name),
                                      swapper=swapper, metrics=default_metrics())
+        default_metrics().zero_control_series(pipeline.name, list(self.controller.stages))
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -277,7 +278,9 @@ def _error(status: int, message: str, request_id: str, stage: str | None = None)
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(api)
 class PipelineIngress:
-    def __init__(self, pipeline_doc: dict, handles: dict, registry_path: str, metrics_dir: str, controller=None, base_dir: str = "."):
+    def __init__(self, pipeline_doc: dict, handles: dict, registry_path: str, metrics_dir: str, controller=None, base_dir: str = ".",
+                 placement: dict | None = None):
+        from hetforge.serving.dashboard_page import DashboardSampler
         from hetforge.serving.metrics import default_metrics
 
         self.pipeline = _pipeline(pipeline_doc)
@@ -286,8 +289,18 @@ class PipelineIngress:
         self.controller = controller
         self.runner = PipelineRunner(self.pipeline, HandleCaller(handles))
         self.registry_path, self.metrics_dir = registry_path, metrics_dir
+        self.placement = placement or {}
         self.metrics = default_metrics()
         self.ends_in_llm = isinstance(self.pipeline.stage(self.pipeline.output), LlmStage)
+        for stage in self.pipeline.stages:  # for the dashboards' placement table and SLO line
+            where = self.placement.get(stage.name, {})
+            self.metrics.stage_placement.labels(self.pipeline.name, stage.name, stage.kind, where.get("device_class", "?"),
+                                                where.get("device", "?")).set(1)
+        self.metrics.zero_serving_series(self.pipeline.name, [s.name for s in self.pipeline.stages],
+                                         [s.name for s in self.pipeline.stages if isinstance(s, ModelStage)])
+        if self.pipeline.slo is not None:
+            self.metrics.pipeline_slo.labels(self.pipeline.name, "0.99").set(self.pipeline.slo.p99_ms / 1e3)
+        self.sampler = DashboardSampler(self.pipeline.name, metrics_dir).start()  # the built-in page's time series
 
     def _check_name(self, name: str, request_id: str) -> JSONResponse | None:
         if name != self.pipeline.name:
@@ -522,6 +535,41 @@ class PipelineIngress:
             return _error(err.status, str(err), request_id, stage)
         return JSONResponse({"queued": job.to_json()}, status_code=202)
 
+    async def _dashboard_data(self) -> dict:
+        from hetforge.serving import approvals
+        from hetforge.serving.dashboard_page import page_data
+        from hetforge.serving.rollout import RolloutBoard
+        from hetforge.serving.swap_control import SwapBoard
+
+        def read() -> tuple:
+            return (SwapBoard(self.registry_path).recent(self.pipeline.name, 10), RolloutBoard(self.registry_path).events(self.pipeline.name, 50),
+                    approvals.pending(self.registry_path, self.pipeline))
+
+        swaps, events, pending = await asyncio.to_thread(read)
+        reoptimize = None
+        if self.controller is not None:
+            try:
+                reoptimize = await asyncio.wait_for(self.controller.status.remote(), timeout=5)
+            except Exception as err:  # noqa: BLE001 - the page still shows the rest
+                reoptimize = {"error": f"{type(err).__name__}: {err}"[:300]}
+        return page_data(self.pipeline, self.sampler, self.placement, swaps, events, pending, reoptimize)
+
+    @api.get("/dashboard")
+    async def dashboard(self):
+        """The built-in dashboard page (plots and tables, refreshed every few seconds)."""
+        from fastapi.responses import HTMLResponse
+
+        from hetforge.serving.dashboard_page import render
+
+        return HTMLResponse(render(await self._dashboard_data()))
+
+    @api.get("/v1/pipelines/{name}/dashboard")
+    async def dashboard_json(self, name: str):
+        bad = self._check_name(name, uuid.uuid4().hex)
+        if bad is not None:
+            return bad
+        return await self._dashboard_data()
+
     @api.get("/v1/pipelines/{name}/rollouts")
     async def rollouts(self, name: str):
         from hetforge.serving.rollout import RolloutBoard
@@ -564,4 +612,5 @@ def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], re
     controller = None
     if pipeline.reoptimize is not None:
         controller = ReoptimizeController.options(name="reoptimize-controller").bind(doc, str(base_dir), placement, registry_path, metrics_dir)
-    return PipelineIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(doc, handles, registry_path, metrics_dir, controller, str(base_dir))
+    return PipelineIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(doc, handles, registry_path, metrics_dir, controller, str(base_dir),
+                                                                          placement)

@@ -95,10 +95,10 @@ def window_of(new: StageCounters, old: StageCounters | None) -> StageWindow:
     calls = new.count - old.count
     mean = (new.sum_s - old.sum_s) / calls * 1e3 if calls > 0 else 0.0
     buckets = {le: new.buckets[le] - old.buckets.get(le, 0.0) for le in new.buckets}
-    return StageWindow(calls, mean, _bucket_quantile(buckets, 0.5), max(0.0, new.errors - old.errors))
+    return StageWindow(calls, mean, bucket_quantile(buckets, 0.5), max(0.0, new.errors - old.errors))
 
 
-def _bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
+def bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
     """Prometheus' histogram_quantile: linear interpolation inside the bucket holding the rank, in ms."""
     if not buckets:
         return None
@@ -383,7 +383,7 @@ class Controller:
     def _decide(self, rollout: Rollout, decision: str, reason: str, numbers: dict) -> None:
         self.rollouts.record(self.pipeline.name, rollout.stage, decision, rollout=rollout, numbers=numbers, reason=reason)
         if self.metrics is not None:
-            self.metrics.rollout_decisions.labels(rollout.stage, decision).inc()
+            self.metrics.rollout_decisions.labels(self.pipeline.name, rollout.stage, decision).inc()
         if decision in ("start", "resume"):
             self._weight(rollout)
 

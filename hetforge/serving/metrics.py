@@ -1,7 +1,9 @@
 """The metrics contract: names, help texts and labels that the dashboards query.
 
 Names follow `hetforge_<what>_<unit>`; labels are few and bounded (pipeline, stage, variant,
-device, outcome). `tests/serving/test_metrics.py` pins them: renaming one breaks the dashboards.
+device, outcome). `tests/serving/test_stage_runtime.py` pins them, and every query of the dashboards
+(`hetforge/serving/dashboards.py`) is checked against a live Prometheus in
+`tests/serving/test_reoptimize_e2e.py`: renaming one breaks the dashboards.
 Each process records its own; under Ray Serve the replicas write prometheus_client's multiprocess
 files into one folder (`PROMETHEUS_MULTIPROC_DIR`) and the ingress's /metrics aggregates them.
 The speedup gauge has no variant label: one series per stage and device, whatever is active
@@ -21,12 +23,18 @@ SPEC = {  # name -> (kind, help, labels)
     "hetforge_stage_errors_total": ("counter", "Stage calls that raised.", ("pipeline", "stage")),
     "hetforge_stage_speedup_ratio": ("gauge", "Active variant's verified speedup over the stage's reference (1 for the reference).",
                                      ("pipeline", "stage", "device")),
-    "hetforge_kernel_swaps_total": ("counter", "Kernel hot-swaps, by outcome (swapped | refused | rolled_back).", ("stage", "outcome")),
+    "hetforge_kernel_swaps_total": ("counter", "Kernel hot-swaps, by outcome (swapped | refused | rolled_back).",
+                                    ("pipeline", "stage", "outcome")),
+    # Set once by the ingress: where the planner put each stage, and the pipeline's latency target.
+    "hetforge_stage_placement_info": ("gauge", "1 for the device class and device the planner placed a stage on.",
+                                      ("pipeline", "stage", "kind", "device_class", "device")),
+    "hetforge_pipeline_slo_seconds": ("gauge", "The pipeline's end-to-end latency target (quantile 0.99: the spec's slo.p99_ms).",
+                                      ("pipeline", "quantile")),
 }
 # Written by the re-optimization controller (only pipelines with a `reoptimize:` block have these series).
 CONTROL_SPEC = {
     "hetforge_rollout_decisions_total": ("counter", "Rollout decisions (start | advance | promote | rollback | resume).",
-                                         ("stage", "decision")),
+                                         ("pipeline", "stage", "decision")),
     "hetforge_canary_weight_percent": ("gauge", "Percent of a stage's calls its variant under rollout serves (0: none; shadow: 0).",
                                        ("pipeline", "stage")),
     "hetforge_optimizer_jobs_total": ("counter", "Background optimization jobs, by outcome (started | registered | no_gain | failed).",
@@ -57,11 +65,35 @@ class Metrics:
         self.stage_errors = made["hetforge_stage_errors_total"]
         self.stage_speedup = made["hetforge_stage_speedup_ratio"]
         self.kernel_swaps = made["hetforge_kernel_swaps_total"]
+        self.stage_placement = made["hetforge_stage_placement_info"]
+        self.pipeline_slo = made["hetforge_pipeline_slo_seconds"]
         self.rollout_decisions = made["hetforge_rollout_decisions_total"]
         self.canary_weight = made["hetforge_canary_weight_percent"]
         self.optimizer_jobs = made["hetforge_optimizer_jobs_total"]
         self.optimizer_candidates = made["hetforge_optimizer_candidates_total"]
         self.registry = registry
+
+    def zero_serving_series(self, pipeline: str, stages: list[str], model_stages: list[str]) -> None:
+        """Create the serving series of known label values at 0 (the Prometheus convention): a panel then shows 0
+        rather than nothing, and `increase()` sees the first swap or error (a series born at 1 has no increase)."""
+        for outcome in ("ok", "error"):
+            self.pipeline_requests.labels(pipeline, outcome)
+        for stage in stages:
+            self.stage_errors.labels(pipeline, stage)
+        for stage in model_stages:
+            for outcome in ("swapped", "refused", "rolled_back"):
+                self.kernel_swaps.labels(pipeline, stage, outcome)
+
+    def zero_control_series(self, pipeline: str, stages: list[str]) -> None:
+        """The same for the re-optimization controller's series of the stages it may optimize."""
+        for stage in stages:
+            for decision in ("start", "advance", "promote", "rollback", "resume"):
+                self.rollout_decisions.labels(pipeline, stage, decision)
+            for outcome in ("started", "registered", "no_gain", "failed"):
+                self.optimizer_jobs.labels(pipeline, stage, outcome)
+            for outcome in ("accepted", "needs_review", "skipped"):
+                self.optimizer_candidates.labels(pipeline, stage, outcome)
+            self.canary_weight.labels(pipeline, stage).set(0)
 
 
 _default: Metrics | None = None

@@ -216,13 +216,13 @@ class ModelStageRuntime:
                     self._warm(module)
             except SwapRefused as err:
                 result = SwapResult(self.stage, str(variant_id), "refused", str(err))
-                self.metrics.kernel_swaps.labels(self.stage, "refused").inc()
+                self.metrics.kernel_swaps.labels(self.pipeline, self.stage, "refused").inc()
                 self.history.append(result)
                 raise SwapRefused(f"swap of stage {self.stage} to {variant_id} refused: {err}") from None
             self._previous, self._active = self._active, _Active(name, module, speedup)
             self._export_speedup()
             result = SwapResult(self.stage, name, "swapped", checked_inputs=len(batches), max_abs_err=worst)
-            self.metrics.kernel_swaps.labels(self.stage, "swapped").inc()
+            self.metrics.kernel_swaps.labels(self.pipeline, self.stage, "swapped").inc()
             self.history.append(result)
             return result
 
@@ -306,7 +306,7 @@ class ModelStageRuntime:
             if self._active is failed and self._previous is not None:
                 self._active, self._previous = self._previous, None
                 self._export_speedup()
-                self.metrics.kernel_swaps.labels(self.stage, "rolled_back").inc()
+                self.metrics.kernel_swaps.labels(self.pipeline, self.stage, "rolled_back").inc()
                 self.history.append(SwapResult(self.stage, failed.name, "rolled_back", why[:300]))
 
     def _export_speedup(self) -> None:

@@ -114,6 +114,14 @@ class SwapBoard:
                               (request_id,)).fetchall()
         return [SwapReport(int(r[0]), r[1], r[2], r[3] or "") for r in rows]
 
+    def recent(self, pipeline: str, limit: int = 20) -> list[dict]:
+        """The latest swap requests, newest first, each with its replicas' outcomes."""
+        with self._db() as db:
+            rows = db.execute("SELECT id, stage, variant, requested_by, requested_at FROM swap_requests WHERE pipeline = ? "
+                              "ORDER BY id DESC LIMIT ?", (pipeline, limit)).fetchall()
+        return [{"id": r[0], "stage": r[1], "variant": r[2], "requested_by": r[3] or "", "at": r[4],
+                 "reports": [vars(x) for x in self.reports(int(r[0]))]} for r in rows]
+
     def wait(self, request_id: int, replicas: int, timeout_s: float, poll_s: float = 0.1) -> list[SwapReport]:
         """The reports once `replicas` replicas answered, or whatever came within `timeout_s`."""
         deadline = time.monotonic() + timeout_s

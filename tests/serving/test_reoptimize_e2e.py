@@ -7,6 +7,10 @@ finds the hot stage, a job optimizes it, the variant goes through shadow and can
 promoted (the speedup shows in the metrics); a variant that is wrong on some inputs and one that is
 slower are rolled back; a controller killed in the middle of a rollout resumes or rolls back cleanly.
 Throughout, no request fails and none gets a wrong answer.
+
+A real Prometheus server scrapes the deployment from the start; at the end every query of the Grafana
+dashboard (panels, annotations, template variables) must return data from it, and the built-in
+dashboard page must render in headless Chromium with its plots.
 """
 
 from __future__ import annotations
@@ -121,15 +125,20 @@ def served(tmp_path_factory):
     from hetforge.serving import deploy as dep
 
     registry_path = str(home / "registry.sqlite")
+    from tests.conftest import PrometheusServer
+
     record = dep.deploy(PIPELINE, port=_free_port(), registry_path=registry_path)
-    load = None
+    load = prometheus = None
     try:
         dep.wait_until_running(record, timeout_s=600)
+        prometheus = PrometheusServer(home / "prometheus", [record.url.removeprefix("http://")])
         load = Load(record.url)
-        yield {"url": record.url, "registry": registry_path, "load": load}
+        yield {"url": record.url, "registry": registry_path, "load": load, "prometheus": prometheus, "started": time.time()}
     finally:
         if load is not None:
             load.stop()
+        if prometheus is not None:
+            prometheus.stop()
         import ray
         from ray import serve
 
@@ -198,7 +207,7 @@ def test_hot_stage_is_found_optimized_canaried_and_promoted(served):
     status = httpx.get(f"{served['url']}/v1/pipelines/reopt-test/status", timeout=30).json()
     assert status["stages"]["score"]["active_variant"] == f"variant:{variant}"
     metrics = httpx.get(f"{served['url']}/metrics", timeout=30).text
-    assert 'hetforge_rollout_decisions_total{decision="promote",stage="score"}' in metrics
+    assert 'hetforge_rollout_decisions_total{decision="promote",pipeline="reopt-test",stage="score"}' in metrics
     speedup = [line for line in metrics.splitlines() if line.startswith("hetforge_stage_speedup_ratio{") and 'stage="score"' in line]
     assert speedup and float(speedup[0].rsplit(" ", 1)[1]) > 1.2, speedup
     assert f'variant="variant:{variant}"' in metrics  # per-stage latency by variant
@@ -257,3 +266,76 @@ def test_a_controller_killed_mid_rollout_resumes_or_rolls_back(served):
     else:
         assert active != f"variant:{variant}" and Registry(served["registry"]).get(int(variant)).status == "rejected"
     _clean(served)
+
+
+def test_every_dashboard_query_returns_data_from_prometheus(served):
+    """Each panel, annotation and template variable of the Grafana dashboard, as Grafana would run it."""
+    import re
+
+    from hetforge.serving import dashboards
+
+    prometheus = served["prometheus"]
+    doc = dashboards.dashboard()
+    found = dashboards.queries(doc)
+    assert len(found) >= 15
+    empty = []
+    for where, expr in found:
+        assert all(dashboards.known_metric(m) for m in dashboards.metric_names(expr)), (where, expr)
+        variable = re.fullmatch(r"label_values\((.+), (\w+)\)", expr)
+        if variable:  # a template variable: the label's values among the matching series
+            match, label = dashboards.substitute(variable.group(1), {"pipeline": "reopt-test"}), variable.group(2)
+            values = httpx.get(f"{prometheus.url}/api/v1/label/{label}/values", params={"match[]": match}, timeout=30).json()["data"]
+            if not {"reopt-test", "score"} & set(values):
+                empty.append(f"{where}: {values}")
+            continue
+        query = dashboards.substitute(expr, {"pipeline": "reopt-test", "stage": ".*"})
+        result = prometheus.query(query, start=served["started"], end=time.time(), step="5s")
+        if not any(series["values"] for series in result):
+            empty.append(f"{where}: {query}")
+    assert not empty, "queries without data:\n" + "\n".join(empty)
+    # and the numbers mean what the panels say: the promoted variant's speedup, the rollbacks of the injected ones
+    speedup = prometheus.query(dashboards.substitute('max by (stage) (hetforge_stage_speedup_ratio{pipeline="$pipeline"})',
+                                                     {"pipeline": "reopt-test"}))
+    assert float(speedup[0]["value"][1]) > 1.2, speedup
+    rollbacks = prometheus.query('sum(hetforge_rollout_decisions_total{pipeline="reopt-test", decision="rollback"})')
+    assert float(rollbacks[0]["value"][1]) >= 2, rollbacks
+    placement = prometheus.query('hetforge_stage_placement_info{pipeline="reopt-test"}')
+    assert {(r["metric"]["stage"], r["metric"]["device_class"]) for r in placement} == {("prepare", "cpu"), ("score", "cpu")}
+
+
+def test_dashboard_page_renders_in_chromium(served, tmp_path):
+    """The built-in page in headless Chromium: its plots are drawn (checked in the screenshot) and its tables list
+    the stage, its speedup, the promotion's swap and the rollbacks."""
+    import subprocess
+
+    from PIL import Image
+
+    from hetforge.serving.dashboard_page import PALETTE, SPEEDUP_BAR
+    from tests.conftest import system_binary
+
+    chromium = system_binary("chromium", "chromium")
+    data = httpx.get(f"{served['url']}/v1/pipelines/reopt-test/dashboard", timeout=30).json()
+    assert len(data["series"]) >= 5 and data["latest"]["speedup"]["score"] > 1.2, data["latest"]
+    assert any(s["stage"] == "score" for s in data["swaps"]) and any(e["decision"] == "rollback" for e in data["rollout_events"])
+    shot = tmp_path / "dashboard.png"
+    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1360,1400",
+              f"--user-data-dir={tmp_path / 'profile'}"]
+    subprocess.run(common + [f"--screenshot={shot}", f"{served['url']}/dashboard"], check=True, capture_output=True, timeout=120)
+    dom = subprocess.run(common + ["--dump-dom", f"{served['url']}/dashboard"], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    assert "hetforge: reopt-test" in dom and "Speedup of the active variant over the reference" in dom
+    assert "requests/s" in dom and "no requests in the last window" not in dom
+    assert "score" in dom and "rollback" in dom and "promote" in dom
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1360, 1400)
+    pixels = list(image.getdata())
+
+    def count(colour: str) -> int:
+        rgb = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+        return sum(1 for p in pixels if p == rgb)
+
+    bar = count(SPEEDUP_BAR)
+    assert bar > 1500, f"speedup bar: {bar} pixels"  # one bar per model stage, > 1.2x long and 22 px high
+    lines = {c: count(c) for c in PALETTE[:2]}  # the first two series of each line plot (p50/p99, the stages)
+    assert all(n > 200 for n in lines.values()), lines
+    assert len(set(pixels)) > 50  # text and anti-aliasing: a rendered page, not a blank one

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -50,10 +49,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _prometheus_binary() -> str | None:
-    return shutil.which("prometheus")
 
 
 @pytest.fixture(scope="module")
@@ -223,24 +218,13 @@ def test_cli_status_and_swap_go_through_the_api(served):
 
 @pytest.fixture(scope="module")
 def prometheus(served, tmp_path_factory):
-    binary = _prometheus_binary()
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is not installed: scripts/test.sh installs Debian's package on CI")
-        pytest.skip("prometheus is not installed (apt-get install prometheus)")
-    folder = tmp_path_factory.mktemp("prometheus")
-    target = served["url"].removeprefix("http://")
-    (folder / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        f"scrape_configs:\n  - job_name: hetforge\n    metrics_path: /metrics\n    static_configs: [{{targets: ['{target}']}}]\n")
-    port = _free_port()
-    proc = subprocess.Popen([binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from tests.conftest import PrometheusServer
+
+    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), [served["url"].removeprefix("http://")])
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
 
 
 def test_prometheus_scrapes_every_hetforge_metric(served, prometheus):

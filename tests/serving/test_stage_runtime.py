@@ -90,7 +90,7 @@ def test_refusals_name_the_reason_and_keep_serving(registry, checkpoint):
         with pytest.raises(SwapRefused, match=why):
             rt.swap(vid, live)
         assert rt.active_variant == "reference"
-    assert metrics.kernel_swaps.labels("embed", "refused")._value.get() == 6
+    assert metrics.kernel_swaps.labels("p", "embed", "refused")._value.get() == 6
     assert rt(live[0]).shape == (16, 512)
 
 
@@ -131,7 +131,7 @@ def test_variant_failing_on_live_traffic_is_rolled_back_and_the_request_served(r
     torch.testing.assert_close(rt(x), rt.reference(x))  # served by the rolled-back-to reference
     assert rt.active_variant == "reference"
     assert rt.history[-1].outcome == "rolled_back" and "bad tile" in rt.history[-1].reason
-    assert metrics.kernel_swaps.labels("embed", "rolled_back")._value.get() == 1
+    assert metrics.kernel_swaps.labels("p", "embed", "rolled_back")._value.get() == 1
     assert metrics.stage_errors.labels("p", "embed")._value.get() == 0
 
 
@@ -142,11 +142,13 @@ def test_metric_names_and_labels_are_the_contract(registry, checkpoint):
         "hetforge_pipeline_requests_total": ("pipeline", "outcome"),
         "hetforge_stage_errors_total": ("pipeline", "stage"),
         "hetforge_stage_speedup_ratio": ("pipeline", "stage", "device"),
-        "hetforge_kernel_swaps_total": ("stage", "outcome"),
+        "hetforge_kernel_swaps_total": ("pipeline", "stage", "outcome"),
+        "hetforge_stage_placement_info": ("pipeline", "stage", "kind", "device_class", "device"),
+        "hetforge_pipeline_slo_seconds": ("pipeline", "quantile"),
     }
     assert {name: spec[2] for name, spec in SPEC.items()} == pinned  # the dashboards query these
     assert {name: spec[2] for name, spec in CONTROL_SPEC.items()} == {
-        "hetforge_rollout_decisions_total": ("stage", "decision"),
+        "hetforge_rollout_decisions_total": ("pipeline", "stage", "decision"),
         "hetforge_canary_weight_percent": ("pipeline", "stage"),
         "hetforge_optimizer_jobs_total": ("pipeline", "stage", "outcome"),
         "hetforge_optimizer_candidates_total": ("pipeline", "stage", "outcome"),
@@ -158,7 +160,7 @@ def test_metric_names_and_labels_are_the_contract(registry, checkpoint):
     text = generate_latest(metrics.registry).decode()
     assert 'hetforge_stage_speedup_ratio{device="cpu",pipeline="p",stage="embed"} 1.3' in text
     assert 'hetforge_stage_latency_seconds_count{device="cpu",pipeline="p",stage="embed",variant="variant:%d"} 1.0' % vid in text
-    assert 'hetforge_kernel_swaps_total{outcome="swapped",stage="embed"} 1.0' in text
+    assert 'hetforge_kernel_swaps_total{outcome="swapped",pipeline="p",stage="embed"} 1.0' in text
     rt.swap("reference", [torch.randn(2, 256)])
     text = generate_latest(metrics.registry).decode()
     assert 'hetforge_stage_speedup_ratio{device="cpu",pipeline="p",stage="embed"} 1.0' in text  # one series, now the reference's
