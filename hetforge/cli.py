@@ -490,8 +490,10 @@ def serve(
     base_dir = pipeline.resolve().parent
     try:
         dep.check_servable(spec, base_dir)
-        placement, notes = dep.placement_for(spec, base_dir)
-    except (ValueError, PlanError) as err:
+        from hetforge.planners import devices
+
+        placement, notes = dep.placement_for(spec, base_dir, devices.ray_inventory(address) if address else None)
+    except (ValueError, PlanError, RuntimeError) as err:
         for line in str(err).splitlines():
             typer.echo(f"{pipeline}: {line}", err=True)
         raise typer.Exit(EXIT_INVALID) from None

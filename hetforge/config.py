@@ -87,3 +87,10 @@ def worker_max_procs() -> int:
 def compile_cache_dir() -> Path:
     """Compile caches shared by workers of trusted candidates (hetforge's own recipes and kernels)."""
     return home_dir() / "cache" / "compile"
+
+
+def prometheus_url() -> str | None:
+    """A Prometheus server that scrapes every node of the deployment (HETFORGE_PROMETHEUS_URL). When set, the
+    re-optimization controller reads stage metrics through its HTTP API instead of this node's metrics files,
+    so it sees replicas on every node of a cluster."""
+    return os.environ.get("HETFORGE_PROMETHEUS_URL") or None

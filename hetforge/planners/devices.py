@@ -1,8 +1,15 @@
 """Devices: a table of facts for common GPUs and CPUs, and the inventory the planner places onto.
 
-A *device class* is what placement chooses between: `cpu`, or a GPU model such as `H100`. The
-inventory says how many devices of each class there are, their memory, and how fast data moves
-between classes. It comes from local discovery, a running Ray cluster, or a declared cluster file.
+A *device class* is what placement chooses between: `cpu`, a named group of CPU nodes such as
+`cpu-highmem`, or a GPU model such as `H100`. The inventory says how many devices of each class
+there are, their memory, and how fast data moves between classes. It comes from local discovery, a
+running Ray cluster, or a declared cluster file.
+
+In a Ray cluster, GPU classes come from the `accelerator_type:<model>` resource Ray puts on GPU
+nodes. CPU nodes may name their class with a custom resource `cpu_class:<name>` (`ray start
+--resources '{"cpu_class:cpu-highmem": 1000}'`, or a KubeRay worker group's rayStartParams): once
+any node does, CPU stages go only to nodes that declare a class (not to the head or GPU nodes), and
+a stage placed on a class requests a sliver of its resource, so Ray puts it on such a node.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ class DeviceClass:
     facts: DeviceFacts
     nodes: tuple[str, ...] = ()  # node types that have it
     local: bool = False  # present on this machine (so stages can be measured on it)
+    resource: str | None = None  # the Ray resource that puts a replica on this class's nodes (CPU classes by name)
 
 
 @dataclass(frozen=True)
@@ -191,19 +199,41 @@ def cluster_inventory(cluster) -> Inventory:
                      network_latency_ms=cluster.interconnect.latency_us / 1e3, source=f"cluster:{cluster.name}")
 
 
+CPU_CLASS_RESOURCE = "cpu_class:"  # a CPU node's class, as a Ray custom resource: cpu_class:<name>
+
+
 def ray_inventory(address: str | None = None) -> Inventory:
-    """The devices of a running Ray cluster: CPUs per node, and GPUs by their accelerator_type resource."""
+    """The devices of a running Ray cluster: CPUs per node (by `cpu_class:` when nodes declare one), and GPUs
+    by their accelerator_type resource."""
     try:
         import ray
     except ImportError as err:
         raise RuntimeError("planning for a Ray cluster needs the `serving` extra (ray)") from err
-    if not ray.is_initialized():
-        ray.init(address=address or "auto", logging_level="ERROR")
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address or "auto", logging_level="ERROR", log_to_driver=False)
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+    finally:
+        if started:
+            ray.shutdown()
+    return inventory_of_nodes(nodes)
+
+
+def inventory_of_nodes(nodes: list[dict]) -> Inventory:
+    """The inventory of Ray nodes as `ray.nodes()` lists them."""
     classes: dict[str, DeviceClass] = {}
-    cores = sum(int(n["Resources"].get("CPU", 0)) for n in nodes) or 1
-    mem = min((n["Resources"].get("memory", 8 << 30) / (1 << 30) for n in nodes), default=8.0)
-    classes["cpu"] = DeviceClass("cpu", "cpu", len(nodes), cpu_facts(max(1, cores // max(1, len(nodes))), mem), tuple(n["NodeID"][:8] for n in nodes))
+    declared: dict[str, list[dict]] = {}
+    for n in nodes:
+        for key in n["Resources"]:
+            if key.startswith(CPU_CLASS_RESOURCE):
+                declared.setdefault(key.removeprefix(CPU_CLASS_RESOURCE), []).append(n)
+    groups = declared or {"cpu": nodes}
+    for name, members in sorted(groups.items()):
+        cores = sum(int(n["Resources"].get("CPU", 0)) for n in members) or 1
+        mem = min((n["Resources"].get("memory", 8 << 30) / (1 << 30) for n in members), default=8.0)
+        classes[name] = DeviceClass(name, "cpu", len(members), cpu_facts(max(1, cores // len(members)), mem, name=name),
+                                    tuple(n["NodeID"][:8] for n in members), resource=CPU_CLASS_RESOURCE + name if declared else None)
     for n in nodes:
         gpus = int(n["Resources"].get("GPU", 0))
         kinds = [k.split(":", 1)[1] for k in n["Resources"] if k.startswith("accelerator_type:")]

@@ -68,12 +68,13 @@ def allowed_classes(stage, inventory: Inventory) -> list[str]:
     """Device classes a stage may use under its `device` constraint; PlanError if none."""
     have = sorted(inventory.classes)
     gpus = [c for c in have if inventory.classes[c].kind == "gpu"]
+    cpus = [c for c in have if inventory.classes[c].kind == "cpu"]
     compute = isinstance(stage, ModelStage) or (isinstance(stage, LlmStage) and stage.vllm is not None)
     device = stage.device
     if device == "auto":
-        return have if compute else ["cpu"]
+        return have if compute else cpus
     if device == "cpu":
-        return ["cpu"]
+        return cpus
     if device == "cuda":
         if not gpus:
             raise PlanError([f'stage "{stage.name}": device cuda, but the inventory has no GPU (have: {", ".join(have)})'])
@@ -190,6 +191,8 @@ def build_plan(pipeline: Pipeline, base_dir: Path, inventory: Inventory, objecti
         p = profiles[i][cls]
         kind = inventory.classes[cls].kind
         actor = {"num_cpus": 1} if kind == "cpu" else {"num_cpus": 1, "num_gpus": 1, "accelerator_type": cls}
+        if inventory.classes[cls].resource:  # a named CPU class: a sliver of its resource puts the replica on its nodes
+            actor["resources"] = {inventory.classes[cls].resource: 0.001}
         stages[stage.name] = StagePlan(cls, round(p.latency_ms, 4), p.source, round(memory[i][cls] / GIB, 4), _replicas(stage), actor, p.detail)
 
     hot, savings = _hot_stages(pipeline, problem, list(result.assignment), result.latency_ms)

@@ -50,6 +50,13 @@ def _replica_name() -> str:
         return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def _node_id() -> str:
+    """The Ray node this replica runs on ("" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 @contextlib.contextmanager
 def _observed(metrics, pipeline: str, stage: str, device: str):
     """A tool or LLM stage call: its latency, or an error count when it raises."""
@@ -67,7 +74,7 @@ def _observed(metrics, pipeline: str, stage: str, device: str):
 class ModelStageDeployment:
     """A model stage replica: batched calls on the active variant, swaps from the registry file."""
 
-    def __init__(self, pipeline_doc: dict, base_dir: str, stage_name: str, device: str, registry_path: str):
+    def __init__(self, pipeline_doc: dict, base_dir: str, stage_name: str, device: str, registry_path: str, device_class: str | None = None):
         from hetforge.kernels.registry import Registry
         from hetforge.serving.model_io import resolve_function
         from hetforge.serving.stage_runtime import ModelStageRuntime
@@ -80,7 +87,7 @@ class ModelStageDeployment:
         self.runtime = ModelStageRuntime(pipeline.name, stage.name, base / stage.problem_file, device=device, precision=stage.precision,
                                          weights=base / stage.weights if stage.weights else None, seed=stage.seed,
                                          init_args=stage.init_args, init_kwargs=stage.init_kwargs, registry=Registry(registry_path),
-                                         max_batch_rows=stage.batching.max_batch_size if stage.batching else 1)
+                                         max_batch_rows=stage.batching.max_batch_size if stage.batching else 1, device_class=device_class)
         self.pre = resolve_function(stage.preprocess, base)
         self.post = resolve_function(stage.postprocess, base)
         self.arity = len(self.runtime.example_inputs())
@@ -109,8 +116,8 @@ class ModelStageDeployment:
 
     def status(self) -> dict:
         r = self.runtime
-        return {"replica": _replica_name(), "stage": self.stage.name, "device": self.device, "device_class": r.device_class,
-                "active_variant": r.active_variant, "swaps": [vars(h) for h in r.history[-10:]]}
+        return {"replica": _replica_name(), "node_id": _node_id(), "stage": self.stage.name, "device": self.device,
+                "device_class": r.device_class, "active_variant": r.active_variant, "swaps": [vars(h) for h in r.history[-10:]]}
 
 
 @serve.deployment
@@ -129,7 +136,7 @@ class ToolStageDeployment:
             return await self.runtime(payload)
 
     def status(self) -> dict:
-        return {"replica": _replica_name(), "stage": self.stage.name, "device": "cpu", "active_variant": "reference",
+        return {"replica": _replica_name(), "node_id": _node_id(), "stage": self.stage.name, "device": "cpu", "active_variant": "reference",
                 "attempts": self.runtime.attempts}
 
 
@@ -157,7 +164,7 @@ class LlmStageDeployment:
 
     def status(self) -> dict:
         backend = "vllm" if self.stage.vllm else f"endpoint {self.stage.endpoint.base_url}"
-        return {"replica": _replica_name(), "stage": self.stage.name, "device": self.device, "active_variant": backend}
+        return {"replica": _replica_name(), "node_id": _node_id(), "stage": self.stage.name, "device": self.device, "active_variant": backend}
 
     def __del__(self):
         runtime = getattr(self, "runtime", None)
@@ -179,6 +186,8 @@ def controller_stages(pipeline: Pipeline, base_dir: Path, placement: dict[str, d
         where = placement[stage.name]
         problem = Problem(file=str(base_dir / stage.problem_file), init_args=tuple(stage.init_args or ()), init_kwargs=dict(stage.init_kwargs))
         resources: dict[str, Any] = {"num_cpus": spec.job_cpus}
+        if where["ray_actor_options"].get("resources"):  # a named CPU class: the job runs on one of its nodes
+            resources["resources"] = dict(where["ray_actor_options"]["resources"])
         if where["device"] == "cuda":
             # the job shares the stage's GPU (its nice level and thread count keep it behind serving): Ray must not
             # hide the device from a task that reserves no GPU, and the accelerator type puts it on a node that has one
@@ -200,7 +209,7 @@ class ReoptimizeController:
     def __init__(self, pipeline_doc: dict, base_dir: str, placement: dict, registry_path: str, metrics_dir: str):
         import threading
 
-        from hetforge.serving.controller import Controller, read_local_metrics
+        from hetforge.serving.controller import Controller, metrics_source
         from hetforge.serving.jobs import JobLauncher
         from hetforge.serving.metrics import default_metrics
         from hetforge.serving.swap_control import SwapBoard, SwapError, request_swap
@@ -216,7 +225,7 @@ class ReoptimizeController:
                 return False
 
         self.controller = Controller(pipeline, controller_stages(pipeline, Path(base_dir), placement), registry_path,
-                                     metrics_source=lambda: read_local_metrics(metrics_dir, pipeline.name), launcher=JobLauncher(pipeline.name),
+                                     metrics_source=metrics_source(metrics_dir, pipeline.name), launcher=JobLauncher(pipeline.name),
                                      swapper=swapper, metrics=default_metrics())
         default_metrics().zero_control_series(pipeline.name, list(self.controller.stages))
         self.errors: list[str] = []
@@ -542,7 +551,7 @@ class PipelineIngress:
         from hetforge.serving.swap_control import SwapBoard
 
         def read() -> tuple:
-            return (SwapBoard(self.registry_path).recent(self.pipeline.name, 10), RolloutBoard(self.registry_path).events(self.pipeline.name, 50),
+            return (SwapBoard(self.registry_path).recent(self.pipeline.name, 10), RolloutBoard(self.registry_path).events(self.pipeline.name, limit=50),
                     approvals.pending(self.registry_path, self.pipeline))
 
         swaps, events, pending = await asyncio.to_thread(read)
@@ -601,7 +610,8 @@ def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], re
         if isinstance(stage, ModelStage):
             batch = stage.batching.max_batch_size if stage.batching else 1
             options["max_ongoing_requests"] = max(16, 2 * batch)
-            handles[stage.name] = ModelStageDeployment.options(**options).bind(doc, str(base_dir), stage.name, where["device"], registry_path)
+            handles[stage.name] = ModelStageDeployment.options(**options).bind(doc, str(base_dir), stage.name, where["device"], registry_path,
+                                                                               where.get("device_class"))
         elif isinstance(stage, ToolStage):
             options["max_ongoing_requests"] = max(16, stage.concurrency)
             handles[stage.name] = ToolStageDeployment.options(**options).bind(doc, str(base_dir), stage.name)

@@ -3,7 +3,8 @@
 Every `reoptimize.interval_s` one `tick()`:
 
 1. reads the window's numbers: per-stage calls, mean and p50 latency and errors from hetforge's own
-   metrics (the multiprocess files every replica on this node writes), and per-stage input
+   metrics (the multiprocess files every replica on this node writes, or a Prometheus server that
+   scrapes every node when HETFORGE_PROMETHEUS_URL is set), and per-stage input
    signatures from the replicas' heartbeats;
 2. ranks stages by their share of the measured critical path (the planner's pipeline graph with the
    measured mean latencies as stage costs) and queues a job for a model stage that is hot, has
@@ -76,6 +77,39 @@ def read_local_metrics(metrics_dir: str, pipeline: str) -> dict[str, StageCounte
             elif sample.name == ERRORS:
                 c.errors += sample.value
     return dict(out)
+
+
+def read_prometheus_metrics(url: str, pipeline: str, timeout_s: float = 10.0) -> dict[str, StageCounters]:
+    """The same counters summed over every scraped node, through Prometheus' HTTP API (instant queries)."""
+    import httpx
+
+    def query(expr: str) -> list[dict]:
+        reply = httpx.get(f"{url.rstrip('/')}/api/v1/query", params={"query": expr}, timeout=timeout_s).json()
+        if reply.get("status") != "success":
+            raise RuntimeError(f"Prometheus at {url}: {reply.get('error', reply)}")
+        return reply["data"]["result"]
+
+    selector = '{pipeline="%s"}' % pipeline.replace('"', "")
+    out: dict[str, StageCounters] = collections.defaultdict(StageCounters)
+    for r in query(f"sum by (stage, le) ({LATENCY}_bucket{selector})"):
+        out[r["metric"]["stage"]].buckets[float(r["metric"]["le"])] = float(r["value"][1])
+    for suffix, attr in (("_count", "count"), ("_sum", "sum_s")):
+        for r in query(f"sum by (stage) ({LATENCY}{suffix}{selector})"):
+            setattr(out[r["metric"]["stage"]], attr, float(r["value"][1]))
+    for r in query(f"sum by (stage) ({ERRORS}{selector})"):
+        out[r["metric"]["stage"]].errors = float(r["value"][1])
+    return dict(out)
+
+
+def metrics_source(metrics_dir: str, pipeline: str) -> Callable[[], dict[str, StageCounters]]:
+    """Where the controller reads stage metrics: Prometheus when HETFORGE_PROMETHEUS_URL is set (every node of a
+    cluster), else this node's multiprocess files (the embedded default)."""
+    from hetforge.config import prometheus_url
+
+    url = prometheus_url()
+    if url:
+        return lambda: read_prometheus_metrics(url, pipeline)
+    return lambda: read_local_metrics(metrics_dir, pipeline)
 
 
 @dataclass(frozen=True)

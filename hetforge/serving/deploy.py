@@ -97,6 +97,8 @@ def _ray_init(address: str | None, metrics_dir: Path, cpus_wanted: float) -> Non
     env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "HETFORGE_HOME": str(home_dir()),
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
+    if os.environ.get("HETFORGE_PROMETHEUS_URL"):  # the controller reads every node's metrics there
+        env["HETFORGE_PROMETHEUS_URL"] = os.environ["HETFORGE_PROMETHEUS_URL"]
     kwargs: dict = {"namespace": "hetforge", "runtime_env": {"env_vars": env}, "log_to_driver": os.environ.get("HETFORGE_RAY_LOGS") == "1"}
     if address:
         ray.init(address=address, **kwargs)
@@ -120,7 +122,9 @@ def deploy(pipeline_file: Path, address: str | None = None, host: str = "127.0.0
     base_dir = pipeline_file.resolve().parent
     check_servable(pipeline, base_dir)
     if placement is None:
-        placement, _ = placement_for(pipeline, base_dir)
+        from hetforge.planners import devices
+
+        placement, _ = placement_for(pipeline, base_dir, devices.ray_inventory(address) if address else None)
     metrics_dir = home_dir() / "serve" / f"{pipeline.name}.metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)  # counters of an earlier deployment must not add up with these
     metrics_dir.mkdir(parents=True)

@@ -267,7 +267,7 @@ def run_job(doc: dict) -> dict:
         task = OptimizeTask(str(problem), doc["device"], doc["precision"], float(doc["budget_s"]), tuple(doc["agents"]), doc.get("hint", ""),
                             trials=2, rounds=3, threads=threads)
         report = optimize(task, scratch / "candidates")
-        summary = _summary(report)
+        summary = {**_summary(report), **_where()}
         winner = report.winner
         variant_id = None
         if winner is None or winner.name == "recipe:eager" or winner.speedup < REGISTER_MIN_GAIN:
@@ -288,6 +288,21 @@ def run_job(doc: dict) -> dict:
         raise
     finally:
         stop.set()
+
+
+def _where() -> dict:
+    """The host and Ray node a job ran on (the node's devices are what it measured)."""
+    import socket
+
+    out = {"host": socket.gethostname()}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            out["node_id"] = ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return out
 
 
 def _summary(report) -> dict:

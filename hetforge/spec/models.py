@@ -22,7 +22,8 @@ IMPORT_PATTERN = r"^(?:[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|[^:\s
 # GPU models a stage may name as its device. The planner's device table (`hetforge.planners`)
 # carries their figures; the spec only needs the names.
 GPU_MODELS = ("H100", "H200", "B200", "A100", "A10G", "L4", "L40S", "T4", "V100", "RTX6000-BLACKWELL")
-DEVICE_RULE = "auto, cpu, cuda, or a GPU model (" + ", ".join(GPU_MODELS) + ")"
+DEVICE_RULE = ("auto, cpu, cuda, a GPU model (" + ", ".join(GPU_MODELS) + "), or a named class of CPU nodes "
+               "(cpu-<name>, lowercase letters, digits and '-')")
 
 # `request`, `request.field.sub`, `stage`, `stage.field`: where a stage argument comes from.
 BINDING_PATTERN = r"[a-z][a-z0-9_-]{0,62}(?:\.[A-Za-z_][A-Za-z0-9_]{0,127})*"
@@ -140,7 +141,7 @@ class _StageBase(_Spec):
 def normalize_device(value: str) -> str:
     """Canonical device name (`auto`, `cpu`, `cuda` or an upper-case GPU model), or ValueError."""
     lowered = value.strip().lower()
-    if lowered in ("auto", "cpu", "cuda"):
+    if lowered in ("auto", "cpu", "cuda") or re.fullmatch(r"cpu-[a-z0-9][a-z0-9-]{0,30}", lowered):
         return lowered
     for model in GPU_MODELS:
         if lowered == model.lower():

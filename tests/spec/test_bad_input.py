@@ -61,7 +61,7 @@ EXPECTED: dict[str, list[tuple[int, int, str]]] = {
         (3, 5, 'Got "nothing" for stages[0].name: a value is required here.'),
     ],
     "bad_device.yaml": [
-        (5, 58, 'Got "tpu-v9" for stages[0].device: auto, cpu, cuda, or a GPU model (H100'),
+        (5, 58, 'Got "tpu-v9" for stages[0].device: auto, cpu, cuda, a GPU model (H100'),
         (5, 77, 'Got "fp8" for stages[0].precision: one of strict, tf32 or bf16.'),
     ],
     "missing_file.yaml": [(5, 42, 'Got "models/does_not_exist.py" for stages[0].problem_file: an existing file')],
