@@ -394,12 +394,12 @@ def plan(
 
 
 @app.command()
-def demo() -> None:
-    """Run the main job on the embedded default (CPU): validate, graph and profile the examples, then
-    rewrite their hot stages, verify the variants and register the accepted ones."""
+def demo(keep: Annotated[bool, typer.Option("--keep", help="Keep serving (and the dashboard page up) until Ctrl-C.")] = False) -> None:
+    """The whole story on the embedded default (local Ray, SQLite, CPU): plan and deploy an example pipeline,
+    send it traffic, let hetforge find the hot stage, optimize, canary and hot-swap it, print before/after."""
     from hetforge.demo import run_demo
 
-    raise typer.Exit(run_demo())
+    raise typer.Exit(run_demo(keep=keep))
 
 
 @app.command()

@@ -1,222 +1,245 @@
-"""`hetforge demo`: the main job on the embedded default (local, CPU), as far as hetforge goes today.
+"""`hetforge demo`: the whole story on the embedded default (local Ray, SQLite, this CPU).
 
-1. validate the example pipelines,
-2. build each pipeline's graph and profile its model stages on this machine,
-3. compute each pipeline's critical path and its hottest model stage,
-4. apply the graph rewrites to each hot model stage's own instance, verify every rewritten
-   variant against its reference (isolated workers, fresh inputs, interleaved timing), and store
-   the accepted ones in the kernel registry,
-5. deploy the document pipeline on Ray Serve (a local instance: the embedded default), send it
-   traffic, show per-stage latency and the variant each stage serves, hot-swap the classifier
-   between its reference and the registered variant while traffic flows, print before/after,
-   and stop everything it started.
-Re-optimization in the background joins this story with its issue.
+1. validate the example pipelines;
+2. plan `examples/page_triage.yaml`: profile its stages on this machine, place them, find the
+   critical path and the hot stage;
+3. deploy it on Ray Serve (a local Ray instance) with an empty registry of its own, and print the
+   addresses: the pipeline, the built-in dashboard page, the Prometheus metrics;
+4. send it traffic from two clients for the whole run and print per-stage latency;
+5. let the re-optimization controller work, printing each of its decisions as it makes them: the
+   stage turning hot, the optimization job (candidates verified in confined workers) and its
+   winner, the shadow step, the canary steps and the promotion (a hot-swap under traffic);
+6. print before/after (end to end and per stage, from the requests themselves) with the dashboard's
+   address, and stop everything it started, unless `--keep` asks it to keep serving.
 """
 
 from __future__ import annotations
 
+import shutil
+import socket
 import statistics
-import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from hetforge.kernels.registry import Registry
-from hetforge.optimizer.problem import Problem
-from hetforge.optimizer.variants import VariantSpec
-from hetforge.optimizer.rewrites import apply_rewrites, rewrite_candidate_source
-from hetforge.optimizer.verify import VerifyOptions, verify
-from hetforge.planners.graph import PipelineGraph
-from hetforge.spec import ModelStage, load_pipeline
+from hetforge.config import home_dir
+from hetforge.spec import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
+PIPELINE = REPO / "examples" / "page_triage.yaml"
+TEXTS = ("Invoice 2026-01-31 total 1,250.00 due 2026-02-28", "Dear team, the meeting moves to Friday.",
+         "Receipt 2026-03-02 coffee 4.50 cake 3.20", "Form A-12: name, address, signature")
 
 
-def profile_model_stage(stage: ModelStage, base_dir: Path, repeats: int = 5) -> float:
-    """Median ms per call of a model stage on the CPU, on its problem file's inputs."""
-    problem = Problem(file=str(base_dir / stage.problem_file), init_args=tuple(stage.init_args or ()), init_kwargs=stage.init_kwargs).load()
-    model = problem.build(seed=stage.seed)
-    inputs = problem.main_inputs(seed=0)
-    times = []
-    with torch.inference_mode():
-        model(*inputs)  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(*inputs)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+@dataclass
+class Traffic:
+    """Closed-loop clients sending page-triage requests until stopped; every answer's timings are kept."""
+
+    url: str
+    clients: int = 2
+    samples: list[tuple[float, float, dict[str, float]]] = field(default_factory=list)  # (sent at, e2e ms, stage ms)
+    errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.clients)]
+        for t in self._threads:
+            t.start()
+
+    def _client(self, seed: int) -> None:
+        import httpx
+
+        gen = torch.Generator().manual_seed(seed)
+        with httpx.Client(timeout=120) as http:
+            i = 0
+            while not self._stop.is_set():
+                body = {"input": {"pages": torch.rand(1, 3, 64, 64, generator=gen).tolist(), "text": TEXTS[i % len(TEXTS)]}}
+                sent = time.time()
+                try:
+                    reply = http.post(self.url, json=body)
+                except httpx.HTTPError as err:
+                    self.errors.append(f"{type(err).__name__}: {err}"[:300])
+                    continue
+                if reply.status_code != 200:
+                    self.errors.append(f"HTTP {reply.status_code}: {reply.text[:300]}")
+                    continue
+                self.samples.append((sent, (time.time() - sent) * 1e3, reply.json()["stages"]))
+                i += 1
+
+    def window(self, start: float, end: float) -> dict:
+        """p50/p99 end to end and p50 per stage of the requests sent in [start, end)."""
+        rows = [s for s in self.samples if start <= s[0] < end]
+        e2e = sorted(ms for _, ms, _ in rows)
+        stages: dict[str, list[float]] = {}
+        for _, _, per_stage in rows:
+            for name, ms in per_stage.items():
+                stages.setdefault(name, []).append(ms)
+        return {"requests": len(rows), "p50": _q(e2e, 0.5), "p99": _q(e2e, 0.99), "rps": len(rows) / max(end - start, 1e-9),
+                "stages": {n: statistics.median(v) for n, v in stages.items()}}
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
 
 
-def run_demo(examples: Path = REPO / "examples", console: Console | None = None) -> int:
+def _q(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _describe(event: dict) -> str:
+    """One line for one controller decision from the audit log."""
+    n, d = event["numbers"], event["decision"]
+    if d == "job":
+        share = f", {n['share']:.0%} of the critical path" if n.get("share") is not None else ""
+        return f"[bold]{event['stage']}[/] is {n.get('trigger')}{share}: optimization job {n.get('job_id')} started ({event['reason']})"
+    if d == "job_done":
+        if n.get("outcome") != "registered":
+            return f"job {n.get('job_id')} ended: {n.get('outcome')} {event['reason']}"
+        return (f"job {n.get('job_id')} done in {n.get('elapsed_s') or 0:.0f} s: {n.get('candidates')} candidates verified, winner "
+                f"[bold]{n.get('winner')}[/], {n.get('speedup_vs_eager') or 0:.2f}x over the reference -> variant {n.get('variant_id')}")
+    if d in ("start", "advance", "promote", "rollback", "resume"):
+        colour = {"promote": "green", "rollback": "red"}.get(d, "cyan")
+        return f"[{colour}]{d}[/] variant {event['variant']} on {event['stage']}: {event['reason']}"
+    return f"{d} {event['stage']}: {event['reason']}"
+
+
+def _plan(pipeline_file: Path, console: Console) -> None:
+    from hetforge.planners import devices
+    from hetforge.planners.plan import build_plan
+    from hetforge.planners.profiles import ProfileCache
+
+    pipeline = load_pipeline(pipeline_file)
+    plan = build_plan(pipeline, pipeline_file.parent, devices.local_inventory(), "latency", ProfileCache())
+    table = Table("stage", "kind", "device", "ms (planner)", "source", title=f"{pipeline.name}: placement on this machine")
+    for stage in pipeline.stages:
+        p = plan.stages[stage.name]
+        table.add_row(stage.name, stage.kind, p.device, f"{p.latency_ms:.2f}", p.source)
+    console.print(table)
+    console.print(f"critical path: {' -> '.join(plan.critical_path)}, predicted {plan.predicted_latency_ms:.1f} ms; "
+                  f"hot stages: {', '.join(plan.hot_stages) or 'none'} (tools count their default estimate until serving measures them)")
+
+
+def run_demo(examples: Path = REPO / "examples", console: Console | None = None, keep: bool = False, before_s: float = 20.0,
+             after_s: float = 20.0, timeout_s: float = 480.0) -> int:
     console = console or Console(soft_wrap=True)
-    pipelines = sorted(examples.glob("*.yaml"))
+    started = time.monotonic()
     console.rule("[bold]1. validate the example pipelines")
-    loaded = []
-    for path in pipelines:
+    for path in sorted(examples.glob("*.yaml")):
         pipeline = load_pipeline(path)
-        loaded.append((path, pipeline))
         console.print(f"[green]ok[/] {path.relative_to(REPO)}: {pipeline.name}, {len(pipeline.stages)} stages")
 
-    console.rule("[bold]2. graph and profile (model stages measured on this CPU)")
-    hot: list[tuple[float, Path, ModelStage]] = []
-    table = Table("pipeline", "critical path", "model ms on path", "hottest model stage")
-    for path, pipeline in loaded:
-        graph = PipelineGraph(pipeline)
-        costs = {s.name: profile_model_stage(s, path.parent) for s in pipeline.stages if isinstance(s, ModelStage)}
-        critical = graph.critical_path(costs)
-        on_path = {n: costs[n] for n in critical.stages if n in costs}
-        name = max(on_path, key=on_path.get) if on_path else "-"
-        if on_path:
-            hot.append((on_path[name], path, pipeline.stage(name)))
-        table.add_row(pipeline.name, " -> ".join(critical.stages), f"{critical.length:.1f}", f"{name} ({on_path.get(name, 0):.1f} ms)")
-    console.print(table)
-    console.print("LLM and tool stages are not profiled yet (they join with serving), so they count 0 ms here.")
-    console.print(PipelineGraph(loaded[0][1]).to_mermaid())
+    pipeline_file = examples / PIPELINE.name
+    pipeline = load_pipeline(pipeline_file)
+    console.rule(f"[bold]2. plan {pipeline_file.relative_to(REPO)}")
+    _plan(pipeline_file, console)
 
-    console.rule("[bold]3. rewrite the hot stages, verify, register")
-    registry = Registry()
-    verified = 0
-    done: set[str] = set()
-    for _, path, stage in sorted(hot, key=lambda h: -h[0]):
-        reference = path.parent / stage.problem_file
-        problem = Problem(file=str(reference), init_args=tuple(stage.init_args or ()), init_kwargs=stage.init_kwargs)
-        if problem.load().fingerprint() in done:  # the same model in another example pipeline: one variant serves both
-            continue
-        done.add(problem.load().fingerprint())
-        rewritten = apply_rewrites(problem.load().build(seed=stage.seed))
-        if rewritten is None or not rewritten[1]:
-            console.print(f"{stage.name}: no graph rewrite applies" + (" (not traceable by torch.fx)" if rewritten is None else ""))
-            continue
-        applied = rewritten[1]
-        with tempfile.TemporaryDirectory(prefix="hetforge-demo-") as scratch:
-            candidate = Path(scratch) / f"{stage.name}_rewritten.py"
-            candidate.write_text(rewrite_candidate_source(str(reference), list(applied)))
-            console.print(f"{stage.name}: rewrites {applied}; verifying against {reference.relative_to(REPO)} ...")
-            verdict = verify(problem, candidate, VerifyOptions(device="cpu", trials=3, rounds=3))
-        colour = "green" if verdict.accepted else "red"
-        console.print(f"  verdict: [bold {colour}]{verdict.verdict}[/] in {verdict.elapsed_s:.1f} s; max abs err "
-                      f"{max((t.max_abs_err for t in verdict.trials), default=float('nan')):.2e} over {len(verdict.trials)} fresh-input trials")
-        for reason in verdict.reasons:
-            console.print(f"  [red]{reason.kind}[/]: {reason.message}")
-        if not verdict.accepted:
-            continue
-        console.print(f"  reference {verdict.reference_ms:.2f} ms, variant {verdict.candidate_ms:.2f} ms: [bold]{verdict.speedup:.2f}x[/] on {verdict.device}")
-        fingerprint = problem.load().fingerprint()
-        variant = registry.add(fingerprint=fingerprint, device_class="cpu", precision=stage.precision, name="+".join(applied),
-                               agent="rewrites", source=rewrite_candidate_source(str(reference), list(applied)),
-                               verdict=verdict.to_dict(), recipe=VariantSpec(rewrites=tuple(applied)).to_json())
-        if verdict.speedup < 1.02:
-            console.print("  (not faster on this CPU: registered anyway, so that step 5 can show the swap; "
-                          "`hetforge optimize` registers only variants at least 1.02x faster)")
-        best = registry.best(fingerprint, "cpu", stage.precision)
-        console.print(f"  variant {variant.id} stored as {variant.status} in {registry.path}; serving would use: "
-                      + (f"{best.name} ({best.speedup:.2f}x)" if best else "the reference (the variant waits for review)"))
-        verified += 1
-    served = serve_and_swap(examples / "document_pipeline.yaml", console)
-    return 0 if verified and served else 1
-
-
-def _page_request(i: int) -> dict:
-    g = torch.Generator().manual_seed(i)
-    texts = ["Invoice 2026-01-31 total 1,250.00 due 2026-02-28", "Dear team, the meeting moves to Friday.",
-             "Receipt 2026-03-02 coffee 4.50 cake 3.20", "Form A-12: name, address, signature"]
-    return {"input": {"pages": torch.rand(1, 3, 64, 64, generator=g).tolist(), "text": texts[i % len(texts)]}}
-
-
-def _traffic(url: str, n: int, start: int = 0) -> tuple[dict[str, list[float]], list[float], list[str]]:
-    """n requests, 2 at a time: per-stage ms, end-to-end ms, error messages."""
-    import concurrent.futures
-
-    import httpx
-
-    def one(i: int):
-        t = time.perf_counter()
-        reply = httpx.post(url, json=_page_request(i), timeout=120)
-        return reply, (time.perf_counter() - t) * 1e3
-
-    stages: dict[str, list[float]] = {}
-    total, errors = [], []
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        for reply, ms in pool.map(one, range(start, start + n)):
-            if reply.status_code != 200:
-                errors.append(reply.text[:200])
-                continue
-            total.append(ms)
-            for name, stage_ms in reply.json()["stages"].items():
-                stages.setdefault(name, []).append(stage_ms)
-    return stages, total, errors
-
-
-def serve_and_swap(pipeline_file: Path, console: Console, requests: int = 24) -> bool:
-    """Step 5: deploy, traffic, per-stage latency, hot-swap under traffic, before/after; True when it all worked."""
-    import socket
-    import threading
-
-    import httpx
+    console.rule("[bold]3. deploy on Ray Serve (a local Ray instance: the embedded default)")
+    from ray import serve
 
     from hetforge.serving import deploy as dep
+    from hetforge.serving.rollout import RolloutBoard
 
-    console.rule(f"[bold]5. serve {pipeline_file.relative_to(REPO)} on Ray Serve (local), send traffic, hot-swap")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    start = time.perf_counter()
-    record = dep.deploy(pipeline_file, port=port)
-    ok = True
+    demo_home = home_dir() / "demo"
+    shutil.rmtree(demo_home, ignore_errors=True)  # an empty registry: the story starts from the reference each time
+    demo_home.mkdir(parents=True)
+    registry_path = str(demo_home / "registry.sqlite")
+    t0 = time.perf_counter()
+    record = dep.deploy(pipeline_file, port=_free_port(), registry_path=registry_path)
+    traffic = None
+    ok = False
     try:
         dep.wait_until_running(record)
-        console.print(f"deployed in {time.perf_counter() - start:.0f} s at {record.url} "
-                      f"(metrics for Prometheus at {record.url}/metrics)")
-        run_url = f"{record.url}/v1/pipelines/{record.pipeline}/run"
-        status = httpx.get(f"{record.url}/v1/pipelines/{record.pipeline}/status", timeout=30).json()["stages"]
-        stages, total, errors = _traffic(run_url, requests)
-        table = Table("stage", "device", "serves", "calls", "p50 ms", title=f"{requests} requests, 2 at a time")
+        console.print(f"deployed in {time.perf_counter() - t0:.0f} s\n  pipeline   POST {record.url}/v1/pipelines/{pipeline.name}/run\n"
+                      f"  dashboard  {record.url}/dashboard\n  metrics    {record.url}/metrics (for Prometheus; Grafana dashboards in dashboards/)")
+
+        console.rule(f"[bold]4. traffic: 2 clients, the whole run ({before_s:.0f} s before anything changes)")
+        traffic = Traffic(f"{record.url}/v1/pipelines/{pipeline.name}/run")
+        begin = time.time()
+        time.sleep(before_s)
+        before = traffic.window(begin + 3, time.time())  # the first seconds warm the replicas
+        status = _status(record)
+        table = Table("stage", "device", "serves", "p50 ms", title=f"{before['requests']} requests, {before['rps']:.1f}/s")
         for name, info in status.items():
-            times = stages.get(name, [])
-            table.add_row(name, info.get("device", ""), info.get("active_variant", ""), str(len(times)),
-                          f"{statistics.median(times):.1f}" if times else "-")
+            table.add_row(name, info.get("device_class", info.get("device", "")), info.get("active_variant", ""),
+                          f"{before['stages'].get(name, float('nan')):.1f}")
         console.print(table)
-        console.print(f"end to end: p50 {statistics.median(total) if total else float('nan'):.0f} ms over {len(total)} requests, "
-                      f"{len(errors)} errors" + (f"; first: {errors[0]}" if errors else ""))
-        if not total:
-            return False
+        console.print(f"end to end: p50 {before['p50']:.1f} ms, p99 {before['p99']:.1f} ms; {len(traffic.errors)} errors")
+
+        console.rule("[bold]5. re-optimization: the controller watches, optimizes the hot stage, canaries and promotes it")
+        board = RolloutBoard(registry_path)
+        seen, promoted, ended = 0, None, None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and promoted is None and ended is None:
+            time.sleep(1)
+            for event in board.events(pipeline.name, limit=1000):
+                if event["id"] <= seen:
+                    continue
+                seen = event["id"]
+                console.print(f"[dim]{time.time() - begin:5.0f} s[/]  {_describe(event)}")
+                if event["decision"] == "promote":
+                    promoted = event
+                elif event["decision"] == "rollback" or (event["decision"] == "job_done" and event["numbers"].get("outcome") != "registered"):
+                    ended = event
+        if promoted is None:
+            console.print("[red]no variant was promoted[/]" + (f": {ended['reason']}" if ended else f" within {timeout_s:.0f} s"))
+            return 1
+
+        console.rule("[bold]6. before / after")
+        mark = time.time() + 3  # the swap has reached every replica
+        time.sleep(3 + after_s)
+        after = traffic.window(mark, time.time())
+        traffic.stop()
+        status = _status(record)
+        table = Table("", "before", "after", "speedup", title=f"{pipeline.name}: {before['requests']} requests before, {after['requests']} after")
+        table.add_row("end to end p50 ms", f"{before['p50']:.1f}", f"{after['p50']:.1f}", f"{before['p50'] / after['p50']:.2f}x")
+        table.add_row("end to end p99 ms", f"{before['p99']:.1f}", f"{after['p99']:.1f}", f"{before['p99'] / after['p99']:.2f}x")
+        for name in status:
+            b, a = before["stages"].get(name), after["stages"].get(name)
+            if b and a:
+                table.add_row(f"{name} p50 ms ({status[name].get('active_variant', '')})", f"{b:.1f}", f"{a:.1f}", f"{b / a:.2f}x")
+        console.print(table)
+        errors = traffic.errors
+        console.print(f"{len(traffic.samples)} requests served during the whole run, {len(errors)} failed"
+                      + (f"; first: {errors[0]}" if errors else "") + f"; hot -> promoted in {promoted['at'] - _first_job_at(board, pipeline.name):.0f} s")
+        console.print(f"dashboard: {record.url}/dashboard  (the same panels for Grafana: dashboards/hetforge.json)")
+        console.print(f"audit log and variants: hetforge kernels list; HETFORGE_HOME={home_dir()} (registry {registry_path})")
         ok = not errors
-
-        classify = status["classify"]["active_variant"]
-        if not classify.startswith("variant:"):
-            console.print("classify serves its reference: no registered variant to swap to (step 3 accepted none)")
-            return ok
-        variant = classify.split(":")[1]
-        rows = []
-        for target in ("reference", variant):  # swap away from the variant, then back, each under traffic
-            background: list = []
-            load = threading.Thread(target=lambda: background.append(_traffic(run_url, 8, start=1000)))
-            load.start()
-            reply = httpx.post(f"{record.url}/v1/pipelines/{record.pipeline}/stages/classify/swap",
-                               json={"variant": target, "wait_s": 60}, timeout=120).json()
-            load.join()
-            during_errors = background[0][2] if background else ["no traffic"]
-            after, _, after_errors = _traffic(run_url, requests, start=2000)
-            outcome = ", ".join(f"{r['replica']}: {r['outcome']}" for r in reply.get("reports", [])) or reply.get("error", {}).get("message", "")
-            console.print(f"swap classify -> {target}: {outcome}; {len(during_errors)} failed requests during the swap")
-            rows.append((target, statistics.median(after.get("classify", [float("nan")]))))
-            ok = ok and reply.get("ok", False) and not during_errors and not after_errors
-        table = Table("classify serves", "p50 ms", title="before / after (hot-swapped, no replica restarted)")
-        for target, ms in rows:
-            table.add_row("reference" if target == "reference" else f"variant {target}", f"{ms:.2f}")
-        console.print(table)
-        ref_ms, var_ms = rows[0][1], rows[1][1]
-        console.print(f"classify: {ref_ms / var_ms:.2f}x with the variant (2-core CPU; stage time includes batching waits)")
+        if keep:
+            console.print("[bold]--keep[/]: serving until Ctrl-C")
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
     finally:
-        from ray import serve
-
+        if traffic is not None:
+            traffic.stop()
         serve.shutdown()
         import ray
 
         ray.shutdown()
         dep.state_path(record.pipeline).unlink(missing_ok=True)
-        console.print("stopped the deployment and the local Ray instance")
-    return ok
+        console.print(f"stopped the deployment and the local Ray instance; the demo took {time.monotonic() - started:.0f} s")
+    return 0 if ok else 1
+
+
+def _status(record) -> dict:
+    import httpx
+
+    return httpx.get(f"{record.url}/v1/pipelines/{record.pipeline}/status", timeout=30).json()["stages"]
+
+
+def _first_job_at(board, pipeline: str) -> float:
+    return next(e["at"] for e in board.events(pipeline, limit=1000) if e["decision"] == "job")

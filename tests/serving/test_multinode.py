@@ -4,7 +4,9 @@ on it with `hetforge serve --address`, each stage landing on a node of the class
 on, and a background optimization job running on the node that has the stage's device class.
 
 The nodes share this machine (and so the registry file and the metrics folder); what is checked is
-where Ray puts each replica and task, which is what the planner's Ray options decide.
+where Ray puts each replica and task, which is what the planner's Ray options decide. `ray start`
+turns Ray 2.60's token authentication on, so every client here runs with RAY_AUTH_MODE=token (the
+token is in ~/.ray/auth_token), as a user's would.
 """
 
 from __future__ import annotations
@@ -26,18 +28,20 @@ from tests.conftest import REPO, free_port  # noqa: E402
 PIPELINE = REPO / "tests" / "data" / "multinode" / "pipeline.yaml"
 RAY = str(REPO / ".venv" / "bin" / "ray") if (REPO / ".venv" / "bin" / "ray").exists() else "ray"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
 
 
 class RayNode:
     """One `ray start --block` node in a session of its own, so that stopping it stops its raylet and workers."""
 
-    def __init__(self, args: list[str], log):
+    def __init__(self, args: list[str], log, worker_ports: int):
         ports = ["--node-manager-port", "--object-manager-port", "--metrics-export-port", "--dashboard-agent-listen-port",
                  "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
-        cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", *args]
+        # ports of their own: nodes on one host would otherwise collide (the workers' range too)
+        cmd = [RAY, "start", "--block", "--disable-usage-stats", f"--min-worker-port={worker_ports}",
+               f"--max-worker-port={worker_ports + 999}", *args]
         cmd += [f"{flag}={free_port()}" for flag in ports]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
 
     def stop(self) -> None:
         for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
@@ -56,7 +60,7 @@ def _nodes(address: str) -> list[dict]:
     """The cluster's alive nodes, asked from a separate process (this one stays out of Ray)."""
     code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
             "print(json.dumps([{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))") % address
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else []
 
 
@@ -68,17 +72,18 @@ def cluster(tmp_path_factory):
     address = f"127.0.0.1:{port}"
     temp = f"/tmp/hf-mn-{os.getpid()}"
     nodes = [RayNode(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp}",
-                      f"--ray-client-server-port={free_port()}"], log)]
+                      f"--ray-client-server-port={free_port()}"], log, 20000)]
     try:
         deadline = time.monotonic() + 120
         while not _nodes(address):
             assert time.monotonic() < deadline, (folder / "ray.log").read_text()[-3000:]
             time.sleep(2)
-        for name in ("cpu-a", "cpu-b"):
-            nodes.append(RayNode(["--address", address, "--num-cpus=2", f"--resources={json.dumps({f'cpu_class:{name}': 1000})}"], log))
-        while len(found := _nodes(address)) < 3:
-            assert time.monotonic() < deadline + 120, (folder / "ray.log").read_text()[-3000:]
-            time.sleep(2)
+        for i, name in enumerate(("cpu-a", "cpu-b")):  # one at a time: two raylets starting at once time out here
+            nodes.append(RayNode(["--address", address, "--num-cpus=2", f"--resources={json.dumps({f'cpu_class:{name}': 1000})}"], log,
+                                 21000 + 1000 * i))
+            while len(found := _nodes(address)) < 2 + i:
+                assert time.monotonic() < deadline + 120, (folder / "ray.log").read_text()[-3000:]
+                time.sleep(2)
         by_class = {"head": next(n["id"] for n in found if not any(k.startswith("cpu_class:") for k in n["resources"]))}
         for name in ("cpu-a", "cpu-b"):
             by_class[name] = next(n["id"] for n in found if f"cpu_class:{name}" in n["resources"])
@@ -94,7 +99,7 @@ def _cli(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedPro
 
 
 def test_stages_land_on_their_device_class_nodes_and_jobs_on_the_target_device_node(cluster):
-    env = {**os.environ, "HETFORGE_HOME": str(cluster["home"])}
+    env = {**ENV, "HETFORGE_HOME": str(cluster["home"])}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     plan = _cli("plan", str(PIPELINE), "--ray-address", cluster["address"], "--json", env=env, timeout=300)
     assert plan.returncode == 0, plan.stderr[-3000:]
