@@ -8,7 +8,8 @@ loaded, in layers that each work without privileges where the kernel allows:
 - no_new_privs and, when running as root, every capability dropped: root without capabilities
   cannot mount, change namespaces, load modules or bypass the rules below.
 - Landlock (Linux 5.13+): writes, deletes, renames and new files only beneath the writable folders
-  (the worker's scratch; /dev for device files); TCP bind and connect denied (ABI 4+); signals and
+  (the worker's scratch; /dev for device files; its own /proc entry, which the NVIDIA driver writes
+  while CUDA starts); TCP bind and connect denied (ABI 4+); signals and
   abstract Unix sockets scoped to the worker's own processes (ABI 6+). Reads stay open: Python and
   torch read their own files.
 - seccomp: `socket()` only for AF_UNIX (no network of any family, UDP included); setsid/setpgid
@@ -124,7 +125,10 @@ def _landlock(writable: list[str]) -> str:
     if ruleset < 0:
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset: " + _errno_text())
     try:
-        rules = [(path, handled) for path in writable] + [("/dev", _FS["write_file"][0] | (_FS["truncate"][0] if abi >= 3 else 0))]
+        # /dev for device files; /proc/self (this process's own /proc/<pid>, its threads' entries included) because the
+        # NVIDIA driver writes there while CUDA initializes (without it: cudaGetDeviceCount error 304, found on an H100)
+        device_rights = _FS["write_file"][0] | (_FS["truncate"][0] if abi >= 3 else 0)
+        rules = [(path, handled) for path in writable] + [("/dev", device_rights), ("/proc/self", device_rights)]
         for path, rights in rules:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:
@@ -137,7 +141,7 @@ def _landlock(writable: list[str]) -> str:
             raise OSError(ctypes.get_errno(), "landlock_restrict_self: " + _errno_text())
     finally:
         os.close(ruleset)
-    parts = ["writes only beneath " + ", ".join(writable) + " and /dev"]
+    parts = ["writes only beneath " + ", ".join(writable) + ", /dev and its own /proc entry"]
     parts.append("TCP denied" if net else "TCP not covered (ABI < 4)")
     parts.append("signals scoped" if scoped else "signals not scoped (ABI < 6)")
     return f"abi {abi}: " + "; ".join(parts)

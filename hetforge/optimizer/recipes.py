@@ -24,17 +24,20 @@ class Recipe:
     channels_last: bool = False  # NHWC memory format for 4-D inputs and weights
     tf32: bool = False  # TF32 matmuls and convolutions (policy tf32 or bf16 only)
     bf16_autocast: bool = False  # bf16 autocast, outputs cast back (policy bf16 only)
+    cuda_graph: bool = False  # capture the (eager) module in a CUDA graph per input shape and replay it
 
 
 def recipes_for(device: str, precision: str, has_conv: bool) -> list[Recipe]:
     """The recipes worth trying for a stage on `device` under `precision`."""
     out = [Recipe("eager"), Recipe("compile", "default"), Recipe("compile-freezing", "default", freezing=True)]
     if device == "cuda":
-        out += [Recipe("compile-max-autotune", "max-autotune-no-cudagraphs"), Recipe("compile-cudagraphs", "reduce-overhead")]
+        out += [Recipe("compile-max-autotune", "max-autotune-no-cudagraphs"), Recipe("compile-cudagraphs", "reduce-overhead"),
+                Recipe("cuda-graph", None, cuda_graph=True)]
     if has_conv:
         out += [Recipe("channels-last", None, channels_last=True), Recipe("compile-channels-last", "default", channels_last=True)]
     if device == "cuda" and precision in ("tf32", "bf16"):
-        out += [Recipe("tf32", None, tf32=True), Recipe("compile-tf32", "default", tf32=True)]
+        out += [Recipe("tf32", None, tf32=True), Recipe("compile-tf32", "default", tf32=True),
+                Recipe("tf32-cuda-graph", None, tf32=True, cuda_graph=True)]
     if precision == "bf16":
         out += [Recipe("bf16-autocast", None, bf16_autocast=True), Recipe("compile-bf16-autocast", "default", bf16_autocast=True)]
     return out
@@ -47,7 +50,7 @@ class RecipeModule(nn.Module):
         super().__init__()
         self.model = model
         self.recipe = recipe
-        self._compiled = None
+        object.__setattr__(self, "_compiled", None)
         if recipe.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -62,13 +65,79 @@ class RecipeModule(nn.Module):
         if self._compiled is None:
             if self.recipe.channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
-            self._compiled = torch.compile(self.model, mode=self.recipe.compile_mode) if self.recipe.compile_mode else self.model
+            compiled = torch.compile(self.model, mode=self.recipe.compile_mode) if self.recipe.compile_mode else self.model
+            if self.recipe.cuda_graph:
+                compiled = CudaGraphRunner(compiled)
+            object.__setattr__(self, "_compiled", compiled)  # a plain attribute: `model` is the one registered submodule
         if not self.recipe.bf16_autocast:
             return _contiguous(self._compiled(*args))
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
         with torch.autocast(device_type=device, dtype=torch.bfloat16):
             out = self._compiled(*args)
         return _contiguous(_to_float32(out))
+
+
+class CudaGraphRunner:
+    """Replays a CUDA graph of `model` per input signature (shapes, dtypes, devices of the tensor arguments).
+
+    For launch-bound stages: a small model's many kernels, each a few microseconds of work behind
+    ~5-15 us of launch, become one graph launch. The first call of a signature warms the model up on
+    a side stream and captures it; later calls copy the arguments into the graph's static inputs,
+    replay, and return a copy of the static outputs (the next replay overwrites them). Arguments
+    not on a CUDA device, or a model that cannot be captured (host syncs, data-dependent shapes),
+    fall back to running the model as is; the capture error is kept in `fallback_reason`.
+    """
+
+    def __init__(self, model, max_graphs: int = 16):
+        self.model = model
+        self.max_graphs = max_graphs
+        self.graphs: dict = {}
+        self.fallback_reason = ""
+
+    def __call__(self, *args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if self.fallback_reason or not tensors or any(t.device.type != "cuda" for t in tensors) or torch.is_grad_enabled():
+            return self.model(*args)
+        key = tuple((tuple(a.shape), a.dtype, a.device, a.stride()) if isinstance(a, torch.Tensor) else ("value", repr(a)) for a in args)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if len(self.graphs) >= self.max_graphs:  # too many shapes: graphs hold memory each
+                return self.model(*args)
+            try:
+                entry = self.graphs[key] = self._capture(args)
+            except RuntimeError as err:
+                self.fallback_reason = f"CUDA graph capture failed: {err}"[:500]
+                torch.cuda.synchronize()
+                return self.model(*args)
+        graph, static_args, static_out = entry
+        for dst, src in zip(static_args, args):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+        graph.replay()
+        return _clone(static_out)
+
+    def _capture(self, args):
+        static_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # cuBLAS/cuDNN pick their algorithms and allocate workspaces outside the capture
+                self.model(*static_args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self.model(*static_args)
+        return graph, static_args, static_out
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
 
 
 def _to_float32(value):

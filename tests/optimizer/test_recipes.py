@@ -17,9 +17,9 @@ FAST = VerifyOptions(trials=2, rounds=2, calls_per_round=3, warmup=1, threads=1)
 def test_recipes_follow_device_and_precision_policy():
     cpu_strict = {r.name for r in recipes_for("cpu", "strict", has_conv=False)}
     assert {"eager", "compile", "compile-freezing"} <= cpu_strict
-    assert not any("tf32" in n or "bf16" in n or "cudagraphs" in n for n in cpu_strict)
+    assert not any("tf32" in n or "bf16" in n or "cudagraph" in n or "cuda-graph" in n for n in cpu_strict)
     cuda_tf32 = {r.name for r in recipes_for("cuda", "tf32", has_conv=True)}
-    assert {"compile-cudagraphs", "compile-max-autotune", "tf32", "channels-last"} <= cuda_tf32
+    assert {"compile-cudagraphs", "compile-max-autotune", "tf32", "channels-last", "cuda-graph", "tf32-cuda-graph"} <= cuda_tf32
     assert not any("bf16" in n for n in cuda_tf32)  # tf32 policy does not allow bf16
     assert "bf16-autocast" in {r.name for r in recipes_for("cpu", "bf16", has_conv=False)}
 
@@ -51,3 +51,55 @@ def test_bf16_recipe_only_passes_where_the_policy_allows(tmp_path):
     assert strict.verdict == "rejected" and strict.reasons[0].kind == "mismatch"
     loose = _verify("linear_relu", recipe, tmp_path, precision="bf16")
     assert loose.accepted, loose.reasons
+
+
+def test_cuda_graph_runner_falls_back_off_the_gpu_and_when_grad_is_on():
+    import torch
+
+    from hetforge.optimizer.recipes import CudaGraphRunner
+
+    calls = []
+    runner = CudaGraphRunner(lambda x: calls.append(x) or x * 2)
+    with torch.no_grad():
+        assert torch.equal(runner(torch.ones(2)), torch.full((2,), 2.0))  # CPU tensors: the model as is
+    assert len(calls) == 1 and not runner.graphs and not runner.fallback_reason
+
+
+@pytest.mark.cuda
+def test_cuda_graph_runner_matches_eager_per_shape_and_returns_fresh_outputs():
+    import torch
+
+    from hetforge.optimizer.recipes import CudaGraphRunner
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 8)).cuda().eval()
+    runner = CudaGraphRunner(model)
+    with torch.inference_mode():
+        a, b, c = torch.randn(4, 64, device="cuda"), torch.randn(4, 64, device="cuda"), torch.randn(9, 64, device="cuda")
+        out_a = runner(a)
+        out_b = runner(b)  # the same graph replayed: out_a must not change
+        torch.testing.assert_close(out_a, model(a))
+        torch.testing.assert_close(out_b, model(b))
+        torch.testing.assert_close(runner(c), model(c))  # a second shape, a second graph
+    assert len(runner.graphs) == 2 and not runner.fallback_reason
+
+    class HostSync(torch.nn.Module):
+        def forward(self, x):
+            return x * float(x.sum().item())  # a host sync: cannot be captured
+
+    sync = CudaGraphRunner(HostSync())
+    with torch.inference_mode():
+        x = torch.randn(3, device="cuda")
+        torch.testing.assert_close(sync(x), x * float(x.sum()))
+    assert "capture failed" in sync.fallback_reason
+
+
+@pytest.mark.cuda
+def test_cuda_graph_recipe_is_accepted_by_the_verifier(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    verdict = _verify("softmax", Recipe("cuda-graph", cuda_graph=True), tmp_path, device="cuda")
+    assert verdict.accepted, verdict.reasons
