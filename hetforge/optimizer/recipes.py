@@ -28,18 +28,27 @@ class Recipe:
 
 
 def recipes_for(device: str, precision: str, has_conv: bool) -> list[Recipe]:
-    """The recipes worth trying for a stage on `device` under `precision`."""
-    out = [Recipe("eager"), Recipe("compile", "default"), Recipe("compile-freezing", "default", freezing=True)]
-    if device == "cuda":
-        out += [Recipe("compile-max-autotune", "max-autotune-no-cudagraphs"), Recipe("compile-cudagraphs", "reduce-overhead"),
-                Recipe("cuda-graph", None, cuda_graph=True)]
+    """The recipes worth trying for a stage on `device` under `precision`, cheapest to build first (a budget
+    may run out before the torch.compile ones, which take tens of seconds each to compile)."""
+    cuda, tf32 = device == "cuda", device == "cuda" and precision in ("tf32", "bf16")
+    out = [Recipe("eager")]
+    if cuda:  # launch-bound stages: one graph launch instead of one per kernel
+        out.append(Recipe("cuda-graph", None, cuda_graph=True))
+    if tf32:
+        out += [Recipe("tf32-cuda-graph", None, tf32=True, cuda_graph=True), Recipe("tf32", None, tf32=True)]
     if has_conv:
-        out += [Recipe("channels-last", None, channels_last=True), Recipe("compile-channels-last", "default", channels_last=True)]
-    if device == "cuda" and precision in ("tf32", "bf16"):
-        out += [Recipe("tf32", None, tf32=True), Recipe("compile-tf32", "default", tf32=True),
-                Recipe("tf32-cuda-graph", None, tf32=True, cuda_graph=True)]
+        out.append(Recipe("channels-last", None, channels_last=True))
     if precision == "bf16":
-        out += [Recipe("bf16-autocast", None, bf16_autocast=True), Recipe("compile-bf16-autocast", "default", bf16_autocast=True)]
+        out.append(Recipe("bf16-autocast", None, bf16_autocast=True))
+    out += [Recipe("compile", "default"), Recipe("compile-freezing", "default", freezing=True)]
+    if cuda:
+        out += [Recipe("compile-max-autotune", "max-autotune-no-cudagraphs"), Recipe("compile-cudagraphs", "reduce-overhead")]
+    if has_conv:
+        out.append(Recipe("compile-channels-last", "default", channels_last=True))
+    if tf32:
+        out.append(Recipe("compile-tf32", "default", tf32=True))
+    if precision == "bf16":
+        out.append(Recipe("compile-bf16-autocast", "default", bf16_autocast=True))
     return out
 
 

@@ -237,7 +237,7 @@ def _ago(at: float | None, now: float) -> str:
 def render(data: dict, refresh_s: int = 5) -> str:
     """The page's HTML from `page_data`'s dict."""
     now = data["generated_at"]
-    series = [p for p in data["series"]]
+    series = data["series"]
     stages = sorted({s for p in series for s in p["stage_p50_ms"]})
     e2e = {"p50": [(p["t"], p["e2e_p50_ms"]) for p in series if p["e2e_p50_ms"] is not None],
            "p99": [(p["t"], p["e2e_p99_ms"]) for p in series if p["e2e_p99_ms"] is not None]}
