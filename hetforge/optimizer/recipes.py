@@ -92,20 +92,22 @@ class CudaGraphRunner:
     For launch-bound stages: a small model's many kernels, each a few microseconds of work behind
     ~5-15 us of launch, become one graph launch. The first call of a signature warms the model up on
     a side stream and captures it; later calls copy the arguments into the graph's static inputs,
-    replay, and return a copy of the static outputs (the next replay overwrites them). Arguments
-    not on a CUDA device, or a model that cannot be captured (host syncs, data-dependent shapes),
-    fall back to running the model as is; the capture error is kept in `fallback_reason`.
+    replay, and return a copy of the static outputs (the next replay overwrites them). Arguments not
+    on a CUDA device run the model as is. A model that cannot be captured (a host sync such as
+    `.item()`, data-dependent shapes) raises: the verifier, which runs candidates in their own
+    processes, rejects the recipe with the reason, since a failed capture can leave the process's
+    CUDA state unusable. Capture errors are thread-local, so serving threads that synchronize while
+    a replica captures are not disturbed.
     """
 
     def __init__(self, model, max_graphs: int = 16):
         self.model = model
         self.max_graphs = max_graphs
         self.graphs: dict = {}
-        self.fallback_reason = ""
 
     def __call__(self, *args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if self.fallback_reason or not tensors or any(t.device.type != "cuda" for t in tensors) or torch.is_grad_enabled():
+        if not tensors or any(t.device.type != "cuda" for t in tensors) or torch.is_grad_enabled():
             return self.model(*args)
         key = tuple((tuple(a.shape), a.dtype, a.device, a.stride()) if isinstance(a, torch.Tensor) else ("value", repr(a)) for a in args)
         entry = self.graphs.get(key)
@@ -115,9 +117,7 @@ class CudaGraphRunner:
             try:
                 entry = self.graphs[key] = self._capture(args)
             except RuntimeError as err:
-                self.fallback_reason = f"CUDA graph capture failed: {err}"[:500]
-                torch.cuda.synchronize()
-                return self.model(*args)
+                raise RuntimeError(f"CUDA graph capture failed: {err}") from err
         graph, static_args, static_out = entry
         for dst, src in zip(static_args, args):
             if isinstance(dst, torch.Tensor):
@@ -134,7 +134,7 @@ class CudaGraphRunner:
                 self.model(*static_args)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self.model(*static_args)
         return graph, static_args, static_out
 
