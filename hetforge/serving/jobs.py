@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hetforge.kernels.registry import default_path
+from hetforge.serving.boards import SqliteBoard
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -68,18 +68,8 @@ class Job:
         return dict(self.__dict__)
 
 
-class JobBoard:
-    def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
-            db.executescript(_SCHEMA)
-
-    def _db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA busy_timeout=60000")
-        return db
+class JobBoard(SqliteBoard):
+    SCHEMA = _SCHEMA
 
     def queue(self, pipeline: str, stage: str, trigger: str, reason: str, signatures: list[str], hint: str = "") -> Job | None:
         """A queued job, or None when the stage already has one queued or running."""

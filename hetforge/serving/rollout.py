@@ -23,10 +23,9 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from hetforge.kernels.registry import default_path
+from hetforge.serving.boards import SqliteBoard
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -115,20 +114,10 @@ def _q(samples: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
 
 
-class RolloutBoard:
+class RolloutBoard(SqliteBoard):
     """Rollouts, their per-replica stats and the audit log, in the registry's SQLite file."""
 
-    def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
-            db.executescript(_SCHEMA)
-
-    def _db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA busy_timeout=60000")
-        return db
+    SCHEMA = _SCHEMA
 
     # -- rollouts
     def start(self, pipeline: str, stage: str, variant: str, plan: list[dict], guard: bool, job_id: int | None = None) -> Rollout | None:

@@ -14,13 +14,12 @@ replica's histogram of input signatures, which the controller reads.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hetforge.kernels.registry import default_path
+from hetforge.serving.boards import SqliteBoard
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS swap_requests (
@@ -57,19 +56,10 @@ class SwapReport:
     reason: str
 
 
-class SwapBoard:
+class SwapBoard(SqliteBoard):
     """Swap requests and replica reports in one SQLite file (the registry's, by default)."""
 
-    def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._db() as db:
-            db.executescript(_SCHEMA)
-
-    def _db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        db.execute("PRAGMA busy_timeout=60000")
-        return db
+    SCHEMA = _SCHEMA
 
     def request(self, pipeline: str, stage: str, variant: str, requested_by: str = "cli") -> int:
         with self._db() as db:
