@@ -320,7 +320,7 @@ class Controller:
                 actions.append(f"job {job_id} died: {error}")
         for job in self.jobs.mark_lost(self.pipeline.name, now):
             actions.append(f"job {job.id} lost (no heartbeat)")
-        reported = {e["numbers"].get("job_id") for e in self.rollouts.events(self.pipeline.name, limit=1000) if e["decision"] == "job_done"}
+        reported = {e["numbers"].get("job_id") for e in self.rollouts.events(self.pipeline.name, limit=1_000_000, decision="job_done")}
         for job in self.jobs.list(self.pipeline.name, states=("done", "failed")):
             if job.id in reported:
                 continue

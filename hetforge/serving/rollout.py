@@ -205,10 +205,13 @@ class RolloutBoard(SqliteBoard):
                         rollout.step if rollout else None, rollout.weight if rollout else None, json.dumps(numbers or {}, default=str),
                         reason[:2000], actor, time.time()))
 
-    def events(self, pipeline: str, stage: str | None = None, limit: int = 200) -> list[dict]:
+    def events(self, pipeline: str, stage: str | None = None, limit: int = 200, decision: str | None = None) -> list[dict]:
+        """The latest `limit` events (of one stage, of one decision), oldest first."""
         query, args = "SELECT * FROM rollout_events WHERE pipeline = ?", [pipeline]
         if stage is not None:
             query, args = query + " AND stage = ?", args + [stage]
+        if decision is not None:
+            query, args = query + " AND decision = ?", args + [decision]
         with self._db() as db:
             rows = db.execute(query + " ORDER BY id DESC LIMIT ?", args + [limit]).fetchall()
         return [{**dict(r), "numbers": json.loads(r["numbers"])} for r in reversed(rows)]
