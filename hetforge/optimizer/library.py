@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from hetforge.kernels.modules import FusedLinear, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain
 from hetforge.kernels.triton.epilogue import MAX_OPS, Op
+from hetforge.optimizer.rewrites import symbolic_trace
 
 _UNARY_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardswish: "hardswish",
                   nn.Mish: "mish"}
@@ -217,7 +218,7 @@ def _norm_parts(gm, node) -> dict | None:
 def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> tuple[fx.GraphModule, dict[str, int]] | None:
     """A copy of `module` with library kernels in place of the patterns found; None if untraceable."""
     try:
-        gm = fx.symbolic_trace(copy.deepcopy(module).eval())
+        gm = symbolic_trace(module)
     except Exception:  # noqa: BLE001 - data-dependent control flow etc.: fx cannot trace every module
         return None
     _propagate_shapes(gm, example_inputs)

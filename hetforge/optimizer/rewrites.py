@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import threading
 from typing import Callable
 
 import torch
@@ -196,13 +197,25 @@ def dead_code(gm: fx.GraphModule) -> int:
     return before - len(gm.graph.nodes)
 
 
+# torch.fx's symbolic tracing patches torch.nn.Module.__call__ for the whole process while it runs: a module called
+# from another thread meanwhile goes through the tracer and fails ("module is not installed as a submodule"). Serving
+# replicas build variants (which traces) while they serve, so tracing and their forward calls share this lock.
+TRACE_LOCK = threading.Lock()
+
+
+def symbolic_trace(module: nn.Module) -> fx.GraphModule:
+    """fx.symbolic_trace of an eval-mode copy of `module`, holding TRACE_LOCK."""
+    with TRACE_LOCK:
+        return fx.symbolic_trace(copy.deepcopy(module).eval())
+
+
 def apply_rewrites(module: nn.Module, names: list[str] | None = None) -> tuple[fx.GraphModule, dict[str, int]] | None:
     """The rewritten copy of `module` and how often each rewrite fired; None if it cannot be traced."""
     unknown = [n for n in names or [] if n not in REWRITES]
     if unknown:
         raise ValueError(f'Got "{", ".join(unknown)}" for rewrites: any of {", ".join(REWRITES)}.')
     try:
-        gm = fx.symbolic_trace(copy.deepcopy(module).eval())
+        gm = symbolic_trace(module)
     except Exception:  # noqa: BLE001 - data-dependent control flow etc.: fx cannot trace every module
         return None
     applied = {}

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from hetforge.kernels.registry import Registry, RegistryError, Variant
 from hetforge.optimizer.problem import LoadedProblem, Problem
+from hetforge.optimizer.rewrites import TRACE_LOCK
 from hetforge.optimizer.tolerance import compare
 from hetforge.optimizer.variants import VariantError, VariantSpec, build_module_variant, build_variant
 from hetforge.serving.metrics import Metrics, default_metrics
@@ -154,7 +155,7 @@ class ModelStageRuntime:
             return arm.call(list(inputs), lambda which, x: self._forward(active if which == "running" else arm, x))[0]
         start = time.perf_counter()
         try:
-            with torch.inference_mode():
+            with TRACE_LOCK, torch.inference_mode():  # not while this process traces a variant being built
                 out = active.module(*inputs)
         except Exception as err:  # noqa: BLE001 - the new variant failed on live traffic: roll back, serve the request
             if active.name == REFERENCE or self._previous is None or self._active is not active:
@@ -169,7 +170,7 @@ class ModelStageRuntime:
         """One timed forward of the active module or the arm's variant (latency metric labelled by variant)."""
         start = time.perf_counter()
         try:
-            with torch.inference_mode():
+            with TRACE_LOCK, torch.inference_mode():
                 out = which.module(*inputs)
         except Exception:
             if which is not self.arm:

@@ -198,3 +198,32 @@ def test_cli_swap_reaches_every_replica_and_reports_refusals(tmp_path, checkpoin
             w.stop()
     finally:
         del os.environ["HETFORGE_HOME"]
+
+
+def test_serving_while_this_process_traces_a_variant(registry, checkpoint):
+    """torch.fx patches nn.Module.__call__ for the whole process while it traces; a replica builds variants (tracing)
+    while serving, and no call may fail because of it (found by the demo: "module is not installed as a submodule")."""
+    import threading
+
+    from hetforge.optimizer.rewrites import apply_rewrites
+
+    rt = _runtime(registry, checkpoint)
+    errors, done = [], threading.Event()
+
+    def serve():
+        x = torch.randn(4, 256)
+        while not done.is_set():
+            try:
+                rt(x)
+            except Exception as err:  # noqa: BLE001 - collected: the assertion below reports it
+                errors.append(f"{type(err).__name__}: {err}")
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        for _ in range(40):
+            apply_rewrites(rt.reference)
+    finally:
+        done.set()
+        server.join()
+    assert not errors, errors[:3]
