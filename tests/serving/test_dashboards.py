@@ -106,3 +106,13 @@ def test_page_renders_plots_and_tables_from_data():
     assert "nothing waits for approval" in page
     empty = render({**data, "series": [], "latest": None})
     assert "no data yet" in empty and "no requests in the last window" in empty
+
+
+def test_cli_writes_the_dashboards_and_the_configmap(tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_cli("dashboards", "--out", str(tmp_path / "out"), "--configmap", str(tmp_path / "cm.yaml"))
+    assert result.returncode == 0, result.stderr
+    for rel in dashboards.files():
+        assert (tmp_path / "out" / rel).read_text() == (REPO / "dashboards" / rel).read_text()
+    assert (tmp_path / "cm.yaml").read_text() == (REPO / "deploy" / "kubernetes" / "dashboards-configmap.yaml").read_text()
