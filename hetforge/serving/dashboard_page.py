@@ -171,7 +171,7 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], unit: s
     for i in range(4):
         t = t0 + (t1 - t0) * i / 3
         label, anchor = ("now", "end") if i == 3 else (f"-{(t1 - t) / 60:.1f} min", "middle")
-        out.append(f'<text x="{x(t):.1f}" y="{top + ph + 16}" class="xlab" text-anchor="{anchor}">{label}</text>')
+        out.append(f'<text x="{x(t):.1f}" y="{top + ph + 16}" class="xlab" style="text-anchor:{anchor}">{label}</text>')
     out.append(f'<text x="8" y="{top + ph / 2}" class="unit" transform="rotate(-90 8 {top + ph / 2})">{unit}</text>')
     if hline:
         out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(hline[0]):.1f}" y2="{y(hline[0]):.1f}" stroke="{SLO_LINE}" '
