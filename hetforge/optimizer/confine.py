@@ -237,12 +237,24 @@ def make_pids_cgroup(name: str, max_procs: int) -> str | None:
 
 
 def remove_cgroup(path: str | None) -> None:
-    """Kill whatever is left in the worker's cgroup (children that left its process group), then remove it."""
+    """Kill whatever is left in the worker's cgroup (children that left its process group), then remove it.
+
+    A fork bomb keeps forking while it is being killed, so first no new process may start (cgroup v2's
+    `cgroup.kill` kills them all at once; otherwise pids.max drops to 0), then the survivors are killed
+    until the cgroup is empty.
+    """
     if not path:
         return
     import signal
+    import time
 
-    for _ in range(10):
+    for control, value in (("cgroup.kill", "1"), ("pids.max", "0")):
+        try:
+            Path(path, control).write_text(value)
+        except OSError:
+            pass
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
         pids = [int(p) for p in _read(Path(path, "cgroup.procs")).split()]
         if not pids:
             break
@@ -251,9 +263,7 @@ def remove_cgroup(path: str | None) -> None:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        import time
-
-        time.sleep(0.05)
+        time.sleep(0.02)
     try:
         os.rmdir(path)
     except OSError:
