@@ -35,7 +35,10 @@ import struct
 from pathlib import Path
 
 # Variables a worker keeps from the judge's environment: what Python, torch, Triton and CUDA need.
-_KEEP_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "TORCH", "TRITON_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "HETFORGE_WORKER_")
+# HETFORGE_BENCH_: the suite's problem files read their sizes from it (HETFORGE_BENCH_SIZE); a worker without it
+# builds the reference at other sizes than the judge's inputs.
+_KEEP_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "TORCH", "TRITON_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "HETFORGE_WORKER_",
+                  "HETFORGE_BENCH_")
 _KEEP = {"PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHASHSEED", "VIRTUAL_ENV", "CC", "CXX",
          "TERM", "USER", "LOGNAME", "SHELL", "HETFORGE_KERNELS_ON_CPU"}
 # Within the kept prefixes, names that still look like credentials are dropped.
