@@ -490,9 +490,7 @@ def serve(
     base_dir = pipeline.resolve().parent
     try:
         dep.check_servable(spec, base_dir)
-        from hetforge.planners import devices
-
-        placement, notes = dep.placement_for(spec, base_dir, devices.ray_inventory(address) if address else None)
+        placement, notes = dep.placement_for(spec, base_dir, address=address)
     except (ValueError, PlanError, RuntimeError) as err:
         for line in str(err).splitlines():
             typer.echo(f"{pipeline}: {line}", err=True)

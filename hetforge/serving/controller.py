@@ -55,27 +55,23 @@ class StageCounters:
 
 def read_local_metrics(metrics_dir: str, pipeline: str) -> dict[str, StageCounters]:
     """Per-stage cumulative counters from the prometheus_client multiprocess files of this node."""
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
+    from hetforge.serving.metrics import local_samples
 
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=metrics_dir)
     out: dict[str, StageCounters] = collections.defaultdict(StageCounters)
-    for metric in registry.collect():
-        for sample in metric.samples:
-            labels = sample.labels
-            if labels.get("pipeline") != pipeline or "stage" not in labels:
-                continue
-            c = out[labels["stage"]]
-            if sample.name == LATENCY + "_count":
-                c.count += sample.value
-            elif sample.name == LATENCY + "_sum":
-                c.sum_s += sample.value
-            elif sample.name == LATENCY + "_bucket":
-                le = float(labels["le"])
-                c.buckets[le] = c.buckets.get(le, 0.0) + sample.value
-            elif sample.name == ERRORS:
-                c.errors += sample.value
+    for sample in local_samples(metrics_dir, pipeline):
+        labels = sample.labels
+        if "stage" not in labels:
+            continue
+        c = out[labels["stage"]]
+        if sample.name == LATENCY + "_count":
+            c.count += sample.value
+        elif sample.name == LATENCY + "_sum":
+            c.sum_s += sample.value
+        elif sample.name == LATENCY + "_bucket":
+            le = float(labels["le"])
+            c.buckets[le] = c.buckets.get(le, 0.0) + sample.value
+        elif sample.name == ERRORS:
+            c.errors += sample.value
     return dict(out)
 
 

@@ -55,30 +55,24 @@ class Point:
 
 
 def read_counters(metrics_dir: str, pipeline: str) -> Counters:
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
+    from hetforge.serving.metrics import local_samples
 
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=metrics_dir)
     c = Counters()
-    for metric in registry.collect():
-        for s in metric.samples:
-            labels = s.labels
-            if labels.get("pipeline") != pipeline:
-                continue
-            if s.name == PIPELINE_LATENCY + "_bucket":
-                le = float(labels["le"])
-                c.pipeline_buckets[le] = c.pipeline_buckets.get(le, 0.0) + s.value
-            elif s.name == PIPELINE_LATENCY + "_count":
-                c.pipeline_count += s.value
-            elif s.name == STAGE_LATENCY + "_bucket":
-                le, buckets = float(labels["le"]), c.stage_buckets.setdefault(labels["stage"], {})
-                buckets[le] = buckets.get(le, 0.0) + s.value
-            elif s.name == STAGE_LATENCY + "_count":
-                calls = c.stage_variant_calls.setdefault(labels["stage"], {})
-                calls[labels["variant"]] = calls.get(labels["variant"], 0.0) + s.value
-            elif s.name == SPEEDUP:
-                c.speedup[labels["stage"]] = max(c.speedup.get(labels["stage"], 0.0), s.value)
+    for s in local_samples(metrics_dir, pipeline):
+        labels = s.labels
+        if s.name == PIPELINE_LATENCY + "_bucket":
+            le = float(labels["le"])
+            c.pipeline_buckets[le] = c.pipeline_buckets.get(le, 0.0) + s.value
+        elif s.name == PIPELINE_LATENCY + "_count":
+            c.pipeline_count += s.value
+        elif s.name == STAGE_LATENCY + "_bucket":
+            le, buckets = float(labels["le"]), c.stage_buckets.setdefault(labels["stage"], {})
+            buckets[le] = buckets.get(le, 0.0) + s.value
+        elif s.name == STAGE_LATENCY + "_count":
+            calls = c.stage_variant_calls.setdefault(labels["stage"], {})
+            calls[labels["variant"]] = calls.get(labels["variant"], 0.0) + s.value
+        elif s.name == SPEEDUP:
+            c.speedup[labels["stage"]] = max(c.speedup.get(labels["stage"], 0.0), s.value)
     return c
 
 

@@ -247,7 +247,7 @@ def metric_names(expr: str) -> set[str]:
     names = set()
     for token in re.findall(r"hetforge_[a-z0-9_]+", expr):
         for suffix in ("_bucket", "_count", "_sum"):
-            if token.endswith(suffix) and token.removesuffix(suffix) in {**SPEC, **CONTROL_SPEC}:
+            if token.endswith(suffix) and known_metric(token.removesuffix(suffix)):
                 token = token.removesuffix(suffix)
         names.add(token)
     return names

@@ -54,17 +54,18 @@ def load_state(pipeline: str | None = None) -> list[Deployment]:
     return [Deployment(**json.loads(f.read_text())) for f in files if f.is_file()]
 
 
-def placement_for(pipeline: Pipeline, base_dir: Path, inventory=None) -> tuple[dict[str, dict], list[str]]:
+def placement_for(pipeline: Pipeline, base_dir: Path, inventory=None, address: str | None = None) -> tuple[dict[str, dict], list[str]]:
     """Per stage: device ("cpu" or "cuda"), device class and ray_actor_options, from the planner's plan.
 
-    LLM and tool stages keep the device the plan gives them; a stage with no profile is planned on
-    its declared or estimated costs. Returns the placement and the plan's notes.
+    Planned on `inventory`, else on the devices of the Ray cluster at `address`, else on this
+    machine's. LLM and tool stages keep the device the plan gives them; a stage with no profile is
+    planned on its declared or estimated costs. Returns the placement and the plan's notes.
     """
     from hetforge.planners import devices
     from hetforge.planners.plan import build_plan
     from hetforge.planners.profiles import ProfileCache
 
-    inventory = inventory or devices.local_inventory()
+    inventory = inventory or (devices.ray_inventory(address) if address else devices.local_inventory())
     plan = build_plan(pipeline, base_dir, inventory, "latency", ProfileCache())
     placement = {}
     for stage in pipeline.stages:
@@ -122,9 +123,7 @@ def deploy(pipeline_file: Path, address: str | None = None, host: str = "127.0.0
     base_dir = pipeline_file.resolve().parent
     check_servable(pipeline, base_dir)
     if placement is None:
-        from hetforge.planners import devices
-
-        placement, _ = placement_for(pipeline, base_dir, devices.ray_inventory(address) if address else None)
+        placement, _ = placement_for(pipeline, base_dir, address=address)
     metrics_dir = home_dir() / "serve" / f"{pipeline.name}.metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)  # counters of an earlier deployment must not add up with these
     metrics_dir.mkdir(parents=True)

@@ -96,6 +96,19 @@ class Metrics:
             self.canary_weight.labels(pipeline, stage).set(0)
 
 
+def local_samples(metrics_dir: str, pipeline: str):
+    """Every sample of one pipeline in a folder of prometheus_client multiprocess files (this node's replicas),
+    as /metrics would show them: what the controller and the built-in dashboard page read."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if sample.labels.get("pipeline") == pipeline:
+                yield sample
+
+
 _default: Metrics | None = None
 
 
