@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from hetforge.kernels.triton.epilogue import Epilogue, describe
-from hetforge.kernels.triton.gemm_epilogue import gemm_epilogue
+from hetforge.kernels.triton.gemm_epilogue import bmm_epilogue, gemm_epilogue, split_tf32
 from hetforge.kernels.triton.norm import fused_norm
 from hetforge.kernels.triton.pointwise import pointwise_chain
 from hetforge.kernels.triton.reduce import fused_reduce
@@ -24,22 +24,49 @@ def _buffer(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
 
 
 class FusedLinear(nn.Module):
-    """chain(x @ W^T + b) in one GEMM kernel; W is kept transposed ([K, N]) for coalesced tile loads."""
+    """chain(x @ W^T + b) in one GEMM kernel.
+
+    The weight stays [N, K] (K-major, as TF32 tensor-core products want it). Under the `strict`
+    policy an fp32 weight is split once here into its TF32 high part (`weight`) and remainder
+    (`weight_lo`), so each call splits only the activation (see gemm_epilogue's docstring).
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, epilogue: Epilogue = (),
                  vector: torch.Tensor | None = None, precision: str = "strict"):
         super().__init__()
-        _buffer(self, "weight_t", weight.detach().t())
+        weight = weight.detach()
+        lo = None
+        if precision == "strict" and weight.dtype == torch.float32:
+            weight, lo = split_tf32(weight)
+        _buffer(self, "weight", weight)
+        _buffer(self, "weight_lo", lo)
         _buffer(self, "bias", bias)
         _buffer(self, "vector", vector.reshape(-1) if vector is not None else None)
         self.epilogue, self.precision = tuple(epilogue), precision
 
     def forward(self, x, residual=None):
-        return gemm_epilogue(x, self.weight_t, self.bias, self.epilogue, self.vector, residual, self.precision)
+        lo = self.weight_lo.t() if self.weight_lo is not None else None
+        return gemm_epilogue(x, self.weight.t(), self.bias, self.epilogue, self.vector, residual, self.precision, w_lo_t=lo)
 
     def extra_repr(self) -> str:
-        k, n = self.weight_t.shape
-        return f"in={k}, out={n}, epilogue={describe(self.epilogue)}, precision={self.precision}"
+        n, k = self.weight.shape
+        split = ", weight split into TF32 parts" if self.weight_lo is not None else ""
+        return f"in={k}, out={n}, epilogue={describe(self.epilogue)}, precision={self.precision}{split}"
+
+
+class FusedBmm(nn.Module):
+    """chain(a @ b) for batched products of two activations ([B, M, K] @ [B, K, N])."""
+
+    def __init__(self, epilogue: Epilogue = (), vector: torch.Tensor | None = None, precision: str = "strict"):
+        super().__init__()
+        _buffer(self, "vector", vector.reshape(-1) if vector is not None else None)
+        self.epilogue, self.precision = tuple(epilogue), precision
+
+    def forward(self, a, b, residual=None):
+        return bmm_epilogue(a, b, self.epilogue, self.vector, residual, self.precision)
+
+    def extra_repr(self) -> str:
+        return f"epilogue={describe(self.epilogue)}, precision={self.precision}"
 
 
 class FusedNorm(nn.Module):

@@ -2,7 +2,8 @@
 
 On a torch.fx graph of the stage's own instance (real weights), with shapes from one propagation
 of example inputs:
-  linear -> chain          FusedLinear (GEMM + epilogue; also alone: tf32x3 tensor cores on CUDA)
+  linear -> chain          FusedLinear (GEMM + epilogue; also alone: fp32-accurate split TF32 products on CUDA)
+  bmm / matmul of two 3-D activations -> chain   FusedBmm (the same kernel over a batch)
   layer/rms/group norm -> chain   FusedNorm
   (x * s) -> softmax / log_softmax / logsumexp over the last dim   FusedSoftmax
   chain -> sum / mean / amax / amin over one dim    FusedReduce (chain as prologue)
@@ -23,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hetforge.kernels.modules import FusedLinear, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain
+from hetforge.kernels.modules import FusedBmm, FusedLinear, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain
 from hetforge.kernels.triton.epilogue import MAX_OPS, Op
 from hetforge.optimizer.rewrites import symbolic_trace
 
@@ -201,6 +202,18 @@ def _linear_parts(gm, node) -> tuple[fx.Node, torch.Tensor, torch.Tensor | None]
     return None
 
 
+def _bmm_parts(node) -> tuple[fx.Node, fx.Node] | None:
+    """(a, b) if `node` multiplies two 3-D tensors of one batch size: torch.bmm, torch.matmul or `@`."""
+    is_product = (node.op == "call_function" and node.target in (torch.bmm, torch.matmul, operator.matmul)) \
+        or (node.op == "call_method" and node.target in ("bmm", "matmul"))
+    if not is_product or len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    sa, sb = _shape(node.args[0]), _shape(node.args[1])
+    if sa is None or sb is None or len(sa) != 3 or len(sb) != 3 or sa[0] != sb[0] or sa[2] != sb[1]:
+        return None
+    return node.args[0], node.args[1]
+
+
 def _norm_parts(gm, node) -> dict | None:
     if node.op != "call_module":
         return None
@@ -242,6 +255,16 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
             _install(gm, FusedLinear(w, b, tuple(chain.ops), chain.vector, precision), node, last, args, [node, *chain.nodes], "linear")
             consumed.update(chain.nodes)
             note("gemm_epilogue")
+            continue
+        bmm = _bmm_parts(node)
+        if bmm is not None and out_shape is not None:
+            n = out_shape[-1]
+            chain = _extend(gm, node, consumed, lambda v: v.numel() == n and v.shape[-1] == n)
+            last = chain.nodes[-1] if chain.nodes else node
+            args = (*bmm, chain.residual) if chain.residual is not None else bmm
+            _install(gm, FusedBmm(tuple(chain.ops), chain.vector, precision), node, last, args, [node, *chain.nodes], "bmm")
+            consumed.update(chain.nodes)
+            note("bmm_epilogue")
             continue
         norm = _norm_parts(gm, node)
         if norm is not None and out_shape is not None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hetforge.kernels.triton.epilogue import CODES, TAKES_RESIDUAL, TAKES_SCALAR, TAKES_VECTOR, Op, torch_apply
-from hetforge.kernels.triton.gemm_epilogue import gemm_epilogue
+from hetforge.kernels.triton.gemm_epilogue import bmm_epilogue, gemm_epilogue, split_tf32
 
 # (atol, rtol) per input dtype: the kernel accumulates in fp32 whatever the inputs
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-2, 2e-2), torch.bfloat16: (6e-2, 6e-2)}
@@ -64,3 +64,44 @@ def test_cpu_tensors_take_the_torch_path_without_the_interpreter(monkeypatch):
     x, w, b = torch.randn(5, 8), torch.randn(8, 6), torch.randn(6)
     out = gemm_epilogue(x, w, b, (Op("relu"),))
     torch.testing.assert_close(out, torch.relu(x @ w + b))
+
+
+def test_split_tf32_parts_are_exact_in_tf32_and_sum_to_x(triton_on_cpu):
+    torch.manual_seed(5)
+    x = torch.randn(3, 1000, device=triton_on_cpu) * torch.logspace(-20, 20, 1000, device=triton_on_cpu)
+    hi, lo = split_tf32(x)
+    low_bits = 0x1FFF  # the 13 mantissa bits TF32 drops
+    assert int((hi.view(torch.int32) & low_bits).abs().max()) == 0 and int((lo.view(torch.int32) & low_bits).abs().max()) == 0
+    rel = ((hi.double() + lo.double() - x.double()).abs() / x.double().abs()).max().item()
+    assert rel < 2 ** -21, rel
+    with pytest.raises(ValueError, match="float32"):
+        split_tf32(x.half())
+
+
+def test_strict_fp32_keeps_fp32_accuracy_through_the_split(triton_on_cpu):
+    """The split path (each K tile's three products from zero) against float64: fp32-level error."""
+    torch.manual_seed(11)
+    dev = triton_on_cpu
+    x, w = torch.randn(70, 300, device=dev), torch.randn(45, 300, device=dev) / 300 ** 0.5
+    hi, lo = split_tf32(w)
+    truth = x.double() @ w.double().t()
+    for out in (gemm_epilogue(x, w.t()), gemm_epilogue(x, hi.t(), w_lo_t=lo.t())):
+        err = ((out.double() - truth).norm() / truth.norm()).item()
+        assert err < 1e-6, err
+    with pytest.raises(ValueError, match="same layout"):
+        gemm_epilogue(x, hi.t(), w_lo_t=lo.t().contiguous())
+
+
+@pytest.mark.parametrize("b_transposed", [False, True])
+def test_bmm_epilogue(triton_on_cpu, b_transposed):
+    torch.manual_seed(7)
+    dev = triton_on_cpu
+    a = torch.randn(3, 33, 40, device=dev)
+    b = torch.randn(3, 19, 40, device=dev).transpose(1, 2) if b_transposed else torch.randn(3, 40, 19, device=dev)
+    v, r = torch.randn(19, device=dev), torch.randn(3, 33, 19, device=dev)
+    ep = (Op("mul", 0.5), Op("add_v"), Op("add_r"), Op("gelu"))
+    out = bmm_epilogue(a, b, ep, v, r)
+    expected = torch_apply(a.double() @ b.double(), ep, v.double(), r.double())
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="B, M, K"):
+        bmm_epilogue(a, b[:2])

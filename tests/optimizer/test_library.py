@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hetforge.kernels.modules import FusedLinear, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain
+from hetforge.kernels.modules import FusedBmm, FusedLinear, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain
 from hetforge.optimizer.library import fuse
 
 
@@ -56,6 +56,23 @@ def test_cpu_path_agrees_without_the_interpreter():
     with torch.no_grad():
         for got, want in zip(gm(*inputs), model(*inputs)):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_products_of_activations(triton_on_cpu):
+    class Products(nn.Module):
+        def forward(self, a, b, c):
+            return torch.relu(torch.bmm(a, b) * 0.5) + c, a @ b.transpose(1, 2).contiguous().transpose(1, 2), a.matmul(b[0])
+
+    torch.manual_seed(4)
+    model = Products().eval()
+    inputs = [torch.randn(2, 9, 12), torch.randn(2, 12, 7), torch.randn(2, 9, 7)]
+    gm, counts = fuse(model, inputs)
+    assert counts == {"bmm_epilogue": 2}  # the 3-D x 2-D matmul is not a batched product
+    fused = [m for m in gm.modules() if isinstance(m, FusedBmm)]
+    assert sorted(len(m.epilogue) for m in fused) == [0, 3]  # scale, relu and the residual add ride on the first
+    with torch.no_grad():
+        for got, want in zip(gm(*[x.to(triton_on_cpu) for x in inputs]), model(*inputs)):
+            torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_shared_intermediate_is_not_swallowed():

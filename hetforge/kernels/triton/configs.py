@@ -43,9 +43,18 @@ def gemm_configs() -> list[triton.Config]:
         (128, 64, 32, 4, 4), (64, 64, 32, 4, 4),
     ]
     if cls in ("hopper", "blackwell"):
-        shapes += [(128, 256, 64, 8, 4), (256, 128, 32, 8, 3), (64, 256, 32, 4, 4)]
+        shapes += [(128, 256, 64, 8, 4), (256, 128, 32, 8, 3), (64, 256, 32, 4, 4), (128, 256, 32, 8, 4), (128, 128, 64, 4, 3)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
+
+
+@functools.cache
+def shared_memory_bytes() -> int:
+    """Shared memory one program may use on this device (what autotune configurations must fit in)."""
+    if device_class() == "interpreter":
+        return 1 << 30
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 96 * 1024)
 
 
 def row_configs() -> list[triton.Config]:
