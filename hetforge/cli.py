@@ -251,7 +251,7 @@ def optimize(
     problem: Annotated[Path, typer.Argument(help="Problem file (Model, get_inputs, get_init_inputs).", show_default=False)],
     device: Annotated[Device, typer.Option(help="Target device: candidates are verified and timed there.")] = Device.cpu,
     precision: Annotated[PrecisionPolicy, typer.Option(help="Numerics the variant may use.")] = PrecisionPolicy.strict,
-    budget_s: Annotated[float, typer.Option(min=1, help="Wall-time budget in seconds.")] = 600.0,
+    budget_s: Annotated[float, typer.Option(min=1, help="Wall-time budget in seconds: every check and timing ends within it.")] = 60.0,
     agents: Annotated[str, typer.Option(help="Comma-separated agents: recipes, rewrites, library, llm (llm needs HETFORGE_LLM_BASE_URL and HETFORGE_LLM_MODEL).")] = "recipes,rewrites,library,llm",
     hint: Annotated[str, typer.Option(help="A human hint: goes into every LLM prompt and the report.")] = "",
     llm_agents: Annotated[int, typer.Option(min=1, max=3, help="LLM swarm size (one strategy each: fuse, reexpress, tile).")] = 3,

@@ -63,6 +63,9 @@ def run_one(problem: Path, args, scratch: Path) -> dict:
     if not report_path.is_file():
         return row | {"note": f"optimize failed (rc {proc.returncode}): {proc.stderr.strip()[-300:]}"}
     report = json.loads(report_path.read_text())
+    kept = HERE / "raw" / f"{args.tag or args.device}_reports"  # every candidate's verdict, for the notes
+    kept.mkdir(parents=True, exist_ok=True)
+    (kept / f"{problem.stem}.json").write_text(json.dumps(report, indent=1))
     by_name = {c["name"]: c for c in report["candidates"]}
     eager = by_name.get("recipe:eager", {}).get("verdict") or {}
     compiled = by_name.get("recipe:compile", {}).get("verdict") or {}

@@ -7,12 +7,18 @@ is verified (one at a time on the device), and the verdicts go back into each co
 rounds stop when the budget is spent or a turn brings no gain. The best accepted candidate that
 needs no review (or that a human approved) wins. A candidate that would start after the budget is
 recorded as skipped, not silently dropped.
+
+The budget is wall time for the whole search: each batch's correctness checks (where compiling
+and autotuning happen) run side by side and must end within CHECK_SHARE of the budget left, the
+timings follow one at a time, and every worker request is cut at the deadline. Only the eager
+baseline is verified whatever the budget.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,12 +30,15 @@ from hetforge.optimizer.recipes import recipe_candidate_source, recipes_for
 from hetforge.optimizer.rewrites import apply_rewrites, rewrite_candidate_source
 from hetforge.optimizer.sandbox import spare_workers
 from hetforge.optimizer.variants import VariantSpec, variant_candidate_source
-from hetforge.optimizer.verify import VerifyOptions, verify
+from hetforge.optimizer.verify import Verification, VerifyOptions
 
 AGENTS = ("recipes", "rewrites", "library", "llm")
 TRUSTED_AGENTS = ("recipes", "rewrites", "library", "compose")  # hetforge's own code: may share the compile cache
 ENDPOINT_ERROR = "\0"  # marks an answer that is the endpoint's failure, not the model's text
 STALL_GAIN = 1.02  # an LLM turn that improves the best speedup by less than 2% ends the search
+BASELINE = "recipe:eager"  # the reference as it is: always verified, whatever the budget, so there is always an answer
+CHECK_SHARE = 0.6  # of the budget left when a batch starts: its correctness checks must end by then, timing gets the rest
+FETCH_SAMPLE = 1 << 16  # timed outputs of hetforge's own candidates are checked at this many drawn positions
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,7 @@ class OptimizeTask:
     problem_file: str
     device: str = "cpu"
     precision: str = "strict"
-    budget_s: float = 600.0
+    budget_s: float = 60.0
     agents: tuple[str, ...] = AGENTS
     hint: str = ""  # goes into every LLM prompt, and the report
     trials: int = 3
@@ -121,14 +130,29 @@ def propose_round1(task: OptimizeTask, problem: Problem) -> list[Proposal]:
     return out
 
 
-def propose_compositions(task: OptimizeTask, report: OptimizeReport) -> list[Proposal]:
-    """Variants joining the round-1 winners that beat eager: rewrites, then library, then a recipe."""
-    faster = [c for c in report.candidates if c.usable and c.speedup > 1.0 and c.spec]
+def propose_compositions(task: OptimizeTask, problem: Problem, report: OptimizeReport | None) -> list[Proposal]:
+    """Variants joining rewrites, library kernels and a compile recipe.
+
+    Without a report (round 1, checked beside the single agents' candidates): every join of the parts
+    the agents produced, with the default torch.compile recipe. With one (round 2): joins of the
+    round-1 candidates that beat eager, with the fastest recipe.
+    """
     parts: dict[str, dict] = {}
-    for agent in ("rewrites", "library", "recipes"):
-        found = [c for c in faster if c.agent == agent and c.name != "recipe:eager"]
-        if found:
-            parts[agent] = max(found, key=lambda c: c.speedup).spec
+    if report is None:
+        if "rewrites" in task.agents:
+            result = apply_rewrites(problem.load().build())
+            if result is not None and result[1]:
+                parts["rewrites"] = {"rewrites": list(result[1])}
+        if "library" in task.agents:
+            parts["library"] = {}
+        if "recipes" in task.agents and (not task.recipes or "compile" in task.recipes):
+            parts["recipes"] = {"recipe": asdict(next(r for r in recipes_for(task.device, task.precision, False) if r.name == "compile"))}
+    else:
+        faster = [c for c in report.candidates if c.usable and c.speedup > 1.0 and c.spec]
+        for agent in ("rewrites", "library", "recipes"):
+            found = [c for c in faster if c.agent == agent and c.name != "recipe:eager"]
+            if found:
+                parts[agent] = max(found, key=lambda c: c.speedup).spec
     reference = str(Path(task.problem_file).resolve())
     out: list[Proposal] = []
     for n in (2, 3):
@@ -138,6 +162,12 @@ def propose_compositions(task: OptimizeTask, report: OptimizeReport) -> list[Pro
                                precision=task.precision)
             out.append((f"compose:{spec.label()}", "compose", variant_candidate_source(reference, spec), spec.to_json()))
     return out
+
+
+def _parallel_checks() -> int:
+    """Correctness checks run side by side: a few per machine (each is two worker processes, and
+    compiling uses several cores); one on a small machine, where they would only contend."""
+    return max(1, min(6, (os.cpu_count() or 1) // 3))
 
 
 def optimize(task: OptimizeTask, scratch: Path, progress: Callable[[CandidateRecord], None] | None = None,
@@ -164,42 +194,91 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
     options = VerifyOptions(device=task.device, precision=task.precision, trials=task.trials, rounds=task.rounds,
                             startup_timeout_s=600, timeout_s=600, threads=task.threads)
 
+    deadline = start + task.budget_s
+
     def over_budget() -> bool:
-        return time.monotonic() - start > task.budget_s
+        return time.monotonic() > deadline
+
+    def record_verdict(record: CandidateRecord, verdict: dict, cut_off: bool) -> None:
+        """`cut_off`: the verification ran into a budget deadline (a timeout then says nothing about the candidate)."""
+        record.verdict = verdict
+        if verdict["verdict"] == "rejected":
+            reason = verdict["reasons"][0]
+            if reason["kind"] == "timeout" and cut_off:
+                record.status, record.note = "skipped", f"budget of {task.budget_s:.0f} s spent during its verification"
+            else:
+                record.status, record.note = "rejected", f"{reason['kind']}: {reason['message']}"[:300]
+        elif verdict["needs_review"] and not (approve and approve(record)):
+            record.status, record.note = "needs_review", "; ".join(verdict["flags"])[:300]
+        else:
+            if verdict["needs_review"]:
+                verdict["needs_review"] = False  # a human approved it
+                record.note = "approved by a human"
+            record.status = "accepted"
+
+    def judge_all(proposals: list[Proposal], round_: int, verify_options: VerifyOptions = options) -> list[CandidateRecord]:
+        """Verify proposals: their correctness checks (where compiling and autotuning happen) side by side,
+        within a share of the budget left, then their timings one at a time, with the device to themselves."""
+        now = time.monotonic()
+        checks_until = now + CHECK_SHARE * max(0.0, deadline - now)
+        records, runs, checked_at = [], {}, {}
+        for name, agent, source, spec in proposals:
+            record = CandidateRecord(name, agent, round_, source, None, spec=spec)
+            records.append(record)
+            if over_budget() and name != BASELINE:
+                record.status, record.note = "skipped", f"budget of {task.budget_s:.0f} s spent"
+                continue
+            path = scratch / f"candidate_{len(report.candidates) + len(records) - 1:02d}.py"
+            path.write_text(source)
+            opts = replace(verify_options, deadline=checks_until if name != BASELINE else 0.0)
+            if agent in TRUSTED_AGENTS:
+                opts = replace(opts, trusted_candidate=True, fetch_sample=FETCH_SAMPLE)
+            runs[id(record)] = Verification(problem, path, opts)
+
+        def check(record: CandidateRecord) -> None:
+            run = runs[id(record)]
+            if time.monotonic() >= checks_until and record.name != BASELINE:
+                run.close()
+                record.status, record.note = "skipped", f"budget of {task.budget_s:.0f} s spent before its checks started"
+                del runs[id(record)]
+                return
+            run.check()
+            checked_at[id(record)] = time.monotonic()
+
+        with concurrent.futures.ThreadPoolExecutor(_parallel_checks()) as pool:
+            list(pool.map(check, [r for r in records if id(r) in runs]))
+        for record in records:  # timing, in proposal order: the baselines first
+            run = runs.get(id(record))
+            if run is not None:
+                if over_budget() and run.verdict.verdict != "rejected" and record.name != BASELINE:
+                    run.close()
+                    record.status, record.note = "skipped", f"budget of {task.budget_s:.0f} s spent before its timing"
+                else:
+                    verdict = run.finish(deadline=deadline if record.name != BASELINE else None).to_dict()
+                    cut_off = checked_at.get(id(record), 0.0) >= checks_until - 1.0 or time.monotonic() >= deadline - 1.0
+                    record_verdict(record, verdict, cut_off)
+            report.candidates.append(record)
+            if progress:
+                progress(record)
+        return records
 
     def judge(proposal: Proposal, round_: int, verify_options: VerifyOptions = options, refused: str = "") -> CandidateRecord:
         """Verify one proposal and record it; `refused`: record it as rejected without running it."""
+        if not refused:
+            return judge_all([proposal], round_, verify_options)[0]
         name, agent, source, spec = proposal
         record = CandidateRecord(name, agent, round_, source, None, spec=spec)
-        if refused:
-            record.status, record.note = "rejected", refused[:300]
-        elif over_budget():
-            record.status, record.note = "skipped", f"budget of {task.budget_s:.0f} s spent"
-        else:
-            path = scratch / f"candidate_{len(report.candidates):02d}.py"
-            path.write_text(source)
-            if agent in TRUSTED_AGENTS:
-                verify_options = replace(verify_options, trusted_candidate=True)
-            record.verdict = verify(problem, path, verify_options).to_dict()
-            if record.verdict["verdict"] == "rejected":
-                reason = record.verdict["reasons"][0]
-                record.status, record.note = "rejected", f"{reason['kind']}: {reason['message']}"[:300]
-            elif record.verdict["needs_review"] and not (approve and approve(record)):
-                record.status, record.note = "needs_review", "; ".join(record.verdict["flags"])[:300]
-            else:
-                if record.verdict["needs_review"]:
-                    record.verdict["needs_review"] = False  # a human approved it
-                    record.note = "approved by a human"
-                record.status = "accepted"
+        record.status, record.note = "rejected", refused[:300]
         report.candidates.append(record)
         if progress:
             progress(record)
         return record
 
-    for proposal in propose_round1(task, problem):
-        judge(proposal, 1)
-    for proposal in propose_compositions(task, report) if task.compose else []:
-        judge(proposal, 2)
+    first = propose_round1(task, problem)
+    judge_all(first + (propose_compositions(task, problem, None) if task.compose else []), 1)
+    if task.compose:
+        tried = {c.name for c in report.candidates}
+        judge_all([p for p in propose_compositions(task, problem, report) if p[0] not in tried], 2)
     if "llm" in task.agents:
         reason = None if llm_client else llm_agent.unavailable_reason()
         if reason:

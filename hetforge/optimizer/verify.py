@@ -14,7 +14,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,11 @@ class VerifyOptions:
     time: bool = True  # measure speed (correctness only when False)
     weights_from_reference: bool = False  # load the reference's state_dict into ModelNew (module variants)
     trusted_candidate: bool = False  # hetforge's own recipe/rewrite/library code: may share the compile cache
+    deadline: float = 0.0  # time.monotonic() by which every request must be answered (0: per-request timeouts only)
+    # Timed calls' outputs are checked in full, or, for trusted candidates, at this many positions the judge
+    # draws after the round (large outputs: copying 256 MB to the judge took most of a verification's timing).
+    # Never for generated code, which could compute just the drawn positions when asked for them.
+    fetch_sample: int = 0
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -66,6 +71,38 @@ class VerifyOptions:
 def verify(reference: Problem, candidate_file: str | Path, options: VerifyOptions = VerifyOptions()) -> Verdict:
     """Judge `candidate_file` (defining ModelNew) against `reference`; always returns a Verdict."""
     return _Judge(reference, str(candidate_file), options).run()
+
+
+class Verification:
+    """One verification in two steps, for a supervisor that checks many candidates at once and times them
+    one by one: `check()` (workers up, correctness: compiling and autotuning happen here, and may run
+    beside other checks) then `finish()` (timing, with the device to itself; always returns the Verdict
+    and stops the workers). `close()` stops the workers of one that is never finished.
+    """
+
+    def __init__(self, reference: Problem, candidate_file: str | Path, options: VerifyOptions = VerifyOptions()):
+        self._judge = _Judge(reference, str(candidate_file), options)
+        self._checked: bool | None = None
+
+    def check(self) -> bool:
+        """True when the candidate passed correctness and is waiting to be timed."""
+        self._checked = self._judge.check()
+        return self._checked
+
+    def finish(self, deadline: float | None = None) -> Verdict:
+        """Time the candidate (if it passed its checks) by `deadline` (time.monotonic(); default: the options')."""
+        if self._checked is None:
+            self.check()
+        if deadline is not None:
+            self._judge.opt = replace(self._judge.opt, deadline=deadline)
+        return self._judge.finish(timed=bool(self._checked))
+
+    def close(self) -> None:
+        self._judge.close()
+
+    @property
+    def verdict(self) -> Verdict:
+        return self._judge.verdict
 
 
 Verdict = V.Verdict
@@ -94,21 +131,53 @@ class _Judge:
     # -- orchestration ---------------------------------------------------------------------
 
     def run(self) -> V.Verdict:
-        start = self._started = _clock()
+        return self.finish(timed=self.check())
+
+    def check(self) -> bool:
+        """Start-up and correctness; True when the candidate may be timed."""
+        self._started = _clock()
         try:
-            self._run()
+            ok = self._run_checks()
+        except BaseException:
+            self.close()
+            raise
+        if not ok:
+            self.verdict.verdict = "rejected"
+        return bool(ok) and not self.verdict.reasons
+
+    def finish(self, timed: bool) -> V.Verdict:
+        """Timing (when `timed` and the options ask for it), the final verdict, workers stopped."""
+        try:
+            if timed:
+                if self.opt.time:
+                    mark = _clock()
+                    self._timing()
+                    self.verdict.phases_s["timing"] = round(_clock() - mark, 3)
+                if not self.verdict.reasons:
+                    self.verdict.verdict = "accepted"
+                self.verdict.needs_review = self.verdict.accepted and bool(self.verdict.flags)
         finally:
-            for worker in (self.ref_worker, self.cand_worker):
-                if worker is not None:
-                    worker.close()
-            self.verdict.elapsed_s = round(_clock() - start, 3)
+            self.close()
+            self.verdict.elapsed_s = round(_clock() - getattr(self, "_started", _clock()), 3)
         return self.verdict
 
-    def _reject(self, kind: str, message: str) -> None:
+    def close(self) -> None:
+        for worker in (self.ref_worker, self.cand_worker):
+            if worker is not None:
+                worker.close()
+
+    def _timeout(self, seconds: float) -> float:
+        """`seconds`, cut to what is left before the deadline (if any)."""
+        if not self.opt.deadline:
+            return seconds
+        return max(0.1, min(seconds, self.opt.deadline - time.monotonic()))
+
+    def _reject(self, kind: str, message: str) -> bool:
         self.verdict.verdict = "rejected"
         self.verdict.reasons.append(V.Reason(kind, message))
+        return False
 
-    def _run(self) -> None:
+    def _run_checks(self) -> bool:
         try:
             source = Path(self.candidate_file).read_text()
         except (OSError, UnicodeDecodeError) as err:
@@ -130,25 +199,17 @@ class _Judge:
             [self.ref_worker, self.cand_worker],
             {"reference": {**common, "role": "reference"},
              "candidate": {**common, "role": "candidate", "candidate_file": str(Path(self.candidate_file).resolve())}},
-            self.opt.startup_timeout_s,
+            self._timeout(self.opt.startup_timeout_s),
         )
         if not self._reply_ok(replies["reference"], reference=True, stage="start-up"):
-            return
+            return False
         if not self._reply_ok(replies["candidate"], reference=False, stage="start-up", load=True):
-            return
+            return False
         mark = _clock()
         self.verdict.phases_s["start"] = round(mark - self._started, 3)
         ok = self._correctness()
         self.verdict.phases_s["correctness"] = round(_clock() - mark, 3)
-        if not ok:
-            return
-        if self.opt.time:
-            mark = _clock()
-            self._timing()
-            self.verdict.phases_s["timing"] = round(_clock() - mark, 3)
-        if not self.verdict.reasons:
-            self.verdict.verdict = "accepted"
-        self.verdict.needs_review = self.verdict.accepted and bool(self.verdict.flags)
+        return ok
 
     def _reply_ok(self, reply: dict | WorkerFailure, reference: bool, stage: str, load: bool = False) -> bool:
         """True for a good reply; otherwise record why the reference or candidate failed."""
@@ -181,7 +242,7 @@ class _Judge:
 
     def _ask(self, worker: WorkerProcess, message: dict, reference: bool, stage: str) -> dict | None:
         try:
-            reply = worker.request(message, self.opt.timeout_s)
+            reply = worker.request(message, self._timeout(self.opt.timeout_s))
         except WorkerFailure as failure:
             reply = failure
         return reply if self._reply_ok(reply, reference, stage) else None
@@ -243,6 +304,14 @@ class _Judge:
                 return None
         worst_abs = worst_rel = 0.0
         for i, (c, r) in enumerate(zip(cand_flat, ref_flat)):
+            if isinstance(r, dict) and "sampled" in r:  # a timed output checked at drawn positions (fetch_sample)
+                if not (isinstance(c, dict) and isinstance(c.get("sampled"), torch.Tensor)):
+                    self._reject(V.NOT_PLAIN, f"{label}: output {i} did not come back as the sample asked for")
+                    return None
+                if list(c.get("shape", [])) != list(r["shape"]):
+                    self._reject(V.SHAPE, f"{label}: output {i}: shape {tuple(c.get('shape', []))} != {tuple(r['shape'])}")
+                    return None
+                c, r = c["sampled"], r["sampled"]
             if not isinstance(r, torch.Tensor):
                 if c != r:
                     self._reject(V.MISMATCH, f"{label}: output {i} is {c!r}, the reference gives {r!r}")
@@ -279,6 +348,8 @@ class _Judge:
         for round_ in range(self.opt.rounds):
             seeds = [self._fresh_seed() for _ in range(self.opt.calls_per_round)]
             check = self.rng.randrange(self.opt.calls_per_round)  # chosen after the run: every call must be right
+            # positions drawn after the run too, the same for both sides (trusted candidates only: see VerifyOptions)
+            sample = {"sample": {"seed": self._fresh_seed(), "count": self.opt.fetch_sample}} if self.opt.fetch_sample else {}
             order = ("reference", "candidate") if round_ % 2 == 0 else ("candidate", "reference")
             fetched: dict[str, Any] = {}
             for name in order:
@@ -296,7 +367,7 @@ class _Judge:
                         if reply is None:
                             return
                         t1 = _clock()
-                        got = self._ask(worker, {"cmd": "fetch", "indices": [check]}, is_ref, stage)
+                        got = self._ask(worker, {"cmd": "fetch", "indices": [check], **sample}, is_ref, stage)
                         fetch = (_clock() - t1) * 1e3
                         if got is None:
                             return

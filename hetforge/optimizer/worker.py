@@ -150,15 +150,24 @@ class Worker:
         return {"times_ms": times}
 
     def fetch(self, msg: dict) -> dict:
+        """Timed outputs for the judge: whole, or (`sample`) at positions drawn from the judge's seed."""
         chosen = [self.timed_outputs[int(i)] for i in msg["indices"]]
-        return {"outputs": [self._payload(o) for o in chosen], "info": [_describe_outputs(o) for o in chosen]}
+        sample = msg.get("sample")
+        return {"outputs": [self._payload(o, sample) for o in chosen], "info": [_describe_outputs(o) for o in chosen]}
 
-    def _payload(self, out: Any) -> Any:
+    def _payload(self, out: Any, sample: dict | None = None) -> Any:
         if isinstance(out, (list, tuple)):
-            return [self._payload(o) for o in out]
+            return [self._payload(o, sample) for o in out]
         if isinstance(out, torch.Tensor):
-            # as_subclass + clone: read the values through the base class, whatever the object claims to be
-            return out.as_subclass(torch.Tensor).detach().clone() if not out.is_meta else None
+            if out.is_meta:
+                return None
+            # as_subclass: read the values through the base class, whatever the object claims to be
+            plain = out.as_subclass(torch.Tensor).detach()
+            count = int(sample["count"]) if sample else 0
+            if count and plain.numel() > count:
+                positions = torch.randint(0, plain.numel(), (count,), generator=torch.Generator().manual_seed(int(sample["seed"])))
+                return {"sampled": plain.reshape(-1)[positions.to(plain.device)].cpu(), "shape": list(plain.shape)}
+            return plain.clone()
         return out if isinstance(out, (int, float, bool, str)) or out is None else repr(out)[:200]
 
     def _sync(self) -> None:

@@ -59,7 +59,7 @@ def test_swarm_every_bad_answer_is_a_rejected_candidate(tmp_path):
     with ReplayServer(ANSWERS) as server:
         env = {"HETFORGE_LLM_BASE_URL": server.base_url, "HETFORGE_LLM_MODEL": "replay", "HETFORGE_LLM_API_KEY": "test",
                "HETFORGE_HOME": str(tmp_path / "home")}
-        result = run_cli("optimize", str(PROBLEM), "--agents", "llm", "--llm-turns", "2", "--hint", "think about the epilogue",
+        result = run_cli("optimize", str(PROBLEM), "--agents", "llm", "--llm-turns", "2", "--hint", "think about the epilogue", "--budget-s", "600",
                          "--out", str(tmp_path / "out"), "--json", env=env, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])

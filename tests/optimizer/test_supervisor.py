@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from hetforge.optimizer import supervisor
 from hetforge.optimizer.supervisor import OptimizeTask, optimize
 from tests.conftest import run_cli
 
@@ -73,3 +75,28 @@ def test_library_and_rewrites_compose(tmp_path):
     for c in report.candidates[2:]:
         assert c.agent == "compose" and c.spec["rewrites"] == ["fold_scale"] and c.spec["library"]
         assert c.verdict["verdict"] == "accepted", c.note
+
+
+class _HangingModelClient:
+    """An LLM 'endpoint' whose one answer is a ModelNew that never returns."""
+
+    def complete(self, messages):
+        return "```python\nimport time\nimport torch.nn as nn\n\n\nclass ModelNew(nn.Module):\n    def __init__(self, d):\n" \
+               "        super().__init__()\n        self.lin = nn.Linear(d, d)\n\n    def forward(self, x):\n" \
+               "        time.sleep(3600)\n```\n"
+
+
+def test_budget_is_a_hard_deadline_and_checks_run_side_by_side(tmp_path, monkeypatch):
+    """Checks of a batch run in parallel; a candidate still running at the deadline is cut off and
+    recorded as skipped (not as a hang of its own); the eager baseline always gets its verdict."""
+    monkeypatch.setattr(supervisor, "_parallel_checks", lambda: 3)
+    task = OptimizeTask(str(PROBLEMS / "softmax.py"), agents=("recipes", "rewrites", "library", "llm"), recipes=("eager",),
+                        budget_s=40, trials=1, rounds=2, llm_agents=1, llm_turns=1)
+    started = time.monotonic()
+    report = optimize(task, tmp_path, llm_client=_HangingModelClient)
+    elapsed = time.monotonic() - started
+    by_name = {c.name: c for c in report.candidates}
+    assert by_name["recipe:eager"].status in ("winner", "accepted") and by_name["library:kernels"].verdict is not None
+    hung = by_name["llm:fuse:turn1"]
+    assert hung.status == "skipped" and "spent during its verification" in hung.note, (hung.status, hung.note)
+    assert elapsed < task.budget_s + 15, elapsed  # the deadline, plus closing the workers

@@ -61,6 +61,15 @@ def test_adversarial_candidate_is_rejected_with_its_reason(candidate, device):
     assert not result.needs_review
 
 
+def test_sampled_timed_outputs_still_catch_wrong_timed_calls():
+    """Trusted candidates' timed outputs come back at 64 drawn positions instead of whole: a candidate
+    right in the checks but wrong in 1 of 7 rows when timed is caught all the same."""
+    result = judge("linear_relu", "wrong_when_timed", fetch_sample=64)
+    assert result.verdict == "rejected" and result.reasons[0].kind == V.MISMATCH, result.reasons
+    assert "timed call" in result.reasons[0].message and "of 64 elements" in result.reasons[0].message
+    assert judge("linear_relu", "legit_addmm_folded_scale", fetch_sample=64).verdict == "accepted"
+
+
 def test_fake_clock_is_caught_by_the_judges_clock():
     result = judge("linear_relu", "fakes_clock", min_speedup=1.0, calls_per_round=10)
     assert any(flag.startswith(V.FLAG_HIDDEN_WORK) for flag in result.flags), result.flags
