@@ -79,7 +79,10 @@ class RecipeModule(nn.Module):
                 compiled = CudaGraphRunner(compiled)
             object.__setattr__(self, "_compiled", compiled)  # a plain attribute: `model` is the one registered submodule
         if not self.recipe.bf16_autocast:
-            return _contiguous(self._compiled(*args))
+            out = self._compiled(*args)
+            # reduce-overhead replays CUDA graphs whose outputs are static buffers: the next call overwrites
+            # them (a caller holding an earlier output, a pipeline's next stage, would read the wrong values)
+            return _owned(out) if self.recipe.compile_mode == "reduce-overhead" else _contiguous(out)
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
         with torch.autocast(device_type=device, dtype=torch.bfloat16):
             out = self._compiled(*args)
@@ -154,6 +157,15 @@ def _to_float32(value):
         return value.float() if value.dtype in (torch.bfloat16, torch.float16) else value
     if isinstance(value, (tuple, list)):
         return type(value)(_to_float32(v) for v in value)
+    return value
+
+
+def _owned(value):
+    """Contiguous copies the caller owns."""
+    if isinstance(value, torch.Tensor):
+        return value.clone(memory_format=torch.contiguous_format)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_owned(v) for v in value)
     return value
 
 

@@ -37,7 +37,9 @@ TRUSTED_AGENTS = ("recipes", "rewrites", "library", "compose")  # hetforge's own
 ENDPOINT_ERROR = "\0"  # marks an answer that is the endpoint's failure, not the model's text
 STALL_GAIN = 1.02  # an LLM turn that improves the best speedup by less than 2% ends the search
 BASELINE = "recipe:eager"  # the reference as it is: always verified, whatever the budget, so there is always an answer
-CHECK_SHARE = 0.6  # of the budget left when a batch starts: its correctness checks must end by then, timing gets the rest
+# Of the budget left when a batch starts: its correctness checks must end by then, timing gets the rest (on a GPU,
+# about half a second a candidate with sampled outputs; CPU problems run longer calls on fewer cores).
+CHECK_SHARE = {"cuda": 0.8, "cpu": 0.6}
 FETCH_SAMPLE = 1 << 16  # timed outputs of hetforge's own candidates are checked at this many drawn positions
 
 
@@ -165,9 +167,19 @@ def propose_compositions(task: OptimizeTask, problem: Problem, report: OptimizeR
 
 
 def _parallel_checks() -> int:
-    """Correctness checks run side by side: a few per machine (each is two worker processes, and
-    compiling uses several cores); one on a small machine, where they would only contend."""
-    return max(1, min(6, (os.cpu_count() or 1) // 3))
+    """Correctness checks run side by side: up to 8 (each is two worker processes; compiling uses a core
+    or more); one on a small machine, where they would only contend."""
+    return max(1, min(8, (os.cpu_count() or 1) // 2))
+
+
+def _check_priority(record: CandidateRecord) -> int:
+    """The order checks start in (when there are more than run at once): the baseline and the candidates
+    most likely to win first, the slowest compile (max-autotune, often over a minute) last."""
+    order = ["recipe:eager", "library:", "recipe:compile", "compose:", "rewrites:", "recipe:compile-max-autotune"]
+    if record.name == "recipe:compile-max-autotune":
+        return len(order)
+    return next((i for i, prefix in enumerate(order) if record.name == prefix or (prefix.endswith(":") and record.name.startswith(prefix))),
+                len(order) - 1)
 
 
 def optimize(task: OptimizeTask, scratch: Path, progress: Callable[[CandidateRecord], None] | None = None,
@@ -220,7 +232,7 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
         """Verify proposals: their correctness checks (where compiling and autotuning happen) side by side,
         within a share of the budget left, then their timings one at a time, with the device to themselves."""
         now = time.monotonic()
-        checks_until = now + CHECK_SHARE * max(0.0, deadline - now)
+        checks_until = now + CHECK_SHARE[task.device] * max(0.0, deadline - now)
         records, runs, checked_at = [], {}, {}
         for name, agent, source, spec in proposals:
             record = CandidateRecord(name, agent, round_, source, None, spec=spec)
@@ -246,7 +258,7 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
             checked_at[id(record)] = time.monotonic()
 
         with concurrent.futures.ThreadPoolExecutor(_parallel_checks()) as pool:
-            list(pool.map(check, [r for r in records if id(r) in runs]))
+            list(pool.map(check, sorted((r for r in records if id(r) in runs), key=_check_priority)))
         for record in records:  # timing, in proposal order: the baselines first
             run = runs.get(id(record))
             if run is not None:
