@@ -40,6 +40,7 @@ BASELINE = "recipe:eager"  # the reference as it is: always verified, whatever t
 # Of the budget left when a batch starts: its correctness checks must end by then, timing gets the rest (on a GPU,
 # about half a second a candidate with sampled outputs; CPU problems run longer calls on fewer cores).
 CHECK_SHARE = {"cuda": 0.8, "cpu": 0.6}
+REPORT_RESERVE_S = 2.0  # the end of the budget left for writing the report and registering the winner
 FETCH_SAMPLE = 1 << 16  # timed outputs of hetforge's own candidates are checked at this many drawn positions
 
 
@@ -184,29 +185,30 @@ def _check_priority(record: CandidateRecord) -> int:
 
 def optimize(task: OptimizeTask, scratch: Path, progress: Callable[[CandidateRecord], None] | None = None,
              approve: Callable[[CandidateRecord], bool] | None = None, notice: Callable[[str], None] | None = None,
-             llm_client: Callable[[], object] | None = None) -> OptimizeReport:
+             llm_client: Callable[[], object] | None = None, started: float | None = None) -> OptimizeReport:
     """Run the rounds; `approve` is asked about accepted candidates flagged for review (default: no).
 
     `llm_client` makes the LLM agents' client (default: the configured OpenAI-compatible endpoint).
+    `started`: the time.monotonic() the budget counts from (default: now; the CLI passes its own start).
     Workers for the next verification start while the current one runs (`sandbox.spare_workers`).
     """
     memory = VerifyOptions.memory_mb if task.device == "cpu" else 0
     with spare_workers(size=2, memory_mb=memory, device=task.device):
-        return _optimize(task, scratch, progress, approve, notice, llm_client)
+        return _optimize(task, scratch, progress, approve, notice, llm_client, started)
 
 
-def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_client) -> OptimizeReport:
+def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_client, started) -> OptimizeReport:
     unknown = [a for a in task.agents if a not in AGENTS]
     if unknown:
         raise ValueError(f'Got "{",".join(unknown)}" for agents: any of {", ".join(AGENTS)}.')
-    start = time.monotonic()
+    start = started if started is not None else time.monotonic()
     scratch.mkdir(parents=True, exist_ok=True)
     problem = Problem(file=str(Path(task.problem_file).resolve()))
     report = OptimizeReport(task=asdict(task))
     options = VerifyOptions(device=task.device, precision=task.precision, trials=task.trials, rounds=task.rounds,
                             startup_timeout_s=600, timeout_s=600, threads=task.threads)
 
-    deadline = start + task.budget_s
+    deadline = start + task.budget_s - min(REPORT_RESERVE_S, task.budget_s / 10)  # the report is written within the budget too
 
     def over_budget() -> bool:
         return time.monotonic() > deadline
@@ -216,7 +218,7 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
         record.verdict = verdict
         if verdict["verdict"] == "rejected":
             reason = verdict["reasons"][0]
-            if reason["kind"] == "timeout" and cut_off:
+            if cut_off and (reason["kind"] == "timeout" or (reason["kind"] == "reference_failed" and "timeout:" in reason["message"])):
                 record.status, record.note = "skipped", f"budget of {task.budget_s:.0f} s spent during its verification"
             else:
                 record.status, record.note = "rejected", f"{reason['kind']}: {reason['message']}"[:300]
@@ -259,19 +261,23 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
 
         with concurrent.futures.ThreadPoolExecutor(_parallel_checks()) as pool:
             list(pool.map(check, sorted((r for r in records if id(r) in runs), key=_check_priority)))
+        reaper, closing = concurrent.futures.ThreadPoolExecutor(4), []
         for record in records:  # timing, in proposal order: the baselines first
             run = runs.get(id(record))
             if run is not None:
                 if over_budget() and run.verdict.verdict != "rejected" and record.name != BASELINE:
-                    run.close()
+                    closing.append(reaper.submit(run.close))
                     record.status, record.note = "skipped", f"budget of {task.budget_s:.0f} s spent before its timing"
                 else:
-                    verdict = run.finish(deadline=deadline if record.name != BASELINE else None).to_dict()
+                    verdict = run.finish(deadline=deadline if record.name != BASELINE else None, close=False).to_dict()
+                    closing.append(reaper.submit(run.close))  # workers with a CUDA context take seconds to exit
                     cut_off = checked_at.get(id(record), 0.0) >= checks_until - 1.0 or time.monotonic() >= deadline - 1.0
                     record_verdict(record, verdict, cut_off)
             report.candidates.append(record)
             if progress:
                 progress(record)
+        concurrent.futures.wait(closing)
+        reaper.shutdown()
         return records
 
     def judge(proposal: Proposal, round_: int, verify_options: VerifyOptions = options, refused: str = "") -> CandidateRecord:

@@ -89,13 +89,14 @@ class Verification:
         self._checked = self._judge.check()
         return self._checked
 
-    def finish(self, deadline: float | None = None) -> Verdict:
-        """Time the candidate (if it passed its checks) by `deadline` (time.monotonic(); default: the options')."""
+    def finish(self, deadline: float | None = None, close: bool = True) -> Verdict:
+        """Time the candidate (if it passed its checks) by `deadline` (time.monotonic(); default: the options').
+        `close=False` leaves stopping the workers to a later `close()` (which may run on another thread)."""
         if self._checked is None:
             self.check()
         if deadline is not None:
             self._judge.opt = replace(self._judge.opt, deadline=deadline)
-        return self._judge.finish(timed=bool(self._checked))
+        return self._judge.finish(timed=bool(self._checked), close=close)
 
     def close(self) -> None:
         self._judge.close()
@@ -145,8 +146,8 @@ class _Judge:
             self.verdict.verdict = "rejected"
         return bool(ok) and not self.verdict.reasons
 
-    def finish(self, timed: bool) -> V.Verdict:
-        """Timing (when `timed` and the options ask for it), the final verdict, workers stopped."""
+    def finish(self, timed: bool, close: bool = True) -> V.Verdict:
+        """Timing (when `timed` and the options ask for it), the final verdict, workers stopped (if `close`)."""
         try:
             if timed:
                 if self.opt.time:
@@ -157,7 +158,8 @@ class _Judge:
                     self.verdict.verdict = "accepted"
                 self.verdict.needs_review = self.verdict.accepted and bool(self.verdict.flags)
         finally:
-            self.close()
+            if close:
+                self.close()
             self.verdict.elapsed_s = round(_clock() - getattr(self, "_started", _clock()), 3)
         return self.verdict
 
