@@ -86,11 +86,17 @@ def run_one(problem: Path, args, scratch: Path) -> dict:
         check.append("--weights-from-reference")
     again = subprocess.run(check, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     row["reverify"] = "accepted" if again.returncode == 0 else "REJECTED"
+    why_rejected = ""
+    if again.returncode != 0:  # keep the verifier's reason: a rejection nobody can explain later is no evidence
+        try:
+            why_rejected = "; re-verify: " + "; ".join(r["message"][:200] for r in json.loads(again.stdout.strip().splitlines()[-1])["reasons"])
+        except (ValueError, IndexError, KeyError):
+            why_rejected = "; re-verify: " + (again.stderr or again.stdout).strip()[-300:]
     split = {k: sum((c.get("verdict") or {}).get("phases_s", {}).get(k, 0.0) for c in report["candidates"])
              for k in ("start", "correctness", "timing")}
     verified = sum(1 for c in report["candidates"] if c.get("verdict"))
     row["note"] = (f"time split over {verified} verifications: start {split['start']:.1f} s, correctness "
-                   f"{split['correctness']:.1f} s, timing {split['timing']:.1f} s, rest {elapsed - sum(split.values()):.1f} s")
+                   f"{split['correctness']:.1f} s, timing {split['timing']:.1f} s (summed over checks side by side){why_rejected}")
     return row
 
 

@@ -65,6 +65,7 @@ class Verdict:
     elapsed_s: float = 0.0
     phases_s: dict = field(default_factory=dict)  # wall seconds: start (workers up, modules built), correctness, timing
     confinement: dict = field(default_factory=dict)  # what the candidate's worker was confined by (confine.confine's report)
+    notes: list[str] = field(default_factory=list)  # facts that need no review (e.g. more exact than the float32 reference)
 
     @property
     def accepted(self) -> bool:

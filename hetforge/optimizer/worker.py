@@ -103,6 +103,8 @@ class Worker:
         return {"ok": True}
 
     def run(self, msg: dict) -> dict:
+        if msg.get("float64"):
+            return self._run_float64(msg["inputs"], None)
         inputs = [x.to(self.device) if isinstance(x, torch.Tensor) else x for x in msg["inputs"]]
         before = [x.clone() if isinstance(x, torch.Tensor) else None for x in inputs]
         with torch.no_grad():
@@ -149,8 +151,26 @@ class Worker:
         self.timed_outputs = outputs
         return {"times_ms": times}
 
+    def _run_float64(self, inputs: list, sample: dict | None) -> dict:
+        """The reference recomputed in float64 (the judge's tie-breaker when a candidate disagrees with the
+        float32 reference: is the candidate wrong, or more exact than the reference?). References only."""
+        if self.role != "reference":
+            return {"error": "protocol", "message": "float64 runs are the reference's"}
+        if getattr(self, "_model64", None) is None:
+            import copy
+
+            self._model64 = copy.deepcopy(self.model).double()
+        inputs = [x.to(self.device).double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
+        with torch.no_grad():
+            out = self._model64(*inputs)
+        self._sync()
+        return {"outputs": self._payload(out, sample), "info": _describe_outputs(out)}
+
     def fetch(self, msg: dict) -> dict:
-        """Timed outputs for the judge: whole, or (`sample`) at positions drawn from the judge's seed."""
+        """Timed outputs for the judge: whole, or (`sample`) at positions drawn from the judge's seed;
+        `float64`: the reference's output for those timed inputs, recomputed in float64."""
+        if msg.get("float64"):
+            return self._run_float64(self.timing_inputs[int(msg["indices"][0])], msg.get("sample"))  # as `run` replies
         chosen = [self.timed_outputs[int(i)] for i in msg["indices"]]
         sample = msg.get("sample")
         return {"outputs": [self._payload(o, sample) for o in chosen], "info": [_describe_outputs(o) for o in chosen]}

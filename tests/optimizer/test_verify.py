@@ -70,6 +70,16 @@ def test_sampled_timed_outputs_still_catch_wrong_timed_calls():
     assert judge("linear_relu", "legit_addmm_folded_scale", fetch_sample=64).verdict == "accepted"
 
 
+def test_more_exact_than_the_float32_reference_is_accepted_and_wrong_stays_wrong():
+    """A mismatch with the float32 reference is settled by the reference in float64: a candidate within
+    tolerance of the exact result passes (with a note, no review), one farther off is still rejected."""
+    exact = judge("cancels", "legit_exact_cancellation")
+    assert exact.verdict == "accepted" and not exact.needs_review, exact.reasons
+    assert any(n.startswith("more exact than the float32 reference") for n in exact.notes)
+    wrong = judge("cancels", "wrong_by_rounding")
+    assert wrong.verdict == "rejected" and wrong.reasons[0].kind == V.MISMATCH, wrong.reasons
+
+
 def test_fake_clock_is_caught_by_the_judges_clock():
     result = judge("linear_relu", "fakes_clock", min_speedup=1.0, calls_per_round=10)
     assert any(flag.startswith(V.FLAG_HIDDEN_WORK) for flag in result.flags), result.flags
