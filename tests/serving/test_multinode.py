@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -71,6 +72,9 @@ def cluster(tmp_path_factory):
     port = free_port()
     address = f"127.0.0.1:{port}"
     temp = f"/tmp/hf-mn-{os.getpid()}"
+    if not os.environ.get("RAY_AUTH_TOKEN") and not Path("~/.ray/auth_token").expanduser().is_file():
+        # a fresh machine has no token yet, and `ray start` with token auth does not make one
+        subprocess.run([RAY, "get-auth-token", "--generate"], env=ENV, capture_output=True, timeout=120, check=True)
     nodes = [RayNode(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp}",
                       f"--ray-client-server-port={free_port()}"], log, 20000)]
     try:
