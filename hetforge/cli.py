@@ -243,6 +243,8 @@ def _print_verdict(result) -> None:
         console.print(f"  [red]{reason.kind}[/]: {reason.message}", highlight=False)
     for flag in result.flags:
         console.print(f"  [yellow]flag[/] {flag}", highlight=False)
+    for note in result.notes:
+        console.print(f"  note {note}", highlight=False)
     for trial in result.trials:
         console.print(f"  trial seed {trial.seed}: max abs err {trial.max_abs_err:.3g}, max rel err {trial.max_rel_err:.3g}")
     if result.speedup is not None:

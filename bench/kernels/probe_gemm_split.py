@@ -16,30 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hetforge.kernels.triton.gemm_epilogue import gemm_epilogue
-
-
-@triton.jit
-def _rna_tf32(x):
-    bits = x.to(tl.int32, bitcast=True)
-    return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _split_kernel(x_ptr, hi_ptr, lo_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    x = tl.load(x_ptr + offs, mask=m)
-    hi = _rna_tf32(x)
-    tl.store(hi_ptr + offs, hi, mask=m)
-    tl.store(lo_ptr + offs, _rna_tf32(x - hi), mask=m)
-
-
-def split(x):
-    hi, lo = torch.empty_like(x), torch.empty_like(x)
-    n = x.numel()
-    _split_kernel[(triton.cdiv(n, 4096),)](x, hi, lo, n, BLOCK=4096, num_warps=8)
-    return hi, lo
+from hetforge.kernels.triton.gemm_epilogue import _rna_tf32, gemm_epilogue
+from hetforge.kernels.triton.gemm_epilogue import split_tf32 as split
 
 
 @triton.jit

@@ -133,19 +133,18 @@ def propose_round1(task: OptimizeTask, problem: Problem) -> list[Proposal]:
     return out
 
 
-def propose_compositions(task: OptimizeTask, problem: Problem, report: OptimizeReport | None) -> list[Proposal]:
+def propose_compositions(task: OptimizeTask, round1: list[Proposal], report: OptimizeReport | None) -> list[Proposal]:
     """Variants joining rewrites, library kernels and a compile recipe.
 
-    Without a report (round 1, checked beside the single agents' candidates): every join of the parts
-    the agents produced, with the default torch.compile recipe. With one (round 2): joins of the
+    Without a report (round 1, checked beside the single agents' candidates `round1`): every join of
+    the parts the agents produced, with the default torch.compile recipe. With one (round 2): joins of the
     round-1 candidates that beat eager, with the fastest recipe.
     """
     parts: dict[str, dict] = {}
     if report is None:
-        if "rewrites" in task.agents:
-            result = apply_rewrites(problem.load().build())
-            if result is not None and result[1]:
-                parts["rewrites"] = {"rewrites": list(result[1])}
+        found = next((spec for _, agent, _, spec in round1 if agent == "rewrites"), None)  # what round 1 proposes
+        if found:
+            parts["rewrites"] = found
         if "library" in task.agents:
             parts["library"] = {}
         if "recipes" in task.agents and (not task.recipes or "compile" in task.recipes):
@@ -293,10 +292,10 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
         return record
 
     first = propose_round1(task, problem)
-    judge_all(first + (propose_compositions(task, problem, None) if task.compose else []), 1)
+    judge_all(first + (propose_compositions(task, first, None) if task.compose else []), 1)
     if task.compose:
         tried = {c.name for c in report.candidates}
-        judge_all([p for p in propose_compositions(task, problem, report) if p[0] not in tried], 2)
+        judge_all([p for p in propose_compositions(task, first, report) if p[0] not in tried], 2)
     if "llm" in task.agents:
         reason = None if llm_client else llm_agent.unavailable_reason()
         if reason:
