@@ -86,17 +86,27 @@ class WorkerProcess:
 
     def request(self, message: dict, timeout_s: float) -> dict:
         """Send one command and wait for its reply; WorkerFailure (and the worker killed) otherwise."""
+        self.send(message)
+        return self.receive(message.get("cmd", "?"), timeout_s)
+
+    def send(self, message: dict) -> None:
+        """The first half of `request`: the reply is read by `receive` (start-ups of several workers overlap)."""
         try:
             self.channel.send(message)
+        except ChannelClosed:
+            raise self._death(message.get("cmd", "?")) from None
+
+    def receive(self, command: str, timeout_s: float) -> dict:
+        try:
             return self.channel.recv(timeout_s)
         except ChannelTimeout:
             self.kill()
-            raise WorkerFailure("timeout", f"no answer to {message.get('cmd')} within {timeout_s:.0f} s") from None
+            raise WorkerFailure("timeout", f"no answer to {command} within {timeout_s:.0f} s") from None
         except ChannelCorrupt as err:
             self.kill()
-            raise WorkerFailure("protocol", f"malformed reply to {message.get('cmd')}: {err}") from None
+            raise WorkerFailure("protocol", f"malformed reply to {command}: {err}") from None
         except ChannelClosed:
-            raise self._death(message.get("cmd", "?")) from None
+            raise self._death(command) from None
 
     def _death(self, command: str) -> WorkerFailure:
         try:
@@ -276,20 +286,14 @@ def wait_all(workers: list[WorkerProcess], message_for: dict[str, dict], timeout
     results: dict[str, dict | WorkerFailure] = {}
     for worker in workers:
         try:
-            worker.channel.send(message_for[worker.name])
+            worker.send(message_for[worker.name])
             sent[worker.name] = worker
-        except ChannelClosed:
-            results[worker.name] = worker._death(message_for[worker.name].get("cmd", "?"))
+        except WorkerFailure as failure:
+            results[worker.name] = failure
     deadline = time.monotonic() + timeout_s
     for name, worker in sent.items():
         try:
-            results[name] = worker.channel.recv(max(0.1, deadline - time.monotonic()))
-        except ChannelTimeout:
-            worker.kill()
-            results[name] = WorkerFailure("timeout", f"no answer to {message_for[name].get('cmd')} within {timeout_s:.0f} s")
-        except ChannelCorrupt as err:
-            worker.kill()
-            results[name] = WorkerFailure("protocol", str(err))
-        except ChannelClosed:
-            results[name] = worker._death(message_for[name].get("cmd", "?"))
+            results[name] = worker.receive(message_for[name].get("cmd", "?"), max(0.1, deadline - time.monotonic()))
+        except WorkerFailure as failure:
+            results[name] = failure
     return results

@@ -11,12 +11,15 @@ recorded as skipped, not silently dropped.
 The budget is wall time for the whole search: each batch's correctness checks (where compiling
 and autotuning happen) run side by side and must end within CHECK_SHARE of the budget left, the
 timings follow one at a time, and every worker request is cut at the deadline. Only the eager
-baseline is verified whatever the budget.
+baseline is verified whatever the budget. One reference worker serves every verification of the
+run (`verify.ReferenceSide`): a batch's candidates are checked on the same fresh seeds, each
+reference output computed once.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import itertools
 import os
 import time
@@ -30,7 +33,7 @@ from hetforge.optimizer.recipes import recipe_candidate_source, recipes_for
 from hetforge.optimizer.rewrites import apply_rewrites, rewrite_candidate_source
 from hetforge.optimizer.sandbox import spare_workers
 from hetforge.optimizer.variants import VariantSpec, variant_candidate_source
-from hetforge.optimizer.verify import Verification, VerifyOptions
+from hetforge.optimizer.verify import ReferenceSide, Verification, VerifyOptions
 
 AGENTS = ("recipes", "rewrites", "library", "llm")
 TRUSTED_AGENTS = ("recipes", "rewrites", "library", "compose")  # hetforge's own code: may share the compile cache
@@ -192,11 +195,12 @@ def optimize(task: OptimizeTask, scratch: Path, progress: Callable[[CandidateRec
     Workers for the next verification start while the current one runs (`sandbox.spare_workers`).
     """
     memory = VerifyOptions.memory_mb if task.device == "cpu" else 0
-    with spare_workers(size=2, memory_mb=memory, device=task.device):
-        return _optimize(task, scratch, progress, approve, notice, llm_client, started)
+    with spare_workers(size=2, memory_mb=memory, device=task.device), contextlib.ExitStack() as cleanup:
+        return _optimize(task, scratch, progress, approve, notice, llm_client, started, cleanup)
 
 
-def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_client, started) -> OptimizeReport:
+def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_client, started,
+              cleanup: contextlib.ExitStack) -> OptimizeReport:
     unknown = [a for a in task.agents if a not in AGENTS]
     if unknown:
         raise ValueError(f'Got "{",".join(unknown)}" for agents: any of {", ".join(AGENTS)}.')
@@ -208,6 +212,7 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
                             startup_timeout_s=600, timeout_s=600, threads=task.threads)
 
     deadline = start + task.budget_s - min(REPORT_RESERVE_S, task.budget_s / 10)  # the report is written within the budget too
+    reference = cleanup.enter_context(contextlib.closing(ReferenceSide(problem, options)))  # stopped when the search ends
 
     def over_budget() -> bool:
         return time.monotonic() > deadline
@@ -235,6 +240,7 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
         now = time.monotonic()
         checks_until = now + CHECK_SHARE[task.device] * max(0.0, deadline - now)
         records, runs, checked_at = [], {}, {}
+        reference.new_batch()
         for name, agent, source, spec in proposals:
             record = CandidateRecord(name, agent, round_, source, None, spec=spec)
             records.append(record)
@@ -246,7 +252,7 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
             opts = replace(verify_options, deadline=checks_until if name != BASELINE else 0.0)
             if agent in TRUSTED_AGENTS:
                 opts = replace(opts, trusted_candidate=True, fetch_sample=FETCH_SAMPLE)
-            runs[id(record)] = Verification(problem, path, opts)
+            runs[id(record)] = Verification(problem, path, opts, shared=reference)
 
         def check(record: CandidateRecord) -> None:
             run = runs[id(record)]

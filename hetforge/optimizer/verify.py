@@ -1,18 +1,21 @@
 """The judge: decides whether a candidate computes the reference's function, and how fast it is.
 
 Candidate code never runs here. Two workers run: one with the reference alone (trusted), one with
-the candidate. This process generates the inputs, compares every output itself, and keeps the
-clock that bounds every timing claim, so nothing a candidate does inside its own interpreter can
-change a verdict. See docs in `hetforge.optimizer` and the README for the rules and their reasons.
+the candidate. This process draws the seeds both make their inputs from, compares every output
+itself, and keeps the clock that bounds every timing claim, so nothing a candidate does inside its
+own interpreter can change a verdict. A supervisor judging many candidates shares one reference
+worker among them (`ReferenceSide`): each reference output is computed once per batch. See docs in `hetforge.optimizer` and the README for the rules and their reasons.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import platform
 import random
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +26,7 @@ import torch
 
 from hetforge.optimizer import verdict as V
 from hetforge.optimizer.problem import Problem
-from hetforge.optimizer.sandbox import WorkerFailure, WorkerProcess, spares_paused, start_worker, wait_all
+from hetforge.optimizer.sandbox import WorkerFailure, WorkerProcess, spares_paused, start_worker
 from hetforge.optimizer.static_checks import review_flags
 from hetforge.optimizer.tolerance import PRECISIONS, compare
 
@@ -73,15 +76,120 @@ def verify(reference: Problem, candidate_file: str | Path, options: VerifyOption
     return _Judge(reference, str(candidate_file), options).run()
 
 
+class ReferenceSide:
+    """The trusted reference worker of one or many verifications, and the outputs it computed.
+
+    A supervisor checks a batch of candidates side by side against one reference: the batch shares
+    its correctness seeds (`new_batch`), each reference output is computed once and kept here, and one
+    worker starts instead of one per candidate (with 8 checks at once, 8 reference workers competed
+    with the candidates for the cores and the GPU's memory). Requests run one at a time on the side's
+    own thread; a caller that stops waiting (its deadline) leaves the request to finish for the others.
+    Candidates are separate processes that never see each other, so sharing seeds among them is safe.
+    """
+
+    def __init__(self, problem: Problem, options: VerifyOptions):
+        self.problem, self.opt = problem, options
+        self.worker: WorkerProcess | None = None
+        self.input_sets = 1
+        self._queue = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hetforge-reference")
+        self._lock = threading.Lock()
+        self._started: concurrent.futures.Future | None = None
+        self._outputs: dict[tuple, concurrent.futures.Future] = {}
+        self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))  # seeds no candidate can predict
+        self._seeds: list[int] = []
+
+    def new_batch(self) -> None:
+        """Fresh correctness seeds from here on; the outputs kept for the last batch's are dropped."""
+        with self._lock:
+            self._seeds, self._outputs = [], {}
+
+    def seeds(self, count: int) -> list[int]:
+        """The batch's correctness seeds (the same for every candidate of the batch)."""
+        with self._lock:
+            while len(self._seeds) < count:
+                self._seeds.append(self._rng.randrange(1, 2**31 - 1))
+            return list(self._seeds[:count])
+
+    def start(self, timeout_s: float) -> dict | WorkerFailure:
+        """The worker's init reply (started by the first caller; later callers get the same reply)."""
+        with self._lock:
+            if self._started is None:
+                self._started = self._queue.submit(self._start)
+            future = self._started
+        return _wait(future, timeout_s, "init")
+
+    def _start(self) -> dict | WorkerFailure:
+        memory = self.opt.memory_mb if self.opt.device == "cpu" else 0  # CUDA reserves huge address space
+        self.worker = start_worker("reference", memory, self.opt.device, trusted=True)
+        reply = self._request({"cmd": "init", **_init_message(self.problem, self.opt), "role": "reference"}, self.opt.startup_timeout_s)
+        if isinstance(reply, dict) and "input_sets" in reply:
+            self.input_sets = int(reply["input_sets"])
+        return reply
+
+    def ask(self, message: dict, timeout_s: float, keep: bool = False) -> dict | WorkerFailure:
+        """`message`'s reply, waited for at most `timeout_s`; `keep`: a `run` whose reply is kept for the batch."""
+        if not keep:
+            return _wait(self._queue.submit(self._request, message, self.opt.timeout_s), timeout_s, message.get("cmd", "?"))
+        key = tuple(sorted(message.items()))
+        with self._lock:
+            future = self._outputs.get(key)
+            if future is None:
+                future = self._outputs[key] = self._queue.submit(self._request, message, self.opt.timeout_s)
+        return _wait(future, timeout_s, message.get("cmd", "?"))
+
+    def _request(self, message: dict, timeout_s: float) -> dict | WorkerFailure:
+        if self.worker is None:
+            return WorkerFailure("exited", "the reference worker did not start")
+        if self.opt.deadline:
+            timeout_s = max(0.1, min(timeout_s, self.opt.deadline - time.monotonic()))
+        try:
+            return self.worker.request(message, timeout_s)
+        except WorkerFailure as failure:
+            return failure
+
+    def pause(self) -> None:
+        if self.worker is not None:
+            self.worker.pause()
+
+    def resume(self) -> None:
+        if self.worker is not None:
+            self.worker.resume()
+
+    def close(self) -> None:
+        """Stop the worker; a request in flight ends with it (the kill first: its reader sees the pipe close)."""
+        worker = self.worker
+        if worker is not None:
+            worker.kill()
+        self._queue.shutdown(wait=True, cancel_futures=True)
+        if worker is not None:
+            worker.close()
+
+
+def _wait(future: concurrent.futures.Future, timeout_s: float, command: str) -> dict | WorkerFailure:
+    try:
+        return future.result(timeout=max(0.1, timeout_s))
+    except concurrent.futures.TimeoutError:
+        return WorkerFailure("timeout", f"no answer to {command} within {timeout_s:.0f} s")
+    except concurrent.futures.CancelledError:
+        return WorkerFailure("exited", "the reference worker was stopped")
+
+
+def _init_message(problem: Problem, opt: VerifyOptions) -> dict:
+    return {"problem": problem.to_json(), "device": opt.device, "seed": opt.seed, "threads": opt.threads or min(os.cpu_count() or 1, 8),
+            "precision": opt.precision, "baseline": opt.baseline, "weights_from_reference": opt.weights_from_reference}
+
+
 class Verification:
     """One verification in two steps, for a supervisor that checks many candidates at once and times them
     one by one: `check()` (workers up, correctness: compiling and autotuning happen here, and may run
     beside other checks) then `finish()` (timing, with the device to itself; always returns the Verdict
-    and stops the workers). `close()` stops the workers of one that is never finished.
+    and stops the workers). `close()` stops the workers of one that is never finished. `reference`: a
+    ReferenceSide shared with other verifications (default: its own, stopped with it).
     """
 
-    def __init__(self, reference: Problem, candidate_file: str | Path, options: VerifyOptions = VerifyOptions()):
-        self._judge = _Judge(reference, str(candidate_file), options)
+    def __init__(self, reference: Problem, candidate_file: str | Path, options: VerifyOptions = VerifyOptions(),
+                 shared: ReferenceSide | None = None):
+        self._judge = _Judge(reference, str(candidate_file), options, shared)
         self._checked: bool | None = None
 
     def check(self) -> bool:
@@ -120,14 +228,16 @@ class _Side:
 
 
 class _Judge:
-    def __init__(self, reference: Problem, candidate_file: str, options: VerifyOptions):
+    def __init__(self, reference: Problem, candidate_file: str, options: VerifyOptions, shared: ReferenceSide | None = None):
         self.reference, self.candidate_file, self.opt = reference, candidate_file, options
         self.verdict = V.Verdict(verdict="rejected", device=_device_name(options.device), precision=options.precision,
                                  baseline=options.baseline, versions=_versions())
         self.rng = random.Random(int.from_bytes(os.urandom(8), "little"))  # seeds no candidate can predict
         self.used_seeds: set[int] = set()
-        self.ref_worker: WorkerProcess | None = None
+        self.side = shared or ReferenceSide(reference, options)
+        self._owns_side = shared is None
         self.cand_worker: WorkerProcess | None = None
+        self.model_seed = options.seed  # the seed the candidate's module is built under
 
     # -- orchestration ---------------------------------------------------------------------
 
@@ -164,9 +274,10 @@ class _Judge:
         return self.verdict
 
     def close(self) -> None:
-        for worker in (self.ref_worker, self.cand_worker):
-            if worker is not None:
-                worker.close()
+        if self.cand_worker is not None:
+            self.cand_worker.close()
+        if self._owns_side:
+            self.side.close()
 
     def _timeout(self, seconds: float) -> float:
         """`seconds`, cut to what is left before the deadline (if any)."""
@@ -190,22 +301,23 @@ class _Judge:
         except Exception as err:  # noqa: BLE001 - the user's reference: report, never crash the judge
             return self._reject(V.REFERENCE_FAILED, f"cannot load the reference: {type(err).__name__}: {err}")
 
-        threads = self.opt.threads or min(os.cpu_count() or 1, 8)
         memory = self.opt.memory_mb if self.opt.device == "cpu" else 0  # CUDA reserves huge address space
-        self.ref_worker = start_worker("reference", memory, self.opt.device, trusted=True)
         self.cand_worker = start_worker("candidate", memory, self.opt.device, trusted=self.opt.trusted_candidate)
-        common = {"cmd": "init", "problem": self.reference.to_json(), "device": self.opt.device, "seed": self.opt.seed,
-                  "threads": threads, "precision": self.opt.precision, "baseline": self.opt.baseline,
-                  "weights_from_reference": self.opt.weights_from_reference}
-        replies = wait_all(
-            [self.ref_worker, self.cand_worker],
-            {"reference": {**common, "role": "reference"},
-             "candidate": {**common, "role": "candidate", "candidate_file": str(Path(self.candidate_file).resolve())}},
-            self._timeout(self.opt.startup_timeout_s),
-        )
-        if not self._reply_ok(replies["reference"], reference=True, stage="start-up"):
+        init = {"cmd": "init", **_init_message(self.reference, self.opt), "role": "candidate",
+                "candidate_file": str(Path(self.candidate_file).resolve())}
+        try:
+            self.cand_worker.send(init)  # both start up at once: the reply is read after the reference's
+            candidate: dict | WorkerFailure | None = None
+        except WorkerFailure as failure:
+            candidate = failure
+        if not self._reply_ok(self.side.start(self._timeout(self.opt.startup_timeout_s)), reference=True, stage="start-up"):
             return False
-        if not self._reply_ok(replies["candidate"], reference=False, stage="start-up", load=True):
+        if candidate is None:
+            try:
+                candidate = self.cand_worker.receive("init", self._timeout(self.opt.startup_timeout_s))
+            except WorkerFailure as failure:
+                candidate = failure
+        if not self._reply_ok(candidate, reference=False, stage="start-up", load=True):
             return False
         mark = _clock()
         self.verdict.phases_s["start"] = round(mark - self._started, 3)
@@ -242,23 +354,28 @@ class _Judge:
                 self.used_seeds.add(seed)
                 return seed
 
-    def _ask(self, worker: WorkerProcess, message: dict, reference: bool, stage: str) -> dict | None:
-        try:
-            reply = worker.request(message, self._timeout(self.opt.timeout_s))
-        except WorkerFailure as failure:
-            reply = failure
+    def _ask(self, worker: WorkerProcess | ReferenceSide, message: dict, reference: bool, stage: str, keep: bool = False) -> dict | None:
+        """A worker's (or the reference side's) reply, or None with the failure recorded."""
+        if isinstance(worker, ReferenceSide):
+            reply = worker.ask(message, self._timeout(self.opt.timeout_s), keep=keep)
+        else:
+            try:
+                reply = worker.request(message, self._timeout(self.opt.timeout_s))
+            except WorkerFailure as failure:
+                reply = failure
         return reply if self._reply_ok(reply, reference, stage) else None
 
     # -- correctness -----------------------------------------------------------------------
 
     def _correctness(self) -> bool:
         first_outputs: list[tuple[Any, Any]] = []
-        for trial in range(self.opt.trials):
-            seed = self._fresh_seed()
+        seeds = self.side.seeds(self.opt.trials + 1)  # the batch's: each reference output is computed once
+        self.used_seeds.update(seeds)
+        for trial, seed in enumerate(seeds[:-1]):
             worst_abs = worst_rel = 0.0
-            for k, inputs in enumerate(self.problem.input_sets(seed)):
+            for k in range(self.side.input_sets):
                 label = f"trial {trial + 1} (seed {seed}), input set {k}"
-                result = self._compare_call(inputs, label)
+                result = self._compare_call(self.opt.seed, seed, k, label)
                 if result is None:
                     self.verdict.trials.append(V.TrialResult(seed, float("inf"), float("inf"), False))
                     return False
@@ -268,20 +385,23 @@ class _Judge:
                     first_outputs.append((ref_out, cand_out))
             self.verdict.trials.append(V.TrialResult(seed, worst_abs, worst_rel, True))
         self._check_sensitivity(first_outputs)
-        # Rebuild both under another seed: a candidate that hard-codes the first seed's weights fails here.
+        # Rebuild the candidate under another seed (the reference keeps a module under each): a candidate that
+        # hard-codes the first seed's weights fails here.
         other = self.opt.seed + 1
-        for worker, is_ref in ((self.ref_worker, True), (self.cand_worker, False)):
-            if self._ask(worker, {"cmd": "build", "seed": other}, is_ref, f"rebuild under seed {other}") is None:
-                return False
-        if self._compare_call(self.problem.main_inputs(self._fresh_seed()), f"model re-initialized under seed {other}") is None:
+        if self._ask(self.cand_worker, {"cmd": "build", "seed": other}, False, f"rebuild under seed {other}") is None:
+            return False
+        self.model_seed = other  # timed as rebuilt, against the reference's module under the same seed
+        if self._compare_call(other, seeds[-1], 0, f"model re-initialized under seed {other}") is None:
             return False
         return True
 
-    def _compare_call(self, inputs: list, label: str) -> tuple[Any, Any, float, float] | None:
-        ref = self._ask(self.ref_worker, {"cmd": "run", "inputs": inputs}, True, label)
+    def _compare_call(self, model_seed: int, seed: int, k: int, label: str) -> tuple[Any, Any, float, float] | None:
+        """Input set `k` made under `seed` through both modules (the reference's built under `model_seed`)."""
+        call = {"cmd": "run", "seed": seed, "set": k}
+        ref = self._ask(self.side, {**call, "model_seed": model_seed}, True, label, keep=True)
         if ref is None:
             return None
-        cand = self._ask(self.cand_worker, {"cmd": "run", "inputs": inputs}, False, label)
+        cand = self._ask(self.cand_worker, call, False, label)
         if cand is None:
             return None
         if cand.get("inputs_modified"):
@@ -290,7 +410,7 @@ class _Judge:
             return None
         outcome = self._compare_outputs(cand.get("outputs"), cand.get("info", []), ref["outputs"], label)
         if outcome is None:
-            outcome = self._against_float64({"cmd": "run", "inputs": inputs, "float64": True}, cand.get("outputs"), cand.get("info", []), label)
+            outcome = self._against_float64({**call, "model_seed": model_seed, "float64": True}, cand.get("outputs"), cand.get("info", []), label)
         if outcome is None:
             return None
         return ref["outputs"], cand["outputs"], outcome[0], outcome[1]
@@ -303,11 +423,8 @@ class _Judge:
         if not self.verdict.reasons or self.verdict.reasons[-1].kind != V.MISMATCH:
             return None
         mismatch = self.verdict.reasons.pop()
-        try:
-            exact = self.ref_worker.request(request, self._timeout(self.opt.timeout_s))
-        except WorkerFailure:
-            exact = {"error": "failed"}
-        if "error" not in exact:
+        exact = self.side.ask(request, self._timeout(self.opt.timeout_s), keep=request["cmd"] == "run")
+        if isinstance(exact, dict) and "error" not in exact:
             truth = _cast_like(exact["outputs"], cand)
             outcome = self._compare_outputs(cand, info, truth, f"{label} (against the reference in float64)")
             if outcome is not None:
@@ -370,7 +487,7 @@ class _Judge:
     def _timing(self) -> None:
         flush_bytes = _l2_flush_bytes() if self.opt.device == "cuda" else 0
         sides = {"reference": _Side(), "candidate": _Side()}
-        workers = {"reference": self.ref_worker, "candidate": self.cand_worker}
+        workers = {"reference": self.side, "candidate": self.cand_worker}
         for round_ in range(self.opt.rounds):
             seeds = [self._fresh_seed() for _ in range(self.opt.calls_per_round)]
             check = self.rng.randrange(self.opt.calls_per_round)  # chosen after the run: every call must be right
@@ -382,7 +499,8 @@ class _Judge:
                 worker, other = workers[name], workers["candidate" if name == "reference" else "reference"]
                 is_ref = name == "reference"
                 stage = f"timing round {round_ + 1}"
-                if self._ask(worker, {"cmd": "prepare_timing", "seeds": seeds, "warmup": self.opt.warmup, "flush_bytes": flush_bytes}, is_ref, stage) is None:
+                if self._ask(worker, {"cmd": "prepare_timing", "seeds": seeds, "warmup": self.opt.warmup, "flush_bytes": flush_bytes,
+                                      "model_seed": self.model_seed}, is_ref, stage) is None:
                     return
                 other.pause()  # nothing of the other process runs while this one is timed
                 try:

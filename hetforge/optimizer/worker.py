@@ -61,6 +61,12 @@ class Worker:
         self.model_class: Any = None
         self.device = "cpu"
         self.timing_inputs: list[list] = []
+        self.models: dict[int, torch.nn.Module] = {}  # the reference under each seed the judge asked for
+        self.models64: dict[int, torch.nn.Module] = {}  # their float64 copies (the judge's tie-breaker)
+        self.seed = 0  # the seed `model` was built under
+        self.timed_seed = 0
+        self.timed_model: torch.nn.Module | None = None
+        self._inputs: tuple[int, list[list]] | None = None  # the last seed's input sets
         self.timed_outputs: list[Any] = []
         self.precision = "strict"
         self.role = "reference"
@@ -87,10 +93,15 @@ class Worker:
         else:
             self.model_class = self.problem.model_class
         reply = self.build({"seed": msg["seed"]})
-        return {**reply, "confinement": self.confinement} if "error" not in reply else reply
+        if "error" in reply:
+            return reply
+        sets = len(self._input_sets(0))
+        self._inputs = None
+        return {**reply, "confinement": self.confinement, "input_sets": sets}
 
     def build(self, msg: dict) -> dict:
-        self.model = self.problem.build(self.model_class, seed=int(msg["seed"]), device=self.device)
+        self.seed = int(msg["seed"])
+        self.model = self.problem.build(self.model_class, seed=self.seed, device=self.device)
         if self.role == "candidate" and self.weights_from_reference:
             # a module variant is served with the running instance's weights: load the reference's
             reference = self.problem.build(seed=int(msg["seed"]), device=self.device)
@@ -100,18 +111,48 @@ class Worker:
                 return {"error": "state_dict_mismatch", "message": "ModelNew must take Model's state_dict: " + str(err).splitlines()[0][:300]}
         if self.role == "reference" and self.baseline == "compile":
             self.model = torch.compile(self.model)
+        self.models, self.models64 = {self.seed: self.model}, {}
         return {"ok": True}
 
     def run(self, msg: dict) -> dict:
+        """One call on input set `set` generated under `seed`; a reference may be asked for its module under
+        another `model_seed` (kept beside the first: the judge's re-initialization check)."""
+        inputs = self._input_sets(int(msg["seed"]))[int(msg.get("set", 0))]
+        model_seed = int(msg.get("model_seed", self.seed))
         if msg.get("float64"):
-            return self._run_float64(msg["inputs"], None)
-        inputs = [x.to(self.device) if isinstance(x, torch.Tensor) else x for x in msg["inputs"]]
+            return self._run_float64(inputs, None, model_seed)
+        model = self._module(model_seed)
+        if model is None:
+            return _ONLY_REFERENCE
         before = [x.clone() if isinstance(x, torch.Tensor) else None for x in inputs]
         with torch.no_grad():
-            out = self.model(*inputs)
+            out = model(*inputs)
         self._sync()
         modified = [i for i, (x, b) in enumerate(zip(inputs, before)) if b is not None and not torch.equal(x, b)]
+        if modified:
+            self._inputs = None  # a later call on this seed (the float64 re-run) gets the values as generated
         return {"outputs": self._payload(out), "structure": _structure(out), "info": _describe_outputs(out), "inputs_modified": modified}
+
+    def _module(self, seed: int) -> torch.nn.Module | None:
+        """The module built under `seed`: a reference keeps one per seed asked for (None: a candidate asked for
+        another seed than it was built under; it is rebuilt instead)."""
+        if seed not in self.models:
+            if self.role != "reference":
+                return None
+            model = self.problem.build(self.model_class, seed=seed, device=self.device)
+            self.models[seed] = torch.compile(model) if self.baseline == "compile" else model
+        return self.models[seed]
+
+    def _input_sets(self, seed: int) -> list[list]:
+        """The problem's input sets under `seed`, made on the device itself like the timing inputs below: the
+        judge sends seeds, not tensors (a memory-bound problem's 256 MB inputs took most of a check to move).
+        Both sides make identical values; a candidate that tampers with its own generator only gets outputs
+        that differ from the reference's."""
+        if self._inputs is None or self._inputs[0] != seed:
+            self._inputs = None  # free the last set first
+            with torch.device(self.device):
+                self._inputs = (seed, self.problem.input_sets(seed, self.device))
+        return self._inputs[1]
 
     def prepare_timing(self, msg: dict) -> dict:
         """Generate one fresh input set per timed call (new values every call), then warm up."""
@@ -120,11 +161,15 @@ class Worker:
         # Both sides use the same seeds on the same device, so they time identical values.
         with torch.device(self.device):
             self.timing_inputs = [self.problem.main_inputs(int(seed), self.device) for seed in msg["seeds"]]
+        self.timed_seed = int(msg.get("model_seed", self.seed))  # the reference is timed as the candidate is built
+        self.timed_model = self._module(self.timed_seed)
+        if self.timed_model is None:
+            return _ONLY_REFERENCE
         self.timed_outputs = []
         self._flush = torch.empty(int(msg.get("flush_bytes", 0)) // 4, dtype=torch.int32, device=self.device) if self.device == "cuda" else None
         with torch.no_grad(), self._timing_precision():
             for _ in range(int(msg.get("warmup", 3))):
-                self.model(*self.timing_inputs[0])
+                self.timed_model(*self.timing_inputs[0])
         self._sync()
         return {"ok": True}
 
@@ -139,30 +184,28 @@ class Worker:
                     if self._flush is not None and self._flush.numel():
                         self._flush.zero_()  # evict the previous call's data from L2
                     start.record()
-                    outputs.append(self.model(*inputs))
+                    outputs.append(self.timed_model(*inputs))
                     end.record()
                 _synchronize()
                 times = [start.elapsed_time(end) for start, end in events]
             else:
                 for inputs in self.timing_inputs:
                     t0 = _perf_counter()
-                    outputs.append(self.model(*inputs))
+                    outputs.append(self.timed_model(*inputs))
                     times.append((_perf_counter() - t0) * 1e3)
         self.timed_outputs = outputs
         return {"times_ms": times}
 
-    def _run_float64(self, inputs: list, sample: dict | None) -> dict:
+    def _run_float64(self, inputs: list, sample: dict | None, model_seed: int) -> dict:
         """The reference recomputed in float64 (the judge's tie-breaker when a candidate disagrees with the
         float32 reference: is the candidate wrong, or more exact than the reference?). References only."""
         if self.role != "reference":
             return {"error": "protocol", "message": "float64 runs are the reference's"}
-        if getattr(self, "_model64", None) is None:
-            import copy
-
-            self._model64 = copy.deepcopy(self.model).double()
+        if model_seed not in self.models64:
+            self.models64[model_seed] = self.problem.build(self.model_class, seed=model_seed, device=self.device).double()
         inputs = [x.to(self.device).double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
         with torch.no_grad():
-            out = self._model64(*inputs)
+            out = self.models64[model_seed](*inputs)
         self._sync()
         return {"outputs": self._payload(out, sample), "info": _describe_outputs(out)}
 
@@ -170,7 +213,7 @@ class Worker:
         """Timed outputs for the judge: whole, or (`sample`) at positions drawn from the judge's seed;
         `float64`: the reference's output for those timed inputs, recomputed in float64."""
         if msg.get("float64"):
-            return self._run_float64(self.timing_inputs[int(msg["indices"][0])], msg.get("sample"))  # as `run` replies
+            return self._run_float64(self.timing_inputs[int(msg["indices"][0])], msg.get("sample"), self.timed_seed)  # as `run` replies
         chosen = [self.timed_outputs[int(i)] for i in msg["indices"]]
         sample = msg.get("sample")
         return {"outputs": [self._payload(o, sample) for o in chosen], "info": [_describe_outputs(o) for o in chosen]}
@@ -201,6 +244,9 @@ class Worker:
         if self.precision == "tf32":
             return _MatmulPrecision("tf32")
         return torch.autocast(device_type=self.device, dtype=torch.bfloat16)
+
+
+_ONLY_REFERENCE = {"error": "protocol", "message": "only the reference keeps modules under other seeds; a candidate is rebuilt"}
 
 
 class _Nothing:

@@ -11,7 +11,7 @@ import torch
 
 from hetforge.optimizer import verdict as V
 from hetforge.optimizer.problem import Problem
-from hetforge.optimizer.verify import VerifyOptions, verify
+from hetforge.optimizer.verify import ReferenceSide, Verification, VerifyOptions, verify
 from tests.conftest import run_cli
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +39,7 @@ ADVERSARIAL = {
     "wrong_shape": ("linear_relu", V.SHAPE, "shape (1, 512) != (64, 512)", {}),
     "wrong_dtype": ("linear_relu", V.DTYPE, "torch.float64 != torch.float32", {}),
     "tampers_with_judge": ("linear_relu", V.MISMATCH, "elements outside", {}),
+    "tampers_with_inputs": ("linear_relu", V.MISMATCH, "trial 1", {}),
     "tensor_subclass": ("linear_relu", V.NOT_PLAIN, "Lazy", {}),
     "hardcoded_seed": ("linear_relu", V.MISMATCH, "re-initialized under seed 1", {}),
     "forges_reply": ("linear_relu", V.PROTOCOL, "", {}),
@@ -59,6 +60,37 @@ def test_adversarial_candidate_is_rejected_with_its_reason(candidate, device):
     assert result.reasons and result.reasons[0].kind == kind, result.reasons
     assert fragment in result.reasons[0].message, result.reasons[0].message
     assert not result.needs_review
+
+
+def test_a_shared_reference_serves_a_batch_on_the_same_seeds():
+    """A supervisor's checks share one reference worker: the batch's candidates get the same correctness
+    seeds and each reference output is computed once; a candidate that crashes leaves the reference up
+    for the next one; a new batch gets new seeds."""
+    problem = Problem(file=str(PROBLEMS / "linear_relu.py"))
+    options = VerifyOptions(**FAST)
+    side = ReferenceSide(problem, options)
+    runs: list[dict] = []
+    request = side._request
+    side._request = lambda message, timeout: runs.append(message) or request(message, timeout)  # what reaches the worker
+
+    def judge_shared(candidate: str) -> V.Verdict:
+        return Verification(problem, CANDIDATES / f"{candidate}.py", options, shared=side).finish()
+
+    try:
+        first, crashed, second = judge_shared("legit_addmm_folded_scale"), judge_shared("segfault"), judge_shared("legit_addmm_folded_scale")
+        assert first.accepted and second.accepted, (first.reasons, second.reasons)
+        assert crashed.reasons[0].kind == V.CRASHED, crashed.reasons
+        assert [t.seed for t in first.trials] == [t.seed for t in second.trials]
+        reference_calls = [m for m in runs if m["cmd"] == "run"]
+        assert len(reference_calls) == FAST["trials"] * 2 + 1, reference_calls  # trials x 2 input sets + the re-initialized model's
+        assert sum(m["cmd"] == "init" for m in runs) == 1
+        side.new_batch()
+        third = judge_shared("legit_addmm_folded_scale")
+        assert third.accepted and {t.seed for t in third.trials}.isdisjoint(t.seed for t in first.trials)
+        assert side.worker.alive()
+    finally:
+        side.close()
+    assert not side.worker.alive()
 
 
 def test_sampled_timed_outputs_still_catch_wrong_timed_calls():
