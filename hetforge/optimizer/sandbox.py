@@ -10,6 +10,7 @@ recipes and kernels) may also write the shared compile cache; generated code get
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import json
@@ -19,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,11 +185,13 @@ class SparePool:
     for its first message; each verification still gets processes no candidate ever ran in. When
     one is taken, a replacement starts at once, so its import overlaps the taker's start-up and
     correctness checks; the judge pauses all spares while it times (`spares_paused()`). Only within
-    `spare_workers(...)`: a lone `hetforge verify` starts its workers as before.
+    `spare_workers(...)`: a lone `hetforge verify` starts its workers as before. `initial`: how many
+    trusted spares to start at first (a supervisor's first batch takes one per check side by side).
     """
 
-    def __init__(self, size: int, memory_mb: int, device: str):
+    def __init__(self, size: int, memory_mb: int, device: str, initial: int = 0):
         self.size, self.memory_mb, self.device = size, memory_mb, device
+        self.initial = max(size, initial)
         self.idle: list[WorkerProcess] = []
         self.lock = threading.Lock()
         self.taken = 0
@@ -198,10 +200,10 @@ class SparePool:
         return WorkerProcess("spare", self.memory_mb, warm_device=self.device, trusted=trusted)
 
     def fill(self) -> None:
-        """`size` trusted spares (references and hetforge's own candidates are most of the work), one untrusted."""
+        """`initial` trusted spares (references and hetforge's own candidates are most of the work), one untrusted."""
         with self.lock:
             self.idle = [w for w in self.idle if w.alive()]
-            while sum(w.trusted for w in self.idle) < self.size:
+            while sum(w.trusted for w in self.idle) < self.initial:
                 self.idle.append(self._start())
             if not any(not w.trusted for w in self.idle):
                 self.idle.append(self._start(trusted=False))
@@ -215,7 +217,8 @@ class SparePool:
                     worker = candidate
                     break
                 candidate.close()
-            self.idle.append(self._start(trusted))  # the replacement imports while the taker works
+            if sum(w.trusted == trusted for w in self.idle) < (self.size if trusted else 1):
+                self.idle.append(self._start(trusted))  # the replacement imports while the taker works
             if worker is None:
                 return WorkerProcess(name, self.memory_mb, warm_device=self.device, trusted=trusted)
             self.taken += 1
@@ -234,8 +237,7 @@ class SparePool:
 
     def close(self) -> None:
         with self.lock:
-            for w in self.idle:
-                w.close()
+            close_all(self.idle)
             self.idle = []
 
 
@@ -243,10 +245,10 @@ _pool: SparePool | None = None
 
 
 @contextlib.contextmanager
-def spare_workers(size: int = 2, memory_mb: int = 0, device: str = "cpu"):
+def spare_workers(size: int = 2, memory_mb: int = 0, device: str = "cpu", initial: int = 0):
     """Within the block, `start_worker` takes pre-started workers (see SparePool)."""
     global _pool
-    previous, _pool = _pool, SparePool(size, memory_mb, device)
+    previous, _pool = _pool, SparePool(size, memory_mb, device, initial)
     _pool.fill()
     try:
         yield _pool
@@ -280,20 +282,11 @@ def spares_paused():
         pool.resume()
 
 
-def wait_all(workers: list[WorkerProcess], message_for: dict[str, dict], timeout_s: float) -> dict[str, dict | WorkerFailure]:
-    """Send each worker its message first, then collect the replies: start-up runs in parallel."""
-    sent: dict[str, WorkerProcess] = {}
-    results: dict[str, dict | WorkerFailure] = {}
-    for worker in workers:
-        try:
-            worker.send(message_for[worker.name])
-            sent[worker.name] = worker
-        except WorkerFailure as failure:
-            results[worker.name] = failure
-    deadline = time.monotonic() + timeout_s
-    for name, worker in sent.items():
-        try:
-            results[name] = worker.receive(message_for[name].get("cmd", "?"), max(0.1, deadline - time.monotonic()))
-        except WorkerFailure as failure:
-            results[name] = failure
-    return results
+def close_all(workers: list) -> None:
+    """Close workers (or anything with close()) side by side: a worker with a CUDA context takes seconds to exit."""
+    if len(workers) <= 1:
+        for w in workers:
+            w.close()
+        return
+    with concurrent.futures.ThreadPoolExecutor(len(workers)) as pool:
+        list(pool.map(lambda w: w.close(), workers))

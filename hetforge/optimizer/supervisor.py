@@ -19,7 +19,6 @@ reference output computed once.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import itertools
 import os
 import time
@@ -31,7 +30,7 @@ from hetforge.optimizer import llm_agent
 from hetforge.optimizer.problem import Problem
 from hetforge.optimizer.recipes import recipe_candidate_source, recipes_for
 from hetforge.optimizer.rewrites import apply_rewrites, rewrite_candidate_source
-from hetforge.optimizer.sandbox import spare_workers
+from hetforge.optimizer.sandbox import close_all, spare_workers
 from hetforge.optimizer.variants import VariantSpec, variant_candidate_source
 from hetforge.optimizer.verify import ReferenceSide, Verification, VerifyOptions
 
@@ -194,25 +193,28 @@ def optimize(task: OptimizeTask, scratch: Path, progress: Callable[[CandidateRec
     `started`: the time.monotonic() the budget counts from (default: now; the CLI passes its own start).
     Workers for the next verification start while the current one runs (`sandbox.spare_workers`).
     """
-    memory = VerifyOptions.memory_mb if task.device == "cpu" else 0
-    with spare_workers(size=2, memory_mb=memory, device=task.device), contextlib.ExitStack() as cleanup:
-        return _optimize(task, scratch, progress, approve, notice, llm_client, started, cleanup)
-
-
-def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_client, started,
-              cleanup: contextlib.ExitStack) -> OptimizeReport:
     unknown = [a for a in task.agents if a not in AGENTS]
     if unknown:
         raise ValueError(f'Got "{",".join(unknown)}" for agents: any of {", ".join(AGENTS)}.')
     start = started if started is not None else time.monotonic()
-    scratch.mkdir(parents=True, exist_ok=True)
     problem = Problem(file=str(Path(task.problem_file).resolve()))
-    report = OptimizeReport(task=asdict(task))
     options = VerifyOptions(device=task.device, precision=task.precision, trials=task.trials, rounds=task.rounds,
                             startup_timeout_s=600, timeout_s=600, threads=task.threads)
+    memory = VerifyOptions.memory_mb if task.device == "cpu" else 0
+    # a worker per check of the first batch and one for the reference start while the proposals are made
+    with spare_workers(size=2, memory_mb=memory, device=task.device, initial=_parallel_checks() + 1) as spares:
+        reference = ReferenceSide(problem, options)
+        try:
+            return _optimize(task, scratch, progress, approve, notice, llm_client, start, problem, options, reference)
+        finally:
+            close_all([reference, spares])  # side by side: a worker with a CUDA context takes seconds to exit
 
+
+def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_client, start: float, problem: Problem,
+              options: VerifyOptions, reference: ReferenceSide) -> OptimizeReport:
+    scratch.mkdir(parents=True, exist_ok=True)
+    report = OptimizeReport(task=asdict(task))
     deadline = start + task.budget_s - min(REPORT_RESERVE_S, task.budget_s / 10)  # the report is written within the budget too
-    reference = cleanup.enter_context(contextlib.closing(ReferenceSide(problem, options)))  # stopped when the search ends
 
     def over_budget() -> bool:
         return time.monotonic() > deadline
@@ -266,23 +268,22 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
 
         with concurrent.futures.ThreadPoolExecutor(_parallel_checks()) as pool:
             list(pool.map(check, sorted((r for r in records if id(r) in runs), key=_check_priority)))
-        reaper, closing = concurrent.futures.ThreadPoolExecutor(4), []
         for record in records:  # timing, in proposal order: the baselines first
             run = runs.get(id(record))
             if run is not None:
                 if over_budget() and run.verdict.verdict != "rejected" and record.name != BASELINE:
-                    closing.append(reaper.submit(run.close))
                     record.status, record.note = "skipped", f"budget of {task.budget_s:.0f} s spent before its timing"
                 else:
                     verdict = run.finish(deadline=deadline if record.name != BASELINE else None, close=False).to_dict()
-                    closing.append(reaper.submit(run.close))  # workers with a CUDA context take seconds to exit
                     cut_off = checked_at.get(id(record), 0.0) >= checks_until - 1.0 or time.monotonic() >= deadline - 1.0
                     record_verdict(record, verdict, cut_off)
             report.candidates.append(record)
             if progress:
                 progress(record)
-        concurrent.futures.wait(closing)
-        reaper.shutdown()
+        # Workers stop after every timing, all at once: a CUDA context takes seconds to tear down, and teardowns
+        # beside a timing load the host the timed process launches from (suspected in a t1_gelu run where
+        # torch.compile's candidate read 0.86x of eager and compile-freezing, the same kernel, 1.00x).
+        close_all(list(runs.values()))
         return records
 
     def judge(proposal: Proposal, round_: int, verify_options: VerifyOptions = options, refused: str = "") -> CandidateRecord:
