@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from hetforge.kernels.triton.epilogue import Epilogue, describe
 from hetforge.kernels.triton.gemm_epilogue import bmm_epilogue, gemm_epilogue, split_tf32
@@ -52,6 +53,53 @@ class FusedLinear(nn.Module):
         n, k = self.weight.shape
         split = ", weight split into TF32 parts" if self.weight_lo is not None else ""
         return f"in={k}, out={n}, epilogue={describe(self.epilogue)}, precision={self.precision}{split}"
+
+
+class SplitConv(nn.Module):
+    """An fp32 1-D or 2-D convolution as three TF32 tensor-core convolutions of split operands (cuDNN).
+
+    Under the `strict` policy cuDNN convolves fp32 on the CUDA cores (~40 TFLOPS on an H100). With
+    x = x_hi + x_lo and w = w_hi + w_lo, every part exact in TF32 (`split_tf32`; the weight once,
+    here), x*w = x_lo*w_hi + x_hi*w_lo + x_hi*w_hi (+ x_lo*w_lo, below fp32's resolution): three
+    tensor-core convolutions accumulating in fp32, the small terms first. TF32 is asked for per call
+    (`torch.cudnn_convolution(..., allow_tf32=True)`), not through the process-wide flag another
+    thread's convolution would see. Off CUDA: the plain fp32 convolution.
+    """
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d):
+        super().__init__()
+        _buffer(self, "weight", conv.weight)
+        hi, lo = split_tf32(conv.weight.detach().float())
+        _buffer(self, "weight_hi", hi)
+        _buffer(self, "weight_lo", lo)
+        _buffer(self, "bias", conv.bias)
+        self.dims = conv.weight.dim() - 2
+        self.stride, self.padding, self.dilation, self.groups = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups
+
+    def forward(self, x):
+        conv = F.conv1d if self.dims == 1 else F.conv2d
+        if not x.is_cuda or x.dtype != torch.float32:
+            return conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        w_hi, w_lo = self.weight_hi, self.weight_lo
+        stride, padding, dilation = self.stride, self.padding, self.dilation
+        if self.dims == 1:  # as a 2-D convolution of height 1
+            x, w_hi, w_lo = x.unsqueeze(2), w_hi.unsqueeze(2), w_lo.unsqueeze(2)
+            stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
+        x_hi, x_lo = split_tf32(x)
+
+        def tf32(a, w):
+            return torch.cudnn_convolution(a, w, padding, stride, dilation, self.groups, True, False, True)
+
+        out = tf32(x_lo, w_hi)
+        out += tf32(x_hi, w_lo)
+        out += tf32(x_hi, w_hi)
+        if self.bias is not None:
+            out += self.bias.view(1, -1, *([1] * (out.dim() - 2)))
+        return out.squeeze(2) if self.dims == 1 else out
+
+    def extra_repr(self) -> str:
+        o, i = self.weight.shape[:2]
+        return f"{i}->{o}, kernel={tuple(self.weight.shape[2:])}, stride={self.stride}, padding={self.padding}, split TF32 x3 on CUDA"
 
 
 class FusedBmm(nn.Module):

@@ -3,6 +3,7 @@
 On a torch.fx graph of the stage's own instance (real weights), with shapes from one propagation
 of example inputs:
   linear -> chain          FusedLinear (GEMM + epilogue; also alone: fp32-accurate split TF32 products on CUDA)
+  fp32 conv1d / conv2d (CUDA, strict policy)   SplitConv (three TF32 cuDNN convolutions of split operands)
   bmm / matmul of two 3-D activations -> chain   FusedBmm (the same kernel over a batch)
   layer/rms/group norm -> chain   FusedNorm
   (x * s) -> softmax / log_softmax / logsumexp over the last dim   FusedSoftmax
@@ -24,7 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hetforge.kernels.modules import FusedBmm, FusedLinear, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain
+from hetforge.kernels.modules import FusedBmm, FusedLinear, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain, SplitConv
 from hetforge.kernels.triton.epilogue import MAX_OPS, Op
 from hetforge.optimizer.rewrites import symbolic_trace
 
@@ -202,6 +203,15 @@ def _linear_parts(gm, node) -> tuple[fx.Node, torch.Tensor, torch.Tensor | None]
     return None
 
 
+def _splittable_conv(gm, node) -> bool:
+    """An fp32 nn.Conv1d / nn.Conv2d with numeric padding and zero padding mode, called on one input."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return False
+    mod = gm.get_submodule(node.target)
+    return (type(mod) in (nn.Conv1d, nn.Conv2d) and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
+            and mod.weight.dtype == torch.float32)
+
+
 def _bmm_parts(node) -> tuple[fx.Node, fx.Node] | None:
     """(a, b) if `node` multiplies two 3-D tensors of one batch size: torch.bmm, torch.matmul or `@`."""
     is_product = (node.op == "call_function" and node.target in (torch.bmm, torch.matmul, operator.matmul)) \
@@ -237,6 +247,7 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
     _propagate_shapes(gm, example_inputs)
     counts: dict[str, int] = {}
     consumed: set[fx.Node] = set()
+    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
 
     def note(kind: str) -> None:
         counts[kind] = counts.get(kind, 0) + 1
@@ -245,6 +256,10 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
         if node in consumed or node.graph is not gm.graph or node.op in ("placeholder", "output", "get_attr"):
             continue
         out_shape = _shape(node)
+        if on_cuda and precision == "strict" and _splittable_conv(gm, node):
+            _install(gm, SplitConv(gm.get_submodule(node.target)), node, node, node.args, [node], "conv")
+            note("split_conv")
+            continue
         linear = _linear_parts(gm, node)
         if linear is not None and out_shape is not None:
             x, w, b = linear
