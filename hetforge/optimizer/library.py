@@ -3,7 +3,7 @@
 On a torch.fx graph of the stage's own instance (real weights), with shapes from one propagation
 of example inputs:
   linear -> chain          FusedLinear (GEMM + epilogue; also alone: fp32-accurate split TF32 products on CUDA)
-  fp32 conv1d / conv2d (CUDA, strict policy)   SplitConv (three TF32 cuDNN convolutions of split operands)
+  fp32 conv1d / conv2d, strict policy, K >= SPLIT_CONV_MIN_K   SplitConv (three TF32 cuDNN convolutions of split operands)
   bmm / matmul of two 3-D activations -> chain   FusedBmm (the same kernel over a batch)
   layer/rms/group norm -> chain   FusedNorm
   (x * s) -> softmax / log_softmax / logsumexp over the last dim   FusedSoftmax
@@ -203,13 +203,22 @@ def _linear_parts(gm, node) -> tuple[fx.Node, torch.Tensor, torch.Tensor | None]
     return None
 
 
+# Products per output element (in channels per group x kernel size) from which SplitConv's three TF32
+# convolutions beat one fp32 convolution. H100, cuDNN 9.19 (bench/kernels/probe_conv_split.py): K = 2304
+# 1.60x, 1536 and 1152 1.00x, 288 0.34x, 240 0.64x.
+SPLIT_CONV_MIN_K = 2048
+
+
 def _splittable_conv(gm, node) -> bool:
-    """An fp32 nn.Conv1d / nn.Conv2d with numeric padding and zero padding mode, called on one input."""
+    """An fp32 nn.Conv1d / nn.Conv2d with numeric padding and zero padding mode, called on one input, with
+    enough products per output for the tensor cores to pay for three convolutions (SplitConv runs the plain
+    convolution off CUDA)."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
     mod = gm.get_submodule(node.target)
-    return (type(mod) in (nn.Conv1d, nn.Conv2d) and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
-            and mod.weight.dtype == torch.float32)
+    if type(mod) not in (nn.Conv1d, nn.Conv2d) or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+        return False
+    return mod.weight.dtype == torch.float32 and mod.weight[0].numel() >= SPLIT_CONV_MIN_K
 
 
 def _bmm_parts(node) -> tuple[fx.Node, fx.Node] | None:
@@ -247,7 +256,6 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
     _propagate_shapes(gm, example_inputs)
     counts: dict[str, int] = {}
     consumed: set[fx.Node] = set()
-    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
 
     def note(kind: str) -> None:
         counts[kind] = counts.get(kind, 0) + 1
@@ -256,7 +264,7 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
         if node in consumed or node.graph is not gm.graph or node.op in ("placeholder", "output", "get_attr"):
             continue
         out_shape = _shape(node)
-        if on_cuda and precision == "strict" and _splittable_conv(gm, node):
+        if precision == "strict" and _splittable_conv(gm, node):
             _install(gm, SplitConv(gm.get_submodule(node.target)), node, node, node.args, [node], "conv")
             note("split_conv")
             continue

@@ -49,25 +49,29 @@ def _conv_nodes(module: nn.Module) -> list[bool]:
     return [library._splittable_conv(gm, n) for n in gm.graph.nodes if n.op == "call_module" and "conv" in str(n.target)]
 
 
-def test_matcher_takes_plain_fp32_convolutions_only():
+def test_matcher_takes_plain_fp32_convolutions_with_enough_products_per_output():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv_a = nn.Conv2d(4, 4, 3, padding=1)
-            self.conv_b = nn.Conv2d(4, 4, 3, padding="same")
-            self.conv_c = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
-            self.conv_d = nn.Conv3d(4, 4, 1)
-            self.conv_e = nn.Conv1d(4, 4, 3).double()
+            self.conv_a = nn.Conv2d(256, 256, 3, padding=1)  # K = 2304
+            self.conv_b = nn.Conv2d(256, 256, 3, padding="same")
+            self.conv_c = nn.Conv2d(256, 256, 3, padding=1, padding_mode="reflect")
+            self.conv_d = nn.Conv2d(256, 256, 3, padding=1, groups=2)  # K = 1152: cuDNN fp32 is as fast
+            self.conv_e = nn.Conv1d(256, 256, 9).double()
+            self.conv_f = nn.Conv1d(256, 256, 9, padding=4)  # K = 2304
 
         def forward(self, x):
-            y = self.conv_c(self.conv_b(self.conv_a(x)))
-            return y, self.conv_d(y.unsqueeze(2)), self.conv_e(y.flatten(2).double())
+            y = self.conv_d(self.conv_c(self.conv_b(self.conv_a(x))))
+            return self.conv_f(y.flatten(2)), self.conv_e(y.flatten(2).double())
 
-    assert _conv_nodes(Net()) == [True, False, False, False, False]
+    assert _conv_nodes(Net()) == [True, False, False, False, True, False]
 
 
-def test_library_leaves_convolutions_alone_off_cuda():
-    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU()).eval()
-    gm, counts = library.fuse(model, [torch.randn(2, 4, 8, 8)])
-    assert "split_conv" not in counts
-    assert any(isinstance(m, nn.Conv2d) for m in gm.modules())
+def test_library_variant_computes_the_convolution_off_cuda():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(256, 16, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(2, 256, 8, 8)
+    gm, counts = library.fuse(model, [x])
+    assert counts.get("split_conv") == 1 and any(isinstance(m, SplitConv) for m in gm.modules())
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
