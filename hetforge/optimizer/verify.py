@@ -99,9 +99,13 @@ class ReferenceSide:
         self._seeds: list[int] = []
 
     def new_batch(self) -> None:
-        """Fresh correctness seeds from here on; the outputs kept for the last batch's are dropped."""
+        """Fresh correctness seeds from here on; the outputs kept for the last batch's are dropped. A worker
+        that died (a reference that ran out of memory, a timeout) is replaced at the next start()."""
         with self._lock:
             self._seeds, self._outputs = [], {}
+            if self.worker is not None and not self.worker.alive():
+                dead, self.worker, self._started = self.worker, None, None
+                self._queue.submit(dead.close)
 
     def seeds(self, count: int) -> list[int]:
         """The batch's correctness seeds (the same for every candidate of the batch)."""

@@ -88,6 +88,10 @@ def test_a_shared_reference_serves_a_batch_on_the_same_seeds():
         third = judge_shared("legit_addmm_folded_scale")
         assert third.accepted and {t.seed for t in third.trials}.isdisjoint(t.seed for t in first.trials)
         assert side.worker.alive()
+        side.worker.kill()  # a reference that died (out of memory, say) is replaced at the next batch
+        dead = side.worker
+        side.new_batch()
+        assert judge_shared("legit_addmm_folded_scale").accepted and side.worker is not dead and side.worker.alive()
     finally:
         side.close()
     assert not side.worker.alive()
