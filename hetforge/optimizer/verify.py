@@ -187,7 +187,7 @@ class Verification:
     """One verification in two steps, for a supervisor that checks many candidates at once and times them
     one by one: `check()` (workers up, correctness: compiling and autotuning happen here, and may run
     beside other checks) then `finish()` (timing, with the device to itself; always returns the Verdict
-    and stops the workers). `close()` stops the workers of one that is never finished. `reference`: a
+    and stops the workers). `close()` stops the workers of one that is never finished. `shared`: a
     ReferenceSide shared with other verifications (default: its own, stopped with it).
     """
 

@@ -56,14 +56,13 @@ class Worker:
     """Holds the module and the timing state; one method per command of the protocol."""
 
     def __init__(self) -> None:
-        self.model: torch.nn.Module | None = None
         self.problem: LoadedProblem | None = None
         self.model_class: Any = None
         self.device = "cpu"
         self.timing_inputs: list[list] = []
-        self.models: dict[int, torch.nn.Module] = {}  # the reference under each seed the judge asked for
+        self.models: dict[int, torch.nn.Module] = {}  # the module under `seed` (a reference: under each seed asked for)
         self.models64: dict[int, torch.nn.Module] = {}  # their float64 copies (the judge's tie-breaker)
-        self.seed = 0  # the seed `model` was built under
+        self.seed = 0  # the seed the module was built under
         self.timed_seed = 0
         self.timed_model: torch.nn.Module | None = None
         self._inputs: tuple[int, list[list]] | None = None  # the last seed's input sets
@@ -95,23 +94,23 @@ class Worker:
         reply = self.build({"seed": msg["seed"]})
         if "error" in reply:
             return reply
-        sets = len(self._input_sets(0))
-        self._inputs = None
-        return {**reply, "confinement": self.confinement, "input_sets": sets}
+        if self.role == "reference":  # the judge asks the reference for each set by index
+            reply["input_sets"] = 1 + len(self.problem.get_variants())
+        return {**reply, "confinement": self.confinement}
 
     def build(self, msg: dict) -> dict:
         self.seed = int(msg["seed"])
-        self.model = self.problem.build(self.model_class, seed=self.seed, device=self.device)
+        model = self.problem.build(self.model_class, seed=self.seed, device=self.device)
         if self.role == "candidate" and self.weights_from_reference:
             # a module variant is served with the running instance's weights: load the reference's
             reference = self.problem.build(seed=int(msg["seed"]), device=self.device)
             try:
-                self.model.load_state_dict(reference.state_dict(), strict=True)
+                model.load_state_dict(reference.state_dict(), strict=True)
             except RuntimeError as err:
                 return {"error": "state_dict_mismatch", "message": "ModelNew must take Model's state_dict: " + str(err).splitlines()[0][:300]}
         if self.role == "reference" and self.baseline == "compile":
-            self.model = torch.compile(self.model)
-        self.models, self.models64 = {self.seed: self.model}, {}
+            model = torch.compile(model)
+        self.models, self.models64 = {self.seed: model}, {}
         return {"ok": True}
 
     def run(self, msg: dict) -> dict:
