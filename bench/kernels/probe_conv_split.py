@@ -1,9 +1,9 @@
-"""Probe: fp32 convolutions as three TF32 cuDNN convolutions of split operands (`SplitConv`).
+"""Probe: fp32 convolutions as three TF32 cuDNN convolutions of split operands (`FusedConv(..., split=True)`).
 
     python3 bench/kernels/probe_conv_split.py      # on a CUDA host; prints a table last
 
 For the convolution shapes of the suite's problems: cuDNN fp32 (TF32 off, as under the strict
-policy), SplitConv, and cuDNN TF32 alone (what the strict policy forbids), each timed (median of
+policy), the split convolution, and cuDNN TF32 alone (what the strict policy forbids), each timed (median of
 CUDA-event timings) and compared with the float64 convolution: the largest error, and how many
 elements fall outside the verifier's atol = rtol = 1e-4 of the float64 result.
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hetforge.kernels.modules import SplitConv
+from hetforge.kernels.modules import FusedConv
 
 SHAPES = [  # (name, conv module, input shape)
     ("t1_conv2d 256->256 3x3 @56", lambda: nn.Conv2d(256, 256, 3, padding=1), (32, 256, 56, 56)),
@@ -54,7 +54,7 @@ def main() -> None:
         torch.manual_seed(0)
         conv = make().cuda().eval()
         x = torch.randn(shape, device="cuda")
-        split = SplitConv(conv).cuda()
+        split = FusedConv(conv, split=True).cuda()
         with torch.no_grad():
             exact = conv.double()(x.double())
             conv.float()

@@ -2,8 +2,9 @@
 
 Each module owns its parameters as buffers (copied from the stage's own instance, so a variant
 built from a checkpoint-loaded module carries that checkpoint's weights) and the epilogue chain
-the matcher found. On CUDA (or under `TRITON_INTERPRET=1`) they run the kernels; elsewhere their
-torch path (in-place chains on a fresh output: fewer allocations than the eager graph).
+the matcher found. On CUDA (or under `TRITON_INTERPRET=1`) they run the kernels. On the CPU the GEMM
+and convolution modules run oneDNN with packed weights and a fused post-op (`onednn`); the others
+their torch path (in-place chains on a fresh output: fewer allocations than the eager graph).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hetforge.kernels import onednn
+from hetforge.kernels.triton.configs import runs_triton
 from hetforge.kernels.triton.epilogue import Epilogue, describe
 from hetforge.kernels.triton.gemm_epilogue import bmm_epilogue, gemm_epilogue, split_tf32
 from hetforge.kernels.triton.norm import fused_norm
@@ -44,10 +47,23 @@ class FusedLinear(nn.Module):
         _buffer(self, "bias", bias)
         _buffer(self, "vector", vector.reshape(-1) if vector is not None else None)
         self.epilogue, self.precision = tuple(epilogue), precision
+        self._onednn = onednn.PackedWeight()
 
     def forward(self, x, residual=None):
+        if not runs_triton(x) and onednn.runs_onednn(x):
+            packed, bias, epilogue, vector = self._onednn.get((self.weight, self.weight_lo, self.bias, self.vector),
+                                                              lambda: self._pack(x))
+            return onednn.linear_epilogue(x, packed, bias, epilogue, vector, residual)
         lo = self.weight_lo.t() if self.weight_lo is not None else None
         return gemm_epilogue(x, self.weight.t(), self.bias, self.epilogue, self.vector, residual, self.precision, w_lo_t=lo)
+
+    def _pack(self, x):
+        """The CPU's oneDNN operands: the whole fp32 weight (its split parts add up to it exactly), packed; a
+        leading vector add folded into the bias."""
+        weight = self.weight + self.weight_lo if self.weight_lo is not None else self.weight
+        epilogue, bias, vector = onednn.fold_vector_bias(self.epilogue, self.bias, self.vector, weight.shape[0])
+        rows = x.numel() // max(1, x.shape[-1])
+        return onednn.pack_linear(weight.float(), rows), bias, epilogue, vector
 
     def extra_repr(self) -> str:
         n, k = self.weight.shape
@@ -55,36 +71,52 @@ class FusedLinear(nn.Module):
         return f"in={k}, out={n}, epilogue={describe(self.epilogue)}, precision={self.precision}{split}"
 
 
-class SplitConv(nn.Module):
-    """An fp32 1-D or 2-D convolution as three TF32 tensor-core convolutions of split operands (cuDNN).
+class FusedConv(nn.Module):
+    """chain(conv(x)) for an fp32 1-D or 2-D convolution (zeros padding, numeric padding).
 
-    Under the `strict` policy cuDNN convolves fp32 on the CUDA cores (~40 TFLOPS on an H100). With
-    x = x_hi + x_lo and w = w_hi + w_lo, every part exact in TF32 (`split_tf32`; the weight once,
-    here), x*w = x_lo*w_hi + x_hi*w_lo + x_hi*w_hi (+ x_lo*w_lo, below fp32's resolution): three
-    tensor-core convolutions accumulating in fp32, the small terms first. TF32 is asked for per call
-    (`torch.cudnn_convolution(..., allow_tf32=True)`), not through the process-wide flag another
-    thread's convolution would see. Off CUDA: the plain fp32 convolution.
+    On CUDA: cuDNN's convolution, then the chain in one Triton pass. With `split` (the `strict` policy, where
+    cuDNN convolves fp32 on the CUDA cores, ~40 TFLOPS on an H100), the convolution runs as three TF32
+    tensor-core convolutions of split operands: with x = x_hi + x_lo and w = w_hi + w_lo, every part exact
+    in TF32 (`split_tf32`; the weight once, here), x*w = x_lo*w_hi + x_hi*w_lo + x_hi*w_hi (+ x_lo*w_lo,
+    below fp32's resolution), accumulating in fp32, the small terms first. TF32 is asked for per call
+    (`torch.cudnn_convolution(..., allow_tf32=True)`), not through the process-wide flag another thread's
+    convolution would see. On the CPU, with a chain: oneDNN with the weight packed and the chain's head fused (`onednn`).
     """
 
-    def __init__(self, conv: nn.Conv1d | nn.Conv2d):
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d, epilogue: Epilogue = (), vector: torch.Tensor | None = None, split: bool = False):
         super().__init__()
         _buffer(self, "weight", conv.weight)
-        hi, lo = split_tf32(conv.weight.detach().float())
+        hi, lo = split_tf32(conv.weight.detach().float()) if split else (None, None)
         _buffer(self, "weight_hi", hi)
         _buffer(self, "weight_lo", lo)
         _buffer(self, "bias", conv.bias)
+        _buffer(self, "vector", vector.reshape(-1) if vector is not None else None)
         self.dims = conv.weight.dim() - 2
         self.stride, self.padding, self.dilation, self.groups = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups
+        self.epilogue = tuple(epilogue)
+        self._onednn = onednn.PackedWeight()
 
-    def forward(self, x):
-        conv = F.conv1d if self.dims == 1 else F.conv2d
-        if not x.is_cuda or x.dtype != torch.float32:
-            return conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+    def forward(self, x, residual=None):
+        if self.epilogue and not runs_triton(x) and onednn.runs_onednn(x):  # a plain convolution: eager's oneDNN call is as fast
+            return self._forward_onednn(x, residual)
+        if self.weight_hi is not None and x.is_cuda and x.dtype == torch.float32:
+            out = self._split_tf32(x)
+        else:
+            conv = F.conv1d if self.dims == 1 else F.conv2d
+            out = conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return pointwise_chain(out, self.epilogue, self.vector, 1, residual) if self.epilogue else out
+
+    def _as_2d(self) -> tuple[tuple, tuple, tuple]:
+        """stride, padding, dilation of the 2-D convolution that computes this one (a 1-D one has height 1)."""
+        if self.dims == 1:
+            return (1, *self.stride), (0, *self.padding), (1, *self.dilation)
+        return self.stride, self.padding, self.dilation
+
+    def _split_tf32(self, x):
         w_hi, w_lo = self.weight_hi, self.weight_lo
-        stride, padding, dilation = self.stride, self.padding, self.dilation
-        if self.dims == 1:  # as a 2-D convolution of height 1
+        if self.dims == 1:
             x, w_hi, w_lo = x.unsqueeze(2), w_hi.unsqueeze(2), w_lo.unsqueeze(2)
-            stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
+        stride, padding, dilation = self._as_2d()
         x_hi, x_lo = split_tf32(x)
 
         def tf32(a, w):
@@ -94,12 +126,29 @@ class SplitConv(nn.Module):
         out += tf32(x_hi, w_lo)
         out += tf32(x_hi, w_hi)
         if self.bias is not None:
-            out += self.bias.view(1, -1, *([1] * (out.dim() - 2)))
+            out += self.bias.view(1, -1, 1, 1)
+        return out.squeeze(2) if self.dims == 1 else out
+
+    def _forward_onednn(self, x, residual):
+        if self.dims == 1:  # oneDNN's convolution ops take 2-D (and 3-D) convolutions: height 1
+            x, residual = x.unsqueeze(2), residual.unsqueeze(2) if residual is not None else None
+        stride, padding, dilation = self._as_2d()
+
+        def pack():
+            weight = self.weight.unsqueeze(2) if self.dims == 1 else self.weight
+            epilogue, bias, vector = onednn.fold_vector_bias(self.epilogue, self.bias, self.vector, weight.shape[0])
+            packed = onednn.pack_conv(weight.float(), padding, stride, dilation, self.groups, tuple(x.shape))
+            return packed, bias, epilogue, vector.view(-1, 1, 1) if vector is not None else None
+
+        packed, bias, epilogue, vector = self._onednn.get((self.weight, self.bias, self.vector), pack)
+        out = onednn.conv_epilogue(x, packed, bias, padding, stride, dilation, self.groups, epilogue, vector, residual)
         return out.squeeze(2) if self.dims == 1 else out
 
     def extra_repr(self) -> str:
         o, i = self.weight.shape[:2]
-        return f"{i}->{o}, kernel={tuple(self.weight.shape[2:])}, stride={self.stride}, padding={self.padding}, split TF32 x3 on CUDA"
+        split = ", split TF32 x3 on CUDA" if self.weight_hi is not None else ""
+        return (f"{i}->{o}, kernel={tuple(self.weight.shape[2:])}, stride={self.stride}, padding={self.padding}, "
+                f"epilogue={describe(self.epilogue)}{split}")
 
 
 class FusedBmm(nn.Module):

@@ -3,7 +3,8 @@
 On a torch.fx graph of the stage's own instance (real weights), with shapes from one propagation
 of example inputs:
   linear -> chain          FusedLinear (GEMM + epilogue; also alone: fp32-accurate split TF32 products on CUDA)
-  fp32 conv1d / conv2d, strict policy, K >= SPLIT_CONV_MIN_K   SplitConv (three TF32 cuDNN convolutions of split operands)
+  fp32 conv1d / conv2d -> chain   FusedConv (CPU: oneDNN, post-op fused; CUDA: cuDNN + the chain in one pass,
+                                  as three TF32 convolutions of split operands under `strict` when K >= SPLIT_CONV_MIN_K)
   bmm / matmul of two 3-D activations -> chain   FusedBmm (the same kernel over a batch)
   layer/rms/group norm -> chain   FusedNorm
   (x * s) -> softmax / log_softmax / logsumexp over the last dim   FusedSoftmax
@@ -25,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hetforge.kernels.modules import FusedBmm, FusedLinear, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain, SplitConv
+from hetforge.kernels.modules import FusedBmm, FusedLinear, FusedConv, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain
 from hetforge.kernels.triton.epilogue import MAX_OPS, Op
 from hetforge.optimizer.rewrites import symbolic_trace
 
@@ -89,8 +90,9 @@ def _pointwise(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> tuple[list[Op],
             return [], None, None
         return None
     target = node.target
+    kwargs = {k: v for k, v in node.kwargs.items() if not (k == "inplace" and v is False)}  # fx keeps F.relu's inplace=False
     if node.op == "call_function" and target in _UNARY_FUNCS or node.op == "call_method" and target in _UNARY_METHODS:
-        if node.args != (x,) or node.kwargs:
+        if node.args != (x,) or kwargs:
             return None
         return [Op(_UNARY_FUNCS.get(target) or _UNARY_METHODS[target])], None, None
     if node.op == "call_function" and target is F.gelu and node.args == (x,):
@@ -101,8 +103,9 @@ def _pointwise(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> tuple[list[Op],
     if (node.op == "call_function" and target in (torch.clamp, F.hardtanh)) or (node.op == "call_method" and target == "clamp"):
         if node.args[:1] != (x,):
             return None
-        lo = _kwarg(node, 1, "min", -1.0 if target is F.hardtanh else None)
-        hi = _kwarg(node, 2, "max", 1.0 if target is F.hardtanh else None)
+        names = ("min_val", "max_val") if target is F.hardtanh else ("min", "max")
+        lo = _kwarg(node, 1, names[0], -1.0 if target is F.hardtanh else None)
+        hi = _kwarg(node, 2, names[1], 1.0 if target is F.hardtanh else None)
         if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
             return None
         return [Op(n, float(v)) for n, v in (("clamp_min", lo), ("clamp_max", hi)) if v is not None], None, None
@@ -203,22 +206,25 @@ def _linear_parts(gm, node) -> tuple[fx.Node, torch.Tensor, torch.Tensor | None]
     return None
 
 
-# Products per output element (in channels per group x kernel size) from which SplitConv's three TF32
+# Products per output element (in channels per group x kernel size) from which FusedConv's three TF32
 # convolutions beat one fp32 convolution. H100, cuDNN 9.19 (bench/kernels/probe_conv_split.py): K = 2304
 # 1.60x, 1536 and 1152 1.00x, 288 0.34x, 240 0.64x.
 SPLIT_CONV_MIN_K = 2048
 
 
-def _splittable_conv(gm, node) -> bool:
-    """An fp32 nn.Conv1d / nn.Conv2d with numeric padding and zero padding mode, called on one input, with
-    enough products per output for the tensor cores to pay for three convolutions (SplitConv runs the plain
-    convolution off CUDA)."""
+def _fusable_conv(gm, node) -> bool:
+    """An fp32 nn.Conv1d / nn.Conv2d with numeric padding and zero padding mode, called on one input."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
     mod = gm.get_submodule(node.target)
     if type(mod) not in (nn.Conv1d, nn.Conv2d) or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
         return False
-    return mod.weight.dtype == torch.float32 and mod.weight[0].numel() >= SPLIT_CONV_MIN_K
+    return mod.weight.dtype == torch.float32
+
+
+def _splittable_conv(gm, node) -> bool:
+    """A fusable convolution with enough products per output for the tensor cores to pay for three convolutions."""
+    return _fusable_conv(gm, node) and gm.get_submodule(node.target).weight[0].numel() >= SPLIT_CONV_MIN_K
 
 
 def _bmm_parts(node) -> tuple[fx.Node, fx.Node] | None:
@@ -264,9 +270,15 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
         if node in consumed or node.graph is not gm.graph or node.op in ("placeholder", "output", "get_attr"):
             continue
         out_shape = _shape(node)
-        if precision == "strict" and _splittable_conv(gm, node):
-            _install(gm, SplitConv(gm.get_submodule(node.target)), node, node, node.args, [node], "conv")
-            note("split_conv")
+        if _fusable_conv(gm, node) and out_shape is not None:
+            split = precision == "strict" and _splittable_conv(gm, node)
+            chain = _extend(gm, node, consumed, lambda v: _vector_dim(v, out_shape) == 1)
+            last = chain.nodes[-1] if chain.nodes else node
+            args = (node.args[0], chain.residual) if chain.residual is not None else (node.args[0],)
+            _install(gm, FusedConv(gm.get_submodule(node.target), tuple(chain.ops), chain.vector, split), node, last, args,
+                     [node, *chain.nodes], "conv")
+            consumed.update(chain.nodes)
+            note("split_conv" if split else "conv_epilogue")
             continue
         linear = _linear_parts(gm, node)
         if linear is not None and out_shape is not None:

@@ -42,7 +42,9 @@ BASELINE = "recipe:eager"  # the reference as it is: always verified, whatever t
 # Of the budget left when a batch starts: its correctness checks must end by then, timing gets the rest (on a GPU,
 # about half a second a candidate with sampled outputs; CPU problems run longer calls on fewer cores).
 CHECK_SHARE = {"cuda": 0.8, "cpu": 0.6}
-REPORT_RESERVE_S = 2.0  # the end of the budget left for writing the report and registering the winner
+# The end of the budget left for what follows the last timing: stopping the workers (a CUDA context takes
+# seconds to tear down; on the H100, report to process exit took up to 3.0 s), the report, the registry.
+REPORT_RESERVE_S = {"cuda": 4.0, "cpu": 2.0}
 FETCH_SAMPLE = 1 << 16  # timed outputs of hetforge's own candidates are checked at this many drawn positions
 
 
@@ -214,7 +216,7 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
               options: VerifyOptions, reference: ReferenceSide) -> OptimizeReport:
     scratch.mkdir(parents=True, exist_ok=True)
     report = OptimizeReport(task=asdict(task))
-    deadline = start + task.budget_s - min(REPORT_RESERVE_S, task.budget_s / 10)  # the report is written within the budget too
+    deadline = start + task.budget_s - min(REPORT_RESERVE_S[task.device], task.budget_s / 10)  # teardown and report within the budget too
 
     def over_budget() -> bool:
         return time.monotonic() > deadline

@@ -6,7 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hetforge.kernels.modules import FusedBmm, FusedLinear, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain
+import pytest
+
+from hetforge.kernels import onednn
+from hetforge.kernels.modules import FusedBmm, FusedConv, FusedLinear, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain
 from hetforge.optimizer.library import fuse
 
 
@@ -28,7 +31,8 @@ class Everything(nn.Module):
         c = torch.tanh(self.conv(img) + self.bias) * 3.0  # chain after a convolution, channel vector
         c = F.leaky_relu(self.gn(c), 0.2)  # group norm + chain
         pooled = (torch.sigmoid(c) - 0.5).mean(dim=1)  # reduction with a prologue over channels
-        return attn, torch.logsumexp(h, dim=-1), pooled, (c * 2).relu().amax(-1)
+        gate = F.hardswish(F.silu(x * 0.5 + 1.0))  # a chain of its own (F.silu traces with inplace=False)
+        return attn, torch.logsumexp(h, dim=-1), pooled, (c * 2).relu().amax(-1), gate
 
 
 def _inputs():
@@ -39,9 +43,9 @@ def test_every_pattern_matches_and_agrees(triton_on_cpu):
     torch.manual_seed(0)
     model, inputs = Everything().eval(), _inputs()
     gm, counts = fuse(model, inputs)
-    assert counts == {"gemm_epilogue": 1, "norm": 2, "softmax": 2, "pointwise": 1, "reduce": 2}
+    assert counts == {"gemm_epilogue": 1, "conv_epilogue": 1, "norm": 2, "softmax": 2, "pointwise": 1, "reduce": 2}
     kinds = [type(m) for m in gm.modules()]
-    for cls in (FusedLinear, FusedNorm, FusedSoftmax, PointwiseChain, FusedReduce):
+    for cls in (FusedLinear, FusedConv, FusedNorm, FusedSoftmax, PointwiseChain, FusedReduce):
         assert cls in kinds
     assert not any(f"torch.{op}(" in gm.code or f".{op}(" in gm.code.replace("self.", "") for op in ("relu", "softmax", "logsumexp", "tanh", "sigmoid"))
     with torch.no_grad():
@@ -56,6 +60,35 @@ def test_cpu_path_agrees_without_the_interpreter():
     with torch.no_grad():
         for got, want in zip(gm(*inputs), model(*inputs)):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if onednn.available():  # the GEMM and the convolution ran oneDNN with packed weights
+        assert all(m._onednn.packed is not None for m in gm.modules() if isinstance(m, (FusedLinear, FusedConv)))
+
+
+@pytest.mark.skipif(not onednn.available(), reason="torch built without oneDNN")
+def test_cpu_gemm_runs_onednn_with_the_chain_and_a_vector_folded_into_the_bias():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 96)
+            self.shift = nn.Parameter(torch.randn(96))
+
+        def forward(self, x, skip):
+            return F.gelu(self.lin(x) + self.shift) + skip, F.hardtanh(self.lin(x), min_val=-0.5, max_val=0.25) * 2.0
+
+    torch.manual_seed(3)
+    model = Head().eval()
+    inputs = [torch.randn(4, 7, 64), torch.randn(4, 7, 96)]
+    gm, counts = fuse(model, inputs)
+    assert counts == {"gemm_epilogue": 2}
+    chains = sorted(tuple(op.name for op in m.epilogue) for m in gm.modules() if isinstance(m, FusedLinear))
+    assert chains == [("add_v", "gelu", "add_r"), ("clamp_min", "clamp_max", "mul")]
+    with torch.no_grad():
+        for got, want in zip(gm(*inputs), model(*inputs)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        fused = next(m for m in gm.modules() if isinstance(m, FusedLinear) and m.vector is not None)
+        _, bias, rest, vector = fused._onednn.packed
+        assert vector is None and [op.name for op in rest] == ["gelu", "add_r"]
+        torch.testing.assert_close(bias, model.lin.bias + model.shift)
 
 
 def test_batched_products_of_activations(triton_on_cpu):
