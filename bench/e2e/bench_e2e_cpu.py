@@ -182,7 +182,7 @@ def main() -> int:
         "jobs": len(jobs_started), "events": [{k: e[k] for k in ("decision", "variant", "reason")} for e in events],
     }
     (HERE / "results_cpu.json").write_text(json.dumps(summary, indent=2, default=str))
-    lines = [f"# End to end before and after automatic re-optimization (CPU, Ray Serve)\n",
+    lines = ["# End to end before and after automatic re-optimization (CPU, Ray Serve)\n",
              f"`python bench/e2e/bench_e2e_cpu.py` on {summary['host']}, torch {summary['torch']}, {args.clients} closed-loop clients, "
              f"pipeline `{summary['pipeline']}`.\n",
              "| phase | requests | errors | p50 ms | p99 ms | mean ms |", "|---|---|---|---|---|---|"]

@@ -14,7 +14,6 @@ import statistics
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from hetforge.kernels.modules import FusedConv
 
