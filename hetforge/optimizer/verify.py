@@ -45,7 +45,10 @@ class VerifyOptions:
     baseline: str = "eager"  # eager | compile: how the reference is timed
     seed: int = 0  # the seed both modules are constructed under
     rounds: int = 5  # timing rounds, reference and candidate interleaved
-    calls_per_round: int = 10  # timed calls per round, each on new input values
+    calls_per_round: int = 10  # timed calls per round, each on new input values (fewer if they would pass timing_bytes)
+    # What one worker's timed input sets and their outputs may take (0: 12 GiB on CUDA, 2 GiB on the CPU): a
+    # round of 1.5 GB inputs is 4 calls, not 10 (30 GB on each side, beside the idle workers of a batch).
+    timing_bytes: int = 0
     warmup: int = 3
     threads: int = 0  # CPU threads per worker; 0 means min(cpu count, 8)
     review_speedup: float = 10.0  # a larger speedup is accepted but needs review
@@ -488,13 +491,31 @@ class _Judge:
 
     # -- timing ----------------------------------------------------------------------------
 
+    def _calls_per_round(self) -> int:
+        """calls_per_round, or fewer when that many input sets and their outputs (taken as large as the inputs)
+        would pass timing_bytes on one worker; at least 2."""
+        budget = self.opt.timing_bytes or (12 << 30 if self.opt.device == "cuda" else 2 << 30)
+        per_call = 2 * _input_bytes(self.reference)
+        return max(2, min(self.opt.calls_per_round, budget // per_call)) if per_call else self.opt.calls_per_round
+
     def _timing(self) -> None:
+        try:
+            self._timed_rounds()
+        finally:  # the candidate's timed inputs and outputs go before the next candidate's timing (its worker may wait idle)
+            if self.cand_worker is not None and self.cand_worker.alive():
+                try:
+                    self.cand_worker.request({"cmd": "release_timing"}, self._timeout(10.0))
+                except WorkerFailure:
+                    pass  # a worker that cannot answer is stopped with the others
+
+    def _timed_rounds(self) -> None:
         flush_bytes = _l2_flush_bytes() if self.opt.device == "cuda" else 0
         sides = {"reference": _Side(), "candidate": _Side()}
         workers = {"reference": self.side, "candidate": self.cand_worker}
+        calls = self._calls = self._calls_per_round()
         for round_ in range(self.opt.rounds):
-            seeds = [self._fresh_seed() for _ in range(self.opt.calls_per_round)]
-            check = self.rng.randrange(self.opt.calls_per_round)  # chosen after the run: every call must be right
+            seeds = [self._fresh_seed() for _ in range(calls)]
+            check = self.rng.randrange(calls)  # chosen after the run: every call must be right
             # positions drawn after the run too, the same for both sides (trusted candidates only: see VerifyOptions)
             sample = {"sample": {"seed": self._fresh_seed(), "count": self.opt.fetch_sample}} if self.opt.fetch_sample else {}
             order = ("reference", "candidate") if round_ % 2 == 0 else ("candidate", "reference")
@@ -521,8 +542,8 @@ class _Judge:
                             return
                 finally:
                     other.resume()
-                times = [float(t) for t in reply.get("times_ms", [])][: self.opt.calls_per_round]
-                if len(times) != self.opt.calls_per_round or not all(np.isfinite(times)) or min(times) < 0:
+                times = [float(t) for t in reply.get("times_ms", [])][:calls]
+                if len(times) != calls or not all(np.isfinite(times)) or min(times) < 0:
                     return self._reject(V.PROTOCOL, f"{stage}: the worker reported {len(times)} malformed timings")
                 side = sides[name]
                 side.per_call_ms.extend(times)
@@ -541,7 +562,7 @@ class _Judge:
         self._summarize(sides["reference"], sides["candidate"])
 
     def _summarize(self, ref: _Side, cand: _Side) -> None:
-        n = self.opt.calls_per_round
+        n = self._calls
         ref_ms = statistics.median(ref.per_call_ms)
         cand_ms = statistics.median(cand.per_call_ms)
         # The worker's own per-call times are claims. The judge's clock around each round bounds them:
@@ -593,6 +614,16 @@ def _cast_like(ref: Any, cand: Any) -> Any:
 
 def _flatten(value: Any) -> list[Any]:
     return [y for x in value for y in _flatten(x)] if isinstance(value, (list, tuple)) else [value]
+
+
+def _input_bytes(problem: Problem) -> int:
+    """Bytes of one main input set of `problem`, made on the meta device (nothing allocated); 0 if unknown."""
+    try:
+        with torch.device("meta"):
+            inputs = problem.load().get_inputs()
+        return sum(x.numel() * x.element_size() for x in _flatten(list(inputs)) if isinstance(x, torch.Tensor))
+    except Exception:  # noqa: BLE001 - inputs made off torch's factories (numpy, a file): no estimate, no cap
+        return 0
 
 
 def _l2_flush_bytes() -> int:

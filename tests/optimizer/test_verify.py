@@ -106,6 +106,19 @@ def test_sampled_timed_outputs_still_catch_wrong_timed_calls():
     assert judge("linear_relu", "legit_addmm_folded_scale", fetch_sample=64).verdict == "accepted"
 
 
+def test_large_inputs_get_fewer_timed_calls_per_round_and_timed_calls_are_still_checked():
+    from hetforge.optimizer.verify import _input_bytes
+
+    per_call = 2 * _input_bytes(Problem(file=str(PROBLEMS / "linear_relu.py")))  # inputs, and outputs taken as large
+    assert per_call > 0
+    accepted = judge("linear_relu", "legit_addmm_folded_scale", calls_per_round=10, timing_bytes=3 * per_call)
+    assert accepted.verdict == "accepted" and accepted.spread["calls_per_round"] == 3, accepted.reasons
+    floor = judge("linear_relu", "legit_addmm_folded_scale", calls_per_round=10, timing_bytes=1)
+    assert floor.verdict == "accepted" and floor.spread["calls_per_round"] == 2  # never fewer than two
+    wrong = judge("linear_relu", "wrong_when_timed", calls_per_round=10, timing_bytes=1)
+    assert wrong.verdict == "rejected" and "timed call" in wrong.reasons[0].message, wrong.reasons
+
+
 def test_more_exact_than_the_float32_reference_is_accepted_and_wrong_stays_wrong():
     """A mismatch with the float32 reference is settled by the reference in float64: a candidate within
     tolerance of the exact result passes (with a note, no review), one farther off is still rejected."""
