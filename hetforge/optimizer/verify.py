@@ -492,10 +492,10 @@ class _Judge:
     # -- timing ----------------------------------------------------------------------------
 
     def _calls_per_round(self) -> int:
-        """calls_per_round, or fewer when that many input sets and their outputs (taken as large as the inputs)
-        would pass timing_bytes on one worker; at least 2."""
+        """calls_per_round, or fewer when that many input sets and their outputs would pass timing_bytes on
+        one worker; at least 2."""
         budget = self.opt.timing_bytes or (12 << 30 if self.opt.device == "cuda" else 2 << 30)
-        per_call = 2 * _input_bytes(self.reference)
+        per_call = _call_bytes(self.reference)
         return max(2, min(self.opt.calls_per_round, budget // per_call)) if per_call else self.opt.calls_per_round
 
     def _timing(self) -> None:
@@ -616,14 +616,25 @@ def _flatten(value: Any) -> list[Any]:
     return [y for x in value for y in _flatten(x)] if isinstance(value, (list, tuple)) else [value]
 
 
-def _input_bytes(problem: Problem) -> int:
-    """Bytes of one main input set of `problem`, made on the meta device (nothing allocated); 0 if unknown."""
+def _call_bytes(problem: Problem) -> int:
+    """Bytes of one main input set of `problem` and of the reference's output for it, both made on the meta
+    device (nothing allocated or computed); the output taken as large as the inputs where the reference cannot
+    run there; 0 if the inputs cannot be made there either."""
+    def nbytes(value) -> int:
+        return sum(x.numel() * x.element_size() for x in _flatten([value]) if isinstance(x, torch.Tensor))
+
+    loaded = problem.load()
     try:
         with torch.device("meta"):
-            inputs = problem.load().get_inputs()
-        return sum(x.numel() * x.element_size() for x in _flatten(list(inputs)) if isinstance(x, torch.Tensor))
+            inputs = loaded.get_inputs()
     except Exception:  # noqa: BLE001 - inputs made off torch's factories (numpy, a file): no estimate, no cap
         return 0
+    try:
+        with torch.device("meta"), torch.no_grad():
+            out = loaded.model_class(*loaded.init_args, **loaded.init_kwargs)(*inputs)
+        return nbytes(list(inputs)) + nbytes(out)
+    except Exception:  # noqa: BLE001 - an op without a meta kernel, data-dependent shapes
+        return 2 * nbytes(list(inputs))
 
 
 def _l2_flush_bytes() -> int:
