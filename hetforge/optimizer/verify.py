@@ -261,7 +261,17 @@ class _Judge:
             raise
         if not ok:
             self.verdict.verdict = "rejected"
+        else:  # it may wait for its timing while others are timed: holding only its module, not its check's inputs
+            self._release_candidate()
         return bool(ok) and not self.verdict.reasons
+
+    def _release_candidate(self) -> None:
+        """Best effort: the candidate worker drops its inputs and outputs and returns the device's cached memory."""
+        if self.cand_worker is not None and self.cand_worker.alive():
+            try:
+                self.cand_worker.request({"cmd": "release_timing"}, self._timeout(10.0))
+            except WorkerFailure:
+                pass  # a worker that cannot answer is stopped with the others
 
     def finish(self, timed: bool, close: bool = True) -> V.Verdict:
         """Timing (when `timed` and the options ask for it), the final verdict, workers stopped (if `close`)."""
@@ -502,11 +512,7 @@ class _Judge:
         try:
             self._timed_rounds()
         finally:  # the candidate's timed inputs and outputs go before the next candidate's timing (its worker may wait idle)
-            if self.cand_worker is not None and self.cand_worker.alive():
-                try:
-                    self.cand_worker.request({"cmd": "release_timing"}, self._timeout(10.0))
-                except WorkerFailure:
-                    pass  # a worker that cannot answer is stopped with the others
+            self._release_candidate()
 
     def _timed_rounds(self) -> None:
         flush_bytes = _l2_flush_bytes() if self.opt.device == "cuda" else 0
