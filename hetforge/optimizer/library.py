@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hetforge.kernels.modules import FusedBmm, FusedLinear, FusedConv, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain
+from hetforge.kernels.modules import FusedBmm, FusedConv, FusedLinear, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain
 from hetforge.kernels.triton.epilogue import MAX_OPS, Op
 from hetforge.optimizer.rewrites import symbolic_trace
 

@@ -10,6 +10,8 @@ worker among them (`ReferenceSide`): each reference output is computed once per 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import json
 import os
 import platform
 import random
@@ -269,7 +271,9 @@ class _Judge:
         """Best effort: the candidate worker drops its inputs and outputs and returns the device's cached memory."""
         if self.cand_worker is not None and self.cand_worker.alive():
             try:
-                self.cand_worker.request({"cmd": "release_timing"}, self._timeout(10.0))
+                # not cut to the check's deadline: a timeout kills the worker, and a candidate whose check just
+                # made it would then fail its timing for the judge's haste
+                self.cand_worker.request({"cmd": "release_timing"}, max(2.0, self._timeout(10.0)))
             except WorkerFailure:
                 pass  # a worker that cannot answer is stopped with the others
 
@@ -505,7 +509,7 @@ class _Judge:
         """calls_per_round, or fewer when that many input sets and their outputs would pass timing_bytes on
         one worker; at least 2."""
         budget = self.opt.timing_bytes or (12 << 30 if self.opt.device == "cuda" else 2 << 30)
-        per_call = _call_bytes(self.reference)
+        per_call = _call_bytes(json.dumps(self.reference.to_json(), sort_keys=True))
         return max(2, min(self.opt.calls_per_round, budget // per_call)) if per_call else self.opt.calls_per_round
 
     def _timing(self) -> None:
@@ -622,14 +626,15 @@ def _flatten(value: Any) -> list[Any]:
     return [y for x in value for y in _flatten(x)] if isinstance(value, (list, tuple)) else [value]
 
 
-def _call_bytes(problem: Problem) -> int:
-    """Bytes of one main input set of `problem` and of the reference's output for it, both made on the meta
-    device (nothing allocated or computed); the output taken as large as the inputs where the reference cannot
-    run there; 0 if the inputs cannot be made there either."""
+@functools.lru_cache(maxsize=64)
+def _call_bytes(problem_json: str) -> int:
+    """Bytes of one main input set of the problem (`Problem.to_json()`, as JSON text: once per problem) and of
+    the reference's output for it, both made on the meta device (nothing allocated or computed); the output
+    taken as large as the inputs where the reference cannot run there; 0 if the inputs cannot be made there."""
     def nbytes(value) -> int:
         return sum(x.numel() * x.element_size() for x in _flatten([value]) if isinstance(x, torch.Tensor))
 
-    loaded = problem.load()
+    loaded = Problem.from_json(json.loads(problem_json)).load()
     try:
         with torch.device("meta"):
             inputs = loaded.get_inputs()

@@ -109,7 +109,7 @@ def test_sampled_timed_outputs_still_catch_wrong_timed_calls():
 def test_large_inputs_get_fewer_timed_calls_per_round_and_timed_calls_are_still_checked():
     from hetforge.optimizer.verify import _call_bytes
 
-    per_call = _call_bytes(Problem(file=str(PROBLEMS / "linear_relu.py")))
+    per_call = _call_bytes(json.dumps(Problem(file=str(PROBLEMS / "linear_relu.py")).to_json(), sort_keys=True))
     assert per_call == (64 * 256 + 64 * 512) * 4  # [64, 256] in, [64, 512] out, on the meta device
     accepted = judge("linear_relu", "legit_addmm_folded_scale", calls_per_round=10, timing_bytes=3 * per_call)
     assert accepted.verdict == "accepted" and accepted.spread["calls_per_round"] == 3, accepted.reasons
