@@ -45,6 +45,14 @@ _KEEP = {"PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "PYTHONPATH", "PYT
 _SECRETISH = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 
 
+# glibc's malloc moves its mmap and trim thresholds as a process allocates and frees: a worker could end up
+# mapping and faulting in every output tensor of a few hundred KB while the next worker reused heap memory.
+# The same eager module then timed 0.08 ms in one worker and 0.25 ms in another (CPU, 1 MB outputs, t2_groupnorm_silu,
+# three optimize runs); with the thresholds fixed, 0.076-0.094 ms in every worker of three runs. Fixed, so
+# every worker allocates the same way: the largest mmap threshold glibc takes (32 MiB), no trimming below 1 GiB.
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
 def worker_environment(parent: dict[str, str], scratch: str, shared_cache: str | None = None) -> dict[str, str]:
     """The environment of a worker whose writable folder is `scratch`: an allow-list, never the server's secrets.
 
@@ -58,7 +66,8 @@ def worker_environment(parent: dict[str, str], scratch: str, shared_cache: str |
     for folder in (cache / "inductor", cache / "triton", tmp):
         folder.mkdir(parents=True, exist_ok=True)
     env.update(HOME=scratch, TMPDIR=str(tmp), XDG_CACHE_HOME=str(cache), TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
-               TRITON_CACHE_DIR=str(cache / "triton"), TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+               TRITON_CACHE_DIR=str(cache / "triton"), TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+               **FIXED_MALLOC)
     return env
 
 
