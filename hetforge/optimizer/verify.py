@@ -64,6 +64,9 @@ class VerifyOptions:
     # draws after the round (large outputs: copying 256 MB to the judge took most of a verification's timing).
     # Never for generated code, which could compute just the drawn positions when asked for them.
     fetch_sample: int = 0
+    # With fetch_sample set (trusted candidates), correctness outputs above this many elements are compared at
+    # fetch_sample positions too: whole 1.3 GB outputs shipped to the judge took 47 s of a 60 s budget.
+    check_sample_above: int = 1 << 26
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
@@ -139,7 +142,7 @@ class ReferenceSide:
         """`message`'s reply, waited for at most `timeout_s`; `keep`: a `run` whose reply is kept for the batch."""
         if not keep:
             return _wait(self._queue.submit(self._request, message, self.opt.timeout_s), timeout_s, message.get("cmd", "?"))
-        key = tuple(sorted(message.items()))
+        key = json.dumps(message, sort_keys=True)  # messages hold dicts (a sample's seed and count)
         with self._lock:
             future = self._outputs.get(key)
             if future is None:
@@ -419,6 +422,8 @@ class _Judge:
     def _compare_call(self, model_seed: int, seed: int, k: int, label: str) -> tuple[Any, Any, float, float] | None:
         """Input set `k` made under `seed` through both modules (the reference's built under `model_seed`)."""
         call = {"cmd": "run", "seed": seed, "set": k}
+        if self.opt.fetch_sample:  # trusted candidates: positions fixed per seed, so the batch shares the reference's reply
+            call["sample"] = {"seed": seed, "count": self.opt.fetch_sample, "above": self.opt.check_sample_above}
         ref = self._ask(self.side, {**call, "model_seed": model_seed}, True, label, keep=True)
         if ref is None:
             return None

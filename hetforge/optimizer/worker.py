@@ -119,7 +119,7 @@ class Worker:
         inputs = self._input_sets(int(msg["seed"]))[int(msg.get("set", 0))]
         model_seed = int(msg.get("model_seed", self.seed))
         if msg.get("float64"):
-            return self._run_float64(inputs, None, model_seed)
+            return self._run_float64(inputs, msg.get("sample"), model_seed)
         model = self._module(model_seed)
         if model is None:
             return _ONLY_REFERENCE
@@ -130,7 +130,8 @@ class Worker:
         modified = [i for i, (x, b) in enumerate(zip(inputs, before)) if b is not None and not torch.equal(x, b)]
         if modified:
             self._inputs = None  # a later call on this seed (the float64 re-run) gets the values as generated
-        return {"outputs": self._payload(out), "structure": _structure(out), "info": _describe_outputs(out), "inputs_modified": modified}
+        return {"outputs": self._payload(out, msg.get("sample")), "structure": _structure(out), "info": _describe_outputs(out),
+                "inputs_modified": modified}
 
     def _module(self, seed: int) -> torch.nn.Module | None:
         """The module built under `seed`: a reference keeps one per seed asked for (None: a candidate asked for
@@ -234,7 +235,7 @@ class Worker:
             # as_subclass: read the values through the base class, whatever the object claims to be
             plain = out.as_subclass(torch.Tensor).detach()
             count = int(sample["count"]) if sample else 0
-            if count and plain.numel() > count:
+            if count and plain.numel() > max(count, int(sample.get("above", 0))):
                 positions = torch.randint(0, plain.numel(), (count,), generator=torch.Generator().manual_seed(int(sample["seed"])))
                 return {"sampled": plain.reshape(-1)[positions.to(plain.device)].cpu(), "shape": list(plain.shape)}
             return plain.clone()

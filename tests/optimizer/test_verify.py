@@ -119,6 +119,16 @@ def test_large_inputs_get_fewer_timed_calls_per_round_and_timed_calls_are_still_
     assert wrong.verdict == "rejected" and "timed call" in wrong.reasons[0].message, wrong.reasons
 
 
+def test_large_outputs_of_trusted_candidates_are_checked_at_drawn_positions():
+    """fetch_sample (hetforge's own candidates) with outputs over check_sample_above: correctness compares
+    drawn positions, so a wrong output is still caught, and a right one passes."""
+    wrong = judge("linear_relu", "caches_result", fetch_sample=64, check_sample_above=0)
+    assert wrong.verdict == "rejected" and wrong.reasons[0].kind == V.MISMATCH, wrong.reasons
+    assert "trial 2" in wrong.reasons[0].message and "of 64 elements" in wrong.reasons[0].message
+    right = judge("linear_relu", "legit_addmm_folded_scale", fetch_sample=64, check_sample_above=0)
+    assert right.verdict == "accepted", right.reasons
+
+
 def test_more_exact_than_the_float32_reference_is_accepted_and_wrong_stays_wrong():
     """A mismatch with the float32 reference is settled by the reference in float64: a candidate within
     tolerance of the exact result passes (with a note, no review), one farther off is still rejected."""

@@ -9,7 +9,7 @@ def pick(cpu, gpu):  # HETFORGE_BENCH_SIZE=gpu: 1-15 ms a call on an H100; cpu (
     return gpu if os.environ.get("HETFORGE_BENCH_SIZE", "cpu") == "gpu" else cpu
 
 
-N = pick(1 << 20, 1 << 26)
+N = pick(1 << 20, 3 << 27)
 
 
 class Model(nn.Module):

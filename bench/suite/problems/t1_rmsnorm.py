@@ -8,7 +8,7 @@ def pick(cpu, gpu):  # HETFORGE_BENCH_SIZE=gpu: 1-15 ms a call on an H100; cpu (
     return gpu if os.environ.get("HETFORGE_BENCH_SIZE", "cpu") == "gpu" else cpu
 
 
-R, D = pick((4096, 512), (16384, 4096))
+R, D = pick((4096, 512), (81920, 4096))
 
 
 class Model(nn.Module):

@@ -9,7 +9,7 @@ def pick(cpu, gpu):  # HETFORGE_BENCH_SIZE=gpu: 1-15 ms a call on an H100; cpu (
     return gpu if os.environ.get("HETFORGE_BENCH_SIZE", "cpu") == "gpu" else cpu
 
 
-B, S = pick((8, 512), (16, 2048))
+B, S = pick((8, 512), (48, 2048))
 
 
 class Model(nn.Module):
