@@ -1,10 +1,10 @@
 """The CPU path of the library's GEMM and convolution modules: oneDNN with packed weights and a fused post-op.
 
-Off CUDA the Triton kernels do not run, and eager `F.linear` goes to MKL's sgemm, which on this
-project's AMD EPYC hosts reaches about 40% of the cores' AVX-512 peak; oneDNN's packed-weight GEMM with
-a fused post-op (`torch.ops.mkldnn._linear_pointwise`, one of the ops Inductor's own CPU fusions emit)
-runs the same fp32 products 2.0-2.2x faster there on the suite's shapes (256x512x512 on 2 cores:
-0.64 -> 0.30 ms; bench/kernels/probe_cpu_onednn.py, results_cpu_onednn.txt).
+Off CUDA the Triton kernels do not run, and eager `F.linear` goes to MKL's sgemm. On this project's
+AMD EPYC hosts oneDNN's packed-weight GEMM with a fused post-op (`torch.ops.mkldnn._linear_pointwise`,
+one of the ops Inductor's own CPU fusions emit) runs the same fp32 products 2.0-2.2x faster on the
+suite's shapes (256x512x512 on 2 cores: 0.64 -> 0.30 ms; bench/kernels/probe_cpu_onednn.py,
+results_cpu_onednn.txt).
 The weight is packed once into oneDNN's blocked layout, on the first CPU call (the module may be
 moved between devices before that), and packed again only if the weight tensor changes.
 

@@ -47,9 +47,10 @@ _SECRETISH = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 
 # glibc's malloc moves its mmap and trim thresholds as a process allocates and frees: a worker could end up
 # mapping and faulting in every output tensor of a few hundred KB while the next worker reused heap memory.
-# The same eager module then timed 0.08 ms in one worker and 0.25 ms in another (CPU, 1 MB outputs, t2_groupnorm_silu,
-# three optimize runs); with the thresholds fixed, 0.076-0.094 ms in every worker of three runs. Fixed, so
-# every worker allocates the same way: the largest mmap threshold glibc takes (32 MiB), no trimming below 1 GiB.
+# The same eager module then timed 0.08 ms in one worker and 0.25 ms in another (CPU, 1 MB outputs,
+# t2_groupnorm_silu: bench/verify/probe_malloc_thresholds.py, results_malloc_cpu.md: half the medians of three
+# runs near 0.25 ms; with the thresholds fixed, 16 of 18 at 0.080-0.125 ms). Fixed, so every worker allocates
+# the same way: the largest mmap threshold glibc takes (32 MiB), no trimming below 1 GiB.
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
 
