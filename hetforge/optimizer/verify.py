@@ -276,7 +276,7 @@ class _Judge:
             try:
                 # not cut to the check's deadline: a timeout kills the worker, and a candidate whose check just
                 # made it would then fail its timing for the judge's haste
-                self.cand_worker.request({"cmd": "release_timing"}, max(2.0, self._timeout(10.0)))
+                self.cand_worker.request({"cmd": "release"}, max(2.0, self._timeout(10.0)))
             except WorkerFailure:
                 pass  # a worker that cannot answer is stopped with the others
 

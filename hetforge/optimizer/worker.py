@@ -159,7 +159,7 @@ class Worker:
         # Made on the device itself (factory calls of get_inputs default to it): a memory-bound problem's
         # 256 MB inputs took ~1 s each to fill on the host and copy over, most of a verification's timing phase.
         # Both sides use the same seeds on the same device, so they time identical values.
-        self.release_timing({})  # the last round's sets go first: large inputs must not be held twice
+        self.release({})  # the last round's sets go first: large inputs must not be held twice
         with torch.device(self.device):
             self.timing_inputs = [self.problem.main_inputs(int(seed), self.device) for seed in msg["seeds"]]
         self.timed_seed = int(msg.get("model_seed", self.seed))  # the reference is timed as the candidate is built
@@ -174,7 +174,7 @@ class Worker:
         self._sync()
         return {"ok": True}
 
-    def release_timing(self, msg: dict) -> dict:
+    def release(self, msg: dict) -> dict:
         """Drop the timed input sets and outputs (and the correctness inputs), returning the device's memory."""
         self.timing_inputs, self.timed_outputs, self._inputs, self._flush = [], [], None, None
         if self.device == "cuda":
@@ -323,7 +323,7 @@ def main(argv: list[str]) -> int:
         command = msg.get("cmd")
         if command == "exit":
             return 0
-        handler = getattr(worker, command, None) if command in ("init", "build", "run", "prepare_timing", "time", "fetch", "release_timing") else None
+        handler = getattr(worker, command, None) if command in ("init", "build", "run", "prepare_timing", "time", "fetch", "release") else None
         try:
             reply = handler(msg) if handler else {"error": "protocol", "message": f"unknown command {command!r}"}
         except MemoryError as err:
