@@ -42,6 +42,16 @@ BASELINE = "recipe:eager"  # the reference as it is: always verified, whatever t
 # Of the budget left when a batch starts: its correctness checks must end by then, timing gets the rest (on a GPU,
 # about half a second a candidate with sampled outputs; CPU problems run longer calls on fewer cores).
 CHECK_SHARE = {"cuda": 0.8, "cpu": 0.6}
+# Where checks run side by side, a batch's last check, once all others are done (in a batch of at least
+# STRAGGLER_BATCH), gets this share of the batch's time so far (and at least a tenth of the budget), then is cut.
+# On the H100, torch.compile's max-autotune never finished within the 60 s budget on any GEMM or convolution
+# problem of the suite (27-44 s of checks, then cut by the budget), while the rest of its batch was done in
+# 18-31 s; where it did finish, it ended at most 1.5 s after the rest.
+STRAGGLER_SHARE = 0.3
+STRAGGLER_BATCH = 4
+# Memory of workers killed during the checks is scrubbed by the driver in the background, slowing memory-bound
+# kernels by ~15% meanwhile (about 0.45 TB/s on the H100; see worker.SCRUB_BYTES_PER_S): the timings wait it out.
+SETTLE_S = {"cuda": 0.2, "cpu": 0.0}
 # The end of the budget left for what follows the last timing: stopping the workers (a CUDA context takes
 # seconds to tear down; on the H100, report to process exit took up to 3.0 s), the report, the registry.
 REPORT_RESERVE_S = {"cuda": 4.0, "cpu": 2.0}
@@ -178,12 +188,57 @@ def _parallel_checks() -> int:
 
 def _check_priority(record: CandidateRecord) -> int:
     """The order checks start in (when there are more than run at once): the baseline and the candidates
-    most likely to win first, the slowest compile (max-autotune, often over a minute) last."""
+    most likely to win first, the slowest compile (max-autotune, often over a minute) last. (Started first, its
+    autotuning took the host's cores from the others: on the H100 the slowest of t2_gemm_bn_relu's other checks
+    took 28 s instead of 21 s.)"""
     order = ["recipe:eager", "library:", "recipe:compile", "compose:", "rewrites:", "recipe:compile-max-autotune"]
     if record.name == "recipe:compile-max-autotune":
         return len(order)
     return next((i for i, prefix in enumerate(order) if record.name == prefix or (prefix.endswith(":") and record.name.startswith(prefix))),
                 len(order) - 1)
+
+
+def _check_side_by_side(records: list[CandidateRecord], check: Callable[[CandidateRecord], None], runs: dict[int, Verification],
+                        started: float, min_grace: float) -> dict[int, str]:
+    """Run `check` on every record, _parallel_checks() at a time, in the order given. Where checks run side by
+    side, in a batch of at least STRAGGLER_BATCH, the last one still running once all others are done is cut
+    after a grace of STRAGGLER_SHARE of the batch's time so far (at least `min_grace`), unless it is the
+    baseline's: the batch, and the budget, would otherwise wait on it alone. Returns the cut ones' notes, by id."""
+    cut: dict[int, str] = {}
+    side_by_side = _parallel_checks() > 1
+    with concurrent.futures.ThreadPoolExecutor(_parallel_checks()) as pool:
+        futures = {pool.submit(check, record): record for record in records}
+        pending, rest_done = set(futures), started
+        while pending:
+            last = futures[next(iter(pending))] if side_by_side and len(pending) == 1 and len(futures) >= STRAGGLER_BATCH else None
+            timeout = None
+            if last is not None and last.name != BASELINE:
+                grace = max(min_grace, STRAGGLER_SHARE * (rest_done - started))
+                timeout = max(0.0, rest_done + grace - time.monotonic())
+            done, pending = concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+            if done:
+                rest_done = time.monotonic()
+                continue
+            if id(last) in runs:  # (a check that never started removes its run)
+                runs[id(last)].cut()
+            cut[id(last)] = (f"still checking {time.monotonic() - rest_done:.0f} s after the rest of its batch "
+                             f"({rest_done - started:.0f} s): cut, not waited for")
+            concurrent.futures.wait(pending)
+            pending = set()
+    return cut
+
+
+def _expected_check_s(report: OptimizeReport, proposals: list[Proposal]) -> float:
+    """How long the checks of round-2 compositions should take, judged by round 1: the slowest finished check
+    of a round-1 composition or of a recipe they use (inf when one of those was tried and never finished)."""
+    recipes = {f"recipe:{spec['recipe']['name']}" for _, _, _, spec in proposals if spec and spec.get("recipe")}
+    seconds = []
+    for c in report.candidates:
+        if c.round == 1 and (c.agent == "compose" or c.name in recipes):
+            phases = (c.verdict or {}).get("phases_s", {})
+            finished = c.status != "skipped" and "correctness" in phases
+            seconds.append(phases.get("start", 0.0) + phases["correctness"] if finished else float("inf"))
+    return max(seconds, default=0.0)
 
 
 def optimize(task: OptimizeTask, scratch: Path, progress: Callable[[CandidateRecord], None] | None = None,
@@ -268,12 +323,16 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
             run.check()
             checked_at[id(record)] = time.monotonic()
 
-        with concurrent.futures.ThreadPoolExecutor(_parallel_checks()) as pool:
-            list(pool.map(check, sorted((r for r in records if id(r) in runs), key=_check_priority)))
+        cut = _check_side_by_side(sorted((r for r in records if id(r) in runs), key=_check_priority), check, runs,
+                                  now, min_grace=task.budget_s / 10)
+        if cut or any(run.verdict.reasons for run in runs.values()):
+            time.sleep(SETTLE_S[task.device])  # a worker that failed its checks was killed: its memory is being scrubbed
         for record in records:  # timing, in proposal order: the baselines first
             run = runs.get(id(record))
             if run is not None:
-                if over_budget() and run.verdict.verdict != "rejected" and record.name != BASELINE:
+                if id(record) in cut:
+                    record.verdict, record.status, record.note = run.verdict.to_dict(), "skipped", cut[id(record)]
+                elif over_budget() and run.verdict.verdict != "rejected" and record.name != BASELINE:
                     record.status, record.note = "skipped", f"budget of {task.budget_s:.0f} s spent before its timing"
                 else:
                     verdict = run.finish(deadline=deadline if record.name != BASELINE else None, close=False).to_dict()
@@ -287,6 +346,14 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
         # torch.compile's candidate read 0.86x of eager and compile-freezing, the same kernel, 1.00x).
         close_all(list(runs.values()))
         return records
+
+    def skip(proposals: list[Proposal], round_: int, why: str) -> None:
+        """Record proposals as skipped, unverified: they could not finish within the budget left."""
+        for name, agent, source, spec in proposals:
+            record = CandidateRecord(name, agent, round_, source, None, status="skipped", note=why[:300], spec=spec)
+            report.candidates.append(record)
+            if progress:
+                progress(record)
 
     def judge(proposal: Proposal, round_: int, verify_options: VerifyOptions = options, refused: str = "") -> CandidateRecord:
         """Verify one proposal and record it; `refused`: record it as rejected without running it."""
@@ -304,7 +371,14 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
     judge_all(first + (propose_compositions(task, first, None) if task.compose else []), 1)
     if task.compose:
         tried = {c.name for c in report.candidates}
-        judge_all([p for p in propose_compositions(task, first, report) if p[0] not in tried], 2)
+        second = [p for p in propose_compositions(task, first, report) if p[0] not in tried]
+        window = CHECK_SHARE[task.device] * max(0.0, deadline - time.monotonic())
+        need = _expected_check_s(report, second)
+        if second and need > window:
+            took = "did not finish" if need == float("inf") else f"took up to {need:.0f} s"
+            skip(second, 2, f"{window:.0f} s of the budget left for checks; their parts' round-1 checks {took}")
+        else:
+            judge_all(second, 2)
     if "llm" in task.agents:
         reason = None if llm_client else llm_agent.unavailable_reason()
         if reason:

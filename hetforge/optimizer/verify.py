@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -105,6 +105,12 @@ class ReferenceSide:
         self._outputs: dict[tuple, concurrent.futures.Future] = {}
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))  # seeds no candidate can predict
         self._seeds: list[int] = []
+        # Bytes of one timed call, made on the meta device: the first use of meta kernels imports their Python
+        # registrations (2.2 s on a 2-core host, 3-7 s on a GPU host busy compiling), so it starts now, beside
+        # the checks, and is ready by the first timing.
+        self.call_bytes: concurrent.futures.Future = concurrent.futures.Future()
+        threading.Thread(target=_resolve, args=(self.call_bytes, _call_bytes, json.dumps(problem.to_json(), sort_keys=True)),
+                         name="hetforge-call-bytes", daemon=True).start()
 
     def new_batch(self) -> None:
         """Fresh correctness seeds from here on; the outputs kept for the last batch's are dropped. A worker
@@ -177,6 +183,13 @@ class ReferenceSide:
             worker.close()
 
 
+def _resolve(future: concurrent.futures.Future, fn: Callable, *args) -> None:
+    try:
+        future.set_result(fn(*args))
+    except BaseException as err:  # noqa: BLE001 - handed to whoever waits on the future
+        future.set_exception(err)
+
+
 def _wait(future: concurrent.futures.Future, timeout_s: float, command: str) -> dict | WorkerFailure:
     try:
         return future.result(timeout=max(0.1, timeout_s))
@@ -220,6 +233,11 @@ class Verification:
 
     def close(self) -> None:
         self._judge.close()
+
+    def cut(self) -> None:
+        """Stop a check in progress, from another thread: every later request times out at once and the
+        candidate's worker is killed, so `check()` returns False soon (the shared reference is left running)."""
+        self._judge.cut()
 
     @property
     def verdict(self) -> Verdict:
@@ -302,6 +320,12 @@ class _Judge:
             self.cand_worker.close()
         if self._owns_side:
             self.side.close()
+
+    def cut(self) -> None:
+        self.opt = replace(self.opt, deadline=time.monotonic())
+        worker = self.cand_worker
+        if worker is not None:
+            worker.kill()
 
     def _timeout(self, seconds: float) -> float:
         """`seconds`, cut to what is left before the deadline (if any)."""
@@ -514,7 +538,7 @@ class _Judge:
         """calls_per_round, or fewer when that many input sets and their outputs would pass timing_bytes on
         one worker; at least 2."""
         budget = self.opt.timing_bytes or (12 << 30 if self.opt.device == "cuda" else 2 << 30)
-        per_call = _call_bytes(json.dumps(self.reference.to_json(), sort_keys=True))
+        per_call = self.side.call_bytes.result()
         return max(2, min(self.opt.calls_per_round, budget // per_call)) if per_call else self.opt.calls_per_round
 
     def _timing(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 _perf_counter = time.perf_counter  # bound before any candidate code is imported
+_sleep = time.sleep
 
 import errno  # noqa: E402
 import json  # noqa: E402
@@ -28,6 +29,11 @@ from hetforge.optimizer.problem import LoadedProblem, Problem, load_module_file 
 
 _CudaEvent = torch.cuda.Event
 _synchronize = torch.cuda.synchronize
+# Device memory handed back to the driver is scrubbed in the background, and the scrub takes memory bandwidth:
+# on the H100 a 2.95 GB reduction ran 1.135 ms instead of 0.970 ms for ~25 ms after 12 GB were freed, for over
+# 45 ms after 24 GB (bench/verify/probe_large_timing.py, results_large_timing_h100.txt: about 0.45 TB/s).
+# A release waits that out (at a lower rate, for margin), so that whatever is timed next runs on a quiet device.
+SCRUB_BYTES_PER_S = 0.3e12
 
 
 def _flatten(value: Any) -> list[Any]:
@@ -159,7 +165,9 @@ class Worker:
         # Made on the device itself (factory calls of get_inputs default to it): a memory-bound problem's
         # 256 MB inputs took ~1 s each to fill on the host and copy over, most of a verification's timing phase.
         # Both sides use the same seeds on the same device, so they time identical values.
-        self.release({})  # the last round's sets go first: large inputs must not be held twice
+        # The last round's sets go first (large inputs must not be held twice), into the allocator's cache: the
+        # new sets reuse those blocks, and nothing goes back to the driver, whose scrub would slow the timed calls.
+        self.timing_inputs, self.timed_outputs, self._inputs, self._flush = [], [], None, None
         with torch.device(self.device):
             self.timing_inputs = [self.problem.main_inputs(int(seed), self.device) for seed in msg["seeds"]]
         self.timed_seed = int(msg.get("model_seed", self.seed))  # the reference is timed as the candidate is built
@@ -175,11 +183,16 @@ class Worker:
         return {"ok": True}
 
     def release(self, msg: dict) -> dict:
-        """Drop the timed input sets and outputs (and the correctness inputs), returning the device's memory."""
+        """Drop the timed input sets and outputs (and the correctness inputs), returning the device's memory;
+        on CUDA, answer once the driver has had time to scrub it (SCRUB_BYTES_PER_S, at most a second)."""
         self.timing_inputs, self.timed_outputs, self._inputs, self._flush = [], [], None, None
+        freed = 0
         if self.device == "cuda":
+            reserved = torch.cuda.memory_reserved()
             torch.cuda.empty_cache()
-        return {"ok": True}
+            freed = max(0, reserved - torch.cuda.memory_reserved())
+            _sleep(min(1.0, freed / SCRUB_BYTES_PER_S))
+        return {"ok": True, "freed_bytes": freed}
 
     def time(self, msg: dict) -> dict:
         """Run every prepared input set once, timing each call; keep the outputs for `fetch`."""

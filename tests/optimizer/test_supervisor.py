@@ -100,3 +100,71 @@ def test_budget_is_a_hard_deadline_and_checks_run_side_by_side(tmp_path, monkeyp
     hung = by_name["llm:fuse:turn1"]
     assert hung.status == "skipped" and "spent during its verification" in hung.note, (hung.status, hung.note)
     assert elapsed < task.budget_s + 15, elapsed  # the deadline, plus closing the workers
+
+
+class _FakeRun:
+    """Stands in for a Verification in the check phase: `cut()` ends its check early."""
+
+    def __init__(self):
+        import threading
+
+        self.stopped = threading.Event()
+
+    def cut(self):
+        self.stopped.set()
+
+
+def _checks(durations: dict[str, float], min_grace: float):
+    """Run _check_side_by_side over records whose checks take `durations` seconds (or until cut)."""
+    records = [supervisor.CandidateRecord(name, "recipes", 1, "", None) for name in durations]
+    runs = {id(r): _FakeRun() for r in records}
+    ended = {}
+
+    def check(record):
+        runs[id(record)].stopped.wait(durations[record.name])
+        ended[record.name] = time.monotonic()
+
+    started = time.monotonic()
+    cut = supervisor._check_side_by_side(records, check, runs, started, min_grace=min_grace)
+    return {r.name: cut[id(r)] for r in records if id(r) in cut}, {k: v - started for k, v in ended.items()}, runs
+
+
+def test_a_lone_straggler_is_cut_once_the_rest_of_its_batch_is_done(monkeypatch):
+    monkeypatch.setattr(supervisor, "_parallel_checks", lambda: 8)
+    quick = {f"recipe:r{i}": 0.2 for i in range(4)}
+    cut, ended, _ = _checks({**quick, "recipe:slow": 60.0}, min_grace=0.5)
+    assert list(cut) == ["recipe:slow"] and "after the rest of its batch" in cut["recipe:slow"], cut
+    assert 0.65 <= ended["recipe:slow"] < 5.0, ended  # the rest's 0.2 s and a grace of 0.5 s, not 60 s
+    # the baseline is never cut; nor is anything in a batch smaller than STRAGGLER_BATCH
+    cut, ended, _ = _checks({**quick, supervisor.BASELINE: 1.5}, min_grace=0.5)
+    assert cut == {} and ended[supervisor.BASELINE] >= 1.5
+    cut, ended, _ = _checks({"recipe:a": 0.2, "recipe:b": 1.5}, min_grace=0.5)
+    assert cut == {} and ended["recipe:b"] >= 1.5
+    # the grace grows with the batch's time: ending within STRAGGLER_SHARE of it after the rest, it is kept
+    cut, ended, _ = _checks({**{f"recipe:r{i}": 2.0 for i in range(4)}, "recipe:late": 2.4}, min_grace=0.1)
+    assert cut == {}, cut
+
+
+def test_checks_one_at_a_time_have_no_stragglers(monkeypatch):
+    """On a host that checks one candidate at a time the last check waits on no other: it is not cut
+    (the budget's check window still bounds it), and max-autotune is still checked last."""
+    monkeypatch.setattr(supervisor, "_parallel_checks", lambda: 1)
+    cut, ended, _ = _checks({**{f"recipe:r{i}": 0.2 for i in range(4)}, "recipe:slow": 1.5}, min_grace=0.1)
+    assert cut == {} and ended["recipe:slow"] >= 2.3, ended
+    records = [supervisor.CandidateRecord(n, "recipes", 1, "", None) for n in ("recipe:compile-max-autotune", "library:kernels", "recipe:eager")]
+    assert [r.name for r in sorted(records, key=supervisor._check_priority)] == ["recipe:eager", "library:kernels", "recipe:compile-max-autotune"]
+
+
+def test_round_two_waits_on_what_its_parts_took_in_round_one():
+    def record(name, agent, status, phases):
+        return supervisor.CandidateRecord(name, agent, 1, "", {"phases_s": phases} if phases else None, status=status)
+
+    report = supervisor.OptimizeReport(task={})
+    report.candidates = [record("compose:library+compile", "compose", "accepted", {"start": 4.0, "correctness": 15.0}),
+                         record("recipe:compile-freezing", "recipes", "accepted", {"start": 4.0, "correctness": 12.0}),
+                         record("recipe:compile-max-autotune", "recipes", "skipped", {"start": 4.0, "correctness": 40.0})]
+    with_freezing = [("compose:library+compile-freezing", "compose", "", {"recipe": {"name": "compile-freezing"}})]
+    assert supervisor._expected_check_s(report, with_freezing) == 19.0  # the composition's 19 s, not freezing's 16 s
+    with_autotune = [("compose:library+compile-max-autotune", "compose", "", {"recipe": {"name": "compile-max-autotune"}})]
+    assert supervisor._expected_check_s(report, with_autotune) == float("inf")  # it never finished in round 1
+    assert supervisor._expected_check_s(supervisor.OptimizeReport(task={}), with_freezing) == 0.0  # nothing to go by

@@ -257,3 +257,29 @@ def test_spare_workers_are_fresh_processes_and_gone_afterwards():
     assert good.accepted and not bad.accepted
     assert len(handed) == 4 and len(set(handed)) == 4  # four different processes
     assert spares and all(not w.alive() for w in spares)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_timing_rounds_keep_device_memory_cached_and_a_release_waits_for_the_driver(monkeypatch):
+    """Memory handed back to the driver is scrubbed in the background, slowing memory-bound kernels timed
+    meanwhile: rounds reuse the allocator's cached blocks, and only a release hands memory back, answering
+    once the scrub should be over."""
+    import time
+
+    from hetforge.optimizer import worker as W
+
+    emptied = []
+    real_empty_cache = torch.cuda.empty_cache
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: (emptied.append(1), real_empty_cache()))
+    w = W.Worker()
+    problem = Problem(file=str(PROBLEMS / "linear_relu.py")).to_json()
+    assert "error" not in w.init({"device": "cuda", "role": "reference", "problem": problem, "seed": 0, "threads": 1})
+    for seeds in ([1, 2, 3], [4, 5, 6]):
+        assert w.prepare_timing({"seeds": seeds, "warmup": 1, "flush_bytes": 64 << 20}) == {"ok": True}
+        assert len(w.time({})["times_ms"]) == 3
+    assert emptied == []  # two rounds, nothing handed back
+    started = time.perf_counter()
+    reply = w.release({})
+    took = time.perf_counter() - started
+    assert emptied == [1] and reply["freed_bytes"] >= 64 << 20, reply  # the flush buffer at least
+    assert took >= reply["freed_bytes"] / W.SCRUB_BYTES_PER_S
