@@ -108,9 +108,12 @@ class ReferenceSide:
         # Bytes of one timed call, made on the meta device: the first use of meta kernels imports their Python
         # registrations (2.2 s on a 2-core host, 3-7 s on a GPU host busy compiling), so it starts now, beside
         # the checks, and is ready by the first timing.
+        # Not a daemon, and joined by close(): a thread still inside torch when the interpreter exits aborts the
+        # process ("terminate called without an active exception", seen when a run ended within a second).
         self.call_bytes: concurrent.futures.Future = concurrent.futures.Future()
-        threading.Thread(target=_resolve, args=(self.call_bytes, _call_bytes, json.dumps(problem.to_json(), sort_keys=True)),
-                         name="hetforge-call-bytes", daemon=True).start()
+        self._sizing = threading.Thread(target=_resolve, name="hetforge-call-bytes",
+                                        args=(self.call_bytes, _call_bytes, json.dumps(problem.to_json(), sort_keys=True)))
+        self._sizing.start()
 
     def new_batch(self) -> None:
         """Fresh correctness seeds from here on; the outputs kept for the last batch's are dropped. A worker
@@ -181,6 +184,7 @@ class ReferenceSide:
         self._queue.shutdown(wait=True, cancel_futures=True)
         if worker is not None:
             worker.close()
+        self._sizing.join()
 
 
 def _resolve(future: concurrent.futures.Future, fn: Callable, *args) -> None:
