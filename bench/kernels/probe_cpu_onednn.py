@@ -11,7 +11,6 @@ call per fresh input, perf_counter, median of 60), and the largest error against
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 
@@ -60,7 +59,9 @@ def main() -> None:
             err_eager = (eager(inputs[0]).double() - exact).abs().max().item()
             err_fused = (fused(inputs[0]).double() - exact).abs().max().item()
             rows.append((name, timed(eager, inputs), timed(fused, inputs), err_eager, err_fused))
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}")
+    from hetforge.optimizer.verify import _device_name
+
+    print(f"{_device_name('cpu')}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}")
     print("| case | eager ms | library ms | speedup | eager max err | library max err |")
     print("|---|---|---|---|---|---|")
     for name, a, b, e1, e2 in rows:

@@ -694,10 +694,13 @@ def _device_name(device: str) -> str:
             return torch.cuda.get_device_name(0)
         except (RuntimeError, AssertionError) as err:
             return f"cuda (unavailable: {err})"
+    # The family and model too: a VM's "AMD EPYC" hides the generation, and the library's oneDNN GEMMs ran
+    # 2.0-2.2x over eager on one host and 1.1-1.5x on a Zen 4 (family 25) one (bench/kernels/results_cpu_onednn*).
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "model name" in fields:
+            return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
     except OSError:
         pass
     return platform.processor() or "cpu"
