@@ -49,8 +49,9 @@ CHECK_SHARE = {"cuda": 0.8, "cpu": 0.6}
 # 18-31 s; where it did finish, it ended at most 1.5 s after the rest.
 STRAGGLER_SHARE = 0.3
 STRAGGLER_BATCH = 4
-# Memory of workers killed during the checks is scrubbed by the driver in the background, slowing memory-bound
-# kernels by ~15% meanwhile (about 0.45 TB/s on the H100; see worker.SCRUB_BYTES_PER_S): the timings wait it out.
+# Device memory of workers stopped during the checks (cut, timed out, crashed) is scrubbed by the driver in the
+# background, slowing memory-bound kernels by ~17% meanwhile (about 0.45 TB/s on the H100; see
+# worker.SCRUB_BYTES_PER_S): the timings start after this pause (enough for ~90 GB; not itself measured).
 SETTLE_S = {"cuda": 0.2, "cpu": 0.0}
 # The end of the budget left for what follows the last timing: stopping the workers (a CUDA context takes
 # seconds to tear down; on the H100, report to process exit took up to 3.0 s), the report, the registry.
@@ -326,7 +327,7 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
         cut = _check_side_by_side(sorted((r for r in records if id(r) in runs), key=_check_priority), check, runs,
                                   now, min_grace=task.budget_s / 10)
         if cut or any(run.verdict.reasons for run in runs.values()):
-            time.sleep(SETTLE_S[task.device])  # a worker that failed its checks was killed: its memory is being scrubbed
+            time.sleep(SETTLE_S[task.device])  # a worker may have been stopped: its memory is being scrubbed
         for record in records:  # timing, in proposal order: the baselines first
             run = runs.get(id(record))
             if run is not None:
