@@ -169,9 +169,9 @@ def environment(device: str) -> str:
             driver = "?"
         gpu += f", driver {driver}"
     else:
-        from hetforge.optimizer.verify import _device_name
+        from hetforge.optimizer.verify import device_name
 
-        gpu = f"{_device_name('cpu')}, {os.cpu_count()} cores"
+        gpu = f"{device_name('cpu')}, {os.cpu_count()} cores"
     return f"{gpu}; torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}"
 
 

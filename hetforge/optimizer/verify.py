@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,12 +108,10 @@ class ReferenceSide:
         # Bytes of one timed call, made on the meta device: the first use of meta kernels imports their Python
         # registrations (2.2 s on a 2-core host, 3-7 s on a GPU host busy compiling), so it starts now, beside
         # the checks, and is ready by the first timing.
-        # Not a daemon, and joined by close(): a thread still inside torch when the interpreter exits aborts the
+        # Its thread is joined by close() (and at exit): a thread still inside torch when the interpreter exits aborts the
         # process ("terminate called without an active exception", seen when a run ended within a second).
-        self.call_bytes: concurrent.futures.Future = concurrent.futures.Future()
-        self._sizing = threading.Thread(target=_resolve, name="hetforge-call-bytes",
-                                        args=(self.call_bytes, _call_bytes, json.dumps(problem.to_json(), sort_keys=True)))
-        self._sizing.start()
+        self._sizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hetforge-call-bytes")
+        self.call_bytes = self._sizing.submit(_call_bytes, json.dumps(problem.to_json(), sort_keys=True))
 
     def new_batch(self) -> None:
         """Fresh correctness seeds from here on; the outputs kept for the last batch's are dropped. A worker
@@ -184,14 +182,7 @@ class ReferenceSide:
         self._queue.shutdown(wait=True, cancel_futures=True)
         if worker is not None:
             worker.close()
-        self._sizing.join()
-
-
-def _resolve(future: concurrent.futures.Future, fn: Callable, *args) -> None:
-    try:
-        future.set_result(fn(*args))
-    except BaseException as err:  # noqa: BLE001 - handed to whoever waits on the future
-        future.set_exception(err)
+        self._sizing.shutdown(wait=True)
 
 
 def _wait(future: concurrent.futures.Future, timeout_s: float, command: str) -> dict | WorkerFailure:
@@ -264,7 +255,7 @@ class _Side:
 class _Judge:
     def __init__(self, reference: Problem, candidate_file: str, options: VerifyOptions, shared: ReferenceSide | None = None):
         self.reference, self.candidate_file, self.opt = reference, candidate_file, options
-        self.verdict = V.Verdict(verdict="rejected", device=_device_name(options.device), precision=options.precision,
+        self.verdict = V.Verdict(verdict="rejected", device=device_name(options.device), precision=options.precision,
                                  baseline=options.baseline, versions=_versions())
         self.rng = random.Random(int.from_bytes(os.urandom(8), "little"))  # seeds no candidate can predict
         self.used_seeds: set[int] = set()
@@ -688,14 +679,15 @@ def _l2_flush_bytes() -> int:
         return 256 << 20
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
+    """The device's name as verdicts and benchmark headers record it."""
     if device == "cuda":
         try:
             return torch.cuda.get_device_name(0)
         except (RuntimeError, AssertionError) as err:
             return f"cuda (unavailable: {err})"
     # The family and model too: a VM's "AMD EPYC" hides the generation, and the library's oneDNN GEMMs ran
-    # 2.0-2.2x over eager on one host and 1.1-1.5x on a Zen 4 (family 25) one (bench/kernels/results_cpu_onednn*).
+    # 2.0-2.2x over eager on one host and 1.06-2.12x on a Zen 4 (family 25) one (bench/kernels/results_cpu_onednn*).
     try:
         fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines() if ":" in line)
         fields = {k.strip(): v.strip() for k, v in fields.items()}

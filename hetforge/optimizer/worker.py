@@ -167,7 +167,7 @@ class Worker:
         # Both sides use the same seeds on the same device, so they time identical values.
         # The last round's sets go first (large inputs must not be held twice), into the allocator's cache: the
         # new sets reuse those blocks, and nothing goes back to the driver, whose scrub would slow the timed calls.
-        self.timing_inputs, self.timed_outputs, self._inputs, self._flush = [], [], None, None
+        self._drop_inputs()
         with torch.device(self.device):
             self.timing_inputs = [self.problem.main_inputs(int(seed), self.device) for seed in msg["seeds"]]
         self.timed_seed = int(msg.get("model_seed", self.seed))  # the reference is timed as the candidate is built
@@ -182,10 +182,14 @@ class Worker:
         self._sync()
         return {"ok": True}
 
+    def _drop_inputs(self) -> None:
+        """Drop the timed input sets and outputs and the correctness inputs (into the allocator's cache)."""
+        self.timing_inputs, self.timed_outputs, self._inputs, self._flush = [], [], None, None
+
     def release(self, msg: dict) -> dict:
         """Drop the timed input sets and outputs (and the correctness inputs), returning the device's memory;
         on CUDA, answer once the driver has had time to scrub it (SCRUB_BYTES_PER_S, at most a second)."""
-        self.timing_inputs, self.timed_outputs, self._inputs, self._flush = [], [], None, None
+        self._drop_inputs()
         freed = 0
         if self.device == "cuda":
             reserved = torch.cuda.memory_reserved()
