@@ -20,6 +20,7 @@ from typing import Annotated, Optional  # noqa: E402
 import typer  # noqa: E402
 
 from hetforge import __version__
+from hetforge.core.precision import Precision
 
 app = typer.Typer(
     name="hetforge",
@@ -120,7 +121,7 @@ def graph(
     ] = None,
 ) -> None:
     """Print the pipeline graph as Mermaid, DOT or JSON (and its critical path, given costs)."""
-    from hetforge.planners.graph import PipelineGraph
+    from hetforge.spec.graph import PipelineGraph
 
     spec = _load(pipeline)
     g = PipelineGraph(spec)
@@ -136,12 +137,6 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-class PrecisionPolicy(str, Enum):
-    strict = "strict"
-    tf32 = "tf32"
-    bf16 = "bf16"
-
-
 class Baseline(str, Enum):
     eager = "eager"
     compile = "compile"
@@ -152,7 +147,7 @@ def verify(
     reference: Annotated[Path, typer.Argument(help="Reference problem file (Model, get_inputs, get_init_inputs).", show_default=False)],
     candidate: Annotated[Path, typer.Argument(help="Candidate file defining ModelNew.", show_default=False)],
     device: Annotated[Device, typer.Option(help="Where to run and time both.")] = Device.cpu,
-    precision: Annotated[PrecisionPolicy, typer.Option(help="Tolerance policy: strict fp32, or tf32 / bf16 where allowed.")] = PrecisionPolicy.strict,
+    precision: Annotated[Precision, typer.Option(help="Tolerance policy: strict fp32, or tf32 / bf16 where allowed.")] = Precision.STRICT,
     trials: Annotated[int, typer.Option(min=1, max=100, help="Correctness trials on fresh inputs.")] = 3,
     timeout: Annotated[float, typer.Option(min=1, max=3600, help="Seconds per worker request before a candidate counts as hung.")] = 60.0,
     baseline: Annotated[Baseline, typer.Option(help="Time the reference eager or under torch.compile.")] = Baseline.eager,
@@ -167,7 +162,7 @@ def verify(
 
     Exit 0 accepted, 1 rejected, 2 usage or I/O error.
     """
-    from hetforge.optimizer.problem import Problem
+    from hetforge.core.problem import Problem
     from hetforge.optimizer.verify import VerifyOptions, verify as run_verify
 
     for path in (reference, candidate):
@@ -217,15 +212,10 @@ def _print_leaderboard(console, records) -> None:
 def _register(reference: Path, candidate: Path, name: str, device: str, precision: str, verdict: dict, agent: str = "human",
               recipe: dict | None = None):
     from hetforge.kernels.registry import Registry
-    from hetforge.optimizer.problem import Problem
-    from hetforge.planners.devices import gpu_class
+    from hetforge.core.devices import local_device_class
+    from hetforge.core.problem import Problem
 
-    if device == "cuda":
-        import torch
-
-        device_class = gpu_class(torch.cuda.get_device_name(0))
-    else:
-        device_class = "cpu"
+    device_class = local_device_class(device)
     return Registry().add(
         fingerprint=Problem(file=str(reference)).load().fingerprint(), device_class=device_class, precision=precision, name=name,
         agent=agent, source=candidate.read_text(), verdict=verdict, recipe=recipe or {"kind": "candidate_file", "file": candidate.name},
@@ -256,7 +246,7 @@ def _print_verdict(result) -> None:
 def optimize(
     problem: Annotated[Path, typer.Argument(help="Problem file (Model, get_inputs, get_init_inputs).", show_default=False)],
     device: Annotated[Device, typer.Option(help="Target device: candidates are verified and timed there.")] = Device.cpu,
-    precision: Annotated[PrecisionPolicy, typer.Option(help="Numerics the variant may use.")] = PrecisionPolicy.strict,
+    precision: Annotated[Precision, typer.Option(help="Numerics the variant may use.")] = Precision.STRICT,
     budget_s: Annotated[float, typer.Option(min=1, help="Wall-time budget in seconds: every check and timing ends within it.")] = 60.0,
     agents: Annotated[str, typer.Option(help="Comma-separated agents: recipes, rewrites, library, llm (llm needs HETFORGE_LLM_BASE_URL and HETFORGE_LLM_MODEL).")] = "recipes,rewrites,library,llm",
     hint: Annotated[str, typer.Option(help="A human hint: goes into every LLM prompt and the report.")] = "",

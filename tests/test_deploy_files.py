@@ -145,7 +145,8 @@ def test_rayservice_metrics_folder_exporter_and_scrape_config_agree():
 
 
 def test_worker_groups_are_the_planners_device_classes():
-    from hetforge.planners.devices import CPU_CLASS_RESOURCE, GPU_FACTS, gpu_class
+    from hetforge.core.devices import GPU_FACTS, gpu_class
+    from hetforge.planners.devices import CPU_CLASS_RESOURCE
     from hetforge.spec.models import normalize_device
 
     groups = _rayservice()["spec"]["rayClusterConfig"]["workerGroupSpecs"]

@@ -29,9 +29,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
-from hetforge.optimizer.problem import Problem  # noqa: E402
+from hetforge.core.problem import Problem  # noqa: E402
 from hetforge.optimizer.supervisor import OptimizeTask, optimize  # noqa: E402
-from hetforge.optimizer.tolerance import compare  # noqa: E402
+from hetforge.core.precision import compare  # noqa: E402
 from hetforge.optimizer.variants import VariantSpec, build_module_variant, build_variant  # noqa: E402
 
 # (stage, problem file, precision as in the example pipeline files)

@@ -59,7 +59,7 @@ def main() -> None:
             err_eager = (eager(inputs[0]).double() - exact).abs().max().item()
             err_fused = (fused(inputs[0]).double() - exact).abs().max().item()
             rows.append((name, timed(eager, inputs), timed(fused, inputs), err_eager, err_fused))
-    from hetforge.optimizer.verify import device_name
+    from hetforge.core.devices import device_name
 
     print(f"{device_name('cpu')}, {os.cpu_count()} cores, {torch.get_num_threads()} threads; torch {torch.__version__}")
     print("| case | eager ms | library ms | speedup | eager max err | library max err |")

@@ -169,7 +169,7 @@ def environment(device: str) -> str:
             driver = "?"
         gpu += f", driver {driver}"
     else:
-        from hetforge.optimizer.verify import device_name
+        from hetforge.core.devices import device_name
 
         gpu = f"{device_name('cpu')}, {os.cpu_count()} cores"
     return f"{gpu}; torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}"

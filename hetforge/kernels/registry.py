@@ -11,7 +11,6 @@ waiting for (or in) its rollout, and served only by that rollout until it is pro
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import sqlite3
 import time
@@ -19,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hetforge import config
+from hetforge.core.precision import serving_policies
 
 STATUSES = ("active", "pending_review", "canary", "rejected", "retired")
 
@@ -78,12 +78,6 @@ class Variant:
 
 def default_path() -> Path:
     return config.home_dir() / "registry.sqlite"
-
-
-def source_fingerprint(source: str, init_args: list | tuple = (), init_kwargs: dict | None = None) -> str:
-    """Fingerprint of a reference given as a problem file's text and its constructor arguments."""
-    doc = json.dumps([list(init_args), init_kwargs or {}], default=str, sort_keys=True)
-    return hashlib.sha256(source.encode() + b"\0" + doc.encode()).hexdigest()[:24]
 
 
 class Registry:
@@ -164,7 +158,7 @@ class Registry:
 
         A variant verified under a stricter policy serves a looser one (strict serves tf32 and bf16).
         """
-        allowed = {"strict": ("strict",), "tf32": ("strict", "tf32"), "bf16": ("strict", "tf32", "bf16")}[precision]
+        allowed = serving_policies(precision)
         marks = ",".join("?" * len(allowed))
         with self._session() as db:
             row = db.execute(

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hetforge.core.devices import GPU_FACTS, gpu_class
+from hetforge import config
+
 STRATEGIES = {
     "fuse": "Fuse chains of operations into as few Triton kernels as possible (GEMM epilogues, "
             "normalization plus pointwise ops, reductions with their prologue); keep cuBLAS/cuDNN for "
@@ -86,15 +89,10 @@ def device_facts(device: str) -> dict:
     facts = {"name": props.name, "multiprocessors": props.multi_processor_count,
              "memory_gib": round(props.total_memory / 2**30, 1), "l2_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
              "capability": f"{props.major}.{props.minor}"}
-    try:  # the planner's table has bandwidth and peak rates; optional here (no networkx needed)
-        from hetforge.planners.devices import GPU_FACTS, gpu_class
-
-        table = GPU_FACTS.get(gpu_class(props.name))
-        if table is not None:
-            facts.update(bandwidth_gbs=table.bandwidth_gbs, fp32_tflops=table.fp32_tflops, tf32_tflops=table.tf32_tflops,
-                         bf16_tflops=table.bf16_tflops)
-    except Exception:  # noqa: BLE001 - facts are advice for the prompt, never a reason to fail
-        pass
+    table = GPU_FACTS.get(gpu_class(props.name))
+    if table is not None:
+        facts.update(bandwidth_gbs=table.bandwidth_gbs, fp32_tflops=table.fp32_tflops, tf32_tflops=table.tf32_tflops,
+                     bf16_tflops=table.bf16_tflops)
     return facts
 
 
@@ -170,8 +168,6 @@ class LLMClient:
 
 def unavailable_reason() -> str | None:
     """Why the LLM agents cannot run here (None if they can): the one-line notice."""
-    from hetforge import config
-
     if config.llm_endpoint() is None:
         return "llm agents skipped: no endpoint configured (set HETFORGE_LLM_BASE_URL and HETFORGE_LLM_MODEL)"
     try:

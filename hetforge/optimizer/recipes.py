@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+from hetforge.core.problem import load_module_file
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -180,8 +182,6 @@ def _contiguous(value):
 
 def recipe_model_class(reference_file: str, recipe: dict) -> type:
     """A ModelNew class for the verifier: builds the reference Model, then wraps it in the recipe."""
-    from hetforge.optimizer.problem import load_module_file
-
     reference = load_module_file(reference_file)
     spec = Recipe(**recipe)
 

@@ -24,6 +24,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from hetforge.core.problem import load_module_file
+
 REWRITES: dict[str, Callable[[fx.GraphModule], int]] = {}
 
 
@@ -231,8 +233,6 @@ def apply_rewrites(module: nn.Module, names: list[str] | None = None) -> tuple[f
 
 def rewritten_model_class(reference_file: str, names: list[str]) -> type:
     """A ModelNew class for the verifier: builds the reference Model, then rewrites that instance."""
-    from hetforge.optimizer.problem import load_module_file
-
     reference = load_module_file(reference_file)
 
     class ModelNew(nn.Module):

@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Callable
 
 from hetforge.optimizer import llm_agent
-from hetforge.optimizer.problem import Problem
+from hetforge.core.problem import Problem
 from hetforge.optimizer.recipes import recipe_candidate_source, recipes_for
 from hetforge.optimizer.rewrites import apply_rewrites, rewrite_candidate_source
 from hetforge.optimizer.sandbox import close_all, spare_workers
 from hetforge.optimizer.variants import VariantSpec, variant_candidate_source
 from hetforge.optimizer.verify import ReferenceSide, Verification, VerifyOptions
+from hetforge import config
 
 AGENTS = ("recipes", "rewrites", "library", "llm")
 TRUSTED_AGENTS = ("recipes", "rewrites", "library", "compose")  # hetforge's own code: may share the compile cache
@@ -408,8 +409,6 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
 
 
 def _default_client():
-    from hetforge import config
-
     return llm_agent.LLMClient(config.llm_endpoint(), config.llm_timeout_s())
 
 

@@ -19,6 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from hetforge.core.problem import load_module_file
+from hetforge.optimizer.library import fuse
+from hetforge.optimizer.recipes import Recipe, RecipeModule
+from hetforge.optimizer.rewrites import apply_rewrites
+
 
 class VariantError(Exception):
     """A variant cannot be built from this instance (untraceable, state dict mismatch, ...)."""
@@ -50,19 +55,13 @@ class VariantSpec:
 
 def build_variant(instance: nn.Module, spec: VariantSpec, example_inputs: list) -> nn.Module:
     """The variant of `instance` (left untouched) that `spec` describes."""
-    from hetforge.optimizer.recipes import Recipe, RecipeModule
-
     model = copy.deepcopy(instance).eval()
     if spec.rewrites:
-        from hetforge.optimizer.rewrites import apply_rewrites
-
         result = apply_rewrites(model, list(spec.rewrites))
         if result is None:
             raise VariantError(f"{type(instance).__name__} cannot be traced by torch.fx: rewrites need a graph")
         model = result[0]
     if spec.library:
-        from hetforge.optimizer.library import fuse
-
         result = fuse(model, example_inputs, spec.precision)
         if result is None:
             raise VariantError(f"{type(instance).__name__} cannot be traced by torch.fx: library kernels need a graph")
@@ -85,8 +84,6 @@ def build_module_variant(source_module, instance: nn.Module, init_args: tuple = 
 
 def variant_model_class(reference_file: str, spec: dict) -> type:
     """A ModelNew class for the verifier: builds the reference Model, then the variant of that instance."""
-    from hetforge.optimizer.problem import load_module_file
-
     reference = load_module_file(reference_file)
     parsed = VariantSpec.from_json(spec)
 

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from hetforge.optimizer import verdict as V
-from hetforge.optimizer.problem import Problem
+from hetforge.core.problem import Problem
 from hetforge.optimizer.sandbox import WorkerFailure, WorkerProcess, spares_paused, start_worker
 from hetforge.optimizer.static_checks import review_flags
-from hetforge.optimizer.tolerance import PRECISIONS, compare
+from hetforge.core.devices import device_name
+from hetforge.core.precision import PRECISIONS, compare
 
 _clock = time.perf_counter  # the judge's own clock; candidates never run in this process
 
@@ -677,25 +678,6 @@ def _l2_flush_bytes() -> int:
         return 2 * int(torch.cuda.get_device_properties(0).L2_cache_size)
     except (RuntimeError, AttributeError, AssertionError):
         return 256 << 20
-
-
-def device_name(device: str) -> str:
-    """The device's name as verdicts and benchmark headers record it."""
-    if device == "cuda":
-        try:
-            return torch.cuda.get_device_name(0)
-        except (RuntimeError, AssertionError) as err:
-            return f"cuda (unavailable: {err})"
-    # The family and model too: a VM's "AMD EPYC" hides the generation, and the library's oneDNN GEMMs ran
-    # 2.0-2.2x over eager on one host and 1.06-2.12x on a Zen 4 (family 25) one (bench/kernels/results_cpu_onednn*).
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        if "model name" in fields:
-            return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def _versions() -> dict:

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from hetforge.optimizer import confine  # noqa: E402
 from hetforge.optimizer.channel import Channel, ChannelClosed  # noqa: E402
-from hetforge.optimizer.problem import LoadedProblem, Problem, load_module_file  # noqa: E402
+from hetforge.core.problem import LoadedProblem, Problem, load_module_file  # noqa: E402
 
 _CudaEvent = torch.cuda.Event
 _synchronize = torch.cuda.synchronize

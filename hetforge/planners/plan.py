@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from hetforge.optimizer.problem import LoadedProblem, load_module_file, resolve
+from hetforge.core.problem import LoadedProblem, load_module_file, resolve
 from hetforge.planners import profiles as prof
 from hetforge.planners.devices import DeviceClass, Inventory
 from hetforge.planners.placement import SMALL_MESSAGE_BYTES, PlacementProblem, evaluate, place

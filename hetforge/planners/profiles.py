@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from hetforge import config
-from hetforge.optimizer.problem import LoadedProblem, Problem
+from hetforge.core.problem import LoadedProblem, Problem
 from hetforge.planners.devices import DeviceClass
 
 

@@ -175,7 +175,7 @@ class LlmStageDeployment:
 # ---------------------------------------------------------------------------------------------- re-optimization
 def controller_stages(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict]) -> dict:
     """The model stages the controller may optimize, with their fingerprints and their jobs' Ray options."""
-    from hetforge.optimizer.problem import Problem
+    from hetforge.core.problem import Problem
     from hetforge.serving.controller import StageInfo
 
     spec = pipeline.reoptimize

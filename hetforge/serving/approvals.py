@@ -26,7 +26,7 @@ def _stage_of(pipeline, registry: Registry, variant: Variant, base_dir: Path | N
             return job.stage
     if base_dir is None:
         return None
-    from hetforge.optimizer.problem import Problem
+    from hetforge.core.problem import Problem
 
     for stage in pipeline.stages:
         if stage.kind == "model" and stage.problem_file:

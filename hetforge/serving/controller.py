@@ -168,7 +168,7 @@ class Controller:
     def __init__(self, pipeline, stages: dict[str, StageInfo], registry_path: str, *, metrics_source: Callable[[], dict],
                  launcher, swapper: Callable[[str, str], bool], metrics=None, scratch: str | None = None,
                  clock: Callable[[], float] = time.time):
-        from hetforge.planners.graph import PipelineGraph
+        from hetforge.spec.graph import PipelineGraph
 
         self.pipeline, self.spec = pipeline, pipeline.reoptimize
         self.stages, self.registry_path = stages, registry_path

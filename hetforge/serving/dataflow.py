@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Protocol
 
 import networkx as nx
 
-from hetforge.planners.graph import PipelineGraph
+from hetforge.spec.graph import PipelineGraph
 from hetforge.spec.models import LlmStage, Pipeline
 
 _SKIPPED = object()

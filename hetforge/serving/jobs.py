@@ -159,7 +159,7 @@ signatures production sent it ({share}). Model and constructor arguments are the
 
 import torch
 
-from hetforge.optimizer.problem import load_module_file
+from hetforge.core.problem import load_module_file
 
 _reference = load_module_file({path!r})
 Model = _reference.Model
@@ -197,7 +197,7 @@ def write_production_problem(out: Path, job_id: int, pipeline: str, stage: str, 
     """A problem file whose inputs have production's signatures and the value ranges of the stage's own inputs."""
     import torch
 
-    from hetforge.optimizer.problem import load_module_file
+    from hetforge.core.problem import load_module_file
 
     example = load_module_file(problem_file).get_inputs()
     ranges = []
@@ -225,7 +225,7 @@ def run_job(doc: dict) -> dict:
     """Optimize one stage for production's signatures and register the winner as a `canary` (or
     `pending_review`) variant. Runs in a Ray task (or any process); writes its outcome into the job row."""
     from hetforge.kernels.registry import Registry
-    from hetforge.optimizer.problem import Problem
+    from hetforge.core.problem import Problem
     from hetforge.optimizer.supervisor import OptimizeTask, optimize
 
     board = JobBoard(doc["registry_path"])

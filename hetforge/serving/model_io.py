@@ -28,7 +28,7 @@ def resolve_function(target: str | None, base_dir: Path) -> Callable | None:
     """`file.py:function` (relative to the pipeline's folder) or `package.module:function`."""
     if target is None:
         return None
-    from hetforge.optimizer.problem import load_module_file, resolve
+    from hetforge.core.problem import load_module_file, resolve
 
     path, _, attr = target.rpartition(":")
     if path.endswith(".py"):

@@ -31,9 +31,10 @@ import torch
 import torch.nn as nn
 
 from hetforge.kernels.registry import Registry, RegistryError, Variant
-from hetforge.optimizer.problem import LoadedProblem, Problem
+from hetforge.core.devices import local_device_class
+from hetforge.core.problem import LoadedProblem, Problem
 from hetforge.optimizer.rewrites import TRACE_LOCK
-from hetforge.optimizer.tolerance import compare
+from hetforge.core.precision import compare, serves
 from hetforge.optimizer.variants import VariantError, VariantSpec, build_module_variant, build_variant
 from hetforge.serving.metrics import Metrics, default_metrics
 from hetforge.serving.rollout import CanaryArm, Rollout
@@ -113,7 +114,7 @@ class ModelStageRuntime:
             state = torch.load(weights, map_location=device, weights_only=True)
             self.reference.load_state_dict(state, strict=True)
         self.fingerprint = self.loaded.fingerprint()
-        self.device_class = device_class or _device_class(device)
+        self.device_class = device_class or local_device_class(device)
         self.registry = registry if registry is not None else Registry()
         self.metrics = metrics or default_metrics()
         self._lock = threading.Lock()  # one swap at a time; requests never take it
@@ -257,8 +258,7 @@ class ModelStageRuntime:
             raise SwapRefused(f"variant {variant.id} was verified for another reference (fingerprint {variant.fingerprint})")
         if variant.device_class != self.device_class:
             raise SwapRefused(f"variant {variant.id} was verified on {variant.device_class}, this replica runs on {self.device_class}")
-        order = ("strict", "tf32", "bf16")
-        if order.index(variant.precision) > order.index(self.precision):
+        if not serves(variant.precision, self.precision):
             raise SwapRefused(f"variant {variant.id} needs precision {variant.precision}; the stage allows {self.precision}")
 
     def _check(self, module: nn.Module, batches: list) -> float:
@@ -319,11 +319,3 @@ def _flat(value: Any) -> list:
     if isinstance(value, (list, tuple)):
         return [x for v in value for x in _flat(v)]
     return [value]
-
-
-def _device_class(device: str) -> str:
-    if device == "cuda":
-        from hetforge.planners.devices import gpu_class
-
-        return gpu_class(torch.cuda.get_device_name(0))
-    return "cpu"

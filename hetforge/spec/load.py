@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from hetforge import config
 from hetforge.spec import models
 from hetforge.spec.errors import Diagnostic, Path, Problem, SpecError, message
+from hetforge.spec.graph import graph_problems
 from hetforge.spec.models import Pipeline
 from hetforge.spec.references import check_references
 from hetforge.spec.yaml_source import SourceMap, YamlError, decode, parse
@@ -68,8 +69,6 @@ def load_bytes(data: bytes, file: str = "<string>", base_dir: FsPath | None = No
     pipeline, source = load_document(data, file, Pipeline)
     problems = check_references(pipeline, base_dir)
     if not problems and check_graph:
-        from hetforge.planners.graph import graph_problems  # the graph is the planner's; it needs a valid spec
-
         problems = graph_problems(pipeline)
     if problems:
         raise SpecError(locate(problems, source, file))
@@ -122,7 +121,7 @@ def _problems(err: ValidationError, source: SourceMap, root: type[BaseModel]) ->
             must = "a stage kind: model, llm or tool" if isinstance(value, str) or value is None else "a mapping with a kind"
         elif kind == "string_pattern_mismatch":
             must = _PATTERN_RULES.get(ctx.get("pattern"), f"text matching {ctx.get('pattern')}")
-        elif kind == "literal_error":
+        elif kind in ("literal_error", "enum"):
             must = "one of " + str(ctx.get("expected", "")).replace("'", "")
         elif kind in _TYPE_RULES:
             must = _TYPE_RULES[kind]

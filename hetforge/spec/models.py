@@ -3,7 +3,7 @@
 Every model forbids unknown fields and every field has a description and bounds, so that
 `hetforge schema` gives editors a complete JSON Schema and the loader can say exactly what a
 field must be. Cross-stage checks (references, cycles, reachability) live in
-`hetforge.spec.references` and `hetforge.planners.graph`, because they need the whole file.
+`hetforge.spec.references` and `hetforge.spec.graph`, because they need the whole file.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+from hetforge.core.precision import Precision
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
 NAME_RULE = "a name of lowercase letters, digits, '_' or '-', starting with a letter, at most 63 characters"
@@ -42,7 +44,6 @@ def _dim(value: object) -> int | str:
 
 Dim = Annotated[Union[int, str], BeforeValidator(_dim), Field(description=DIM_RULE)]
 
-Precision = Literal["strict", "tf32", "bf16"]
 
 
 class _Spec(BaseModel):

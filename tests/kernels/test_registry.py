@@ -7,7 +7,8 @@ import multiprocessing
 
 import pytest
 
-from hetforge.kernels.registry import Registry, RegistryError, source_fingerprint
+from hetforge.core.problem import source_fingerprint
+from hetforge.kernels.registry import Registry, RegistryError
 from tests.conftest import run_cli
 
 ACCEPTED = {"verdict": "accepted", "needs_review": False, "reference_ms": 2.0, "candidate_ms": 1.0, "speedup": 2.0}

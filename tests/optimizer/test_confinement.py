@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hetforge.optimizer import verdict as V
-from hetforge.optimizer.problem import Problem
+from hetforge.core.problem import Problem
 from hetforge.optimizer.verify import VerifyOptions, verify
 
 HERE = Path(__file__).resolve().parent

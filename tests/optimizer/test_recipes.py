@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hetforge.optimizer.problem import Problem
+from hetforge.core.problem import Problem
 from hetforge.optimizer.recipes import Recipe, recipe_candidate_source, recipes_for
 from hetforge.optimizer.verify import VerifyOptions, verify
 

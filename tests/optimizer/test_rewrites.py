@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hetforge.optimizer.problem import Problem
+from hetforge.core.problem import Problem
 from hetforge.optimizer.rewrites import apply_rewrites, rewrite_candidate_source
 from hetforge.optimizer.verify import VerifyOptions, verify
 from tests.conftest import EXAMPLES

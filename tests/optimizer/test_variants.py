@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hetforge.optimizer.problem import Problem, load_module_file
+from hetforge.core.problem import Problem, load_module_file
 from hetforge.optimizer.variants import VariantError, VariantSpec, build_module_variant, build_variant
 from hetforge.optimizer.verify import VerifyOptions, verify
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hetforge.optimizer import verdict as V
-from hetforge.optimizer.problem import Problem
+from hetforge.core.problem import Problem
 from hetforge.optimizer.verify import ReferenceSide, Verification, VerifyOptions, verify
 from tests.conftest import run_cli
 

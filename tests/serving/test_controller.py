@@ -56,7 +56,7 @@ def _counters(score_calls: float, score_ms: float, prepare_calls: float = 0, pre
 def setup(tmp_path):
     pipeline = load_pipeline(PIPELINE)
     registry = str(tmp_path / "registry.sqlite")
-    from hetforge.optimizer.problem import Problem
+    from hetforge.core.problem import Problem
 
     fingerprint = Problem(file=str(SCORER)).load().fingerprint()
     stages = {"score": StageInfo("score", fingerprint, "cpu", "cpu", "strict", str(SCORER), [], {}, {"num_cpus": 1})}
@@ -252,7 +252,7 @@ def test_guarded_canary_never_returns_a_disagreeing_answer(setup):
 def test_production_problem_has_production_shapes(tmp_path):
     assert parse_signature("float32[8,16];int64[8]") == [("float32", [8, 16]), ("int64", [8])]
     path = write_production_problem(tmp_path, 7, "p", "score", str(SCORER), [], ["float32[3,16]", "float32[1,16]"])
-    from hetforge.optimizer.problem import Problem
+    from hetforge.core.problem import Problem
 
     loaded = Problem(file=str(path)).load()
     assert [list(x.shape) for x in loaded.get_inputs()] == [[3, 16]]

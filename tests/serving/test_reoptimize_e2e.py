@@ -38,7 +38,7 @@ ACCEPTED = {"verdict": "accepted", "needs_review": False, "speedup": 2.0, "refer
 _HEAD = f'''
 import time
 import torch
-from hetforge.optimizer.problem import load_module_file
+from hetforge.core.problem import load_module_file
 
 _reference = load_module_file({str(SCORER)!r})
 '''
@@ -71,7 +71,7 @@ class Load:
     """Clients sending requests until stopped; every answer is checked against the reference."""
 
     def __init__(self, url: str, clients: int = 2):
-        from hetforge.optimizer.problem import Problem
+        from hetforge.core.problem import Problem
 
         self.url = url
         self.reference = Problem(file=str(SCORER)).load().build(seed=0)
@@ -170,7 +170,7 @@ def _wait_for(served, decision: str, after: int, timeout_s: float, variant: str 
 
 def _inject(served, name: str, source: str) -> str:
     from hetforge.kernels.registry import Registry
-    from hetforge.optimizer.problem import Problem
+    from hetforge.core.problem import Problem
 
     variant = Registry(served["registry"]).add(
         fingerprint=Problem(file=str(SCORER)).load().fingerprint(), device_class="cpu", precision="strict", name=name, agent="test",

@@ -59,7 +59,8 @@ def served(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("HETFORGE_HOME", "HETFORGE_RAY_TMP", "PROMETHEUS_MULTIPROC_DIR")}
     os.environ["HETFORGE_HOME"] = str(home)
     os.environ["HETFORGE_RAY_TMP"] = f"/tmp/hf-ray-{os.getpid()}"
-    from hetforge.kernels.registry import Registry, source_fingerprint
+    from hetforge.core.problem import source_fingerprint
+    from hetforge.kernels.registry import Registry
     from hetforge.serving import deploy as dep
 
     registry = Registry(home / "registry.sqlite")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
-from hetforge.kernels.registry import Registry, source_fingerprint
+from hetforge.core.problem import source_fingerprint
+from hetforge.kernels.registry import Registry
 from hetforge.optimizer.variants import VariantSpec
 from hetforge.serving.metrics import CONTROL_SPEC, SPEC, Metrics
 from hetforge.serving.stage_runtime import ModelStageRuntime, SwapRefused

@@ -1,4 +1,6 @@
-"""Problems in the field's problem-file convention, and the Python API that serving and agents use.
+"""The stage-to-optimize abstraction: a reference computation, its inputs and its registry fingerprint.
+
+Problems in the field's problem-file convention, and the Python API that serving and agents use.
 
 A problem file defines `class Model(nn.Module)`, `get_inputs()` and `get_init_inputs()`, and may
 define `get_input_variants()` returning extra input lists of other shapes. A candidate file defines
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +43,12 @@ def load_module_file(path: str | Path, name: str | None = None) -> ModuleType:
     sys.modules[name] = module  # dataclasses and pickling look modules up here
     spec.loader.exec_module(module)
     return module
+
+
+def source_fingerprint(source: str, init_args: list | tuple = (), init_kwargs: dict | None = None) -> str:
+    """The registry key of a reference given as its source text and its constructor arguments."""
+    doc = json.dumps([list(init_args), init_kwargs or {}], default=str, sort_keys=True)
+    return hashlib.sha256(source.encode() + b"\0" + doc.encode()).hexdigest()[:24]
 
 
 def resolve(target: str) -> Any:
@@ -113,8 +122,6 @@ class LoadedProblem:
 
     def fingerprint(self) -> str:
         """The registry key of this reference: its source and its effective constructor arguments."""
-        from hetforge.kernels.registry import source_fingerprint
-
         return source_fingerprint(self.source, list(self.init_args), self.init_kwargs)
 
     def build(self, cls: Callable[..., torch.nn.Module] | None = None, seed: int = 0, device: str = "cpu") -> torch.nn.Module:

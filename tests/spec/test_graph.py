@@ -7,7 +7,7 @@ import json
 import networkx as nx
 import pytest
 
-from hetforge.planners.graph import DATA, TOOL_CALL, TOOL_RETURN, PipelineGraph
+from hetforge.spec.graph import DATA, TOOL_CALL, TOOL_RETURN, PipelineGraph
 from hetforge.spec import SpecError, load_bytes, load_pipeline
 from tests.conftest import EXAMPLES, run_cli
 

@@ -1,14 +1,50 @@
-"""The one tolerance table: (output dtype, precision policy) -> (atol, rtol), and the comparison.
+"""Precision policies: the one enum, which policy serves which, and the one tolerance table.
 
-`strict` is the default: fp32 compared at atol = rtol = 1e-4. `tf32` and `bf16` loosen it; they
-apply only where the stage opts in. Integer and boolean outputs always compare exactly.
+A stage declares the policy it is served at:
+- `strict`: IEEE fp32 results (TF32 off for matmul and cuDNN), compared at atol = rtol = 1e-4 for fp32;
+- `tf32`: TF32 matrix math allowed;
+- `bf16`: bf16 compute (autocast) with the stage's output dtype.
+`strict` is the default. A variant verified under a stricter policy also serves a looser stage
+(`serves`). Integer and boolean outputs always compare exactly.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
+
+
+class Precision(enum.StrEnum):
+    """A precision policy, ordered from strictest to loosest. Compares equal to its string value."""
+
+    STRICT = "strict"
+    TF32 = "tf32"
+    BF16 = "bf16"
+
+    @classmethod
+    def parse(cls, value: str) -> Precision:
+        """The policy named `value`; a ValueError in the house pattern otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f'Got "{value}" for precision: one of {", ".join(PRECISIONS)}.') from None
+
+
+PRECISIONS: tuple[str, ...] = tuple(p.value for p in Precision)
+
+
+def serves(variant_policy: str, stage_policy: str) -> bool:
+    """Whether a variant verified under `variant_policy` may serve a stage declared at `stage_policy`:
+    a stricter (or the same) policy serves a looser one."""
+    return PRECISIONS.index(Precision.parse(variant_policy)) <= PRECISIONS.index(Precision.parse(stage_policy))
+
+
+def serving_policies(stage_policy: str) -> tuple[str, ...]:
+    """Every policy whose variants may serve a stage declared at `stage_policy`, strictest first."""
+    return tuple(p for p in PRECISIONS if serves(p, stage_policy))
+
 
 TOLERANCES: dict[tuple[torch.dtype, str], tuple[float, float]] = {
     (torch.float64, "strict"): (1e-7, 1e-7),
@@ -26,13 +62,11 @@ TOLERANCES: dict[tuple[torch.dtype, str], tuple[float, float]] = {
     (torch.float16, "bf16"): (5e-2, 5e-2),
     (torch.bfloat16, "bf16"): (5e-2, 5e-2),
 }
-PRECISIONS = ("strict", "tf32", "bf16")
 
 
 def tolerance(dtype: torch.dtype, precision: str) -> tuple[float, float]:
     """(atol, rtol) for outputs of `dtype` under `precision`; (0, 0) for exact dtypes."""
-    if precision not in PRECISIONS:
-        raise ValueError(f'Got "{precision}" for precision: one of {", ".join(PRECISIONS)}.')
+    precision = Precision.parse(precision)
     if not (dtype.is_floating_point or dtype.is_complex):
         return (0.0, 0.0)
     return TOLERANCES.get((dtype, precision), TOLERANCES[(torch.float32, precision)])

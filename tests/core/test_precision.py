@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from hetforge.optimizer import tolerance
-from hetforge.optimizer.tolerance import compare
+from hetforge.core import precision
+from hetforge.core.precision import compare
 
 
 @pytest.fixture(params=[None, 7])
 def chunk(request, monkeypatch):
     """Whole tensors, and tiny chunks (so every path crosses chunk boundaries)."""
     if request.param:
-        monkeypatch.setattr(tolerance, "_CHUNK", request.param)
+        monkeypatch.setattr(precision, "_CHUNK", request.param)
 
 
 def test_within_and_outside_tolerance(chunk):
@@ -50,3 +50,14 @@ def test_shapes_dtypes_and_exact_types():
     assert compare(i, i.clone(), "strict").ok and not compare(i + (i == 3), i, "strict").ok
     h = torch.randn(100).half()
     assert compare(h, h.clone(), "strict").ok and not compare(h + 1, h, "strict").ok
+
+
+def test_a_stricter_policy_serves_a_looser_one_and_never_the_reverse():
+    from hetforge.core.precision import Precision, serves, serving_policies
+
+    assert serving_policies("strict") == ("strict",)
+    assert serving_policies("tf32") == ("strict", "tf32")
+    assert serving_policies(Precision.BF16) == ("strict", "tf32", "bf16")
+    assert serves("strict", "bf16") and not serves("bf16", "tf32") and not serves("tf32", "strict")
+    with pytest.raises(ValueError, match='Got "fp8" for precision'):
+        serves("fp8", "strict")
