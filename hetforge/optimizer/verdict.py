@@ -2,38 +2,53 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from dataclasses import asdict, dataclass, field
 
-# Reason kinds (why a candidate is rejected). Each rule that produces one says why in a comment.
-LOAD_ERROR = "load_error"  # the candidate does not import or build
-EXCEPTION = "exception"  # the candidate raised while running
-CRASHED = "crashed"  # the worker died of a signal (segfault, abort)
-EXITED = "exited"  # the worker exited (os._exit, sys.exit)
-TIMEOUT = "timeout"  # no answer before the deadline (a hang)
-OUT_OF_MEMORY = "out_of_memory"  # a runaway allocation
-PROTOCOL = "protocol"  # malformed replies: the harness was tampered with
-MISMATCH = "mismatch"  # values differ beyond the tolerance
-SHAPE = "shape"  # wrong output shape or structure
-DTYPE = "dtype"  # wrong output dtype
-NAN_INF = "nan_inf"  # NaN or Inf where the reference has none, or the other way round
-NOT_PLAIN = "not_plain_tensor"  # a subclass, a meta tensor, another layout or device
-MODIFIES_INPUTS = "modifies_inputs"  # writes into its inputs: unsafe inside a pipeline
-NOT_FASTER = "not_faster"  # below the required speedup
-REFERENCE_FAILED = "reference_failed"  # the reference itself did not run: nothing can be judged
-CONFINEMENT = "confinement"  # reached for the network, files outside scratch, secrets or too many processes
+class Status(enum.StrEnum):
+    """The verdict on a candidate."""
 
-# Flags: accepted, but a human reviews before promotion.
-FLAG_SPEEDUP = "implausible_speedup"
-FLAG_INSENSITIVE = "insensitive_output"
-FLAG_HIDDEN_WORK = "hidden_work"
-FLAG_STATIC_PREFIX = "static:"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+class RejectKind(enum.StrEnum):
+    """Why a candidate is rejected. Each rule that produces one says why in a comment."""
+
+    LOAD_ERROR = "load_error"  # the candidate does not import or build
+    EXCEPTION = "exception"  # the candidate raised while running
+    CRASHED = "crashed"  # the worker died of a signal (segfault, abort)
+    EXITED = "exited"  # the worker exited (os._exit, sys.exit)
+    TIMEOUT = "timeout"  # no answer before the deadline (a hang)
+    OUT_OF_MEMORY = "out_of_memory"  # a runaway allocation
+    PROTOCOL = "protocol"  # malformed replies: the harness was tampered with
+    MISMATCH = "mismatch"  # values differ beyond the tolerance
+    SHAPE = "shape"  # wrong output shape or structure
+    DTYPE = "dtype"  # wrong output dtype
+    NAN_INF = "nan_inf"  # NaN or Inf where the reference has none, or the other way round
+    NOT_PLAIN = "not_plain_tensor"  # a subclass, a meta tensor, another layout or device
+    MODIFIES_INPUTS = "modifies_inputs"  # writes into its inputs: unsafe inside a pipeline
+    NOT_FASTER = "not_faster"  # below the required speedup
+    REFERENCE_FAILED = "reference_failed"  # the reference itself did not run: nothing can be judged
+    CONFINEMENT = "confinement"  # reached for the network, files outside scratch, secrets or too many processes
+
+
+class Flag(enum.StrEnum):
+    """Accepted, but a human reviews before promotion. Static-check flags are `static:<rule>` strings."""
+
+    SPEEDUP = "implausible_speedup"
+    INSENSITIVE = "insensitive_output"
+    HIDDEN_WORK = "hidden_work"
+
+
+STATIC_FLAG_PREFIX = "static:"  # flags from static checks of the source: `static:<rule>`
 
 
 @dataclass(frozen=True)
 class Reason:
-    kind: str
+    kind: RejectKind
     message: str
 
 
@@ -49,7 +64,7 @@ class TrialResult:
 
 @dataclass
 class Verdict:
-    verdict: str  # accepted | rejected
+    verdict: Status
     reasons: list[Reason] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
     needs_review: bool = False
@@ -69,7 +84,7 @@ class Verdict:
 
     @property
     def accepted(self) -> bool:
-        return self.verdict == "accepted"
+        return self.verdict == Status.ACCEPTED
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,7 +13,6 @@ import concurrent.futures
 import functools
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -256,7 +255,7 @@ class _Side:
 class _Judge:
     def __init__(self, reference: Problem, candidate_file: str, options: VerifyOptions, shared: ReferenceSide | None = None):
         self.reference, self.candidate_file, self.opt = reference, candidate_file, options
-        self.verdict = V.Verdict(verdict="rejected", device=device_name(options.device), precision=options.precision,
+        self.verdict = V.Verdict(verdict=V.Status.REJECTED, device=device_name(options.device), precision=options.precision,
                                  baseline=options.baseline, versions=_versions())
         self.rng = random.Random(int.from_bytes(os.urandom(8), "little"))  # seeds no candidate can predict
         self.used_seeds: set[int] = set()
@@ -279,7 +278,7 @@ class _Judge:
             self.close()
             raise
         if not ok:
-            self.verdict.verdict = "rejected"
+            self.verdict.verdict = V.Status.REJECTED
         else:  # it may wait for its timing while others are timed: holding only its module, not its check's inputs
             self._release_candidate()
         return bool(ok) and not self.verdict.reasons
@@ -303,7 +302,7 @@ class _Judge:
                     self._timing()
                     self.verdict.phases_s["timing"] = round(_clock() - mark, 3)
                 if not self.verdict.reasons:
-                    self.verdict.verdict = "accepted"
+                    self.verdict.verdict = V.Status.ACCEPTED
                 self.verdict.needs_review = self.verdict.accepted and bool(self.verdict.flags)
         finally:
             if close:
@@ -330,7 +329,7 @@ class _Judge:
         return max(0.1, min(seconds, self.opt.deadline - time.monotonic()))
 
     def _reject(self, kind: str, message: str) -> bool:
-        self.verdict.verdict = "rejected"
+        self.verdict.verdict = V.Status.REJECTED
         self.verdict.reasons.append(V.Reason(kind, message))
         return False
 
@@ -338,12 +337,12 @@ class _Judge:
         try:
             source = Path(self.candidate_file).read_text()
         except (OSError, UnicodeDecodeError) as err:
-            return self._reject(V.LOAD_ERROR, f"cannot read candidate {self.candidate_file}: {err}")
+            return self._reject(V.RejectKind.LOAD_ERROR, f"cannot read candidate {self.candidate_file}: {err}")
         self.verdict.flags.extend(review_flags(source))
         try:
             self.problem = self.reference.load()
         except Exception as err:  # noqa: BLE001 - the user's reference: report, never crash the judge
-            return self._reject(V.REFERENCE_FAILED, f"cannot load the reference: {type(err).__name__}: {err}")
+            return self._reject(V.RejectKind.REFERENCE_FAILED, f"cannot load the reference: {type(err).__name__}: {err}")
 
         memory = self.opt.memory_mb if self.opt.device == "cpu" else 0  # CUDA reserves huge address space
         self.cand_worker = start_worker("candidate", memory, self.opt.device, trusted=self.opt.trusted_candidate)
@@ -372,19 +371,19 @@ class _Judge:
     def _reply_ok(self, reply: dict | WorkerFailure, reference: bool, stage: str, load: bool = False) -> bool:
         """True for a good reply; otherwise record why the reference or candidate failed."""
         if isinstance(reply, WorkerFailure):
-            kind = {"timeout": V.TIMEOUT, "crashed": V.CRASHED, "exited": V.EXITED}.get(reply.kind, V.PROTOCOL)
+            kind = {"timeout": V.RejectKind.TIMEOUT, "crashed": V.RejectKind.CRASHED, "exited": V.RejectKind.EXITED}.get(reply.kind, V.RejectKind.PROTOCOL)
             if reference:
-                self._reject(V.REFERENCE_FAILED, f"reference worker failed during {stage}: {reply}")
+                self._reject(V.RejectKind.REFERENCE_FAILED, f"reference worker failed during {stage}: {reply}")
             else:
                 self._reject(kind, f"candidate worker {reply.kind} during {stage}: {reply.message}")
             return False
         if "error" in reply:
             message = f"{reply.get('message', '')}"
             if reference:
-                self._reject(V.REFERENCE_FAILED, f"the reference failed during {stage}: {message}")
+                self._reject(V.RejectKind.REFERENCE_FAILED, f"the reference failed during {stage}: {message}")
             else:
-                kind = V.LOAD_ERROR if load else V.EXCEPTION
-                kind = {"out_of_memory": V.OUT_OF_MEMORY, "confined": V.CONFINEMENT}.get(reply["error"], kind)
+                kind = V.RejectKind.LOAD_ERROR if load else V.RejectKind.EXCEPTION
+                kind = {"out_of_memory": V.RejectKind.OUT_OF_MEMORY, "confined": V.RejectKind.CONFINEMENT}.get(reply["error"], kind)
                 self._reject(kind, f"candidate failed during {stage}: {message}")
             return False
         if not reference and "confinement" in reply:
@@ -452,7 +451,7 @@ class _Judge:
             return None
         if cand.get("inputs_modified"):
             # Stages share tensors inside a pipeline: writing into an input corrupts another stage's data.
-            self._reject(V.MODIFIES_INPUTS, f"{label}: the candidate modified input(s) {cand['inputs_modified']}")
+            self._reject(V.RejectKind.MODIFIES_INPUTS, f"{label}: the candidate modified input(s) {cand['inputs_modified']}")
             return None
         outcome = self._compare_outputs(cand.get("outputs"), cand.get("info", []), ref["outputs"], label)
         if outcome is None:
@@ -466,7 +465,7 @@ class _Judge:
         A candidate within tolerance of that is right where the reference's own rounding was not (a re-expressed
         sum, a more exact product: outputs of magnitude 30 from K = 1024 products differ from the exact result by
         ~1e-4 in cuBLAS fp32 itself). The candidate cannot touch this run: it is the trusted reference worker's."""
-        if not self.verdict.reasons or self.verdict.reasons[-1].kind != V.MISMATCH:
+        if not self.verdict.reasons or self.verdict.reasons[-1].kind != V.RejectKind.MISMATCH:
             return None
         mismatch = self.verdict.reasons.pop()
         exact = self.side.ask(request, self._timeout(self.opt.timeout_s), keep=request["cmd"] == "run")
@@ -483,35 +482,35 @@ class _Judge:
     def _compare_outputs(self, cand: Any, info: list, ref: Any, label: str) -> tuple[float, float] | None:
         ref_flat, cand_flat = _flatten(ref), _flatten(cand)
         if len(ref_flat) != len(cand_flat):
-            self._reject(V.SHAPE, f"{label}: {len(cand_flat)} outputs, the reference has {len(ref_flat)}")
+            self._reject(V.RejectKind.SHAPE, f"{label}: {len(cand_flat)} outputs, the reference has {len(ref_flat)}")
             return None
         for i, item in enumerate(info if isinstance(info, list) else []):
             # Only plain, materialized tensors on the right device: subclasses and lazy objects can defer or fake work.
             if isinstance(item, dict) and not (item.get("plain") and item.get("layout") == "torch.strided" and not item.get("meta")
                                                and item.get("device") == self.opt.device):
-                self._reject(V.NOT_PLAIN, f"{label}: output {i} is {item.get('type')} on {item.get('device')}, not a plain strided tensor on {self.opt.device}")
+                self._reject(V.RejectKind.NOT_PLAIN, f"{label}: output {i} is {item.get('type')} on {item.get('device')}, not a plain strided tensor on {self.opt.device}")
                 return None
         worst_abs = worst_rel = 0.0
         for i, (c, r) in enumerate(zip(cand_flat, ref_flat)):
             if isinstance(r, dict) and "sampled" in r:  # a timed output checked at drawn positions (fetch_sample)
                 if not (isinstance(c, dict) and isinstance(c.get("sampled"), torch.Tensor)):
-                    self._reject(V.NOT_PLAIN, f"{label}: output {i} did not come back as the sample asked for")
+                    self._reject(V.RejectKind.NOT_PLAIN, f"{label}: output {i} did not come back as the sample asked for")
                     return None
                 if list(c.get("shape", [])) != list(r["shape"]):
-                    self._reject(V.SHAPE, f"{label}: output {i}: shape {tuple(c.get('shape', []))} != {tuple(r['shape'])}")
+                    self._reject(V.RejectKind.SHAPE, f"{label}: output {i}: shape {tuple(c.get('shape', []))} != {tuple(r['shape'])}")
                     return None
                 c, r = c["sampled"], r["sampled"]
             if not isinstance(r, torch.Tensor):
                 if c != r:
-                    self._reject(V.MISMATCH, f"{label}: output {i} is {c!r}, the reference gives {r!r}")
+                    self._reject(V.RejectKind.MISMATCH, f"{label}: output {i} is {c!r}, the reference gives {r!r}")
                     return None
                 continue
             if not isinstance(c, torch.Tensor):
-                self._reject(V.NOT_PLAIN, f"{label}: output {i} is not a tensor ({str(c)[:80]})")
+                self._reject(V.RejectKind.NOT_PLAIN, f"{label}: output {i} is not a tensor ({str(c)[:80]})")
                 return None
             result = compare(c, r, self.opt.precision)
             if not result.ok:
-                kind = {"shape": V.SHAPE, "dtype": V.DTYPE, "nan:": V.NAN_INF, "inf:": V.NAN_INF}.get(result.reason.split(" ")[0], V.MISMATCH)
+                kind = {"shape": V.RejectKind.SHAPE, "dtype": V.RejectKind.DTYPE, "nan:": V.RejectKind.NAN_INF, "inf:": V.RejectKind.NAN_INF}.get(result.reason.split(" ")[0], V.RejectKind.MISMATCH)
                 self._reject(kind, f"{label}: output {i}: {result.reason}")
                 return None
             worst_abs, worst_rel = max(worst_abs, result.max_abs), max(worst_rel, result.max_rel)
@@ -526,7 +525,7 @@ class _Judge:
                                 for p, q in zip(_flatten(x), _flatten(y)))  # noqa: E731
         if same(cand_a, cand_b):
             # An output that ignores its inputs passes a judge that checks one input; the reference decides whether that is legitimate.
-            self.verdict.flags.append(V.FLAG_INSENSITIVE + (": the reference's output did not change either" if same(ref_a, ref_b) else ""))
+            self.verdict.flags.append(V.Flag.INSENSITIVE + (": the reference's output did not change either" if same(ref_a, ref_b) else ""))
 
     # -- timing ----------------------------------------------------------------------------
 
@@ -579,7 +578,7 @@ class _Judge:
                     other.resume()
                 times = [float(t) for t in reply.get("times_ms", [])][:calls]
                 if len(times) != calls or not all(np.isfinite(times)) or min(times) < 0:
-                    return self._reject(V.PROTOCOL, f"{stage}: the worker reported {len(times)} malformed timings")
+                    return self._reject(V.RejectKind.PROTOCOL, f"{stage}: the worker reported {len(times)} malformed timings")
                 side = sides[name]
                 side.per_call_ms.extend(times)
                 side.window_ms.append(window)
@@ -612,7 +611,7 @@ class _Judge:
         hidden_per_call = max(0.0, min(cand.overhead_ms) - honest_overhead + extra_fetch) / n
         if hidden_per_call > 0.15 * cand_ms + 0.05:
             shown = cand_ms + hidden_per_call
-            self.verdict.flags.append(f"{V.FLAG_HIDDEN_WORK}: per-call times say {cand_ms:.3f} ms, the judge's clock {shown:.3f} ms; using the latter")
+            self.verdict.flags.append(f"{V.Flag.HIDDEN_WORK}: per-call times say {cand_ms:.3f} ms, the judge's clock {shown:.3f} ms; using the latter")
             cand_ms = shown
         host_per_call = [(w + max(0.0, c - r)) / n for w, c, r in zip(cand.window_ms, cand.fetch_ms, ref.fetch_ms)]
         self.verdict.reference_ms = round(ref_ms, 6)
@@ -626,9 +625,9 @@ class _Judge:
         }
         if self.verdict.speedup > self.opt.review_speedup:
             # Published kernel agents' largest "speedups" were mostly exploits: a human looks first.
-            self.verdict.flags.append(f"{V.FLAG_SPEEDUP}: {self.verdict.speedup:.1f}x exceeds {self.opt.review_speedup:g}x")
+            self.verdict.flags.append(f"{V.Flag.SPEEDUP}: {self.verdict.speedup:.1f}x exceeds {self.opt.review_speedup:g}x")
         if self.opt.min_speedup and self.verdict.speedup < self.opt.min_speedup:
-            self._reject(V.NOT_FASTER, f"speedup {self.verdict.speedup:.3f}x is below the required {self.opt.min_speedup:g}x")
+            self._reject(V.RejectKind.NOT_FASTER, f"speedup {self.verdict.speedup:.3f}x is below the required {self.opt.min_speedup:g}x")
 
 
 def _spread(per_call: list[float], host: list[float]) -> dict:

@@ -86,7 +86,7 @@ def test_no_network(tmp_path, name):
     finally:
         listener.close()
     assert not result.accepted
-    assert result.reasons[0].kind == V.CONFINEMENT, result.reasons
+    assert result.reasons[0].kind == V.RejectKind.CONFINEMENT, result.reasons
     assert "Permission denied" in result.reasons[0].message and "confinement" in result.reasons[0].message
 
 
@@ -94,7 +94,7 @@ def test_no_writes_outside_scratch(tmp_path):
     target = tmp_path / "planted.txt"  # writable by the judge, not by the candidate
     result = verify(PROBLEM, _candidate(tmp_path, "writes_outside", target=target), VerifyOptions(**FAST))
     assert not target.exists()
-    assert not result.accepted and result.reasons[0].kind == V.CONFINEMENT, result.reasons
+    assert not result.accepted and result.reasons[0].kind == V.RejectKind.CONFINEMENT, result.reasons
     assert str(target) in result.reasons[0].message
 
 
@@ -102,7 +102,7 @@ def test_no_secrets_from_the_environment(tmp_path, monkeypatch):
     # A name no deny-list would catch: workers get an allow-list of variables, not "all but secrets".
     monkeypatch.setenv("DATABASE_URL", "postgres://admin:hunter2@db/prod")
     result = verify(PROBLEM, _candidate(tmp_path, "reads_secret", var="DATABASE_URL"), VerifyOptions(**FAST))
-    assert not result.accepted and result.reasons[0].kind == V.LOAD_ERROR, result.reasons
+    assert not result.accepted and result.reasons[0].kind == V.RejectKind.LOAD_ERROR, result.reasons
     assert "KeyError: 'DATABASE_URL'" in result.reasons[0].message
     assert "hunter2" not in result.to_json()
 
@@ -112,8 +112,8 @@ def test_fork_bomb_is_contained(tmp_path):
     result = verify(PROBLEM, _candidate(tmp_path, "fork_bomb"), VerifyOptions(**FAST, timeout_s=60))
     assert not result.accepted
     # The process limit stops it: the candidate's own processes report it, or their replies collide on the pipe.
-    assert result.reasons[0].kind in (V.CONFINEMENT, V.PROTOCOL), result.reasons
-    if result.reasons[0].kind == V.CONFINEMENT:
+    assert result.reasons[0].kind in (V.RejectKind.CONFINEMENT, V.RejectKind.PROTOCOL), result.reasons
+    if result.reasons[0].kind == V.RejectKind.CONFINEMENT:
         assert "process limit" in result.reasons[0].message
     assert time.monotonic() - started < 60
     assert _workers_left() == []

@@ -27,25 +27,25 @@ def judge(problem: str, candidate: str, device: str = "cpu", **overrides) -> V.V
 
 # candidate -> (problem, expected rejection kind, a fragment of its message, extra options)
 ADVERSARIAL = {
-    "raises": ("linear_relu", V.EXCEPTION, "kernel launch failed", {}),
-    "exits": ("linear_relu", V.EXITED, "exited with code 0", {}),
-    "segfault": ("linear_relu", V.CRASHED, "SIGSEGV", {}),
-    "hangs": ("linear_relu", V.TIMEOUT, "within 3 s", {"timeout_s": 3}),
-    "runaway_alloc": ("linear_relu", V.OUT_OF_MEMORY, "", {"memory_mb": 4096}),
-    "caches_result": ("linear_relu", V.MISMATCH, "trial 2", {}),
-    "partial_work": ("linear_relu", V.MISMATCH, "elements outside", {}),
-    "lower_precision": ("linear_relu", V.MISMATCH, "atol=0.0001", {}),
-    "modifies_input": ("linear_relu", V.MODIFIES_INPUTS, "modified input(s) [0]", {}),
-    "wrong_shape": ("linear_relu", V.SHAPE, "shape (1, 512) != (64, 512)", {}),
-    "wrong_dtype": ("linear_relu", V.DTYPE, "torch.float64 != torch.float32", {}),
-    "tampers_with_judge": ("linear_relu", V.MISMATCH, "elements outside", {}),
-    "tampers_with_inputs": ("linear_relu", V.MISMATCH, "trial 1", {}),
-    "tensor_subclass": ("linear_relu", V.NOT_PLAIN, "Lazy", {}),
-    "hardcoded_seed": ("linear_relu", V.MISMATCH, "re-initialized under seed 1", {}),
-    "forges_reply": ("linear_relu", V.PROTOCOL, "", {}),
-    "nan_to_num": ("log_scale", V.NAN_INF, "NaN at different places", {}),
+    "raises": ("linear_relu", V.RejectKind.EXCEPTION, "kernel launch failed", {}),
+    "exits": ("linear_relu", V.RejectKind.EXITED, "exited with code 0", {}),
+    "segfault": ("linear_relu", V.RejectKind.CRASHED, "SIGSEGV", {}),
+    "hangs": ("linear_relu", V.RejectKind.TIMEOUT, "within 3 s", {"timeout_s": 3}),
+    "runaway_alloc": ("linear_relu", V.RejectKind.OUT_OF_MEMORY, "", {"memory_mb": 4096}),
+    "caches_result": ("linear_relu", V.RejectKind.MISMATCH, "trial 2", {}),
+    "partial_work": ("linear_relu", V.RejectKind.MISMATCH, "elements outside", {}),
+    "lower_precision": ("linear_relu", V.RejectKind.MISMATCH, "atol=0.0001", {}),
+    "modifies_input": ("linear_relu", V.RejectKind.MODIFIES_INPUTS, "modified input(s) [0]", {}),
+    "wrong_shape": ("linear_relu", V.RejectKind.SHAPE, "shape (1, 512) != (64, 512)", {}),
+    "wrong_dtype": ("linear_relu", V.RejectKind.DTYPE, "torch.float64 != torch.float32", {}),
+    "tampers_with_judge": ("linear_relu", V.RejectKind.MISMATCH, "elements outside", {}),
+    "tampers_with_inputs": ("linear_relu", V.RejectKind.MISMATCH, "trial 1", {}),
+    "tensor_subclass": ("linear_relu", V.RejectKind.NOT_PLAIN, "Lazy", {}),
+    "hardcoded_seed": ("linear_relu", V.RejectKind.MISMATCH, "re-initialized under seed 1", {}),
+    "forges_reply": ("linear_relu", V.RejectKind.PROTOCOL, "", {}),
+    "nan_to_num": ("log_scale", V.RejectKind.NAN_INF, "NaN at different places", {}),
     # more calls per round: the judge's noise allowance is per call, so the 10 ms sleep stands out under load
-    "fakes_clock": ("linear_relu", V.NOT_FASTER, "below the required 1x", {"min_speedup": 1.0, "calls_per_round": 10}),
+    "fakes_clock": ("linear_relu", V.RejectKind.NOT_FASTER, "below the required 1x", {"min_speedup": 1.0, "calls_per_round": 10}),
 }
 
 
@@ -79,7 +79,7 @@ def test_a_shared_reference_serves_a_batch_on_the_same_seeds():
     try:
         first, crashed, second = judge_shared("legit_addmm_folded_scale"), judge_shared("segfault"), judge_shared("legit_addmm_folded_scale")
         assert first.accepted and second.accepted, (first.reasons, second.reasons)
-        assert crashed.reasons[0].kind == V.CRASHED, crashed.reasons
+        assert crashed.reasons[0].kind == V.RejectKind.CRASHED, crashed.reasons
         assert [t.seed for t in first.trials] == [t.seed for t in second.trials]
         reference_calls = [m for m in runs if m["cmd"] == "run"]
         assert len(reference_calls) == FAST["trials"] * 2 + 1, reference_calls  # trials x 2 input sets + the re-initialized model's
@@ -101,7 +101,7 @@ def test_sampled_timed_outputs_still_catch_wrong_timed_calls():
     """Trusted candidates' timed outputs come back at 64 drawn positions instead of whole: a candidate
     right in the checks but wrong in 1 of 7 rows when timed is caught all the same."""
     result = judge("linear_relu", "wrong_when_timed", fetch_sample=64)
-    assert result.verdict == "rejected" and result.reasons[0].kind == V.MISMATCH, result.reasons
+    assert result.verdict == "rejected" and result.reasons[0].kind == V.RejectKind.MISMATCH, result.reasons
     assert "timed call" in result.reasons[0].message and "of 64 elements" in result.reasons[0].message
     assert judge("linear_relu", "legit_addmm_folded_scale", fetch_sample=64).verdict == "accepted"
 
@@ -123,7 +123,7 @@ def test_large_outputs_of_trusted_candidates_are_checked_at_drawn_positions():
     """fetch_sample (hetforge's own candidates) with outputs over check_sample_above: correctness compares
     drawn positions, so a wrong output is still caught, and a right one passes."""
     wrong = judge("linear_relu", "caches_result", fetch_sample=64, check_sample_above=0)
-    assert wrong.verdict == "rejected" and wrong.reasons[0].kind == V.MISMATCH, wrong.reasons
+    assert wrong.verdict == "rejected" and wrong.reasons[0].kind == V.RejectKind.MISMATCH, wrong.reasons
     assert "trial 2" in wrong.reasons[0].message and "of 64 elements" in wrong.reasons[0].message
     right = judge("linear_relu", "legit_addmm_folded_scale", fetch_sample=64, check_sample_above=0)
     assert right.verdict == "accepted", right.reasons
@@ -136,12 +136,12 @@ def test_more_exact_than_the_float32_reference_is_accepted_and_wrong_stays_wrong
     assert exact.verdict == "accepted" and not exact.needs_review, exact.reasons
     assert any(n.startswith("more exact than the float32 reference") for n in exact.notes)
     wrong = judge("cancels", "wrong_by_rounding")
-    assert wrong.verdict == "rejected" and wrong.reasons[0].kind == V.MISMATCH, wrong.reasons
+    assert wrong.verdict == "rejected" and wrong.reasons[0].kind == V.RejectKind.MISMATCH, wrong.reasons
 
 
 def test_fake_clock_is_caught_by_the_judges_clock():
     result = judge("linear_relu", "fakes_clock", min_speedup=1.0, calls_per_round=10)
-    assert any(flag.startswith(V.FLAG_HIDDEN_WORK) for flag in result.flags), result.flags
+    assert any(flag.startswith(V.Flag.HIDDEN_WORK) for flag in result.flags), result.flags
     assert result.candidate_ms >= 10.0  # it sleeps 10 ms a call, whatever its own clock says
     assert result.speedup < 1.0
 
@@ -150,7 +150,7 @@ def test_fake_clock_is_caught_by_the_judges_clock():
 def test_side_stream_work_cannot_hide_from_the_timer():
     result = judge("linear_relu", "side_stream", "cuda", rounds=3, calls_per_round=10)
     assert result.accepted and result.needs_review
-    assert any(flag.startswith(V.FLAG_HIDDEN_WORK) for flag in result.flags), result.flags
+    assert any(flag.startswith(V.Flag.HIDDEN_WORK) for flag in result.flags), result.flags
 
 
 # candidate -> (problem, options)
@@ -189,16 +189,16 @@ def test_implausible_speedup_needs_review():
     # A threshold of 0 makes any measured speedup "implausible": the rule is tested, not a timing.
     result = judge("wasteful", "legit_drop_dead_code", review_speedup=0.0)
     assert result.accepted and result.needs_review
-    assert any(f.startswith(V.FLAG_SPEEDUP) for f in result.flags)
+    assert any(f.startswith(V.Flag.SPEEDUP) for f in result.flags)
     unflagged = judge("wasteful", "legit_drop_dead_code", review_speedup=1e9)
-    assert not any(f.startswith(V.FLAG_SPEEDUP) for f in unflagged.flags)
+    assert not any(f.startswith(V.Flag.SPEEDUP) for f in unflagged.flags)
 
 
 def test_missing_model_new_is_a_load_error(tmp_path):
     empty = tmp_path / "empty.py"
     empty.write_text("import torch\n")
     result = verify(Problem(file=str(PROBLEMS / "linear_relu.py")), empty, VerifyOptions(**FAST))
-    assert result.verdict == "rejected" and result.reasons[0].kind == V.LOAD_ERROR
+    assert result.verdict == "rejected" and result.reasons[0].kind == V.RejectKind.LOAD_ERROR
     assert "ModelNew" in result.reasons[0].message
 
 
@@ -206,7 +206,7 @@ def test_syntax_error_is_a_load_error(tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("class ModelNew(:\n")
     result = verify(Problem(file=str(PROBLEMS / "linear_relu.py")), broken, VerifyOptions(**FAST))
-    assert result.reasons[0].kind == V.LOAD_ERROR and "SyntaxError" in result.reasons[0].message
+    assert result.reasons[0].kind == V.RejectKind.LOAD_ERROR and "SyntaxError" in result.reasons[0].message
 
 
 def test_cli_contract_accepted_json_last_line():
@@ -225,7 +225,7 @@ def test_cli_contract_rejected_and_usage():
     rejected = run_cli("verify", str(PROBLEMS / "linear_relu.py"), str(CANDIDATES / "wrong_shape.py"), "--no-timing", "--json")
     assert rejected.returncode == 1
     doc = json.loads(rejected.stdout.strip().splitlines()[-1])
-    assert doc["verdict"] == "rejected" and doc["reasons"][0]["kind"] == V.SHAPE
+    assert doc["verdict"] == "rejected" and doc["reasons"][0]["kind"] == V.RejectKind.SHAPE
     missing = run_cli("verify", str(PROBLEMS / "linear_relu.py"), "/nonexistent/candidate.py")
     assert missing.returncode == 2 and "no such file" in missing.stderr
     bad_option = run_cli("verify", str(PROBLEMS / "linear_relu.py"), str(CANDIDATES / "wrong_shape.py"), "--precision", "fp8")
