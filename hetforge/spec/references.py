@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path as FsPath
 
+from hetforge.spec.code_refs import PROBLEM_FILE_NAMES, check_reference, missing_problem_names
 from hetforge.spec.errors import Problem
 from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
 
@@ -56,24 +57,33 @@ def check_references(pipeline: Pipeline, base_dir: FsPath | None) -> list[Proble
 
 
 def _check_files(stage: ModelStage | LlmStage | ToolStage, i: int, base_dir: FsPath) -> list[Problem]:
-    """Files a stage names must exist; model folders of LLMs are checked at deploy time (they may be built later)."""
-    wanted: list[tuple[str, str]] = []
+    """Files a stage names must exist and code it names must be defined there, checked without running it
+    (`code_refs`); model folders of LLMs are checked at deploy time (they may be built later)."""
+    problems = []
+    refs: list[tuple[str, str]] = []
     if isinstance(stage, ModelStage):
         if stage.problem_file:
-            wanted.append(("problem_file", stage.problem_file))
-        if stage.module and stage.module.split(":")[0].endswith(".py"):
-            wanted.append(("module", stage.module.split(":")[0]))
-        if stage.weights:
-            wanted.append(("weights", stage.weights))
-        for field in ("preprocess", "postprocess"):
-            target = getattr(stage, field)
-            if target and target.split(":")[0].endswith(".py"):
-                wanted.append((field, target.split(":")[0]))
-    elif isinstance(stage, ToolStage) and stage.callable and stage.callable.split(":")[0].endswith(".py"):
-        wanted.append(("callable", stage.callable.split(":")[0]))
-    problems = []
-    for field, rel in wanted:
-        if not (base_dir / rel).is_file():
-            value = getattr(stage, field)
-            problems.append(Problem(("stages", i, field), value, f"an existing file relative to the pipeline's folder ({base_dir})"))
+            path = base_dir / stage.problem_file
+            if not path.is_file():
+                problems.append(Problem(("stages", i, "problem_file"), stage.problem_file, _NO_FILE.format(base_dir)))
+            else:
+                missing = missing_problem_names(path)
+                if missing:
+                    problems.append(Problem(("stages", i, "problem_file"), stage.problem_file,
+                                            f"a problem file defining {', '.join(PROBLEM_FILE_NAMES)}; it lacks {', '.join(missing)}"))
+        if stage.module:
+            refs.append(("module", "a class"))
+        if stage.weights and not (base_dir / stage.weights).is_file():
+            problems.append(Problem(("stages", i, "weights"), stage.weights, _NO_FILE.format(base_dir)))
+        refs += [(field, "a function") for field in ("preprocess", "postprocess") if getattr(stage, field)]
+    elif isinstance(stage, ToolStage) and stage.callable:
+        refs.append(("callable", "a function"))
+    for field, kind in refs:
+        value = getattr(stage, field)
+        why = check_reference(value, base_dir, kind)
+        if why:
+            problems.append(Problem(("stages", i, field), value, why))
     return problems
+
+
+_NO_FILE = "an existing file relative to the pipeline's folder ({})"

@@ -65,6 +65,14 @@ EXPECTED: dict[str, list[tuple[int, int, str]]] = {
         (5, 77, 'Got "fp8" for stages[0].precision: one of strict, tf32 or bf16.'),
     ],
     "missing_file.yaml": [(5, 42, 'Got "models/does_not_exist.py" for stages[0].problem_file: an existing file')],
+    # Code is parsed, never run: both files raise at import, and a package is looked up without importing it.
+    "code_references.yaml": [
+        (5, 41, 'for stages[0].module: a class that code/user_model.py defines; it has no \'TextEncodr\'; did you mean "TextEncoder"?'),
+        (6, 118, 'for stages[1].preprocess: a function that code/user_model.py defines; it has no \'to_tensor\'; did you mean'),
+        (7, 45, 'for stages[2].problem_file: a problem file defining Model, get_inputs, get_init_inputs; it lacks get_inputs.'),
+        (8, 40, "for stages[3].callable: an importable module; no package 'no_such_package_xyz' in the pipeline's folder"),
+        (9, 41, "for stages[4].callable: a function that json.decoder defines; it has no 'no_such_function'"),
+    ],
     "bad_condition.yaml": [(8, 28, "for flow[0].when: a condition needs exactly one of `equals` or `one_of`.")],
 }
 
