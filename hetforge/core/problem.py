@@ -36,6 +36,7 @@ def load_module_file(path: str | Path, name: str | None = None) -> ModuleType:
         raise ProblemError(f"{path}: no such file")
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
     name = name or f"hetforge_problem_{path.stem}_{digest}"
+    importable(path.parent)  # a file may import modules beside it
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ProblemError(f"{path}: not importable as Python")
@@ -62,12 +63,48 @@ def resolve(target: str) -> Any:
         raise ProblemError(f"cannot import {target}: {err}") from None
 
 
+DYNAMIC_DIM_SIZES = {"batch": 1}  # sizes of named dimensions when a declared signature makes inputs
+DEFAULT_DYNAMIC_SIZE = 128  # any other named dimension (seq, tokens, ...)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One declared input of a module stage: a shape with named dynamic dimensions, and a dtype."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+
+    def make(self, sizes: dict[str, int] | None = None) -> torch.Tensor:
+        """A random tensor of this signature (named dimensions from `sizes`, else the defaults), drawn from
+        torch's global generator: floats standard normal, integers 0 or 1 (masks, small ids)."""
+        sizes = {**DYNAMIC_DIM_SIZES, **(sizes or {})}
+        shape = [d if isinstance(d, int) else sizes.get(d, DEFAULT_DYNAMIC_SIZE) for d in self.shape]
+        dtype = getattr(torch, self.dtype)
+        if dtype.is_floating_point:
+            return torch.randn(shape).to(dtype)
+        if dtype == torch.bool:
+            return torch.randint(0, 2, shape).bool()
+        return torch.randint(0, 2, shape, dtype=dtype)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
 @dataclass(frozen=True)
 class Problem:
-    """A reference computation: how to build the module and how to make inputs.
+    """A reference computation: how to build the module and how to make inputs. Three forms:
 
-    Either `file` (problem-file convention) or `factory` + `inputs` (import paths of a function
-    returning the nn.Module and of a function returning a list of input tensors).
+    - `file`: a problem file (Model, get_inputs, get_init_inputs);
+    - `factory` + `inputs`: import paths of a function returning the nn.Module and of a function
+      returning a list of input tensors;
+    - `module` + `signature`: the team's own nn.Module class (`package.module:Class` or
+      `file.py:Class` relative to `base_dir`), its constructor arguments, an optional `weights`
+      checkpoint (safetensors, or a torch state_dict loaded with weights_only=True), and the declared
+      inputs from which random inputs are made.
+
+    The folders of `base_dir` and of a problem or module file are importable while loading, so a file
+    may import a module that sits beside it.
     """
 
     file: str | None = None
@@ -75,22 +112,42 @@ class Problem:
     inputs: str | None = None
     init_args: tuple = ()
     init_kwargs: dict = field(default_factory=dict)
+    module: str | None = None
+    base_dir: str | None = None
+    signature: tuple[InputSpec, ...] = ()
+    weights: str | None = None
 
     def __post_init__(self):
-        if (self.file is None) == (self.factory is None or self.inputs is None):
-            raise ProblemError("a Problem needs a problem `file`, or both `factory` and `inputs` import paths")
+        forms = (self.file is not None) + (self.factory is not None or self.inputs is not None) + (self.module is not None)
+        if forms != 1 or ((self.factory is None) != (self.inputs is None)):
+            raise ProblemError("a Problem needs exactly one of: a problem `file`; both `factory` and `inputs` import paths; "
+                               "or a `module` class with its input `signature`")
+        if self.module is not None and not self.signature:
+            raise ProblemError(f"module {self.module}: a module needs its declared input signature")
 
     def to_json(self) -> dict:
-        file = str(Path(self.file).resolve()) if self.file else None  # workers run in their own scratch folders
-        return {"file": file, "factory": self.factory, "inputs": self.inputs,
-                "init_args": list(self.init_args), "init_kwargs": dict(self.init_kwargs)}
+        def absolute(path):  # workers run in their own scratch folders
+            return str(Path(path).resolve()) if path else None
+
+        return {"file": absolute(self.file), "factory": self.factory, "inputs": self.inputs,
+                "init_args": list(self.init_args), "init_kwargs": dict(self.init_kwargs), "module": self.module,
+                "base_dir": absolute(self.base_dir), "signature": [s.to_json() for s in self.signature],
+                "weights": absolute(self._path(self.weights)) if self.weights else None}
 
     @classmethod
     def from_json(cls, doc: dict) -> Problem:
-        return cls(doc.get("file"), doc.get("factory"), doc.get("inputs"), tuple(doc.get("init_args") or ()), dict(doc.get("init_kwargs") or {}))
+        signature = tuple(InputSpec(s["name"], tuple(s["shape"]), s.get("dtype", "float32")) for s in doc.get("signature") or ())
+        return cls(doc.get("file"), doc.get("factory"), doc.get("inputs"), tuple(doc.get("init_args") or ()),
+                   dict(doc.get("init_kwargs") or {}), doc.get("module"), doc.get("base_dir"), signature, doc.get("weights"))
+
+    def _path(self, rel: str) -> Path:
+        path = Path(rel)
+        return path if path.is_absolute() or self.base_dir is None else Path(self.base_dir) / path
 
     def load(self) -> LoadedProblem:
         """Import the problem's code (trusted: this is the user's reference, not a candidate)."""
+        if self.base_dir is not None:
+            importable(self.base_dir)
         if self.file is not None:
             module = load_module_file(self.file)
             for name in ("Model", "get_inputs", "get_init_inputs"):
@@ -105,8 +162,102 @@ class Problem:
                 init_kwargs=dict(self.init_kwargs),
                 source=Path(self.file).read_text(),
             )
+        if self.module is not None:
+            return self._load_module()
         factory, inputs = resolve(self.factory), resolve(self.inputs)
         return LoadedProblem(factory, inputs, lambda: [], list(self.init_args), dict(self.init_kwargs), source="")
+
+    def _load_module(self) -> LoadedProblem:
+        location, _, attr = self.module.partition(":")
+        if location.endswith(".py"):
+            code = load_module_file(self._path(location))
+            if not hasattr(code, attr):
+                raise ProblemError(f"{location} defines no {attr}")
+            cls = getattr(code, attr)
+        else:
+            cls = resolve(self.module)
+        source = module_source(cls)
+        weights = self._path(self.weights) if self.weights else None
+        if weights is not None:
+            if not weights.is_file():
+                raise ProblemError(f"{weights}: no such weights file")
+            source += f"\0weights sha256 {file_digest(weights)}"  # a new checkpoint is another reference
+        model_class = cls if weights is None else _with_weights(cls, weights)
+        signature = self.signature
+
+        def get_inputs() -> list[torch.Tensor]:
+            return [spec.make() for spec in signature]
+
+        return LoadedProblem(model_class, get_inputs, lambda: [], list(self.init_args), dict(self.init_kwargs), source)
+
+
+def importable(folder: str | Path) -> None:
+    """Put `folder` on the import path (once), so code in it can import modules beside it."""
+    folder = str(Path(folder).resolve())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+def module_source(cls: type) -> str:
+    """The source the registry keys a module class by: the file defining it, and the files of the
+    classes it is built from (its bases and its nn.Module attributes' classes are not known before it
+    is built, so its whole defining file and every base's file count)."""
+    files = []
+    for klass in getattr(cls, "__mro__", (cls,)):
+        module = sys.modules.get(getattr(klass, "__module__", ""))
+        path = getattr(module, "__file__", None)
+        if path and path not in files and not path.startswith(_TORCH_DIR):
+            files.append(path)
+    parts = [f"{cls.__module__}.{cls.__qualname__}"]
+    for path in files:
+        try:
+            parts.append(Path(path).read_text())
+        except (OSError, UnicodeDecodeError):
+            parts.append(path)
+    return "\0".join(parts)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_weights(module: torch.nn.Module, path: Path) -> None:
+    """Load a checkpoint into `module` strictly: safetensors, else a torch state_dict read with weights_only=True
+    (no pickled code runs)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file  # optional: only checkpoints in this format need it
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling refusal or corrupt file is the user's to fix
+            raise ProblemError(f"{path}: not a state_dict torch.load(weights_only=True) can read: {err}") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ProblemError(f"{path} does not fit {type(module).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def _with_weights(cls: type, weights: Path):
+    """A constructor that builds `cls` and loads `weights` into it."""
+
+    def build(*args, **kwargs):
+        module = cls(*args, **kwargs)
+        load_weights(module, weights)
+        return module
+
+    build.__name__ = build.__qualname__ = cls.__name__
+    return build
+
+
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent.parent)  # site-packages: torch's own and other installed bases
 
 
 @dataclass

@@ -6,13 +6,12 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
-from hetforge.core.problem import LoadedProblem, load_module_file, resolve
 from hetforge.planners import profiles as prof
 from hetforge.planners.devices import DeviceClass, Inventory
 from hetforge.planners.placement import SMALL_MESSAGE_BYTES, PlacementProblem, evaluate, place
 from hetforge.spec.models import LlmStage, ModelStage, Pipeline
+from hetforge.spec.stages import stage_code_error, stage_problem
 
 GIB = 1 << 30
 # Figures for stages hetforge cannot profile yet (LLMs and tools are measured in serving);
@@ -84,23 +83,6 @@ def allowed_classes(stage, inventory: Inventory) -> list[str]:
     return [device]
 
 
-def _signature_problem(stage: ModelStage, base_dir: Path) -> LoadedProblem:
-    """A module stage's class with inputs made from its declared signature (dynamic dims: batch 1, others 128)."""
-    target = stage.module
-    path, _, attr = target.partition(":")
-    cls = getattr(load_module_file(base_dir / path), attr) if path.endswith(".py") else resolve(target)
-
-    def inputs():
-        out = []
-        for spec in stage.inputs:
-            shape = [d if isinstance(d, int) else (1 if d == "batch" else 128) for d in spec.shape]
-            dtype = getattr(torch, spec.dtype)
-            out.append(torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.randint(0, 2, shape, dtype=dtype))
-        return out
-
-    return LoadedProblem(cls, inputs, lambda: [], list(stage.init_args or []), dict(stage.init_kwargs), "")
-
-
 def _replicas(stage) -> int:
     return stage.replicas if isinstance(stage.replicas, int) else max(1, stage.replicas.min_replicas)
 
@@ -109,7 +91,7 @@ def profile_stage(stage, base_dir: Path, classes: list[DeviceClass], cache: prof
     """A profile of `stage` on each class: measured where the class is local, estimated elsewhere."""
     out: dict[str, prof.StageProfile] = {}
     if isinstance(stage, ModelStage):
-        problem = prof.stage_problem(stage, base_dir).load() if stage.problem_file else _signature_problem(stage, base_dir)
+        problem = stage_problem(stage, base_dir).load()
         fingerprint = prof.fingerprint(stage, base_dir)
         analysis = None
         for cls in classes:
@@ -153,7 +135,14 @@ def build_plan(pipeline: Pipeline, base_dir: Path, inventory: Inventory, objecti
         raise PlanError(errors)
 
     index = {s.name: i for i, s in enumerate(pipeline.stages)}
-    profiles = [profile_stage(s, base_dir, [inventory.classes[c] for c in opts], cache) for s, opts in zip(pipeline.stages, options)]
+    profiles = []
+    for stage, opts in zip(pipeline.stages, options):
+        try:
+            profiles.append(profile_stage(stage, base_dir, [inventory.classes[c] for c in opts], cache))
+        except Exception as err:  # noqa: BLE001 - the stage's own code (import, constructor, forward) failed
+            errors.append(str(stage_code_error(pipeline, stage.name, err)))
+    if errors:
+        raise PlanError(errors)
     memory = [{c: p.memory_bytes * _replicas(s) for c, p in ps.items()} for s, ps in zip(pipeline.stages, profiles)]
     for i, stage in enumerate(pipeline.stages):
         fitting = [c for c in options[i] if memory[i][c] <= inventory.classes[c].facts.memory_gib * GIB]

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from hetforge import config
-from hetforge.core.problem import LoadedProblem, Problem
+from hetforge.core.problem import LoadedProblem
 from hetforge.planners.devices import DeviceClass
 
 
@@ -74,13 +74,6 @@ class ProfileCache:
     def put(self, fingerprint: str, profile: StageProfile) -> None:
         with self._connect() as db:
             db.execute("INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?)", (fingerprint, profile.device, json.dumps(asdict(profile)), time.time()))
-
-
-def stage_problem(stage, base_dir: Path) -> Problem:
-    """The verifier's Problem for a model stage given by a problem file."""
-    if stage.problem_file is None:
-        raise ValueError(f"stage {stage.name}: profiling needs a problem_file (module stages are profiled in serving)")
-    return Problem(file=str(base_dir / stage.problem_file), init_args=tuple(stage.init_args or ()), init_kwargs=dict(stage.init_kwargs))
 
 
 def fingerprint(stage, base_dir: Path) -> str:

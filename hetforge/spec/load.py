@@ -72,6 +72,7 @@ def load_bytes(data: bytes, file: str = "<string>", base_dir: FsPath | None = No
         problems = graph_problems(pipeline)
     if problems:
         raise SpecError(locate(problems, source, file))
+    pipeline._stage_lines = {stage.name: f"{file}:{source.locate(('stages', i))[0]}" for i, stage in enumerate(pipeline.stages)}
     return pipeline
 
 

@@ -11,7 +11,17 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from hetforge.core.precision import Precision
 
@@ -398,6 +408,14 @@ class Reoptimize(_Spec):
 
 class Pipeline(_Spec):
     """A whole agent pipeline: stages, the data flow between them, and its targets."""
+
+    # Where each stage is declared (`FILE:LINE`), set by the loader: errors raised later by a stage's own code
+    # (an import, a constructor) name the line the user wrote. Not part of the schema.
+    _stage_lines: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def where(self, stage: str) -> str:
+        """`FILE:LINE` of the stage named `stage` in the file it was loaded from ("" when not loaded from one)."""
+        return self._stage_lines.get(stage, "")
 
     name: str = Field(pattern=NAME_PATTERN, description="Pipeline name: " + NAME_RULE + ".")
     description: str = Field(default="", max_length=10_000, description="What the pipeline does, for people.")

@@ -1,0 +1,36 @@
+"""A model stage as the stage-to-optimize abstraction (`hetforge.core.problem.Problem`).
+
+One conversion for the planner, serving, background jobs and `hetforge optimize --stage`: a stage
+given by a problem file, or by the team's own module with its constructor arguments, checkpoint and
+declared inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hetforge.core.problem import InputSpec, Problem
+from hetforge.spec.models import ModelStage, Pipeline
+
+
+def stage_problem(stage: ModelStage, base_dir: Path) -> Problem:
+    """The reference computation of `stage`, with paths resolved against the pipeline's folder."""
+    init_args, init_kwargs = tuple(stage.init_args or ()), dict(stage.init_kwargs)
+    if stage.problem_file is not None:
+        return Problem(file=str(base_dir / stage.problem_file), init_args=init_args, init_kwargs=init_kwargs,
+                       base_dir=str(base_dir))
+    signature = tuple(InputSpec(i.name, tuple(i.shape), i.dtype) for i in stage.inputs)
+    return Problem(module=stage.module, base_dir=str(base_dir), signature=signature, weights=stage.weights,
+                   init_args=init_args, init_kwargs=init_kwargs)
+
+
+class StageCodeError(Exception):
+    """A stage's own code failed (import, constructor, checkpoint): one line naming the stage, where it is
+    declared and the cause, never a traceback."""
+
+
+def stage_code_error(pipeline: Pipeline, stage: str, err: BaseException) -> StageCodeError:
+    """The one-line error for `err`, raised by the code of `stage` in `pipeline`."""
+    where = pipeline.where(stage)
+    cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return StageCodeError(f'{where + ": " if where else ""}stage "{stage}": {type(err).__name__}: {cause}'.rstrip(": "))
