@@ -132,6 +132,7 @@ def _plan(pipeline_file: Path, console: Console) -> None:
 
 def run_demo(examples: Path = REPO / "examples", console: Console | None = None, keep: bool = False, before_s: float = 20.0,
              after_s: float = 20.0, timeout_s: float = 480.0) -> int:
+    """Run the story end to end (steps in the module docstring); 0 when a variant was promoted and no request failed."""
     console = console or Console(soft_wrap=True)
     started = time.monotonic()
     console.rule("[bold]1. validate the example pipelines")

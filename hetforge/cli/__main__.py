@@ -1,0 +1,5 @@
+"""`python -m hetforge.cli`: the same as the `hetforge` command."""
+
+from hetforge.cli import main
+
+main()

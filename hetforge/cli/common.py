@@ -1,0 +1,80 @@
+"""What every command shares: exit codes, option types, spec loading and the device check.
+
+Exit codes, for every command: 0 success, 1 the input is invalid (or a verdict is negative),
+2 usage or I/O error.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.monotonic()  # `optimize --budget-s` counts from here: the user's wall time, start-up included
+
+import enum  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import typer  # noqa: E402
+
+EXIT_INVALID, EXIT_USAGE = 1, 2
+
+
+class Device(enum.StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class PrecisionChoice(enum.StrEnum):
+    """The `--precision` choices: the values of `hetforge.core.precision.Precision`.
+
+    Spelled out here because that module imports torch at module level and the command modules
+    are imported for `hetforge --help`; `precision_policy` maps a choice onto the enum.
+    """
+
+    STRICT = "strict"
+    TF32 = "tf32"
+    BF16 = "bf16"
+
+
+def precision_policy(choice: PrecisionChoice) -> str:
+    """The policy `choice` names, checked against `hetforge.core.precision` (the one definition)."""
+    from hetforge.core.precision import Precision
+
+    return Precision.parse(choice.value).value
+
+
+def load_spec(path: Path, loader=None):
+    """A validated spec file (a pipeline unless `loader` says otherwise), or exit 1 (invalid, errors
+    on stderr) / 2 (unreadable)."""
+    from hetforge.spec import SpecError, SpecIOError, load_pipeline
+
+    try:
+        return (loader or load_pipeline)(path)
+    except SpecIOError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except SpecError as err:
+        for diagnostic in err.diagnostics:
+            typer.echo(str(diagnostic), err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+def require_file(path: Path) -> None:
+    """Exit 2 when `path` is not a file."""
+    if not path.is_file():
+        typer.echo(f"error: {path}: no such file", err=True)
+        raise typer.Exit(EXIT_USAGE)
+
+
+def require_device(device: Device) -> None:
+    """Exit 2 when --device cuda is asked for on a machine without a CUDA device."""
+    if device is Device.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            typer.echo("error: --device cuda: no CUDA device is available here", err=True)
+            raise typer.Exit(EXIT_USAGE)
+
+
+def names(text: str) -> tuple[str, ...]:
+    """`"a, b,"` -> `("a", "b")`: a comma-separated option as a tuple of names."""
+    return tuple(a.strip() for a in text.split(",") if a.strip())
