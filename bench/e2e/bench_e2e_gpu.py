@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from hetforge.core.problem import Problem  # noqa: E402
 from hetforge.optimizer.supervisor import OptimizeTask, optimize  # noqa: E402
-from hetforge.core.precision import compare  # noqa: E402
+from hetforge.core.tolerance import compare  # noqa: E402
 from hetforge.optimizer.variants import VariantSpec, build_module_variant, build_variant  # noqa: E402
 
 # (stage, problem file, precision as in the example pipeline files)

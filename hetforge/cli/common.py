@@ -23,23 +23,9 @@ class Device(enum.StrEnum):
     cuda = "cuda"
 
 
-class PrecisionChoice(enum.StrEnum):
-    """The `--precision` choices: the values of `hetforge.core.precision.Precision`.
-
-    Spelled out here because that module imports torch at module level and the command modules
-    are imported for `hetforge --help`; `precision_policy` maps a choice onto the enum.
-    """
-
-    STRICT = "strict"
-    TF32 = "tf32"
-    BF16 = "bf16"
-
-
-def precision_policy(choice: PrecisionChoice) -> str:
-    """The policy `choice` names, checked against `hetforge.core.precision` (the one definition)."""
-    from hetforge.core.precision import Precision
-
-    return Precision.parse(choice.value).value
+def located(pipeline: Path, message: str) -> str:
+    """`message` prefixed with the pipeline file, unless it already names a place in it."""
+    return message if message.startswith(f"{pipeline}:") else f"{pipeline}: {message}"
 
 
 def load_spec(path: Path, loader=None):

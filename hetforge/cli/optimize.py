@@ -13,19 +13,18 @@ from hetforge.cli.common import (
     EXIT_USAGE,
     STARTED,
     Device,
-    PrecisionChoice,
     names,
-    precision_policy,
     require_device,
     require_file,
 )
 from hetforge.cli.render import print_leaderboard
+from hetforge.core.precision import Precision
 
 
 def optimize(
     problem: Annotated[Path, typer.Argument(help="Problem file (Model, get_inputs, get_init_inputs).", show_default=False)],
     device: Annotated[Device, typer.Option(help="Target device: candidates are verified and timed there.")] = Device.cpu,
-    precision: Annotated[PrecisionChoice, typer.Option(help="Numerics the variant may use.")] = PrecisionChoice.STRICT,
+    precision: Annotated[Precision, typer.Option(help="Numerics the variant may use.")] = Precision.STRICT,
     budget_s: Annotated[float, typer.Option(min=1, help="Wall-time budget in seconds: every check and timing ends within it.")] = 60.0,
     agents: Annotated[str, typer.Option(help="Comma-separated agents: recipes, rewrites, library, llm (llm needs HETFORGE_LLM_BASE_URL and HETFORGE_LLM_MODEL).")] = "recipes,rewrites,library,llm",
     hint: Annotated[str, typer.Option(help="A human hint: goes into every LLM prompt and the report.")] = "",
@@ -51,7 +50,7 @@ def optimize(
 
     require_file(problem)
     require_device(device)
-    policy = precision_policy(precision)
+    policy = precision.value
     console = Console(soft_wrap=True, stderr=as_json)
     task = OptimizeTask(str(problem), device.value, policy, budget_s, names(agents), hint,
                         llm_agents=llm_agents, llm_turns=llm_turns, recipes=names(recipes), compose=compose, trials=trials, rounds=rounds)

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hetforge.cli.common import EXIT_INVALID, EXIT_USAGE, load_spec
+from hetforge.cli.common import EXIT_INVALID, EXIT_USAGE, load_spec, located
 
 
 class Objective(StrEnum):
@@ -48,7 +48,7 @@ def plan(
         result = build_plan(spec, pipeline.resolve().parent, inventory, objective.value, ProfileCache())
     except PlanError as err:
         for message in err.messages:
-            typer.echo(f"{pipeline}: {message}", err=True)
+            typer.echo(located(pipeline, message), err=True)
         raise typer.Exit(EXIT_INVALID) from None
     if as_json:
         typer.echo(json.dumps(result.to_json(), separators=(",", ":")))

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hetforge.cli.common import EXIT_INVALID, EXIT_USAGE, load_spec
+from hetforge.cli.common import EXIT_INVALID, EXIT_USAGE, load_spec, located
 from hetforge.cli.render import print_table
 
 PipelineNameArg = Annotated[Optional[str], typer.Argument(help="Pipeline name; default: every recorded deployment.")]
@@ -41,7 +41,7 @@ def serve(
         placement, notes = dep.placement_for(spec, base_dir, address=address)
     except (ValueError, PlanError, RuntimeError) as err:
         for line in str(err).splitlines():
-            typer.echo(f"{pipeline}: {line}", err=True)
+            typer.echo(located(pipeline, line), err=True)
         raise typer.Exit(EXIT_INVALID) from None
     for name, where in placement.items():
         typer.echo(f"{name}: {where['device_class']} {where['ray_actor_options']}")

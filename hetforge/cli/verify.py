@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from hetforge.cli.common import EXIT_INVALID, Device, PrecisionChoice, precision_policy, require_device, require_file
+from hetforge.cli.common import EXIT_INVALID, Device, require_device, require_file
 from hetforge.cli.render import print_verdict
+from hetforge.core.precision import Precision
 
 
 class Baseline(StrEnum):
@@ -21,7 +22,7 @@ def verify(
     reference: Annotated[Path, typer.Argument(help="Reference problem file (Model, get_inputs, get_init_inputs).", show_default=False)],
     candidate: Annotated[Path, typer.Argument(help="Candidate file defining ModelNew.", show_default=False)],
     device: Annotated[Device, typer.Option(help="Where to run and time both.")] = Device.cpu,
-    precision: Annotated[PrecisionChoice, typer.Option(help="Tolerance policy: strict fp32, or tf32 / bf16 where allowed.")] = PrecisionChoice.STRICT,
+    precision: Annotated[Precision, typer.Option(help="Tolerance policy: strict fp32, or tf32 / bf16 where allowed.")] = Precision.STRICT,
     trials: Annotated[int, typer.Option(min=1, max=100, help="Correctness trials on fresh inputs.")] = 3,
     timeout: Annotated[float, typer.Option(min=1, max=3600, help="Seconds per worker request before a candidate counts as hung.")] = 60.0,
     baseline: Annotated[Baseline, typer.Option(help="Time the reference eager or under torch.compile.")] = Baseline.eager,
@@ -43,7 +44,7 @@ def verify(
     for path in (reference, candidate):
         require_file(path)
     require_device(device)
-    policy = precision_policy(precision)
+    policy = precision.value
     options = VerifyOptions(device=device.value, precision=policy, trials=trials, timeout_s=timeout,
                             baseline=baseline.value, rounds=rounds, time=not no_timing, min_speedup=min_speedup,
                             weights_from_reference=weights_from_reference)

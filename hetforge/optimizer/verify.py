@@ -30,7 +30,8 @@ from hetforge.core.problem import Problem
 from hetforge.optimizer.sandbox import WorkerFailure, WorkerProcess, spares_paused, start_worker
 from hetforge.optimizer.static_checks import review_flags
 from hetforge.core.devices import device_name
-from hetforge.core.precision import PRECISIONS, compare
+from hetforge.core.precision import PRECISIONS
+from hetforge.core.tolerance import compare
 
 _clock = time.perf_counter  # the judge's own clock; candidates never run in this process
 

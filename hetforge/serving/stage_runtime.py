@@ -34,7 +34,8 @@ from hetforge.kernels.registry import Registry, RegistryError, Variant
 from hetforge.core.devices import local_device_class
 from hetforge.core.problem import LoadedProblem, Problem
 from hetforge.optimizer.rewrites import TRACE_LOCK
-from hetforge.core.precision import compare, serves
+from hetforge.core.precision import serves
+from hetforge.core.tolerance import compare
 from hetforge.optimizer.variants import VariantError, VariantSpec, build_module_variant, build_variant
 from hetforge.serving.metrics import Metrics, default_metrics
 from hetforge.serving.rollout import CanaryArm, Rollout
