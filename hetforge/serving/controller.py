@@ -64,6 +64,8 @@ class StageInfo:
 
 
 class Controller:
+    """One pipeline's re-optimization loop: `tick()` observes, queues and launches jobs, and runs rollouts."""
+
     def __init__(self, pipeline, stages: dict[str, StageInfo], registry_path: str, *, metrics_source: Callable[[], dict],
                  launcher, swapper: Callable[[str, str], bool], metrics=None, scratch: str | None = None,
                  clock: Callable[[], float] = time.time):

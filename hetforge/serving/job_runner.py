@@ -27,6 +27,7 @@ from hetforge.core.problem import Problem, load_module_file
 from hetforge.kernels.registry import Registry
 from hetforge.optimizer.registration import register_winner
 from hetforge.optimizer.supervisor import OptimizeReport, OptimizeTask, optimize
+from hetforge.optimizer.verdict import RejectKind
 from hetforge.serving.jobs import HEARTBEAT_S, JobBoard, JobSpec
 
 UNVERIFIED = "unverified"  # the reject kind of a candidate refused before any verification (no code came back)
@@ -165,7 +166,7 @@ def _where() -> dict:
 def reject_kind(candidate) -> str:
     """Why a rejected candidate lost, from its verdict's first reason (`RejectKind` values)."""
     reasons = (candidate.verdict or {}).get("reasons") or []
-    return str(reasons[0]["kind"]) if reasons else UNVERIFIED
+    return RejectKind(reasons[0]["kind"]).value if reasons else UNVERIFIED
 
 
 def summarize(report: OptimizeReport) -> dict:

@@ -312,3 +312,20 @@ def test_regression_waits_for_a_window_after_the_rollout_then_starts_a_job(setup
     c.tick()
     assert [d.signatures for d in launcher.launched] == [("float32[2,16]",)]
     assert jobs.list("reopt-test")[-1].trigger == "regression"
+
+
+def test_job_summary_reads_reject_kinds_from_verdicts_not_notes():
+    from hetforge.optimizer.supervisor import CandidateRecord, OptimizeReport
+    from hetforge.serving.job_runner import UNVERIFIED, summarize
+
+    def rejected(name, kind):
+        verdict = {"verdict": "rejected", "needs_review": False, "reasons": [{"kind": kind, "message": "timeout: worded like another kind"}]}
+        return CandidateRecord(name, "test", 1, "", verdict, status="rejected", note="mismatch: not what the verdict says")
+
+    winner = CandidateRecord("w", "test", 1, "", {**ACCEPTED, "reasons": []}, status="winner")
+    refused = CandidateRecord("llm:x", "llm", 2, "", None, status="rejected", note="no_code: the answer has no Python code block")
+    report = OptimizeReport(task={}, candidates=[winner, rejected("a", "timeout"), rejected("b", "timeout"), rejected("c", "nan_inf"), refused],
+                            winner=winner, speedup_vs_eager=2.0)
+    summary = summarize(report)
+    assert summary["rejected"] == {"timeout": 2, "nan_inf": 1, UNVERIFIED: 1} and summary["accepted"] == 1
+    assert [row["reject_kind"] for row in summary["leaderboard"]] == [None, "timeout", "timeout", "nan_inf", UNVERIFIED]

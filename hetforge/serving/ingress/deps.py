@@ -52,6 +52,7 @@ class JsonBodyRoute(APIRoute):
                 request.scope.setdefault("state", {})  # shared with the copy: the error handlers see the request id
                 scope = dict(request.scope)
                 scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"content-type"]
+                scope["headers"].append((b"content-type", b"application/json"))
                 request = Request(scope, request.receive)
             return await handler(request)
 
