@@ -28,9 +28,9 @@ def _yaml(path: Path) -> list[dict]:
 
 def _ingress_routes() -> set[str]:
     pytest.importorskip("ray.serve")
-    from hetforge.serving.app import api
+    from hetforge.serving.ingress import create_app
 
-    return {route.path for route in api.routes}
+    return {route.path for route in create_app().routes}
 
 
 # ---------------------------------------------------------------------------------------------- compose

@@ -153,7 +153,7 @@ def test_a_broken_rule_is_reported(source, module, why):
 
 
 def test_allowed_imports_are_not_reported():
-    ok = [("from hetforge.core.problem import Problem\n", "hetforge/serving/app.py"),
+    ok = [("from hetforge.core.problem import Problem\n", "hetforge/serving/deployments.py"),
           ("import torch\nimport numpy as np\nimport json\n", "hetforge/optimizer/verify.py"),
           ("def f():\n    import openai\n", "hetforge/optimizer/llm_agent.py"),
           ("def f():\n    from hetforge.serving import deploy\n", "hetforge/cli/__init__.py")]

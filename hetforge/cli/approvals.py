@@ -94,7 +94,7 @@ def approvals_guide(pipeline_file: PipelineArg, stage: Annotated[str, typer.Argu
                     hint: Annotated[str, typer.Option(help="Text that goes into every agent's prompt.", show_default=False)],
                     by: Annotated[str, typer.Option(help="Who asks (recorded).")] = "cli", registry: RegistryOpt = None) -> None:
     """Start a new optimization job for a stage with a human's hint (the controller launches it)."""
-    from hetforge.serving.controller import queue_hint_job
+    from hetforge.serving.jobs import queue_hint_job
 
     job = call(queue_hint_job, registry_path(registry), load_spec(pipeline_file), stage, hint, by)
     typer.echo(json.dumps({"queued_job": job.id, "stage": stage, "hint": hint}))

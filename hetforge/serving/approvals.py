@@ -13,8 +13,9 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+from hetforge.core.problem import Problem
 from hetforge.kernels.registry import Registry, RegistryError, Variant
-from hetforge.serving.jobs import JobBoard
+from hetforge.serving.jobs import JobBoard, queue_hint_job
 from hetforge.serving.rollout import RolloutBoard
 from hetforge.serving.swap_control import SwapError
 
@@ -26,8 +27,6 @@ def _stage_of(pipeline, registry: Registry, variant: Variant, base_dir: Path | N
             return job.stage
     if base_dir is None:
         return None
-    from hetforge.core.problem import Problem
-
     for stage in pipeline.stages:
         if stage.kind == "model" and stage.problem_file:
             problem = Problem(file=str(base_dir / stage.problem_file), init_args=tuple(stage.init_args or ()), init_kwargs=dict(stage.init_kwargs))
@@ -101,8 +100,6 @@ def _decide(registry_path, pipeline, variant_id: int, status: str, decision: str
                                        reason=note or hint, actor=approver)
     out = {"variant_id": variant.id, "stage": stage, "status": status, "approver": approver}
     if hint.strip():
-        from hetforge.serving.controller import queue_hint_job
-
         out["queued_job"] = queue_hint_job(registry_path, pipeline, stage, hint, actor=approver).id
     return out
 

@@ -3,9 +3,9 @@
 Every `reoptimize.interval_s` one `tick()`:
 
 1. reads the window's numbers: per-stage calls, mean and p50 latency and errors from hetforge's own
-   metrics (the multiprocess files every replica on this node writes, or a Prometheus server that
-   scrapes every node when HETFORGE_PROMETHEUS_URL is set), and per-stage input
-   signatures from the replicas' heartbeats;
+   metrics (`replica_metrics`: the multiprocess files every replica on this node writes, or a
+   Prometheus server that scrapes every node when HETFORGE_PROMETHEUS_URL is set), and per-stage
+   input signatures from the replicas' heartbeats;
 2. ranks stages by their share of the measured critical path (the planner's pipeline graph with the
    measured mean latencies as stage costs) and queues a job for a model stage that is hot, has
    regressed against its p50 after the last rollout, or now sees a frequent signature no job has
@@ -21,7 +21,8 @@ step, or roll back when the step ran out of time meanwhile. Every decision goes 
 with its numbers, and into `hetforge_rollout_decisions_total` / `hetforge_canary_weight_percent`.
 
 The side effects go through small objects passed in (`metrics_source`, `launcher`, `swapper`, a
-clock), so the decisions are unit-tested without Ray (`tests/serving/test_controller.py`).
+clock), so the decisions are unit-tested without Ray (`tests/serving/test_controller.py`);
+`build_controller` wires the real ones for a served pipeline.
 """
 
 from __future__ import annotations
@@ -29,123 +30,21 @@ from __future__ import annotations
 import collections
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from hetforge.core.problem import Problem
 from hetforge.kernels.registry import Registry
-from hetforge.serving.jobs import Job, JobBoard
+from hetforge.serving.job_runner import UNVERIFIED, JobLauncher
+from hetforge.serving.jobs import JobBoard, JobSpec
+from hetforge.serving.metrics import Metrics
+from hetforge.serving.replica_metrics import StageWindow, stage_counters_source, window_of
 from hetforge.serving.rollout import Rollout, RolloutBoard, judge_step, plan_for
-from hetforge.serving.swap_control import SwapBoard
-
-LATENCY = "hetforge_stage_latency_seconds"
-ERRORS = "hetforge_stage_errors_total"
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-@dataclass
-class StageCounters:
-    """Cumulative numbers of one stage (all variants): what a metrics snapshot holds."""
-
-    count: float = 0.0
-    sum_s: float = 0.0
-    buckets: dict[float, float] = field(default_factory=dict)  # upper bound -> cumulative count
-    errors: float = 0.0
-
-
-def read_local_metrics(metrics_dir: str, pipeline: str) -> dict[str, StageCounters]:
-    """Per-stage cumulative counters from the prometheus_client multiprocess files of this node."""
-    from hetforge.serving.metrics import local_samples
-
-    out: dict[str, StageCounters] = collections.defaultdict(StageCounters)
-    for sample in local_samples(metrics_dir, pipeline):
-        labels = sample.labels
-        if "stage" not in labels:
-            continue
-        c = out[labels["stage"]]
-        if sample.name == LATENCY + "_count":
-            c.count += sample.value
-        elif sample.name == LATENCY + "_sum":
-            c.sum_s += sample.value
-        elif sample.name == LATENCY + "_bucket":
-            le = float(labels["le"])
-            c.buckets[le] = c.buckets.get(le, 0.0) + sample.value
-        elif sample.name == ERRORS:
-            c.errors += sample.value
-    return dict(out)
-
-
-def read_prometheus_metrics(url: str, pipeline: str, timeout_s: float = 10.0) -> dict[str, StageCounters]:
-    """The same counters summed over every scraped node, through Prometheus' HTTP API (instant queries)."""
-    import httpx
-
-    def query(expr: str) -> list[dict]:
-        reply = httpx.get(f"{url.rstrip('/')}/api/v1/query", params={"query": expr}, timeout=timeout_s).json()
-        if reply.get("status") != "success":
-            raise RuntimeError(f"Prometheus at {url}: {reply.get('error', reply)}")
-        return reply["data"]["result"]
-
-    selector = '{pipeline="%s"}' % pipeline.replace('"', "")
-    out: dict[str, StageCounters] = collections.defaultdict(StageCounters)
-    for r in query(f"sum by (stage, le) ({LATENCY}_bucket{selector})"):
-        out[r["metric"]["stage"]].buckets[float(r["metric"]["le"])] = float(r["value"][1])
-    for suffix, attr in (("_count", "count"), ("_sum", "sum_s")):
-        for r in query(f"sum by (stage) ({LATENCY}{suffix}{selector})"):
-            setattr(out[r["metric"]["stage"]], attr, float(r["value"][1]))
-    for r in query(f"sum by (stage) ({ERRORS}{selector})"):
-        out[r["metric"]["stage"]].errors = float(r["value"][1])
-    return dict(out)
-
-
-def metrics_source(metrics_dir: str, pipeline: str) -> Callable[[], dict[str, StageCounters]]:
-    """Where the controller reads stage metrics: Prometheus when HETFORGE_PROMETHEUS_URL is set (every node of a
-    cluster), else this node's multiprocess files (the embedded default)."""
-    from hetforge.config import prometheus_url
-
-    url = prometheus_url()
-    if url:
-        return lambda: read_prometheus_metrics(url, pipeline)
-    return lambda: read_local_metrics(metrics_dir, pipeline)
-
-
-@dataclass(frozen=True)
-class StageWindow:
-    """One stage over the window."""
-
-    calls: float
-    mean_ms: float
-    p50_ms: float | None
-    errors: float
-
-
-def window_of(new: StageCounters, old: StageCounters | None) -> StageWindow:
-    """The difference of two snapshots (a restarted replica's counters start again: then the new ones alone)."""
-    if old is None or new.count < old.count:
-        old = StageCounters()
-    calls = new.count - old.count
-    mean = (new.sum_s - old.sum_s) / calls * 1e3 if calls > 0 else 0.0
-    buckets = {le: new.buckets[le] - old.buckets.get(le, 0.0) for le in new.buckets}
-    return StageWindow(calls, mean, bucket_quantile(buckets, 0.5), max(0.0, new.errors - old.errors))
-
-
-def bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
-    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding the rank, in ms."""
-    if not buckets:
-        return None
-    bounds = sorted(buckets)
-    total = buckets[bounds[-1]]
-    if total <= 0:
-        return None
-    rank, lower, below = q * total, 0.0, 0.0
-    for le in bounds:
-        if buckets[le] >= rank:
-            if math.isinf(le):
-                return lower * 1e3
-            inside = buckets[le] - below
-            frac = (rank - below) / inside if inside > 0 else 1.0
-            return (lower + (le - lower) * frac) * 1e3
-        lower, below = le, buckets[le]
-    return lower * 1e3
+from hetforge.serving.swap_control import SwapBoard, SwapError, request_swap
+from hetforge.spec.graph import PipelineGraph
+from hetforge.spec.models import ModelStage, Pipeline
 
 
 # ---------------------------------------------------------------------------------------------- controller
@@ -165,11 +64,11 @@ class StageInfo:
 
 
 class Controller:
+    """One pipeline's re-optimization loop: `tick()` observes, queues and launches jobs, and runs rollouts."""
+
     def __init__(self, pipeline, stages: dict[str, StageInfo], registry_path: str, *, metrics_source: Callable[[], dict],
                  launcher, swapper: Callable[[str, str], bool], metrics=None, scratch: str | None = None,
                  clock: Callable[[], float] = time.time):
-        from hetforge.spec.graph import PipelineGraph
-
         self.pipeline, self.spec = pipeline, pipeline.reoptimize
         self.stages, self.registry_path = stages, registry_path
         self.graph = PipelineGraph(pipeline)
@@ -291,13 +190,13 @@ class Controller:
             if job.stage not in self.stages or not self.jobs.claim(job.id):
                 continue
             info = self.stages[job.stage]
-            doc = {"registry_path": self.registry_path, "job_id": job.id, "pipeline": self.pipeline.name, "stage": job.stage,
-                   "problem_file": info.problem_file, "init_args": info.init_args, "init_kwargs": info.init_kwargs,
-                   "device": info.device, "device_class": info.device_class, "precision": info.precision,
-                   "budget_s": self.spec.budget_s, "agents": list(self.spec.agents), "hint": job.hint, "approval": self.spec.approval,
-                   "signatures": job.signatures, "scratch": self.scratch, "threads": max(1, math.floor(self.spec.job_cpus))}
+            spec = JobSpec(registry_path=self.registry_path, job_id=job.id, pipeline=self.pipeline.name, stage=job.stage,
+                           problem_file=info.problem_file, device=info.device, device_class=info.device_class, precision=info.precision,
+                           budget_s=float(self.spec.budget_s), scratch=self.scratch, init_args=tuple(info.init_args),
+                           init_kwargs=dict(info.init_kwargs), agents=tuple(self.spec.agents), hint=job.hint, approval=self.spec.approval,
+                           signatures=tuple(job.signatures), threads=max(1, math.floor(self.spec.job_cpus)))
             try:
-                self.launcher.launch(doc, info.resources)
+                self.launcher.launch(spec, info.resources)
             except Exception as err:  # noqa: BLE001 - a launch that fails fails the job, never the controller
                 self.jobs.finish(job.id, "failed", error=f"launch: {type(err).__name__}: {err}")
                 self._count_job(job.stage, "failed")
@@ -328,7 +227,7 @@ class Controller:
                 for row in summary.get("leaderboard", []):
                     status = "accepted" if row["status"] in ("winner", "accepted") else row["status"]
                     if status == "rejected":
-                        status = "rejected:" + (row["note"].split(":", 1)[0] or "other")
+                        status = "rejected:" + (row.get("reject_kind") or UNVERIFIED)
                     m.labels(self.pipeline.name, job.stage, status).inc()
             numbers = {"job_id": job.id, "outcome": outcome, "variant_id": job.variant_id,
                        **{k: summary.get(k) for k in ("winner", "speedup_vs_eager", "speedup_vs_compile", "elapsed_s", "candidates")}}
@@ -438,20 +337,43 @@ class Controller:
                 "rollouts": [vars(r) for r in self.rollouts.recent(name, 10)], "events": self.rollouts.events(name, limit=50)}
 
 
-def queue_hint_job(registry_path: str, pipeline, stage: str, hint: str, actor: str = "human") -> Job:
-    """A job for `stage` carrying a human's hint (the controller launches it on its next look)."""
-    from hetforge.serving.swap_control import SwapError
+# ---------------------------------------------------------------------------------------------- set-up
+def controller_stages(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict]) -> dict[str, StageInfo]:
+    """The model stages the controller may optimize, with their fingerprints and their jobs' Ray options."""
+    spec = pipeline.reoptimize
+    out = {}
+    for stage in pipeline.stages:
+        if not isinstance(stage, ModelStage) or not stage.optimize or stage.problem_file is None:
+            continue
+        where = placement[stage.name]
+        problem = Problem(file=str(base_dir / stage.problem_file), init_args=tuple(stage.init_args or ()), init_kwargs=dict(stage.init_kwargs))
+        resources: dict[str, Any] = {"num_cpus": spec.job_cpus}
+        if where["ray_actor_options"].get("resources"):  # a named CPU class: the job runs on one of its nodes
+            resources["resources"] = dict(where["ray_actor_options"]["resources"])
+        if where["device"] == "cuda":
+            # the job shares the stage's GPU (its nice level and thread count keep it behind serving): Ray must not
+            # hide the device from a task that reserves no GPU, and the accelerator type puts it on a node that has one
+            resources["runtime_env"] = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+            if where["ray_actor_options"].get("accelerator_type"):
+                resources["accelerator_type"] = where["ray_actor_options"]["accelerator_type"]
+        out[stage.name] = StageInfo(stage.name, problem.load().fingerprint(), where["device"], where["device_class"], stage.precision,
+                                    str(base_dir / stage.problem_file), list(stage.init_args or []), dict(stage.init_kwargs), resources)
+    return out
 
-    names = [s.name for s in pipeline.stages]
-    if stage not in names:
-        raise SwapError(f"pipeline {pipeline.name} has no stage {stage!r} (stages: {', '.join(names)})", 404)
-    if pipeline.stage(stage).kind != "model" or not pipeline.stage(stage).optimize:
-        raise SwapError(f"stage {stage} is not a model stage hetforge may optimize", 400)
-    if not hint.strip():
-        raise SwapError("give a hint: the text that goes into every agent's prompt", 400)
-    jobs = JobBoard(registry_path)
-    job = jobs.queue(pipeline.name, stage, "hint", f"hint from {actor}", [], hint=hint)
-    if job is None:
-        raise SwapError(f"stage {stage} already has a job queued or running; try again when it ends", 409)
-    RolloutBoard(registry_path).record(pipeline.name, stage, "job", numbers={"job_id": job.id, "trigger": "hint"}, reason=hint, actor=actor)
-    return job
+
+def build_controller(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], registry_path: str, metrics_dir: str,
+                     metrics: Metrics) -> Controller:
+    """The controller of a served pipeline: its stage metrics, Ray jobs, and promotions as hot-swaps on every replica."""
+
+    def swapper(stage: str, variant: str) -> bool:
+        replicas = max(1, len(SwapBoard(registry_path).alive(pipeline.name, stage)))
+        try:
+            return request_swap(registry_path, pipeline, stage, variant, replicas, 60)["ok"]
+        except SwapError:
+            return False
+
+    controller = Controller(pipeline, controller_stages(pipeline, base_dir, placement), registry_path,
+                            metrics_source=stage_counters_source(metrics_dir, pipeline.name), launcher=JobLauncher(pipeline.name),
+                            swapper=swapper, metrics=metrics)
+    metrics.zero_control_series(pipeline.name, list(controller.stages))
+    return controller

@@ -18,27 +18,13 @@ import collections
 import html
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-from hetforge.serving.controller import bucket_quantile
+from hetforge.serving.replica_metrics import MetricsSnapshot, bucket_diff, bucket_quantile, read_local
 
-PIPELINE_LATENCY = "hetforge_pipeline_request_latency_seconds"
-STAGE_LATENCY = "hetforge_stage_latency_seconds"
-SPEEDUP = "hetforge_stage_speedup_ratio"
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
 SPEEDUP_BAR = "#2e8b57"  # the speedup bars' fill (the page test looks for it in the screenshot)
 SLO_LINE = "#d62728"
-
-
-@dataclass
-class Counters:
-    """Cumulative numbers read from the metrics files at one moment."""
-
-    pipeline_buckets: dict[float, float] = field(default_factory=dict)
-    pipeline_count: float = 0.0
-    stage_buckets: dict[str, dict[float, float]] = field(default_factory=dict)
-    stage_variant_calls: dict[str, dict[str, float]] = field(default_factory=dict)
-    speedup: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,43 +40,19 @@ class Point:
     serving: dict[str, str]  # stage -> the variant that served most of the window's calls
 
 
-def read_counters(metrics_dir: str, pipeline: str) -> Counters:
-    from hetforge.serving.metrics import local_samples
-
-    c = Counters()
-    for s in local_samples(metrics_dir, pipeline):
-        labels = s.labels
-        if s.name == PIPELINE_LATENCY + "_bucket":
-            le = float(labels["le"])
-            c.pipeline_buckets[le] = c.pipeline_buckets.get(le, 0.0) + s.value
-        elif s.name == PIPELINE_LATENCY + "_count":
-            c.pipeline_count += s.value
-        elif s.name == STAGE_LATENCY + "_bucket":
-            le, buckets = float(labels["le"]), c.stage_buckets.setdefault(labels["stage"], {})
-            buckets[le] = buckets.get(le, 0.0) + s.value
-        elif s.name == STAGE_LATENCY + "_count":
-            calls = c.stage_variant_calls.setdefault(labels["stage"], {})
-            calls[labels["variant"]] = calls.get(labels["variant"], 0.0) + s.value
-        elif s.name == SPEEDUP:
-            c.speedup[labels["stage"]] = max(c.speedup.get(labels["stage"], 0.0), s.value)
-    return c
-
-
-def _diff(new: dict[float, float], old: dict[float, float]) -> dict[float, float]:
-    return {k: new[k] - old.get(k, 0.0) for k in new}
-
-
-def point_between(new: Counters, old: Counters, t: float, dt: float) -> Point:
+def point_between(new: MetricsSnapshot, old: MetricsSnapshot, t: float, dt: float) -> Point:
     """The window's numbers from two snapshots (a replica restarted in between: the new counts alone)."""
     if new.pipeline_count < old.pipeline_count:
-        old = Counters()
-    e2e = _diff(new.pipeline_buckets, old.pipeline_buckets)
+        old = MetricsSnapshot()
+    e2e = bucket_diff(new.pipeline_buckets, old.pipeline_buckets)
     stage_p50, serving = {}, {}
-    for stage, buckets in new.stage_buckets.items():
-        q = bucket_quantile(_diff(buckets, old.stage_buckets.get(stage, {})), 0.5)
+    for stage, counters in new.stages.items():
+        before = old.stages.get(stage)
+        q = bucket_quantile(bucket_diff(counters.buckets, before.buckets if before else {}), 0.5)
         if q is not None:
             stage_p50[stage] = q
-        calls = {v: n - old.stage_variant_calls.get(stage, {}).get(v, 0.0) for v, n in new.stage_variant_calls.get(stage, {}).items()}
+        earlier = before.variant_calls if before else {}
+        calls = {v: n - earlier.get(v, 0.0) for v, n in counters.variant_calls.items()}
         if calls and max(calls.values()) > 0:
             serving[stage] = max(calls, key=calls.get)
     return Point(t, bucket_quantile(e2e, 0.5), bucket_quantile(e2e, 0.99), max(0.0, new.pipeline_count - old.pipeline_count) / max(dt, 1e-9),
@@ -104,7 +66,7 @@ class DashboardSampler:
         self.pipeline, self.metrics_dir = pipeline, metrics_dir
         self.every_s, self.window_s = every_s, window_s
         self.points: collections.deque[Point] = collections.deque(maxlen=keep)
-        self._snapshots: collections.deque[tuple[float, Counters]] = collections.deque()
+        self._snapshots: collections.deque[tuple[float, MetricsSnapshot]] = collections.deque()
         self._stop = threading.Event()
         self.error = ""
 
@@ -125,7 +87,7 @@ class DashboardSampler:
 
     def sample(self, now: float | None = None) -> Point | None:
         now = time.time() if now is None else now
-        counters = read_counters(self.metrics_dir, self.pipeline)
+        counters = read_local(self.metrics_dir, self.pipeline)
         self._snapshots.append((now, counters))
         while len(self._snapshots) > 2 and self._snapshots[1][0] <= now - self.window_s:
             self._snapshots.popleft()

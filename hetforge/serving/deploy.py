@@ -18,7 +18,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import httpx
+import ray
+from ray import serve
+
 from hetforge.config import home_dir
+from hetforge.kernels.registry import default_path
+from hetforge.planners import devices
+from hetforge.planners.plan import build_plan
+from hetforge.planners.profiles import ProfileCache
+from hetforge.serving.dataflow import PipelineRunner
+from hetforge.serving.deployments import build_app
+from hetforge.serving.job_runner import JobLauncher
+from hetforge.spec import load_pipeline
 from hetforge.spec.models import LlmStage, ModelStage, Pipeline
 
 # Logical CPU requests of a replica on the embedded default; Ray counts them, the OS shares the cores.
@@ -61,10 +73,6 @@ def placement_for(pipeline: Pipeline, base_dir: Path, inventory=None, address: s
     machine's. LLM and tool stages keep the device the plan gives them; a stage with no profile is
     planned on its declared or estimated costs. Returns the placement and the plan's notes.
     """
-    from hetforge.planners import devices
-    from hetforge.planners.plan import build_plan
-    from hetforge.planners.profiles import ProfileCache
-
     inventory = inventory or (devices.ray_inventory(address) if address else devices.local_inventory())
     plan = build_plan(pipeline, base_dir, inventory, "latency", ProfileCache())
     placement = {}
@@ -93,8 +101,6 @@ def _cpus_wanted(pipeline: Pipeline, placement: dict) -> float:
 
 
 def _ray_init(address: str | None, metrics_dir: Path, cpus_wanted: float) -> None:
-    import ray
-
     env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "HETFORGE_HOME": str(home_dir()),
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
@@ -113,12 +119,6 @@ def _ray_init(address: str | None, metrics_dir: Path, cpus_wanted: float) -> Non
 def deploy(pipeline_file: Path, address: str | None = None, host: str = "127.0.0.1", port: int = 8000,
            registry_path: str | None = None, placement: dict | None = None) -> Deployment:
     """Deploy the pipeline and wait until every replica is up; the returned record is saved for status/down."""
-    from ray import serve
-
-    from hetforge.kernels.registry import default_path
-    from hetforge.serving.app import build_app
-    from hetforge.spec import load_pipeline
-
     pipeline = load_pipeline(pipeline_file)
     base_dir = pipeline_file.resolve().parent
     check_servable(pipeline, base_dir)
@@ -129,8 +129,6 @@ def deploy(pipeline_file: Path, address: str | None = None, host: str = "127.0.0
     metrics_dir.mkdir(parents=True)
     registry_path = registry_path or str(default_path())
     _ray_init(address, metrics_dir, _cpus_wanted(pipeline, placement))
-    import ray
-
     record = Deployment(pipeline.name, str(pipeline_file.resolve()), f"http://{host}:{port}", ray.get_runtime_context().gcs_address,
                         str(metrics_dir), registry_path, os.getpid(), address is None, placement)
     record.save()  # before the replicas start: `status` and `down` reach a deployment that is still coming up
@@ -145,8 +143,7 @@ def deploy(pipeline_file: Path, address: str | None = None, host: str = "127.0.0
 
 
 def check_servable(pipeline: Pipeline, base_dir: Path) -> None:
-    from hetforge.serving.dataflow import PipelineRunner
-
+    """ValueError listing what keeps the pipeline from being served (bad bindings, missing files)."""
     problems = []
     try:
         PipelineRunner(pipeline, caller=None)
@@ -166,8 +163,6 @@ def check_servable(pipeline: Pipeline, base_dir: Path) -> None:
 
 def wait_until_running(record: Deployment, timeout_s: float = 600, poll_s: float = 1.0) -> None:
     """Block until the application is RUNNING; RuntimeError with Serve's message when it fails."""
-    from ray import serve
-
     deadline = time.monotonic() + timeout_s
     while True:
         status = serve.status().applications.get(record.pipeline)
@@ -184,8 +179,6 @@ def wait_until_running(record: Deployment, timeout_s: float = 600, poll_s: float
 
 def status(pipeline: str | None = None) -> list[dict]:
     """Deployments, their replicas' devices and active variants, from Serve and the replicas themselves."""
-    import httpx
-
     out = []
     for record in load_state(pipeline):
         doc = {"pipeline": record.pipeline, "url": record.url, "embedded": record.embedded, "pid": record.pid}
@@ -204,9 +197,6 @@ def status(pipeline: str | None = None) -> list[dict]:
 
 def down(pipeline: str | None = None) -> list[str]:
     """Delete the deployments (and stop the embedded serving process); the state files go."""
-    import ray
-    from ray import serve
-
     stopped = []
     for record in load_state(pipeline):
         if record.embedded:
@@ -215,8 +205,6 @@ def down(pipeline: str | None = None) -> list[str]:
             except ProcessLookupError:
                 pass
         else:
-            from hetforge.serving.jobs import JobLauncher
-
             ray.init(address=record.gcs_address, namespace="hetforge", log_to_driver=False, ignore_reinit_error=True)
             serve.delete(record.pipeline)
             JobLauncher(record.pipeline).stop()  # the detached actor owning its optimization jobs

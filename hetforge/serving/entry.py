@@ -19,14 +19,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hetforge.config import home_dir
+from hetforge.planners import devices
+from hetforge.serving.deploy import check_servable, placement_for
+from hetforge.serving.deployments import build_app
+from hetforge.spec import load_pipeline
+
 
 def app(args: dict):
-    from hetforge.config import home_dir
-    from hetforge.planners import devices
-    from hetforge.serving.app import build_app
-    from hetforge.serving.deploy import check_servable, placement_for
-    from hetforge.spec import load_pipeline
-
+    """The bound application of the pipeline at `args["pipeline"]` (Serve calls this with the config's `args`)."""
     if "pipeline" not in args:
         raise ValueError("hetforge.serving.entry:app needs args.pipeline: the pipeline file's path on the cluster's nodes")
     pipeline_file = Path(args["pipeline"])

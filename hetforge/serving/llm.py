@@ -18,8 +18,9 @@ import json
 import os
 import re
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from hetforge.serving.dataflow import StageError
 
@@ -95,7 +96,7 @@ class LlmRuntime:
         if stage.vllm is not None:
             self._start_vllm(base_dir)
         else:
-            from openai import AsyncOpenAI
+            from openai import AsyncOpenAI  # only endpoint stages need the client library
 
             ep = stage.endpoint
             key = os.environ.get(ep.api_key_env, "") if ep.api_key_env else ""
@@ -104,6 +105,7 @@ class LlmRuntime:
     def _start_vllm(self, base_dir: Path) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # vLLM and transformers load only in replicas of vLLM stages: they are heavy, and optional elsewhere
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM

@@ -13,6 +13,7 @@ The speedup gauge has no variant label: one series per stage and device, whateve
 from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -98,9 +99,7 @@ class Metrics:
 
 def local_samples(metrics_dir: str, pipeline: str):
     """Every sample of one pipeline in a folder of prometheus_client multiprocess files (this node's replicas),
-    as /metrics would show them: what the controller and the built-in dashboard page read."""
-    from prometheus_client.multiprocess import MultiProcessCollector
-
+    as /metrics would show them: what `replica_metrics` reads for the controller and the built-in dashboard page."""
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=metrics_dir)
     for metric in registry.collect():

@@ -12,11 +12,13 @@ once, and the output is split back; requests that cannot be concatenated run one
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from hetforge.core.problem import load_module_file, resolve
 from hetforge.serving.dataflow import StageError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
@@ -28,8 +30,6 @@ def resolve_function(target: str | None, base_dir: Path) -> Callable | None:
     """`file.py:function` (relative to the pipeline's folder) or `package.module:function`."""
     if target is None:
         return None
-    from hetforge.core.problem import load_module_file, resolve
-
     path, _, attr = target.rpartition(":")
     if path.endswith(".py"):
         return getattr(load_module_file(base_dir / path), attr)
@@ -61,7 +61,7 @@ def decode_inputs(stage, payload: Any, preprocess: Callable | None = None, arity
         if t.dim() != len(spec.shape):
             raise StageError(f"stage {stage.name}, input {spec.name}: expected {len(spec.shape)} dimensions {_shape(spec.shape)}, "
                              f"got shape {list(t.shape)}", 422)
-        for dim, (want, got) in enumerate(zip(spec.shape, t.shape)):
+        for dim, (want, got) in enumerate(zip(spec.shape, t.shape, strict=True)):
             if isinstance(want, int) and want != got:
                 raise StageError(f"stage {stage.name}, input {spec.name}: dimension {dim} must be {want} {_shape(spec.shape)}, "
                                  f"got shape {list(t.shape)}", 422)
@@ -96,7 +96,7 @@ def encode_output(stage, out: Any, payload: Any, postprocess: Callable | None = 
         scores = out.float().softmax(-1)
         best = scores.argmax(-1)
         if best.dim() == 1 and best.numel() == 1:
-            doc["label"], doc["scores"] = stage.labels[int(best)], dict(zip(stage.labels, scores[0].tolist()))
+            doc["label"], doc["scores"] = stage.labels[int(best)], dict(zip(stage.labels, scores[0].tolist(), strict=True))
         else:
             doc["label"] = [stage.labels[int(i)] for i in best.flatten()]
     return doc
@@ -136,7 +136,7 @@ def run_batched(run: Callable[..., Any], items: list[list[torch.Tensor]]) -> lis
             for i in group:
                 results[i] = run(*items[i])
         else:
-            for i, part in zip(group, parts):
+            for i, part in zip(group, parts, strict=True):
                 results[i] = part
     return results
 

@@ -30,12 +30,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from hetforge.kernels.registry import Registry, RegistryError, Variant
 from hetforge.core.devices import local_device_class
-from hetforge.core.problem import LoadedProblem, Problem
-from hetforge.optimizer.rewrites import TRACE_LOCK
 from hetforge.core.precision import serves
+from hetforge.core.problem import LoadedProblem, Problem
 from hetforge.core.tolerance import compare
+from hetforge.kernels.registry import Registry, RegistryError, Variant
+from hetforge.optimizer.rewrites import TRACE_LOCK
 from hetforge.optimizer.variants import VariantError, VariantSpec, build_module_variant, build_variant
 from hetforge.serving.metrics import Metrics, default_metrics
 from hetforge.serving.rollout import CanaryArm, Rollout
@@ -197,7 +197,7 @@ class ModelStageRuntime:
 
     def _disagreement(self, got: Any, want: Any) -> str:
         """"" when the variant's output matches the running module's within the stage's tolerance, else why not."""
-        for g, w in zip(_flat(got), _flat(want)):
+        for g, w in zip(_flat(got), _flat(want), strict=False):
             if not isinstance(w, torch.Tensor):
                 continue
             if not isinstance(g, torch.Tensor) or g.shape != w.shape:
@@ -275,7 +275,7 @@ class ModelStageRuntime:
                     got = module(*inputs)
             except Exception as err:  # noqa: BLE001
                 raise SwapRefused(f"the variant raised on live inputs: {type(err).__name__}: {err}") from None
-            for g, w in zip(_flat(got), _flat(want)):
+            for g, w in zip(_flat(got), _flat(want), strict=False):
                 if not isinstance(w, torch.Tensor):
                     continue
                 if not isinstance(g, torch.Tensor):

@@ -1,24 +1,23 @@
 """Swap requests to every replica of a stage, without restarting any.
 
 `hetforge swap` (and the API) writes a swap request into the registry's SQLite file; each replica
-of the stage runs a `SwapWatcher` that polls for requests newer than the one it applied, checks
+of the stage runs a `SwapWatcher` (`swap_watcher.py`) that polls for requests newer than the one it applied, checks
 the variant on its own recent live inputs (`ModelStageRuntime.swap`) and writes back its outcome.
 The requester waits for the replicas' reports. This reaches every replica whatever the router
 does (a handle call reaches only one), and a replica started later applies the latest request.
 
-The same watcher follows rollouts (`rollout.py`): it starts, steps and stops the replica's canary
-arm as the rollout's row says, and writes the arm's numbers back; its heartbeat also carries the
+The same watcher follows rollouts (`rollout.py`); its heartbeat, written here, also carries the
 replica's histogram of input signatures, which the controller reads.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hetforge.kernels.registry import Registry, RegistryError
 from hetforge.serving.boards import SqliteBoard
 
 _SCHEMA = """
@@ -135,8 +134,6 @@ class SwapError(Exception):
 
 def check_variant(registry_path: str | Path | None, variant: object) -> str:
     """The variant as a request names it ("reference" or an id), or SwapError: missing (404), not active (409)."""
-    from hetforge.kernels.registry import Registry, RegistryError
-
     if variant is None or str(variant) == "":
         raise SwapError('swap refused: give `variant`, a registry variant id or "reference"', 400)
     variant = str(variant)
@@ -170,83 +167,3 @@ def request_swap(registry_path: str | Path | None, pipeline, stage: str, variant
     return {"ok": bool(reports) and all(r.outcome == "swapped" for r in reports), "request_id": request_id, "stage": stage,
             "variant": variant, "replicas_expected": replicas,
             "reports": [{"replica": r.replica, "outcome": r.outcome, "reason": r.reason} for r in reports]}
-
-
-class SwapWatcher:
-    """A replica's thread applying the newest swap request for its stage."""
-
-    def __init__(self, runtime, board: SwapBoard, replica: str, interval_s: float = 0.2):
-        from hetforge.serving.rollout import RolloutBoard
-
-        self.runtime, self.board, self.replica, self.interval_s = runtime, board, replica, interval_s
-        self.rollouts = RolloutBoard(board.path)
-        self.failed_rollouts: set[int] = set()
-        self.applied: int = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"swap-watcher-{replica}", daemon=True)
-
-    def start(self) -> SwapWatcher:
-        latest = self.board.latest(self.runtime.pipeline, self.runtime.stage)
-        self.applied = latest[0] if latest else 0  # requests before start were decided by the registry lookup
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def poll_once(self) -> SwapReport | None:
-        from hetforge.serving.stage_runtime import SwapRefused
-
-        latest = self.board.latest(self.runtime.pipeline, self.runtime.stage)
-        if latest is None or latest[0] <= self.applied:
-            return None
-        request_id, variant = latest
-        try:
-            self.runtime.swap(variant, self.runtime.live_inputs())
-            outcome, reason = "swapped", ""
-        except SwapRefused as err:
-            outcome, reason = "refused", str(err)
-        self.applied = request_id
-        self.board.report(request_id, self.replica, outcome, reason[:500])
-        return SwapReport(request_id, self.replica, outcome, reason)
-
-    def poll_rollout(self) -> None:
-        """Start, step or stop this replica's canary arm as the stage's running rollout says; report its numbers."""
-        from hetforge.serving.rollout import StepStats
-        from hetforge.serving.stage_runtime import SwapRefused
-
-        runtime = self.runtime
-        running = self.rollouts.running(runtime.pipeline, runtime.stage)
-        current = running[0] if running else None
-        arm = runtime.arm
-        if arm is not None and (current is None or current.id != arm.rollout_id):
-            self.rollouts.write_stats(arm.rollout_id, arm.step, self.replica, arm.snapshot())  # the last numbers of its last step
-            runtime.stop_canary()
-            arm = None
-        if current is None or current.id in self.failed_rollouts:
-            return
-        if arm is None:
-            try:
-                arm = runtime.start_canary(current)
-            except SwapRefused as err:  # this replica cannot run the variant: the controller rolls it back
-                self.failed_rollouts.add(current.id)
-                self.rollouts.write_stats(current.id, current.step, self.replica, StepStats(failures=[str(err)[:500]]))
-                return
-        if arm.step != current.step:
-            self.rollouts.write_stats(arm.rollout_id, arm.step, self.replica, arm.snapshot())
-            arm.set_step(current)
-        self.rollouts.write_stats(arm.rollout_id, arm.step, self.replica, arm.snapshot())
-
-    def _loop(self) -> None:
-        last_beat = 0.0
-        while not self._stop.wait(self.interval_s):
-            try:
-                if time.monotonic() - last_beat >= HEARTBEAT_S:
-                    self.board.heartbeat(self.runtime.pipeline, self.runtime.stage, self.replica, self.runtime.active_variant,
-                                         self.runtime.signatures.snapshot())
-                    last_beat = time.monotonic()
-                self.poll_once()
-                self.poll_rollout()
-            except Exception:  # noqa: BLE001 - a broken poll (locked file, ...) must not kill the replica; next poll retries
-                continue

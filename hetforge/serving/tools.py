@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from hetforge.serving.dataflow import StageError
 from hetforge.serving.model_io import resolve_function
 
@@ -55,8 +57,6 @@ class ToolRuntime:
         return await self._http(payload)
 
     async def _http(self, payload: Any) -> Any:
-        import httpx
-
         http = self.stage.http
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=self.stage.timeout_s)
@@ -82,7 +82,7 @@ class ToolRuntime:
                     if err.status < 500:
                         raise  # the arguments are wrong: another attempt would fail the same way
                     last = err
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     timeouts += 1
                 except Exception as err:  # noqa: BLE001 - the tool's own failure: retried, then reported
                     last = err

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from hetforge.kernels.registry import Registry
-from hetforge.serving.controller import Controller, StageCounters, StageInfo, queue_hint_job, window_of
-from hetforge.serving.jobs import JobBoard, parse_signature, write_production_problem
+from hetforge.serving.controller import Controller, StageInfo
+from hetforge.serving.job_runner import parse_signature, write_production_problem
+from hetforge.serving.jobs import JobBoard, JobSpec, queue_hint_job
+from hetforge.serving.replica_metrics import StageCounters, window_of
 from hetforge.serving.rollout import CanaryArm, RolloutBoard, StepStats, judge_step, plan_for
 from hetforge.serving.swap_control import SwapBoard, SwapError
 from hetforge.spec import load_pipeline
@@ -25,11 +27,11 @@ ACCEPTED = {"verdict": "accepted", "needs_review": False, "speedup": 2.0}
 
 class FakeLauncher:
     def __init__(self):
-        self.launched: list[dict] = []
+        self.launched: list[JobSpec] = []
         self.dead: list[tuple[int, str]] = []
 
-    def launch(self, doc, resources):
-        self.launched.append(doc)
+    def launch(self, spec: JobSpec, resources):
+        self.launched.append(spec)
 
     def failures(self):
         out, self.dead = self.dead, []
@@ -86,7 +88,7 @@ def test_a_hot_stage_gets_exactly_one_job_even_across_a_restart(setup):
     clock.t += 2
     seen = c.tick()
     assert seen["critical_path"]["score"] > 0.9
-    assert len(launcher.launched) == 1 and launcher.launched[0]["signatures"] == ["float32[2,16]", "float32[1,16]"]
+    assert len(launcher.launched) == 1 and launcher.launched[0].signatures == ("float32[2,16]", "float32[1,16]")
     job = JobBoard(setup["registry"]).list("reopt-test")[0]
     assert job.trigger == "hot" and job.state == "running"
     restarted = setup["make"](clock, launcher)  # a new controller process: the running job is not started again
@@ -114,7 +116,7 @@ def test_lost_and_crashed_jobs_free_the_stage(setup):
     assert jobs.queue("reopt-test", "score", "hint", "again", []) is None  # one per stage
     c = setup["make"](clock, launcher)
     c.tick()
-    assert launcher.launched[0]["hint"] == "try fusing"
+    assert launcher.launched[0].hint == "try fusing"
     launcher.dead.append((job.id, "RayTaskError: killed"))
     c.tick()
     assert jobs.get(job.id).state == "failed" and "killed" in jobs.get(job.id).error
@@ -308,5 +310,22 @@ def test_regression_waits_for_a_window_after_the_rollout_then_starts_a_job(setup
     setup["state"]["counters"] = _counters(100, 8.0)
     _beat_signatures(setup, {"float32[2,16]": 60})
     c.tick()
-    assert [d["signatures"] for d in launcher.launched] == [["float32[2,16]"]]
+    assert [d.signatures for d in launcher.launched] == [("float32[2,16]",)]
     assert jobs.list("reopt-test")[-1].trigger == "regression"
+
+
+def test_job_summary_reads_reject_kinds_from_verdicts_not_notes():
+    from hetforge.optimizer.supervisor import CandidateRecord, OptimizeReport
+    from hetforge.serving.job_runner import UNVERIFIED, summarize
+
+    def rejected(name, kind):
+        verdict = {"verdict": "rejected", "needs_review": False, "reasons": [{"kind": kind, "message": "timeout: worded like another kind"}]}
+        return CandidateRecord(name, "test", 1, "", verdict, status="rejected", note="mismatch: not what the verdict says")
+
+    winner = CandidateRecord("w", "test", 1, "", {**ACCEPTED, "reasons": []}, status="winner")
+    refused = CandidateRecord("llm:x", "llm", 2, "", None, status="rejected", note="no_code: the answer has no Python code block")
+    report = OptimizeReport(task={}, candidates=[winner, rejected("a", "timeout"), rejected("b", "timeout"), rejected("c", "nan_inf"), refused],
+                            winner=winner, speedup_vs_eager=2.0)
+    summary = summarize(report)
+    assert summary["rejected"] == {"timeout": 2, "nan_inf": 1, UNVERIFIED: 1} and summary["accepted"] == 1
+    assert [row["reject_kind"] for row in summary["leaderboard"]] == [None, "timeout", "timeout", "nan_inf", UNVERIFIED]

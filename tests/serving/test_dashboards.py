@@ -72,17 +72,18 @@ def test_provisioning_points_grafana_at_the_dashboard_and_the_datasource_uid():
 
 def test_sampler_turns_counter_differences_into_window_quantiles(tmp_path, monkeypatch):
     """Two replicas' multiprocess files, then more calls: the window holds only the new calls."""
-    from hetforge.serving.dashboard_page import DashboardSampler, Counters, point_between
+    from hetforge.serving.dashboard_page import DashboardSampler, point_between
+    from hetforge.serving.replica_metrics import MetricsSnapshot, StageCounters
 
-    old = Counters(pipeline_buckets={0.01: 10, 0.1: 10, float("inf"): 10}, pipeline_count=10,
-                   stage_buckets={"s": {0.01: 10, float("inf"): 10}}, stage_variant_calls={"s": {"reference": 10}})
-    new = Counters(pipeline_buckets={0.01: 10, 0.1: 30, float("inf"): 30}, pipeline_count=30,
-                   stage_buckets={"s": {0.01: 10, 0.1: 30, float("inf"): 30}}, stage_variant_calls={"s": {"reference": 12, "variant:3": 18}},
-                   speedup={"s": 2.0})
+    old = MetricsSnapshot(pipeline_buckets={0.01: 10, 0.1: 10, float("inf"): 10}, pipeline_count=10,
+                          stages={"s": StageCounters(buckets={0.01: 10, float("inf"): 10}, variant_calls={"reference": 10})})
+    new = MetricsSnapshot(pipeline_buckets={0.01: 10, 0.1: 30, float("inf"): 30}, pipeline_count=30,
+                          stages={"s": StageCounters(buckets={0.01: 10, 0.1: 30, float("inf"): 30}, variant_calls={"reference": 12, "variant:3": 18})},
+                          speedup={"s": 2.0})
     p = point_between(new, old, 100.0, 10.0)
     assert 10 < p.e2e_p50_ms < 100 and p.rps == 2.0  # the 20 new requests all took 10-100 ms
     assert p.serving == {"s": "variant:3"} and p.speedup == {"s": 2.0}
-    restarted = point_between(Counters(pipeline_buckets={0.01: 5, float("inf"): 5}, pipeline_count=5), old, 100.0, 10.0)
+    restarted = point_between(MetricsSnapshot(pipeline_buckets={0.01: 5, float("inf"): 5}, pipeline_count=5), old, 100.0, 10.0)
     assert restarted.rps == 0.5 and restarted.e2e_p50_ms <= 10  # counters went down: a restart, the new ones alone
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     sampler = DashboardSampler("p", str(tmp_path))

@@ -169,8 +169,8 @@ def _wait_for(served, decision: str, after: int, timeout_s: float, variant: str 
 
 
 def _inject(served, name: str, source: str) -> str:
-    from hetforge.kernels.registry import Registry
     from hetforge.core.problem import Problem
+    from hetforge.kernels.registry import Registry
 
     variant = Registry(served["registry"]).add(
         fingerprint=Problem(file=str(SCORER)).load().fingerprint(), device_class="cpu", precision="strict", name=name, agent="test",

@@ -105,7 +105,7 @@ def test_swaps_under_load_drop_nothing(registry, checkpoint):
 
     def client():
         while not stop.is_set():
-            for x, w in zip(xs, want):
+            for x, w in zip(xs, want, strict=True):
                 try:
                     torch.testing.assert_close(rt(x), w, atol=1e-5, rtol=1e-5)
                 except BaseException as err:  # noqa: BLE001 - collected for the assertion below
@@ -160,7 +160,7 @@ def test_metric_names_and_labels_are_the_contract(registry, checkpoint):
     rt(torch.randn(2, 256))
     text = generate_latest(metrics.registry).decode()
     assert 'hetforge_stage_speedup_ratio{device="cpu",pipeline="p",stage="embed"} 1.3' in text
-    assert 'hetforge_stage_latency_seconds_count{device="cpu",pipeline="p",stage="embed",variant="variant:%d"} 1.0' % vid in text
+    assert f'hetforge_stage_latency_seconds_count{{device="cpu",pipeline="p",stage="embed",variant="variant:{vid}"}} 1.0' in text
     assert 'hetforge_kernel_swaps_total{outcome="swapped",pipeline="p",stage="embed"} 1.0' in text
     rt.swap("reference", [torch.randn(2, 256)])
     text = generate_latest(metrics.registry).decode()
@@ -170,7 +170,8 @@ def test_metric_names_and_labels_are_the_contract(registry, checkpoint):
 def test_cli_swap_reaches_every_replica_and_reports_refusals(tmp_path, checkpoint):
     import os
 
-    from hetforge.serving.swap_control import SwapBoard, SwapWatcher
+    from hetforge.serving.swap_control import SwapBoard
+    from hetforge.serving.swap_watcher import SwapWatcher
     from tests.conftest import run_cli
 
     home = tmp_path / "home"

@@ -1,0 +1,264 @@
+"""The Ray Serve application of one pipeline: a deployment per stage, the controller, and the ingress.
+
+    PipelineIngress (FastAPI: `ingress.create_app`)  --handles-->  one deployment per stage
+                                                      --handle-->   ReoptimizeController (with a `reoptimize:` block)
+
+Each stage deployment gets its `ray_actor_options` (CPUs, GPUs, accelerator type) from the plan,
+its replicas or autoscaling from the spec, and `max_ongoing_requests` from its batching or tool
+concurrency. Model stages batch with `serve.batch`; a swap reaches their replicas through the
+registry file (`swap_control`, `swap_watcher`), so no replica restarts.
+
+Metrics: replicas write prometheus_client's multiprocess files into one folder per deployment
+(`PROMETHEUS_MULTIPROC_DIR`, set through the runtime environment), and the ingress's /metrics
+aggregates them: the names stay exactly those of `metrics.SPEC` (Ray's own metric export would
+prefix them with `ray_`). This covers the replicas of one node; see the README for clusters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+
+from hetforge.kernels.registry import Registry
+from hetforge.serving.controller import build_controller
+from hetforge.serving.dashboard_page import DashboardSampler
+from hetforge.serving.dataflow import PipelineRunner, StageError
+from hetforge.serving.ingress import create_app
+from hetforge.serving.ingress.state import HandleCaller, IngressState
+from hetforge.serving.llm import LlmRuntime
+from hetforge.serving.metrics import default_metrics
+from hetforge.serving.model_io import decode_inputs, encode_output, resolve_function, run_batched
+from hetforge.serving.stage_runtime import ModelStageRuntime
+from hetforge.serving.swap_control import SwapBoard
+from hetforge.serving.swap_watcher import SwapWatcher
+from hetforge.serving.tools import ToolRuntime
+from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
+
+
+def _pipeline(doc: dict) -> Pipeline:
+    return Pipeline.model_validate(doc)
+
+
+def _replica_name() -> str:
+    try:
+        return serve.get_replica_context().replica_tag
+    except Exception:  # noqa: BLE001 - outside a replica (tests calling the class directly)
+        return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _node_id() -> str:
+    """The Ray node this replica runs on ("" outside Ray)."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
+@contextlib.contextmanager
+def _observed(metrics, pipeline: str, stage: str, device: str):
+    """A tool or LLM stage call: its latency, or an error count when it raises."""
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        metrics.stage_errors.labels(pipeline, stage).inc()
+        raise
+    metrics.stage_latency.labels(pipeline, stage, "reference", device).observe(time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+@serve.deployment
+class ModelStageDeployment:
+    """A model stage replica: batched calls on the active variant, swaps from the registry file."""
+
+    def __init__(self, pipeline_doc: dict, base_dir: str, stage_name: str, device: str, registry_path: str, device_class: str | None = None):
+        pipeline = _pipeline(pipeline_doc)
+        stage: ModelStage = pipeline.stage(stage_name)
+        base = Path(base_dir)
+        self.stage, self.device = stage, device
+        self.runtime = ModelStageRuntime(pipeline.name, stage.name, base / stage.problem_file, device=device, precision=stage.precision,
+                                         weights=base / stage.weights if stage.weights else None, seed=stage.seed,
+                                         init_args=stage.init_args, init_kwargs=stage.init_kwargs, registry=Registry(registry_path),
+                                         max_batch_rows=stage.batching.max_batch_size if stage.batching else 1, device_class=device_class)
+        self.pre = resolve_function(stage.preprocess, base)
+        self.post = resolve_function(stage.postprocess, base)
+        self.arity = len(self.runtime.example_inputs())
+        batching = stage.batching
+        self.run_batch.set_max_batch_size(batching.max_batch_size if batching else 1)
+        self.run_batch.set_batch_wait_timeout_s((batching.wait_ms if batching else 0.0) / 1e3)
+        self.watcher = SwapWatcher(self.runtime, SwapBoard(registry_path), _replica_name()).start()
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def run_batch(self, items: list[list]) -> list[Any]:
+        try:
+            return await asyncio.to_thread(run_batched, self.runtime, items)
+        except Exception as err:  # noqa: BLE001 - one failure answers every request of the batch, as an error value
+            return [StageError(f"stage {self.stage.name}: {type(err).__name__}: {err}"[:2000], 500)] * len(items)
+
+    async def __call__(self, payload: Any, request_id: str = "") -> Any:
+        tensors = [t.to(self.device) for t in decode_inputs(self.stage, payload, self.pre, self.arity)]
+        out = await self.run_batch(tensors)
+        if isinstance(out, Exception):
+            raise out
+        return encode_output(self.stage, out, payload, self.post)
+
+    def status(self) -> dict:
+        r = self.runtime
+        return {"replica": _replica_name(), "node_id": _node_id(), "stage": self.stage.name, "device": self.device,
+                "device_class": r.device_class, "active_variant": r.active_variant, "swaps": [vars(h) for h in r.history[-10:]]}
+
+
+@serve.deployment
+class ToolStageDeployment:
+    """A tool stage replica: a callable or an HTTP endpoint, with its timeout, retries and concurrency."""
+
+    def __init__(self, pipeline_doc: dict, base_dir: str, stage_name: str):
+        pipeline = _pipeline(pipeline_doc)
+        self.pipeline, self.stage = pipeline.name, pipeline.stage(stage_name)
+        self.runtime = ToolRuntime(self.stage, Path(base_dir))
+        self.metrics = default_metrics()
+
+    async def __call__(self, payload: Any, request_id: str = "") -> Any:
+        with _observed(self.metrics, self.pipeline, self.stage.name, "cpu"):
+            return await self.runtime(payload)
+
+    def status(self) -> dict:
+        return {"replica": _replica_name(), "node_id": _node_id(), "stage": self.stage.name, "device": "cpu", "active_variant": "reference",
+                "attempts": self.runtime.attempts}
+
+
+@serve.deployment
+class LlmStageDeployment:
+    """An LLM stage replica: vLLM's engine in the replica, or a client of an OpenAI-compatible endpoint."""
+
+    def __init__(self, pipeline_doc: dict, base_dir: str, stage_name: str, device: str):
+        pipeline = _pipeline(pipeline_doc)
+        stage: LlmStage = pipeline.stage(stage_name)
+        tools = [{"name": t, "description": pipeline.stage(t).description} for t in (stage.agent_loop.tools if stage.agent_loop else [])]
+        self.pipeline, self.stage, self.device = pipeline.name, stage, device
+        self.runtime = LlmRuntime(stage, Path(base_dir), tools)
+        self.metrics = default_metrics()
+
+    async def __call__(self, payload: dict, request_id: str = "") -> dict:
+        with _observed(self.metrics, self.pipeline, self.stage.name, self.device):
+            return await self.runtime(payload, request_id)
+
+    async def stream(self, payload: dict, request_id: str = ""):
+        with _observed(self.metrics, self.pipeline, self.stage.name, self.device):
+            async for delta in self.runtime.stream(payload, request_id):
+                yield delta
+
+    def status(self) -> dict:
+        backend = "vllm" if self.stage.vllm else f"endpoint {self.stage.endpoint.base_url}"
+        return {"replica": _replica_name(), "node_id": _node_id(), "stage": self.stage.name, "device": self.device, "active_variant": backend}
+
+    def __del__(self):
+        runtime = getattr(self, "runtime", None)
+        if runtime is not None:
+            runtime.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- re-optimization
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class ReoptimizeController:
+    """The pipeline's re-optimization loop (`controller.Controller`) on a thread of one replica.
+
+    Serve restarts the replica if it dies; the new one resumes from the registry file.
+    """
+
+    def __init__(self, pipeline_doc: dict, base_dir: str, placement: dict, registry_path: str, metrics_dir: str):
+        self.pipeline = _pipeline(pipeline_doc)
+        self.controller = build_controller(self.pipeline, Path(base_dir), placement, registry_path, metrics_dir, default_metrics())
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="hetforge-controller", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.pipeline.reoptimize.interval_s):
+            self.tick()
+
+    def tick(self) -> dict:
+        with self._lock:
+            try:
+                return self.controller.tick()
+            except Exception as err:  # noqa: BLE001 - a failed look is logged and retried on the next one, never fatal
+                self.errors = (self.errors + [f"{time.strftime('%H:%M:%S')} {type(err).__name__}: {err}"[:500]])[-20:]
+                return {"error": self.errors[-1]}
+
+    def status(self) -> dict:
+        return {**self.controller.status(), "errors": self.errors}
+
+    def __del__(self):
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+
+
+# ---------------------------------------------------------------------------------------------- ingress
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress()
+class PipelineIngress:
+    """The pipeline's HTTP entry: sets its metrics' fixed series, then serves `ingress.create_app` on its state."""
+
+    def __init__(self, pipeline_doc: dict, handles: dict, registry_path: str, metrics_dir: str, controller=None, base_dir: str = ".",
+                 placement: dict | None = None):
+        pipeline = _pipeline(pipeline_doc)
+        placement = placement or {}
+        metrics = default_metrics()
+        for stage in pipeline.stages:  # for the dashboards' placement table and SLO line
+            where = placement.get(stage.name, {})
+            metrics.stage_placement.labels(pipeline.name, stage.name, stage.kind, where.get("device_class", "?"), where.get("device", "?")).set(1)
+        metrics.zero_serving_series(pipeline.name, [s.name for s in pipeline.stages], [s.name for s in pipeline.stages if isinstance(s, ModelStage)])
+        if pipeline.slo is not None:
+            metrics.pipeline_slo.labels(pipeline.name, "0.99").set(pipeline.slo.p99_ms / 1e3)
+        self.state = IngressState(pipeline=pipeline, runner=PipelineRunner(pipeline, HandleCaller(handles)), handles=handles,
+                                  registry_path=registry_path, metrics_dir=metrics_dir, metrics=metrics,
+                                  sampler=DashboardSampler(pipeline.name, metrics_dir).start(),  # the built-in page's time series
+                                  base_dir=Path(base_dir), controller=controller, placement=placement)
+
+    def __serve_build_asgi_app__(self):
+        """Serve calls this after `__init__`: the app of this replica's state."""
+        return create_app(self.state)
+
+
+def _deployment_name(stage: str) -> str:
+    return f"stage-{stage}"
+
+
+def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], registry_path: str, metrics_dir: str):
+    """The bound application: `placement[stage]` = {"device": "cpu"|"cuda", "ray_actor_options": {...}}."""
+    doc = pipeline.model_dump(mode="json", by_alias=True)
+    handles = {}
+    for stage in pipeline.stages:
+        where = placement[stage.name]
+        options: dict[str, Any] = {"name": _deployment_name(stage.name), "ray_actor_options": where["ray_actor_options"]}
+        if isinstance(stage.replicas, int):
+            options["num_replicas"] = stage.replicas
+        else:
+            options["autoscaling_config"] = {"min_replicas": stage.replicas.min_replicas, "max_replicas": stage.replicas.max_replicas,
+                                             "target_ongoing_requests": stage.replicas.target_ongoing_requests}
+        if isinstance(stage, ModelStage):
+            batch = stage.batching.max_batch_size if stage.batching else 1
+            options["max_ongoing_requests"] = max(16, 2 * batch)
+            handles[stage.name] = ModelStageDeployment.options(**options).bind(doc, str(base_dir), stage.name, where["device"], registry_path,
+                                                                               where.get("device_class"))
+        elif isinstance(stage, ToolStage):
+            options["max_ongoing_requests"] = max(16, stage.concurrency)
+            handles[stage.name] = ToolStageDeployment.options(**options).bind(doc, str(base_dir), stage.name)
+        else:
+            options["max_ongoing_requests"] = 64
+            options["health_check_timeout_s"] = 120
+            handles[stage.name] = LlmStageDeployment.options(**options).bind(doc, str(base_dir), stage.name, where["device"])
+    controller = None
+    if pipeline.reoptimize is not None:
+        controller = ReoptimizeController.options(name="reoptimize-controller").bind(doc, str(base_dir), placement, registry_path, metrics_dir)
+    return PipelineIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(doc, handles, registry_path, metrics_dir, controller, str(base_dir),
+                                                                          placement)

@@ -1,0 +1,29 @@
+"""The FastAPI app of one served pipeline: the routers per concern, the error handlers, the state.
+
+    POST /v1/pipelines/{name}/run                     pipelines.py: JSON in, JSON out (or text/event-stream
+                                                      when asked and the output stage is an LLM)
+    GET  /v1/pipelines/{name}/status, GET /healthz    pipelines.py: replicas, devices, active variants; readiness
+    POST /v1/chat/completions                         openai_compat.py: OpenAI-compatible, for pipelines ending in an LLM
+    POST /v1/pipelines/{name}/stages/{stage}/swap     kernels.py: hot-swap a model stage's variant
+    GET  /v1/pipelines/{name}/approvals[/{id}], POST .../approvals/{id}/{approve|reject},
+    POST /v1/pipelines/{name}/stages/{stage}/optimize approvals.py: variants waiting for a human, hint jobs
+    GET  /v1/pipelines/{name}/rollouts                rollouts.py: rollouts and their audit log
+    GET  /dashboard, /v1/pipelines/{name}/dashboard, /metrics   dashboard.py
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from hetforge.serving.ingress import approvals, dashboard, errors, kernels, openai_compat, pipelines, rollouts
+from hetforge.serving.ingress.state import IngressState
+
+
+def create_app(state: IngressState | None = None) -> FastAPI:
+    """The app serving `state`'s pipeline (without a state: the routes alone, for their listing)."""
+    app = FastAPI(title="hetforge", description="Pipelines served by hetforge on Ray Serve.")
+    app.state.ingress = state
+    errors.install(app)
+    for module in (pipelines, openai_compat, kernels, approvals, rollouts, dashboard):
+        app.include_router(module.router)
+    return app
