@@ -24,6 +24,9 @@ from typing import Any, Callable
 
 import torch
 
+from hetforge.core.files import file_digest
+from hetforge.core.hf import HfSource, HfStageModule, fingerprint_source, make_inputs, model_folder
+
 
 class ProblemError(Exception):
     """A problem or candidate file cannot be loaded or lacks what the convention requires."""
@@ -116,12 +119,15 @@ class Problem:
     base_dir: str | None = None
     signature: tuple[InputSpec, ...] = ()
     weights: str | None = None
+    hf: HfSource | None = None
+    buckets: tuple[tuple[tuple[str, int], ...], ...] = ()  # sizes of named dimensions per serving bucket
 
     def __post_init__(self):
-        forms = (self.file is not None) + (self.factory is not None or self.inputs is not None) + (self.module is not None)
+        forms = ((self.file is not None) + (self.factory is not None or self.inputs is not None) + (self.module is not None)
+                 + (self.hf is not None))
         if forms != 1 or ((self.factory is None) != (self.inputs is None)):
             raise ProblemError("a Problem needs exactly one of: a problem `file`; both `factory` and `inputs` import paths; "
-                               "or a `module` class with its input `signature`")
+                               "a `module` class with its input `signature`; or a HuggingFace model (`hf`)")
         if self.module is not None and not self.signature:
             raise ProblemError(f"module {self.module}: a module needs its declared input signature")
 
@@ -132,13 +138,17 @@ class Problem:
         return {"file": absolute(self.file), "factory": self.factory, "inputs": self.inputs,
                 "init_args": list(self.init_args), "init_kwargs": dict(self.init_kwargs), "module": self.module,
                 "base_dir": absolute(self.base_dir), "signature": [s.to_json() for s in self.signature],
-                "weights": absolute(self._path(self.weights)) if self.weights else None}
+                "weights": absolute(self._path(self.weights)) if self.weights else None,
+                "hf": self.hf.to_json() if self.hf else None, "buckets": [dict(b) for b in self.buckets]}
 
     @classmethod
     def from_json(cls, doc: dict) -> Problem:
         signature = tuple(InputSpec(s["name"], tuple(s["shape"]), s.get("dtype", "float32")) for s in doc.get("signature") or ())
+        hf = HfSource.from_json(doc["hf"]) if doc.get("hf") else None
+        buckets = tuple(tuple(sorted(b.items())) for b in doc.get("buckets") or ())
         return cls(doc.get("file"), doc.get("factory"), doc.get("inputs"), tuple(doc.get("init_args") or ()),
-                   dict(doc.get("init_kwargs") or {}), doc.get("module"), doc.get("base_dir"), signature, doc.get("weights"))
+                   dict(doc.get("init_kwargs") or {}), doc.get("module"), doc.get("base_dir"), signature, doc.get("weights"),
+                   hf, buckets)
 
     def _path(self, rel: str) -> Path:
         path = Path(rel)
@@ -164,6 +174,8 @@ class Problem:
             )
         if self.module is not None:
             return self._load_module()
+        if self.hf is not None:
+            return self._load_hf()
         factory, inputs = resolve(self.factory), resolve(self.inputs)
         return LoadedProblem(factory, inputs, lambda: [], list(self.init_args), dict(self.init_kwargs), source="")
 
@@ -183,12 +195,31 @@ class Problem:
                 raise ProblemError(f"{weights}: no such weights file")
             source += f"\0weights sha256 {file_digest(weights)}"  # a new checkpoint is another reference
         model_class = cls if weights is None else _with_weights(cls, weights)
-        signature = self.signature
+        signature, (first, *rest) = self.signature, self._bucket_sizes()
 
-        def get_inputs() -> list[torch.Tensor]:
-            return [spec.make() for spec in signature]
+        def get_inputs(sizes: dict = first) -> list[torch.Tensor]:
+            return [spec.make(sizes) for spec in signature]
 
-        return LoadedProblem(model_class, get_inputs, lambda: [], list(self.init_args), dict(self.init_kwargs), source)
+        return LoadedProblem(model_class, get_inputs, lambda: [get_inputs(b) for b in rest], list(self.init_args),
+                             dict(self.init_kwargs), source)
+
+    def _load_hf(self) -> LoadedProblem:
+        try:
+            folder = model_folder(self.hf.model, self.base_dir)
+        except Exception as err:  # noqa: BLE001 - HfError, or the hub library's own errors: one message either way
+            raise ProblemError(str(err)) from None
+        hf, (first, *rest) = self.hf, self._bucket_sizes()
+        kwargs = {"model_dir": str(folder), "task": hf.task, "pooling": hf.pooling, "normalize": hf.normalize, "dtype": hf.dtype}
+
+        def get_inputs(sizes: dict = first) -> list[torch.Tensor]:
+            return make_inputs(hf, folder, batch=sizes.get("batch", 1), seq=sizes.get("seq"))
+
+        return LoadedProblem(HfStageModule, get_inputs, lambda: [get_inputs(b) for b in rest], [], kwargs,
+                             fingerprint_source(folder, hf))
+
+    def _bucket_sizes(self) -> list[dict]:
+        """Sizes of named dimensions for the main input set, then for each other serving bucket."""
+        return [dict(b) for b in self.buckets] or [{}]
 
 
 def importable(folder: str | Path) -> None:
@@ -215,14 +246,6 @@ def module_source(cls: type) -> str:
         except (OSError, UnicodeDecodeError):
             parts.append(path)
     return "\0".join(parts)
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_weights(module: torch.nn.Module, path: Path) -> None:
