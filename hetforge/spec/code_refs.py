@@ -144,3 +144,23 @@ def _no_such_name(name: str, module: ModuleNames) -> str:
         return f'it has no {name!r}; did you mean "{close[0]}"?'
     shown = ", ".join(public[:8]) + (", ..." if len(public) > 8 else "")
     return f"it has no {name!r} (it defines {shown or 'no public names'})"
+
+
+def check_hf_model(model: str, base_dir: Path) -> str | None:
+    """Why a HuggingFace stage's `model` cannot be found locally, or None: a folder with config.json relative to
+    the pipeline, else a model id whose config is in the local cache (looked up on disk, never downloaded)."""
+    folder = base_dir / model
+    if folder.is_dir():
+        return None if (folder / "config.json").is_file() else f"a model folder saved with save_pretrained; {folder} has no config.json"
+    try:
+        from huggingface_hub import try_to_load_from_cache  # optional: installed with transformers
+    except ImportError:
+        return f"a model folder relative to the pipeline's folder ({base_dir}); huggingface_hub is not installed to look up model ids"
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except ValueError:  # not a valid repo id either
+        cached = None
+    if isinstance(cached, str):
+        return None
+    return (f"a model folder relative to the pipeline's folder ({base_dir}) or a model id in the local HuggingFace cache; "
+            "neither exists and nothing is downloaded")

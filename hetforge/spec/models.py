@@ -160,8 +160,27 @@ def normalize_device(value: str) -> str:
     raise ValueError(DEVICE_RULE)
 
 
+class HuggingFaceModel(_Spec):
+    """A HuggingFace transformers model served with its tokenizer or processor in the replica."""
+
+    model: str = Field(min_length=1, max_length=4096,
+                       description="A model folder saved with save_pretrained (relative to this YAML), or a model id "
+                       "already in the local HuggingFace cache; nothing is downloaded.")
+    task: Literal["embedding", "classification", "audio_encoder", "vision_encoder"] = Field(
+        description="embedding: text -> pooled vector; classification: text or (query, document) pairs -> scores "
+        "(rerankers, cross-encoders); audio_encoder: audio samples -> pooled vector; vision_encoder: image -> vector.")
+    pooling: Literal["mean", "cls"] = Field(default="mean", description="embedding: mean over tokens, or the first token.")
+    normalize: bool = Field(default=True, description="embedding: L2-normalize the vector.")
+    max_length: int = Field(default=128, ge=1, le=32_768, description="Text tasks: tokens per sequence (longer is truncated).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Weights and compute dtype.")
+
+
+Bucket = dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")], Annotated[int, Field(ge=1, le=1 << 20)]]
+
+
 class ModelStage(_StageBase):
-    """A PyTorch module: from an import path or a problem file (Model, get_inputs, get_init_inputs)."""
+    """A PyTorch module: the team's own class (`module`), a HuggingFace model (`huggingface`), or a problem
+    file (Model, get_inputs, get_init_inputs)."""
 
     kind: Literal["model"] = Field(description="Stage kind.")
     module: str | None = Field(
@@ -202,13 +221,31 @@ class ModelStage(_StageBase):
         default=None, min_length=1, max_length=100_000,
         description="Class names of a classifier's last dimension: the output then carries `label` and `scores`.",
     )
+    huggingface: HuggingFaceModel | None = Field(default=None, description="A HuggingFace model (instead of module or problem_file).")
+    buckets: list[Bucket] = Field(
+        default_factory=list, max_length=16,
+        description="Serving shapes: sizes of named dimensions (batch, seq, ...) per bucket; requests are padded up to the "
+        "smallest bucket that holds them, and every bucket is verified. Empty: batch 1 and the declared sizes.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelStage:
-        if (self.module is None) == (self.problem_file is None):
-            raise ValueError("a model stage needs exactly one of `module` or `problem_file`")
+        if (self.module is not None) + (self.problem_file is not None) + (self.huggingface is not None) != 1:
+            raise ValueError("a model stage needs exactly one of `module`, `huggingface` or `problem_file`")
         if self.module is not None and not self.inputs:
             raise ValueError("a model stage given by `module` must declare its `inputs`")
+        if self.huggingface is not None and (self.inputs or self.preprocess or self.weights):
+            raise ValueError("a huggingface stage takes its inputs, preprocessing and weights from its model folder")
+        named = {d for i in self.inputs for d in i.shape if isinstance(d, str)}
+        if self.huggingface is not None:
+            named = {"batch", "seq"} if self.huggingface.task in ("embedding", "classification") else {"batch"}
+        if self.buckets and self.problem_file is not None:
+            raise ValueError("a problem file declares its other input shapes with get_input_variants(), not `buckets`")
+        for bucket in self.buckets:
+            unknown = sorted(set(bucket) - named)
+            if unknown:
+                raise ValueError(f"bucket {bucket} names {', '.join(unknown)}, which no input has"
+                                 f" (named dimensions: {', '.join(sorted(named)) or 'none'})")
         return self
 
 

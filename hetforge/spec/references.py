@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path as FsPath
 
-from hetforge.spec.code_refs import PROBLEM_FILE_NAMES, check_reference, missing_problem_names
+from hetforge.spec.code_refs import PROBLEM_FILE_NAMES, check_hf_model, check_reference, missing_problem_names
 from hetforge.spec.errors import Problem
 from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
 
@@ -73,6 +73,10 @@ def _check_files(stage: ModelStage | LlmStage | ToolStage, i: int, base_dir: FsP
                                             f"a problem file defining {', '.join(PROBLEM_FILE_NAMES)}; it lacks {', '.join(missing)}"))
         if stage.module:
             refs.append(("module", "a class"))
+        if stage.huggingface:
+            why = check_hf_model(stage.huggingface.model, base_dir)
+            if why:
+                problems.append(Problem(("stages", i, "huggingface", "model"), stage.huggingface.model, why))
         if stage.weights and not (base_dir / stage.weights).is_file():
             problems.append(Problem(("stages", i, "weights"), stage.weights, _NO_FILE.format(base_dir)))
         refs += [(field, "a function") for field in ("preprocess", "postprocess") if getattr(stage, field)]

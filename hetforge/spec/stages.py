@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hetforge.core.hf import HfSource
 from hetforge.core.problem import InputSpec, Problem
 from hetforge.spec.models import ModelStage, Pipeline
 
@@ -16,12 +17,17 @@ from hetforge.spec.models import ModelStage, Pipeline
 def stage_problem(stage: ModelStage, base_dir: Path) -> Problem:
     """The reference computation of `stage`, with paths resolved against the pipeline's folder."""
     init_args, init_kwargs = tuple(stage.init_args or ()), dict(stage.init_kwargs)
+    buckets = tuple(tuple(sorted(b.items())) for b in stage.buckets)
+    if stage.huggingface is not None:
+        hf = stage.huggingface
+        return Problem(hf=HfSource(hf.model, hf.task, hf.pooling, hf.normalize, hf.max_length, hf.dtype), base_dir=str(base_dir),
+                       buckets=buckets)
     if stage.problem_file is not None:
         return Problem(file=str(base_dir / stage.problem_file), init_args=init_args, init_kwargs=init_kwargs,
                        base_dir=str(base_dir))
     signature = tuple(InputSpec(i.name, tuple(i.shape), i.dtype) for i in stage.inputs)
     return Problem(module=stage.module, base_dir=str(base_dir), signature=signature, weights=stage.weights,
-                   init_args=init_args, init_kwargs=init_kwargs)
+                   init_args=init_args, init_kwargs=init_kwargs, buckets=buckets)
 
 
 class StageCodeError(Exception):
