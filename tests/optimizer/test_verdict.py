@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
+from hetforge.kernels.registry import Registry
 from hetforge.optimizer import verdict as V
 from hetforge.optimizer.correctness import compare_outputs
-from hetforge.optimizer.report import CandidateRecord, CandidateStatus, OptimizeReport
+from hetforge.optimizer.registration import register_winner
+from hetforge.optimizer.report import BASELINE, CandidateRecord, CandidateStatus, OptimizeReport
 from hetforge.optimizer.static_checks import review_flags
 
 
@@ -81,3 +83,17 @@ def test_static_flags_are_one_per_rule_the_first_reason_found():
     source = "import threading\nimport torch\ns = torch.cuda.Stream()\nt = torch.cuda.stream(s)\n"
     assert review_flags(source) == ["static:import_threading: runs work on threads the timer does not see",
                                     "static:side_stream: creates a side stream (work there can hide from events)"]
+
+
+def test_register_winner_stores_the_typed_verdict_as_a_dict_and_keeps_eager_out(tmp_path):
+    registry = Registry(tmp_path / "registry.sqlite")
+    verdict = _accepted()
+    verdict.needs_review = False
+    winner = CandidateRecord("rewrites:fold_scale", "rewrites", 1, "class ModelNew: ...", verdict, status=CandidateStatus.WINNER)
+    where = dict(fingerprint="f" * 16, device_class="cpu", precision="strict")
+    stored = register_winner(OptimizeReport(task={}, candidates=[winner], winner=winner), registry, **where)
+    assert stored.variant is not None and stored.variant.verdict == json.loads(json.dumps(verdict.to_dict()))
+    assert V.Verdict.from_dict(stored.variant.verdict) == verdict
+    eager = CandidateRecord(BASELINE, "recipes", 1, "", verdict, status=CandidateStatus.WINNER)
+    kept_out = register_winner(OptimizeReport(task={}, candidates=[eager], winner=eager), registry, **where)
+    assert kept_out.variant is None and "recipe:eager is" in kept_out.reason
