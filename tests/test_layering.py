@@ -49,7 +49,7 @@ class Import:
 
 
 def package_of(module: str) -> str:
-    """`hetforge.optimizer.verify` -> "optimizer"; `hetforge.cli` -> "cli"."""
+    """`hetforge.optimizer.judge` -> "optimizer"; `hetforge.cli` -> "cli"."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 
@@ -142,7 +142,7 @@ def test_hetforge_modules_import_no_cycle_at_module_level():
     ("from hetforge.serving.metrics import Metrics\n", "hetforge/kernels/registry.py", "kernels may not import serving"),
     ("from hetforge.planners import devices\n", "hetforge/optimizer/llm_agent.py", "optimizer may not import planners"),
     ("from hetforge.planners.plan import build_plan\n", "hetforge/spec/load.py", "spec may not import planners"),
-    ("import ray\n", "hetforge/optimizer/verify.py", "no module-level import of ray"),
+    ("import ray\n", "hetforge/optimizer/judge.py", "no module-level import of ray"),
     ("import pydantic\n", "hetforge/core/problem.py", "no module-level import of pydantic"),
     ("def f():\n    from hetforge.spec import graph\n", "hetforge/planners/plan.py", "imported inside a function"),
 ])
@@ -154,7 +154,7 @@ def test_a_broken_rule_is_reported(source, module, why):
 
 def test_allowed_imports_are_not_reported():
     ok = [("from hetforge.core.problem import Problem\n", "hetforge/serving/deployments.py"),
-          ("import torch\nimport numpy as np\nimport json\n", "hetforge/optimizer/verify.py"),
+          ("import torch\nimport numpy as np\nimport json\n", "hetforge/optimizer/judge.py"),
           ("def f():\n    import openai\n", "hetforge/optimizer/llm_agent.py"),
           ("def f():\n    from hetforge.serving import deploy\n", "hetforge/cli/__init__.py")]
     for source, module in ok:

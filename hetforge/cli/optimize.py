@@ -58,7 +58,7 @@ def optimize(
 
     def progress_and_keep(record) -> None:
         records_so_far.append(record)
-        shown = f"{record.speedup:.3f}x" if record.verdict and record.verdict.get("speedup") else "-"
+        shown = f"{record.speedup:.3f}x" if record.verdict is not None and record.verdict.speedup else "-"
         colour = {"accepted": "green", "rejected": "red", "needs_review": "yellow"}.get(record.status, "white")
         console.print(f"round {record.round} [{colour}]{record.status:>12}[/] {shown:>9}  {record.name}  {record.note[:120]}", highlight=False)
 
@@ -66,7 +66,7 @@ def optimize(
         if not interactive:
             return False
         print_leaderboard(console, records_so_far + [record])
-        return typer.confirm(f"{record.name} is flagged ({'; '.join(record.verdict['flags'])}). Keep it?", default=False)
+        return typer.confirm(f"{record.name} is flagged ({'; '.join(record.verdict.flags)}). Keep it?", default=False)
 
     def notice(text: str) -> None:
         console.print(f"[yellow]{text}[/]", highlight=False)

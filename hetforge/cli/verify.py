@@ -38,8 +38,8 @@ def verify(
     Exit 0 accepted, 1 rejected, 2 usage or I/O error.
     """
     from hetforge.core.problem import Problem
-    from hetforge.optimizer.verify import VerifyOptions
-    from hetforge.optimizer.verify import verify as run_verify
+    from hetforge.optimizer.judge import VerifyOptions
+    from hetforge.optimizer.judge import verify as run_verify
 
     for path in (reference, candidate):
         require_file(path)

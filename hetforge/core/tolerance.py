@@ -45,7 +45,11 @@ class Comparison:
     ok: bool
     max_abs: float
     max_rel: float
-    reason: str = ""  # why not ok: shape | dtype | nan | inf | values
+    reason: str = ""  # why not ok, for people
+    kind: str = ""  # why not ok, for code: one of FAILURE_KINDS ("" when ok)
+
+
+FAILURE_KINDS = ("shape", "dtype", "nan", "inf", "values")
 
 
 def compare(candidate: torch.Tensor, reference: torch.Tensor, precision: str) -> Comparison:
@@ -55,16 +59,16 @@ def compare(candidate: torch.Tensor, reference: torch.Tensor, precision: str) ->
     and outputs of 256 MB took several seconds a comparison in float64 with full-size temporaries.
     """
     if candidate.shape != reference.shape:
-        return Comparison(False, float("inf"), float("inf"), f"shape {tuple(candidate.shape)} != {tuple(reference.shape)}")
+        return Comparison(False, float("inf"), float("inf"), f"shape {tuple(candidate.shape)} != {tuple(reference.shape)}", "shape")
     if candidate.dtype != reference.dtype:
-        return Comparison(False, float("inf"), float("inf"), f"dtype {candidate.dtype} != {reference.dtype}")
+        return Comparison(False, float("inf"), float("inf"), f"dtype {candidate.dtype} != {reference.dtype}", "dtype")
     atol, rtol = tolerance(reference.dtype, precision)
     if reference.numel() == 0:
         return Comparison(True, 0.0, 0.0)
     if not reference.dtype.is_floating_point:
         equal = torch.equal(candidate, reference)
         mismatch = (candidate != reference).sum().item()
-        return Comparison(equal, 0.0 if equal else float("inf"), 0.0 if equal else float("inf"), "" if equal else f"values: {mismatch} elements differ")
+        return Comparison(equal, 0.0 if equal else float("inf"), 0.0 if equal else float("inf"), "" if equal else f"values: {mismatch} elements differ", "" if equal else "values")
     work = torch.float64 if reference.dtype == torch.float64 else torch.float32
     c_all, r_all = candidate.reshape(-1), reference.reshape(-1)
     max_abs = max_rel = 0.0
@@ -74,10 +78,10 @@ def compare(candidate: torch.Tensor, reference: torch.Tensor, precision: str) ->
         r_finite, c_finite = torch.isfinite(r), torch.isfinite(c)
         if not torch.equal(r_finite, c_finite) or not bool(r_finite.all()):
             if not torch.equal(torch.isnan(c), torch.isnan(r)):
-                return Comparison(False, float("nan"), float("nan"), "nan: NaN at different places")
+                return Comparison(False, float("nan"), float("nan"), "nan: NaN at different places", "nan")
             r_inf, c_inf = torch.isinf(r), torch.isinf(c)
             if not torch.equal(c_inf, r_inf) or not torch.equal(c[r_inf], r[r_inf]):
-                return Comparison(False, float("inf"), float("inf"), "inf: Inf at different places or signs")
+                return Comparison(False, float("inf"), float("inf"), "inf: Inf at different places or signs", "inf")
             c, r = c[r_finite], r[r_finite]
         if r.numel() == 0:
             continue
@@ -88,7 +92,7 @@ def compare(candidate: torch.Tensor, reference: torch.Tensor, precision: str) ->
         max_rel = max(max_rel, (diff / ref_abs.clamp_min(1e-12)).max().item())
         bad += int((diff > ref_abs.mul_(rtol).add_(atol)).sum().item())
     if bad:
-        return Comparison(False, max_abs, max_rel, f"values: {bad} of {finite_count} elements outside atol={atol:g}, rtol={rtol:g} (max abs err {max_abs:.3g})")
+        return Comparison(False, max_abs, max_rel, f"values: {bad} of {finite_count} elements outside atol={atol:g}, rtol={rtol:g} (max abs err {max_abs:.3g})", "values")
     return Comparison(True, max_abs, max_rel)
 
 

@@ -26,7 +26,15 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hetforge.kernels.modules import FusedBmm, FusedConv, FusedLinear, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain
+from hetforge.kernels.modules import (
+    FusedBmm,
+    FusedConv,
+    FusedLinear,
+    FusedNorm,
+    FusedReduce,
+    FusedSoftmax,
+    PointwiseChain,
+)
 from hetforge.kernels.triton.epilogue import MAX_OPS, Op
 from hetforge.optimizer.rewrites import symbolic_trace
 
@@ -272,7 +280,7 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
         out_shape = _shape(node)
         if _fusable_conv(gm, node) and out_shape is not None:
             split = precision == "strict" and _splittable_conv(gm, node)
-            chain = _extend(gm, node, consumed, lambda v: _vector_dim(v, out_shape) == 1)
+            chain = _extend(gm, node, consumed, lambda v, out_shape=out_shape: _vector_dim(v, out_shape) == 1)
             last = chain.nodes[-1] if chain.nodes else node
             args = (node.args[0], chain.residual) if chain.residual is not None else (node.args[0],)
             _install(gm, FusedConv(gm.get_submodule(node.target), tuple(chain.ops), chain.vector, split), node, last, args,
@@ -284,7 +292,7 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
         if linear is not None and out_shape is not None:
             x, w, b = linear
             n = w.shape[0]
-            chain = _extend(gm, node, consumed, lambda v: v.numel() == n and v.shape[-1] == n)
+            chain = _extend(gm, node, consumed, lambda v, n=n: v.numel() == n and v.shape[-1] == n)
             last = chain.nodes[-1] if chain.nodes else node
             args = (x, chain.residual) if chain.residual is not None else (x,)
             _install(gm, FusedLinear(w, b, tuple(chain.ops), chain.vector, precision), node, last, args, [node, *chain.nodes], "linear")
@@ -294,7 +302,7 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
         bmm = _bmm_parts(node)
         if bmm is not None and out_shape is not None:
             n = out_shape[-1]
-            chain = _extend(gm, node, consumed, lambda v: v.numel() == n and v.shape[-1] == n)
+            chain = _extend(gm, node, consumed, lambda v, n=n: v.numel() == n and v.shape[-1] == n)
             last = chain.nodes[-1] if chain.nodes else node
             args = (*bmm, chain.residual) if chain.residual is not None else bmm
             _install(gm, FusedBmm(tuple(chain.ops), chain.vector, precision), node, last, args, [node, *chain.nodes], "bmm")
@@ -305,9 +313,9 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
         if norm is not None and out_shape is not None:
             mode = norm["mode"]
             if mode == "group":
-                ok = lambda v: _vector_dim(v, out_shape) == 1  # noqa: E731
+                ok = lambda v, out_shape=out_shape: _vector_dim(v, out_shape) == 1  # noqa: E731
             else:
-                ok = lambda v: v.shape[-1] == out_shape[-1] and v.numel() == out_shape[-1]  # noqa: E731
+                ok = lambda v, out_shape=out_shape: v.shape[-1] == out_shape[-1] and v.numel() == out_shape[-1]  # noqa: E731
             chain = _extend(gm, node, consumed, ok)
             last = chain.nodes[-1] if chain.nodes else node
             args = (node.args[0], chain.residual) if chain.residual is not None else (node.args[0],)
@@ -332,7 +340,7 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
             if found is None or x in consumed:
                 continue
             x_shape = _shape(x)
-            ok = lambda v: x_shape is not None and _vector_dim(v, x_shape) is not None  # noqa: E731
+            ok = lambda v, x_shape=x_shape: x_shape is not None and _vector_dim(v, x_shape) is not None  # noqa: E731
             ops, vector, residual = found
             if vector is not None and not ok(vector):
                 continue
@@ -404,7 +412,7 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs: list) -> None:
     try:
         meta = copy.deepcopy(gm).to("meta")
         ShapeProp(meta).propagate(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs])
-        for a, b in zip(meta.graph.nodes, gm.graph.nodes):
+        for a, b in zip(meta.graph.nodes, gm.graph.nodes, strict=False):
             if "tensor_meta" in a.meta:
                 b.meta["tensor_meta"] = a.meta["tensor_meta"]
     except Exception:  # noqa: BLE001 - an op without a meta kernel: propagate on the real inputs

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hetforge.core.devices import GPU_FACTS, gpu_class
 from hetforge import config
+from hetforge.core.devices import GPU_FACTS, gpu_class
+from hetforge.optimizer import verdict as V
 
 STRATEGIES = {
     "fuse": "Fuse chains of operations into as few Triton kernels as possible (GEMM epilogues, "
@@ -140,16 +141,15 @@ def feedback_prompt(attempt: Attempt, hint: str) -> str:
     return text + (f"\nHint from a human engineer: {hint}" if hint else "")
 
 
-def summarize_verdict(verdict: dict) -> tuple[str, str, float | None]:
-    """(status, one-line summary, speedup) of a verdict dict for the model and the report."""
-    if verdict.get("verdict") == "accepted":
-        speed = verdict.get("speedup")
-        times = f"reference {verdict.get('reference_ms')} ms, yours {verdict.get('candidate_ms')} ms"
-        flags = f"; flags: {'; '.join(verdict['flags'])}" if verdict.get("flags") else ""
+def summarize_verdict(verdict: V.Verdict) -> tuple[str, str, float | None]:
+    """(status, one-line summary, speedup) of a verdict for the model and the report."""
+    if verdict.accepted:
+        speed = verdict.speedup
+        times = f"reference {verdict.reference_ms} ms, yours {verdict.candidate_ms} ms"
+        flags = f"; flags: {'; '.join(verdict.flags)}" if verdict.flags else ""
         return "accepted", f"{speed:.3f}x over the reference ({times}){flags}" if speed else f"correct{flags}", speed
-    reasons = verdict.get("reasons") or [{"kind": "unknown", "message": "no reason given"}]
-    message = textwrap.shorten(f"{reasons[0]['kind']}: {reasons[0]['message']}", 900)
-    return "rejected", message, None
+    reason = f"{verdict.reasons[0].kind}: {verdict.reasons[0].message}" if verdict.reasons else "unknown: no reason given"
+    return "rejected", textwrap.shorten(reason, 900), None
 
 
 class LLMClient:

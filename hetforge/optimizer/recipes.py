@@ -124,7 +124,7 @@ class CudaGraphRunner:
             except RuntimeError as err:
                 raise RuntimeError(f"CUDA graph capture failed: {err}") from err
         graph, static_args, static_out = entry
-        for dst, src in zip(static_args, args):
+        for dst, src in zip(static_args, args, strict=False):
             if isinstance(dst, torch.Tensor):
                 dst.copy_(src)
         graph.replay()

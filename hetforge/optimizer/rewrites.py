@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import operator
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 
+from hetforge.optimizer.verdict import STATIC_FLAG_PREFIX
+
 # Modules whose use in a kernel candidate suggests tampering, escaping the timer, or doing work elsewhere.
 _SUSPICIOUS_MODULES = {
     "threading": "runs work on threads the timer does not see",
@@ -52,11 +54,10 @@ def review_flags(source: str) -> list[str]:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return []
-    flags: list[str] = []
+    flags: dict[str, str] = {}  # rule -> why, one per rule: the first reason found
 
-    def add(flag: str) -> None:  # one flag per key, the first reason found
-        if all(f.split(":")[1] != flag.split(":")[1] for f in flags):
-            flags.append(flag)
+    def add(rule: str, why: str) -> None:
+        flags.setdefault(rule, why)
 
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -64,26 +65,26 @@ def review_flags(source: str) -> list[str]:
             for name in names:
                 root = name.split(".")[0]
                 if root in _SUSPICIOUS_MODULES:
-                    add(f"static:import_{root}: {_SUSPICIOUS_MODULES[root]}")
+                    add(f"import_{root}", _SUSPICIOUS_MODULES[root])
             if isinstance(node, ast.ImportFrom) and any(a.name in _REFERENCE_NAMES for a in node.names):
-                add("static:calls_reference: imports the reference's Model or inputs")
+                add("calls_reference", "imports the reference's Model or inputs")
         elif isinstance(node, ast.Try):
             # A handler that computes something is a fallback path: the fast path may never be the one timed.
             for handler in node.handlers:
                 if any(isinstance(n, ast.Call) for n in ast.walk(handler)) and not all(isinstance(s, ast.Raise) for s in handler.body):
-                    add("static:try_except_fallback: an exception handler computes a fallback result")
+                    add("try_except_fallback", "an exception handler computes a fallback result")
         elif isinstance(node, ast.Call):
             name = _dotted(node.func)
             for pattern, (key, why) in _SUSPICIOUS_CALLS.items():
                 if name == pattern or name.endswith("." + pattern):
-                    add(f"static:{key}: {why}")
+                    add(key, why)
             if name in ("Model", "get_inputs") or name.endswith(".Model"):
-                add("static:calls_reference: calls the reference model")
+                add("calls_reference", "calls the reference model")
         elif isinstance(node, ast.Assign):
             for target in node.targets:
                 name = _dotted(target)
                 if name.endswith("allow_tf32") or name.endswith("allow_bf16_reduced_precision_reduction") or name.endswith("allow_fp16_reduced_precision_reduction"):
-                    add("static:precision_switch: changes global matmul precision")
+                    add("precision_switch", "changes global matmul precision")
                 if name.startswith(("torch.", "time.", "os.", "sys.")) and "backends" not in name:
-                    add(f"static:patches_library: assigns to {name}")
-    return flags
+                    add("patches_library", f"assigns to {name}")
+    return [f"{STATIC_FLAG_PREFIX}{rule}: {why}" for rule, why in flags.items()]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+
 
 class Status(enum.StrEnum):
     """The verdict on a candidate."""
@@ -33,6 +34,9 @@ class RejectKind(enum.StrEnum):
     NOT_FASTER = "not_faster"  # below the required speedup
     REFERENCE_FAILED = "reference_failed"  # the reference itself did not run: nothing can be judged
     CONFINEMENT = "confinement"  # reached for the network, files outside scratch, secrets or too many processes
+    # An LLM agent's turn that brought nothing to verify; recorded as a rejected candidate, never run.
+    NO_CODE = "no_code"  # the answer has no Python code block
+    ENDPOINT_ERROR = "endpoint_error"  # the model's endpoint failed: no answer at all
 
 
 class Flag(enum.StrEnum):
@@ -48,8 +52,17 @@ STATIC_FLAG_PREFIX = "static:"  # flags from static checks of the source: `stati
 
 @dataclass(frozen=True)
 class Reason:
+    """Why a candidate was rejected. `cause`: what made the reference fail (REFERENCE_FAILED from a worker
+    that timed out, crashed or exited), else None."""
+
     kind: RejectKind
     message: str
+    cause: RejectKind | None = None
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> Reason:
+        cause = doc.get("cause")
+        return cls(RejectKind(doc["kind"]), doc["message"], RejectKind(cause) if cause else None)
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,14 @@ class TrialResult:
     max_abs_err: float
     max_rel_err: float
     ok: bool
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> TrialResult:
+        """From `asdict` or its JSON (where an infinite error became null: read back as inf)."""
+        def err(value) -> float:
+            return float("inf") if value is None else float(value)
+
+        return cls(int(doc["seed"]), err(doc["max_abs_err"]), err(doc["max_rel_err"]), bool(doc["ok"]))
 
 
 @dataclass
@@ -88,6 +109,21 @@ class Verdict:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> Verdict:
+        """The inverse of `to_dict` (and of `to_json` after json.loads): enums, reasons and trials rebuilt.
+        Keys a stored verdict lacks take their defaults; keys this version does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in doc.items() if k in known}
+        values["verdict"] = Status(doc["verdict"])
+        values["reasons"] = [Reason.from_dict(r) for r in doc.get("reasons") or []]
+        values["trials"] = [TrialResult.from_dict(t) for t in doc.get("trials") or []]
+        for key in ("flags", "notes"):
+            values[key] = list(doc.get(key) or [])
+        for key in ("spread", "versions", "phases_s", "confinement"):
+            values[key] = dict(doc.get(key) or {})
+        return cls(**values)
 
     def to_json(self) -> str:
         """One line of JSON; non-finite numbers (an infinite error) become null."""

@@ -23,9 +23,9 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
+from hetforge.core.problem import LoadedProblem, Problem, load_module_file  # noqa: E402
 from hetforge.optimizer import confine  # noqa: E402
 from hetforge.optimizer.channel import Channel, ChannelClosed  # noqa: E402
-from hetforge.core.problem import LoadedProblem, Problem, load_module_file  # noqa: E402
 
 _CudaEvent = torch.cuda.Event
 _synchronize = torch.cuda.synchronize
@@ -34,6 +34,13 @@ _synchronize = torch.cuda.synchronize
 # 45 ms after 24 GB (bench/verify/probe_large_timing.py, results_large_timing_h100.txt: about 0.45 TB/s).
 # A release waits that out (at a lower rate, for margin), so that whatever is timed next runs on a quiet device.
 SCRUB_BYTES_PER_S = 0.3e12
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is an allocation failure. CUDA's has a type; the CPU allocator's ("DefaultCPUAllocator:
+    can't allocate memory") and those of other libraries are RuntimeErrors told apart only by their text."""
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate" in text
 
 
 def _flatten(value: Any) -> list[Any]:
@@ -133,7 +140,7 @@ class Worker:
         with torch.no_grad():
             out = model(*inputs)
         self._sync()
-        modified = [i for i, (x, b) in enumerate(zip(inputs, before)) if b is not None and not torch.equal(x, b)]
+        modified = [i for i, (x, b) in enumerate(zip(inputs, before, strict=False)) if b is not None and not torch.equal(x, b)]
         if modified:
             self._inputs = None  # a later call on this seed (the float64 re-run) gets the values as generated
         return {"outputs": self._payload(out, msg.get("sample")), "structure": _structure(out), "info": _describe_outputs(out),
@@ -205,7 +212,7 @@ class Worker:
         with torch.no_grad(), self._timing_precision():
             if self.device == "cuda":
                 events = [(_CudaEvent(enable_timing=True), _CudaEvent(enable_timing=True)) for _ in self.timing_inputs]
-                for inputs, (start, end) in zip(self.timing_inputs, events):
+                for inputs, (start, end) in zip(self.timing_inputs, events, strict=True):
                     if self._flush is not None and self._flush.numel():
                         self._flush.zero_()  # evict the previous call's data from L2
                     start.record()
@@ -348,7 +355,7 @@ def main(argv: list[str]) -> int:
         except OSError as err:
             reply = _os_error(err, bool(worker.confinement))
         except BaseException as err:  # noqa: BLE001 - any failure of candidate code is reported, not fatal
-            kind = "out_of_memory" if "out of memory" in str(err).lower() or "can't allocate" in str(err).lower() else "exception"
+            kind = "out_of_memory" if _out_of_memory(err) else "exception"
             reply = {"error": kind, "message": f"{type(err).__name__}: {err}"[:2000], "traceback": traceback.format_exc()[-4000:]}
         try:
             channel.send(reply)

@@ -26,8 +26,8 @@ import torch
 from hetforge.core.problem import Problem, load_module_file
 from hetforge.kernels.registry import Registry
 from hetforge.optimizer.registration import register_winner
-from hetforge.optimizer.supervisor import OptimizeReport, OptimizeTask, optimize
-from hetforge.optimizer.verdict import RejectKind
+from hetforge.optimizer.report import OptimizeReport
+from hetforge.optimizer.supervisor import OptimizeTask, optimize
 from hetforge.serving.jobs import HEARTBEAT_S, JobBoard, JobSpec
 
 UNVERIFIED = "unverified"  # the reject kind of a candidate refused before any verification (no code came back)
@@ -164,9 +164,9 @@ def _where() -> dict:
 
 
 def reject_kind(candidate) -> str:
-    """Why a rejected candidate lost, from its verdict's first reason (`RejectKind` values)."""
-    reasons = (candidate.verdict or {}).get("reasons") or []
-    return RejectKind(reasons[0]["kind"]).value if reasons else UNVERIFIED
+    """Why a rejected candidate lost (`RejectKind` values), or UNVERIFIED when it never reached the verifier."""
+    kind = candidate.reject_kind
+    return kind.value if kind is not None else UNVERIFIED
 
 
 def summarize(report: OptimizeReport) -> dict:

@@ -50,3 +50,16 @@ def test_shapes_dtypes_and_exact_types():
     assert compare(i, i.clone(), "strict").ok and not compare(i + (i == 3), i, "strict").ok
     h = torch.randn(100).half()
     assert compare(h, h.clone(), "strict").ok and not compare(h + 1, h, "strict").ok
+
+
+@pytest.mark.parametrize("cand, ref, kind", [
+    (torch.zeros(2, 3), torch.zeros(3, 2), "shape"),
+    (torch.zeros(2, dtype=torch.float64), torch.zeros(2), "dtype"),
+    (torch.tensor([float("nan"), 0.0]), torch.zeros(2), "nan"),
+    (torch.tensor([float("inf"), 0.0]), torch.zeros(2), "inf"),
+    (torch.tensor([1.0, 0.0]), torch.zeros(2), "values"),
+    (torch.tensor([1, 0]), torch.zeros(2, dtype=torch.long), "values"),
+    (torch.zeros(2), torch.zeros(2), ""),
+])
+def test_a_failed_comparison_says_its_kind(cand, ref, kind):
+    assert compare(cand, ref, "strict").kind == kind

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from hetforge.optimizer import verdict as V
 from hetforge.core.problem import Problem
-from hetforge.optimizer.verify import VerifyOptions, verify
+from hetforge.optimizer import verdict as V
+from hetforge.optimizer.judge import VerifyOptions, verify
 
 HERE = Path(__file__).resolve().parent
 PROBLEM = Problem(file=str(HERE / "problems" / "linear_relu.py"))

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import pytest
-
 from hetforge.kernels import onednn
-from hetforge.kernels.modules import FusedBmm, FusedConv, FusedLinear, FusedNorm, FusedReduce, FusedSoftmax, PointwiseChain
+from hetforge.kernels.modules import (
+    FusedBmm,
+    FusedConv,
+    FusedLinear,
+    FusedNorm,
+    FusedReduce,
+    FusedSoftmax,
+    PointwiseChain,
+)
 from hetforge.optimizer.library import fuse
 
 
@@ -49,7 +56,7 @@ def test_every_pattern_matches_and_agrees(triton_on_cpu):
         assert cls in kinds
     assert not any(f"torch.{op}(" in gm.code or f".{op}(" in gm.code.replace("self.", "") for op in ("relu", "softmax", "logsumexp", "tanh", "sigmoid"))
     with torch.no_grad():
-        for got, want in zip(gm.to(triton_on_cpu)(*[x.to(triton_on_cpu) for x in inputs]), model(*inputs)):
+        for got, want in zip(gm.to(triton_on_cpu)(*[x.to(triton_on_cpu) for x in inputs]), model(*inputs), strict=True):
             torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
 
 
@@ -58,7 +65,7 @@ def test_cpu_path_agrees_without_the_interpreter():
     model, inputs = Everything().eval(), _inputs()
     gm, _ = fuse(model, inputs)
     with torch.no_grad():
-        for got, want in zip(gm(*inputs), model(*inputs)):
+        for got, want in zip(gm(*inputs), model(*inputs), strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if onednn.available():  # the GEMM and the convolution ran oneDNN with packed weights
         assert all(m._onednn.packed is not None for m in gm.modules() if isinstance(m, (FusedLinear, FusedConv)))
@@ -83,7 +90,7 @@ def test_cpu_gemm_runs_onednn_with_the_chain_and_a_vector_folded_into_the_bias()
     chains = sorted(tuple(op.name for op in m.epilogue) for m in gm.modules() if isinstance(m, FusedLinear))
     assert chains == [("add_v", "gelu", "add_r"), ("clamp_min", "clamp_max", "mul")]
     with torch.no_grad():
-        for got, want in zip(gm(*inputs), model(*inputs)):
+        for got, want in zip(gm(*inputs), model(*inputs), strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         fused = next(m for m in gm.modules() if isinstance(m, FusedLinear) and m.vector is not None)
         _, bias, rest, vector = fused._onednn.packed
@@ -104,7 +111,7 @@ def test_batched_products_of_activations(triton_on_cpu):
     fused = [m for m in gm.modules() if isinstance(m, FusedBmm)]
     assert sorted(len(m.epilogue) for m in fused) == [0, 3]  # scale, relu and the residual add ride on the first
     with torch.no_grad():
-        for got, want in zip(gm(*[x.to(triton_on_cpu) for x in inputs]), model(*inputs)):
+        for got, want in zip(gm(*[x.to(triton_on_cpu) for x in inputs]), model(*inputs), strict=True):
             torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
 
 
@@ -124,7 +131,7 @@ def test_shared_intermediate_is_not_swallowed():
     assert counts.get("gemm_epilogue") == 1
     x = torch.randn(3, 8)
     with torch.no_grad():
-        for got, want in zip(gm(x), model(x)):
+        for got, want in zip(gm(x), model(x), strict=True):
             torch.testing.assert_close(got, want)
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from hetforge.core.problem import Problem
+from hetforge.optimizer.judge import VerifyOptions, verify
 from hetforge.optimizer.recipes import Recipe, recipe_candidate_source, recipes_for
-from hetforge.optimizer.verify import VerifyOptions, verify
 
 PROBLEMS = Path(__file__).resolve().parent / "problems"
 FAST = VerifyOptions(trials=2, rounds=2, calls_per_round=3, warmup=1, threads=1)

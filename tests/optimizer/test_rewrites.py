@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from hetforge.core.problem import Problem
+from hetforge.optimizer.judge import VerifyOptions, verify
 from hetforge.optimizer.rewrites import apply_rewrites, rewrite_candidate_source
-from hetforge.optimizer.verify import VerifyOptions, verify
 from tests.conftest import EXAMPLES
 
 
@@ -102,7 +102,7 @@ def _check(module, inputs, rewrite, fired):
     assert applied.get(rewrite, 0) == fired, (applied, gm.graph)
     with torch.no_grad():
         want, got = module(*inputs), gm(*inputs)
-    for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+    for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,), strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     return gm
 

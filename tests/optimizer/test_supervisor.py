@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hetforge.optimizer import supervisor
+from hetforge.optimizer import scheduling
+from hetforge.optimizer import verdict as V
+from hetforge.optimizer.report import BASELINE, CandidateRecord, CandidateStatus, OptimizeReport
 from hetforge.optimizer.supervisor import OptimizeTask, optimize
 from tests.conftest import run_cli
 
@@ -69,12 +71,12 @@ def test_library_and_rewrites_compose(tmp_path):
     names = [c.name for c in report.candidates]
     assert names[:2] == ["rewrites:fold_scale", "library:kernels"], names
     library = report.candidates[1]
-    assert library.verdict["verdict"] == "accepted", library.note
+    assert library.verdict.verdict == V.Status.ACCEPTED, library.note
     assert library.spec == {"kind": "transform", "rewrites": [], "library": True, "recipe": None, "precision": "strict"}
     # round 2 joins the two only when both beat eager (timings on a shared CPU decide that)
     for c in report.candidates[2:]:
         assert c.agent == "compose" and c.spec["rewrites"] == ["fold_scale"] and c.spec["library"]
-        assert c.verdict["verdict"] == "accepted", c.note
+        assert c.verdict.verdict == V.Status.ACCEPTED, c.note
 
 
 class _HangingModelClient:
@@ -89,7 +91,7 @@ class _HangingModelClient:
 def test_budget_is_a_hard_deadline_and_checks_run_side_by_side(tmp_path, monkeypatch):
     """Checks of a batch run in parallel; a candidate still running at the deadline is cut off and
     recorded as skipped (not as a hang of its own); the eager baseline always gets its verdict."""
-    monkeypatch.setattr(supervisor, "_parallel_checks", lambda: 3)
+    monkeypatch.setattr(scheduling, "parallel_checks", lambda: 3)
     task = OptimizeTask(str(PROBLEMS / "softmax.py"), agents=("recipes", "rewrites", "library", "llm"), recipes=("eager",),
                         budget_s=40, trials=1, rounds=2, llm_agents=1, llm_turns=1)
     started = time.monotonic()
@@ -115,8 +117,8 @@ class _FakeRun:
 
 
 def _checks(durations: dict[str, float], min_grace: float):
-    """Run _check_side_by_side over records whose checks take `durations` seconds (or until cut)."""
-    records = [supervisor.CandidateRecord(name, "recipes", 1, "", None) for name in durations]
+    """Run scheduling.check_side_by_side over records whose checks take `durations` seconds (or until cut)."""
+    records = [CandidateRecord(name, "recipes", 1, "", None) for name in durations]
     runs = {id(r): _FakeRun() for r in records}
     ended = {}
 
@@ -125,19 +127,19 @@ def _checks(durations: dict[str, float], min_grace: float):
         ended[record.name] = time.monotonic()
 
     started = time.monotonic()
-    cut = supervisor._check_side_by_side(records, check, runs, started, min_grace=min_grace)
+    cut = scheduling.check_side_by_side(records, check, runs, started, min_grace=min_grace)
     return {r.name: cut[id(r)] for r in records if id(r) in cut}, {k: v - started for k, v in ended.items()}, runs
 
 
 def test_a_lone_straggler_is_cut_once_the_rest_of_its_batch_is_done(monkeypatch):
-    monkeypatch.setattr(supervisor, "_parallel_checks", lambda: 8)
+    monkeypatch.setattr(scheduling, "parallel_checks", lambda: 8)
     quick = {f"recipe:r{i}": 0.2 for i in range(4)}
     cut, ended, _ = _checks({**quick, "recipe:slow": 60.0}, min_grace=0.5)
     assert list(cut) == ["recipe:slow"] and "after the rest of its batch" in cut["recipe:slow"], cut
     assert 0.65 <= ended["recipe:slow"] < 5.0, ended  # the rest's 0.2 s and a grace of 0.5 s, not 60 s
     # the baseline is never cut; nor is anything in a batch smaller than STRAGGLER_BATCH
-    cut, ended, _ = _checks({**quick, supervisor.BASELINE: 1.5}, min_grace=0.5)
-    assert cut == {} and ended[supervisor.BASELINE] >= 1.5
+    cut, ended, _ = _checks({**quick, BASELINE: 1.5}, min_grace=0.5)
+    assert cut == {} and ended[BASELINE] >= 1.5
     cut, ended, _ = _checks({"recipe:a": 0.2, "recipe:b": 1.5}, min_grace=0.5)
     assert cut == {} and ended["recipe:b"] >= 1.5
     # the grace grows with the batch's time: ending within STRAGGLER_SHARE of it after the rest, it is kept
@@ -148,23 +150,24 @@ def test_a_lone_straggler_is_cut_once_the_rest_of_its_batch_is_done(monkeypatch)
 def test_checks_one_at_a_time_have_no_stragglers(monkeypatch):
     """On a host that checks one candidate at a time the last check waits on no other: it is not cut
     (the budget's check window still bounds it), and max-autotune is still checked last."""
-    monkeypatch.setattr(supervisor, "_parallel_checks", lambda: 1)
+    monkeypatch.setattr(scheduling, "parallel_checks", lambda: 1)
     cut, ended, _ = _checks({**{f"recipe:r{i}": 0.2 for i in range(4)}, "recipe:slow": 1.5}, min_grace=0.1)
     assert cut == {} and ended["recipe:slow"] >= 2.3, ended
-    records = [supervisor.CandidateRecord(n, "recipes", 1, "", None) for n in ("recipe:compile-max-autotune", "library:kernels", "recipe:eager")]
-    assert [r.name for r in sorted(records, key=supervisor._check_priority)] == ["recipe:eager", "library:kernels", "recipe:compile-max-autotune"]
+    records = [CandidateRecord(n, "recipes", 1, "", None) for n in ("recipe:compile-max-autotune", "library:kernels", "recipe:eager")]
+    assert [r.name for r in sorted(records, key=scheduling.check_priority)] == ["recipe:eager", "library:kernels", "recipe:compile-max-autotune"]
 
 
 def test_round_two_waits_on_what_its_parts_took_in_round_one():
     def record(name, agent, status, phases):
-        return supervisor.CandidateRecord(name, agent, 1, "", {"phases_s": phases} if phases else None, status=status)
+        verdict = V.Verdict(V.Status.ACCEPTED, phases_s=phases) if phases else None
+        return CandidateRecord(name, agent, 1, "", verdict, status=CandidateStatus(status))
 
-    report = supervisor.OptimizeReport(task={})
+    report = OptimizeReport(task={})
     report.candidates = [record("compose:library+compile", "compose", "accepted", {"start": 4.0, "correctness": 15.0}),
                          record("recipe:compile-freezing", "recipes", "accepted", {"start": 4.0, "correctness": 12.0}),
                          record("recipe:compile-max-autotune", "recipes", "skipped", {"start": 4.0, "correctness": 40.0})]
     with_freezing = [("compose:library+compile-freezing", "compose", "", {"recipe": {"name": "compile-freezing"}})]
-    assert supervisor._expected_check_s(report, with_freezing) == 19.0  # the composition's 19 s, not freezing's 16 s
+    assert scheduling.expected_check_s(report.candidates, with_freezing) == 19.0  # the composition's 19 s, not freezing's 16 s
     with_autotune = [("compose:library+compile-max-autotune", "compose", "", {"recipe": {"name": "compile-max-autotune"}})]
-    assert supervisor._expected_check_s(report, with_autotune) == float("inf")  # it never finished in round 1
-    assert supervisor._expected_check_s(supervisor.OptimizeReport(task={}), with_freezing) == 0.0  # nothing to go by
+    assert scheduling.expected_check_s(report.candidates, with_autotune) == float("inf")  # it never finished in round 1
+    assert scheduling.expected_check_s([], with_freezing) == 0.0  # nothing to go by

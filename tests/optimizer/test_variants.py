@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from hetforge.core.problem import Problem, load_module_file
+from hetforge.optimizer.judge import VerifyOptions, verify
 from hetforge.optimizer.variants import VariantError, VariantSpec, build_module_variant, build_variant
-from hetforge.optimizer.verify import VerifyOptions, verify
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PROBLEMS = Path(__file__).resolve().parent / "problems"

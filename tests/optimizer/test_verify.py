@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hetforge.optimizer import verdict as V
 from hetforge.core.problem import Problem
-from hetforge.optimizer.verify import ReferenceSide, Verification, VerifyOptions, verify
+from hetforge.optimizer import verdict as V
+from hetforge.optimizer.judge import ReferenceSide, Verification, VerifyOptions, verify
 from tests.conftest import run_cli
 
 HERE = Path(__file__).resolve().parent
@@ -107,7 +107,7 @@ def test_sampled_timed_outputs_still_catch_wrong_timed_calls():
 
 
 def test_large_inputs_get_fewer_timed_calls_per_round_and_timed_calls_are_still_checked():
-    from hetforge.optimizer.verify import _call_bytes
+    from hetforge.optimizer.timing import call_bytes as _call_bytes
 
     per_call = _call_bytes(json.dumps(Problem(file=str(PROBLEMS / "linear_relu.py")).to_json(), sort_keys=True))
     assert per_call == (64 * 256 + 64 * 512) * 4  # [64, 256] in, [64, 512] out, on the meta device

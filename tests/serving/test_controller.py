@@ -315,14 +315,15 @@ def test_regression_waits_for_a_window_after_the_rollout_then_starts_a_job(setup
 
 
 def test_job_summary_reads_reject_kinds_from_verdicts_not_notes():
-    from hetforge.optimizer.supervisor import CandidateRecord, OptimizeReport
+    from hetforge.optimizer.report import CandidateRecord, OptimizeReport
+    from hetforge.optimizer.verdict import Verdict
     from hetforge.serving.job_runner import UNVERIFIED, summarize
 
     def rejected(name, kind):
         verdict = {"verdict": "rejected", "needs_review": False, "reasons": [{"kind": kind, "message": "timeout: worded like another kind"}]}
-        return CandidateRecord(name, "test", 1, "", verdict, status="rejected", note="mismatch: not what the verdict says")
+        return CandidateRecord(name, "test", 1, "", Verdict.from_dict(verdict), status="rejected", note="mismatch: not what the verdict says")
 
-    winner = CandidateRecord("w", "test", 1, "", {**ACCEPTED, "reasons": []}, status="winner")
+    winner = CandidateRecord("w", "test", 1, "", Verdict.from_dict({**ACCEPTED, "reasons": []}), status="winner")
     refused = CandidateRecord("llm:x", "llm", 2, "", None, status="rejected", note="no_code: the answer has no Python code block")
     report = OptimizeReport(task={}, candidates=[winner, rejected("a", "timeout"), rejected("b", "timeout"), rejected("c", "nan_inf"), refused],
                             winner=winner, speedup_vs_eager=2.0)
