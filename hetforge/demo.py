@@ -32,8 +32,12 @@ from hetforge.spec import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = REPO / "examples" / "page_triage.yaml"
-TEXTS = ("Invoice 2026-01-31 total 1,250.00 due 2026-02-28", "Dear team, the meeting moves to Friday.",
-         "Receipt 2026-03-02 coffee 4.50 cake 3.20", "Form A-12: name, address, signature")
+TEXTS = (
+    "Invoice 2026-01-31 total 1,250.00 due 2026-02-28",
+    "Dear team, the meeting moves to Friday.",
+    "Receipt 2026-03-02 coffee 4.50 cake 3.20",
+    "Form A-12: name, address, signature",
+)
 
 
 @dataclass
@@ -58,7 +62,9 @@ class Traffic:
         with httpx.Client(timeout=120) as http:
             i = 0
             while not self._stop.is_set():
-                body = {"input": {"pages": torch.rand(1, 3, 64, 64, generator=gen).tolist(), "text": TEXTS[i % len(TEXTS)]}}
+                body = {
+                    "input": {"pages": torch.rand(1, 3, 64, 64, generator=gen).tolist(), "text": TEXTS[i % len(TEXTS)]}
+                }
                 sent = time.time()
                 try:
                     reply = http.post(self.url, json=body)
@@ -79,8 +85,13 @@ class Traffic:
         for _, _, per_stage in rows:
             for name, ms in per_stage.items():
                 stages.setdefault(name, []).append(ms)
-        return {"requests": len(rows), "p50": _q(e2e, 0.5), "p99": _q(e2e, 0.99), "rps": len(rows) / max(end - start, 1e-9),
-                "stages": {n: statistics.median(v) for n, v in stages.items()}}
+        return {
+            "requests": len(rows),
+            "p50": _q(e2e, 0.5),
+            "p99": _q(e2e, 0.99),
+            "rps": len(rows) / max(end - start, 1e-9),
+            "stages": {n: statistics.median(v) for n, v in stages.items()},
+        }
 
     def stop(self) -> None:
         self._stop.set()
@@ -106,8 +117,10 @@ def _describe(event: dict) -> str:
     if d == "job_done":
         if n.get("outcome") != "registered":
             return f"job {n.get('job_id')} ended: {n.get('outcome')} {event['reason']}"
-        return (f"job {n.get('job_id')} done in {n.get('elapsed_s') or 0:.0f} s: {n.get('candidates')} candidates verified, winner "
-                f"[bold]{n.get('winner')}[/], {n.get('speedup_vs_eager') or 0:.2f}x over the reference -> variant {n.get('variant_id')}")
+        return (
+            f"job {n.get('job_id')} done in {n.get('elapsed_s') or 0:.0f} s: {n.get('candidates')} candidates verified, winner "
+            f"[bold]{n.get('winner')}[/], {n.get('speedup_vs_eager') or 0:.2f}x over the reference -> variant {n.get('variant_id')}"
+        )
     if d in ("start", "advance", "promote", "rollback", "resume"):
         colour = {"promote": "green", "rollback": "red"}.get(d, "cyan")
         return f"[{colour}]{d}[/] variant {event['variant']} on {event['stage']}: {event['reason']}"
@@ -121,17 +134,27 @@ def _plan(pipeline_file: Path, console: Console) -> None:
 
     pipeline = load_pipeline(pipeline_file)
     plan = build_plan(pipeline, pipeline_file.parent, devices.local_inventory(), "latency", ProfileCache())
-    table = Table("stage", "kind", "device", "ms (planner)", "source", title=f"{pipeline.name}: placement on this machine")
+    table = Table(
+        "stage", "kind", "device", "ms (planner)", "source", title=f"{pipeline.name}: placement on this machine"
+    )
     for stage in pipeline.stages:
         p = plan.stages[stage.name]
         table.add_row(stage.name, stage.kind, p.device, f"{p.latency_ms:.2f}", p.source)
     console.print(table)
-    console.print(f"critical path: {' -> '.join(plan.critical_path)}, predicted {plan.predicted_latency_ms:.1f} ms; "
-                  f"hot stages: {', '.join(plan.hot_stages) or 'none'} (tools count their default estimate until serving measures them)")
+    console.print(
+        f"critical path: {' -> '.join(plan.critical_path)}, predicted {plan.predicted_latency_ms:.1f} ms; "
+        f"hot stages: {', '.join(plan.hot_stages) or 'none'} (tools count their default estimate until serving measures them)"
+    )
 
 
-def run_demo(examples: Path = REPO / "examples", console: Console | None = None, keep: bool = False, before_s: float = 20.0,
-             after_s: float = 20.0, timeout_s: float = 480.0) -> int:
+def run_demo(
+    examples: Path = REPO / "examples",
+    console: Console | None = None,
+    keep: bool = False,
+    before_s: float = 20.0,
+    after_s: float = 20.0,
+    timeout_s: float = 480.0,
+) -> int:
     """Run the story end to end (steps in the module docstring); 0 when a variant was promoted and no request failed."""
     console = console or Console(soft_wrap=True)
     started = time.monotonic()
@@ -161,8 +184,10 @@ def run_demo(examples: Path = REPO / "examples", console: Console | None = None,
     ok = False
     try:
         dep.wait_until_running(record)
-        console.print(f"deployed in {time.perf_counter() - t0:.0f} s\n  pipeline   POST {record.url}/v1/pipelines/{pipeline.name}/run\n"
-                      f"  dashboard  {record.url}/dashboard\n  metrics    {record.url}/metrics (for Prometheus; Grafana dashboards in dashboards/)")
+        console.print(
+            f"deployed in {time.perf_counter() - t0:.0f} s\n  pipeline   POST {record.url}/v1/pipelines/{pipeline.name}/run\n"
+            f"  dashboard  {record.url}/dashboard\n  metrics    {record.url}/metrics (for Prometheus; Grafana dashboards in dashboards/)"
+        )
 
         console.rule(f"[bold]4. traffic: 2 clients, the whole run ({before_s:.0f} s before anything changes)")
         traffic = Traffic(f"{record.url}/v1/pipelines/{pipeline.name}/run")
@@ -171,14 +196,24 @@ def run_demo(examples: Path = REPO / "examples", console: Console | None = None,
         before = traffic.window(begin + 3, time.time())  # the first seconds warm the replicas
         before_compute = _compute_p50(record)
         status = _status(record)
-        table = Table("stage", "device", "serves", "p50 ms", title=f"{before['requests']} requests, {before['rps']:.1f}/s")
+        table = Table(
+            "stage", "device", "serves", "p50 ms", title=f"{before['requests']} requests, {before['rps']:.1f}/s"
+        )
         for name, info in status.items():
-            table.add_row(name, info.get("device_class", info.get("device", "")), info.get("active_variant", ""),
-                          f"{before['stages'].get(name, float('nan')):.1f}")
+            table.add_row(
+                name,
+                info.get("device_class", info.get("device", "")),
+                info.get("active_variant", ""),
+                f"{before['stages'].get(name, float('nan')):.1f}",
+            )
         console.print(table)
-        console.print(f"end to end: p50 {before['p50']:.1f} ms, p99 {before['p99']:.1f} ms; {len(traffic.errors)} errors")
+        console.print(
+            f"end to end: p50 {before['p50']:.1f} ms, p99 {before['p99']:.1f} ms; {len(traffic.errors)} errors"
+        )
 
-        console.rule("[bold]5. re-optimization: the controller watches, optimizes the hot stage, canaries and promotes it")
+        console.rule(
+            "[bold]5. re-optimization: the controller watches, optimizes the hot stage, canaries and promotes it"
+        )
         board = RolloutBoard(registry_path)
         seen, promoted, ended = 0, None, None
         deadline = time.monotonic() + timeout_s
@@ -191,10 +226,14 @@ def run_demo(examples: Path = REPO / "examples", console: Console | None = None,
                 console.print(f"[dim]{time.time() - begin:5.0f} s[/]  {_describe(event)}")
                 if event["decision"] == "promote":
                     promoted = event
-                elif event["decision"] == "rollback" or (event["decision"] == "job_done" and event["numbers"].get("outcome") != "registered"):
+                elif event["decision"] == "rollback" or (
+                    event["decision"] == "job_done" and event["numbers"].get("outcome") != "registered"
+                ):
                     ended = event
         if promoted is None:
-            console.print("[red]no variant was promoted[/]" + (f": {ended['reason']}" if ended else f" within {timeout_s:.0f} s"))
+            console.print(
+                "[red]no variant was promoted[/]" + (f": {ended['reason']}" if ended else f" within {timeout_s:.0f} s")
+            )
             return 1
 
         console.rule("[bold]6. before / after")
@@ -204,25 +243,44 @@ def run_demo(examples: Path = REPO / "examples", console: Console | None = None,
         after_compute = _compute_p50(record)
         traffic.stop()
         status = _status(record)
-        table = Table("", "before", "after", "speedup", title=f"{pipeline.name}: {before['requests']} requests before, {after['requests']} after")
-        table.add_row("end to end p50 ms", f"{before['p50']:.1f}", f"{after['p50']:.1f}", f"{before['p50'] / after['p50']:.2f}x")
-        table.add_row("end to end p99 ms", f"{before['p99']:.1f}", f"{after['p99']:.1f}", f"{before['p99'] / after['p99']:.2f}x")
+        table = Table(
+            "",
+            "before",
+            "after",
+            "speedup",
+            title=f"{pipeline.name}: {before['requests']} requests before, {after['requests']} after",
+        )
+        table.add_row(
+            "end to end p50 ms", f"{before['p50']:.1f}", f"{after['p50']:.1f}", f"{before['p50'] / after['p50']:.2f}x"
+        )
+        table.add_row(
+            "end to end p99 ms", f"{before['p99']:.1f}", f"{after['p99']:.1f}", f"{before['p99'] / after['p99']:.2f}x"
+        )
         for name in status:
             b, a = before["stages"].get(name), after["stages"].get(name)
             if b and a:
-                table.add_row(f"{name} p50 ms ({status[name].get('active_variant', '')})", f"{b:.1f}", f"{a:.1f}", f"{b / a:.2f}x")
+                table.add_row(
+                    f"{name} p50 ms ({status[name].get('active_variant', '')})", f"{b:.1f}", f"{a:.1f}", f"{b / a:.2f}x"
+                )
         for name in status:
             b, a = before_compute.get(name), after_compute.get(name)
             if b and a and name in _model_stages(pipeline):
                 table.add_row(f"{name} compute p50 ms (replica metric)", f"{b:.2f}", f"{a:.2f}", f"{b / a:.2f}x")
         console.print(table)
-        console.print("(a stage's time in the request includes batching waits and Ray Serve hops; its compute is the module alone, "
-                      "from hetforge_stage_latency_seconds over the last 10 s)")
+        console.print(
+            "(a stage's time in the request includes batching waits and Ray Serve hops; its compute is the module alone, "
+            "from hetforge_stage_latency_seconds over the last 10 s)"
+        )
         errors = traffic.errors
-        console.print(f"{len(traffic.samples)} requests served during the whole run, {len(errors)} failed"
-                      + (f"; first: {errors[0]}" if errors else "") + f"; hot -> promoted in {promoted['at'] - _first_job_at(board, pipeline.name):.0f} s")
+        console.print(
+            f"{len(traffic.samples)} requests served during the whole run, {len(errors)} failed"
+            + (f"; first: {errors[0]}" if errors else "")
+            + f"; hot -> promoted in {promoted['at'] - _first_job_at(board, pipeline.name):.0f} s"
+        )
         console.print(f"dashboard: {record.url}/dashboard  (the same panels for Grafana: dashboards/hetforge.json)")
-        console.print(f"audit log and variants: hetforge kernels list; HETFORGE_HOME={home_dir()} (registry {registry_path})")
+        console.print(
+            f"audit log and variants: hetforge kernels list; HETFORGE_HOME={home_dir()} (registry {registry_path})"
+        )
         ok = not errors
         if keep:
             console.print("[bold]--keep[/]: serving until Ctrl-C")
@@ -239,7 +297,9 @@ def run_demo(examples: Path = REPO / "examples", console: Console | None = None,
 
         ray.shutdown()
         dep.state_path(record.pipeline).unlink(missing_ok=True)
-        console.print(f"stopped the deployment and the local Ray instance; the demo took {time.monotonic() - started:.0f} s")
+        console.print(
+            f"stopped the deployment and the local Ray instance; the demo took {time.monotonic() - started:.0f} s"
+        )
     return 0 if ok else 1
 
 

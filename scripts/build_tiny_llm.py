@@ -27,8 +27,15 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-SETTINGS = {"vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 1024}
+SETTINGS = {
+    "vocab_size": 4096,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
 
 
 def training_text() -> list[str]:
@@ -43,24 +50,38 @@ def build(out: Path, seed: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     texts = training_text()
-    stamp = hashlib.sha256(json.dumps([SETTINGS, seed, CHAT_TEMPLATE, [hashlib.sha256(t.encode()).hexdigest() for t in texts]]).encode()).hexdigest()[:16]
-    if (out / "hetforge-build.json").exists() and json.loads((out / "hetforge-build.json").read_text()).get("stamp") == stamp:
+    stamp = hashlib.sha256(
+        json.dumps([SETTINGS, seed, CHAT_TEMPLATE, [hashlib.sha256(t.encode()).hexdigest() for t in texts]]).encode()
+    ).hexdigest()[:16]
+    if (out / "hetforge-build.json").exists() and json.loads((out / "hetforge-build.json").read_text()).get(
+        "stamp"
+    ) == stamp:
         return out
     out.mkdir(parents=True, exist_ok=True)
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=SETTINGS["vocab_size"], special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=SETTINGS["vocab_size"],
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**{**SETTINGS, "vocab_size": len(fast)}, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                         pad_token_id=fast.pad_token_id, tie_word_embeddings=True, torch_dtype="float32")
+    config = LlamaConfig(
+        **{**SETTINGS, "vocab_size": len(fast)},
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
+        torch_dtype="float32",
+    )
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(out, safe_serialization=True)
     (out / "hetforge-build.json").write_text(json.dumps({"stamp": stamp, "seed": seed, **SETTINGS}, indent=1))

@@ -16,4 +16,7 @@ if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
     echo "note: installing Debian's$missing needs root or sudo; the tests that need them will skip (or fail under CI)"
   fi
 fi
+# Lint and format first (configured in pyproject.toml): a finding fails the run before the tests start.
+.venv/bin/ruff check hetforge tests bench scripts examples
+.venv/bin/ruff format --check --quiet hetforge tests bench scripts examples
 exec .venv/bin/python -m pytest "$@"

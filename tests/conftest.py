@@ -24,7 +24,12 @@ def run_cli(*args: str, timeout: float = 120, env: dict | None = None) -> subpro
     """`hetforge ARGS` in a fresh interpreter, as a user runs it."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "hetforge.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env
+        [sys.executable, "-m", "hetforge.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=full_env,
     )
 
 
@@ -71,11 +76,20 @@ class PrometheusServer:
         (folder / "prometheus.yml").write_text(
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
             "scrape_configs:\n  - job_name: hetforge\n    metrics_path: /metrics\n"
-            f"    static_configs: [{{targets: [{', '.join(repr(t) for t in targets)}]}}]\n")
+            f"    static_configs: [{{targets: [{', '.join(repr(t) for t in targets)}]}}]\n"
+        )
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-                                      f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={folder / 'prometheus.yml'}",
+                f"--storage.tsdb.path={folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def query(self, expr: str, **params) -> list[dict]:
         import httpx

@@ -4,7 +4,11 @@ from tests.conftest import REPO, run_cli
 
 
 def test_demo_runs_the_whole_story(tmp_path):
-    result = run_cli("demo", timeout=900, env={"HETFORGE_HOME": str(tmp_path), "HETFORGE_RAY_TMP": f"/tmp/hf-ray-demo-{tmp_path.name}"})
+    result = run_cli(
+        "demo",
+        timeout=900,
+        env={"HETFORGE_HOME": str(tmp_path), "HETFORGE_RAY_TMP": f"/tmp/hf-ray-demo-{tmp_path.name}"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     out = result.stdout
     assert out.count("ok examples/") == len(list((REPO / "examples").glob("*.yaml")))  # every example pipeline is valid
@@ -16,7 +20,9 @@ def test_demo_runs_the_whole_story(tmp_path):
     assert "job 1 done in" in out and "-> variant 1" in out
     for decision in ("start variant 1", "advance variant 1", "promote variant 1"):
         assert decision in out, decision
-    assert "end to end p50 ms" in out and "classify p50 ms (variant:1)" in out  # before/after, classify now on the variant
+    assert (
+        "end to end p50 ms" in out and "classify p50 ms (variant:1)" in out
+    )  # before/after, classify now on the variant
     assert "classify compute p50 ms (replica metric)" in out
     assert ", 0 failed;" in out and "hot -> promoted in" in out
     assert "stopped the deployment and the local Ray instance" in out

@@ -70,7 +70,9 @@ def test_compose_references_files_that_exist_and_scrapes_the_ingress():
 
     resources = json.loads(services["ray-worker-cpu"]["environment"]["RAY_RESOURCES"])
     (key,) = resources
-    assert key.startswith(CPU_CLASS_RESOURCE) and normalize_device(key.removeprefix(CPU_CLASS_RESOURCE)) == key.removeprefix(CPU_CLASS_RESOURCE)
+    assert key.startswith(CPU_CLASS_RESOURCE) and normalize_device(
+        key.removeprefix(CPU_CLASS_RESOURCE)
+    ) == key.removeprefix(CPU_CLASS_RESOURCE)
     assert "RAY_RESOURCES" in (DEPLOY / "worker.sh").read_text()
 
 
@@ -106,7 +108,9 @@ def test_rayservice_entry_point_and_pipeline_exist_in_the_image():
     builder = getattr(importlib.import_module(module), attr)
     assert callable(builder)
     pipeline = application["args"]["pipeline"]
-    assert pipeline.startswith("/app/") and (REPO / pipeline.removeprefix("/app/")).is_file()  # the Dockerfile's WORKDIR /app
+    assert (
+        pipeline.startswith("/app/") and (REPO / pipeline.removeprefix("/app/")).is_file()
+    )  # the Dockerfile's WORKDIR /app
     with pytest.raises(ValueError, match="args.pipeline"):
         builder({})
     assert serve_config["http_options"]["port"] == 8000
@@ -156,7 +160,11 @@ def test_worker_groups_are_the_planners_device_classes():
         label = template["metadata"]["labels"]["hetforge.dev/device-class"]
         product = template["spec"].get("nodeSelector", {}).get("nvidia.com/gpu.product")
         if product:  # a GPU group: NVIDIA's product label names the class Ray's accelerator_type and the planner use
-            assert gpu_class(product.replace("-", " ")) == label and label in GPU_FACTS, (group["groupName"], product, label)
+            assert gpu_class(product.replace("-", " ")) == label and label in GPU_FACTS, (
+                group["groupName"],
+                product,
+                label,
+            )
             limits = template["spec"]["containers"][0]["resources"]["limits"]
             assert int(limits["nvidia.com/gpu"]) >= 1
             kinds.add("gpu")

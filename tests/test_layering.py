@@ -37,7 +37,9 @@ BARE_HOST_PACKAGES = {"torch", "triton", "numpy"}
 LAZY_OK = {"cli", "demo"}  # may import hetforge modules inside functions (start-up time)
 
 
-MODULES = {".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__") for p in ROOT.rglob("*.py")}
+MODULES = {
+    ".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(".__init__") for p in ROOT.rglob("*.py")
+}
 
 
 @dataclass(frozen=True)
@@ -113,10 +115,18 @@ def violations(imports: list[Import]) -> list[str]:
             if src and dst != src and dst not in ALLOWED.get(src, set()):
                 out.append(f"{i.module}:{i.line}: {src} may not import {dst} ({i.target})")
             if src and not i.top_level and src not in LAZY_OK:
-                out.append(f"{i.module}:{i.line}: {i.target} imported inside a function (import hetforge modules at module level)")
+                out.append(
+                    f"{i.module}:{i.line}: {i.target} imported inside a function (import hetforge modules at module level)"
+                )
         elif src in BARE_HOST and i.top_level:
             top = i.target.split(".")[0]
-            if top and top != "hetforge" and top not in sys.stdlib_module_names and top not in BARE_HOST_PACKAGES and top != "__future__":
+            if (
+                top
+                and top != "hetforge"
+                and top not in sys.stdlib_module_names
+                and top not in BARE_HOST_PACKAGES
+                and top != "__future__"
+            ):
                 out.append(f"{i.module}:{i.line}: {src} runs on the bare GPU host: no module-level import of {top}")
     return out
 
@@ -138,14 +148,25 @@ def test_hetforge_modules_import_no_cycle_at_module_level():
     assert list(nx.simple_cycles(graph)) == []
 
 
-@pytest.mark.parametrize("source, module, why", [
-    ("from hetforge.serving.metrics import Metrics\n", "hetforge/kernels/registry.py", "kernels may not import serving"),
-    ("from hetforge.planners import devices\n", "hetforge/optimizer/llm_agent.py", "optimizer may not import planners"),
-    ("from hetforge.planners.plan import build_plan\n", "hetforge/spec/load.py", "spec may not import planners"),
-    ("import ray\n", "hetforge/optimizer/judge.py", "no module-level import of ray"),
-    ("import pydantic\n", "hetforge/core/problem.py", "no module-level import of pydantic"),
-    ("def f():\n    from hetforge.spec import graph\n", "hetforge/planners/plan.py", "imported inside a function"),
-])
+@pytest.mark.parametrize(
+    "source, module, why",
+    [
+        (
+            "from hetforge.serving.metrics import Metrics\n",
+            "hetforge/kernels/registry.py",
+            "kernels may not import serving",
+        ),
+        (
+            "from hetforge.planners import devices\n",
+            "hetforge/optimizer/llm_agent.py",
+            "optimizer may not import planners",
+        ),
+        ("from hetforge.planners.plan import build_plan\n", "hetforge/spec/load.py", "spec may not import planners"),
+        ("import ray\n", "hetforge/optimizer/judge.py", "no module-level import of ray"),
+        ("import pydantic\n", "hetforge/core/problem.py", "no module-level import of pydantic"),
+        ("def f():\n    from hetforge.spec import graph\n", "hetforge/planners/plan.py", "imported inside a function"),
+    ],
+)
 def test_a_broken_rule_is_reported(source, module, why):
     path = ROOT.parent / module
     found = violations(imports_of(path, ast.parse(source)))
@@ -153,9 +174,11 @@ def test_a_broken_rule_is_reported(source, module, why):
 
 
 def test_allowed_imports_are_not_reported():
-    ok = [("from hetforge.core.problem import Problem\n", "hetforge/serving/deployments.py"),
-          ("import torch\nimport numpy as np\nimport json\n", "hetforge/optimizer/judge.py"),
-          ("def f():\n    import openai\n", "hetforge/optimizer/llm_agent.py"),
-          ("def f():\n    from hetforge.serving import deploy\n", "hetforge/cli/__init__.py")]
+    ok = [
+        ("from hetforge.core.problem import Problem\n", "hetforge/serving/deployments.py"),
+        ("import torch\nimport numpy as np\nimport json\n", "hetforge/optimizer/judge.py"),
+        ("def f():\n    import openai\n", "hetforge/optimizer/llm_agent.py"),
+        ("def f():\n    from hetforge.serving import deploy\n", "hetforge/cli/__init__.py"),
+    ]
     for source, module in ok:
         assert violations(imports_of(ROOT.parent / module, ast.parse(source))) == []

@@ -84,15 +84,20 @@ def main() -> int:
                 pages = torch.rand(1, 3, 64, 64, generator=gen).tolist()
                 t0 = time.time()
                 try:
-                    ok = http.post(f"{url}/v1/pipelines/{pipeline.name}/run",
-                                   json={"input": {"pages": pages, "text": "Invoice 2026-01-31 total 1,250.00"}}).status_code == 200
+                    ok = (
+                        http.post(
+                            f"{url}/v1/pipelines/{pipeline.name}/run",
+                            json={"input": {"pages": pages, "text": "Invoice 2026-01-31 total 1,250.00"}},
+                        ).status_code
+                        == 200
+                    )
                 except httpx.HTTPError:
                     ok = False
                 samples.append((t0, (time.time() - t0) * 1e3, ok))
 
+    import ray
     import yaml
     from ray import serve
-    import ray
 
     # 1. the reference serving alone: the same pipeline without its reoptimize block
     doc = yaml.safe_load(args.pipeline.read_text())
@@ -133,7 +138,11 @@ def main() -> int:
             events = board.events(pipeline.name, limit=1000)
             promoted = next((e for e in events if e["decision"] == "promote"), None)
             done = next((e for e in events if e["decision"] == "job_done"), None)
-            if done and done["numbers"].get("outcome") != "registered" and not any(e["decision"] == "start" for e in events):
+            if (
+                done
+                and done["numbers"].get("outcome") != "registered"
+                and not any(e["decision"] == "start" for e in events)
+            ):
                 break  # the job found nothing worth a rollout
             if any(e["decision"] == "rollback" for e in events):
                 break  # the canary rejected it: nothing will be promoted
@@ -163,36 +172,65 @@ def main() -> int:
     for name, (lo, hi) in phases.items():
         ms = [m for t, m, ok in samples if lo <= t < hi and ok]
         errors = sum(1 for t, _, ok in samples if lo <= t < hi and not ok)
-        rows.append({"phase": name, "requests": len(ms), "errors": errors, "p50_ms": _q(ms, 0.5), "p99_ms": _q(ms, 0.99),
-                     "mean_ms": round(statistics.fmean(ms), 2) if ms else None})
+        rows.append(
+            {
+                "phase": name,
+                "requests": len(ms),
+                "errors": errors,
+                "p50_ms": _q(ms, 0.5),
+                "p99_ms": _q(ms, 0.99),
+                "mean_ms": round(statistics.fmean(ms), 2) if ms else None,
+            }
+        )
     by = {r["phase"]: r for r in rows}
     done_event = next((e for e in events if e["decision"] == "job_done"), {"numbers": {}})
     promote_event = next((e for e in events if e["decision"] == "promote"), {"numbers": {}})
     summary = {
         "pipeline": str(args.pipeline.relative_to(REPO)) if args.pipeline.is_relative_to(REPO) else str(args.pipeline),
-        "host": f"{platform.node()} ({os.cpu_count()} cores)", "torch": torch.__version__, "clients": args.clients,
-        "phases": rows, "total_requests": len(samples), "failed_requests": sum(1 for *_, ok in samples if not ok),
+        "host": f"{platform.node()} ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "clients": args.clients,
+        "phases": rows,
+        "total_requests": len(samples),
+        "failed_requests": sum(1 for *_, ok in samples if not ok),
         "hot_to_promoted_s": round(t_promote - t_hot, 1) if t_promote and t_hot else None,
         "job_s": round(t_done - t_hot, 1) if t_done and t_hot else None,
-        "winner": done_event["numbers"].get("winner"), "verified_speedup_vs_eager": done_event["numbers"].get("speedup_vs_eager"),
+        "winner": done_event["numbers"].get("winner"),
+        "verified_speedup_vs_eager": done_event["numbers"].get("speedup_vs_eager"),
         "canary_speedup_p50": promote_event["numbers"].get("speedup_p50"),
-        "e2e_speedup_p50": round(by["before"]["p50_ms"] / by["after"]["p50_ms"], 3) if by["before"]["p50_ms"] and by["after"]["p50_ms"] else None,
-        "e2e_speedup_p99": round(by["before"]["p99_ms"] / by["after"]["p99_ms"], 3) if by["before"]["p99_ms"] and by["after"]["p99_ms"] else None,
-        "extra_p99_during_job": round(by["job"]["p99_ms"] / by["before"]["p99_ms"], 3) if by["job"]["p99_ms"] and by["before"]["p99_ms"] else None,
-        "jobs": len(jobs_started), "events": [{k: e[k] for k in ("decision", "variant", "reason")} for e in events],
+        "e2e_speedup_p50": round(by["before"]["p50_ms"] / by["after"]["p50_ms"], 3)
+        if by["before"]["p50_ms"] and by["after"]["p50_ms"]
+        else None,
+        "e2e_speedup_p99": round(by["before"]["p99_ms"] / by["after"]["p99_ms"], 3)
+        if by["before"]["p99_ms"] and by["after"]["p99_ms"]
+        else None,
+        "extra_p99_during_job": round(by["job"]["p99_ms"] / by["before"]["p99_ms"], 3)
+        if by["job"]["p99_ms"] and by["before"]["p99_ms"]
+        else None,
+        "jobs": len(jobs_started),
+        "events": [{k: e[k] for k in ("decision", "variant", "reason")} for e in events],
     }
     (HERE / "results_cpu.json").write_text(json.dumps(summary, indent=2, default=str))
-    lines = ["# End to end before and after automatic re-optimization (CPU, Ray Serve)\n",
-             f"`python bench/e2e/bench_e2e_cpu.py` on {summary['host']}, torch {summary['torch']}, {args.clients} closed-loop clients, "
-             f"pipeline `{summary['pipeline']}`.\n",
-             "| phase | requests | errors | p50 ms | p99 ms | mean ms |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['phase']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_ms']} |" for r in rows]
-    lines += ["", f"- winner: `{summary['winner']}`, verified {summary['verified_speedup_vs_eager']}x over eager by the job; "
-                  f"{summary['canary_speedup_p50']}x p50 on live traffic during the canary",
-              f"- end to end: {summary['e2e_speedup_p50']}x at p50, {summary['e2e_speedup_p99']}x at p99",
-              f"- stage turning hot -> promoted variant: {summary['hot_to_promoted_s']} s (the job itself: {summary['job_s']} s)",
-              f"- p99 while the job ran: {summary['extra_p99_during_job']}x the p99 before",
-              f"- failed requests: {summary['failed_requests']} of {summary['total_requests']}"]
+    lines = [
+        "# End to end before and after automatic re-optimization (CPU, Ray Serve)\n",
+        f"`python bench/e2e/bench_e2e_cpu.py` on {summary['host']}, torch {summary['torch']}, {args.clients} closed-loop clients, "
+        f"pipeline `{summary['pipeline']}`.\n",
+        "| phase | requests | errors | p50 ms | p99 ms | mean ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['phase']} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_ms']} |"
+        for r in rows
+    ]
+    lines += [
+        "",
+        f"- winner: `{summary['winner']}`, verified {summary['verified_speedup_vs_eager']}x over eager by the job; "
+        f"{summary['canary_speedup_p50']}x p50 on live traffic during the canary",
+        f"- end to end: {summary['e2e_speedup_p50']}x at p50, {summary['e2e_speedup_p99']}x at p99",
+        f"- stage turning hot -> promoted variant: {summary['hot_to_promoted_s']} s (the job itself: {summary['job_s']} s)",
+        f"- p99 while the job ran: {summary['extra_p99_during_job']}x the p99 before",
+        f"- failed requests: {summary['failed_requests']} of {summary['total_requests']}",
+    ]
     (HERE / "results_cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if promoted is not None else 1

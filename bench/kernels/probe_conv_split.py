@@ -63,13 +63,27 @@ def main() -> None:
             torch.backends.cudnn.allow_tf32 = True
             ms_tf32, out_tf32 = timed(fp32, x), fp32(x)
             torch.backends.cudnn.allow_tf32 = False
-        rows.append((name, ms_fp32, ms_split, ms_tf32, *errors(out_fp32, exact), *errors(out_split, exact), *errors(out_tf32, exact)))
+        rows.append(
+            (
+                name,
+                ms_fp32,
+                ms_split,
+                ms_tf32,
+                *errors(out_fp32, exact),
+                *errors(out_split, exact),
+                *errors(out_tf32, exact),
+            )
+        )
         del exact
     print(f"{torch.cuda.get_device_name(0)}; torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
-    print("| conv | fp32 ms | split ms | speedup | tf32 ms | fp32 max err (n > tol) | split max err (n > tol) | tf32 max err (n > tol) |")
+    print(
+        "| conv | fp32 ms | split ms | speedup | tf32 ms | fp32 max err (n > tol) | split max err (n > tol) | tf32 max err (n > tol) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, a, b, c, e1, n1, e2, n2, e3, n3 in rows:
-        print(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {c:.3f} | {e1:.2e} ({n1}) | {e2:.2e} ({n2}) | {e3:.2e} ({n3}) |")
+        print(
+            f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {c:.3f} | {e1:.2e} ({n1}) | {e2:.2e} ({n2}) | {e3:.2e} ({n3}) |"
+        )
 
 
 if __name__ == "__main__":

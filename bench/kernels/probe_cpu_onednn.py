@@ -24,13 +24,30 @@ from hetforge.kernels.triton.epilogue import Op
 CASES = [  # (name, module, eager chain, library chain, input shape)
     ("linear 256x512 -> 512", lambda: nn.Linear(512, 512), lambda y: y, (), (256, 512)),
     ("linear + relu", lambda: nn.Linear(512, 512), torch.relu, (Op("relu"),), (256, 512)),
-    ("linear + gelu + x2", lambda: nn.Linear(512, 512), lambda y: F.gelu(y) * 2.0, (Op("gelu"), Op("mul", 2.0)), (256, 512)),
+    (
+        "linear + gelu + x2",
+        lambda: nn.Linear(512, 512),
+        lambda y: F.gelu(y) * 2.0,
+        (Op("gelu"), Op("mul", 2.0)),
+        (256, 512),
+    ),
     ("linear 256x256 -> 1024 (MLP up)", lambda: nn.Linear(256, 1024), F.gelu, (Op("gelu"),), (256, 256)),
     ("linear 256x1024 -> 256 (MLP down)", lambda: nn.Linear(1024, 256), lambda y: y, (), (256, 1024)),
     ("conv2d 32->32 3x3, 4x32x32", lambda: nn.Conv2d(32, 32, 3, padding=1), lambda y: y, (), (4, 32, 32, 32)),
-    ("conv2d + tanh + x2 + hardswish", lambda: nn.Conv2d(32, 32, 3, padding=1), lambda y: F.hardswish(torch.tanh(y) * 2.0),
-     (Op("tanh"), Op("mul", 2.0), Op("hardswish")), (4, 32, 32, 32)),
-    ("conv1d 80->256 k3 + gelu, 2x80x200", lambda: nn.Conv1d(80, 256, 3, padding=1), F.gelu, (Op("gelu"),), (2, 80, 200)),
+    (
+        "conv2d + tanh + x2 + hardswish",
+        lambda: nn.Conv2d(32, 32, 3, padding=1),
+        lambda y: F.hardswish(torch.tanh(y) * 2.0),
+        (Op("tanh"), Op("mul", 2.0), Op("hardswish")),
+        (4, 32, 32, 32),
+    ),
+    (
+        "conv1d 80->256 k3 + gelu, 2x80x200",
+        lambda: nn.Conv1d(80, 256, 3, padding=1),
+        F.gelu,
+        (Op("gelu"),),
+        (2, 80, 200),
+    ),
 ]
 
 
@@ -51,7 +68,11 @@ def main() -> None:
     with torch.no_grad():
         for name, make, eager_chain, chain, shape in CASES:
             module = make().eval()
-            fused = (FusedLinear(module.weight, module.bias, chain) if isinstance(module, nn.Linear) else FusedConv(module, chain)).eval()
+            fused = (
+                FusedLinear(module.weight, module.bias, chain)
+                if isinstance(module, nn.Linear)
+                else FusedConv(module, chain)
+            ).eval()
             inputs = [torch.randn(shape) for _ in range(60)]
             eager = lambda x: eager_chain(module(x))  # noqa: E731
             exact = eager_chain(module.double()(inputs[0].double()))

@@ -49,17 +49,45 @@ def kcat_weight_t(w):  # w [N, K] -> [3K, N] view of a K-contiguous [N, 3K]
 
 def _configs():
     out = []
-    for bm, bn, bk, w, s in ((128, 128, 32, 8, 3), (128, 256, 32, 8, 3), (128, 128, 64, 8, 3), (256, 128, 32, 8, 3),
-                             (128, 256, 32, 8, 4), (128, 128, 32, 4, 4), (64, 256, 32, 4, 4), (128, 64, 32, 4, 4),
-                             (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (256, 128, 64, 8, 3)):
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s))
+    for bm, bn, bk, w, s in (
+        (128, 128, 32, 8, 3),
+        (128, 256, 32, 8, 3),
+        (128, 128, 64, 8, 3),
+        (256, 128, 32, 8, 3),
+        (128, 256, 32, 8, 4),
+        (128, 128, 32, 4, 4),
+        (64, 256, 32, 4, 4),
+        (128, 64, 32, 4, 4),
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 4, 3),
+        (256, 128, 64, 8, 3),
+    ):
+        out.append(
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        )
     return out
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "MODE"])
 @triton.jit
-def _gemm3_kernel(ah_ptr, al_ptr, bh_ptr, bl_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm, MODE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _gemm3_kernel(
+    ah_ptr,
+    al_ptr,
+    bh_ptr,
+    bl_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_cm,
+    MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     # MODE 0: one tensor-core accumulator over K (round-toward-zero accumulation drifts)
     # MODE 1: each K tile's three products from zero, added to the fp32 accumulator with round-to-nearest
     # MODE 2: small terms accumulate on tensor cores across K (their drift is 2^-11 smaller), big term fresh a tile
@@ -139,7 +167,7 @@ def main():
     for m, k, n in ((4096, 4096, 4096), (8192, 1024, 4096), (8192, 4096, 1024)):
         torch.manual_seed(0)
         x = torch.randn(m, k, device="cuda")
-        w = torch.randn(n, k, device="cuda") / k ** 0.5
+        w = torch.randn(n, k, device="cuda") / k**0.5
         truth = x.double() @ w.double().t()
         w_t = w.t().contiguous()
         wk = kcat_weight_t(w)
@@ -178,7 +206,16 @@ def main():
             ms = bench(fn)
             base = base or ms
             rows.append((f"{m}x{k}x{n}", name, ms, base / ms, 2 * m * n * k / ms / 1e9, err))
-        rows.append((f"{m}x{k}x{n}", "(cublas tf32, one pass, not fp32-accurate)", t_tf32, base / t_tf32, 2 * m * n * k / t_tf32 / 1e9, float("nan")))
+        rows.append(
+            (
+                f"{m}x{k}x{n}",
+                "(cublas tf32, one pass, not fp32-accurate)",
+                t_tf32,
+                base / t_tf32,
+                2 * m * n * k / t_tf32 / 1e9,
+                float("nan"),
+            )
+        )
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, triton {triton.__version__}")
     print("| shape | way | ms | vs cublas fp32 | effective TFLOP/s | norm rel err vs fp64 |")
     print("|---|---|---|---|---|---|")

@@ -24,13 +24,22 @@ from hetforge.planners.placement import PlacementProblem, brute_force, evaluate,
 HERE = Path(__file__).resolve().parent
 GIB = float(1 << 30)
 # (name, relative speed vs the CPU, memory GiB): a spread of device classes
-CLASS_POOL = [("cpu", 1.0, 256.0), ("L4", 6.0, 24.0), ("A10G", 5.0, 24.0), ("A100", 15.0, 80.0), ("H100", 25.0, 80.0), ("H200", 28.0, 141.0)]
+CLASS_POOL = [
+    ("cpu", 1.0, 256.0),
+    ("L4", 6.0, 24.0),
+    ("A10G", 5.0, 24.0),
+    ("A100", 15.0, 80.0),
+    ("H100", 25.0, 80.0),
+    ("H200", 28.0, 141.0),
+]
 
 
 def random_pipeline(rng: random.Random, n: int, k: int) -> PlacementProblem:
     pool = [CLASS_POOL[0]] + rng.sample(CLASS_POOL[1:], k - 1)
     names = [c[0] for c in pool]
-    preds = [[]] + [sorted(rng.sample(range(max(0, i - 3), i), rng.randint(1, min(2, i - max(0, i - 3))))) for i in range(1, n)]
+    preds = [[]] + [
+        sorted(rng.sample(range(max(0, i - 3), i), rng.randint(1, min(2, i - max(0, i - 3))))) for i in range(1, n)
+    ]
     has_succ = {q for ps in preds for q in ps}
     preds[n - 1] = sorted(set(preds[n - 1]) | {i for i in range(n - 1) if i not in has_succ})
     options, latency, memory = [], [], []
@@ -55,14 +64,28 @@ def random_pipeline(rng: random.Random, n: int, k: int) -> PlacementProblem:
         gbs = host if "cpu" in (a, b) else net
         return 0.02 + nbytes / (gbs * 1e6)
 
-    return PlacementProblem([f"s{i}" for i in range(n)], preds, 0, n - 1, options, latency, memory, out_bytes,
-                            {c: count[c] * mem[c] for c in names}, mem, count, transfer)
+    return PlacementProblem(
+        [f"s{i}" for i in range(n)],
+        preds,
+        0,
+        n - 1,
+        options,
+        latency,
+        memory,
+        out_bytes,
+        {c: count[c] * mem[c] for c in names},
+        mem,
+        count,
+        transfer,
+    )
 
 
 def all_on_largest_gpu(p: PlacementProblem) -> float | None:
     gpus = [c for c in p.capacity if c != "cpu"]
     largest = max(gpus, key=lambda c: (p.device_memory[c], c)) if gpus else "cpu"
-    assign = [largest if largest in opts else min(opts, key=lambda c: lat[c]) for opts, lat in zip(p.options, p.latency)]
+    assign = [
+        largest if largest in opts else min(opts, key=lambda c: lat[c]) for opts, lat in zip(p.options, p.latency)
+    ]
     used: dict[str, float] = {}
     for i, c in enumerate(assign):
         if p.memory[i][c] > p.device_memory[c]:
@@ -91,13 +114,21 @@ def main() -> None:
         plan_s = time.perf_counter() - start
         optimum = brute_force(p)[1] if combos <= 200_000 else None
         g = greedy(p)
-        rows.append({
-            "instance": t, "stages": n, "classes": k, "placements": combos, "hetforge_ms": round(got.latency_ms, 4),
-            "exact": got.exact, "optimum_ms": round(optimum, 4) if optimum is not None else "",
-            "gap_pct": round(100 * (got.latency_ms / optimum - 1), 6) if optimum else "",
-            "largest_gpu_ms": round(v, 4) if (v := all_on_largest_gpu(p)) is not None else "",
-            "greedy_ms": round(evaluate(p, g)[0], 4) if g else "", "plan_s": round(plan_s, 5),
-        })
+        rows.append(
+            {
+                "instance": t,
+                "stages": n,
+                "classes": k,
+                "placements": combos,
+                "hetforge_ms": round(got.latency_ms, 4),
+                "exact": got.exact,
+                "optimum_ms": round(optimum, 4) if optimum is not None else "",
+                "gap_pct": round(100 * (got.latency_ms / optimum - 1), 6) if optimum else "",
+                "largest_gpu_ms": round(v, 4) if (v := all_on_largest_gpu(p)) is not None else "",
+                "greedy_ms": round(evaluate(p, g)[0], 4) if g else "",
+                "plan_s": round(plan_s, 5),
+            }
+        )
     big = []
     for _ in range(20):
         p = random_pipeline(rng, 50, 5)

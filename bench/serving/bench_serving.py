@@ -36,8 +36,14 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the handl
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINE = REPO / "examples" / "retrieval_agent.yaml"
-QUESTIONS = ["What does Ray Serve do?", "How large is the H100 L2 cache?", "Why fold batch norm?", "What is a KV cache?",
-             "How does Prometheus collect metrics?", "What does torch.compile generate?"]
+QUESTIONS = [
+    "What does Ray Serve do?",
+    "How large is the H100 L2 cache?",
+    "Why fold batch norm?",
+    "What is a KV cache?",
+    "How does Prometheus collect metrics?",
+    "What does torch.compile generate?",
+]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -81,21 +87,42 @@ def summary(runs: list[dict]) -> dict:
     if not lat:
         raise SystemExit(f"every request failed; first failures: {[f for r in runs for f in r['fail']][:3]}")
     wall = sum(r["wall_s"] for r in runs)
-    return {"requests": len(lat), "failed": sum(len(r["fail"]) for r in runs), "p50_ms": statistics.median(lat),
-            "p99_ms": _pct(lat, 99), "throughput_rps": len(lat) / wall}
+    return {
+        "requests": len(lat),
+        "failed": sum(len(r["fail"]) for r in runs),
+        "p50_ms": statistics.median(lat),
+        "p99_ms": _pct(lat, 99),
+        "throughput_rps": len(lat) / wall,
+    }
 
 
 def optimize_embed(home: Path) -> int | None:
     """Run `hetforge optimize` on the embed stage's problem file; the registered variant id, if any."""
-    cmd = [sys.executable, "-m", "hetforge.cli", "optimize", str(REPO / "examples" / "models" / "text_encoder.py"), "--agents",
-           "rewrites,library", "--budget-s", "240", "--out", str(home / "opt"), "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HETFORGE_HOME": str(home)}, timeout=900)
+    cmd = [
+        sys.executable,
+        "-m",
+        "hetforge.cli",
+        "optimize",
+        str(REPO / "examples" / "models" / "text_encoder.py"),
+        "--agents",
+        "rewrites,library",
+        "--budget-s",
+        "240",
+        "--out",
+        str(home / "opt"),
+        "--json",
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "HETFORGE_HOME": str(home)}, timeout=900
+    )
     try:
         doc = json.loads(done.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         print(done.stdout[-2000:], done.stderr[-2000:])
         return None
-    print(f"optimize embed: winner {doc.get('winner_agent')} {doc.get('speedup_vs_eager')}x over eager, registered {doc.get('registered_variant')}")
+    print(
+        f"optimize embed: winner {doc.get('winner_agent')} {doc.get('speedup_vs_eager')}x over eager, registered {doc.get('registered_variant')}"
+    )
     reg = doc.get("registered_variant")
     return int(reg["id"]) if isinstance(reg, dict) and "id" in reg else (int(reg) if isinstance(reg, int) else None)
 
@@ -110,8 +137,10 @@ def handwritten_app(pipeline_name: str):
     @serve.ingress(api)
     class Handwritten:
         def __init__(self):
-            self.h = {n: serve.get_deployment_handle(f"stage-{n}", app_name=pipeline_name)
-                      for n in ("router", "search", "embed", "rerank", "answer")}
+            self.h = {
+                n: serve.get_deployment_handle(f"stage-{n}", app_name=pipeline_name)
+                for n in ("router", "search", "embed", "rerank", "answer")
+            }
 
         @api.post("/run")
         async def run(self, request: Request) -> dict:
@@ -136,7 +165,9 @@ def main() -> None:
     parser.add_argument("--swap-load-s", type=float, default=40.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--port", type=int, default=8311)
-    parser.add_argument("--skip-optimize", action="store_true", help="swap embed to its reference instead of an optimized variant")
+    parser.add_argument(
+        "--skip-optimize", action="store_true", help="swap embed to its reference instead of an optimized variant"
+    )
     args = parser.parse_args()
 
     subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_llm.py")], check=True, capture_output=True)
@@ -171,22 +202,42 @@ def main() -> None:
         for r in range(args.rounds):  # interleaved, alternating which goes first
             order = ["hetforge", "handwritten"] if r % 2 == 0 else ["handwritten", "hetforge"]
             for name in order:
-                runs[name].append(await load(hetforge_url if name == "hetforge" else hand_url, args.requests, args.concurrency, 300, r * 1000))
+                runs[name].append(
+                    await load(
+                        hetforge_url if name == "hetforge" else hand_url, args.requests, args.concurrency, 300, r * 1000
+                    )
+                )
 
         # hot-swaps under load: steady first, then swaps to the variant, back to the reference, and to the variant again
         swaps: list[dict] = []
 
         async def swap_later():
-            targets = [variant if variant is not None else "reference", "reference", variant if variant is not None else "reference"]
+            targets = [
+                variant if variant is not None else "reference",
+                "reference",
+                variant if variant is not None else "reference",
+            ]
             for k, target in enumerate(targets):
                 await asyncio.sleep(args.swap_load_s / (len(targets) + 1))
                 t = time.perf_counter()
                 async with httpx.AsyncClient(timeout=120) as c:
-                    reply = await c.post(f"{record.url}/v1/pipelines/{record.pipeline}/stages/embed/swap",
-                                         json={"variant": target, "wait_s": 60})
-                swaps.append({**reply.json(), "target": target, "started": t, "ended": time.perf_counter(), "http": reply.status_code})
+                    reply = await c.post(
+                        f"{record.url}/v1/pipelines/{record.pipeline}/stages/embed/swap",
+                        json={"variant": target, "wait_s": 60},
+                    )
+                swaps.append(
+                    {
+                        **reply.json(),
+                        "target": target,
+                        "started": t,
+                        "ended": time.perf_counter(),
+                        "http": reply.status_code,
+                    }
+                )
 
-        steady_and_swap, _ = await asyncio.gather(load(hetforge_url, 100_000, args.concurrency, args.swap_load_s, 50_000), swap_later())
+        steady_and_swap, _ = await asyncio.gather(
+            load(hetforge_url, 100_000, args.concurrency, args.swap_load_s, 50_000), swap_later()
+        )
         return {"runs": runs, "swap_run": steady_and_swap, "swaps": swaps}
 
     result = asyncio.run(bench())
@@ -202,27 +253,54 @@ def main() -> None:
     during = [x for a, b, x in spans if any(a <= s["ended"] and b >= s["started"] for s in swaps)]
     steady = [x for a, b, x in spans if b < swaps[0]["started"]] if swaps else []
     doc = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "pipeline": "examples/retrieval_agent.yaml",
-        "concurrency": args.concurrency, "rounds": args.rounds, "requests_per_round": args.requests,
-        "hetforge": het, "handwritten": hand, "overhead_p50": het["p50_ms"] / hand["p50_ms"] - 1,
-        "swap": {"variant": variant, "swaps": [{k: s.get(k) for k in ("target", "http", "ok", "reports")} | {"s": s["ended"] - s["started"]}
-                                               for s in swaps],
-                 "requests": len(sw["lat"]), "failed": len(sw["fail"]), "failures": sw["fail"][:5],
-                 "steady_p99_ms": _pct(steady, 99) if steady else None, "swap_window_p99_ms": _pct(during, 99) if during else None,
-                 "swap_window_requests": len(during), "steady_requests": len(steady)},
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "pipeline": "examples/retrieval_agent.yaml",
+        "concurrency": args.concurrency,
+        "rounds": args.rounds,
+        "requests_per_round": args.requests,
+        "hetforge": het,
+        "handwritten": hand,
+        "overhead_p50": het["p50_ms"] / hand["p50_ms"] - 1,
+        "swap": {
+            "variant": variant,
+            "swaps": [
+                {k: s.get(k) for k in ("target", "http", "ok", "reports")} | {"s": s["ended"] - s["started"]}
+                for s in swaps
+            ],
+            "requests": len(sw["lat"]),
+            "failed": len(sw["fail"]),
+            "failures": sw["fail"][:5],
+            "steady_p99_ms": _pct(steady, 99) if steady else None,
+            "swap_window_p99_ms": _pct(during, 99) if during else None,
+            "swap_window_requests": len(during),
+            "steady_requests": len(steady),
+        },
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(doc, indent=1, default=str))
     s = doc["swap"]
-    ratio = (s["swap_window_p99_ms"] / s["steady_p99_ms"]) if s["steady_p99_ms"] and s["swap_window_p99_ms"] else float("nan")
+    ratio = (
+        (s["swap_window_p99_ms"] / s["steady_p99_ms"])
+        if s["steady_p99_ms"] and s["swap_window_p99_ms"]
+        else float("nan")
+    )
     lines = [
-        f"# Serving benchmark ({doc['machine']}, {doc['pipeline']}, concurrency {args.concurrency})", "",
-        "| path | requests | failed | p50 ms | p99 ms | req/s |", "|---|---|---|---|---|---|",
-        *(f"| {name} | {d['requests']} | {d['failed']} | {d['p50_ms']:.1f} | {d['p99_ms']:.1f} | {d['throughput_rps']:.2f} |"
-          for name, d in (("hetforge pipeline layer", het), ("hand-written Ray Serve composition", hand))),
-        "", f"pipeline-layer overhead at p50: {100 * doc['overhead_p50']:+.1f}% (target at most +10%)", "",
+        f"# Serving benchmark ({doc['machine']}, {doc['pipeline']}, concurrency {args.concurrency})",
+        "",
+        "| path | requests | failed | p50 ms | p99 ms | req/s |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {name} | {d['requests']} | {d['failed']} | {d['p50_ms']:.1f} | {d['p99_ms']:.1f} | {d['throughput_rps']:.2f} |"
+            for name, d in (("hetforge pipeline layer", het), ("hand-written Ray Serve composition", hand))
+        ),
+        "",
+        f"pipeline-layer overhead at p50: {100 * doc['overhead_p50']:+.1f}% (target at most +10%)",
+        "",
         f"hot-swaps of embed under load (to variant {s['variant']}, back to the reference, to the variant again): "
-        + "; ".join(f"{w['target']}: HTTP {w['http']} {[r['outcome'] for r in (w['reports'] or [])]} in {w['s']:.2f} s" for w in s["swaps"]),
+        + "; ".join(
+            f"{w['target']}: HTTP {w['http']} {[r['outcome'] for r in (w['reports'] or [])]} in {w['s']:.2f} s"
+            for w in s["swaps"]
+        ),
         f"{s['requests']} requests during the load, {s['failed']} failed; p99 steady {s['steady_p99_ms'] or float('nan'):.1f} ms "
         f"({s['steady_requests']} requests before the first swap), p99 of the requests in flight during a swap "
         f"{s['swap_window_p99_ms'] or float('nan'):.1f} ms ({s['swap_window_requests']} requests): {ratio:.2f}x, target at most 1.5x",

@@ -23,27 +23,37 @@ def check_s(candidate: dict) -> float | None:
 
 def main(folders: list[str]) -> None:
     ratios = []
-    print("| report | eager vs eager | reference medians max/min | max-autotune checks s (status) | slowest other round-1 check s |")
+    print(
+        "| report | eager vs eager | reference medians max/min | max-autotune checks s (status) | slowest other round-1 check s |"
+    )
     print("|---|---|---|---|---|")
     for folder in folders:
         for path in sorted(Path(folder).glob("*.json")):
             report = json.loads(path.read_text())
             cands = report["candidates"]
-            eager = next((c for c in cands if c["name"] == "recipe:eager" and (c.get("verdict") or {}).get("speedup")), None)
+            eager = next(
+                (c for c in cands if c["name"] == "recipe:eager" and (c.get("verdict") or {}).get("speedup")), None
+            )
             medians = [c["verdict"]["reference_ms"] for c in cands if (c.get("verdict") or {}).get("reference_ms")]
             ratio = max(medians) / min(medians) if medians else None
             if ratio:
                 ratios.append(ratio)
             autotune = next((c for c in cands if c["name"] == "recipe:compile-max-autotune"), None)
             others = [s for c in cands if c["round"] == 1 and c is not autotune and (s := check_s(c)) is not None]
-            cells = [f"{path.parent.name}/{path.stem}",
-                     f"{eager['verdict']['speedup']:.3f}x" if eager else "-",
-                     f"{ratio:.3f}" if ratio else "-",
-                     f"{check_s(autotune):.1f} ({autotune['status']})" if autotune and check_s(autotune) is not None else "-",
-                     f"{max(others):.1f}" if others else "-"]
+            cells = [
+                f"{path.parent.name}/{path.stem}",
+                f"{eager['verdict']['speedup']:.3f}x" if eager else "-",
+                f"{ratio:.3f}" if ratio else "-",
+                f"{check_s(autotune):.1f} ({autotune['status']})"
+                if autotune and check_s(autotune) is not None
+                else "-",
+                f"{max(others):.1f}" if others else "-",
+            ]
             print("| " + " | ".join(cells) + " |")
     if ratios:
-        print(f"\nmedian over {len(ratios)} problems of the reference medians' max/min: {statistics.median(ratios):.3f}")
+        print(
+            f"\nmedian over {len(ratios)} problems of the reference medians' max/min: {statistics.median(ratios):.3f}"
+        )
 
 
 if __name__ == "__main__":

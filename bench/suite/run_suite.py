@@ -30,8 +30,23 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-FIELDS = ["problem", "tier", "device", "eager_ms", "compile_ms", "hetforge_ms", "speedup_vs_eager", "speedup_vs_compile",
-          "winner", "winner_agent", "candidates", "rejected", "optimize_s", "reverify", "note"]
+FIELDS = [
+    "problem",
+    "tier",
+    "device",
+    "eager_ms",
+    "compile_ms",
+    "hetforge_ms",
+    "speedup_vs_eager",
+    "speedup_vs_compile",
+    "winner",
+    "winner_agent",
+    "candidates",
+    "rejected",
+    "optimize_s",
+    "reverify",
+    "note",
+]
 
 
 def problems(selected: str) -> list[Path]:
@@ -46,11 +61,29 @@ def problems(selected: str) -> list[Path]:
 
 
 def run_one(problem: Path, args, scratch: Path) -> dict:
-    env = {**os.environ, "HETFORGE_BENCH_SIZE": "gpu" if args.device == "cuda" else "cpu",
-           "HETFORGE_HOME": str(scratch / "home"), "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "HETFORGE_BENCH_SIZE": "gpu" if args.device == "cuda" else "cpu",
+        "HETFORGE_HOME": str(scratch / "home"),
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     out = scratch / problem.stem
-    cmd = [sys.executable, "-m", "hetforge.cli", "optimize", str(problem), "--device", args.device, "--budget-s", str(args.budget_s),
-           "--agents", args.agents, "--out", str(out), "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hetforge.cli",
+        "optimize",
+        str(problem),
+        "--device",
+        args.device,
+        "--budget-s",
+        str(args.budget_s),
+        "--agents",
+        args.agents,
+        "--out",
+        str(out),
+        "--json",
+    ]
     if args.recipes:
         cmd += ["--recipes", args.recipes]
     if args.lean:  # what fits the GPU host's time: 2 trials, 2 timing rounds, no round-2 compositions
@@ -70,18 +103,37 @@ def run_one(problem: Path, args, scratch: Path) -> dict:
     eager = by_name.get("recipe:eager", {}).get("verdict") or {}
     compiled = by_name.get("recipe:compile", {}).get("verdict") or {}
     winner = by_name.get(report["winner"]) if report["winner"] else None
-    row |= {"candidates": len(report["candidates"]), "rejected": sum(c["status"] == "rejected" for c in report["candidates"]),
-            "compile_ms": compiled.get("candidate_ms"), "eager_ms": eager.get("reference_ms")}
+    row |= {
+        "candidates": len(report["candidates"]),
+        "rejected": sum(c["status"] == "rejected" for c in report["candidates"]),
+        "compile_ms": compiled.get("candidate_ms"),
+        "eager_ms": eager.get("reference_ms"),
+    }
     if winner is None:
         why = "; ".join(f"{c['name']}: {c['status']} {c['note'][:120]}" for c in report["candidates"])
         return row | {"note": f"no accepted variant ({why})"}
     verdict = winner["verdict"]
-    row |= {"winner": winner["name"], "winner_agent": winner["agent"], "hetforge_ms": verdict.get("candidate_ms"),
-            "speedup_vs_eager": report["speedup_vs_eager"], "speedup_vs_compile": report["speedup_vs_compile"]}
+    row |= {
+        "winner": winner["name"],
+        "winner_agent": winner["agent"],
+        "hetforge_ms": verdict.get("candidate_ms"),
+        "speedup_vs_eager": report["speedup_vs_eager"],
+        "speedup_vs_compile": report["speedup_vs_compile"],
+    }
     row["eager_ms"] = row["eager_ms"] or verdict.get("reference_ms")
     # a fresh verifier run on the winner, new seeds: an accepted variant must pass it again
-    check = [sys.executable, "-m", "hetforge.cli", "verify", str(problem), str(out / "best_variant.py"), "--device", args.device,
-             "--no-timing", "--json"]
+    check = [
+        sys.executable,
+        "-m",
+        "hetforge.cli",
+        "verify",
+        str(problem),
+        str(out / "best_variant.py"),
+        "--device",
+        args.device,
+        "--no-timing",
+        "--json",
+    ]
     if winner["agent"] == "llm":
         check.append("--weights-from-reference")
     again = subprocess.run(check, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
@@ -89,14 +141,20 @@ def run_one(problem: Path, args, scratch: Path) -> dict:
     why_rejected = ""
     if again.returncode != 0:  # keep the verifier's reason: a rejection nobody can explain later is no evidence
         try:
-            why_rejected = "; re-verify: " + "; ".join(r["message"][:200] for r in json.loads(again.stdout.strip().splitlines()[-1])["reasons"])
+            why_rejected = "; re-verify: " + "; ".join(
+                r["message"][:200] for r in json.loads(again.stdout.strip().splitlines()[-1])["reasons"]
+            )
         except (ValueError, IndexError, KeyError):
             why_rejected = "; re-verify: " + (again.stderr or again.stdout).strip()[-300:]
-    split = {k: sum((c.get("verdict") or {}).get("phases_s", {}).get(k, 0.0) for c in report["candidates"])
-             for k in ("start", "correctness", "timing")}
+    split = {
+        k: sum((c.get("verdict") or {}).get("phases_s", {}).get(k, 0.0) for c in report["candidates"])
+        for k in ("start", "correctness", "timing")
+    }
     verified = sum(1 for c in report["candidates"] if c.get("verdict"))
-    row["note"] = (f"time split over {verified} verifications: start {split['start']:.1f} s, correctness "
-                   f"{split['correctness']:.1f} s, timing {split['timing']:.1f} s (summed over checks side by side){why_rejected}")
+    row["note"] = (
+        f"time split over {verified} verifications: start {split['start']:.1f} s, correctness "
+        f"{split['correctness']:.1f} s, timing {split['timing']:.1f} s (summed over checks side by side){why_rejected}"
+    )
     return row
 
 
@@ -124,12 +182,18 @@ def geomean(values: list[float]) -> float | None:
 def summarize(csv_path: Path, md_path: Path, header: str) -> str:
     rows = list(csv.DictReader(csv_path.open()))
     f = lambda v: float(v) if v not in (None, "") else None  # noqa: E731
-    lines = [header, "", "| problem | eager ms | torch.compile ms | hetforge ms | vs eager | vs compile | winner | fresh re-verify |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| problem | eager ms | torch.compile ms | hetforge ms | vs eager | vs compile | winner | fresh re-verify |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         fmt = lambda v, d=3: f"{f(v):.{d}f}" if f(v) is not None else "-"  # noqa: E731
-        lines.append(f"| {r['problem']} | {fmt(r['eager_ms'])} | {fmt(r['compile_ms'])} | {fmt(r['hetforge_ms'])} | "
-                     f"{fmt(r['speedup_vs_eager'], 2)}x | {fmt(r['speedup_vs_compile'], 2)}x | {r['winner'] or r['note']} | {r['reverify'] or '-'} |")
+        lines.append(
+            f"| {r['problem']} | {fmt(r['eager_ms'])} | {fmt(r['compile_ms'])} | {fmt(r['hetforge_ms'])} | "
+            f"{fmt(r['speedup_vs_eager'], 2)}x | {fmt(r['speedup_vs_compile'], 2)}x | {r['winner'] or r['note']} | {r['reverify'] or '-'} |"
+        )
     lines.append("")
     for tier in ("t1", "t2", "t3", None):
         sel = [r for r in rows if tier is None or r["tier"] == tier]
@@ -137,14 +201,23 @@ def summarize(csv_path: Path, md_path: Path, header: str) -> str:
         label = {"t1": "tier 1 (single ops)", "t2": "tier 2 (fused chains)", "t3": "tier 3 (blocks)", None: "all"}[tier]
         n_eager = sum(1 for r in sel if f(r["speedup_vs_eager"]))
         n_compile = sum(1 for r in sel if f(r["speedup_vs_compile"]))
-        lines.append(f"- geomean {label}: {ge or 0:.3f}x over eager ({n_eager} problems), "
-                     f"{gc or 0:.3f}x over torch.compile ({n_compile} problems with a compile figure)")
+        lines.append(
+            f"- geomean {label}: {ge or 0:.3f}x over eager ({n_eager} problems), "
+            f"{gc or 0:.3f}x over torch.compile ({n_compile} problems with a compile figure)"
+        )
     # A row won by the eager candidate times eager against eager: its "speedup" is noise. Counted at exactly
     # eager's speed, its speedup over torch.compile is 1 / torch.compile's own speedup over eager.
-    at_eager = [f(r["speedup_vs_compile"]) / f(r["speedup_vs_eager"]) if r["winner"] == "recipe:eager" else f(r["speedup_vs_compile"])
-                for r in rows if f(r["speedup_vs_compile"]) and f(r["speedup_vs_eager"])]
-    lines.append(f"- geomean all, rows won by eager counted at eager's speed: {geomean(at_eager) or 0:.3f}x over torch.compile "
-                 f"({len(at_eager)} problems)")
+    at_eager = [
+        f(r["speedup_vs_compile"]) / f(r["speedup_vs_eager"])
+        if r["winner"] == "recipe:eager"
+        else f(r["speedup_vs_compile"])
+        for r in rows
+        if f(r["speedup_vs_compile"]) and f(r["speedup_vs_eager"])
+    ]
+    lines.append(
+        f"- geomean all, rows won by eager counted at eager's speed: {geomean(at_eager) or 0:.3f}x over torch.compile "
+        f"({len(at_eager)} problems)"
+    )
     rejected = [r["problem"] for r in rows if r["reverify"] == "REJECTED"]
     lines.append(f"- winners a fresh verifier run rejected: {', '.join(rejected) if rejected else 'none'}")
     text = "\n".join(lines) + "\n"
@@ -163,8 +236,12 @@ def environment(device: str) -> str:
     if device == "cuda":
         gpu = torch.cuda.get_device_name(0)
         try:
-            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                                    text=True, timeout=30).stdout.strip()
+            driver = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             driver = "?"
         gpu += f", driver {driver}"
@@ -182,11 +259,15 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=60.0)
     parser.add_argument("--agents", default="recipes,rewrites,library")
     parser.add_argument("--recipes", default="", help="restrict compiler recipes (eager always runs)")
-    parser.add_argument("--lean", action="store_true", help="2 trials, 2 timing rounds, no compositions (GPU time is scarce)")
+    parser.add_argument(
+        "--lean", action="store_true", help="2 trials, 2 timing rounds, no compositions (GPU time is scarce)"
+    )
     parser.add_argument("--tag", default="", help="results file suffix, e.g. h100 or cpu")
     parser.add_argument("--append", action="store_true", help="add rows to an existing CSV")
     parser.add_argument("--summarize", action="store_true", help="only rewrite the markdown from the CSV")
-    parser.add_argument("--merge", nargs="+", type=Path, help="join these runs' CSVs (in order) into the tag's CSV, then summarize")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, help="join these runs' CSVs (in order) into the tag's CSV, then summarize"
+    )
     args = parser.parse_args()
     tag = args.tag or args.device
     csv_path, md_path = HERE / f"results_{tag}.csv", HERE / f"results_{tag}.md"
@@ -207,7 +288,13 @@ def main() -> None:
                     fh.flush()
                     print(json.dumps(row), flush=True)
     env_line = header_path.read_text().strip() if header_path.exists() else ""
-    print(summarize(csv_path, md_path, f"# Optimizer suite, {tag}\n\n{env_line}; precision strict (fp32), budget {args.budget_s:.0f} s a problem"))
+    print(
+        summarize(
+            csv_path,
+            md_path,
+            f"# Optimizer suite, {tag}\n\n{env_line}; precision strict (fp32), budget {args.budget_s:.0f} s a problem",
+        )
+    )
 
 
 if __name__ == "__main__":

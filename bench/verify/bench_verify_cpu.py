@@ -28,19 +28,45 @@ def main() -> None:
     for i in range(args.repeats):
         start = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "hetforge.cli", "verify", str(HERE / "mlp_problem.py"), str(HERE / "mlp_candidate.py"), "--json"],
-            capture_output=True, text=True, cwd=HERE.parents[1],
+            [
+                sys.executable,
+                "-m",
+                "hetforge.cli",
+                "verify",
+                str(HERE / "mlp_problem.py"),
+                str(HERE / "mlp_candidate.py"),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=HERE.parents[1],
         )
         wall = time.perf_counter() - start
         verdict = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append({"run": i + 1, "wall_s": round(wall, 2), "verdict": verdict["verdict"], "reference_ms": verdict["reference_ms"],
-                     "candidate_ms": verdict["candidate_ms"], "speedup": verdict["speedup"], "exit": proc.returncode})
+        rows.append(
+            {
+                "run": i + 1,
+                "wall_s": round(wall, 2),
+                "verdict": verdict["verdict"],
+                "reference_ms": verdict["reference_ms"],
+                "candidate_ms": verdict["candidate_ms"],
+                "speedup": verdict["speedup"],
+                "exit": proc.returncode,
+            }
+        )
     with open(HERE / "results_cpu.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     median_wall = statistics.median(r["wall_s"] for r in rows)
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            l.split(":", 1)[1].strip()
+            for l in Path("/proc/cpuinfo").read_text().splitlines()
+            if l.startswith("model name")
+        ),
+        platform.processor(),
+    )
     import torch
 
     lines = [
@@ -51,7 +77,10 @@ def main() -> None:
         "",
         "| run | wall s | verdict | reference ms | candidate ms | speedup |",
         "|---|---|---|---|---|---|",
-        *[f"| {r['run']} | {r['wall_s']} | {r['verdict']} | {r['reference_ms']} | {r['candidate_ms']} | {r['speedup']} |" for r in rows],
+        *[
+            f"| {r['run']} | {r['wall_s']} | {r['verdict']} | {r['reference_ms']} | {r['candidate_ms']} | {r['speedup']} |"
+            for r in rows
+        ],
         "",
         f"Median wall time: {median_wall:.2f} s (target: under 20 s).",
     ]

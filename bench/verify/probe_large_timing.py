@@ -31,7 +31,9 @@ def timed_calls(inputs: list[torch.Tensor], calls: int, flush: torch.Tensor) -> 
     return [s.elapsed_time(e) for s, e in events]
 
 
-def time_rounds(shape: tuple[int, ...], distinct: int, calls: int, rounds: int, flush: torch.Tensor) -> list[list[float]]:
+def time_rounds(
+    shape: tuple[int, ...], distinct: int, calls: int, rounds: int, flush: torch.Tensor
+) -> list[list[float]]:
     """Per-call ms, one list per round: `calls` calls a round cycling over `distinct` input sets."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     inputs = [torch.randn(shape, device="cuda", generator=gen) for _ in range(distinct)]
@@ -60,7 +62,9 @@ def transient(shape: tuple[int, ...], make: str, pause_s: float, calls: int, flu
     return times
 
 
-def after_free(shape: tuple[int, ...], free_gb: float, empty_cache: bool, pause_s: float, calls: int, flush: torch.Tensor) -> list[float]:
+def after_free(
+    shape: tuple[int, ...], free_gb: float, empty_cache: bool, pause_s: float, calls: int, flush: torch.Tensor
+) -> list[float]:
     """Per-call ms of back-to-back calls on inputs already resident and warm, right after another buffer of
     `free_gb` is allocated, written and freed (`empty_cache`: handed back to the driver, not kept cached)."""
     inputs = [torch.randn(shape, device="cuda") for _ in range(2)]
@@ -101,8 +105,21 @@ def main() -> int:
             q = statistics.quantiles(flat, n=10)
             medians = [statistics.median(r) for r in per_round]
             by_pos = [statistics.median(r[i] for r in per_round) for i in range(calls)]
-            rows.append((f"{gb:.2f}", distinct, calls, min(flat), q[0], statistics.median(flat), q[-1], max(flat),
-                         min(medians), max(medians), max(by_pos[:1]) / statistics.median(by_pos[1:])))
+            rows.append(
+                (
+                    f"{gb:.2f}",
+                    distinct,
+                    calls,
+                    min(flat),
+                    q[0],
+                    statistics.median(flat),
+                    q[-1],
+                    max(flat),
+                    min(medians),
+                    max(medians),
+                    max(by_pos[:1]) / statistics.median(by_pos[1:]),
+                )
+            )
             print(f"{gb:.2f} GB distinct={distinct} calls={calls}: by position {[round(t, 3) for t in by_pos]}")
             print("   rounds:", [[round(t, 3) for t in r] for r in per_round])
     # "slow": over 1.05x the median of the 2.95 GB, 2-set, 16-call rounds above (a round of only slow calls
@@ -114,16 +131,29 @@ def main() -> int:
         slow = sum(t > 1.05 * steady for t in series)
         print(f"{make} pause {pause:.1f} s: {slow} of 48 calls >5% over steady;", [round(t, 3) for t in series])
     print("\n# resident, warm inputs (2 x 2.95 GB) timed right after another buffer is freed: 40 back-to-back calls")
-    for free_gb, empty, pause in ((0, False, 0.0), (12, True, 0.0), (12, False, 0.0), (24, True, 0.0), (24, True, 0.1), (12, True, 0.0)):
+    for free_gb, empty, pause in (
+        (0, False, 0.0),
+        (12, True, 0.0),
+        (12, False, 0.0),
+        (24, True, 0.0),
+        (24, True, 0.1),
+        (12, True, 0.0),
+    ):
         series = after_free((176, 256, 128, 128), free_gb, empty, pause, 40, flush)
         slow = sum(t > 1.05 * steady for t in series[1:])
-        print(f"freed {free_gb} GB, empty_cache={empty}, pause {pause:.1f} s: {slow} of 39 calls after the first >5% over steady;",
-              [round(t, 3) for t in series])
+        print(
+            f"freed {free_gb} GB, empty_cache={empty}, pause {pause:.1f} s: {slow} of 39 calls after the first >5% over steady;",
+            [round(t, 3) for t in series],
+        )
     print()
-    print("| input GB | distinct sets | calls/round | min ms | p10 | median | p90 | max | round medians min-max | first call / rest |")
+    print(
+        "| input GB | distinct sets | calls/round | min ms | p10 | median | p90 | max | round medians min-max | first call / rest |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for gb, d, c, mn, p10, med, p90, mx, rmin, rmax, first in rows:
-        print(f"| {gb} | {d} | {c} | {mn:.3f} | {p10:.3f} | {med:.3f} | {p90:.3f} | {mx:.3f} | {rmin:.3f}-{rmax:.3f} | {first:.2f} |")
+        print(
+            f"| {gb} | {d} | {c} | {mn:.3f} | {p10:.3f} | {med:.3f} | {p90:.3f} | {mx:.3f} | {rmin:.3f}-{rmax:.3f} | {first:.2f} |"
+        )
     return 0
 
 

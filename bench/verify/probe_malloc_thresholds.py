@@ -27,7 +27,9 @@ def main() -> None:
     for setting, values in (("fixed", fixed), ("moving", {})):
         confine.FIXED_MALLOC = values  # read by worker_environment when each worker starts
         for run in range(1, RUNS + 1):
-            task = OptimizeTask(str(PROBLEM), device="cpu", agents=("recipes", "library"), recipes=("eager", "compile"), compose=False)
+            task = OptimizeTask(
+                str(PROBLEM), device="cpu", agents=("recipes", "library"), recipes=("eager", "compile"), compose=False
+            )
             with tempfile.TemporaryDirectory() as scratch:
                 report = optimize(task, Path(scratch))
             for c in report.candidates:
@@ -37,7 +39,9 @@ def main() -> None:
     print("| malloc thresholds | run | candidate | reference ms | candidate ms |")
     print("|---|---|---|---|---|")
     for setting, run, name, ref, cand in rows:
-        print(f"| {setting} | {run} | {name} | {ref if ref is None else f'{ref:.3f}'} | {cand if cand is None else f'{cand:.3f}'} |")
+        print(
+            f"| {setting} | {run} | {name} | {ref if ref is None else f'{ref:.3f}'} | {cand if cand is None else f'{cand:.3f}'} |"
+        )
 
 
 if __name__ == "__main__":

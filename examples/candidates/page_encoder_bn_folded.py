@@ -11,13 +11,17 @@ import torch.nn.functional as F
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+    )
 
 
 class ModelNew(nn.Module):
     def __init__(self, classes: int = 4, width: int = 32):
         super().__init__()
-        features = nn.Sequential(_block(3, width), _block(width, 2 * width), _block(2 * width, 4 * width), _block(4 * width, 4 * width))
+        features = nn.Sequential(
+            _block(3, width), _block(width, 2 * width), _block(2 * width, 4 * width), _block(4 * width, 4 * width)
+        )
         self.head = nn.Linear(4 * width, classes)
         for m in features.modules():  # the same draws as the reference's stand-in statistics
             if isinstance(m, nn.BatchNorm2d):

@@ -12,12 +12,16 @@ MELS, FRAMES, DIM, HEADS, LAYERS = 80, 300, 256, 4, 2
 
 
 class Model(nn.Module):
-    def __init__(self, mels: int = MELS, dim: int = DIM, heads: int = HEADS, layers: int = LAYERS, max_frames: int = 1500):
+    def __init__(
+        self, mels: int = MELS, dim: int = DIM, heads: int = HEADS, layers: int = LAYERS, max_frames: int = 1500
+    ):
         super().__init__()
         self.conv1 = nn.Conv1d(mels, dim, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
         self.positions = nn.Parameter(torch.randn(max_frames, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, activation="gelu", norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, activation="gelu", norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 

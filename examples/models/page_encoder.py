@@ -11,13 +11,17 @@ CLASSES, SIZE = 4, 128  # invoice, receipt, letter, form
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+    )
 
 
 class Model(nn.Module):
     def __init__(self, classes: int = CLASSES, width: int = 32):
         super().__init__()
-        self.features = nn.Sequential(_block(3, width), _block(width, 2 * width), _block(2 * width, 4 * width), _block(4 * width, 4 * width))
+        self.features = nn.Sequential(
+            _block(3, width), _block(width, 2 * width), _block(2 * width, 4 * width), _block(4 * width, 4 * width)
+        )
         self.head = nn.Linear(4 * width, classes)
         for m in self.modules():  # stand-in for trained statistics, so batch norm is not an identity
             if isinstance(m, nn.BatchNorm2d):

@@ -13,11 +13,15 @@ VOCAB, SEQ, DIM, HEADS, LAYERS = 4096, 64, 256, 4, 2
 
 
 class Model(nn.Module):
-    def __init__(self, vocab: int = VOCAB, dim: int = DIM, heads: int = HEADS, layers: int = LAYERS, max_len: int = 512):
+    def __init__(
+        self, vocab: int = VOCAB, dim: int = DIM, heads: int = HEADS, layers: int = LAYERS, max_len: int = 512
+    ):
         super().__init__()
         self.tokens = nn.Embedding(vocab, dim)
         self.positions = nn.Embedding(max_len, dim)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, activation="gelu")
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, activation="gelu"
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 

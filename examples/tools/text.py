@@ -17,7 +17,9 @@ VOCAB, SEQ = 4096, 64
 
 def _ids(text: str, seq: int = SEQ) -> list[int]:
     words = re.findall(r"[a-z0-9]+", text.lower())[:seq]
-    ids = [1 + int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest(), "little") % (VOCAB - 1) for w in words]
+    ids = [
+        1 + int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest(), "little") % (VOCAB - 1) for w in words
+    ]
     return ids + [0] * (seq - len(ids))
 
 
@@ -31,7 +33,11 @@ def rank_by_similarity(embeddings: torch.Tensor, payload: dict) -> dict:
     """embed: unit embeddings [1 + P, D] -> passages ordered by cosine similarity to the query."""
     scores = (embeddings[1:] @ embeddings[0]).tolist()
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    return {"query": payload["query"], "passages": [payload["passages"][i] for i in order], "similarity": [scores[i] for i in order]}
+    return {
+        "query": payload["query"],
+        "passages": [payload["passages"][i] for i in order],
+        "similarity": [scores[i] for i in order],
+    }
 
 
 def query_passage_pairs(payload: dict) -> list[torch.Tensor]:

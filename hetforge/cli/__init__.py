@@ -43,8 +43,20 @@ def _main(
 
 
 # Registration order is the order `hetforge --help` lists the commands in.
-for command in (spec.validate, spec.schema, spec.graph, verify.verify, optimize.optimize, plan.plan, demo.demo,
-                serve.swap, serve.serve, serve.status, serve.down, dashboards.dashboards):
+for command in (
+    spec.validate,
+    spec.schema,
+    spec.graph,
+    verify.verify,
+    optimize.optimize,
+    plan.plan,
+    demo.demo,
+    serve.swap,
+    serve.serve,
+    serve.status,
+    serve.down,
+    dashboards.dashboards,
+):
     app.command()(command)
 app.add_typer(kernels.app, name="kernels")
 app.add_typer(approvals.app, name="approvals")

@@ -13,7 +13,9 @@ from hetforge.cli.common import EXIT_INVALID, load_spec
 app = typer.Typer(help="Variants that background re-optimization found, waiting for a human.", no_args_is_help=True)
 PipelineArg = Annotated[Path, typer.Argument(help="The pipeline YAML file.", show_default=False)]
 VariantArg = Annotated[int, typer.Argument(help="Variant id.", show_default=False)]
-RegistryOpt = Annotated[Optional[Path], typer.Option(help="The registry file (default $HETFORGE_HOME/registry.sqlite).")]
+RegistryOpt = Annotated[
+    Optional[Path], typer.Option(help="The registry file (default $HETFORGE_HOME/registry.sqlite).")
+]
 
 
 def call(fn, *args):
@@ -35,8 +37,11 @@ def registry_path(registry: Optional[Path]) -> str:
 
 
 @app.command("list")
-def approvals_list(pipeline_file: PipelineArg, registry: RegistryOpt = None,
-                   as_json: Annotated[bool, typer.Option("--json", help="One JSON list on the last line.")] = False) -> None:
+def approvals_list(
+    pipeline_file: PipelineArg,
+    registry: RegistryOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list on the last line.")] = False,
+) -> None:
     """Variants of the pipeline's jobs that wait for approval."""
     from rich.console import Console
     from rich.table import Table
@@ -49,8 +54,16 @@ def approvals_list(pipeline_file: PipelineArg, registry: RegistryOpt = None,
         return
     table = Table("variant", "stage", "job", "name", "agent", "speedup", "flags", "trigger")
     for r in rows:
-        table.add_row(str(r["variant_id"]), r["stage"], str(r["job_id"]), r["name"], r["agent"], f"{r['speedup'] or 0:.3f}x",
-                      "; ".join(r["flags"])[:80], r["trigger"])
+        table.add_row(
+            str(r["variant_id"]),
+            r["stage"],
+            str(r["job_id"]),
+            r["name"],
+            r["agent"],
+            f"{r['speedup'] or 0:.3f}x",
+            "; ".join(r["flags"])[:80],
+            r["trigger"],
+        )
     Console(soft_wrap=True).print(table if rows else "no variant waits for approval")
 
 
@@ -59,7 +72,9 @@ def approvals_show(pipeline_file: PipelineArg, variant_id: VariantArg, registry:
     """The report of a variant: speedups, flags, errors, the job's leaderboard, and its diff against the reference."""
     from hetforge.serving import approvals
 
-    doc = call(approvals.show, registry_path(registry), load_spec(pipeline_file), pipeline_file.resolve().parent, variant_id)
+    doc = call(
+        approvals.show, registry_path(registry), load_spec(pipeline_file), pipeline_file.resolve().parent, variant_id
+    )
     diff = doc.pop("diff")
     doc.pop("source")
     typer.echo(json.dumps(doc, indent=2, default=str))
@@ -68,31 +83,45 @@ def approvals_show(pipeline_file: PipelineArg, variant_id: VariantArg, registry:
 
 
 @app.command("approve")
-def approvals_approve(pipeline_file: PipelineArg, variant_id: VariantArg,
-                      by: Annotated[str, typer.Option(help="Who approves (recorded in the audit log).")] = "cli",
-                      hint: Annotated[str, typer.Option(help="Also start a new job for the stage with this hint.")] = "",
-                      registry: RegistryOpt = None) -> None:
+def approvals_approve(
+    pipeline_file: PipelineArg,
+    variant_id: VariantArg,
+    by: Annotated[str, typer.Option(help="Who approves (recorded in the audit log).")] = "cli",
+    hint: Annotated[str, typer.Option(help="Also start a new job for the stage with this hint.")] = "",
+    registry: RegistryOpt = None,
+) -> None:
     """Approve a waiting variant: the controller rolls it out (canary) on its next look."""
     from hetforge.serving import approvals
 
-    typer.echo(json.dumps(call(approvals.approve, registry_path(registry), load_spec(pipeline_file), variant_id, by, hint)))
+    typer.echo(
+        json.dumps(call(approvals.approve, registry_path(registry), load_spec(pipeline_file), variant_id, by, hint))
+    )
 
 
 @app.command("reject")
-def approvals_reject(pipeline_file: PipelineArg, variant_id: VariantArg,
-                     by: Annotated[str, typer.Option(help="Who rejects (recorded in the audit log).")] = "cli",
-                     hint: Annotated[str, typer.Option(help="Start a new job for the stage with this hint.")] = "",
-                     registry: RegistryOpt = None) -> None:
+def approvals_reject(
+    pipeline_file: PipelineArg,
+    variant_id: VariantArg,
+    by: Annotated[str, typer.Option(help="Who rejects (recorded in the audit log).")] = "cli",
+    hint: Annotated[str, typer.Option(help="Start a new job for the stage with this hint.")] = "",
+    registry: RegistryOpt = None,
+) -> None:
     """Reject a waiting variant (kept as evidence, never served); a hint starts a new job."""
     from hetforge.serving import approvals
 
-    typer.echo(json.dumps(call(approvals.reject, registry_path(registry), load_spec(pipeline_file), variant_id, by, hint)))
+    typer.echo(
+        json.dumps(call(approvals.reject, registry_path(registry), load_spec(pipeline_file), variant_id, by, hint))
+    )
 
 
 @app.command("guide")
-def approvals_guide(pipeline_file: PipelineArg, stage: Annotated[str, typer.Argument(help="The model stage.", show_default=False)],
-                    hint: Annotated[str, typer.Option(help="Text that goes into every agent's prompt.", show_default=False)],
-                    by: Annotated[str, typer.Option(help="Who asks (recorded).")] = "cli", registry: RegistryOpt = None) -> None:
+def approvals_guide(
+    pipeline_file: PipelineArg,
+    stage: Annotated[str, typer.Argument(help="The model stage.", show_default=False)],
+    hint: Annotated[str, typer.Option(help="Text that goes into every agent's prompt.", show_default=False)],
+    by: Annotated[str, typer.Option(help="Who asks (recorded).")] = "cli",
+    registry: RegistryOpt = None,
+) -> None:
     """Start a new optimization job for a stage with a human's hint (the controller launches it)."""
     from hetforge.serving.jobs import queue_hint_job
 

@@ -9,8 +9,12 @@ import typer
 
 
 def dashboards(
-    out: Annotated[Path, typer.Option(help="Folder for the dashboard JSON and Grafana's provisioning files.")] = Path("dashboards"),
-    configmap: Annotated[Optional[Path], typer.Option(help="Also write them as a Kubernetes ConfigMap manifest here.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the dashboard JSON and Grafana's provisioning files.")] = Path(
+        "dashboards"
+    ),
+    configmap: Annotated[
+        Optional[Path], typer.Option(help="Also write them as a Kubernetes ConfigMap manifest here.")
+    ] = None,
 ) -> None:
     """Write the Grafana dashboards (generated from hetforge.serving.dashboards) and their provisioning files."""
     from hetforge.serving import dashboards as gen

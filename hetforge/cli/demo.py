@@ -7,7 +7,11 @@ from typing import Annotated
 import typer
 
 
-def demo(keep: Annotated[bool, typer.Option("--keep", help="Keep serving (and the dashboard page up) until Ctrl-C.")] = False) -> None:
+def demo(
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep serving (and the dashboard page up) until Ctrl-C.")
+    ] = False,
+) -> None:
     """The whole story on the embedded default (local Ray, SQLite, CPU): plan and deploy an example pipeline,
     send it traffic, let hetforge find the hot stage, optimize, canary and hot-swap it, print before/after."""
     from hetforge.demo import run_demo

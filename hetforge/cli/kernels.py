@@ -11,7 +11,9 @@ import typer
 from hetforge.cli.common import EXIT_INVALID
 from hetforge.cli.render import print_table
 
-app = typer.Typer(help="The registry of verified kernel variants ($HETFORGE_HOME/registry.sqlite).", no_args_is_help=True)
+app = typer.Typer(
+    help="The registry of verified kernel variants ($HETFORGE_HOME/registry.sqlite).", no_args_is_help=True
+)
 VariantArg = Annotated[int, typer.Argument(help="Variant id.", show_default=False)]
 
 
@@ -19,7 +21,9 @@ VariantArg = Annotated[int, typer.Argument(help="Variant id.", show_default=Fals
 def kernels_list(
     fingerprint: Annotated[Optional[str], typer.Option(help="Only this stage fingerprint.")] = None,
     device_class: Annotated[Optional[str], typer.Option(help="Only this device class (cpu, H100, ...).")] = None,
-    status: Annotated[Optional[str], typer.Option(help="Only this status: active, pending_review, canary, rejected, retired.")] = None,
+    status: Annotated[
+        Optional[str], typer.Option(help="Only this status: active, pending_review, canary, rejected, retired.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list on the last line.")] = False,
 ) -> None:
     """List registered variants."""
@@ -29,9 +33,22 @@ def kernels_list(
     if as_json:
         typer.echo(json.dumps([v.summary() for v in variants], default=str))
         return
-    print_table(("id", "name", "agent", "device", "precision", "speedup", "status", "fingerprint"),
-                ((str(v.id), v.name, v.agent, v.device_class, v.precision, f"{v.speedup:.3f}x" if v.speedup else "-", v.status,
-                  v.fingerprint) for v in variants))
+    print_table(
+        ("id", "name", "agent", "device", "precision", "speedup", "status", "fingerprint"),
+        (
+            (
+                str(v.id),
+                v.name,
+                v.agent,
+                v.device_class,
+                v.precision,
+                f"{v.speedup:.3f}x" if v.speedup else "-",
+                v.status,
+                v.fingerprint,
+            )
+            for v in variants
+        ),
+    )
 
 
 def variant_or_exit(variant_id: int):
@@ -77,12 +94,16 @@ def set_status(variant_id: int, status: str, approver: str) -> None:
 
 
 @app.command("approve")
-def kernels_approve(variant_id: VariantArg, by: Annotated[str, typer.Option(help="Who approves (recorded).")] = "cli") -> None:
+def kernels_approve(
+    variant_id: VariantArg, by: Annotated[str, typer.Option(help="Who approves (recorded).")] = "cli"
+) -> None:
     """Approve a variant that waits for review: it becomes active and can be served."""
     set_status(variant_id, "active", by)
 
 
 @app.command("reject")
-def kernels_reject(variant_id: VariantArg, by: Annotated[str, typer.Option(help="Who rejects (recorded).")] = "cli") -> None:
+def kernels_reject(
+    variant_id: VariantArg, by: Annotated[str, typer.Option(help="Who rejects (recorded).")] = "cli"
+) -> None:
     """Reject a variant: it is kept as evidence and never served."""
     set_status(variant_id, "rejected", by)

@@ -19,10 +19,16 @@ class Objective(StrEnum):
 
 def plan(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file.", show_default=False)],
-    cluster: Annotated[Optional[Path], typer.Option(help="A declared cluster YAML to plan for (default: this machine).")] = None,
+    cluster: Annotated[
+        Optional[Path], typer.Option(help="A declared cluster YAML to plan for (default: this machine).")
+    ] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Plan for a running Ray cluster at this address.")] = None,
-    objective: Annotated[Objective, typer.Option(help="Minimize end-to-end latency, or maximize throughput under the p99 target.")] = Objective.latency,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object on the last line.")] = False,
+    objective: Annotated[
+        Objective, typer.Option(help="Minimize end-to-end latency, or maximize throughput under the p99 target.")
+    ] = Objective.latency,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the plan as one JSON object on the last line.")
+    ] = False,
 ) -> None:
     """Profile every stage on every device and place the pipeline; rank its hot stages.
 
@@ -63,11 +69,18 @@ def print_plan(result, title: str) -> None:
 
     table = Table("stage", "device", "latency ms", "source", "memory GiB", "replicas", title=title)
     for name, stage in result.stages.items():
-        table.add_row(name, stage.device, f"{stage.latency_ms:.3f}", stage.source, f"{stage.memory_gib:.3f}", str(stage.replicas))
+        table.add_row(
+            name, stage.device, f"{stage.latency_ms:.3f}", stage.source, f"{stage.memory_gib:.3f}", str(stage.replicas)
+        )
     console = Console(soft_wrap=True)
     console.print(table)
-    console.print(f"critical path: {' -> '.join(result.critical_path)}  predicted {result.predicted_latency_ms:.2f} ms, "
-                  f"{result.throughput_rps:.1f} req/s ({'exact' if result.exact else 'heuristic'})")
-    console.print("hot stages: " + (", ".join(f"{n} (-{result.hot_stage_savings_ms[n]:.2f} ms at 2x)" for n in result.hot_stages) or "none"))
+    console.print(
+        f"critical path: {' -> '.join(result.critical_path)}  predicted {result.predicted_latency_ms:.2f} ms, "
+        f"{result.throughput_rps:.1f} req/s ({'exact' if result.exact else 'heuristic'})"
+    )
+    console.print(
+        "hot stages: "
+        + (", ".join(f"{n} (-{result.hot_stage_savings_ms[n]:.2f} ms at 2x)" for n in result.hot_stages) or "none")
+    )
     for note in result.notes:
         console.print(f"[yellow]note[/] {note}")

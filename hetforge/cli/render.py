@@ -9,8 +9,11 @@ def print_verdict(result) -> None:
 
     console = Console(soft_wrap=True)
     colour = "green" if result.accepted else "red"
-    console.print(f"[bold {colour}]{result.verdict}[/]" + (" [yellow](needs review)[/]" if result.needs_review else "")
-                  + f"  on {result.device}, precision {result.precision}, {result.elapsed_s:.1f} s")
+    console.print(
+        f"[bold {colour}]{result.verdict}[/]"
+        + (" [yellow](needs review)[/]" if result.needs_review else "")
+        + f"  on {result.device}, precision {result.precision}, {result.elapsed_s:.1f} s"
+    )
     for reason in result.reasons:
         console.print(f"  [red]{reason.kind}[/]: {reason.message}", highlight=False)
     for flag in result.flags:
@@ -18,10 +21,14 @@ def print_verdict(result) -> None:
     for note in result.notes:
         console.print(f"  note {note}", highlight=False)
     for trial in result.trials:
-        console.print(f"  trial seed {trial.seed}: max abs err {trial.max_abs_err:.3g}, max rel err {trial.max_rel_err:.3g}")
+        console.print(
+            f"  trial seed {trial.seed}: max abs err {trial.max_abs_err:.3g}, max rel err {trial.max_rel_err:.3g}"
+        )
     if result.speedup is not None:
-        console.print(f"  reference {result.reference_ms:.4f} ms ({result.baseline}), candidate {result.candidate_ms:.4f} ms: "
-                      f"[bold]{result.speedup:.3f}x[/]")
+        console.print(
+            f"  reference {result.reference_ms:.4f} ms ({result.baseline}), candidate {result.candidate_ms:.4f} ms: "
+            f"[bold]{result.speedup:.3f}x[/]"
+        )
 
 
 def print_leaderboard(console, records) -> None:

@@ -20,7 +20,9 @@ PipelineNameArg = Annotated[Optional[str], typer.Argument(help="Pipeline name; d
 
 def serve(
     pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file.", show_default=False)],
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default: start Ray locally (the embedded default).")] = None,
+    address: Annotated[
+        Optional[str], typer.Option(help="Ray cluster address; default: start Ray locally (the embedded default).")
+    ] = None,
     host: Annotated[str, typer.Option(help="HTTP host of the ingress.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the ingress.")] = 8000,
     timeout_s: Annotated[float, typer.Option(min=1, help="Seconds to wait for every replica to come up.")] = 600,
@@ -54,7 +56,9 @@ def serve(
         typer.echo(f"error: {err}", err=True)
         dep.state_path(record.pipeline).unlink(missing_ok=True)
         raise typer.Exit(EXIT_INVALID) from None
-    typer.echo(f"serving {record.pipeline} at {record.url}/v1/pipelines/{record.pipeline}/run (metrics {record.url}/metrics)")
+    typer.echo(
+        f"serving {record.pipeline} at {record.url}/v1/pipelines/{record.pipeline}/run (metrics {record.url}/metrics)"
+    )
     if address is not None:
         return
     wait_for_stop()
@@ -94,10 +98,20 @@ def status(
         typer.echo("no deployment recorded" + (f" for {pipeline}" if pipeline else ""))
         return
     for d in found:
-        print_table(("stage", "planned", "device", "active variant", "replica"),
-                    ((name, st.get("planned", ""), st.get("device", ""), st.get("active_variant", st.get("error", "")), st.get("replica", ""))
-                     for name, st in d["stages"].items()),
-                    title=f"{d['pipeline']} at {d['url']}: {d['state']}")
+        print_table(
+            ("stage", "planned", "device", "active variant", "replica"),
+            (
+                (
+                    name,
+                    st.get("planned", ""),
+                    st.get("device", ""),
+                    st.get("active_variant", st.get("error", "")),
+                    st.get("replica", ""),
+                )
+                for name, st in d["stages"].items()
+            ),
+            title=f"{d['pipeline']} at {d['url']}: {d['state']}",
+        )
 
 
 def down(pipeline: PipelineNameArg = None) -> None:
@@ -135,8 +149,12 @@ def swap(
         board = SwapBoard()
         request_id = board.request(pipeline, stage, variant)
         reports = board.wait(request_id, replicas, wait_s)
-    doc = {"request_id": request_id, "stage": stage, "variant": variant,
-           "reports": [{"replica": r.replica, "outcome": r.outcome, "reason": r.reason} for r in reports]}
+    doc = {
+        "request_id": request_id,
+        "stage": stage,
+        "variant": variant,
+        "reports": [{"replica": r.replica, "outcome": r.outcome, "reason": r.reason} for r in reports],
+    }
     ok = bool(reports) and all(r.outcome == "swapped" for r in reports)
     if as_json:
         typer.echo(json.dumps(doc))
@@ -144,7 +162,9 @@ def swap(
         for r in reports:
             typer.echo(f"{r.replica}: {r.outcome}{': ' + r.reason if r.reason else ''}")
         if not reports:
-            typer.echo(f"no replica of {pipeline}/{stage} answered within {wait_s:g} s (request {request_id} stays pending)")
+            typer.echo(
+                f"no replica of {pipeline}/{stage} answered within {wait_s:g} s (request {request_id} stays pending)"
+            )
     raise typer.Exit(0 if ok else EXIT_INVALID)
 
 
@@ -156,8 +176,11 @@ def swap_through_api(url: str, pipeline: str, stage: str, variant: str, wait_s: 
     from hetforge.serving.swap_control import SwapReport
 
     try:
-        reply = httpx.post(f"{url}/v1/pipelines/{pipeline}/stages/{stage}/swap", json={"variant": variant, "wait_s": wait_s},
-                           timeout=wait_s + 30)
+        reply = httpx.post(
+            f"{url}/v1/pipelines/{pipeline}/stages/{stage}/swap",
+            json={"variant": variant, "wait_s": wait_s},
+            timeout=wait_s + 30,
+        )
     except httpx.HTTPError as err:
         typer.echo(f"error: {url} unreachable: {err}", err=True)
         raise typer.Exit(EXIT_USAGE) from None

@@ -86,7 +86,9 @@ def parse_costs(items: list[str], names: set[str]) -> dict[str, float]:
         except ValueError:
             value = -1.0
         if name not in names or value < 0:
-            typer.echo(f'error: Got "{item}" for --cost: STAGE=MS with a stage of the pipeline and a number >= 0.', err=True)
+            typer.echo(
+                f'error: Got "{item}" for --cost: STAGE=MS with a stage of the pipeline and a number >= 0.', err=True
+            )
             raise typer.Exit(EXIT_USAGE)
         costs[name] = value
     return costs

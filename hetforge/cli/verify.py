@@ -19,19 +19,40 @@ class Baseline(StrEnum):
 
 
 def verify(
-    reference: Annotated[Path, typer.Argument(help="Reference problem file (Model, get_inputs, get_init_inputs).", show_default=False)],
+    reference: Annotated[
+        Path, typer.Argument(help="Reference problem file (Model, get_inputs, get_init_inputs).", show_default=False)
+    ],
     candidate: Annotated[Path, typer.Argument(help="Candidate file defining ModelNew.", show_default=False)],
     device: Annotated[Device, typer.Option(help="Where to run and time both.")] = Device.cpu,
-    precision: Annotated[Precision, typer.Option(help="Tolerance policy: strict fp32, or tf32 / bf16 where allowed.")] = Precision.STRICT,
+    precision: Annotated[
+        Precision, typer.Option(help="Tolerance policy: strict fp32, or tf32 / bf16 where allowed.")
+    ] = Precision.STRICT,
     trials: Annotated[int, typer.Option(min=1, max=100, help="Correctness trials on fresh inputs.")] = 3,
-    timeout: Annotated[float, typer.Option(min=1, max=3600, help="Seconds per worker request before a candidate counts as hung.")] = 60.0,
-    baseline: Annotated[Baseline, typer.Option(help="Time the reference eager or under torch.compile.")] = Baseline.eager,
-    rounds: Annotated[int, typer.Option(min=1, max=100, help="Timing rounds (reference and candidate interleaved).")] = 5,
+    timeout: Annotated[
+        float, typer.Option(min=1, max=3600, help="Seconds per worker request before a candidate counts as hung.")
+    ] = 60.0,
+    baseline: Annotated[
+        Baseline, typer.Option(help="Time the reference eager or under torch.compile.")
+    ] = Baseline.eager,
+    rounds: Annotated[
+        int, typer.Option(min=1, max=100, help="Timing rounds (reference and candidate interleaved).")
+    ] = 5,
     no_timing: Annotated[bool, typer.Option("--no-timing", help="Check correctness only.")] = False,
-    min_speedup: Annotated[float, typer.Option(min=0, help="Reject candidates slower than this speedup (0: never).")] = 0.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the verdict as one JSON object on the last line.")] = False,
-    register: Annotated[Optional[str], typer.Option(help="If accepted, store the candidate in the kernel registry under this name.")] = None,
-    weights_from_reference: Annotated[bool, typer.Option("--weights-from-reference", help="Load Model's state_dict into ModelNew (an agent's module variant).")] = False,
+    min_speedup: Annotated[
+        float, typer.Option(min=0, help="Reject candidates slower than this speedup (0: never).")
+    ] = 0.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the verdict as one JSON object on the last line.")
+    ] = False,
+    register: Annotated[
+        Optional[str], typer.Option(help="If accepted, store the candidate in the kernel registry under this name.")
+    ] = None,
+    weights_from_reference: Annotated[
+        bool,
+        typer.Option(
+            "--weights-from-reference", help="Load Model's state_dict into ModelNew (an agent's module variant)."
+        ),
+    ] = False,
 ) -> None:
     """Judge a candidate kernel against its reference: correctness on fresh inputs, then speed.
 
@@ -45,9 +66,17 @@ def verify(
         require_file(path)
     require_device(device)
     policy = precision.value
-    options = VerifyOptions(device=device.value, precision=policy, trials=trials, timeout_s=timeout,
-                            baseline=baseline.value, rounds=rounds, time=not no_timing, min_speedup=min_speedup,
-                            weights_from_reference=weights_from_reference)
+    options = VerifyOptions(
+        device=device.value,
+        precision=policy,
+        trials=trials,
+        timeout_s=timeout,
+        baseline=baseline.value,
+        rounds=rounds,
+        time=not no_timing,
+        min_speedup=min_speedup,
+        weights_from_reference=weights_from_reference,
+    )
     result = run_verify(Problem(file=str(reference)), candidate, options)
     variant = None
     if register and result.accepted:
@@ -68,7 +97,12 @@ def register_candidate(reference: Path, candidate: Path, name: str, device: str,
     from hetforge.kernels.registry import Registry
 
     return Registry().add(
-        fingerprint=Problem(file=str(reference)).load().fingerprint(), device_class=local_device_class(device),
-        precision=precision, name=name, agent="human", source=candidate.read_text(), verdict=verdict,
+        fingerprint=Problem(file=str(reference)).load().fingerprint(),
+        device_class=local_device_class(device),
+        precision=precision,
+        name=name,
+        agent="human",
+        source=candidate.read_text(),
+        verdict=verdict,
         recipe={"kind": "candidate_file", "file": candidate.name},
     )

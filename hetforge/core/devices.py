@@ -90,7 +90,11 @@ def device_name(device: str) -> str:
     # The family and model too: a VM's "AMD EPYC" hides the generation, and the library's oneDNN GEMMs ran
     # 2.0-2.2x over eager on one host and 1.06-2.12x on a Zen 4 (family 25) one (bench/kernels/results_cpu_onednn*).
     try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines() if ":" in line)
+        fields = dict(
+            line.split(":", 1)
+            for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+            if ":" in line
+        )
         fields = {k.strip(): v.strip() for k, v in fields.items()}
         if "model name" in fields:
             return f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"

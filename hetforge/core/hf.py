@@ -72,14 +72,18 @@ def model_folder(model: str, base_dir: str | Path | None = None) -> Path:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
     except ImportError as err:
-        raise HfError(f'model "{model}" is not a folder and huggingface_hub is not installed to look it up: {err}') from None
+        raise HfError(
+            f'model "{model}" is not a folder and huggingface_hub is not installed to look it up: {err}'
+        ) from None
     try:
         return Path(snapshot_download(model, local_files_only=True))
     except (LocalEntryNotFoundError, ValueError, OSError) as err:
         cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-        raise HfError(f'model "{model}" is neither a folder here nor in the local HuggingFace cache ({cache}); nothing is '
-                      f"downloaded at run time: download it on a connected machine and point `model:` at its folder "
-                      f"({type(err).__name__})") from None
+        raise HfError(
+            f'model "{model}" is neither a folder here nor in the local HuggingFace cache ({cache}); nothing is '
+            f"downloaded at run time: download it on a connected machine and point `model:` at its folder "
+            f"({type(err).__name__})"
+        ) from None
 
 
 def read_config(folder: Path) -> dict:
@@ -89,7 +93,9 @@ def read_config(folder: Path) -> dict:
 class HfStageModule(nn.Module):
     """A HuggingFace model as a stage: tensors in, one tensor out (see the module's table)."""
 
-    def __init__(self, model_dir: str, task: str, pooling: str = "mean", normalize: bool = True, dtype: str = "float32"):
+    def __init__(
+        self, model_dir: str, task: str, pooling: str = "mean", normalize: bool = True, dtype: str = "float32"
+    ):
         super().__init__()
         if task not in TASKS:
             raise HfError(f'Got "{task}" for task: one of {", ".join(TASKS)}.')
@@ -143,7 +149,9 @@ def shapes(folder: Path, task: str) -> HfShapes:
     if task in TEXT_TASKS:
         return HfShapes(vocab_size=int(cfg["vocab_size"]))
     if task == "audio_encoder":
-        return HfShapes(mel_bins=int(cfg.get("num_mel_bins", 80)), frames=2 * int(cfg.get("max_source_positions", 1500)))
+        return HfShapes(
+            mel_bins=int(cfg.get("num_mel_bins", 80)), frames=2 * int(cfg.get("max_source_positions", 1500))
+        )
     return HfShapes(channels=int(vision.get("num_channels", 3)), image_size=int(vision.get("image_size", 224)))
 
 
@@ -169,8 +177,11 @@ def make_inputs(source: HfSource, folder: Path, batch: int = 1, seq: int | None 
 def fingerprint_source(folder: Path, source: HfSource) -> str:
     """What the registry keys a HuggingFace stage by: its config, the digest of every weights file, the task's
     settings and this module's own source (the wrapper is part of the computation)."""
-    parts = [(folder / "config.json").read_text(), json.dumps({k: v for k, v in vars(source).items() if k != "model"}, sort_keys=True),
-             Path(__file__).read_text()]
+    parts = [
+        (folder / "config.json").read_text(),
+        json.dumps({k: v for k, v in vars(source).items() if k != "model"}, sort_keys=True),
+        Path(__file__).read_text(),
+    ]
     for weights in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")]):
         parts.append(f"{weights.name} {file_digest(weights)}")
     return "\0".join(parts)

@@ -17,10 +17,11 @@ import importlib
 import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -123,11 +124,17 @@ class Problem:
     buckets: tuple[tuple[tuple[str, int], ...], ...] = ()  # sizes of named dimensions per serving bucket
 
     def __post_init__(self):
-        forms = ((self.file is not None) + (self.factory is not None or self.inputs is not None) + (self.module is not None)
-                 + (self.hf is not None))
+        forms = (
+            (self.file is not None)
+            + (self.factory is not None or self.inputs is not None)
+            + (self.module is not None)
+            + (self.hf is not None)
+        )
         if forms != 1 or ((self.factory is None) != (self.inputs is None)):
-            raise ProblemError("a Problem needs exactly one of: a problem `file`; both `factory` and `inputs` import paths; "
-                               "a `module` class with its input `signature`; or a HuggingFace model (`hf`)")
+            raise ProblemError(
+                "a Problem needs exactly one of: a problem `file`; both `factory` and `inputs` import paths; "
+                "a `module` class with its input `signature`; or a HuggingFace model (`hf`)"
+            )
         if self.module is not None and not self.signature:
             raise ProblemError(f"module {self.module}: a module needs its declared input signature")
 
@@ -135,20 +142,40 @@ class Problem:
         def absolute(path):  # workers run in their own scratch folders
             return str(Path(path).resolve()) if path else None
 
-        return {"file": absolute(self.file), "factory": self.factory, "inputs": self.inputs,
-                "init_args": list(self.init_args), "init_kwargs": dict(self.init_kwargs), "module": self.module,
-                "base_dir": absolute(self.base_dir), "signature": [s.to_json() for s in self.signature],
-                "weights": absolute(self._path(self.weights)) if self.weights else None,
-                "hf": self.hf.to_json() if self.hf else None, "buckets": [dict(b) for b in self.buckets]}
+        return {
+            "file": absolute(self.file),
+            "factory": self.factory,
+            "inputs": self.inputs,
+            "init_args": list(self.init_args),
+            "init_kwargs": dict(self.init_kwargs),
+            "module": self.module,
+            "base_dir": absolute(self.base_dir),
+            "signature": [s.to_json() for s in self.signature],
+            "weights": absolute(self._path(self.weights)) if self.weights else None,
+            "hf": self.hf.to_json() if self.hf else None,
+            "buckets": [dict(b) for b in self.buckets],
+        }
 
     @classmethod
     def from_json(cls, doc: dict) -> Problem:
-        signature = tuple(InputSpec(s["name"], tuple(s["shape"]), s.get("dtype", "float32")) for s in doc.get("signature") or ())
+        signature = tuple(
+            InputSpec(s["name"], tuple(s["shape"]), s.get("dtype", "float32")) for s in doc.get("signature") or ()
+        )
         hf = HfSource.from_json(doc["hf"]) if doc.get("hf") else None
         buckets = tuple(tuple(sorted(b.items())) for b in doc.get("buckets") or ())
-        return cls(doc.get("file"), doc.get("factory"), doc.get("inputs"), tuple(doc.get("init_args") or ()),
-                   dict(doc.get("init_kwargs") or {}), doc.get("module"), doc.get("base_dir"), signature, doc.get("weights"),
-                   hf, buckets)
+        return cls(
+            doc.get("file"),
+            doc.get("factory"),
+            doc.get("inputs"),
+            tuple(doc.get("init_args") or ()),
+            dict(doc.get("init_kwargs") or {}),
+            doc.get("module"),
+            doc.get("base_dir"),
+            signature,
+            doc.get("weights"),
+            hf,
+            buckets,
+        )
 
     def _path(self, rel: str) -> Path:
         path = Path(rel)
@@ -200,8 +227,14 @@ class Problem:
         def get_inputs(sizes: dict = first) -> list[torch.Tensor]:
             return [spec.make(sizes) for spec in signature]
 
-        return LoadedProblem(model_class, get_inputs, lambda: [get_inputs(b) for b in rest], list(self.init_args),
-                             dict(self.init_kwargs), source)
+        return LoadedProblem(
+            model_class,
+            get_inputs,
+            lambda: [get_inputs(b) for b in rest],
+            list(self.init_args),
+            dict(self.init_kwargs),
+            source,
+        )
 
     def _load_hf(self) -> LoadedProblem:
         try:
@@ -209,13 +242,20 @@ class Problem:
         except Exception as err:  # noqa: BLE001 - HfError, or the hub library's own errors: one message either way
             raise ProblemError(str(err)) from None
         hf, (first, *rest) = self.hf, self._bucket_sizes()
-        kwargs = {"model_dir": str(folder), "task": hf.task, "pooling": hf.pooling, "normalize": hf.normalize, "dtype": hf.dtype}
+        kwargs = {
+            "model_dir": str(folder),
+            "task": hf.task,
+            "pooling": hf.pooling,
+            "normalize": hf.normalize,
+            "dtype": hf.dtype,
+        }
 
         def get_inputs(sizes: dict = first) -> list[torch.Tensor]:
             return make_inputs(hf, folder, batch=sizes.get("batch", 1), seq=sizes.get("seq"))
 
-        return LoadedProblem(HfStageModule, get_inputs, lambda: [get_inputs(b) for b in rest], [], kwargs,
-                             fingerprint_source(folder, hf))
+        return LoadedProblem(
+            HfStageModule, get_inputs, lambda: [get_inputs(b) for b in rest], [], kwargs, fingerprint_source(folder, hf)
+        )
 
     def _bucket_sizes(self) -> list[dict]:
         """Sizes of named dimensions for the main input set, then for each other serving bucket."""
@@ -298,7 +338,9 @@ class LoadedProblem:
         """The registry key of this reference: its source and its effective constructor arguments."""
         return source_fingerprint(self.source, list(self.init_args), self.init_kwargs)
 
-    def build(self, cls: Callable[..., torch.nn.Module] | None = None, seed: int = 0, device: str = "cpu") -> torch.nn.Module:
+    def build(
+        self, cls: Callable[..., torch.nn.Module] | None = None, seed: int = 0, device: str = "cpu"
+    ) -> torch.nn.Module:
         """`cls` (default the reference Model) constructed under `seed`, in eval mode on `device`."""
         torch.manual_seed(seed)
         module = (cls or self.model_class)(*self.init_args, **self.init_kwargs)

@@ -59,7 +59,9 @@ def compare(candidate: torch.Tensor, reference: torch.Tensor, precision: str) ->
     and outputs of 256 MB took several seconds a comparison in float64 with full-size temporaries.
     """
     if candidate.shape != reference.shape:
-        return Comparison(False, float("inf"), float("inf"), f"shape {tuple(candidate.shape)} != {tuple(reference.shape)}", "shape")
+        return Comparison(
+            False, float("inf"), float("inf"), f"shape {tuple(candidate.shape)} != {tuple(reference.shape)}", "shape"
+        )
     if candidate.dtype != reference.dtype:
         return Comparison(False, float("inf"), float("inf"), f"dtype {candidate.dtype} != {reference.dtype}", "dtype")
     atol, rtol = tolerance(reference.dtype, precision)
@@ -68,13 +70,19 @@ def compare(candidate: torch.Tensor, reference: torch.Tensor, precision: str) ->
     if not reference.dtype.is_floating_point:
         equal = torch.equal(candidate, reference)
         mismatch = (candidate != reference).sum().item()
-        return Comparison(equal, 0.0 if equal else float("inf"), 0.0 if equal else float("inf"), "" if equal else f"values: {mismatch} elements differ", "" if equal else "values")
+        return Comparison(
+            equal,
+            0.0 if equal else float("inf"),
+            0.0 if equal else float("inf"),
+            "" if equal else f"values: {mismatch} elements differ",
+            "" if equal else "values",
+        )
     work = torch.float64 if reference.dtype == torch.float64 else torch.float32
     c_all, r_all = candidate.reshape(-1), reference.reshape(-1)
     max_abs = max_rel = 0.0
     bad = finite_count = 0
     for start in range(0, r_all.numel(), _CHUNK):
-        c, r = c_all[start: start + _CHUNK].to(work), r_all[start: start + _CHUNK].to(work)
+        c, r = c_all[start : start + _CHUNK].to(work), r_all[start : start + _CHUNK].to(work)
         r_finite, c_finite = torch.isfinite(r), torch.isfinite(c)
         if not torch.equal(r_finite, c_finite) or not bool(r_finite.all()):
             if not torch.equal(torch.isnan(c), torch.isnan(r)):
@@ -92,7 +100,13 @@ def compare(candidate: torch.Tensor, reference: torch.Tensor, precision: str) ->
         max_rel = max(max_rel, (diff / ref_abs.clamp_min(1e-12)).max().item())
         bad += int((diff > ref_abs.mul_(rtol).add_(atol)).sum().item())
     if bad:
-        return Comparison(False, max_abs, max_rel, f"values: {bad} of {finite_count} elements outside atol={atol:g}, rtol={rtol:g} (max abs err {max_abs:.3g})", "values")
+        return Comparison(
+            False,
+            max_abs,
+            max_rel,
+            f"values: {bad} of {finite_count} elements outside atol={atol:g}, rtol={rtol:g} (max abs err {max_abs:.3g})",
+            "values",
+        )
     return Comparison(True, max_abs, max_rel)
 
 

@@ -35,8 +35,14 @@ class FusedLinear(nn.Module):
     (`weight_lo`), so each call splits only the activation (see gemm_epilogue's docstring).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, epilogue: Epilogue = (),
-                 vector: torch.Tensor | None = None, precision: str = "strict"):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        epilogue: Epilogue = (),
+        vector: torch.Tensor | None = None,
+        precision: str = "strict",
+    ):
         super().__init__()
         weight = weight.detach()
         lo = None
@@ -51,11 +57,14 @@ class FusedLinear(nn.Module):
 
     def forward(self, x, residual=None):
         if not runs_triton(x) and onednn.runs_onednn(x):
-            packed, bias, epilogue, vector = self._onednn.get((self.weight, self.weight_lo, self.bias, self.vector),
-                                                              lambda: self._pack(x))
+            packed, bias, epilogue, vector = self._onednn.get(
+                (self.weight, self.weight_lo, self.bias, self.vector), lambda: self._pack(x)
+            )
             return onednn.linear_epilogue(x, packed, bias, epilogue, vector, residual)
         lo = self.weight_lo.t() if self.weight_lo is not None else None
-        return gemm_epilogue(x, self.weight.t(), self.bias, self.epilogue, self.vector, residual, self.precision, w_lo_t=lo)
+        return gemm_epilogue(
+            x, self.weight.t(), self.bias, self.epilogue, self.vector, residual, self.precision, w_lo_t=lo
+        )
 
     def _pack(self, x):
         """The CPU's oneDNN operands: the whole fp32 weight (its split parts add up to it exactly), packed; a
@@ -83,7 +92,13 @@ class FusedConv(nn.Module):
     convolution would see. On the CPU, with a chain: oneDNN with the weight packed and the chain's head fused (`onednn`).
     """
 
-    def __init__(self, conv: nn.Conv1d | nn.Conv2d, epilogue: Epilogue = (), vector: torch.Tensor | None = None, split: bool = False):
+    def __init__(
+        self,
+        conv: nn.Conv1d | nn.Conv2d,
+        epilogue: Epilogue = (),
+        vector: torch.Tensor | None = None,
+        split: bool = False,
+    ):
         super().__init__()
         _buffer(self, "weight", conv.weight)
         hi, lo = split_tf32(conv.weight.detach().float()) if split else (None, None)
@@ -92,12 +107,19 @@ class FusedConv(nn.Module):
         _buffer(self, "bias", conv.bias)
         _buffer(self, "vector", vector.reshape(-1) if vector is not None else None)
         self.dims = conv.weight.dim() - 2
-        self.stride, self.padding, self.dilation, self.groups = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation), conv.groups
+        self.stride, self.padding, self.dilation, self.groups = (
+            tuple(conv.stride),
+            tuple(conv.padding),
+            tuple(conv.dilation),
+            conv.groups,
+        )
         self.epilogue = tuple(epilogue)
         self._onednn = onednn.PackedWeight()
 
     def forward(self, x, residual=None):
-        if self.epilogue and not runs_triton(x) and onednn.runs_onednn(x):  # a plain convolution: eager's oneDNN call is as fast
+        if (
+            self.epilogue and not runs_triton(x) and onednn.runs_onednn(x)
+        ):  # a plain convolution: eager's oneDNN call is as fast
             return self._forward_onednn(x, residual)
         if self.weight_hi is not None and x.is_cuda and x.dtype == torch.float32:
             out = self._split_tf32(x)
@@ -147,8 +169,10 @@ class FusedConv(nn.Module):
     def extra_repr(self) -> str:
         o, i = self.weight.shape[:2]
         split = ", split TF32 x3 on CUDA" if self.weight_hi is not None else ""
-        return (f"{i}->{o}, kernel={tuple(self.weight.shape[2:])}, stride={self.stride}, padding={self.padding}, "
-                f"epilogue={describe(self.epilogue)}{split}")
+        return (
+            f"{i}->{o}, kernel={tuple(self.weight.shape[2:])}, stride={self.stride}, padding={self.padding}, "
+            f"epilogue={describe(self.epilogue)}{split}"
+        )
 
 
 class FusedBmm(nn.Module):
@@ -169,17 +193,42 @@ class FusedBmm(nn.Module):
 class FusedNorm(nn.Module):
     """chain(norm(x)) for layer / rms / group norm."""
 
-    def __init__(self, mode: str, weight=None, bias=None, eps: float = 1e-5, groups: int = 1, normalized: int = 1,
-                 epilogue: Epilogue = (), vector=None):
+    def __init__(
+        self,
+        mode: str,
+        weight=None,
+        bias=None,
+        eps: float = 1e-5,
+        groups: int = 1,
+        normalized: int = 1,
+        epilogue: Epilogue = (),
+        vector=None,
+    ):
         super().__init__()
         _buffer(self, "weight", weight)
         _buffer(self, "bias", bias)
         _buffer(self, "vector", vector.reshape(-1) if vector is not None else None)
-        self.mode, self.eps, self.groups, self.normalized, self.epilogue = mode, float(eps), groups, normalized, tuple(epilogue)
+        self.mode, self.eps, self.groups, self.normalized, self.epilogue = (
+            mode,
+            float(eps),
+            groups,
+            normalized,
+            tuple(epilogue),
+        )
 
     def forward(self, x, residual=None):
-        return fused_norm(x, self.mode, self.weight, self.bias, self.eps, self.groups, self.normalized,
-                          self.epilogue, self.vector, residual)
+        return fused_norm(
+            x,
+            self.mode,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.groups,
+            self.normalized,
+            self.epilogue,
+            self.vector,
+            residual,
+        )
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, eps={self.eps:g}, groups={self.groups}, epilogue={describe(self.epilogue)}"
@@ -221,7 +270,13 @@ class FusedReduce(nn.Module):
     def __init__(self, kind: str, dim: int, keepdim: bool, prologue: Epilogue = (), vector=None, vector_dim: int = 1):
         super().__init__()
         _buffer(self, "vector", vector.reshape(-1) if vector is not None else None)
-        self.kind, self.dim, self.keepdim, self.prologue, self.vector_dim = kind, dim, keepdim, tuple(prologue), vector_dim
+        self.kind, self.dim, self.keepdim, self.prologue, self.vector_dim = (
+            kind,
+            dim,
+            keepdim,
+            tuple(prologue),
+            vector_dim,
+        )
 
     def forward(self, x):
         return fused_reduce(x, self.kind, self.dim, self.keepdim, self.prologue, self.vector, self.vector_dim)

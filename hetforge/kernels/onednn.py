@@ -23,16 +23,26 @@ from hetforge.kernels.triton.epilogue import Epilogue, torch_apply
 
 # epilogue op -> (oneDNN post-op name, algorithm); leaky_relu passes its slope as the scalar
 POST_OPS = {
-    "relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "tanh": ("tanh", ""),
-    "sigmoid": ("sigmoid", ""), "silu": ("swish", ""), "hardswish": ("hardswish", ""), "leaky_relu": ("leaky_relu", ""),
+    "relu": ("relu", ""),
+    "gelu": ("gelu", "none"),
+    "gelu_tanh": ("gelu", "tanh"),
+    "tanh": ("tanh", ""),
+    "sigmoid": ("sigmoid", ""),
+    "silu": ("swish", ""),
+    "hardswish": ("hardswish", ""),
+    "leaky_relu": ("leaky_relu", ""),
 }
 
 
 def available() -> bool:
     """oneDNN is built in, enabled, and has the fused ops this module calls."""
     ops = torch.ops.mkldnn
-    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_convolution_pointwise"))
+    return (
+        torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and hasattr(ops, "_linear_pointwise")
+        and hasattr(ops, "_convolution_pointwise")
+    )
 
 
 def runs_onednn(x: torch.Tensor) -> bool:
@@ -54,8 +64,9 @@ def split_post_op(ep: Epilogue) -> tuple[tuple[str, list, str] | None, Epilogue]
     return None, ep
 
 
-def fold_vector_bias(ep: Epilogue, bias: torch.Tensor | None, v: torch.Tensor | None, channels: int
-                     ) -> tuple[Epilogue, torch.Tensor | None, torch.Tensor | None]:
+def fold_vector_bias(
+    ep: Epilogue, bias: torch.Tensor | None, v: torch.Tensor | None, channels: int
+) -> tuple[Epilogue, torch.Tensor | None, torch.Tensor | None]:
     """A leading add_v / sub_v of a per-output-channel vector, moved into the bias (once, at packing)."""
     if ep and ep[0].name in ("add_v", "sub_v") and v is not None and v.numel() == channels:
         vec = v.reshape(-1) if ep[0].name == "add_v" else -v.reshape(-1)
@@ -89,8 +100,14 @@ def pack_linear(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), max(1, rows))
 
 
-def linear_epilogue(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, ep: Epilogue,
-                    v: torch.Tensor | None = None, r: torch.Tensor | None = None) -> torch.Tensor:
+def linear_epilogue(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    ep: Epilogue,
+    v: torch.Tensor | None = None,
+    r: torch.Tensor | None = None,
+) -> torch.Tensor:
     """chain(x @ W^T + bias) with W packed by `pack_linear`; any leading dims on x (a vector add is folded by the caller)."""
     if ep and ep[0].name == "add_r" and r is not None:
         out = torch.ops.mkldnn._linear_pointwise.binary(x, r, packed, bias, "add")
@@ -103,19 +120,41 @@ def linear_epilogue(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
 
 def pack_conv(weight: torch.Tensor, padding, stride, dilation, groups: int, input_size) -> torch.Tensor:
     """A conv1d/conv2d weight in oneDNN's layout, chosen for inputs of `input_size` (a 1-D conv as 2-D of height 1)."""
-    return torch.ops.mkldnn._reorder_convolution_weight(weight.detach().contiguous(), list(padding), list(stride), list(dilation),
-                                                        groups, list(input_size))
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        weight.detach().contiguous(), list(padding), list(stride), list(dilation), groups, list(input_size)
+    )
 
 
-def conv_epilogue(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, padding, stride, dilation, groups: int,
-                  ep: Epilogue, v: torch.Tensor | None = None, r: torch.Tensor | None = None) -> torch.Tensor:
+def conv_epilogue(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding,
+    stride,
+    dilation,
+    groups: int,
+    ep: Epilogue,
+    v: torch.Tensor | None = None,
+    r: torch.Tensor | None = None,
+) -> torch.Tensor:
     """chain(conv(x) + bias); v is viewed per channel (dim 1) by the caller, r has the output's shape."""
     post, rest = split_post_op(ep)
     attr, scalars, algorithm = post or ("none", [], "")
-    out = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, list(padding), list(stride), list(dilation), groups,
-                                                  attr, scalars, algorithm)
+    out = torch.ops.mkldnn._convolution_pointwise(
+        x, packed, bias, list(padding), list(stride), list(dilation), groups, attr, scalars, algorithm
+    )
     return torch_apply(out, rest, v, r, inplace=True)
 
 
-__all__ = ["POST_OPS", "PackedWeight", "available", "conv_epilogue", "fold_vector_bias", "linear_epilogue", "pack_conv",
-           "pack_linear", "runs_onednn", "split_post_op"]
+__all__ = [
+    "POST_OPS",
+    "PackedWeight",
+    "available",
+    "conv_epilogue",
+    "fold_vector_bias",
+    "linear_epilogue",
+    "pack_conv",
+    "pack_linear",
+    "runs_onednn",
+    "split_post_op",
+]

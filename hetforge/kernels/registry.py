@@ -114,8 +114,20 @@ class Registry:
         finally:
             db.close()
 
-    def add(self, *, fingerprint: str, device_class: str, precision: str, name: str, agent: str, source: str,
-            verdict: dict, recipe: dict | None = None, signature: dict | None = None, status: str | None = None) -> Variant:
+    def add(
+        self,
+        *,
+        fingerprint: str,
+        device_class: str,
+        precision: str,
+        name: str,
+        agent: str,
+        source: str,
+        verdict: dict,
+        recipe: dict | None = None,
+        signature: dict | None = None,
+        status: str | None = None,
+    ) -> Variant:
         """Store an accepted variant: `active` (or `status`), but `pending_review` when its verdict needs review."""
         if verdict.get("verdict") != "accepted":
             # Only the verifier's acceptance admits a variant; a rejected one is evidence, not a kernel.
@@ -129,8 +141,23 @@ class Registry:
                 "INSERT INTO variants (fingerprint, device_class, precision, name, agent, source, recipe, signature, verdict,"
                 " reference_ms, candidate_ms, speedup, status, approver, created_at, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
-                (fingerprint, device_class, precision, name, agent, source, json.dumps(recipe or {}), json.dumps(signature or {}),
-                 json.dumps(verdict), verdict.get("reference_ms"), verdict.get("candidate_ms"), verdict.get("speedup"), status, now, now),
+                (
+                    fingerprint,
+                    device_class,
+                    precision,
+                    name,
+                    agent,
+                    source,
+                    json.dumps(recipe or {}),
+                    json.dumps(signature or {}),
+                    json.dumps(verdict),
+                    verdict.get("reference_ms"),
+                    verdict.get("candidate_ms"),
+                    verdict.get("speedup"),
+                    status,
+                    now,
+                    now,
+                ),
             )
             new_id = cur.lastrowid
         return self.get(new_id)
@@ -142,7 +169,9 @@ class Registry:
             raise RegistryError(f"no variant with id {variant_id}")
         return _variant(row)
 
-    def list(self, fingerprint: str | None = None, device_class: str | None = None, status: str | None = None) -> list[Variant]:
+    def list(
+        self, fingerprint: str | None = None, device_class: str | None = None, status: str | None = None
+    ) -> list[Variant]:
         clauses, args = [], []
         for column, value in (("fingerprint", fingerprint), ("device_class", device_class), ("status", status)):
             if value is not None:
@@ -163,7 +192,9 @@ class Registry:
         with self._session() as db:
             row = db.execute(
                 f"SELECT * FROM variants WHERE fingerprint = ? AND device_class = ? AND precision IN ({marks}) AND status = 'active'"
-                " ORDER BY speedup DESC, id DESC LIMIT 1", (fingerprint, device_class, *allowed)).fetchone()
+                " ORDER BY speedup DESC, id DESC LIMIT 1",
+                (fingerprint, device_class, *allowed),
+            ).fetchone()
         return _variant(row) if row else None
 
     def set_status(self, variant_id: int, status: str, approver: str | None = None) -> Variant:
@@ -171,8 +202,10 @@ class Registry:
         if status not in STATUSES:
             raise RegistryError(f'Got "{status}" for status: one of {", ".join(STATUSES)}.')
         with self._session(write=True) as db:
-            cur = db.execute("UPDATE variants SET status = ?, approver = COALESCE(?, approver), updated_at = ? WHERE id = ?",
-                             (status, approver, time.time(), variant_id))
+            cur = db.execute(
+                "UPDATE variants SET status = ?, approver = COALESCE(?, approver), updated_at = ? WHERE id = ?",
+                (status, approver, time.time(), variant_id),
+            )
             if cur.rowcount == 0:
                 raise RegistryError(f"no variant with id {variant_id}")
         return self.get(variant_id)

@@ -56,7 +56,12 @@ def _pack(value: Any, payloads: list) -> Any:
         t = t.contiguous()
         raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
         payloads.append(raw)
-        return {"__tensor__": len(payloads) - 1, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "nbytes": len(raw)}
+        return {
+            "__tensor__": len(payloads) - 1,
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "shape": list(t.shape),
+            "nbytes": len(raw),
+        }
     if isinstance(value, dict):
         return {str(k): _pack(v, payloads) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -64,9 +69,22 @@ def _pack(value: Any, payloads: list) -> Any:
     return value
 
 
-_DTYPES = {name: getattr(torch, name) for name in (
-    "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool", "complex64",
-)}
+_DTYPES = {
+    name: getattr(torch, name)
+    for name in (
+        "float32",
+        "float16",
+        "bfloat16",
+        "float64",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+        "complex64",
+    )
+}
 
 
 def _unpack(value: Any, payloads: list[bytes]) -> Any:
@@ -143,7 +161,7 @@ class Channel:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([self.read_fd], [], [], left)[0]:
                     raise ChannelTimeout(f"no reply within the deadline ({done}/{count} bytes read)")
-            got = os.readv(self.read_fd, [view[done: done + (1 << 20)]])
+            got = os.readv(self.read_fd, [view[done : done + (1 << 20)]])
             if not got:
                 raise ChannelClosed("the other end closed the pipe")
             done += got

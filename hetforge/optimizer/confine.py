@@ -37,10 +37,36 @@ from pathlib import Path
 # Variables a worker keeps from the judge's environment: what Python, torch, Triton and CUDA need.
 # HETFORGE_BENCH_: the suite's problem files read their sizes from it (HETFORGE_BENCH_SIZE); a worker without it
 # builds the reference at other sizes than the judge's inputs.
-_KEEP_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "TORCH", "TRITON_", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "HETFORGE_WORKER_",
-                  "HETFORGE_BENCH_")
-_KEEP = {"PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHASHSEED", "VIRTUAL_ENV", "CC", "CXX",
-         "TERM", "USER", "LOGNAME", "SHELL", "HETFORGE_KERNELS_ON_CPU"}
+_KEEP_PREFIXES = (
+    "LC_",
+    "CUDA_",
+    "NVIDIA_",
+    "TORCH",
+    "TRITON_",
+    "OMP_",
+    "MKL_",
+    "OPENBLAS_",
+    "KMP_",
+    "HETFORGE_WORKER_",
+    "HETFORGE_BENCH_",
+)
+_KEEP = {
+    "PATH",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "LD_LIBRARY_PATH",
+    "PYTHONPATH",
+    "PYTHONHASHSEED",
+    "VIRTUAL_ENV",
+    "CC",
+    "CXX",
+    "TERM",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "HETFORGE_KERNELS_ON_CPU",
+}
 # Within the kept prefixes, names that still look like credentials are dropped.
 _SECRETISH = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
 
@@ -60,15 +86,25 @@ def worker_environment(parent: dict[str, str], scratch: str, shared_cache: str |
     Compile caches go to `shared_cache` when given (trusted candidates: hetforge's own recipes and
     kernels share compiled code across workers), else into the worker's own scratch.
     """
-    env = {k: v for k, v in parent.items()
-           if (k in _KEEP or k.startswith(_KEEP_PREFIXES)) and not any(s in k.upper() for s in _SECRETISH)}
+    env = {
+        k: v
+        for k, v in parent.items()
+        if (k in _KEEP or k.startswith(_KEEP_PREFIXES)) and not any(s in k.upper() for s in _SECRETISH)
+    }
     cache = Path(shared_cache) if shared_cache else Path(scratch) / "cache"
     tmp = Path(scratch) / "tmp"
     for folder in (cache / "inductor", cache / "triton", tmp):
         folder.mkdir(parents=True, exist_ok=True)
-    env.update(HOME=scratch, TMPDIR=str(tmp), XDG_CACHE_HOME=str(cache), TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
-               TRITON_CACHE_DIR=str(cache / "triton"), TORCHINDUCTOR_COMPILE_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
-               **FIXED_MALLOC)
+    env.update(
+        HOME=scratch,
+        TMPDIR=str(tmp),
+        XDG_CACHE_HOME=str(cache),
+        TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
+        TRITON_CACHE_DIR=str(cache / "triton"),
+        TORCHINDUCTOR_COMPILE_THREADS="1",
+        PYTHONDONTWRITEBYTECODE="1",
+        **FIXED_MALLOC,
+    )
     return env
 
 
@@ -82,12 +118,46 @@ PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER, PR_CAPBSET_DROP = 38, 
 _ARCH = platform.machine()
 # Syscall numbers that differ per architecture (Landlock's are the same everywhere).
 _NR = {
-    "x86_64": {"socket": 41, "setsid": 112, "setpgid": 109, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
-               "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "unshare": 272, "setns": 308, "capset": 126,
-               "kexec_load": 246, "init_module": 175, "finit_module": 313, "bpf": 321, "perf_event_open": 298},
-    "aarch64": {"socket": 198, "setsid": 157, "setpgid": 154, "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
-                "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51, "unshare": 97, "setns": 268, "capset": 91,
-                "kexec_load": 104, "init_module": 105, "finit_module": 273, "bpf": 280, "perf_event_open": 241},
+    "x86_64": {
+        "socket": 41,
+        "setsid": 112,
+        "setpgid": 109,
+        "ptrace": 101,
+        "process_vm_readv": 310,
+        "process_vm_writev": 311,
+        "mount": 165,
+        "umount2": 166,
+        "pivot_root": 155,
+        "chroot": 161,
+        "unshare": 272,
+        "setns": 308,
+        "capset": 126,
+        "kexec_load": 246,
+        "init_module": 175,
+        "finit_module": 313,
+        "bpf": 321,
+        "perf_event_open": 298,
+    },
+    "aarch64": {
+        "socket": 198,
+        "setsid": 157,
+        "setpgid": 154,
+        "ptrace": 117,
+        "process_vm_readv": 270,
+        "process_vm_writev": 271,
+        "mount": 40,
+        "umount2": 39,
+        "pivot_root": 41,
+        "chroot": 51,
+        "unshare": 97,
+        "setns": 268,
+        "capset": 91,
+        "kexec_load": 104,
+        "init_module": 105,
+        "finit_module": 273,
+        "bpf": 280,
+        "perf_event_open": 241,
+    },
 }
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _LANDLOCK_CREATE, _LANDLOCK_ADD_RULE, _LANDLOCK_RESTRICT = 444, 445, 446
@@ -119,21 +189,40 @@ def _drop_capabilities() -> str:
 
 
 # Landlock filesystem rights (linux/landlock.h) and the ABI version that introduced each.
-_FS = {"write_file": (1 << 1, 1), "remove_dir": (1 << 4, 1), "remove_file": (1 << 5, 1), "make_char": (1 << 6, 1),
-       "make_dir": (1 << 7, 1), "make_reg": (1 << 8, 1), "make_sock": (1 << 9, 1), "make_fifo": (1 << 10, 1),
-       "make_block": (1 << 11, 1), "make_sym": (1 << 12, 1), "refer": (1 << 13, 2), "truncate": (1 << 14, 3)}
+_FS = {
+    "write_file": (1 << 1, 1),
+    "remove_dir": (1 << 4, 1),
+    "remove_file": (1 << 5, 1),
+    "make_char": (1 << 6, 1),
+    "make_dir": (1 << 7, 1),
+    "make_reg": (1 << 8, 1),
+    "make_sock": (1 << 9, 1),
+    "make_fifo": (1 << 10, 1),
+    "make_block": (1 << 11, 1),
+    "make_sym": (1 << 12, 1),
+    "refer": (1 << 13, 2),
+    "truncate": (1 << 14, 3),
+}
 _NET_BIND_TCP, _NET_CONNECT_TCP = 1, 2
 _SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1, 2
 
 
 def _landlock(writable: list[str]) -> str:
-    abi = _libc.syscall(_LANDLOCK_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
+    abi = _libc.syscall(
+        _LANDLOCK_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1)
+    )  # LANDLOCK_CREATE_RULESET_VERSION
     if abi < 1:
         return f"unavailable ({_errno_text()})"
     handled = sum(bit for bit, since in _FS.values() if since <= abi)
     net = _NET_BIND_TCP | _NET_CONNECT_TCP if abi >= 4 else 0
     scoped = _SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL if abi >= 6 else 0
-    attr = struct.pack("QQQ", handled, net, scoped) if abi >= 6 else struct.pack("QQ", handled, net) if abi >= 4 else struct.pack("Q", handled)
+    attr = (
+        struct.pack("QQQ", handled, net, scoped)
+        if abi >= 6
+        else struct.pack("QQ", handled, net)
+        if abi >= 4
+        else struct.pack("Q", handled)
+    )
     ruleset = _libc.syscall(_LANDLOCK_CREATE, ctypes.c_char_p(attr), ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
     if ruleset < 0:
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset: " + _errno_text())
@@ -146,7 +235,16 @@ def _landlock(writable: list[str]) -> str:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:
                 rule = struct.pack("=Qi", rights, fd)  # struct landlock_path_beneath_attr is packed
-                if _libc.syscall(_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(1), ctypes.c_char_p(rule), ctypes.c_uint32(0)) != 0:
+                if (
+                    _libc.syscall(
+                        _LANDLOCK_ADD_RULE,
+                        ctypes.c_int(ruleset),
+                        ctypes.c_int(1),
+                        ctypes.c_char_p(rule),
+                        ctypes.c_uint32(0),
+                    )
+                    != 0
+                ):
                     raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}: " + _errno_text())
             finally:
                 os.close(fd)
@@ -175,23 +273,41 @@ def _seccomp() -> str:
     nr = _NR.get(_ARCH)
     if nr is None:
         return f"unavailable (no syscall table for {_ARCH})"
-    deny_eperm = ["setsid", "setpgid", "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root",
-                  "chroot", "unshare", "setns", "kexec_load", "init_module", "finit_module", "bpf", "perf_event_open"]
+    deny_eperm = [
+        "setsid",
+        "setpgid",
+        "ptrace",
+        "process_vm_readv",
+        "process_vm_writev",
+        "mount",
+        "umount2",
+        "pivot_root",
+        "chroot",
+        "unshare",
+        "setns",
+        "kexec_load",
+        "init_module",
+        "finit_module",
+        "bpf",
+        "perf_event_open",
+    ]
     allow, eperm, eacces = _SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO | errno.EPERM, _SECCOMP_RET_ERRNO | errno.EACCES
     prog = [
-        _bpf(_LD_W_ABS, 4),                                  # seccomp_data.arch
+        _bpf(_LD_W_ABS, 4),  # seccomp_data.arch
         _bpf(_JEQ_K, _AUDIT_ARCH[_ARCH], 1, 0),
-        _bpf(_RET_K, eperm),                                 # another ABI (i386 via int 0x80): refused
-        _bpf(_LD_W_ABS, 0),                                  # seccomp_data.nr
+        _bpf(_RET_K, eperm),  # another ABI (i386 via int 0x80): refused
+        _bpf(_LD_W_ABS, 0),  # seccomp_data.nr
     ]
     if _ARCH == "x86_64":  # x32 syscalls carry bit 30: refused, they would bypass the numbers below
         prog += [struct.pack("HBBI", 0x45, 0, 1, _X32_BIT), _bpf(_RET_K, eperm)]  # jset
     # socket(domain, ...): AF_UNIX only; any other family (INET, INET6, PACKET, NETLINK, ...) is refused
-    prog += [_bpf(_JEQ_K, nr["socket"], 0, 4),             # not socket: jump past the next four, nr still loaded
-             _bpf(_LD_W_ABS, 16),                            # seccomp_data.args[0] (low word): the address family
-             _bpf(_JEQ_K, _AF_UNIX, 0, 1),
-             _bpf(_RET_K, allow),
-             _bpf(_RET_K, eacces)]
+    prog += [
+        _bpf(_JEQ_K, nr["socket"], 0, 4),  # not socket: jump past the next four, nr still loaded
+        _bpf(_LD_W_ABS, 16),  # seccomp_data.args[0] (low word): the address family
+        _bpf(_JEQ_K, _AF_UNIX, 0, 1),
+        _bpf(_RET_K, allow),
+        _bpf(_RET_K, eacces),
+    ]
     for name in deny_eperm:
         prog += [_bpf(_JEQ_K, nr[name], 0, 1), _bpf(_RET_K, eperm)]
     prog.append(_bpf(_RET_K, allow))
@@ -233,8 +349,11 @@ def _owned(proc: Path) -> bool:
 def make_pids_cgroup(name: str, max_procs: int) -> str | None:
     """A pids cgroup for one worker (None when this host does not let us make one): v2, or v1's pids hierarchy."""
     for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
-        if not (root / "cgroup.procs").exists() or (root == Path("/sys/fs/cgroup") and not (root / "pids.max").exists()
-                                                     and "pids" not in _read(root / "cgroup.subtree_control")):
+        if not (root / "cgroup.procs").exists() or (
+            root == Path("/sys/fs/cgroup")
+            and not (root / "pids.max").exists()
+            and "pids" not in _read(root / "cgroup.subtree_control")
+        ):
             continue
         path = root / f"hetforge-{name}"
         try:

@@ -52,7 +52,9 @@ class Correctness:
     def _compare_call(self, model_seed: int, seed: int, k: int, label: str) -> tuple[Any, Any, float, float] | None:
         """Input set `k` made under `seed` through both modules (the reference's built under `model_seed`)."""
         call = {"cmd": "run", "seed": seed, "set": k}
-        if self.opt.fetch_sample:  # trusted candidates: positions fixed per seed, so the batch shares the reference's reply
+        if (
+            self.opt.fetch_sample
+        ):  # trusted candidates: positions fixed per seed, so the batch shares the reference's reply
             call["sample"] = {"seed": seed, "count": self.opt.fetch_sample, "above": self.opt.check_sample_above}
         ref = self._ask(self.side, {**call, "model_seed": model_seed}, True, label, keep=True)
         if ref is None:
@@ -62,11 +64,15 @@ class Correctness:
             return None
         if cand.get("inputs_modified"):
             # Stages share tensors inside a pipeline: writing into an input corrupts another stage's data.
-            self._reject(V.RejectKind.MODIFIES_INPUTS, f"{label}: the candidate modified input(s) {cand['inputs_modified']}")
+            self._reject(
+                V.RejectKind.MODIFIES_INPUTS, f"{label}: the candidate modified input(s) {cand['inputs_modified']}"
+            )
             return None
         outcome = self._check_outputs(cand.get("outputs"), cand.get("info", []), ref["outputs"], label)
         if outcome is None:
-            outcome = self._against_float64({**call, "model_seed": model_seed, "float64": True}, cand.get("outputs"), cand.get("info", []), label)
+            outcome = self._against_float64(
+                {**call, "model_seed": model_seed, "float64": True}, cand.get("outputs"), cand.get("info", []), label
+            )
         if outcome is None:
             return None
         return ref["outputs"], cand["outputs"], outcome[0], outcome[1]
@@ -99,23 +105,36 @@ class Correctness:
         return None
 
 
-def compare_outputs(cand: Any, info: list, ref: Any, label: str, device: str, precision: str) -> tuple[float, float] | V.Reason:
+def compare_outputs(
+    cand: Any, info: list, ref: Any, label: str, device: str, precision: str
+) -> tuple[float, float] | V.Reason:
     """(worst abs error, worst rel error) over all outputs, or why the candidate's outputs are wrong."""
     ref_flat, cand_flat = flatten(ref), flatten(cand)
     if len(ref_flat) != len(cand_flat):
         return V.Reason(V.RejectKind.SHAPE, f"{label}: {len(cand_flat)} outputs, the reference has {len(ref_flat)}")
     for i, item in enumerate(info if isinstance(info, list) else []):
         # Only plain, materialized tensors on the right device: subclasses and lazy objects can defer or fake work.
-        if isinstance(item, dict) and not (item.get("plain") and item.get("layout") == "torch.strided" and not item.get("meta")
-                                           and item.get("device") == device):
-            return V.Reason(V.RejectKind.NOT_PLAIN, f"{label}: output {i} is {item.get('type')} on {item.get('device')}, not a plain strided tensor on {device}")
+        if isinstance(item, dict) and not (
+            item.get("plain")
+            and item.get("layout") == "torch.strided"
+            and not item.get("meta")
+            and item.get("device") == device
+        ):
+            return V.Reason(
+                V.RejectKind.NOT_PLAIN,
+                f"{label}: output {i} is {item.get('type')} on {item.get('device')}, not a plain strided tensor on {device}",
+            )
     worst_abs = worst_rel = 0.0
     for i, (c, r) in enumerate(zip(cand_flat, ref_flat, strict=True)):
         if isinstance(r, dict) and "sampled" in r:  # a timed output checked at drawn positions (fetch_sample)
             if not (isinstance(c, dict) and isinstance(c.get("sampled"), torch.Tensor)):
-                return V.Reason(V.RejectKind.NOT_PLAIN, f"{label}: output {i} did not come back as the sample asked for")
+                return V.Reason(
+                    V.RejectKind.NOT_PLAIN, f"{label}: output {i} did not come back as the sample asked for"
+                )
             if list(c.get("shape", [])) != list(r["shape"]):
-                return V.Reason(V.RejectKind.SHAPE, f"{label}: output {i}: shape {tuple(c.get('shape', []))} != {tuple(r['shape'])}")
+                return V.Reason(
+                    V.RejectKind.SHAPE, f"{label}: output {i}: shape {tuple(c.get('shape', []))} != {tuple(r['shape'])}"
+                )
             c, r = c["sampled"], r["sampled"]
         if not isinstance(r, torch.Tensor):
             if c != r:
@@ -130,8 +149,13 @@ def compare_outputs(cand: Any, info: list, ref: Any, label: str, device: str, pr
     return worst_abs, worst_rel
 
 
-_FAILURE_KINDS = {"shape": V.RejectKind.SHAPE, "dtype": V.RejectKind.DTYPE, "nan": V.RejectKind.NAN_INF, "inf": V.RejectKind.NAN_INF,
-                  "values": V.RejectKind.MISMATCH}
+_FAILURE_KINDS = {
+    "shape": V.RejectKind.SHAPE,
+    "dtype": V.RejectKind.DTYPE,
+    "nan": V.RejectKind.NAN_INF,
+    "inf": V.RejectKind.NAN_INF,
+    "values": V.RejectKind.MISMATCH,
+}
 
 
 def insensitive_flag(outputs: list[tuple[Any, Any]]) -> str | None:
@@ -142,8 +166,10 @@ def insensitive_flag(outputs: list[tuple[Any, Any]]) -> str | None:
     (ref_a, cand_a), (ref_b, cand_b) = outputs[0], outputs[1]
 
     def same(x: Any, y: Any) -> bool:
-        return all(isinstance(p, torch.Tensor) and isinstance(q, torch.Tensor) and p.shape == q.shape and torch.equal(p, q)
-                   for p, q in zip(flatten(x), flatten(y), strict=False))
+        return all(
+            isinstance(p, torch.Tensor) and isinstance(q, torch.Tensor) and p.shape == q.shape and torch.equal(p, q)
+            for p, q in zip(flatten(x), flatten(y), strict=False)
+        )
 
     if not same(cand_a, cand_b):
         return None
@@ -157,7 +183,12 @@ def cast_like(ref: Any, cand: Any) -> Any:
         return [cast_like(r, c) for r, c in zip(ref, cand, strict=False)]
     if isinstance(ref, dict) and isinstance(cand, dict) and "sampled" in ref and "sampled" in cand:
         return {**ref, "sampled": cast_like(ref["sampled"], cand["sampled"])}
-    if isinstance(ref, torch.Tensor) and isinstance(cand, torch.Tensor) and ref.is_floating_point() and cand.is_floating_point():
+    if (
+        isinstance(ref, torch.Tensor)
+        and isinstance(cand, torch.Tensor)
+        and ref.is_floating_point()
+        and cand.is_floating_point()
+    ):
         return ref.to(cand.dtype)
     return ref
 

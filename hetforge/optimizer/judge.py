@@ -141,7 +141,9 @@ class ReferenceSide:
     def _start(self) -> dict | WorkerFailure:
         memory = self.opt.memory_mb if self.opt.device == "cpu" else 0  # CUDA reserves huge address space
         self.worker = start_worker("reference", memory, self.opt.device, trusted=True)
-        reply = self._request({"cmd": "init", **_init_message(self.problem, self.opt), "role": "reference"}, self.opt.startup_timeout_s)
+        reply = self._request(
+            {"cmd": "init", **_init_message(self.problem, self.opt), "role": "reference"}, self.opt.startup_timeout_s
+        )
         if isinstance(reply, dict) and "input_sets" in reply:
             self.input_sets = int(reply["input_sets"])
         return reply
@@ -149,7 +151,9 @@ class ReferenceSide:
     def ask(self, message: dict, timeout_s: float, keep: bool = False) -> dict | WorkerFailure:
         """`message`'s reply, waited for at most `timeout_s`; `keep`: a `run` whose reply is kept for the batch."""
         if not keep:
-            return _wait(self._queue.submit(self._request, message, self.opt.timeout_s), timeout_s, message.get("cmd", "?"))
+            return _wait(
+                self._queue.submit(self._request, message, self.opt.timeout_s), timeout_s, message.get("cmd", "?")
+            )
         key = json.dumps(message, sort_keys=True)  # messages hold dicts (a sample's seed and count)
         with self._lock:
             future = self._outputs.get(key)
@@ -196,8 +200,15 @@ def _wait(future: concurrent.futures.Future, timeout_s: float, command: str) -> 
 
 
 def _init_message(problem: Problem, opt: VerifyOptions) -> dict:
-    return {"problem": problem.to_json(), "device": opt.device, "seed": opt.seed, "threads": opt.threads or min(os.cpu_count() or 1, 8),
-            "precision": opt.precision, "baseline": opt.baseline, "weights_from_reference": opt.weights_from_reference}
+    return {
+        "problem": problem.to_json(),
+        "device": opt.device,
+        "seed": opt.seed,
+        "threads": opt.threads or min(os.cpu_count() or 1, 8),
+        "precision": opt.precision,
+        "baseline": opt.baseline,
+        "weights_from_reference": opt.weights_from_reference,
+    }
 
 
 class Verification:
@@ -208,8 +219,13 @@ class Verification:
     ReferenceSide shared with other verifications (default: its own, stopped with it).
     """
 
-    def __init__(self, reference: Problem, candidate_file: str | Path, options: VerifyOptions = VerifyOptions(),
-                 shared: ReferenceSide | None = None):
+    def __init__(
+        self,
+        reference: Problem,
+        candidate_file: str | Path,
+        options: VerifyOptions = VerifyOptions(),
+        shared: ReferenceSide | None = None,
+    ):
         self._judge = _Judge(reference, str(candidate_file), options, shared)
         self._checked: bool | None = None
 
@@ -243,10 +259,17 @@ class Verification:
 class _Judge(Correctness, Timing):
     """One candidate judged against the reference: start-up, correctness (`Correctness`), timing (`Timing`)."""
 
-    def __init__(self, reference: Problem, candidate_file: str, options: VerifyOptions, shared: ReferenceSide | None = None):
+    def __init__(
+        self, reference: Problem, candidate_file: str, options: VerifyOptions, shared: ReferenceSide | None = None
+    ):
         self.reference, self.candidate_file, self.opt = reference, candidate_file, options
-        self.verdict = V.Verdict(verdict=V.Status.REJECTED, device=device_name(options.device), precision=options.precision,
-                                 baseline=options.baseline, versions=_versions())
+        self.verdict = V.Verdict(
+            verdict=V.Status.REJECTED,
+            device=device_name(options.device),
+            precision=options.precision,
+            baseline=options.baseline,
+            versions=_versions(),
+        )
         self.rng = random.Random(int.from_bytes(os.urandom(8), "little"))  # seeds no candidate can predict
         self.used_seeds: set[int] = set()
         self.side = shared or ReferenceSide(reference, options)
@@ -332,18 +355,26 @@ class _Judge(Correctness, Timing):
         try:
             self.problem = self.reference.load()
         except Exception as err:  # noqa: BLE001 - the user's reference: report, never crash the judge
-            return self._reject(V.RejectKind.REFERENCE_FAILED, f"cannot load the reference: {type(err).__name__}: {err}")
+            return self._reject(
+                V.RejectKind.REFERENCE_FAILED, f"cannot load the reference: {type(err).__name__}: {err}"
+            )
 
         memory = self.opt.memory_mb if self.opt.device == "cpu" else 0  # CUDA reserves huge address space
         self.cand_worker = start_worker("candidate", memory, self.opt.device, trusted=self.opt.trusted_candidate)
-        init = {"cmd": "init", **_init_message(self.reference, self.opt), "role": "candidate",
-                "candidate_file": str(Path(self.candidate_file).resolve())}
+        init = {
+            "cmd": "init",
+            **_init_message(self.reference, self.opt),
+            "role": "candidate",
+            "candidate_file": str(Path(self.candidate_file).resolve()),
+        }
         try:
             self.cand_worker.send(init)  # both start up at once: the reply is read after the reference's
             candidate: dict | WorkerFailure | None = None
         except WorkerFailure as failure:
             candidate = failure
-        if not self._reply_ok(self.side.start(self._timeout(self.opt.startup_timeout_s)), reference=True, stage="start-up"):
+        if not self._reply_ok(
+            self.side.start(self._timeout(self.opt.startup_timeout_s)), reference=True, stage="start-up"
+        ):
             return False
         if candidate is None:
             try:
@@ -361,18 +392,28 @@ class _Judge(Correctness, Timing):
     def _reply_ok(self, reply: dict | WorkerFailure, reference: bool, stage: str, load: bool = False) -> bool:
         """True for a good reply; otherwise record why the reference or candidate failed."""
         if isinstance(reply, WorkerFailure):
-            kind = {"timeout": V.RejectKind.TIMEOUT, "crashed": V.RejectKind.CRASHED, "exited": V.RejectKind.EXITED}.get(reply.kind, V.RejectKind.PROTOCOL)
+            kind = {
+                "timeout": V.RejectKind.TIMEOUT,
+                "crashed": V.RejectKind.CRASHED,
+                "exited": V.RejectKind.EXITED,
+            }.get(reply.kind, V.RejectKind.PROTOCOL)
             if reference:
-                self._reject(V.RejectKind.REFERENCE_FAILED, f"reference worker failed during {stage}: {reply}", cause=kind)
+                self._reject(
+                    V.RejectKind.REFERENCE_FAILED, f"reference worker failed during {stage}: {reply}", cause=kind
+                )
             else:
                 self._reject(kind, f"candidate worker {reply.kind} during {stage}: {reply.message}")
             return False
         if "error" in reply:
             message = f"{reply.get('message', '')}"
             kind = V.RejectKind.LOAD_ERROR if load else V.RejectKind.EXCEPTION
-            kind = {"out_of_memory": V.RejectKind.OUT_OF_MEMORY, "confined": V.RejectKind.CONFINEMENT}.get(reply["error"], kind)
+            kind = {"out_of_memory": V.RejectKind.OUT_OF_MEMORY, "confined": V.RejectKind.CONFINEMENT}.get(
+                reply["error"], kind
+            )
             if reference:
-                self._reject(V.RejectKind.REFERENCE_FAILED, f"the reference failed during {stage}: {message}", cause=kind)
+                self._reject(
+                    V.RejectKind.REFERENCE_FAILED, f"the reference failed during {stage}: {message}", cause=kind
+                )
             else:
                 self._reject(kind, f"candidate failed during {stage}: {message}")
             return False
@@ -387,7 +428,9 @@ class _Judge(Correctness, Timing):
                 self.used_seeds.add(seed)
                 return seed
 
-    def _ask(self, worker: WorkerProcess | ReferenceSide, message: dict, reference: bool, stage: str, keep: bool = False) -> dict | None:
+    def _ask(
+        self, worker: WorkerProcess | ReferenceSide, message: dict, reference: bool, stage: str, keep: bool = False
+    ) -> dict | None:
         """A worker's (or the reference side's) reply, or None with the failure recorded."""
         if isinstance(worker, ReferenceSide):
             reply = worker.ask(message, self._timeout(self.opt.timeout_s), keep=keep)
@@ -400,7 +443,12 @@ class _Judge(Correctness, Timing):
 
 
 def _versions() -> dict:
-    out = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__, "cuda": torch.version.cuda}
+    out = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda,
+    }
     try:
         import triton
 

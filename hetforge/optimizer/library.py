@@ -38,13 +38,38 @@ from hetforge.kernels.modules import (
 from hetforge.kernels.triton.epilogue import MAX_OPS, Op
 from hetforge.optimizer.rewrites import symbolic_trace
 
-_UNARY_MODULES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardswish: "hardswish",
-                  nn.Mish: "mish"}
-_UNARY_FUNCS = {torch.relu: "relu", F.relu: "relu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
-                F.tanh: "tanh", F.silu: "silu", F.hardswish: "hardswish", torch.exp: "exp", torch.abs: "abs", F.mish: "mish"}
+_UNARY_MODULES = {
+    nn.ReLU: "relu",
+    nn.SiLU: "silu",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.Hardswish: "hardswish",
+    nn.Mish: "mish",
+}
+_UNARY_FUNCS = {
+    torch.relu: "relu",
+    F.relu: "relu",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    F.silu: "silu",
+    F.hardswish: "hardswish",
+    torch.exp: "exp",
+    torch.abs: "abs",
+    F.mish: "mish",
+}
 _UNARY_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "exp": "exp", "abs": "abs"}
-_BINARY = {operator.add: "add", torch.add: "add", operator.mul: "mul", torch.mul: "mul", operator.sub: "sub",
-           torch.sub: "sub", operator.truediv: "div", torch.div: "div"}
+_BINARY = {
+    operator.add: "add",
+    torch.add: "add",
+    operator.mul: "mul",
+    torch.mul: "mul",
+    operator.sub: "sub",
+    torch.sub: "sub",
+    operator.truediv: "div",
+    torch.div: "div",
+}
 _BINARY_METHODS = {"add": "add", "mul": "mul", "sub": "sub", "div": "div"}
 _REDUCE_FUNCS = {torch.sum: "sum", torch.mean: "mean", torch.amax: "max", torch.amin: "min"}
 _REDUCE_METHODS = {"sum": "sum", "mean": "mean", "amax": "max", "amin": "min"}
@@ -78,7 +103,9 @@ def _kwarg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
-def _pointwise(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> tuple[list[Op], torch.Tensor | None, fx.Node | None] | None:
+def _pointwise(
+    gm: fx.GraphModule, node: fx.Node, x: fx.Node
+) -> tuple[list[Op], torch.Tensor | None, fx.Node | None] | None:
     """The ops `node` applies to its input `x` (with a vector or residual operand), or None."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
@@ -98,7 +125,9 @@ def _pointwise(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> tuple[list[Op],
             return [], None, None
         return None
     target = node.target
-    kwargs = {k: v for k, v in node.kwargs.items() if not (k == "inplace" and v is False)}  # fx keeps F.relu's inplace=False
+    kwargs = {
+        k: v for k, v in node.kwargs.items() if not (k == "inplace" and v is False)
+    }  # fx keeps F.relu's inplace=False
     if node.op == "call_function" and target in _UNARY_FUNCS or node.op == "call_method" and target in _UNARY_METHODS:
         if node.args != (x,) or kwargs:
             return None
@@ -108,7 +137,9 @@ def _pointwise(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> tuple[list[Op],
         return [Op("gelu_tanh" if approx == "tanh" else "gelu")], None, None
     if node.op == "call_function" and target is F.leaky_relu and node.args[:1] == (x,):
         return [Op("leaky_relu", float(_kwarg(node, 1, "negative_slope", 0.01)))], None, None
-    if (node.op == "call_function" and target in (torch.clamp, F.hardtanh)) or (node.op == "call_method" and target == "clamp"):
+    if (node.op == "call_function" and target in (torch.clamp, F.hardtanh)) or (
+        node.op == "call_method" and target == "clamp"
+    ):
         if node.args[:1] != (x,):
             return None
         names = ("min_val", "max_val") if target is F.hardtanh else ("min", "max")
@@ -117,7 +148,13 @@ def _pointwise(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> tuple[list[Op],
         if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
             return None
         return [Op(n, float(v)) for n, v in (("clamp_min", lo), ("clamp_max", hi)) if v is not None], None, None
-    kind = _BINARY.get(target) if node.op == "call_function" else _BINARY_METHODS.get(target) if node.op == "call_method" else None
+    kind = (
+        _BINARY.get(target)
+        if node.op == "call_function"
+        else _BINARY_METHODS.get(target)
+        if node.op == "call_method"
+        else None
+    )
     if kind is None or len(node.args) != 2 or node.kwargs:
         return None
     a, b = node.args
@@ -173,8 +210,11 @@ def _extend(gm: fx.GraphModule, start: fx.Node, consumed: set, vector_dim_ok, ch
         if found is None:
             break
         ops, vector, residual = found
-        if len(chain.ops) + len(ops) > MAX_OPS or (vector is not None and chain.vector is not None) \
-                or (residual is not None and chain.residual is not None):
+        if (
+            len(chain.ops) + len(ops) > MAX_OPS
+            or (vector is not None and chain.vector is not None)
+            or (residual is not None and chain.residual is not None)
+        ):
             break
         if vector is not None and not vector_dim_ok(vector):
             break
@@ -188,7 +228,9 @@ def _extend(gm: fx.GraphModule, start: fx.Node, consumed: set, vector_dim_ok, ch
     return chain
 
 
-def _install(gm: fx.GraphModule, module: nn.Module, first: fx.Node, last: fx.Node, args: tuple, dead: list[fx.Node], tag: str) -> None:
+def _install(
+    gm: fx.GraphModule, module: nn.Module, first: fx.Node, last: fx.Node, args: tuple, dead: list[fx.Node], tag: str
+) -> None:
     name, i = f"hetforge_{tag}", 0
     while hasattr(gm, f"{name}{i}"):
         i += 1
@@ -237,8 +279,9 @@ def _splittable_conv(gm, node) -> bool:
 
 def _bmm_parts(node) -> tuple[fx.Node, fx.Node] | None:
     """(a, b) if `node` multiplies two 3-D tensors of one batch size: torch.bmm, torch.matmul or `@`."""
-    is_product = (node.op == "call_function" and node.target in (torch.bmm, torch.matmul, operator.matmul)) \
-        or (node.op == "call_method" and node.target in ("bmm", "matmul"))
+    is_product = (node.op == "call_function" and node.target in (torch.bmm, torch.matmul, operator.matmul)) or (
+        node.op == "call_method" and node.target in ("bmm", "matmul")
+    )
     if not is_product or len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
         return None
     sa, sb = _shape(node.args[0]), _shape(node.args[1])
@@ -261,7 +304,9 @@ def _norm_parts(gm, node) -> dict | None:
     return None
 
 
-def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> tuple[fx.GraphModule, dict[str, int]] | None:
+def fuse(
+    module: nn.Module, example_inputs: list, precision: str = "strict"
+) -> tuple[fx.GraphModule, dict[str, int]] | None:
     """A copy of `module` with library kernels in place of the patterns found; None if untraceable."""
     try:
         gm = symbolic_trace(module)
@@ -283,8 +328,15 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
             chain = _extend(gm, node, consumed, lambda v, out_shape=out_shape: _vector_dim(v, out_shape) == 1)
             last = chain.nodes[-1] if chain.nodes else node
             args = (node.args[0], chain.residual) if chain.residual is not None else (node.args[0],)
-            _install(gm, FusedConv(gm.get_submodule(node.target), tuple(chain.ops), chain.vector, split), node, last, args,
-                     [node, *chain.nodes], "conv")
+            _install(
+                gm,
+                FusedConv(gm.get_submodule(node.target), tuple(chain.ops), chain.vector, split),
+                node,
+                last,
+                args,
+                [node, *chain.nodes],
+                "conv",
+            )
             consumed.update(chain.nodes)
             note("split_conv" if split else "conv_epilogue")
             continue
@@ -295,7 +347,15 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
             chain = _extend(gm, node, consumed, lambda v, n=n: v.numel() == n and v.shape[-1] == n)
             last = chain.nodes[-1] if chain.nodes else node
             args = (x, chain.residual) if chain.residual is not None else (x,)
-            _install(gm, FusedLinear(w, b, tuple(chain.ops), chain.vector, precision), node, last, args, [node, *chain.nodes], "linear")
+            _install(
+                gm,
+                FusedLinear(w, b, tuple(chain.ops), chain.vector, precision),
+                node,
+                last,
+                args,
+                [node, *chain.nodes],
+                "linear",
+            )
             consumed.update(chain.nodes)
             note("gemm_epilogue")
             continue
@@ -305,7 +365,9 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
             chain = _extend(gm, node, consumed, lambda v, n=n: v.numel() == n and v.shape[-1] == n)
             last = chain.nodes[-1] if chain.nodes else node
             args = (*bmm, chain.residual) if chain.residual is not None else bmm
-            _install(gm, FusedBmm(tuple(chain.ops), chain.vector, precision), node, last, args, [node, *chain.nodes], "bmm")
+            _install(
+                gm, FusedBmm(tuple(chain.ops), chain.vector, precision), node, last, args, [node, *chain.nodes], "bmm"
+            )
             consumed.update(chain.nodes)
             note("bmm_epilogue")
             continue
@@ -319,7 +381,15 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
             chain = _extend(gm, node, consumed, ok)
             last = chain.nodes[-1] if chain.nodes else node
             args = (node.args[0], chain.residual) if chain.residual is not None else (node.args[0],)
-            _install(gm, FusedNorm(epilogue=tuple(chain.ops), vector=chain.vector, **norm), node, last, args, [node, *chain.nodes], "norm")
+            _install(
+                gm,
+                FusedNorm(epilogue=tuple(chain.ops), vector=chain.vector, **norm),
+                node,
+                last,
+                args,
+                [node, *chain.nodes],
+                "norm",
+            )
             consumed.update(chain.nodes)
             note("norm")
             continue
@@ -351,13 +421,22 @@ def fuse(module: nn.Module, example_inputs: list, precision: str = "strict") -> 
             red = _reduce_parts(reducer) if reducer is not None and chain.residual is None else None
             if red is not None:
                 kind, dim, keepdim = red
-                _install(gm, FusedReduce(kind, dim, keepdim, tuple(chain.ops), chain.vector, vdim), node, reducer, (x,),
-                         [*chain.nodes, reducer], "reduce")
+                _install(
+                    gm,
+                    FusedReduce(kind, dim, keepdim, tuple(chain.ops), chain.vector, vdim),
+                    node,
+                    reducer,
+                    (x,),
+                    [*chain.nodes, reducer],
+                    "reduce",
+                )
                 consumed.update([*chain.nodes, reducer])
                 note("reduce")
             elif len(chain.ops) >= 2:
                 args = (x, chain.residual) if chain.residual is not None else (x,)
-                _install(gm, PointwiseChain(tuple(chain.ops), chain.vector, vdim), node, last, args, chain.nodes, "pointwise")
+                _install(
+                    gm, PointwiseChain(tuple(chain.ops), chain.vector, vdim), node, last, args, chain.nodes, "pointwise"
+                )
                 consumed.update(chain.nodes)
                 note("pointwise")
     gm.graph.eliminate_dead_code()
@@ -378,14 +457,27 @@ def _softmax_parts(gm, node) -> tuple[str, bool] | None:
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)) and mod.dim is not None and mod.dim % len(shape) == last:
             return ("softmax" if isinstance(mod, nn.Softmax) else "log_softmax"), False
         return None
-    funcs = {torch.softmax: "softmax", F.softmax: "softmax", torch.log_softmax: "log_softmax", F.log_softmax: "log_softmax"}
+    funcs = {
+        torch.softmax: "softmax",
+        F.softmax: "softmax",
+        torch.log_softmax: "log_softmax",
+        F.log_softmax: "log_softmax",
+    }
     methods = {"softmax": "softmax", "log_softmax": "log_softmax"}
-    mode = funcs.get(node.target) if node.op == "call_function" else methods.get(node.target) if node.op == "call_method" else None
+    mode = (
+        funcs.get(node.target)
+        if node.op == "call_function"
+        else methods.get(node.target)
+        if node.op == "call_method"
+        else None
+    )
     if mode is not None:
         dim = _kwarg(node, 1, "dim")
         extra = {k for k in node.kwargs if k != "dim"} | ({"dtype"} if len(node.args) > 2 else set())
         return (mode, False) if isinstance(dim, int) and dim % len(shape) == last and not extra else None
-    if (node.op == "call_function" and node.target is torch.logsumexp) or (node.op == "call_method" and node.target == "logsumexp"):
+    if (node.op == "call_function" and node.target is torch.logsumexp) or (
+        node.op == "call_method" and node.target == "logsumexp"
+    ):
         dim = _kwarg(node, 1, "dim")
         dim = dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else dim
         keepdim = bool(_kwarg(node, 2, "keepdim", False))
@@ -394,7 +486,13 @@ def _softmax_parts(gm, node) -> tuple[str, bool] | None:
 
 
 def _reduce_parts(node: fx.Node) -> tuple[str, int, bool] | None:
-    kind = _REDUCE_FUNCS.get(node.target) if node.op == "call_function" else _REDUCE_METHODS.get(node.target) if node.op == "call_method" else None
+    kind = (
+        _REDUCE_FUNCS.get(node.target)
+        if node.op == "call_function"
+        else _REDUCE_METHODS.get(node.target)
+        if node.op == "call_method"
+        else None
+    )
     if kind is None:
         return None
     dim = _kwarg(node, 1, "dim")

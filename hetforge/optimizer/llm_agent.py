@@ -25,13 +25,13 @@ from hetforge.optimizer import verdict as V
 
 STRATEGIES = {
     "fuse": "Fuse chains of operations into as few Triton kernels as possible (GEMM epilogues, "
-            "normalization plus pointwise ops, reductions with their prologue); keep cuBLAS/cuDNN for "
-            "large matrix products if you cannot beat them.",
+    "normalization plus pointwise ops, reductions with their prologue); keep cuBLAS/cuDNN for "
+    "large matrix products if you cannot beat them.",
     "reexpress": "Look for algebraic re-expressions: fold constants and normalizations into weights "
-                 "at construction, push reductions through linear maps, replace operations by "
-                 "cheaper equivalent library calls, drop computation that does not reach the output.",
+    "at construction, push reductions through linear maps, replace operations by "
+    "cheaper equivalent library calls, drop computation that does not reach the output.",
     "tile": "Write a hand-tiled Triton kernel for the dominant operation, with tile sizes, warps and "
-            "pipeline stages chosen for this device's multiprocessors, shared memory and L2.",
+    "pipeline stages chosen for this device's multiprocessors, shared memory and L2.",
 }
 
 SYSTEM = """You are a GPU kernel engineer. You rewrite a PyTorch reference module into a faster \
@@ -47,7 +47,7 @@ between calls (every call gets new input values); no reading of the caller's fra
 
 PRECISION_RULES = {
     "strict": "fp32 results within 1e-4 absolute and relative: TF32 or lower precision math is not "
-              "allowed (tf32x3 split products are).",
+    "allowed (tf32x3 split products are).",
     "tf32": "TF32 matrix math is allowed; results within 1e-2.",
     "bf16": "bf16 compute with fp32 outputs is allowed; results within 5e-2.",
 }
@@ -87,13 +87,21 @@ def device_facts(device: str) -> dict:
 
         return {"name": platform.processor() or platform.machine(), "cores": os.cpu_count(), "kind": "cpu"}
     props = torch.cuda.get_device_properties(0)
-    facts = {"name": props.name, "multiprocessors": props.multi_processor_count,
-             "memory_gib": round(props.total_memory / 2**30, 1), "l2_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
-             "capability": f"{props.major}.{props.minor}"}
+    facts = {
+        "name": props.name,
+        "multiprocessors": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "l2_mib": round(getattr(props, "L2_cache_size", 0) / 2**20, 1),
+        "capability": f"{props.major}.{props.minor}",
+    }
     table = GPU_FACTS.get(gpu_class(props.name))
     if table is not None:
-        facts.update(bandwidth_gbs=table.bandwidth_gbs, fp32_tflops=table.fp32_tflops, tf32_tflops=table.tf32_tflops,
-                     bf16_tflops=table.bf16_tflops)
+        facts.update(
+            bandwidth_gbs=table.bandwidth_gbs,
+            fp32_tflops=table.fp32_tflops,
+            tf32_tflops=table.tf32_tflops,
+            bf16_tflops=table.bf16_tflops,
+        )
     return facts
 
 
@@ -114,14 +122,26 @@ def profile_reference(model: torch.nn.Module, inputs: list, device: str, top: in
     events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
     total = sum(getattr(e, attr) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    return [{"name": e.key[:80], "share": round(getattr(e, attr) / total, 3), "us_per_call": round(getattr(e, attr) / 3, 1)}
-            for e in events[:top]]
+    return [
+        {"name": e.key[:80], "share": round(getattr(e, attr) / total, 3), "us_per_call": round(getattr(e, attr) / 3, 1)}
+        for e in events[:top]
+    ]
 
 
 def first_prompt(reference_source: str, facts: dict, profile: list[dict], history: list[Attempt], hint: str) -> str:
-    lines = ["Reference module (the problem file; `get_inputs()` gives the shapes served):", "```python",
-             reference_source.rstrip(), "```", "", f"Target device: {facts}", "", "Profile of the reference (top operators by self time):"]
-    lines += [f"- {p['name']}: {p['share'] * 100:.1f}% ({p['us_per_call']} us per call)" for p in profile] or ["- (no profile)"]
+    lines = [
+        "Reference module (the problem file; `get_inputs()` gives the shapes served):",
+        "```python",
+        reference_source.rstrip(),
+        "```",
+        "",
+        f"Target device: {facts}",
+        "",
+        "Profile of the reference (top operators by self time):",
+    ]
+    lines += [f"- {p['name']}: {p['share'] * 100:.1f}% ({p['us_per_call']} us per call)" for p in profile] or [
+        "- (no profile)"
+    ]
     if history:
         lines += ["", "Earlier attempts (all agents):"]
         lines += [f"- {a.agent} turn {a.turn}: {a.status}: {a.summary}" for a in history[-12:]]
@@ -148,7 +168,9 @@ def summarize_verdict(verdict: V.Verdict) -> tuple[str, str, float | None]:
         times = f"reference {verdict.reference_ms} ms, yours {verdict.candidate_ms} ms"
         flags = f"; flags: {'; '.join(verdict.flags)}" if verdict.flags else ""
         return "accepted", f"{speed:.3f}x over the reference ({times}){flags}" if speed else f"correct{flags}", speed
-    reason = f"{verdict.reasons[0].kind}: {verdict.reasons[0].message}" if verdict.reasons else "unknown: no reason given"
+    reason = (
+        f"{verdict.reasons[0].kind}: {verdict.reasons[0].message}" if verdict.reasons else "unknown: no reason given"
+    )
     return "rejected", textwrap.shorten(reason, 900), None
 
 
@@ -159,7 +181,9 @@ class LLMClient:
         import openai
 
         self.model = endpoint["model"]
-        self._client = openai.OpenAI(base_url=endpoint["base_url"], api_key=endpoint["api_key"], timeout=timeout_s, max_retries=1)
+        self._client = openai.OpenAI(
+            base_url=endpoint["base_url"], api_key=endpoint["api_key"], timeout=timeout_s, max_retries=1
+        )
 
     def complete(self, messages: list[dict]) -> str:
         reply = self._client.chat.completions.create(model=self.model, messages=messages, temperature=0.2)
@@ -178,4 +202,6 @@ def unavailable_reason() -> str | None:
 
 
 def system_prompt(strategy: str, precision: str) -> str:
-    return SYSTEM.format(name=strategy, precision=precision, precision_rule=PRECISION_RULES[precision], strategy=STRATEGIES[strategy])
+    return SYSTEM.format(
+        name=strategy, precision=precision, precision_rule=PRECISION_RULES[precision], strategy=STRATEGIES[strategy]
+    )

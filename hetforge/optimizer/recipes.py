@@ -44,7 +44,10 @@ def recipes_for(device: str, precision: str, has_conv: bool) -> list[Recipe]:
         out.append(Recipe("bf16-autocast", None, bf16_autocast=True))
     out += [Recipe("compile", "default"), Recipe("compile-freezing", "default", freezing=True)]
     if cuda:
-        out += [Recipe("compile-max-autotune", "max-autotune-no-cudagraphs"), Recipe("compile-cudagraphs", "reduce-overhead")]
+        out += [
+            Recipe("compile-max-autotune", "max-autotune-no-cudagraphs"),
+            Recipe("compile-cudagraphs", "reduce-overhead"),
+        ]
     if has_conv:
         out.append(Recipe("compile-channels-last", "default", channels_last=True))
     if tf32:
@@ -72,14 +75,21 @@ class RecipeModule(nn.Module):
 
     def forward(self, *args):
         if self.recipe.channels_last:
-            args = tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args)
+            args = tuple(
+                a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4 else a
+                for a in args
+            )
         if self._compiled is None:
             if self.recipe.channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
-            compiled = torch.compile(self.model, mode=self.recipe.compile_mode) if self.recipe.compile_mode else self.model
+            compiled = (
+                torch.compile(self.model, mode=self.recipe.compile_mode) if self.recipe.compile_mode else self.model
+            )
             if self.recipe.cuda_graph:
                 compiled = CudaGraphRunner(compiled)
-            object.__setattr__(self, "_compiled", compiled)  # a plain attribute: `model` is the one registered submodule
+            object.__setattr__(
+                self, "_compiled", compiled
+            )  # a plain attribute: `model` is the one registered submodule
         if not self.recipe.bf16_autocast:
             out = self._compiled(*args)
             # reduce-overhead replays CUDA graphs whose outputs are static buffers: the next call overwrites
@@ -114,7 +124,10 @@ class CudaGraphRunner:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if not tensors or any(t.device.type != "cuda" for t in tensors) or torch.is_grad_enabled():
             return self.model(*args)
-        key = tuple((tuple(a.shape), a.dtype, a.device, a.stride()) if isinstance(a, torch.Tensor) else ("value", repr(a)) for a in args)
+        key = tuple(
+            (tuple(a.shape), a.dtype, a.device, a.stride()) if isinstance(a, torch.Tensor) else ("value", repr(a))
+            for a in args
+        )
         entry = self.graphs.get(key)
         if entry is None:
             if len(self.graphs) >= self.max_graphs:  # too many shapes: graphs hold memory each

@@ -14,7 +14,10 @@ from hetforge.optimizer.report import BASELINE, OptimizeReport
 
 REGISTER_MIN_GAIN = 1.02  # a winner within noise of the reference is not worth a swap or a rollout
 EAGER = BASELINE  # the reference as a candidate: the baseline, never a variant
-MODULE_RECIPE = {"kind": "module", "weights": "reference state_dict"}  # an agent's ModelNew, loaded with the instance's weights
+MODULE_RECIPE = {
+    "kind": "module",
+    "weights": "reference state_dict",
+}  # an agent's ModelNew, loaded with the instance's weights
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,17 @@ class Registration:
     reason: str = ""  # why not registered; empty when `variant` is set
 
 
-def register_winner(report: OptimizeReport, registry: Registry, *, fingerprint: str, device_class: str, precision: str,
-                    status: str | None = None, signature: dict | None = None, recipe: dict | None = None) -> Registration:
+def register_winner(
+    report: OptimizeReport,
+    registry: Registry,
+    *,
+    fingerprint: str,
+    device_class: str,
+    precision: str,
+    status: str | None = None,
+    signature: dict | None = None,
+    recipe: dict | None = None,
+) -> Registration:
     """Store `report.winner` (an `OptimizeReport`'s) when the policy admits it.
 
     `status` overrides the registry's default (`active`, or `pending_review` for a flagged verdict);
@@ -37,9 +49,21 @@ def register_winner(report: OptimizeReport, registry: Registry, *, fingerprint: 
     if winner is None:
         return Registration(None, "no accepted candidate")
     if winner.name == EAGER or winner.speedup < REGISTER_MIN_GAIN:
-        return Registration(None, f"{winner.name} is {winner.speedup:.3f}x over eager: the registry takes variants "
-                                  f"at least {REGISTER_MIN_GAIN:g}x faster than the reference")
-    variant = registry.add(fingerprint=fingerprint, device_class=device_class, precision=precision, name=winner.name,
-                           agent=winner.agent, source=winner.source, verdict=winner.verdict.to_dict(),
-                           recipe=recipe or winner.spec or dict(MODULE_RECIPE), signature=signature, status=status)
+        return Registration(
+            None,
+            f"{winner.name} is {winner.speedup:.3f}x over eager: the registry takes variants "
+            f"at least {REGISTER_MIN_GAIN:g}x faster than the reference",
+        )
+    variant = registry.add(
+        fingerprint=fingerprint,
+        device_class=device_class,
+        precision=precision,
+        name=winner.name,
+        agent=winner.agent,
+        source=winner.source,
+        verdict=winner.verdict.to_dict(),
+        recipe=recipe or winner.spec or dict(MODULE_RECIPE),
+        signature=signature,
+        status=status,
+    )
     return Registration(variant)

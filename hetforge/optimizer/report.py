@@ -34,7 +34,9 @@ class CandidateRecord:
     status: CandidateStatus | None = None  # None until the search decides
     note: str = ""  # why it lost
     spec: dict | None = None  # transform variants: how to rebuild it from an instance
-    refusal: V.Reason | None = None  # why an agent's answer was rejected without a verification (no code, endpoint error)
+    refusal: V.Reason | None = (
+        None  # why an agent's answer was rejected without a verification (no code, endpoint error)
+    )
 
     @property
     def speedup(self) -> float:
@@ -72,6 +74,13 @@ class OptimizeReport:
     notices: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"task": self.task, "candidates": [c.to_json() for c in self.candidates], "winner": self.winner.name if self.winner else None,
-                "winner_agent": self.winner.agent if self.winner else None, "speedup_vs_eager": self.speedup_vs_eager,
-                "speedup_vs_compile": self.speedup_vs_compile, "elapsed_s": round(self.elapsed_s, 2), "notices": self.notices}
+        return {
+            "task": self.task,
+            "candidates": [c.to_json() for c in self.candidates],
+            "winner": self.winner.name if self.winner else None,
+            "winner_agent": self.winner.agent if self.winner else None,
+            "speedup_vs_eager": self.speedup_vs_eager,
+            "speedup_vs_compile": self.speedup_vs_compile,
+            "elapsed_s": round(self.elapsed_s, 2),
+            "notices": self.notices,
+        }

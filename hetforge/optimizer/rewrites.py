@@ -62,7 +62,11 @@ def fold_bn(gm: fx.GraphModule) -> int:
     count = 0
     for node in list(gm.graph.nodes):
         bn = _module(gm, node)
-        if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) or bn.training or not bn.track_running_stats:
+        if (
+            not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+            or bn.training
+            or not bn.track_running_stats
+        ):
             continue
         producer = node.args[0]
         if not isinstance(producer, fx.Node) or not _single_user(producer):
@@ -96,13 +100,22 @@ def fold_scale(gm: fx.GraphModule) -> int:
         layer_node, scale = (a, b) if isinstance(a, fx.Node) else (b, a)
         if divide and layer_node is not a:  # c / layer(x) is not a scale
             continue
-        if not isinstance(layer_node, fx.Node) or isinstance(scale, (fx.Node, bool)) or not isinstance(scale, (int, float)):
+        if (
+            not isinstance(layer_node, fx.Node)
+            or isinstance(scale, (fx.Node, bool))
+            or not isinstance(scale, (int, float))
+        ):
             continue
         factor = 1.0 / scale if divide else float(scale)
         if factor == 0.0 or factor != factor:
             continue
         # relu(z) * c == relu(z * c) for c > 0: a positive scale passes back through ReLUs.
-        while factor > 0 and _is_relu(gm, layer_node) and _single_user(layer_node) and isinstance(layer_node.args[0], fx.Node):
+        while (
+            factor > 0
+            and _is_relu(gm, layer_node)
+            and _single_user(layer_node)
+            and isinstance(layer_node.args[0], fx.Node)
+        ):
             layer_node = layer_node.args[0]
         layer = _module(gm, layer_node)
         if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or not _single_user(layer_node):
@@ -140,9 +153,14 @@ def merge_linear(gm: fx.GraphModule) -> int:
         if not isinstance(first, nn.Linear) or not _single_user(producer):
             continue
         # x W1^T W2^T costs in*mid + mid*out per row; the merged map costs in*out: merge only if cheaper.
-        if first.in_features * second.out_features >= first.in_features * first.out_features + first.out_features * second.out_features:
+        if (
+            first.in_features * second.out_features
+            >= first.in_features * first.out_features + first.out_features * second.out_features
+        ):
             continue
-        merged = nn.Linear(first.in_features, second.out_features, bias=first.bias is not None or second.bias is not None)
+        merged = nn.Linear(
+            first.in_features, second.out_features, bias=first.bias is not None or second.bias is not None
+        )
         merged = merged.to(device=first.weight.device, dtype=first.weight.dtype)
         with torch.no_grad():
             w = second.weight.double() @ first.weight.double()
@@ -166,7 +184,9 @@ def sum_linear(gm: fx.GraphModule) -> int:
     """`linear(x).sum(-1)` = x @ W.sum(0) + b.sum(): a matrix-vector product instead of a matrix product."""
     count = 0
     for node in list(gm.graph.nodes):
-        is_sum = (node.op == "call_method" and node.target == "sum") or (node.op == "call_function" and node.target is torch.sum)
+        is_sum = (node.op == "call_method" and node.target == "sum") or (
+            node.op == "call_function" and node.target is torch.sum
+        )
         if not is_sum or not isinstance(node.args[0], fx.Node):
             continue
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
@@ -177,7 +197,9 @@ def sum_linear(gm: fx.GraphModule) -> int:
         layer = _module(gm, producer)
         if not isinstance(layer, nn.Linear) or not _single_user(producer):
             continue
-        summed = nn.Linear(layer.in_features, 1, bias=layer.bias is not None).to(layer.weight.device, layer.weight.dtype)
+        summed = nn.Linear(layer.in_features, 1, bias=layer.bias is not None).to(
+            layer.weight.device, layer.weight.dtype
+        )
         with torch.no_grad():
             summed.weight.copy_(layer.weight.double().sum(0, keepdim=True))
             if layer.bias is not None:

@@ -46,7 +46,9 @@ class WorkerFailure(Exception):
 class WorkerProcess:
     """One `hetforge.optimizer.worker` process and the pipes to it."""
 
-    def __init__(self, name: str, memory_mb: int = 0, scratch: str | None = None, warm_device: str = "cpu", trusted: bool = False):
+    def __init__(
+        self, name: str, memory_mb: int = 0, scratch: str | None = None, warm_device: str = "cpu", trusted: bool = False
+    ):
         self.name = name
         self.trusted = trusted
         self.scratch = scratch or tempfile.mkdtemp(prefix=f"hetforge-{name}-")
@@ -63,13 +65,26 @@ class WorkerProcess:
         if config.confine_workers():
             max_procs = config.worker_max_procs()
             self.cgroup = confine.make_pids_cgroup(f"{os.getpid()}-{next(_serial)}", max_procs)
-            env["HETFORGE_WORKER_CONFINE"] = json.dumps({"writable": [self.scratch] + ([shared] if shared else []),
-                                                         "cpu_s": config.worker_cpu_s(), "max_procs": max_procs, "cgroup": self.cgroup})
+            env["HETFORGE_WORKER_CONFINE"] = json.dumps(
+                {
+                    "writable": [self.scratch] + ([shared] if shared else []),
+                    "cpu_s": config.worker_cpu_s(),
+                    "max_procs": max_procs,
+                    "cgroup": self.cgroup,
+                }
+            )
         if warm_device == "cuda":
             env["HETFORGE_WORKER_WARM_CUDA"] = "1"  # make the CUDA context while waiting for work
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "hetforge.optimizer.worker", str(to_worker_r), str(from_worker_w), str(memory_mb)],
+                [
+                    sys.executable,
+                    "-m",
+                    "hetforge.optimizer.worker",
+                    str(to_worker_r),
+                    str(from_worker_w),
+                    str(memory_mb),
+                ],
                 pass_fds=(to_worker_r, from_worker_w),
                 stdin=subprocess.DEVNULL,
                 stdout=log,

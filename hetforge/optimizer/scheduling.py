@@ -38,12 +38,23 @@ def check_priority(record: CandidateRecord) -> int:
     order = [BASELINE, "library:", "recipe:compile", "compose:", "rewrites:", "recipe:compile-max-autotune"]
     if record.name == "recipe:compile-max-autotune":
         return len(order)
-    return next((i for i, prefix in enumerate(order) if record.name == prefix or (prefix.endswith(":") and record.name.startswith(prefix))),
-                len(order) - 1)
+    return next(
+        (
+            i
+            for i, prefix in enumerate(order)
+            if record.name == prefix or (prefix.endswith(":") and record.name.startswith(prefix))
+        ),
+        len(order) - 1,
+    )
 
 
-def check_side_by_side(records: list[CandidateRecord], check: Callable[[CandidateRecord], None], runs: dict[int, Verification],
-                       started: float, min_grace: float) -> dict[int, str]:
+def check_side_by_side(
+    records: list[CandidateRecord],
+    check: Callable[[CandidateRecord], None],
+    runs: dict[int, Verification],
+    started: float,
+    min_grace: float,
+) -> dict[int, str]:
     """Run `check` on every record, parallel_checks() at a time, in the order given. Where checks run side by
     side, in a batch of at least STRAGGLER_BATCH, the last one still running once all others are done is cut
     after a grace of STRAGGLER_SHARE of the batch's time so far (at least `min_grace`), unless it is the
@@ -54,19 +65,27 @@ def check_side_by_side(records: list[CandidateRecord], check: Callable[[Candidat
         futures = {pool.submit(check, record): record for record in records}
         pending, rest_done = set(futures), started
         while pending:
-            last = futures[next(iter(pending))] if side_by_side and len(pending) == 1 and len(futures) >= STRAGGLER_BATCH else None
+            last = (
+                futures[next(iter(pending))]
+                if side_by_side and len(pending) == 1 and len(futures) >= STRAGGLER_BATCH
+                else None
+            )
             timeout = None
             if last is not None and last.name != BASELINE:
                 grace = max(min_grace, STRAGGLER_SHARE * (rest_done - started))
                 timeout = max(0.0, rest_done + grace - time.monotonic())
-            done, pending = concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
+            done, pending = concurrent.futures.wait(
+                pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED
+            )
             if done:
                 rest_done = time.monotonic()
                 continue
             if id(last) in runs:  # (a check that never started removes its run)
                 runs[id(last)].cut()
-            cut[id(last)] = (f"still checking {time.monotonic() - rest_done:.0f} s after the rest of its batch "
-                             f"({rest_done - started:.0f} s): cut, not waited for")
+            cut[id(last)] = (
+                f"still checking {time.monotonic() - rest_done:.0f} s after the rest of its batch "
+                f"({rest_done - started:.0f} s): cut, not waited for"
+            )
             concurrent.futures.wait(pending)
             pending = set()
     return cut

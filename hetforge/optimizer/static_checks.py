@@ -71,7 +71,9 @@ def review_flags(source: str) -> list[str]:
         elif isinstance(node, ast.Try):
             # A handler that computes something is a fallback path: the fast path may never be the one timed.
             for handler in node.handlers:
-                if any(isinstance(n, ast.Call) for n in ast.walk(handler)) and not all(isinstance(s, ast.Raise) for s in handler.body):
+                if any(isinstance(n, ast.Call) for n in ast.walk(handler)) and not all(
+                    isinstance(s, ast.Raise) for s in handler.body
+                ):
                     add("try_except_fallback", "an exception handler computes a fallback result")
         elif isinstance(node, ast.Call):
             name = _dotted(node.func)
@@ -83,7 +85,11 @@ def review_flags(source: str) -> list[str]:
         elif isinstance(node, ast.Assign):
             for target in node.targets:
                 name = _dotted(target)
-                if name.endswith("allow_tf32") or name.endswith("allow_bf16_reduced_precision_reduction") or name.endswith("allow_fp16_reduced_precision_reduction"):
+                if (
+                    name.endswith("allow_tf32")
+                    or name.endswith("allow_bf16_reduced_precision_reduction")
+                    or name.endswith("allow_fp16_reduced_precision_reduction")
+                ):
                     add("precision_switch", "changes global matmul precision")
                 if name.startswith(("torch.", "time.", "os.", "sys.")) and "backends" not in name:
                     add("patches_library", f"assigns to {name}")

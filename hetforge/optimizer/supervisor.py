@@ -97,7 +97,9 @@ def propose_round1(task: OptimizeTask, problem: Problem) -> list[Proposal]:
         if result is not None and result[1]:
             names = list(result[1])
             spec = VariantSpec(rewrites=tuple(names), precision=task.precision)
-            out.append(("rewrites:" + "+".join(names), "rewrites", rewrite_candidate_source(reference, names), spec.to_json()))
+            out.append(
+                ("rewrites:" + "+".join(names), "rewrites", rewrite_candidate_source(reference, names), spec.to_json())
+            )
     if "library" in task.agents:
         spec = VariantSpec(library=True, precision=task.precision)
         out.append(("library:kernels", "library", variant_candidate_source(reference, spec), spec.to_json()))
@@ -119,7 +121,11 @@ def propose_compositions(task: OptimizeTask, round1: list[Proposal], report: Opt
         if "library" in task.agents:
             parts["library"] = {}
         if "recipes" in task.agents and (not task.recipes or "compile" in task.recipes):
-            parts["recipes"] = {"recipe": asdict(next(r for r in recipes_for(task.device, task.precision, False) if r.name == "compile"))}
+            parts["recipes"] = {
+                "recipe": asdict(
+                    next(r for r in recipes_for(task.device, task.precision, False) if r.name == "compile")
+                )
+            }
     else:
         faster = [c for c in report.candidates if c.usable and c.speedup > 1.0 and c.spec]
         for agent in ("rewrites", "library", "recipes"):
@@ -130,16 +136,27 @@ def propose_compositions(task: OptimizeTask, round1: list[Proposal], report: Opt
     out: list[Proposal] = []
     for n in (2, 3):
         for combo in itertools.combinations(parts, n):
-            spec = VariantSpec(rewrites=tuple(parts["rewrites"]["rewrites"]) if "rewrites" in combo else (),
-                               library="library" in combo, recipe=parts["recipes"]["recipe"] if "recipes" in combo else None,
-                               precision=task.precision)
-            out.append((f"compose:{spec.label()}", "compose", variant_candidate_source(reference, spec), spec.to_json()))
+            spec = VariantSpec(
+                rewrites=tuple(parts["rewrites"]["rewrites"]) if "rewrites" in combo else (),
+                library="library" in combo,
+                recipe=parts["recipes"]["recipe"] if "recipes" in combo else None,
+                precision=task.precision,
+            )
+            out.append(
+                (f"compose:{spec.label()}", "compose", variant_candidate_source(reference, spec), spec.to_json())
+            )
     return out
 
 
-def optimize(task: OptimizeTask, scratch: Path, progress: Callable[[CandidateRecord], None] | None = None,
-             approve: Callable[[CandidateRecord], bool] | None = None, notice: Callable[[str], None] | None = None,
-             llm_client: Callable[[], object] | None = None, started: float | None = None) -> OptimizeReport:
+def optimize(
+    task: OptimizeTask,
+    scratch: Path,
+    progress: Callable[[CandidateRecord], None] | None = None,
+    approve: Callable[[CandidateRecord], bool] | None = None,
+    notice: Callable[[str], None] | None = None,
+    llm_client: Callable[[], object] | None = None,
+    started: float | None = None,
+) -> OptimizeReport:
     """Run the rounds; `approve` is asked about accepted candidates flagged for review (default: no).
 
     `llm_client` makes the LLM agents' client (default: the configured OpenAI-compatible endpoint).
@@ -151,11 +168,20 @@ def optimize(task: OptimizeTask, scratch: Path, progress: Callable[[CandidateRec
         raise ValueError(f'Got "{",".join(unknown)}" for agents: any of {", ".join(AGENTS)}.')
     start = started if started is not None else time.monotonic()
     problem = Problem(file=str(Path(task.problem_file).resolve()))
-    options = VerifyOptions(device=task.device, precision=task.precision, trials=task.trials, rounds=task.rounds,
-                            startup_timeout_s=600, timeout_s=600, threads=task.threads)
+    options = VerifyOptions(
+        device=task.device,
+        precision=task.precision,
+        trials=task.trials,
+        rounds=task.rounds,
+        startup_timeout_s=600,
+        timeout_s=600,
+        threads=task.threads,
+    )
     memory = VerifyOptions.memory_mb if task.device == "cpu" else 0
     # a worker per check of the first batch and one for the reference start while the proposals are made
-    with spare_workers(size=2, memory_mb=memory, device=task.device, initial=scheduling.parallel_checks() + 1) as spares:
+    with spare_workers(
+        size=2, memory_mb=memory, device=task.device, initial=scheduling.parallel_checks() + 1
+    ) as spares:
         reference = ReferenceSide(problem, options)
         try:
             return _optimize(task, scratch, progress, approve, notice, llm_client, start, problem, options, reference)
@@ -163,11 +189,23 @@ def optimize(task: OptimizeTask, scratch: Path, progress: Callable[[CandidateRec
             close_all([reference, spares])  # side by side: a worker with a CUDA context takes seconds to exit
 
 
-def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_client, start: float, problem: Problem,
-              options: VerifyOptions, reference: ReferenceSide) -> OptimizeReport:
+def _optimize(
+    task: OptimizeTask,
+    scratch: Path,
+    progress,
+    approve,
+    notice,
+    llm_client,
+    start: float,
+    problem: Problem,
+    options: VerifyOptions,
+    reference: ReferenceSide,
+) -> OptimizeReport:
     scratch.mkdir(parents=True, exist_ok=True)
     report = OptimizeReport(task=asdict(task))
-    deadline = start + task.budget_s - min(REPORT_RESERVE_S[task.device], task.budget_s / 10)  # teardown and report within the budget too
+    deadline = (
+        start + task.budget_s - min(REPORT_RESERVE_S[task.device], task.budget_s / 10)
+    )  # teardown and report within the budget too
 
     def over_budget() -> bool:
         return time.monotonic() > deadline
@@ -177,9 +215,14 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
         record.verdict = verdict
         if verdict.verdict == V.Status.REJECTED:
             reason = verdict.reasons[0]
-            timed_out = reason.kind == V.RejectKind.TIMEOUT or (reason.kind == V.RejectKind.REFERENCE_FAILED and reason.cause == V.RejectKind.TIMEOUT)
+            timed_out = reason.kind == V.RejectKind.TIMEOUT or (
+                reason.kind == V.RejectKind.REFERENCE_FAILED and reason.cause == V.RejectKind.TIMEOUT
+            )
             if cut_off and timed_out:
-                record.status, record.note = CandidateStatus.SKIPPED, f"budget of {task.budget_s:.0f} s spent during its verification"
+                record.status, record.note = (
+                    CandidateStatus.SKIPPED,
+                    f"budget of {task.budget_s:.0f} s spent during its verification",
+                )
             else:
                 record.status, record.note = CandidateStatus.REJECTED, f"{reason.kind}: {reason.message}"[:300]
         elif verdict.needs_review and not (approve and approve(record)):
@@ -190,7 +233,9 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
                 record.note = "approved by a human"
             record.status = CandidateStatus.ACCEPTED
 
-    def judge_all(proposals: list[Proposal], round_: int, verify_options: VerifyOptions = options) -> list[CandidateRecord]:
+    def judge_all(
+        proposals: list[Proposal], round_: int, verify_options: VerifyOptions = options
+    ) -> list[CandidateRecord]:
         """Verify proposals: their correctness checks (where compiling and autotuning happen) side by side,
         within a share of the budget left, then their timings one at a time, with the device to themselves."""
         now = time.monotonic()
@@ -214,14 +259,22 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
             run = runs[id(record)]
             if time.monotonic() >= checks_until and record.name != BASELINE:
                 run.close()
-                record.status, record.note = CandidateStatus.SKIPPED, f"budget of {task.budget_s:.0f} s spent before its checks started"
+                record.status, record.note = (
+                    CandidateStatus.SKIPPED,
+                    f"budget of {task.budget_s:.0f} s spent before its checks started",
+                )
                 del runs[id(record)]
                 return
             run.check()
             checked_at[id(record)] = time.monotonic()
 
-        cut = scheduling.check_side_by_side(sorted((r for r in records if id(r) in runs), key=scheduling.check_priority), check,
-                                            runs, now, min_grace=task.budget_s / 10)
+        cut = scheduling.check_side_by_side(
+            sorted((r for r in records if id(r) in runs), key=scheduling.check_priority),
+            check,
+            runs,
+            now,
+            min_grace=task.budget_s / 10,
+        )
         if cut or any(run.verdict.reasons for run in runs.values()):
             time.sleep(SETTLE_S[task.device])  # a worker may have been stopped: its memory is being scrubbed
         for record in records:  # timing, in proposal order: the baselines first
@@ -230,10 +283,15 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
                 if id(record) in cut:
                     record.verdict, record.status, record.note = run.verdict, CandidateStatus.SKIPPED, cut[id(record)]
                 elif over_budget() and run.verdict.verdict != V.Status.REJECTED and record.name != BASELINE:
-                    record.status, record.note = CandidateStatus.SKIPPED, f"budget of {task.budget_s:.0f} s spent before its timing"
+                    record.status, record.note = (
+                        CandidateStatus.SKIPPED,
+                        f"budget of {task.budget_s:.0f} s spent before its timing",
+                    )
                 else:
                     verdict = run.finish(deadline=deadline if record.name != BASELINE else None, close=False)
-                    cut_off = checked_at.get(id(record), 0.0) >= checks_until - 1.0 or time.monotonic() >= deadline - 1.0
+                    cut_off = (
+                        checked_at.get(id(record), 0.0) >= checks_until - 1.0 or time.monotonic() >= deadline - 1.0
+                    )
                     record_verdict(record, verdict, cut_off)
             report.candidates.append(record)
             if progress:
@@ -247,12 +305,16 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
     def skip(proposals: list[Proposal], round_: int, why: str) -> None:
         """Record proposals as skipped, unverified: they could not finish within the budget left."""
         for name, agent, source, spec in proposals:
-            record = CandidateRecord(name, agent, round_, source, None, status=CandidateStatus.SKIPPED, note=why[:300], spec=spec)
+            record = CandidateRecord(
+                name, agent, round_, source, None, status=CandidateStatus.SKIPPED, note=why[:300], spec=spec
+            )
             report.candidates.append(record)
             if progress:
                 progress(record)
 
-    def judge(proposal: Proposal, round_: int, verify_options: VerifyOptions = options, refused: V.Reason | None = None) -> CandidateRecord:
+    def judge(
+        proposal: Proposal, round_: int, verify_options: VerifyOptions = options, refused: V.Reason | None = None
+    ) -> CandidateRecord:
         """Verify one proposal and record it; `refused`: record it as rejected, for that reason, without running it."""
         if refused is None:
             return judge_all([proposal], round_, verify_options)[0]
@@ -283,8 +345,15 @@ def _optimize(task: OptimizeTask, scratch: Path, progress, approve, notice, llm_
             if notice:
                 notice(reason)
         else:
-            _llm_rounds(task, problem, report, judge, replace(options, weights_from_reference=True), over_budget,
-                        llm_client or _default_client)
+            _llm_rounds(
+                task,
+                problem,
+                report,
+                judge,
+                replace(options, weights_from_reference=True),
+                over_budget,
+                llm_client or _default_client,
+            )
 
     usable = [c for c in report.candidates if c.usable]
     if usable:
@@ -306,8 +375,15 @@ def _default_client():
     return llm_agent.LLMClient(config.llm_endpoint(), config.llm_timeout_s())
 
 
-def _llm_rounds(task: OptimizeTask, problem: Problem, report: OptimizeReport, judge, options: VerifyOptions,
-                over_budget: Callable[[], bool], make_client: Callable[[], object]) -> None:
+def _llm_rounds(
+    task: OptimizeTask,
+    problem: Problem,
+    report: OptimizeReport,
+    judge,
+    options: VerifyOptions,
+    over_budget: Callable[[], bool],
+    make_client: Callable[[], object],
+) -> None:
     """The swarm: `llm_agents` conversations, `llm_turns` answers each, all verified."""
     loaded = problem.load()
     model = loaded.build(device=task.device)
@@ -318,11 +394,21 @@ def _llm_rounds(task: OptimizeTask, problem: Problem, report: OptimizeReport, ju
     except Exception:  # noqa: BLE001 - the profile is advice for the prompt; a failure leaves it out
         profile = []
     del model
-    history = [llm_agent.Attempt(c.agent, 0, c.status, c.note or f"{c.speedup:.3f}x", c.speedup or None) for c in report.candidates]
+    history = [
+        llm_agent.Attempt(c.agent, 0, c.status, c.note or f"{c.speedup:.3f}x", c.speedup or None)
+        for c in report.candidates
+    ]
     strategies = list(llm_agent.STRATEGIES)[: max(1, task.llm_agents)]
-    conversations = [llm_agent.Conversation(s, [{"role": "system", "content": llm_agent.system_prompt(s, task.precision)},
-                                                {"role": "user", "content": llm_agent.first_prompt(
-                                                    loaded.source, facts, profile, history, task.hint)}]) for s in strategies]
+    conversations = [
+        llm_agent.Conversation(
+            s,
+            [
+                {"role": "system", "content": llm_agent.system_prompt(s, task.precision)},
+                {"role": "user", "content": llm_agent.first_prompt(loaded.source, facts, profile, history, task.hint)},
+            ],
+        )
+        for s in strategies
+    ]
     client = make_client()
     best = max((c.speedup for c in report.candidates if c.usable), default=0.0)
     for turn in range(1, task.llm_turns + 1):
@@ -331,12 +417,16 @@ def _llm_rounds(task: OptimizeTask, problem: Problem, report: OptimizeReport, ju
             return
         with concurrent.futures.ThreadPoolExecutor(len(conversations)) as pool:  # the model answers in parallel
             answers = list(pool.map(lambda conv: _ask(client, conv.messages), conversations))
-        for conv, answer in zip(conversations, answers, strict=True):  # verified one at a time: timings need the device alone
+        for conv, answer in zip(
+            conversations, answers, strict=True
+        ):  # verified one at a time: timings need the device alone
             if isinstance(answer, V.Reason):  # the endpoint failed
                 refusal, code, text = answer, None, f"{ENDPOINT_ERROR}{answer.kind}: {answer.message}"
             else:
                 code, text = llm_agent.extract_code(answer), answer
-                refusal = V.Reason(V.RejectKind.NO_CODE, "the answer has no Python code block") if code is None else None
+                refusal = (
+                    V.Reason(V.RejectKind.NO_CODE, "the answer has no Python code block") if code is None else None
+                )
             conv.messages.append({"role": "assistant", "content": text})
             name = f"llm:{conv.strategy}:turn{turn}"
             if refusal is not None:

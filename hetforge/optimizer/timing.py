@@ -62,15 +62,32 @@ class Timing:
             seeds = [self._fresh_seed() for _ in range(calls)]
             check = self.rng.randrange(calls)  # chosen after the run: every call must be right
             # positions drawn after the run too, the same for both sides (trusted candidates only: see VerifyOptions)
-            sample = {"sample": {"seed": self._fresh_seed(), "count": self.opt.fetch_sample}} if self.opt.fetch_sample else {}
+            sample = (
+                {"sample": {"seed": self._fresh_seed(), "count": self.opt.fetch_sample}}
+                if self.opt.fetch_sample
+                else {}
+            )
             order = ("reference", "candidate") if round_ % 2 == 0 else ("candidate", "reference")
             fetched: dict[str, Any] = {}
             for name in order:
                 worker, other = workers[name], workers["candidate" if name == "reference" else "reference"]
                 is_ref = name == "reference"
                 stage = f"timing round {round_ + 1}"
-                if self._ask(worker, {"cmd": "prepare_timing", "seeds": seeds, "warmup": self.opt.warmup, "flush_bytes": flush_bytes,
-                                      "model_seed": self.model_seed}, is_ref, stage) is None:
+                if (
+                    self._ask(
+                        worker,
+                        {
+                            "cmd": "prepare_timing",
+                            "seeds": seeds,
+                            "warmup": self.opt.warmup,
+                            "flush_bytes": flush_bytes,
+                            "model_seed": self.model_seed,
+                        },
+                        is_ref,
+                        stage,
+                    )
+                    is None
+                ):
                     return
                 other.pause()  # nothing of the other process runs while this one is timed
                 try:
@@ -89,7 +106,9 @@ class Timing:
                     other.resume()
                 times = [float(t) for t in reply.get("times_ms", [])][:calls]
                 if len(times) != calls or not all(np.isfinite(times)) or min(times) < 0:
-                    return self._reject(V.RejectKind.PROTOCOL, f"{stage}: the worker reported {len(times)} malformed timings")
+                    return self._reject(
+                        V.RejectKind.PROTOCOL, f"{stage}: the worker reported {len(times)} malformed timings"
+                    )
                 side = sides[name]
                 side.per_call_ms.extend(times)
                 side.window_ms.append(window)
@@ -101,8 +120,13 @@ class Timing:
             if self.opt.precision == "bf16":  # the reference was timed under bf16 autocast: compare in the strict dtype
                 ref_out = cast_like(ref_out, cand_out[0])
             label = f"timed call {check} of round {round_ + 1}"
-            if self._check_outputs(cand_out[0], cand_out[1], ref_out, label) is None and self._against_float64(
-                    {"cmd": "fetch", "indices": [check], "float64": True, **sample}, cand_out[0], cand_out[1], label) is None:
+            if (
+                self._check_outputs(cand_out[0], cand_out[1], ref_out, label) is None
+                and self._against_float64(
+                    {"cmd": "fetch", "indices": [check], "float64": True, **sample}, cand_out[0], cand_out[1], label
+                )
+                is None
+            ):
                 return
         self._summarize(sides["reference"], sides["candidate"])
 
@@ -122,9 +146,13 @@ class Timing:
         hidden_per_call = max(0.0, min(cand.overhead_ms) - honest_overhead + extra_fetch) / n
         if hidden_per_call > 0.15 * cand_ms + 0.05:
             shown = cand_ms + hidden_per_call
-            self.verdict.flags.append(f"{V.Flag.HIDDEN_WORK}: per-call times say {cand_ms:.3f} ms, the judge's clock {shown:.3f} ms; using the latter")
+            self.verdict.flags.append(
+                f"{V.Flag.HIDDEN_WORK}: per-call times say {cand_ms:.3f} ms, the judge's clock {shown:.3f} ms; using the latter"
+            )
             cand_ms = shown
-        host_per_call = [(w + max(0.0, c - r)) / n for w, c, r in zip(cand.window_ms, cand.fetch_ms, ref.fetch_ms, strict=True)]
+        host_per_call = [
+            (w + max(0.0, c - r)) / n for w, c, r in zip(cand.window_ms, cand.fetch_ms, ref.fetch_ms, strict=True)
+        ]
         self.verdict.reference_ms = round(ref_ms, 6)
         self.verdict.candidate_ms = round(cand_ms, 6)
         self.verdict.speedup = round(ref_ms / cand_ms, 4) if cand_ms > 0 else float("inf")
@@ -136,16 +164,25 @@ class Timing:
         }
         if self.verdict.speedup > self.opt.review_speedup:
             # Published kernel agents' largest "speedups" were mostly exploits: a human looks first.
-            self.verdict.flags.append(f"{V.Flag.SPEEDUP}: {self.verdict.speedup:.1f}x exceeds {self.opt.review_speedup:g}x")
+            self.verdict.flags.append(
+                f"{V.Flag.SPEEDUP}: {self.verdict.speedup:.1f}x exceeds {self.opt.review_speedup:g}x"
+            )
         if self.opt.min_speedup and self.verdict.speedup < self.opt.min_speedup:
-            self._reject(V.RejectKind.NOT_FASTER, f"speedup {self.verdict.speedup:.3f}x is below the required {self.opt.min_speedup:g}x")
+            self._reject(
+                V.RejectKind.NOT_FASTER,
+                f"speedup {self.verdict.speedup:.3f}x is below the required {self.opt.min_speedup:g}x",
+            )
 
 
 def spread(per_call: list[float], host: list[float]) -> dict:
     """p10, median and p90 of the per-call times, and the median of the host clock's per-call times."""
     q = np.percentile(per_call, [10, 50, 90])
-    return {"p10_ms": round(float(q[0]), 6), "median_ms": round(float(q[1]), 6), "p90_ms": round(float(q[2]), 6),
-            "host_median_ms": round(float(np.median(host)), 6)}
+    return {
+        "p10_ms": round(float(q[0]), 6),
+        "median_ms": round(float(q[1]), 6),
+        "p90_ms": round(float(q[2]), 6),
+        "host_median_ms": round(float(np.median(host)), 6),
+    }
 
 
 @functools.lru_cache(maxsize=64)
@@ -153,6 +190,7 @@ def call_bytes(problem_json: str) -> int:
     """Bytes of one main input set of the problem (`Problem.to_json()`, as JSON text: once per problem) and of
     the reference's output for it, both made on the meta device (nothing allocated or computed); the output
     taken as large as the inputs where the reference cannot run there; 0 if the inputs cannot be made there."""
+
     def nbytes(value) -> int:
         return sum(x.numel() * x.element_size() for x in flatten([value]) if isinstance(x, torch.Tensor))
 

@@ -39,17 +39,29 @@ class VariantSpec:
     precision: str = "strict"
 
     def to_json(self) -> dict:
-        return {"kind": "transform", "rewrites": list(self.rewrites), "library": self.library, "recipe": self.recipe,
-                "precision": self.precision}
+        return {
+            "kind": "transform",
+            "rewrites": list(self.rewrites),
+            "library": self.library,
+            "recipe": self.recipe,
+            "precision": self.precision,
+        }
 
     @classmethod
     def from_json(cls, doc: dict) -> VariantSpec:
         if doc.get("kind") != "transform":
             raise VariantError(f'Got "{doc.get("kind")}" for a variant spec kind: transform')
-        return cls(tuple(doc.get("rewrites") or ()), bool(doc.get("library")), doc.get("recipe"), doc.get("precision", "strict"))
+        return cls(
+            tuple(doc.get("rewrites") or ()),
+            bool(doc.get("library")),
+            doc.get("recipe"),
+            doc.get("precision", "strict"),
+        )
 
     def label(self) -> str:
-        parts = [*self.rewrites] + (["library"] if self.library else []) + ([self.recipe["name"]] if self.recipe else [])
+        parts = (
+            [*self.rewrites] + (["library"] if self.library else []) + ([self.recipe["name"]] if self.recipe else [])
+        )
         return "+".join(parts) or "eager"
 
 
@@ -71,7 +83,9 @@ def build_variant(instance: nn.Module, spec: VariantSpec, example_inputs: list) 
     return model
 
 
-def build_module_variant(source_module, instance: nn.Module, init_args: tuple = (), init_kwargs: dict | None = None) -> nn.Module:
+def build_module_variant(
+    source_module, instance: nn.Module, init_args: tuple = (), init_kwargs: dict | None = None
+) -> nn.Module:
     """An agent's ModelNew from `source_module`, loaded with the instance's weights (names must match)."""
     model = source_module.ModelNew(*init_args, **(init_kwargs or {}))
     try:

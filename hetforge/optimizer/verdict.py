@@ -77,6 +77,7 @@ class TrialResult:
     @classmethod
     def from_dict(cls, doc: dict) -> TrialResult:
         """From `asdict` or its JSON (where an infinite error became null: read back as inf)."""
+
         def err(value) -> float:
             return float("inf") if value is None else float(value)
 
@@ -100,8 +101,12 @@ class Verdict:
     versions: dict = field(default_factory=dict)
     elapsed_s: float = 0.0
     phases_s: dict = field(default_factory=dict)  # wall seconds: start (workers up, modules built), correctness, timing
-    confinement: dict = field(default_factory=dict)  # what the candidate's worker was confined by (confine.confine's report)
-    notes: list[str] = field(default_factory=list)  # facts that need no review (e.g. more exact than the float32 reference)
+    confinement: dict = field(
+        default_factory=dict
+    )  # what the candidate's worker was confined by (confine.confine's report)
+    notes: list[str] = field(
+        default_factory=list
+    )  # facts that need no review (e.g. more exact than the float32 reference)
 
     @property
     def accepted(self) -> bool:

@@ -120,7 +120,10 @@ class Worker:
             try:
                 model.load_state_dict(reference.state_dict(), strict=True)
             except RuntimeError as err:
-                return {"error": "state_dict_mismatch", "message": "ModelNew must take Model's state_dict: " + str(err).splitlines()[0][:300]}
+                return {
+                    "error": "state_dict_mismatch",
+                    "message": "ModelNew must take Model's state_dict: " + str(err).splitlines()[0][:300],
+                }
         if self.role == "reference" and self.baseline == "compile":
             model = torch.compile(model)
         self.models, self.models64 = {self.seed: model}, {}
@@ -140,11 +143,17 @@ class Worker:
         with torch.no_grad():
             out = model(*inputs)
         self._sync()
-        modified = [i for i, (x, b) in enumerate(zip(inputs, before, strict=False)) if b is not None and not torch.equal(x, b)]
+        modified = [
+            i for i, (x, b) in enumerate(zip(inputs, before, strict=False)) if b is not None and not torch.equal(x, b)
+        ]
         if modified:
             self._inputs = None  # a later call on this seed (the float64 re-run) gets the values as generated
-        return {"outputs": self._payload(out, msg.get("sample")), "structure": _structure(out), "info": _describe_outputs(out),
-                "inputs_modified": modified}
+        return {
+            "outputs": self._payload(out, msg.get("sample")),
+            "structure": _structure(out),
+            "info": _describe_outputs(out),
+            "inputs_modified": modified,
+        }
 
     def _module(self, seed: int) -> torch.nn.Module | None:
         """The module built under `seed`: a reference keeps one per seed asked for (None: a candidate asked for
@@ -182,7 +191,11 @@ class Worker:
         if self.timed_model is None:
             return _ONLY_REFERENCE
         self.timed_outputs = []
-        self._flush = torch.empty(int(msg.get("flush_bytes", 0)) // 4, dtype=torch.int32, device=self.device) if self.device == "cuda" else None
+        self._flush = (
+            torch.empty(int(msg.get("flush_bytes", 0)) // 4, dtype=torch.int32, device=self.device)
+            if self.device == "cuda"
+            else None
+        )
         with torch.no_grad(), self._timing_precision():
             for _ in range(int(msg.get("warmup", 3))):
                 self.timed_model(*self.timing_inputs[0])
@@ -234,8 +247,12 @@ class Worker:
         if self.role != "reference":
             return {"error": "protocol", "message": "float64 runs are the reference's"}
         if model_seed not in self.models64:
-            self.models64[model_seed] = self.problem.build(self.model_class, seed=model_seed, device=self.device).double()
-        inputs = [x.to(self.device).double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs]
+            self.models64[model_seed] = self.problem.build(
+                self.model_class, seed=model_seed, device=self.device
+            ).double()
+        inputs = [
+            x.to(self.device).double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs
+        ]
         with torch.no_grad():
             out = self.models64[model_seed](*inputs)
         self._sync()
@@ -245,7 +262,9 @@ class Worker:
         """Timed outputs for the judge: whole, or (`sample`) at positions drawn from the judge's seed;
         `float64`: the reference's output for those timed inputs, recomputed in float64."""
         if msg.get("float64"):
-            return self._run_float64(self.timing_inputs[int(msg["indices"][0])], msg.get("sample"), self.timed_seed)  # as `run` replies
+            return self._run_float64(
+                self.timing_inputs[int(msg["indices"][0])], msg.get("sample"), self.timed_seed
+            )  # as `run` replies
         chosen = [self.timed_outputs[int(i)] for i in msg["indices"]]
         sample = msg.get("sample")
         return {"outputs": [self._payload(o, sample) for o in chosen], "info": [_describe_outputs(o) for o in chosen]}
@@ -260,7 +279,9 @@ class Worker:
             plain = out.as_subclass(torch.Tensor).detach()
             count = int(sample["count"]) if sample else 0
             if count and plain.numel() > max(count, int(sample.get("above", 0))):
-                positions = torch.randint(0, plain.numel(), (count,), generator=torch.Generator().manual_seed(int(sample["seed"])))
+                positions = torch.randint(
+                    0, plain.numel(), (count,), generator=torch.Generator().manual_seed(int(sample["seed"]))
+                )
                 return {"sampled": plain.reshape(-1)[positions.to(plain.device)].cpu(), "shape": list(plain.shape)}
             return plain.clone()
         return out if isinstance(out, (int, float, bool, str)) or out is None else repr(out)[:200]
@@ -278,7 +299,10 @@ class Worker:
         return torch.autocast(device_type=self.device, dtype=torch.bfloat16)
 
 
-_ONLY_REFERENCE = {"error": "protocol", "message": "only the reference keeps modules under other seeds; a candidate is rebuilt"}
+_ONLY_REFERENCE = {
+    "error": "protocol",
+    "message": "only the reference keeps modules under other seeds; a candidate is rebuilt",
+}
 
 
 class _Nothing:
@@ -320,7 +344,10 @@ def _os_error(err: OSError, confined: bool) -> dict:
         what = "the network, files outside its scratch folder and process control are closed to candidates"
         return {"error": "confined", "message": f"denied by the worker's confinement ({what}): {text[:600]}"}
     if confined and err.errno == errno.EAGAIN and isinstance(err, BlockingIOError):
-        return {"error": "confined", "message": f"process limit of the worker's confinement reached (a fork bomb?): {text[:600]}"}
+        return {
+            "error": "confined",
+            "message": f"process limit of the worker's confinement reached (a fork bomb?): {text[:600]}",
+        }
     return {"error": "exception", "message": text, "traceback": traceback.format_exc()[-4000:]}
 
 
@@ -336,8 +363,9 @@ def main(argv: list[str]) -> int:
     rules = os.environ.pop("HETFORGE_WORKER_CONFINE", None)
     if rules:  # before any problem or candidate code is imported; a failure leaves the worker unusable
         rules = json.loads(rules)
-        worker.confinement = confine.confine(rules["writable"], cpu_s=int(rules["cpu_s"]), max_procs=int(rules["max_procs"]),
-                                             cgroup=rules.get("cgroup"))
+        worker.confinement = confine.confine(
+            rules["writable"], cpu_s=int(rules["cpu_s"]), max_procs=int(rules["max_procs"]), cgroup=rules.get("cgroup")
+        )
     channel = Channel(read_fd, write_fd)
     while True:
         try:
@@ -347,7 +375,11 @@ def main(argv: list[str]) -> int:
         command = msg.get("cmd")
         if command == "exit":
             return 0
-        handler = getattr(worker, command, None) if command in ("init", "build", "run", "prepare_timing", "time", "fetch", "release") else None
+        handler = (
+            getattr(worker, command, None)
+            if command in ("init", "build", "run", "prepare_timing", "time", "fetch", "release")
+            else None
+        )
         try:
             reply = handler(msg) if handler else {"error": "protocol", "message": f"unknown command {command!r}"}
         except MemoryError as err:
@@ -356,7 +388,11 @@ def main(argv: list[str]) -> int:
             reply = _os_error(err, bool(worker.confinement))
         except BaseException as err:  # noqa: BLE001 - any failure of candidate code is reported, not fatal
             kind = "out_of_memory" if _out_of_memory(err) else "exception"
-            reply = {"error": kind, "message": f"{type(err).__name__}: {err}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+            reply = {
+                "error": kind,
+                "message": f"{type(err).__name__}: {err}"[:2000],
+                "traceback": traceback.format_exc()[-4000:],
+            }
         try:
             channel.send(reply)
         except ChannelClosed:

@@ -103,19 +103,38 @@ def local_gpus() -> list[dict]:
         return out
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        out.append({"index": i, "name": p.name, "class": gpu_class(p.name), "multiprocessors": p.multi_processor_count,
-                    "memory_gib": round(p.total_memory / (1 << 30), 1), "capability": f"{p.major}.{p.minor}",
-                    "l2_mib": round(getattr(p, "L2_cache_size", 0) / (1 << 20), 1)})
+        out.append(
+            {
+                "index": i,
+                "name": p.name,
+                "class": gpu_class(p.name),
+                "multiprocessors": p.multi_processor_count,
+                "memory_gib": round(p.total_memory / (1 << 30), 1),
+                "capability": f"{p.major}.{p.minor}",
+                "l2_mib": round(getattr(p, "L2_cache_size", 0) / (1 << 20), 1),
+            }
+        )
     return out
 
 
 def local_inventory() -> Inventory:
     """The devices of this machine."""
     cpu = local_cpu()
-    classes = {"cpu": DeviceClass("cpu", "cpu", 1, cpu_facts(cpu["cores"], cpu["memory_gib"], cpu["isa"] == "avx512", cpu["model"]), ("local",), True)}
+    classes = {
+        "cpu": DeviceClass(
+            "cpu",
+            "cpu",
+            1,
+            cpu_facts(cpu["cores"], cpu["memory_gib"], cpu["isa"] == "avx512", cpu["model"]),
+            ("local",),
+            True,
+        )
+    }
     for gpu in local_gpus():
         name = gpu["class"]
-        facts = GPU_FACTS.get(name) or DeviceFacts(gpu["name"], 20.0, 20.0, 20.0, 1000.0, gpu["memory_gib"], gpu["l2_mib"])
+        facts = GPU_FACTS.get(name) or DeviceFacts(
+            gpu["name"], 20.0, 20.0, 20.0, 1000.0, gpu["memory_gib"], gpu["l2_mib"]
+        )
         if name in classes:
             prev = classes[name]
             classes[name] = DeviceClass(name, "gpu", prev.count + 1, prev.facts, prev.nodes, True)
@@ -131,7 +150,11 @@ def cluster_inventory(cluster) -> Inventory:
     cpu_nodes = sum(n.count for n in cluster.nodes)
     avx512 = all(n.cpu.avx512 for n in cluster.nodes)
     per_node_cores = max(1, cores // cpu_nodes)
-    classes = {"cpu": DeviceClass("cpu", "cpu", cpu_nodes, cpu_facts(per_node_cores, mem, avx512), tuple(n.name for n in cluster.nodes))}
+    classes = {
+        "cpu": DeviceClass(
+            "cpu", "cpu", cpu_nodes, cpu_facts(per_node_cores, mem, avx512), tuple(n.name for n in cluster.nodes)
+        )
+    }
     for node in cluster.nodes:
         for group in node.gpus:
             prev = classes.get(group.model)
@@ -139,8 +162,13 @@ def cluster_inventory(cluster) -> Inventory:
             nodes = (prev.nodes if prev else ()) + (node.name,)
             classes[group.model] = DeviceClass(group.model, "gpu", count, GPU_FACTS[group.model], nodes)
     host_link = min(n.host_link_gbps for n in cluster.nodes) / 8
-    return Inventory(classes, host_link_gbs=host_link, network_gbs=cluster.interconnect.bandwidth_gbps / 8,
-                     network_latency_ms=cluster.interconnect.latency_us / 1e3, source=f"cluster:{cluster.name}")
+    return Inventory(
+        classes,
+        host_link_gbs=host_link,
+        network_gbs=cluster.interconnect.bandwidth_gbps / 8,
+        network_latency_ms=cluster.interconnect.latency_us / 1e3,
+        source=f"cluster:{cluster.name}",
+    )
 
 
 CPU_CLASS_RESOURCE = "cpu_class:"  # a CPU node's class, as a Ray custom resource: cpu_class:<name>
@@ -176,8 +204,14 @@ def inventory_of_nodes(nodes: list[dict]) -> Inventory:
     for name, members in sorted(groups.items()):
         cores = sum(int(n["Resources"].get("CPU", 0)) for n in members) or 1
         mem = min((n["Resources"].get("memory", 8 << 30) / (1 << 30) for n in members), default=8.0)
-        classes[name] = DeviceClass(name, "cpu", len(members), cpu_facts(max(1, cores // len(members)), mem, name=name),
-                                    tuple(n["NodeID"][:8] for n in members), resource=CPU_CLASS_RESOURCE + name if declared else None)
+        classes[name] = DeviceClass(
+            name,
+            "cpu",
+            len(members),
+            cpu_facts(max(1, cores // len(members)), mem, name=name),
+            tuple(n["NodeID"][:8] for n in members),
+            resource=CPU_CLASS_RESOURCE + name if declared else None,
+        )
     for n in nodes:
         gpus = int(n["Resources"].get("GPU", 0))
         kinds = [k.split(":", 1)[1] for k in n["Resources"] if k.startswith("accelerator_type:")]
@@ -185,5 +219,11 @@ def inventory_of_nodes(nodes: list[dict]) -> Inventory:
             name = gpu_class(kinds[0]) if kinds else "cuda"
             facts = GPU_FACTS.get(name, DeviceFacts(name, 20.0, 20.0, 20.0, 1000.0, 16.0, 4.0))
             prev = classes.get(name)
-            classes[name] = DeviceClass(name, "gpu", gpus + (prev.count if prev else 0), facts, (prev.nodes if prev else ()) + (n["NodeID"][:8],))
+            classes[name] = DeviceClass(
+                name,
+                "gpu",
+                gpus + (prev.count if prev else 0),
+                facts,
+                (prev.nodes if prev else ()) + (n["NodeID"][:8],),
+            )
     return Inventory(classes, source="ray")

@@ -17,8 +17,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 SMALL_MESSAGE_BYTES = 4096  # JSON between tools and LLMs: what a non-model stage hands on
 
@@ -155,7 +155,9 @@ def _feasible_slo(p: PlacementProblem, score: tuple[float, float], objective: st
     return objective == "latency" or p.slo_ms is None or score[0] <= p.slo_ms
 
 
-def place(p: PlacementProblem, objective: str = "latency", node_budget: int = 200_000, time_budget_s: float = 0.5) -> Placement:
+def place(
+    p: PlacementProblem, objective: str = "latency", node_budget: int = 200_000, time_budget_s: float = 0.5
+) -> Placement:
     """The best placement found; exact unless the node or time budget ran out (see the module docstring)."""
     if objective not in ("latency", "throughput"):
         raise ValueError(f'Got "{objective}" for objective: latency or throughput.')
@@ -202,7 +204,10 @@ def place(p: PlacementProblem, objective: str = "latency", node_budget: int = 20
 
     dfs(0)
     if best_assign is None:
-        raise ValueError("no placement satisfies the memory limits" + (f" and the {p.slo_ms} ms latency target" if p.slo_ms and objective == "throughput" else ""))
+        raise ValueError(
+            "no placement satisfies the memory limits"
+            + (f" and the {p.slo_ms} ms latency target" if p.slo_ms and objective == "throughput" else "")
+        )
     latency, path = evaluate(p, best_assign)
     return Placement(tuple(best_assign), latency, throughput(p, best_assign), path, not exhausted, nodes)
 
@@ -234,7 +239,9 @@ def greedy(p: PlacementProblem) -> list[str] | None:
     return assign  # type: ignore[return-value]
 
 
-def local_search(p: PlacementProblem, assign: list[str] | None, objective: str, max_rounds: int = 50) -> list[str] | None:
+def local_search(
+    p: PlacementProblem, assign: list[str] | None, objective: str, max_rounds: int = 50
+) -> list[str] | None:
     """Move one stage to another class while that improves the objective and memory allows."""
     if assign is None:
         return None

@@ -6,7 +6,6 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from hetforge.planners import profiles as prof
 from hetforge.planners.devices import DeviceClass, Inventory
 from hetforge.planners.placement import SMALL_MESSAGE_BYTES, PlacementProblem, evaluate, place
@@ -56,10 +55,17 @@ class Plan:
 
     def to_json(self) -> dict:
         return {
-            "pipeline": self.pipeline, "objective": self.objective, "inventory": self.inventory,
-            "stages": {k: vars(v) for k, v in self.stages.items()}, "critical_path": self.critical_path,
-            "predicted_latency_ms": round(self.predicted_latency_ms, 4), "throughput_rps": round(self.throughput_rps, 3),
-            "hot_stages": self.hot_stages, "hot_stage_savings_ms": self.hot_stage_savings_ms, "exact": self.exact, "notes": self.notes,
+            "pipeline": self.pipeline,
+            "objective": self.objective,
+            "inventory": self.inventory,
+            "stages": {k: vars(v) for k, v in self.stages.items()},
+            "critical_path": self.critical_path,
+            "predicted_latency_ms": round(self.predicted_latency_ms, 4),
+            "throughput_rps": round(self.throughput_rps, 3),
+            "hot_stages": self.hot_stages,
+            "hot_stage_savings_ms": self.hot_stage_savings_ms,
+            "exact": self.exact,
+            "notes": self.notes,
         }
 
 
@@ -76,7 +82,9 @@ def allowed_classes(stage, inventory: Inventory) -> list[str]:
         return cpus
     if device == "cuda":
         if not gpus:
-            raise PlanError([f'stage "{stage.name}": device cuda, but the inventory has no GPU (have: {", ".join(have)})'])
+            raise PlanError(
+                [f'stage "{stage.name}": device cuda, but the inventory has no GPU (have: {", ".join(have)})']
+            )
         return gpus
     if device not in inventory.classes:
         raise PlanError([f'stage "{stage.name}": device {device} is not in the inventory (have: {", ".join(have)})'])
@@ -87,7 +95,9 @@ def _replicas(stage) -> int:
     return stage.replicas if isinstance(stage.replicas, int) else max(1, stage.replicas.min_replicas)
 
 
-def profile_stage(stage, base_dir: Path, classes: list[DeviceClass], cache: prof.ProfileCache | None) -> dict[str, prof.StageProfile]:
+def profile_stage(
+    stage, base_dir: Path, classes: list[DeviceClass], cache: prof.ProfileCache | None
+) -> dict[str, prof.StageProfile]:
     """A profile of `stage` on each class: measured where the class is local, estimated elsewhere."""
     out: dict[str, prof.StageProfile] = {}
     if isinstance(stage, ModelStage):
@@ -112,16 +122,31 @@ def profile_stage(stage, base_dir: Path, classes: list[DeviceClass], cache: prof
             per_token = LLM_MS_PER_TOKEN["endpoint" if stage.endpoint else cls.kind]
             ms = stage.latency_budget_ms or per_token * stage.sampling.max_tokens
             memory = LLM_MEMORY_BYTES if stage.vllm else TOOL_MEMORY_BYTES
-            detail = "latency budget from the spec" if stage.latency_budget_ms else f"{per_token} ms/token x {stage.sampling.max_tokens} tokens"
+            detail = (
+                "latency budget from the spec"
+                if stage.latency_budget_ms
+                else f"{per_token} ms/token x {stage.sampling.max_tokens} tokens"
+            )
         else:
             ms, memory = stage.latency_budget_ms or TOOL_MS, TOOL_MEMORY_BYTES
-            detail = "latency budget from the spec" if stage.latency_budget_ms else f"default {TOOL_MS} ms until serving observes it"
-        out[cls.name] = prof.StageProfile(stage.name, cls.name, float(ms), "estimated", memory, SMALL_MESSAGE_BYTES, {}, detail)
+            detail = (
+                "latency budget from the spec"
+                if stage.latency_budget_ms
+                else f"default {TOOL_MS} ms until serving observes it"
+            )
+        out[cls.name] = prof.StageProfile(
+            stage.name, cls.name, float(ms), "estimated", memory, SMALL_MESSAGE_BYTES, {}, detail
+        )
     return out
 
 
-def build_plan(pipeline: Pipeline, base_dir: Path, inventory: Inventory, objective: str = "latency",
-               cache: prof.ProfileCache | None = None) -> Plan:
+def build_plan(
+    pipeline: Pipeline,
+    base_dir: Path,
+    inventory: Inventory,
+    objective: str = "latency",
+    cache: prof.ProfileCache | None = None,
+) -> Plan:
     """Profile, place and rank one pipeline on an inventory; PlanError naming every unplaceable stage."""
     errors: list[str] = []
     options: list[list[str]] = []
@@ -149,23 +174,31 @@ def build_plan(pipeline: Pipeline, base_dir: Path, inventory: Inventory, objecti
         if not fitting:
             need = min(memory[i].values()) / GIB
             biggest = max(inventory.classes[c].facts.memory_gib for c in options[i])
-            errors.append(f'stage "{stage.name}": needs {need:.2f} GiB for {_replicas(stage)} replica(s); '
-                          f"the largest allowed device ({', '.join(options[i])}) has {biggest:.0f} GiB")
+            errors.append(
+                f'stage "{stage.name}": needs {need:.2f} GiB for {_replicas(stage)} replica(s); '
+                f"the largest allowed device ({', '.join(options[i])}) has {biggest:.0f} GiB"
+            )
     if errors:
         raise PlanError(errors)
 
     problem = PlacementProblem(
         stages=[s.name for s in pipeline.stages],
         preds=[[index[e.source] for e in pipeline.flow if e.target == s.name] for s in pipeline.stages],
-        entry=index[pipeline.entry], output=index[pipeline.output], options=options,
-        latency=[{c: p.latency_ms for c, p in ps.items()} for ps in profiles], memory=memory,
+        entry=index[pipeline.entry],
+        output=index[pipeline.output],
+        options=options,
+        latency=[{c: p.latency_ms for c, p in ps.items()} for ps in profiles],
+        memory=memory,
         out_bytes=[max(p.output_bytes for p in ps.values()) for ps in profiles],
         capacity={c: d.count * d.facts.memory_gib * GIB for c, d in inventory.classes.items()},
         device_memory={c: d.facts.memory_gib * GIB for c, d in inventory.classes.items()},
         count={c: d.count for c, d in inventory.classes.items()},
         transfer=lambda a, b, n: inventory.transfer_ms(a, b, n),
-        loops={index[s.name]: (s.agent_loop.max_iterations, [index[t] for t in s.agent_loop.tools])
-               for s in pipeline.stages if isinstance(s, LlmStage) and s.agent_loop},
+        loops={
+            index[s.name]: (s.agent_loop.max_iterations, [index[t] for t in s.agent_loop.tools])
+            for s in pipeline.stages
+            if isinstance(s, LlmStage) and s.agent_loop
+        },
         prefer=[s.prefer_device for s in pipeline.stages],
         slo_ms=pipeline.slo.p99_ms if pipeline.slo else None,
     )
@@ -182,7 +215,9 @@ def build_plan(pipeline: Pipeline, base_dir: Path, inventory: Inventory, objecti
         actor = {"num_cpus": 1} if kind == "cpu" else {"num_cpus": 1, "num_gpus": 1, "accelerator_type": cls}
         if inventory.classes[cls].resource:  # a named CPU class: a sliver of its resource puts the replica on its nodes
             actor["resources"] = {inventory.classes[cls].resource: 0.001}
-        stages[stage.name] = StagePlan(cls, round(p.latency_ms, 4), p.source, round(memory[i][cls] / GIB, 4), _replicas(stage), actor, p.detail)
+        stages[stage.name] = StagePlan(
+            cls, round(p.latency_ms, 4), p.source, round(memory[i][cls] / GIB, 4), _replicas(stage), actor, p.detail
+        )
 
     hot, savings = _hot_stages(pipeline, problem, list(result.assignment), result.latency_ms)
     notes = []
@@ -190,11 +225,24 @@ def build_plan(pipeline: Pipeline, base_dir: Path, inventory: Inventory, objecti
         notes.append(f"predicted latency {result.latency_ms:.1f} ms exceeds the p99 target {problem.slo_ms:.0f} ms")
     if not result.exact:
         notes.append(f"search stopped after {result.nodes_searched} nodes: best found, not proven optimal")
-    return Plan(pipeline.name, objective, _inventory_json(inventory), stages, [pipeline.stages[i].name for i in result.critical_path],
-                result.latency_ms, result.throughput_rps, hot, savings, result.exact, notes)
+    return Plan(
+        pipeline.name,
+        objective,
+        _inventory_json(inventory),
+        stages,
+        [pipeline.stages[i].name for i in result.critical_path],
+        result.latency_ms,
+        result.throughput_rps,
+        hot,
+        savings,
+        result.exact,
+        notes,
+    )
 
 
-def _hot_stages(pipeline: Pipeline, problem: PlacementProblem, assign: list[str], base_ms: float) -> tuple[list[str], dict[str, float]]:
+def _hot_stages(
+    pipeline: Pipeline, problem: PlacementProblem, assign: list[str], base_ms: float
+) -> tuple[list[str], dict[str, float]]:
     """Model stages ranked by the end-to-end ms a 2x speedup of theirs would remove (branches weigh 1)."""
     savings: dict[str, float] = {}
     for i, stage in enumerate(pipeline.stages):
@@ -210,6 +258,16 @@ def _hot_stages(pipeline: Pipeline, problem: PlacementProblem, assign: list[str]
 
 
 def _inventory_json(inventory: Inventory) -> dict:
-    return {"source": inventory.source, "classes": {c: {"kind": d.kind, "count": d.count, "model": d.facts.name,
-                                                        "memory_gib": d.facts.memory_gib, "local": d.local}
-                                                    for c, d in inventory.classes.items()}}
+    return {
+        "source": inventory.source,
+        "classes": {
+            c: {
+                "kind": d.kind,
+                "count": d.count,
+                "model": d.facts.name,
+                "memory_gib": d.facts.memory_gib,
+                "local": d.local,
+            }
+            for c, d in inventory.classes.items()
+        },
+    }

@@ -24,7 +24,6 @@ from hetforge.core.problem import LoadedProblem
 from hetforge.planners.devices import DeviceClass
 
 
-
 @dataclass(frozen=True)
 class StageProfile:
     """One stage on one device class."""
@@ -58,8 +57,10 @@ class ProfileCache:
         self.path = path or config.home_dir() / "profiles.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS profiles (fingerprint TEXT, device TEXT, profile TEXT, measured_at REAL, "
-                       "PRIMARY KEY (fingerprint, device))")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS profiles (fingerprint TEXT, device TEXT, profile TEXT, measured_at REAL, "
+                "PRIMARY KEY (fingerprint, device))"
+            )
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30)
@@ -68,12 +69,17 @@ class ProfileCache:
 
     def get(self, fingerprint: str, device: str) -> StageProfile | None:
         with self._connect() as db:
-            row = db.execute("SELECT profile FROM profiles WHERE fingerprint=? AND device=?", (fingerprint, device)).fetchone()
+            row = db.execute(
+                "SELECT profile FROM profiles WHERE fingerprint=? AND device=?", (fingerprint, device)
+            ).fetchone()
         return StageProfile(**json.loads(row[0])) if row else None
 
     def put(self, fingerprint: str, profile: StageProfile) -> None:
         with self._connect() as db:
-            db.execute("INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?)", (fingerprint, profile.device, json.dumps(asdict(profile)), time.time()))
+            db.execute(
+                "INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?)",
+                (fingerprint, profile.device, json.dumps(asdict(profile)), time.time()),
+            )
 
 
 def fingerprint(stage, base_dir: Path) -> str:
@@ -82,8 +88,13 @@ def fingerprint(stage, base_dir: Path) -> str:
     for rel in (stage.problem_file, stage.weights):
         if rel:
             h.update((base_dir / rel).read_bytes())
-    h.update(json.dumps([stage.module, stage.init_args, stage.init_kwargs, stage.seed,
-                         [i.model_dump() for i in stage.inputs]], default=str, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            [stage.module, stage.init_args, stage.init_kwargs, stage.seed, [i.model_dump() for i in stage.inputs]],
+            default=str,
+            sort_keys=True,
+        ).encode()
+    )
     return h.hexdigest()[:24]
 
 
@@ -128,8 +139,14 @@ def analyze(problem: LoadedProblem, seed: int = 0) -> StageAnalysis:
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     written = counter.written
-    return StageAnalysis(float(flops.get_total_flops()), float(params + _nbytes(inputs) + written), counter.ops, params,
-                         int(written), _nbytes(out))
+    return StageAnalysis(
+        float(flops.get_total_flops()),
+        float(params + _nbytes(inputs) + written),
+        counter.ops,
+        params,
+        int(written),
+        _nbytes(out),
+    )
 
 
 def estimate(stage_name: str, analysis: StageAnalysis, device: DeviceClass, precision: str) -> StageProfile:
@@ -140,11 +157,21 @@ def estimate(stage_name: str, analysis: StageAnalysis, device: DeviceClass, prec
     launch_ms = analysis.ops * facts.launch_us / 1e3
     latency = max(compute_ms, memory_ms) + launch_ms
     detail = f"roofline on {facts.name}: compute {compute_ms:.3f} ms, memory {memory_ms:.3f} ms, {analysis.ops} launches {launch_ms:.3f} ms"
-    return StageProfile(stage_name, device.name, latency, "estimated", analysis.param_bytes + analysis.peak_activation_bytes,
-                        analysis.output_bytes, {}, detail)
+    return StageProfile(
+        stage_name,
+        device.name,
+        latency,
+        "estimated",
+        analysis.param_bytes + analysis.peak_activation_bytes,
+        analysis.output_bytes,
+        {},
+        detail,
+    )
 
 
-def measure(stage_name: str, problem: LoadedProblem, device: DeviceClass, seed: int = 0, repeats: int = 5) -> StageProfile:
+def measure(
+    stage_name: str, problem: LoadedProblem, device: DeviceClass, seed: int = 0, repeats: int = 5
+) -> StageProfile:
     """Median latency on a local device class, at batch 1 and at the problem's batch; peak memory."""
     where = "cuda" if device.kind == "gpu" else "cpu"
     model = problem.build(seed=seed, device=where)
@@ -172,5 +199,13 @@ def measure(stage_name: str, problem: LoadedProblem, device: DeviceClass, seed: 
         memory = int(torch.cuda.max_memory_allocated())
     else:
         memory = sum(_nbytes(p) for p in model.parameters()) + _nbytes(inputs) + 4 * _nbytes(out)
-    return StageProfile(stage_name, device.name, by_batch[main_batch], "measured", memory, _nbytes(out),
-                        {str(k): v for k, v in by_batch.items()}, f"median of {repeats} on this machine")
+    return StageProfile(
+        stage_name,
+        device.name,
+        by_batch[main_batch],
+        "measured",
+        memory,
+        _nbytes(out),
+        {str(k): v for k, v in by_batch.items()},
+        f"median of {repeats} on this machine",
+    )

@@ -29,7 +29,11 @@ def _stage_of(pipeline, registry: Registry, variant: Variant, base_dir: Path | N
         return None
     for stage in pipeline.stages:
         if stage.kind == "model" and stage.problem_file:
-            problem = Problem(file=str(base_dir / stage.problem_file), init_args=tuple(stage.init_args or ()), init_kwargs=dict(stage.init_kwargs))
+            problem = Problem(
+                file=str(base_dir / stage.problem_file),
+                init_args=tuple(stage.init_args or ()),
+                init_kwargs=dict(stage.init_kwargs),
+            )
             if problem.load().fingerprint() == variant.fingerprint:
                 return stage.name
     return None
@@ -48,9 +52,19 @@ def pending(registry_path, pipeline) -> list[dict]:
             continue
         variant = registry.get(job.variant_id)
         if variant.status == "pending_review":
-            out.append({"variant_id": variant.id, "stage": job.stage, "job_id": job.id, "name": variant.name, "agent": variant.agent,
-                        "speedup": variant.speedup, "flags": variant.verdict.get("flags", []), "trigger": job.trigger,
-                        "created_at": variant.created_at})
+            out.append(
+                {
+                    "variant_id": variant.id,
+                    "stage": job.stage,
+                    "job_id": job.id,
+                    "name": variant.name,
+                    "agent": variant.agent,
+                    "speedup": variant.speedup,
+                    "flags": variant.verdict.get("flags", []),
+                    "trigger": job.trigger,
+                    "created_at": variant.created_at,
+                }
+            )
     return out
 
 
@@ -67,13 +81,39 @@ def show(registry_path, pipeline, base_dir: Path, variant_id: int) -> dict:
             reference_source = (Path(base_dir) / pipeline.stage(stage_name).problem_file).read_text()
         except OSError:
             pass
-    diff = "".join(difflib.unified_diff(reference_source.splitlines(keepends=True), variant.source.splitlines(keepends=True),
-                                        "reference", f"variant {variant.id} ({variant.name})"))
+    diff = "".join(
+        difflib.unified_diff(
+            reference_source.splitlines(keepends=True),
+            variant.source.splitlines(keepends=True),
+            "reference",
+            f"variant {variant.id} ({variant.name})",
+        )
+    )
     verdict = variant.verdict
-    return {"variant": variant.summary(), "stage": stage_name, "job": job.to_json() if job else None,
-            "verdict": {k: verdict.get(k) for k in ("verdict", "speedup", "reference_ms", "candidate_ms", "flags", "reasons", "trials",
-                                                    "device", "precision", "needs_review", "confinement")},
-            "recipe": variant.recipe, "diff": diff, "source": variant.source}
+    return {
+        "variant": variant.summary(),
+        "stage": stage_name,
+        "job": job.to_json() if job else None,
+        "verdict": {
+            k: verdict.get(k)
+            for k in (
+                "verdict",
+                "speedup",
+                "reference_ms",
+                "candidate_ms",
+                "flags",
+                "reasons",
+                "trials",
+                "device",
+                "precision",
+                "needs_review",
+                "confinement",
+            )
+        },
+        "recipe": variant.recipe,
+        "diff": diff,
+        "source": variant.source,
+    }
 
 
 def approve(registry_path, pipeline, variant_id: int, approver: str, hint: str = "", note: str = "") -> dict:
@@ -86,18 +126,29 @@ def reject(registry_path, pipeline, variant_id: int, approver: str, hint: str = 
     return _decide(registry_path, pipeline, variant_id, "rejected", "reject", approver, hint, note)
 
 
-def _decide(registry_path, pipeline, variant_id: int, status: str, decision: str, approver: str, hint: str, note: str) -> dict:
+def _decide(
+    registry_path, pipeline, variant_id: int, status: str, decision: str, approver: str, hint: str, note: str
+) -> dict:
     registry = Registry(registry_path)
     variant = _get(registry, variant_id)
     if variant.status != "pending_review":
-        raise SwapError(f"variant {variant_id} is {variant.status}: only pending_review variants wait for approval", 409)
+        raise SwapError(
+            f"variant {variant_id} is {variant.status}: only pending_review variants wait for approval", 409
+        )
     job = _job_of(registry_path, pipeline, variant.id)
     stage = job.stage if job else _stage_of(pipeline, registry, variant, None)
     if stage is None:
         raise SwapError(f"variant {variant_id} does not belong to a stage of pipeline {pipeline.name}", 404)
     registry.set_status(variant.id, status, approver=approver)
-    RolloutBoard(registry_path).record(pipeline.name, stage, decision, variant=str(variant.id), numbers={"speedup": variant.speedup},
-                                       reason=note or hint, actor=approver)
+    RolloutBoard(registry_path).record(
+        pipeline.name,
+        stage,
+        decision,
+        variant=str(variant.id),
+        numbers={"speedup": variant.speedup},
+        reason=note or hint,
+        actor=approver,
+    )
     out = {"variant_id": variant.id, "stage": stage, "status": status, "approver": approver}
     if hint.strip():
         out["queued_job"] = queue_hint_job(registry_path, pipeline, stage, hint, actor=approver).id

@@ -66,13 +66,27 @@ class StageInfo:
 class Controller:
     """One pipeline's re-optimization loop: `tick()` observes, queues and launches jobs, and runs rollouts."""
 
-    def __init__(self, pipeline, stages: dict[str, StageInfo], registry_path: str, *, metrics_source: Callable[[], dict],
-                 launcher, swapper: Callable[[str, str], bool], metrics=None, scratch: str | None = None,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        pipeline,
+        stages: dict[str, StageInfo],
+        registry_path: str,
+        *,
+        metrics_source: Callable[[], dict],
+        launcher,
+        swapper: Callable[[str, str], bool],
+        metrics=None,
+        scratch: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         self.pipeline, self.spec = pipeline, pipeline.reoptimize
         self.stages, self.registry_path = stages, registry_path
         self.graph = PipelineGraph(pipeline)
-        self.registry, self.jobs, self.rollouts = Registry(registry_path), JobBoard(registry_path), RolloutBoard(registry_path)
+        self.registry, self.jobs, self.rollouts = (
+            Registry(registry_path),
+            JobBoard(registry_path),
+            RolloutBoard(registry_path),
+        )
         self.heartbeats = SwapBoard(registry_path)
         self.metrics_source, self.launcher, self.swapper = metrics_source, launcher, swapper
         self.metrics, self.clock = metrics, clock
@@ -96,8 +110,13 @@ class Controller:
         done += self._rollouts(now)
         done += self._detect(windows, signatures, now)
         done += self._launch()
-        self.last = {"at": now, "windows": {s: vars(w) for s, w in windows.items()}, "signatures": signatures,
-                     "critical_path": self._shares(windows), "actions": done}
+        self.last = {
+            "at": now,
+            "windows": {s: vars(w) for s, w in windows.items()},
+            "signatures": signatures,
+            "critical_path": self._shares(windows),
+            "actions": done,
+        }
         return self.last
 
     # -- observing ------------------------------------------------------------------------------
@@ -108,7 +127,10 @@ class Controller:
         while len(self.snapshots) > 2 and self.snapshots[1][0] <= now - self.spec.window_s:
             self.snapshots.popleft()  # keep one snapshot at or before the window's start
         _, old_counters, old_sigs = self.snapshots[0]
-        windows = {stage: window_of(c, old_counters.get(stage) if len(self.snapshots) > 1 else None) for stage, c in counters.items()}
+        windows = {
+            stage: window_of(c, old_counters.get(stage) if len(self.snapshots) > 1 else None)
+            for stage, c in counters.items()
+        }
         shares: dict[str, dict[str, float]] = {}
         for stage, totals in sigs.items():
             before = old_sigs.get(stage, {}) if len(self.snapshots) > 1 else {}
@@ -117,7 +139,9 @@ class Controller:
                 delta = dict(totals)  # a replica restarted: its counts began again
             calls = sum(delta.values())
             if calls > 0:
-                shares[stage] = {k: round(v / calls, 4) for k, v in sorted(delta.items(), key=lambda kv: -kv[1]) if v > 0}
+                shares[stage] = {
+                    k: round(v / calls, 4) for k, v in sorted(delta.items(), key=lambda kv: -kv[1]) if v > 0
+                }
         return windows, shares
 
     def _signature_totals(self, stage: str) -> dict[str, int]:
@@ -143,11 +167,16 @@ class Controller:
         if self.rollouts.running(self.pipeline.name, stage):
             return "a rollout is running"
         info = self.stages[stage]
-        waiting = [v for v in self.registry.list(fingerprint=info.fingerprint, device_class=info.device_class)
-                   if v.status in ("pending_review", "canary")]
+        waiting = [
+            v
+            for v in self.registry.list(fingerprint=info.fingerprint, device_class=info.device_class)
+            if v.status in ("pending_review", "canary")
+        ]
         return f"variant {waiting[0].id} is {waiting[0].status}" if waiting else ""
 
-    def _detect(self, windows: dict[str, StageWindow], signatures: dict[str, dict[str, float]], now: float) -> list[str]:
+    def _detect(
+        self, windows: dict[str, StageWindow], signatures: dict[str, dict[str, float]], now: float
+    ) -> list[str]:
         actions = []
         shares = self._shares(windows)
         for stage in self.stages:
@@ -162,22 +191,40 @@ class Controller:
             trigger = reason = ""
             share = shares.get(stage, 0.0)
             if not history and share >= self.spec.hot_share:
-                trigger, reason = "hot", f"{share:.0%} of the critical path (threshold {self.spec.hot_share:.0%}), p50 {w.p50_ms or 0:.2f} ms"
+                trigger, reason = (
+                    "hot",
+                    f"{share:.0%} of the critical path (threshold {self.spec.hot_share:.0%}), p50 {w.p50_ms or 0:.2f} ms",
+                )
             elif history and new:
-                trigger, reason = "new_shape", f"signature {new[0]} is {sigs[new[0]]:.0%} of calls and no job optimized for it"
-            elif stage in self.baseline_p50 and w.p50_ms and w.p50_ms >= self.spec.regression * self.baseline_p50[stage]:
+                trigger, reason = (
+                    "new_shape",
+                    f"signature {new[0]} is {sigs[new[0]]:.0%} of calls and no job optimized for it",
+                )
+            elif (
+                stage in self.baseline_p50 and w.p50_ms and w.p50_ms >= self.spec.regression * self.baseline_p50[stage]
+            ):
                 recent = [j for j in history if (j.finished_at or now) > now - self.spec.window_s]
                 # a window that still holds calls from before the last rollout's end is not judged (it mixes variants)
                 if not recent and now - self.settled_at.get(stage, 0.0) > self.spec.window_s:
-                    trigger, reason = "regression", (f"p50 {w.p50_ms:.2f} ms, {w.p50_ms / self.baseline_p50[stage]:.2f}x its "
-                                                     f"{self.baseline_p50[stage]:.2f} ms after the last rollout")
+                    trigger, reason = (
+                        "regression",
+                        (
+                            f"p50 {w.p50_ms:.2f} ms, {w.p50_ms / self.baseline_p50[stage]:.2f}x its "
+                            f"{self.baseline_p50[stage]:.2f} ms after the last rollout"
+                        ),
+                    )
             if stage not in self.baseline_p50 and w.p50_ms:
                 self.baseline_p50[stage] = w.p50_ms  # the first full window is the reference point for regressions
             if trigger:
                 job = self.jobs.queue(self.pipeline.name, stage, trigger, reason, frequent or list(sigs)[:1])
                 if job is not None:
-                    self.rollouts.record(self.pipeline.name, stage, "job", numbers={"job_id": job.id, "trigger": trigger,
-                                                                                    "calls": w.calls, "share": share}, reason=reason)
+                    self.rollouts.record(
+                        self.pipeline.name,
+                        stage,
+                        "job",
+                        numbers={"job_id": job.id, "trigger": trigger, "calls": w.calls, "share": share},
+                        reason=reason,
+                    )
                     actions.append(f"queued job {job.id} for {stage}: {trigger} ({reason})")
         return actions
 
@@ -190,11 +237,25 @@ class Controller:
             if job.stage not in self.stages or not self.jobs.claim(job.id):
                 continue
             info = self.stages[job.stage]
-            spec = JobSpec(registry_path=self.registry_path, job_id=job.id, pipeline=self.pipeline.name, stage=job.stage,
-                           problem_file=info.problem_file, device=info.device, device_class=info.device_class, precision=info.precision,
-                           budget_s=float(self.spec.budget_s), scratch=self.scratch, init_args=tuple(info.init_args),
-                           init_kwargs=dict(info.init_kwargs), agents=tuple(self.spec.agents), hint=job.hint, approval=self.spec.approval,
-                           signatures=tuple(job.signatures), threads=max(1, math.floor(self.spec.job_cpus)))
+            spec = JobSpec(
+                registry_path=self.registry_path,
+                job_id=job.id,
+                pipeline=self.pipeline.name,
+                stage=job.stage,
+                problem_file=info.problem_file,
+                device=info.device,
+                device_class=info.device_class,
+                precision=info.precision,
+                budget_s=float(self.spec.budget_s),
+                scratch=self.scratch,
+                init_args=tuple(info.init_args),
+                init_kwargs=dict(info.init_kwargs),
+                agents=tuple(self.spec.agents),
+                hint=job.hint,
+                approval=self.spec.approval,
+                signatures=tuple(job.signatures),
+                threads=max(1, math.floor(self.spec.job_cpus)),
+            )
             try:
                 self.launcher.launch(spec, info.resources)
             except Exception as err:  # noqa: BLE001 - a launch that fails fails the job, never the controller
@@ -215,7 +276,10 @@ class Controller:
                 actions.append(f"job {job_id} died: {error}")
         for job in self.jobs.mark_lost(self.pipeline.name, now):
             actions.append(f"job {job.id} lost (no heartbeat)")
-        reported = {e["numbers"].get("job_id") for e in self.rollouts.events(self.pipeline.name, limit=1_000_000, decision="job_done")}
+        reported = {
+            e["numbers"].get("job_id")
+            for e in self.rollouts.events(self.pipeline.name, limit=1_000_000, decision="job_done")
+        }
         for job in self.jobs.list(self.pipeline.name, states=("done", "failed")):
             if job.id in reported:
                 continue
@@ -229,10 +293,23 @@ class Controller:
                     if status == "rejected":
                         status = "rejected:" + (row.get("reject_kind") or UNVERIFIED)
                     m.labels(self.pipeline.name, job.stage, status).inc()
-            numbers = {"job_id": job.id, "outcome": outcome, "variant_id": job.variant_id,
-                       **{k: summary.get(k) for k in ("winner", "speedup_vs_eager", "speedup_vs_compile", "elapsed_s", "candidates")}}
-            self.rollouts.record(self.pipeline.name, job.stage, "job_done", variant=str(job.variant_id) if job.variant_id else None,
-                                 numbers=numbers, reason=job.error or summary.get("not_registered") or "")
+            numbers = {
+                "job_id": job.id,
+                "outcome": outcome,
+                "variant_id": job.variant_id,
+                **{
+                    k: summary.get(k)
+                    for k in ("winner", "speedup_vs_eager", "speedup_vs_compile", "elapsed_s", "candidates")
+                },
+            }
+            self.rollouts.record(
+                self.pipeline.name,
+                job.stage,
+                "job_done",
+                variant=str(job.variant_id) if job.variant_id else None,
+                numbers=numbers,
+                reason=job.error or summary.get("not_registered") or "",
+            )
             actions.append(f"job {job.id} for {job.stage}: {outcome}")
         return actions
 
@@ -246,8 +323,12 @@ class Controller:
         actions = []
         for rollout in self.rollouts.running(self.pipeline.name):
             if now - rollout.step_started_at > self.spec.canary.step_timeout_s:
-                self._rollback(rollout, f"timeout: step {rollout.step} started {now - rollout.step_started_at:.0f} s ago, "
-                                        "before the controller restarted", {})
+                self._rollback(
+                    rollout,
+                    f"timeout: step {rollout.step} started {now - rollout.step_started_at:.0f} s ago, "
+                    "before the controller restarted",
+                    {},
+                )
                 actions.append(f"rolled back rollout {rollout.id} on restart")
             else:
                 self._decide(rollout, "resume", f"controller restarted: continuing at step {rollout.step}", {})
@@ -259,15 +340,34 @@ class Controller:
         for stage, info in self.stages.items():
             if self.rollouts.running(self.pipeline.name, stage):
                 continue
-            waiting = [v for v in self.registry.list(fingerprint=info.fingerprint, device_class=info.device_class, status="canary")]
+            waiting = [
+                v
+                for v in self.registry.list(
+                    fingerprint=info.fingerprint, device_class=info.device_class, status="canary"
+                )
+            ]
             if waiting:
                 variant = waiting[0]
                 job = next((j for j in self.jobs.list(self.pipeline.name, stage) if j.variant_id == variant.id), None)
-                rollout = self.rollouts.start(self.pipeline.name, stage, str(variant.id), plan_for(self.spec.canary),
-                                              self.spec.canary.guard, job.id if job else None)
+                rollout = self.rollouts.start(
+                    self.pipeline.name,
+                    stage,
+                    str(variant.id),
+                    plan_for(self.spec.canary),
+                    self.spec.canary.guard,
+                    job.id if job else None,
+                )
                 if rollout is not None:
-                    self._decide(rollout, "start", f"variant {variant.id} ({variant.name}, verified {variant.speedup or 0:.2f}x)",
-                                 {"verified_speedup": variant.speedup, "plan": rollout.plan, "replicas": self.heartbeats.alive(self.pipeline.name, stage)})
+                    self._decide(
+                        rollout,
+                        "start",
+                        f"variant {variant.id} ({variant.name}, verified {variant.speedup or 0:.2f}x)",
+                        {
+                            "verified_speedup": variant.speedup,
+                            "plan": rollout.plan,
+                            "replicas": self.heartbeats.alive(self.pipeline.name, stage),
+                        },
+                    )
                     actions.append(f"started rollout {rollout.id} of variant {variant.id} on {stage}")
         for rollout in self.rollouts.running(self.pipeline.name):
             decision = judge_step(rollout, self.rollouts.step_stats(rollout.id, rollout.step), self.spec.canary, now)
@@ -310,7 +410,9 @@ class Controller:
             self.settled_at[rollout.stage] = self.clock()
 
     def _decide(self, rollout: Rollout, decision: str, reason: str, numbers: dict) -> None:
-        self.rollouts.record(self.pipeline.name, rollout.stage, decision, rollout=rollout, numbers=numbers, reason=reason)
+        self.rollouts.record(
+            self.pipeline.name, rollout.stage, decision, rollout=rollout, numbers=numbers, reason=reason
+        )
         if self.metrics is not None:
             self.metrics.rollout_decisions.labels(self.pipeline.name, rollout.stage, decision).inc()
         if decision in ("start", "resume"):
@@ -332,9 +434,14 @@ class Controller:
 
     def status(self) -> dict:
         name = self.pipeline.name
-        return {"pipeline": name, "last": self.last, "baseline_p50_ms": self.baseline_p50,
-                "jobs": [j.to_json() | {"summary": None} for j in self.jobs.list(name, limit=20)],
-                "rollouts": [vars(r) for r in self.rollouts.recent(name, 10)], "events": self.rollouts.events(name, limit=50)}
+        return {
+            "pipeline": name,
+            "last": self.last,
+            "baseline_p50_ms": self.baseline_p50,
+            "jobs": [j.to_json() | {"summary": None} for j in self.jobs.list(name, limit=20)],
+            "rollouts": [vars(r) for r in self.rollouts.recent(name, 10)],
+            "events": self.rollouts.events(name, limit=50),
+        }
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -346,7 +453,11 @@ def controller_stages(pipeline: Pipeline, base_dir: Path, placement: dict[str, d
         if not isinstance(stage, ModelStage) or not stage.optimize or stage.problem_file is None:
             continue
         where = placement[stage.name]
-        problem = Problem(file=str(base_dir / stage.problem_file), init_args=tuple(stage.init_args or ()), init_kwargs=dict(stage.init_kwargs))
+        problem = Problem(
+            file=str(base_dir / stage.problem_file),
+            init_args=tuple(stage.init_args or ()),
+            init_kwargs=dict(stage.init_kwargs),
+        )
         resources: dict[str, Any] = {"num_cpus": spec.job_cpus}
         if where["ray_actor_options"].get("resources"):  # a named CPU class: the job runs on one of its nodes
             resources["resources"] = dict(where["ray_actor_options"]["resources"])
@@ -356,13 +467,28 @@ def controller_stages(pipeline: Pipeline, base_dir: Path, placement: dict[str, d
             resources["runtime_env"] = {"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
             if where["ray_actor_options"].get("accelerator_type"):
                 resources["accelerator_type"] = where["ray_actor_options"]["accelerator_type"]
-        out[stage.name] = StageInfo(stage.name, problem.load().fingerprint(), where["device"], where["device_class"], stage.precision,
-                                    str(base_dir / stage.problem_file), list(stage.init_args or []), dict(stage.init_kwargs), resources)
+        out[stage.name] = StageInfo(
+            stage.name,
+            problem.load().fingerprint(),
+            where["device"],
+            where["device_class"],
+            stage.precision,
+            str(base_dir / stage.problem_file),
+            list(stage.init_args or []),
+            dict(stage.init_kwargs),
+            resources,
+        )
     return out
 
 
-def build_controller(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], registry_path: str, metrics_dir: str,
-                     metrics: Metrics) -> Controller:
+def build_controller(
+    pipeline: Pipeline,
+    base_dir: Path,
+    placement: dict[str, dict],
+    registry_path: str,
+    metrics_dir: str,
+    metrics: Metrics,
+) -> Controller:
     """The controller of a served pipeline: its stage metrics, Ray jobs, and promotions as hot-swaps on every replica."""
 
     def swapper(stage: str, variant: str) -> bool:
@@ -372,8 +498,14 @@ def build_controller(pipeline: Pipeline, base_dir: Path, placement: dict[str, di
         except SwapError:
             return False
 
-    controller = Controller(pipeline, controller_stages(pipeline, base_dir, placement), registry_path,
-                            metrics_source=stage_counters_source(metrics_dir, pipeline.name), launcher=JobLauncher(pipeline.name),
-                            swapper=swapper, metrics=metrics)
+    controller = Controller(
+        pipeline,
+        controller_stages(pipeline, base_dir, placement),
+        registry_path,
+        metrics_source=stage_counters_source(metrics_dir, pipeline.name),
+        launcher=JobLauncher(pipeline.name),
+        swapper=swapper,
+        metrics=metrics,
+    )
     metrics.zero_control_series(pipeline.name, list(controller.stages))
     return controller

@@ -55,8 +55,15 @@ def point_between(new: MetricsSnapshot, old: MetricsSnapshot, t: float, dt: floa
         calls = {v: n - earlier.get(v, 0.0) for v, n in counters.variant_calls.items()}
         if calls and max(calls.values()) > 0:
             serving[stage] = max(calls, key=calls.get)
-    return Point(t, bucket_quantile(e2e, 0.5), bucket_quantile(e2e, 0.99), max(0.0, new.pipeline_count - old.pipeline_count) / max(dt, 1e-9),
-                 stage_p50, dict(new.speedup), serving)
+    return Point(
+        t,
+        bucket_quantile(e2e, 0.5),
+        bucket_quantile(e2e, 0.99),
+        max(0.0, new.pipeline_count - old.pipeline_count) / max(dt, 1e-9),
+        stage_p50,
+        dict(new.speedup),
+        serving,
+    )
 
 
 class DashboardSampler:
@@ -104,14 +111,22 @@ def _fmt(v: float) -> str:
     return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
 
 
-def line_chart(title: str, series: dict[str, list[tuple[float, float]]], unit: str, hline: tuple[float, str] | None = None,
-               width: int = 600, height: int = 240) -> str:
+def line_chart(
+    title: str,
+    series: dict[str, list[tuple[float, float]]],
+    unit: str,
+    hline: tuple[float, str] | None = None,
+    width: int = 600,
+    height: int = 240,
+) -> str:
     """Lines over time (x: seconds before now), with an optional dashed horizontal target line."""
     left, right, top, bottom = 56, 12, 28, 34
     pw, ph = width - left - right, height - top - bottom
     points = [p for s in series.values() for p in s]
-    out = [f'<svg class="plot" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
-           f'<text x="{left}" y="18" class="ptitle">{html.escape(title)}</text>']
+    out = [
+        f'<svg class="plot" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{left}" y="18" class="ptitle">{html.escape(title)}</text>',
+    ]
     if not points:
         out.append(f'<text x="{left + 10}" y="{top + ph / 2}" class="empty">no data yet</text></svg>')
         return "".join(out)
@@ -122,17 +137,21 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], unit: s
     y = lambda v: top + ph - v / ymax * ph  # noqa: E731
     for i in range(5):  # grid and y labels
         v = ymax * i / 4
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="grid"/>'
-                   f'<text x="{left - 6}" y="{y(v) + 4:.1f}" class="ylab">{_fmt(v)}</text>')
+        out.append(
+            f'<line x1="{left}" x2="{left + pw}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="grid"/>'
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" class="ylab">{_fmt(v)}</text>'
+        )
     for i in range(4):
         t = t0 + (t1 - t0) * i / 3
         label, anchor = ("now", "end") if i == 3 else (f"-{(t1 - t) / 60:.1f} min", "middle")
         out.append(f'<text x="{x(t):.1f}" y="{top + ph + 16}" class="xlab" style="text-anchor:{anchor}">{label}</text>')
     out.append(f'<text x="8" y="{top + ph / 2}" class="unit" transform="rotate(-90 8 {top + ph / 2})">{unit}</text>')
     if hline:
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(hline[0]):.1f}" y2="{y(hline[0]):.1f}" stroke="{SLO_LINE}" '
-                   f'stroke-width="2" stroke-dasharray="8 6"/><text x="{left + pw - 4}" y="{y(hline[0]) - 5:.1f}" class="hlab">'
-                   f"{html.escape(hline[1])}</text>")
+        out.append(
+            f'<line x1="{left}" x2="{left + pw}" y1="{y(hline[0]):.1f}" y2="{y(hline[0]):.1f}" stroke="{SLO_LINE}" '
+            f'stroke-width="2" stroke-dasharray="8 6"/><text x="{left + pw - 4}" y="{y(hline[0]) - 5:.1f}" class="hlab">'
+            f"{html.escape(hline[1])}</text>"
+        )
     legend = []
     for i, (name, pts) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
@@ -151,29 +170,58 @@ def bar_chart(title: str, bars: list[tuple[str, float]], width: int = 600, row: 
     vmax = max([v for _, v in bars] + [1.0]) * 1.1
     pw = width - left - right
     x = lambda v: left + v / vmax * pw  # noqa: E731
-    out = [f'<svg class="plot" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
-           f'<text x="{left}" y="18" class="ptitle">{html.escape(title)}</text>']
+    out = [
+        f'<svg class="plot" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{left}" y="18" class="ptitle">{html.escape(title)}</text>',
+    ]
     for i, (label, value) in enumerate(bars):
         y0 = top + i * row
-        out.append(f'<text x="{left - 8}" y="{y0 + row / 2 + 4}" class="ylab">{html.escape(label)}</text>'
-                   f'<rect x="{left}" y="{y0 + 4}" width="{max(0.0, x(value) - left):.1f}" height="{row - 8}" fill="{SPEEDUP_BAR}"/>'
-                   f'<text x="{x(value) + 6:.1f}" y="{y0 + row / 2 + 4}" class="vlab">{value:.2f}x</text>')
+        out.append(
+            f'<text x="{left - 8}" y="{y0 + row / 2 + 4}" class="ylab">{html.escape(label)}</text>'
+            f'<rect x="{left}" y="{y0 + 4}" width="{max(0.0, x(value) - left):.1f}" height="{row - 8}" fill="{SPEEDUP_BAR}"/>'
+            f'<text x="{x(value) + 6:.1f}" y="{y0 + row / 2 + 4}" class="vlab">{value:.2f}x</text>'
+        )
     base = top + row * max(1, len(bars))
-    out.append(f'<line x1="{x(1.0):.1f}" x2="{x(1.0):.1f}" y1="{top}" y2="{base}" stroke="#333" stroke-dasharray="3 3"/>'
-               f'<text x="{x(1.0):.1f}" y="{base + 16}" class="xlab">1x = reference</text></svg>')
+    out.append(
+        f'<line x1="{x(1.0):.1f}" x2="{x(1.0):.1f}" y1="{top}" y2="{base}" stroke="#333" stroke-dasharray="3 3"/>'
+        f'<text x="{x(1.0):.1f}" y="{base + 16}" class="xlab">1x = reference</text></svg>'
+    )
     return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------------- page
-def page_data(pipeline, sampler: DashboardSampler, placement: dict, swaps: list[dict], events: list[dict], pending: list[dict],
-              reoptimize: dict | None) -> dict:
+def page_data(
+    pipeline,
+    sampler: DashboardSampler,
+    placement: dict,
+    swaps: list[dict],
+    events: list[dict],
+    pending: list[dict],
+    reoptimize: dict | None,
+) -> dict:
     """Everything the page shows, as JSON."""
     points = list(sampler.points)
-    return {"pipeline": pipeline.name, "generated_at": time.time(), "slo_p99_ms": pipeline.slo.p99_ms if pipeline.slo else None,
-            "series": [asdict(p) for p in points], "latest": asdict(points[-1]) if points else None,
-            "placement": [{"stage": s.name, "kind": s.kind, "device_class": placement.get(s.name, {}).get("device_class", "?"),
-                           "device": placement.get(s.name, {}).get("device", "?")} for s in pipeline.stages],
-            "swaps": swaps, "rollout_events": events, "pending_approvals": pending, "reoptimize": reoptimize, "sampler_error": sampler.error}
+    return {
+        "pipeline": pipeline.name,
+        "generated_at": time.time(),
+        "slo_p99_ms": pipeline.slo.p99_ms if pipeline.slo else None,
+        "series": [asdict(p) for p in points],
+        "latest": asdict(points[-1]) if points else None,
+        "placement": [
+            {
+                "stage": s.name,
+                "kind": s.kind,
+                "device_class": placement.get(s.name, {}).get("device_class", "?"),
+                "device": placement.get(s.name, {}).get("device", "?"),
+            }
+            for s in pipeline.stages
+        ],
+        "swaps": swaps,
+        "rollout_events": events,
+        "pending_approvals": pending,
+        "reoptimize": reoptimize,
+        "sampler_error": sampler.error,
+    }
 
 
 def _table(headers: list[str], rows: list[list[str]], empty: str) -> str:
@@ -188,7 +236,13 @@ def _ago(at: float | None, now: float) -> str:
     if not at:
         return ""
     s = max(0.0, now - at)
-    return f"{s:.0f} s ago" if s < 120 else f"{s / 60:.0f} min ago" if s < 7200 else time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
+    return (
+        f"{s:.0f} s ago"
+        if s < 120
+        else f"{s / 60:.0f} min ago"
+        if s < 7200
+        else time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
+    )
 
 
 def render(data: dict, refresh_s: int = 5) -> str:
@@ -196,35 +250,87 @@ def render(data: dict, refresh_s: int = 5) -> str:
     now = data["generated_at"]
     series = data["series"]
     stages = sorted({s for p in series for s in p["stage_p50_ms"]})
-    e2e = {"p50": [(p["t"], p["e2e_p50_ms"]) for p in series if p["e2e_p50_ms"] is not None],
-           "p99": [(p["t"], p["e2e_p99_ms"]) for p in series if p["e2e_p99_ms"] is not None]}
+    e2e = {
+        "p50": [(p["t"], p["e2e_p50_ms"]) for p in series if p["e2e_p50_ms"] is not None],
+        "p99": [(p["t"], p["e2e_p99_ms"]) for p in series if p["e2e_p99_ms"] is not None],
+    }
     slo = data["slo_p99_ms"]
     latest = data["latest"] or {"speedup": {}, "serving": {}, "rps": 0.0, "e2e_p50_ms": None, "e2e_p99_ms": None}
     speedups = sorted(latest["speedup"].items())
-    headline = (f'{latest["rps"]:.1f} requests/s; end to end p50 {_fmt(latest["e2e_p50_ms"])} ms, p99 {_fmt(latest["e2e_p99_ms"])} ms'
-                if latest["e2e_p50_ms"] is not None else "no requests in the last window")
+    headline = (
+        f"{latest['rps']:.1f} requests/s; end to end p50 {_fmt(latest['e2e_p50_ms'])} ms, p99 {_fmt(latest['e2e_p99_ms'])} ms"
+        if latest["e2e_p50_ms"] is not None
+        else "no requests in the last window"
+    )
     if slo:
         headline += f" (p99 target {_fmt(slo)} ms)"
     plots = [
         line_chart("End-to-end latency (ms)", e2e, "ms", (slo, f"SLO p99 {_fmt(slo)} ms") if slo else None),
-        line_chart("Stage latency p50 (ms)", {s: [(p["t"], p["stage_p50_ms"][s]) for p in series if s in p["stage_p50_ms"]] for s in stages}, "ms"),
+        line_chart(
+            "Stage latency p50 (ms)",
+            {s: [(p["t"], p["stage_p50_ms"][s]) for p in series if s in p["stage_p50_ms"]] for s in stages},
+            "ms",
+        ),
         bar_chart("Speedup of the active variant over the reference", speedups),
-        line_chart("Speedup over time (x)", {s: [(p["t"], p["speedup"][s]) for p in series if s in p["speedup"]] for s, _ in speedups}, "x"),
+        line_chart(
+            "Speedup over time (x)",
+            {s: [(p["t"], p["speedup"][s]) for p in series if s in p["speedup"]] for s, _ in speedups},
+            "x",
+        ),
     ]
-    placement = _table(["stage", "kind", "device class", "device", "serving now", "speedup"],
-                       [[p["stage"], p["kind"], p["device_class"], p["device"], latest["serving"].get(p["stage"], "-"),
-                         f'{latest["speedup"][p["stage"]]:.2f}x' if p["stage"] in latest["speedup"] else "-"] for p in data["placement"]],
-                       "no stages")
-    swaps = _table(["when", "stage", "to", "by", "replicas"],
-                   [[_ago(s["at"], now), s["stage"], s["variant"], s["requested_by"],
-                     ", ".join(f'{r["outcome"]}' for r in s["reports"]) or "waiting"] for s in data["swaps"]], "no swaps yet")
-    events = _table(["when", "stage", "decision", "variant", "why"],
-                    [[_ago(e["at"], now), e["stage"], e["decision"], e["variant"] or "", (e["reason"] or "")[:120]]
-                     for e in reversed(data["rollout_events"][-15:])], "no rollout decisions yet")
-    pending = _table(["variant", "stage", "name", "agent", "speedup", "flags", "found by"],
-                     [[p["variant_id"], p["stage"], p["name"], p["agent"], f'{p["speedup"]:.2f}x' if p.get("speedup") else "-",
-                       ", ".join(p["flags"]) or "-", f'job {p["job_id"]} ({p["trigger"]})'] for p in data["pending_approvals"]],
-                     "nothing waits for approval (hetforge approvals list|show|approve|reject)")
+    placement = _table(
+        ["stage", "kind", "device class", "device", "serving now", "speedup"],
+        [
+            [
+                p["stage"],
+                p["kind"],
+                p["device_class"],
+                p["device"],
+                latest["serving"].get(p["stage"], "-"),
+                f"{latest['speedup'][p['stage']]:.2f}x" if p["stage"] in latest["speedup"] else "-",
+            ]
+            for p in data["placement"]
+        ],
+        "no stages",
+    )
+    swaps = _table(
+        ["when", "stage", "to", "by", "replicas"],
+        [
+            [
+                _ago(s["at"], now),
+                s["stage"],
+                s["variant"],
+                s["requested_by"],
+                ", ".join(f"{r['outcome']}" for r in s["reports"]) or "waiting",
+            ]
+            for s in data["swaps"]
+        ],
+        "no swaps yet",
+    )
+    events = _table(
+        ["when", "stage", "decision", "variant", "why"],
+        [
+            [_ago(e["at"], now), e["stage"], e["decision"], e["variant"] or "", (e["reason"] or "")[:120]]
+            for e in reversed(data["rollout_events"][-15:])
+        ],
+        "no rollout decisions yet",
+    )
+    pending = _table(
+        ["variant", "stage", "name", "agent", "speedup", "flags", "found by"],
+        [
+            [
+                p["variant_id"],
+                p["stage"],
+                p["name"],
+                p["agent"],
+                f"{p['speedup']:.2f}x" if p.get("speedup") else "-",
+                ", ".join(p["flags"]) or "-",
+                f"job {p['job_id']} ({p['trigger']})",
+            ]
+            for p in data["pending_approvals"]
+        ],
+        "nothing waits for approval (hetforge approvals list|show|approve|reject)",
+    )
     name = html.escape(data["pipeline"])
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{refresh_s}">
@@ -251,4 +357,3 @@ JSON: <code>/v1/pipelines/{name}/dashboard</code>; Prometheus: <code>/metrics</c
 <h2>Waiting for approval</h2>{pending}
 </body></html>
 """
-

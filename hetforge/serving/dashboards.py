@@ -68,66 +68,183 @@ def _quantile(q: float, metric: str, selector: str, by: str = "") -> str:
 
 
 ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
-    ("Pipeline", (
-        Panel("End-to-end latency against the SLO", "timeseries", (
-            Query(_quantile(0.5, "hetforge_pipeline_request_latency_seconds", PIPE), "p50"),
-            Query(_quantile(0.99, "hetforge_pipeline_request_latency_seconds", PIPE), "p99"),
-            Query(f'max(hetforge_pipeline_slo_seconds{{{PIPE}, quantile="0.99"}})', "SLO (p99 target)"),
-        ), "Request latency through the ingress, from the pipeline's histogram; the dashed line is the spec's slo.p99_ms.",
-            unit="s", overrides=({"matcher": {"id": "byName", "options": "SLO (p99 target)"},
-                                  "properties": [{"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
-                                                 {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}}]},)),
-        Panel("Requests and errors", "timeseries", (
-            Query(f"sum by (outcome) (rate(hetforge_pipeline_requests_total{{{PIPE}}}[$__rate_interval]))", "requests {{outcome}}"),
-            Query(f"sum by (stage) (rate(hetforge_stage_errors_total{{{STAGES}}}[$__rate_interval]))", "errors in {{stage}}"),
-        ), "Pipeline requests per second by outcome, and stage calls that raised.", unit="reqps"),
-    )),
-    ("Stages", (
-        Panel("Stage latency p50 by variant and device", "timeseries", (
-            Query(_quantile(0.5, "hetforge_stage_latency_seconds", STAGES, "stage, variant, device"), "{{stage}} {{variant}} on {{device}}"),
-        ), "Median latency of one stage call (a batch for model stages), split by the variant that served it.", unit="s"),
-        Panel("Stage latency p99 by variant and device", "timeseries", (
-            Query(_quantile(0.99, "hetforge_stage_latency_seconds", STAGES, "stage, variant, device"), "{{stage}} {{variant}} on {{device}}"),
-        ), "Tail latency of one stage call, by variant: a canary's tail shows here before it is promoted.", unit="s"),
-        Panel("Speedup of the active variant over the reference", "timeseries", (
-            Query(f"max by (stage, device) (hetforge_stage_speedup_ratio{{{STAGES}}})", "{{stage}} on {{device}}"),
-        ), "The verified speedup of whatever each stage serves (1 = its reference); steps at swaps and promotions.", unit="x"),
-        Panel("Speedup now", "stat", (
-            Query(f"max by (stage) (hetforge_stage_speedup_ratio{{{STAGES}}})", "{{stage}}", instant=True),
-        ), "The active variant's verified speedup per stage.", unit="x", width=6,
-            options={"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "value", "graphMode": "none"}),
-        Panel("Placement", "table", (
-            Query(f"max by (stage, kind, device_class, device) (hetforge_stage_placement_info{{{PIPE}}})", instant=True, table=True),
-        ), "Where the planner placed each stage: device class (cpu or a GPU model) and device.", width=6),
-    )),
-    ("Swaps, canaries and the optimizer", (
-        Panel("Canary weight", "timeseries", (
-            Query(f"max by (stage) (hetforge_canary_weight_percent{{{STAGES}}})", "{{stage}}"),
-        ), "Percent of a stage's calls that the variant under rollout serves (0 during a shadow step and between rollouts).",
-            unit="percent"),
-        Panel("Swaps and rollout decisions", "timeseries", (
-            Query(f"sum by (stage, outcome) (increase(hetforge_kernel_swaps_total{{{STAGES}}}[$__rate_interval]))", "swap {{stage}} {{outcome}}"),
-            Query(f"sum by (stage, decision) (increase(hetforge_rollout_decisions_total{{{STAGES}}}[$__rate_interval]))",
-                  "rollout {{stage}} {{decision}}"),
-        ), "Hot-swaps by outcome and the controller's rollout decisions."),
-        Panel("Optimization jobs", "bargauge", (
-            Query(f"sum by (outcome) (hetforge_optimizer_jobs_total{{{STAGES}}})", "{{outcome}}", instant=True),
-        ), "Background jobs since the deployment started: started, registered (a winner went to canary or review), no_gain, failed.",
-            width=12, options={"displayMode": "basic", "orientation": "horizontal"}),
-        Panel("Candidates judged, by outcome", "bargauge", (
-            Query(f"sum by (outcome) (hetforge_optimizer_candidates_total{{{STAGES}}})", "{{outcome}}", instant=True),
-        ), "Every candidate the jobs' verifiers judged: accepted, needs_review, skipped, or rejected with its reason kind.",
-            width=12, options={"displayMode": "basic", "orientation": "horizontal"}),
-    )),
+    (
+        "Pipeline",
+        (
+            Panel(
+                "End-to-end latency against the SLO",
+                "timeseries",
+                (
+                    Query(_quantile(0.5, "hetforge_pipeline_request_latency_seconds", PIPE), "p50"),
+                    Query(_quantile(0.99, "hetforge_pipeline_request_latency_seconds", PIPE), "p99"),
+                    Query(f'max(hetforge_pipeline_slo_seconds{{{PIPE}, quantile="0.99"}})', "SLO (p99 target)"),
+                ),
+                "Request latency through the ingress, from the pipeline's histogram; the dashed line is the spec's slo.p99_ms.",
+                unit="s",
+                overrides=(
+                    {
+                        "matcher": {"id": "byName", "options": "SLO (p99 target)"},
+                        "properties": [
+                            {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+                            {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}},
+                        ],
+                    },
+                ),
+            ),
+            Panel(
+                "Requests and errors",
+                "timeseries",
+                (
+                    Query(
+                        f"sum by (outcome) (rate(hetforge_pipeline_requests_total{{{PIPE}}}[$__rate_interval]))",
+                        "requests {{outcome}}",
+                    ),
+                    Query(
+                        f"sum by (stage) (rate(hetforge_stage_errors_total{{{STAGES}}}[$__rate_interval]))",
+                        "errors in {{stage}}",
+                    ),
+                ),
+                "Pipeline requests per second by outcome, and stage calls that raised.",
+                unit="reqps",
+            ),
+        ),
+    ),
+    (
+        "Stages",
+        (
+            Panel(
+                "Stage latency p50 by variant and device",
+                "timeseries",
+                (
+                    Query(
+                        _quantile(0.5, "hetforge_stage_latency_seconds", STAGES, "stage, variant, device"),
+                        "{{stage}} {{variant}} on {{device}}",
+                    ),
+                ),
+                "Median latency of one stage call (a batch for model stages), split by the variant that served it.",
+                unit="s",
+            ),
+            Panel(
+                "Stage latency p99 by variant and device",
+                "timeseries",
+                (
+                    Query(
+                        _quantile(0.99, "hetforge_stage_latency_seconds", STAGES, "stage, variant, device"),
+                        "{{stage}} {{variant}} on {{device}}",
+                    ),
+                ),
+                "Tail latency of one stage call, by variant: a canary's tail shows here before it is promoted.",
+                unit="s",
+            ),
+            Panel(
+                "Speedup of the active variant over the reference",
+                "timeseries",
+                (
+                    Query(
+                        f"max by (stage, device) (hetforge_stage_speedup_ratio{{{STAGES}}})", "{{stage}} on {{device}}"
+                    ),
+                ),
+                "The verified speedup of whatever each stage serves (1 = its reference); steps at swaps and promotions.",
+                unit="x",
+            ),
+            Panel(
+                "Speedup now",
+                "stat",
+                (Query(f"max by (stage) (hetforge_stage_speedup_ratio{{{STAGES}}})", "{{stage}}", instant=True),),
+                "The active variant's verified speedup per stage.",
+                unit="x",
+                width=6,
+                options={"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "value", "graphMode": "none"},
+            ),
+            Panel(
+                "Placement",
+                "table",
+                (
+                    Query(
+                        f"max by (stage, kind, device_class, device) (hetforge_stage_placement_info{{{PIPE}}})",
+                        instant=True,
+                        table=True,
+                    ),
+                ),
+                "Where the planner placed each stage: device class (cpu or a GPU model) and device.",
+                width=6,
+            ),
+        ),
+    ),
+    (
+        "Swaps, canaries and the optimizer",
+        (
+            Panel(
+                "Canary weight",
+                "timeseries",
+                (Query(f"max by (stage) (hetforge_canary_weight_percent{{{STAGES}}})", "{{stage}}"),),
+                "Percent of a stage's calls that the variant under rollout serves (0 during a shadow step and between rollouts).",
+                unit="percent",
+            ),
+            Panel(
+                "Swaps and rollout decisions",
+                "timeseries",
+                (
+                    Query(
+                        f"sum by (stage, outcome) (increase(hetforge_kernel_swaps_total{{{STAGES}}}[$__rate_interval]))",
+                        "swap {{stage}} {{outcome}}",
+                    ),
+                    Query(
+                        f"sum by (stage, decision) (increase(hetforge_rollout_decisions_total{{{STAGES}}}[$__rate_interval]))",
+                        "rollout {{stage}} {{decision}}",
+                    ),
+                ),
+                "Hot-swaps by outcome and the controller's rollout decisions.",
+            ),
+            Panel(
+                "Optimization jobs",
+                "bargauge",
+                (Query(f"sum by (outcome) (hetforge_optimizer_jobs_total{{{STAGES}}})", "{{outcome}}", instant=True),),
+                "Background jobs since the deployment started: started, registered (a winner went to canary or review), no_gain, failed.",
+                width=12,
+                options={"displayMode": "basic", "orientation": "horizontal"},
+            ),
+            Panel(
+                "Candidates judged, by outcome",
+                "bargauge",
+                (
+                    Query(
+                        f"sum by (outcome) (hetforge_optimizer_candidates_total{{{STAGES}}})",
+                        "{{outcome}}",
+                        instant=True,
+                    ),
+                ),
+                "Every candidate the jobs' verifiers judged: accepted, needs_review, skipped, or rejected with its reason kind.",
+                width=12,
+                options={"displayMode": "basic", "orientation": "horizontal"},
+            ),
+        ),
+    ),
 )
 
 ANNOTATIONS = (
-    Annotation("Swaps", f"sum by (stage, outcome) (increase(hetforge_kernel_swaps_total{{{PIPE}}}[$__interval])) > 0",
-               "blue", "swap {{stage}}: {{outcome}}", "stage,outcome"),
-    Annotation("Canary steps", f'sum by (stage, decision) (increase(hetforge_rollout_decisions_total{{{PIPE}, decision!="rollback"}}'
-               "[$__interval])) > 0", "yellow", "rollout {{stage}}: {{decision}}", "stage,decision"),
-    Annotation("Rollbacks", f'sum by (stage) (increase(hetforge_rollout_decisions_total{{{PIPE}, decision="rollback"}}[$__interval])) > 0',
-               "red", "rollback of {{stage}}", "stage"),
+    Annotation(
+        "Swaps",
+        f"sum by (stage, outcome) (increase(hetforge_kernel_swaps_total{{{PIPE}}}[$__interval])) > 0",
+        "blue",
+        "swap {{stage}}: {{outcome}}",
+        "stage,outcome",
+    ),
+    Annotation(
+        "Canary steps",
+        f'sum by (stage, decision) (increase(hetforge_rollout_decisions_total{{{PIPE}, decision!="rollback"}}'
+        "[$__interval])) > 0",
+        "yellow",
+        "rollout {{stage}}: {{decision}}",
+        "stage,decision",
+    ),
+    Annotation(
+        "Rollbacks",
+        f'sum by (stage) (increase(hetforge_rollout_decisions_total{{{PIPE}, decision="rollback"}}[$__interval])) > 0',
+        "red",
+        "rollback of {{stage}}",
+        "stage",
+    ),
 )
 
 VARIABLES = (  # (name, label, query); the datasource variable comes first
@@ -145,13 +262,28 @@ def _panel_json(panel: Panel, pid: int, x: int, y: int) -> dict:
         if q.table:
             target["format"] = "table"
         targets.append(target)
-    doc = {"id": pid, "type": panel.kind, "title": panel.title, "description": panel.description, "datasource": DS,
-           "gridPos": {"h": panel.height, "w": panel.width, "x": x, "y": y}, "targets": targets,
-           "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": list(panel.overrides)}, "options": dict(panel.options)}
+    doc = {
+        "id": pid,
+        "type": panel.kind,
+        "title": panel.title,
+        "description": panel.description,
+        "datasource": DS,
+        "gridPos": {"h": panel.height, "w": panel.width, "x": x, "y": y},
+        "targets": targets,
+        "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": list(panel.overrides)},
+        "options": dict(panel.options),
+    }
     if panel.kind == "timeseries":
-        doc["fieldConfig"]["defaults"]["custom"] = {"drawStyle": "line", "lineWidth": 2, "showPoints": "never", "spanNulls": True}
-        doc["options"] = {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]},
-                          "tooltip": {"mode": "multi"}} | doc["options"]
+        doc["fieldConfig"]["defaults"]["custom"] = {
+            "drawStyle": "line",
+            "lineWidth": 2,
+            "showPoints": "never",
+            "spanNulls": True,
+        }
+        doc["options"] = {
+            "legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]},
+            "tooltip": {"mode": "multi"},
+        } | doc["options"]
     if panel.kind == "table":
         doc["transformations"] = [{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True}}}]
     return doc
@@ -162,8 +294,16 @@ def dashboard() -> dict:
     panels: list[dict] = []
     pid, y = 1, 0
     for row_title, row in ROWS:
-        panels.append({"id": pid, "type": "row", "title": row_title, "collapsed": False, "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
-                       "panels": []})
+        panels.append(
+            {
+                "id": pid,
+                "type": "row",
+                "title": row_title,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
         pid, y, x, height = pid + 1, y + 1, 0, 0
         for panel in row:
             if x + panel.width > 24:
@@ -171,49 +311,108 @@ def dashboard() -> dict:
             panels.append(_panel_json(panel, pid, x, y))
             pid, x, height = pid + 1, x + panel.width, max(height, panel.height)
         y += height
-    variables = [{"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
-                  "current": {"text": "Prometheus", "value": DATASOURCE_UID}, "hide": 0}]
+    variables = [
+        {
+            "name": "datasource",
+            "label": "Data source",
+            "type": "datasource",
+            "query": "prometheus",
+            "current": {"text": "Prometheus", "value": DATASOURCE_UID},
+            "hide": 0,
+        }
+    ]
     for name, label, query in VARIABLES:
-        variables.append({"name": name, "label": label, "type": "query", "datasource": DS, "refresh": 2, "sort": 1,
-                          "query": {"query": query, "refId": f"{name}-values"}, "definition": query,
-                          "multi": name == "stage", "includeAll": name == "stage", "allValue": ".*" if name == "stage" else None,
-                          "current": {"text": "All", "value": "$__all"} if name == "stage" else {}})
-    annotations = [{"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"}, "enable": True, "hide": True,
-                    "iconColor": "rgba(0, 211, 255, 1)", "name": "Annotations & Alerts", "type": "dashboard"}]
+        variables.append(
+            {
+                "name": name,
+                "label": label,
+                "type": "query",
+                "datasource": DS,
+                "refresh": 2,
+                "sort": 1,
+                "query": {"query": query, "refId": f"{name}-values"},
+                "definition": query,
+                "multi": name == "stage",
+                "includeAll": name == "stage",
+                "allValue": ".*" if name == "stage" else None,
+                "current": {"text": "All", "value": "$__all"} if name == "stage" else {},
+            }
+        )
+    annotations = [
+        {
+            "builtIn": 1,
+            "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+            "enable": True,
+            "hide": True,
+            "iconColor": "rgba(0, 211, 255, 1)",
+            "name": "Annotations & Alerts",
+            "type": "dashboard",
+        }
+    ]
     for a in ANNOTATIONS:
-        annotations.append({"name": a.name, "datasource": DS, "enable": True, "iconColor": a.color, "expr": a.expr, "step": "$__interval",
-                            "titleFormat": a.title, "tagKeys": a.tags, "useValueForTime": False})
-    return {"uid": UID, "title": "hetforge: pipeline", "tags": ["hetforge"], "timezone": "browser", "schemaVersion": 39,
-            "version": 1, "editable": True, "refresh": "10s", "time": {"from": "now-30m", "to": "now"},
-            "description": "Per-stage latency and speedups, swaps, canaries and the optimizer of one hetforge pipeline.",
-            "templating": {"list": variables}, "annotations": {"list": annotations}, "panels": panels}
+        annotations.append(
+            {
+                "name": a.name,
+                "datasource": DS,
+                "enable": True,
+                "iconColor": a.color,
+                "expr": a.expr,
+                "step": "$__interval",
+                "titleFormat": a.title,
+                "tagKeys": a.tags,
+                "useValueForTime": False,
+            }
+        )
+    return {
+        "uid": UID,
+        "title": "hetforge: pipeline",
+        "tags": ["hetforge"],
+        "timezone": "browser",
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": True,
+        "refresh": "10s",
+        "time": {"from": "now-30m", "to": "now"},
+        "description": "Per-stage latency and speedups, swaps, canaries and the optimizer of one hetforge pipeline.",
+        "templating": {"list": variables},
+        "annotations": {"list": annotations},
+        "panels": panels,
+    }
 
 
 def datasource_provisioning(url: str = "http://prometheus:9090") -> str:
-    return ("# Grafana datasource provisioning (generated by `hetforge dashboards`).\napiVersion: 1\ndatasources:\n"
-            f"  - name: Prometheus\n    uid: {DATASOURCE_UID}\n    type: prometheus\n    access: proxy\n    url: {url}\n"
-            "    isDefault: true\n    jsonData: {timeInterval: 5s}\n")
+    return (
+        "# Grafana datasource provisioning (generated by `hetforge dashboards`).\napiVersion: 1\ndatasources:\n"
+        f"  - name: Prometheus\n    uid: {DATASOURCE_UID}\n    type: prometheus\n    access: proxy\n    url: {url}\n"
+        "    isDefault: true\n    jsonData: {timeInterval: 5s}\n"
+    )
 
 
 def dashboard_provisioning(folder: str = "/var/lib/grafana/dashboards/hetforge") -> str:
-    return ("# Grafana dashboard provisioning (generated by `hetforge dashboards`).\napiVersion: 1\nproviders:\n"
-            f"  - name: hetforge\n    folder: hetforge\n    type: file\n    allowUiUpdates: false\n    options:\n      path: {folder}\n")
+    return (
+        "# Grafana dashboard provisioning (generated by `hetforge dashboards`).\napiVersion: 1\nproviders:\n"
+        f"  - name: hetforge\n    folder: hetforge\n    type: file\n    allowUiUpdates: false\n    options:\n      path: {folder}\n"
+    )
 
 
 def files() -> dict[str, str]:
     """Relative path -> content of everything `hetforge dashboards` writes."""
-    return {"hetforge.json": json.dumps(dashboard(), indent=2) + "\n",
-            "provisioning/datasources/prometheus.yaml": datasource_provisioning(),
-            "provisioning/dashboards/hetforge.yaml": dashboard_provisioning()}
+    return {
+        "hetforge.json": json.dumps(dashboard(), indent=2) + "\n",
+        "provisioning/datasources/prometheus.yaml": datasource_provisioning(),
+        "provisioning/dashboards/hetforge.yaml": dashboard_provisioning(),
+    }
 
 
 def configmap(name: str = "hetforge-dashboards", namespace: str = "hetforge") -> str:
     """The dashboard as a ConfigMap, labelled for Grafana's dashboard sidecar (kube-prometheus-stack's convention)."""
     body = "".join(f"    {line}\n" if line else "\n" for line in files()["hetforge.json"].splitlines())
-    return ("# Generated by `hetforge dashboards --configmap`: the Grafana dashboard of hetforge.serving.dashboards.\n"
-            f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {namespace}\n"
-            '  labels:\n    grafana_dashboard: "1"\n    app.kubernetes.io/part-of: hetforge\n'
-            f"data:\n  hetforge.json: |\n{body}")
+    return (
+        "# Generated by `hetforge dashboards --configmap`: the Grafana dashboard of hetforge.serving.dashboards.\n"
+        f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {namespace}\n"
+        '  labels:\n    grafana_dashboard: "1"\n    app.kubernetes.io/part-of: hetforge\n'
+        f"data:\n  hetforge.json: |\n{body}"
+    )
 
 
 def write(out: Path) -> list[Path]:

@@ -52,7 +52,14 @@ class PipelineError(Exception):
         self.status, self.message, self.request_id, self.stage = status, message, request_id, stage
 
     def to_json(self) -> dict:
-        return {"error": {"message": self.message, "stage": self.stage, "request_id": self.request_id, "status": self.status}}
+        return {
+            "error": {
+                "message": self.message,
+                "stage": self.stage,
+                "request_id": self.request_id,
+                "status": self.status,
+            }
+        }
 
 
 class StageCaller(Protocol):
@@ -69,8 +76,12 @@ class RunResult:
     skipped: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"request_id": self.request_id, "output": self.output,
-                "stages": {k: round(v, 3) for k, v in self.stages.items()}, "skipped": self.skipped}
+        return {
+            "request_id": self.request_id,
+            "output": self.output,
+            "stages": {k: round(v, 3) for k, v in self.stages.items()},
+            "skipped": self.skipped,
+        }
 
 
 def lookup(value: Any, path: list[str]) -> Any:
@@ -117,8 +128,10 @@ class PipelineRunner:
         heads = {ref.split(".")[0] for ref in (stage.args or {}).values()} - {"request"}
         later = sorted(heads - self.ancestors[name])
         if later:
-            raise ValueError(f"stage {name}: args bind {', '.join(later)}, which {'is' if len(later) == 1 else 'are'} not upstream of it "
-                             "in the flow; a stage can only take the output of a stage that runs before it")
+            raise ValueError(
+                f"stage {name}: args bind {', '.join(later)}, which {'is' if len(later) == 1 else 'are'} not upstream of it "
+                "in the flow; a stage can only take the output of a stage that runs before it"
+            )
         return sorted(heads)
 
     # ------------------------------------------------------------------ inputs
@@ -139,8 +152,12 @@ class PipelineRunner:
                     bound[arg] = lookup(source, path)
                 except KeyError as err:
                     status = 400 if head == "request" else 500
-                    raise PipelineError(status, f"stage {name}: argument {arg} = {ref}: {head} has no field {err.args[0]!r}",
-                                        request_id, name) from None
+                    raise PipelineError(
+                        status,
+                        f"stage {name}: argument {arg} = {ref}: {head} has no field {err.args[0]!r}",
+                        request_id,
+                        name,
+                    ) from None
             return bound
         if name == self.pipeline.entry:
             return request
@@ -177,11 +194,15 @@ class PipelineRunner:
                 if err.status == 504:
                     raise
                 result = {"error": err.message}  # the LLM sees the tool's error and may try again
-            history += [{"role": "assistant", "content": out.get("text", "")},
-                        {"role": "tool", "content": json.dumps({"tool": call["name"], "result": result}, default=str)[:20_000]}]
+            history += [
+                {"role": "assistant", "content": out.get("text", "")},
+                {"role": "tool", "content": json.dumps({"tool": call["name"], "result": result}, default=str)[:20_000]},
+            ]
         return out
 
-    async def _walk(self, request: Any, request_id: str, stop_before: str | None = None) -> tuple[dict, dict[str, float], dict]:
+    async def _walk(
+        self, request: Any, request_id: str, stop_before: str | None = None
+    ) -> tuple[dict, dict[str, float], dict]:
         """Run the stages; `stop_before`'s input is computed and held (for streaming) instead of running it."""
         outputs: dict[str, Any] = {}
         held: dict[str, Any] = {}
@@ -239,7 +260,9 @@ class PipelineRunner:
         value = outputs.get(out_name, _SKIPPED)
         if value is _SKIPPED:
             ran = ", ".join(timings) or "none"
-            raise PipelineError(500, f"no branch reached the output stage {out_name} (stages that ran: {ran})", request_id, out_name)
+            raise PipelineError(
+                500, f"no branch reached the output stage {out_name} (stages that ran: {ran})", request_id, out_name
+            )
         return RunResult(request_id, value, timings, [n for n in self.dag if outputs.get(n) is _SKIPPED])
 
     async def stream(self, request: Any, request_id: str) -> AsyncIterator[str]:

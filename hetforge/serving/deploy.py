@@ -66,7 +66,9 @@ def load_state(pipeline: str | None = None) -> list[Deployment]:
     return [Deployment(**json.loads(f.read_text())) for f in files if f.is_file()]
 
 
-def placement_for(pipeline: Pipeline, base_dir: Path, inventory=None, address: str | None = None) -> tuple[dict[str, dict], list[str]]:
+def placement_for(
+    pipeline: Pipeline, base_dir: Path, inventory=None, address: str | None = None
+) -> tuple[dict[str, dict], list[str]]:
     """Per stage: device ("cpu" or "cuda"), device class and ray_actor_options, from the planner's plan.
 
     Planned on `inventory`, else on the devices of the Ray cluster at `address`, else on this
@@ -85,7 +87,11 @@ def placement_for(pipeline: Pipeline, base_dir: Path, inventory=None, address: s
         elif isinstance(stage, LlmStage) and stage.vllm is None:
             options = {"num_cpus": CPU_REQUEST["tool"]}  # an endpoint client holds no device
             on_gpu = False
-        placement[stage.name] = {"device": "cuda" if on_gpu else "cpu", "device_class": planned.device, "ray_actor_options": options}
+        placement[stage.name] = {
+            "device": "cuda" if on_gpu else "cpu",
+            "device_class": planned.device,
+            "ray_actor_options": options,
+        }
     return placement, plan.notes
 
 
@@ -101,23 +107,42 @@ def _cpus_wanted(pipeline: Pipeline, placement: dict) -> float:
 
 
 def _ray_init(address: str | None, metrics_dir: Path, cpus_wanted: float) -> None:
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "HETFORGE_HOME": str(home_dir()),
-           "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        "HETFORGE_HOME": str(home_dir()),
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if os.environ.get("HETFORGE_PROMETHEUS_URL"):  # the controller reads every node's metrics there
         env["HETFORGE_PROMETHEUS_URL"] = os.environ["HETFORGE_PROMETHEUS_URL"]
-    kwargs: dict = {"namespace": "hetforge", "runtime_env": {"env_vars": env}, "log_to_driver": os.environ.get("HETFORGE_RAY_LOGS") == "1"}
+    kwargs: dict = {
+        "namespace": "hetforge",
+        "runtime_env": {"env_vars": env},
+        "log_to_driver": os.environ.get("HETFORGE_RAY_LOGS") == "1",
+    }
     if address:
         ray.init(address=address, **kwargs)
         return
     temp = Path(os.environ.get("HETFORGE_RAY_TMP", f"/tmp/hetforge-ray-{os.getuid()}"))
     if len(str(temp)) > 40:  # Ray puts sockets ~70 characters below it; AF_UNIX paths stop at 107 bytes
         temp = Path(f"/tmp/hf-ray-{hashlib.sha256(str(temp).encode()).hexdigest()[:10]}")
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_wanted)), include_dashboard=False, _temp_dir=str(temp), **kwargs)
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_wanted)),
+        include_dashboard=False,
+        _temp_dir=str(temp),
+        **kwargs,
+    )
 
 
-def deploy(pipeline_file: Path, address: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-           registry_path: str | None = None, placement: dict | None = None) -> Deployment:
+def deploy(
+    pipeline_file: Path,
+    address: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    registry_path: str | None = None,
+    placement: dict | None = None,
+) -> Deployment:
     """Deploy the pipeline and wait until every replica is up; the returned record is saved for status/down."""
     pipeline = load_pipeline(pipeline_file)
     base_dir = pipeline_file.resolve().parent
@@ -129,8 +154,17 @@ def deploy(pipeline_file: Path, address: str | None = None, host: str = "127.0.0
     metrics_dir.mkdir(parents=True)
     registry_path = registry_path or str(default_path())
     _ray_init(address, metrics_dir, _cpus_wanted(pipeline, placement))
-    record = Deployment(pipeline.name, str(pipeline_file.resolve()), f"http://{host}:{port}", ray.get_runtime_context().gcs_address,
-                        str(metrics_dir), registry_path, os.getpid(), address is None, placement)
+    record = Deployment(
+        pipeline.name,
+        str(pipeline_file.resolve()),
+        f"http://{host}:{port}",
+        ray.get_runtime_context().gcs_address,
+        str(metrics_dir),
+        registry_path,
+        os.getpid(),
+        address is None,
+        placement,
+    )
     record.save()  # before the replicas start: `status` and `down` reach a deployment that is still coming up
     try:
         serve.start(http_options={"host": host, "port": port})
@@ -151,12 +185,16 @@ def check_servable(pipeline: Pipeline, base_dir: Path) -> None:
         problems.append(str(err))
     for stage in pipeline.stages:
         if isinstance(stage, ModelStage) and stage.problem_file is None:
-            problems.append(f"stage {stage.name}: serving a model stage given by `module` is not supported yet; give a `problem_file`")
+            problems.append(
+                f"stage {stage.name}: serving a model stage given by `module` is not supported yet; give a `problem_file`"
+            )
         if isinstance(stage, LlmStage) and stage.vllm is not None:
             folder = base_dir / stage.vllm.model
             if stage.vllm.model.startswith(("models/", "./", "../")) and not folder.is_dir():
-                problems.append(f"stage {stage.name}: model folder {folder} does not exist "
-                                "(the examples' tiny model: `python scripts/build_tiny_llm.py`)")
+                problems.append(
+                    f"stage {stage.name}: model folder {folder} does not exist "
+                    "(the examples' tiny model: `python scripts/build_tiny_llm.py`)"
+                )
     if problems:
         raise ValueError("\n".join(problems))
 

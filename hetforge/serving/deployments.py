@@ -77,15 +77,33 @@ def _observed(metrics, pipeline: str, stage: str, device: str):
 class ModelStageDeployment:
     """A model stage replica: batched calls on the active variant, swaps from the registry file."""
 
-    def __init__(self, pipeline_doc: dict, base_dir: str, stage_name: str, device: str, registry_path: str, device_class: str | None = None):
+    def __init__(
+        self,
+        pipeline_doc: dict,
+        base_dir: str,
+        stage_name: str,
+        device: str,
+        registry_path: str,
+        device_class: str | None = None,
+    ):
         pipeline = _pipeline(pipeline_doc)
         stage: ModelStage = pipeline.stage(stage_name)
         base = Path(base_dir)
         self.stage, self.device = stage, device
-        self.runtime = ModelStageRuntime(pipeline.name, stage.name, base / stage.problem_file, device=device, precision=stage.precision,
-                                         weights=base / stage.weights if stage.weights else None, seed=stage.seed,
-                                         init_args=stage.init_args, init_kwargs=stage.init_kwargs, registry=Registry(registry_path),
-                                         max_batch_rows=stage.batching.max_batch_size if stage.batching else 1, device_class=device_class)
+        self.runtime = ModelStageRuntime(
+            pipeline.name,
+            stage.name,
+            base / stage.problem_file,
+            device=device,
+            precision=stage.precision,
+            weights=base / stage.weights if stage.weights else None,
+            seed=stage.seed,
+            init_args=stage.init_args,
+            init_kwargs=stage.init_kwargs,
+            registry=Registry(registry_path),
+            max_batch_rows=stage.batching.max_batch_size if stage.batching else 1,
+            device_class=device_class,
+        )
         self.pre = resolve_function(stage.preprocess, base)
         self.post = resolve_function(stage.postprocess, base)
         self.arity = len(self.runtime.example_inputs())
@@ -110,8 +128,15 @@ class ModelStageDeployment:
 
     def status(self) -> dict:
         r = self.runtime
-        return {"replica": _replica_name(), "node_id": _node_id(), "stage": self.stage.name, "device": self.device,
-                "device_class": r.device_class, "active_variant": r.active_variant, "swaps": [vars(h) for h in r.history[-10:]]}
+        return {
+            "replica": _replica_name(),
+            "node_id": _node_id(),
+            "stage": self.stage.name,
+            "device": self.device,
+            "device_class": r.device_class,
+            "active_variant": r.active_variant,
+            "swaps": [vars(h) for h in r.history[-10:]],
+        }
 
 
 @serve.deployment
@@ -129,8 +154,14 @@ class ToolStageDeployment:
             return await self.runtime(payload)
 
     def status(self) -> dict:
-        return {"replica": _replica_name(), "node_id": _node_id(), "stage": self.stage.name, "device": "cpu", "active_variant": "reference",
-                "attempts": self.runtime.attempts}
+        return {
+            "replica": _replica_name(),
+            "node_id": _node_id(),
+            "stage": self.stage.name,
+            "device": "cpu",
+            "active_variant": "reference",
+            "attempts": self.runtime.attempts,
+        }
 
 
 @serve.deployment
@@ -140,7 +171,10 @@ class LlmStageDeployment:
     def __init__(self, pipeline_doc: dict, base_dir: str, stage_name: str, device: str):
         pipeline = _pipeline(pipeline_doc)
         stage: LlmStage = pipeline.stage(stage_name)
-        tools = [{"name": t, "description": pipeline.stage(t).description} for t in (stage.agent_loop.tools if stage.agent_loop else [])]
+        tools = [
+            {"name": t, "description": pipeline.stage(t).description}
+            for t in (stage.agent_loop.tools if stage.agent_loop else [])
+        ]
         self.pipeline, self.stage, self.device = pipeline.name, stage, device
         self.runtime = LlmRuntime(stage, Path(base_dir), tools)
         self.metrics = default_metrics()
@@ -156,7 +190,13 @@ class LlmStageDeployment:
 
     def status(self) -> dict:
         backend = "vllm" if self.stage.vllm else f"endpoint {self.stage.endpoint.base_url}"
-        return {"replica": _replica_name(), "node_id": _node_id(), "stage": self.stage.name, "device": self.device, "active_variant": backend}
+        return {
+            "replica": _replica_name(),
+            "node_id": _node_id(),
+            "stage": self.stage.name,
+            "device": self.device,
+            "active_variant": backend,
+        }
 
     def __del__(self):
         runtime = getattr(self, "runtime", None)
@@ -174,7 +214,9 @@ class ReoptimizeController:
 
     def __init__(self, pipeline_doc: dict, base_dir: str, placement: dict, registry_path: str, metrics_dir: str):
         self.pipeline = _pipeline(pipeline_doc)
-        self.controller = build_controller(self.pipeline, Path(base_dir), placement, registry_path, metrics_dir, default_metrics())
+        self.controller = build_controller(
+            self.pipeline, Path(base_dir), placement, registry_path, metrics_dir, default_metrics()
+        )
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -208,21 +250,43 @@ class ReoptimizeController:
 class PipelineIngress:
     """The pipeline's HTTP entry: sets its metrics' fixed series, then serves `ingress.create_app` on its state."""
 
-    def __init__(self, pipeline_doc: dict, handles: dict, registry_path: str, metrics_dir: str, controller=None, base_dir: str = ".",
-                 placement: dict | None = None):
+    def __init__(
+        self,
+        pipeline_doc: dict,
+        handles: dict,
+        registry_path: str,
+        metrics_dir: str,
+        controller=None,
+        base_dir: str = ".",
+        placement: dict | None = None,
+    ):
         pipeline = _pipeline(pipeline_doc)
         placement = placement or {}
         metrics = default_metrics()
         for stage in pipeline.stages:  # for the dashboards' placement table and SLO line
             where = placement.get(stage.name, {})
-            metrics.stage_placement.labels(pipeline.name, stage.name, stage.kind, where.get("device_class", "?"), where.get("device", "?")).set(1)
-        metrics.zero_serving_series(pipeline.name, [s.name for s in pipeline.stages], [s.name for s in pipeline.stages if isinstance(s, ModelStage)])
+            metrics.stage_placement.labels(
+                pipeline.name, stage.name, stage.kind, where.get("device_class", "?"), where.get("device", "?")
+            ).set(1)
+        metrics.zero_serving_series(
+            pipeline.name,
+            [s.name for s in pipeline.stages],
+            [s.name for s in pipeline.stages if isinstance(s, ModelStage)],
+        )
         if pipeline.slo is not None:
             metrics.pipeline_slo.labels(pipeline.name, "0.99").set(pipeline.slo.p99_ms / 1e3)
-        self.state = IngressState(pipeline=pipeline, runner=PipelineRunner(pipeline, HandleCaller(handles)), handles=handles,
-                                  registry_path=registry_path, metrics_dir=metrics_dir, metrics=metrics,
-                                  sampler=DashboardSampler(pipeline.name, metrics_dir).start(),  # the built-in page's time series
-                                  base_dir=Path(base_dir), controller=controller, placement=placement)
+        self.state = IngressState(
+            pipeline=pipeline,
+            runner=PipelineRunner(pipeline, HandleCaller(handles)),
+            handles=handles,
+            registry_path=registry_path,
+            metrics_dir=metrics_dir,
+            metrics=metrics,
+            sampler=DashboardSampler(pipeline.name, metrics_dir).start(),  # the built-in page's time series
+            base_dir=Path(base_dir),
+            controller=controller,
+            placement=placement,
+        )
 
     def __serve_build_asgi_app__(self):
         """Serve calls this after `__init__`: the app of this replica's state."""
@@ -239,26 +303,38 @@ def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], re
     handles = {}
     for stage in pipeline.stages:
         where = placement[stage.name]
-        options: dict[str, Any] = {"name": _deployment_name(stage.name), "ray_actor_options": where["ray_actor_options"]}
+        options: dict[str, Any] = {
+            "name": _deployment_name(stage.name),
+            "ray_actor_options": where["ray_actor_options"],
+        }
         if isinstance(stage.replicas, int):
             options["num_replicas"] = stage.replicas
         else:
-            options["autoscaling_config"] = {"min_replicas": stage.replicas.min_replicas, "max_replicas": stage.replicas.max_replicas,
-                                             "target_ongoing_requests": stage.replicas.target_ongoing_requests}
+            options["autoscaling_config"] = {
+                "min_replicas": stage.replicas.min_replicas,
+                "max_replicas": stage.replicas.max_replicas,
+                "target_ongoing_requests": stage.replicas.target_ongoing_requests,
+            }
         if isinstance(stage, ModelStage):
             batch = stage.batching.max_batch_size if stage.batching else 1
             options["max_ongoing_requests"] = max(16, 2 * batch)
-            handles[stage.name] = ModelStageDeployment.options(**options).bind(doc, str(base_dir), stage.name, where["device"], registry_path,
-                                                                               where.get("device_class"))
+            handles[stage.name] = ModelStageDeployment.options(**options).bind(
+                doc, str(base_dir), stage.name, where["device"], registry_path, where.get("device_class")
+            )
         elif isinstance(stage, ToolStage):
             options["max_ongoing_requests"] = max(16, stage.concurrency)
             handles[stage.name] = ToolStageDeployment.options(**options).bind(doc, str(base_dir), stage.name)
         else:
             options["max_ongoing_requests"] = 64
             options["health_check_timeout_s"] = 120
-            handles[stage.name] = LlmStageDeployment.options(**options).bind(doc, str(base_dir), stage.name, where["device"])
+            handles[stage.name] = LlmStageDeployment.options(**options).bind(
+                doc, str(base_dir), stage.name, where["device"]
+            )
     controller = None
     if pipeline.reoptimize is not None:
-        controller = ReoptimizeController.options(name="reoptimize-controller").bind(doc, str(base_dir), placement, registry_path, metrics_dir)
-    return PipelineIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(doc, handles, registry_path, metrics_dir, controller, str(base_dir),
-                                                                          placement)
+        controller = ReoptimizeController.options(name="reoptimize-controller").bind(
+            doc, str(base_dir), placement, registry_path, metrics_dir
+        )
+    return PipelineIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(
+        doc, handles, registry_path, metrics_dir, controller, str(base_dir), placement
+    )

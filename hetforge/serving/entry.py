@@ -29,7 +29,9 @@ from hetforge.spec import load_pipeline
 def app(args: dict):
     """The bound application of the pipeline at `args["pipeline"]` (Serve calls this with the config's `args`)."""
     if "pipeline" not in args:
-        raise ValueError("hetforge.serving.entry:app needs args.pipeline: the pipeline file's path on the cluster's nodes")
+        raise ValueError(
+            "hetforge.serving.entry:app needs args.pipeline: the pipeline file's path on the cluster's nodes"
+        )
     pipeline_file = Path(args["pipeline"])
     pipeline = load_pipeline(pipeline_file)
     base_dir = pipeline_file.resolve().parent

@@ -83,24 +83,46 @@ def get_input_variants():
 '''
 
 
-def write_production_problem(out: Path, job_id: int, pipeline: str, stage: str, problem_file: str, init_args: list,
-                             signatures: list[str], share: str = "") -> Path:
+def write_production_problem(
+    out: Path,
+    job_id: int,
+    pipeline: str,
+    stage: str,
+    problem_file: str,
+    init_args: list,
+    signatures: list[str],
+    share: str = "",
+) -> Path:
     """A problem file whose inputs have production's signatures and the value ranges of the stage's own inputs."""
     example = load_module_file(problem_file).get_inputs()
     ranges = []
     for x in example:
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"stage {stage}: get_inputs() returns a {type(x).__name__}; production problems need tensors")
+            raise ValueError(
+                f"stage {stage}: get_inputs() returns a {type(x).__name__}; production problems need tensors"
+            )
         if x.dtype.is_floating_point:
             ranges.append(("float", round(float(x.float().mean()), 6), round(float(x.float().std()) or 1.0, 6)))
         else:
             ranges.append(("int", int(x.min()), int(x.max())))
     parsed = [[(d, shape) for d, shape in parse_signature(sig)] for sig in signatures]
-    parsed = [p for p in parsed if len(p) == len(ranges)] or [[(str(x.dtype).removeprefix("torch."), list(x.shape)) for x in example]]
+    parsed = [p for p in parsed if len(p) == len(ranges)] or [
+        [(str(x.dtype).removeprefix("torch."), list(x.shape)) for x in example]
+    ]
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"job_{job_id}_{stage}.py"
-    path.write_text(_PROBLEM_TEMPLATE.format(job_id=job_id, stage=stage, pipeline=pipeline, share=share or "as recorded",
-                                             path=str(Path(problem_file).resolve()), init=list(init_args), signatures=parsed, ranges=ranges))
+    path.write_text(
+        _PROBLEM_TEMPLATE.format(
+            job_id=job_id,
+            stage=stage,
+            pipeline=pipeline,
+            share=share or "as recorded",
+            path=str(Path(problem_file).resolve()),
+            init=list(init_args),
+            signatures=parsed,
+            ranges=ranges,
+        )
+    )
     return path
 
 
@@ -128,16 +150,37 @@ def run_job(spec: JobSpec) -> dict:
         torch.set_num_threads(threads)
         scratch = Path(spec.scratch) / f"job-{spec.job_id}"
         loaded = Problem(file=spec.problem_file, init_args=spec.init_args, init_kwargs=dict(spec.init_kwargs)).load()
-        problem = write_production_problem(scratch, spec.job_id, spec.pipeline, spec.stage, spec.problem_file, list(loaded.init_args),
-                                           list(spec.signatures))
-        task = OptimizeTask(str(problem), spec.device, spec.precision, spec.budget_s, spec.agents, spec.hint, trials=2, rounds=3,
-                            threads=threads)
+        problem = write_production_problem(
+            scratch,
+            spec.job_id,
+            spec.pipeline,
+            spec.stage,
+            spec.problem_file,
+            list(loaded.init_args),
+            list(spec.signatures),
+        )
+        task = OptimizeTask(
+            str(problem),
+            spec.device,
+            spec.precision,
+            spec.budget_s,
+            spec.agents,
+            spec.hint,
+            trials=2,
+            rounds=3,
+            threads=threads,
+        )
         report = optimize(task, scratch / "candidates")
         summary = {**summarize(report), **_where()}
-        registration = register_winner(report, Registry(spec.registry_path), fingerprint=loaded.fingerprint(),
-                                       device_class=spec.device_class, precision=spec.precision,
-                                       status="pending_review" if spec.approval == "manual" else "canary",
-                                       signature={"signatures": list(spec.signatures)})
+        registration = register_winner(
+            report,
+            Registry(spec.registry_path),
+            fingerprint=loaded.fingerprint(),
+            device_class=spec.device_class,
+            precision=spec.precision,
+            status="pending_review" if spec.approval == "manual" else "canary",
+            signature={"signatures": list(spec.signatures)},
+        )
         variant_id = registration.variant.id if registration.variant is not None else None
         if variant_id is None:
             summary["not_registered"] = registration.reason
@@ -176,13 +219,27 @@ def summarize(report: OptimizeReport) -> dict:
         if c.status == "rejected":
             kind = reject_kind(c)
             rejected[kind] = rejected.get(kind, 0) + 1
-    return {"winner": report.winner.name if report.winner else None, "winner_agent": report.winner.agent if report.winner else None,
-            "speedup_vs_eager": report.speedup_vs_eager, "speedup_vs_compile": report.speedup_vs_compile,
-            "elapsed_s": round(report.elapsed_s, 2), "candidates": len(report.candidates),
-            "accepted": sum(c.status in ("accepted", "winner") for c in report.candidates), "rejected": rejected,
-            "leaderboard": [{"name": c.name, "agent": c.agent, "status": c.status, "speedup": c.speedup, "note": c.note[:200],
-                             "reject_kind": reject_kind(c) if c.status == "rejected" else None}
-                            for c in report.candidates]}
+    return {
+        "winner": report.winner.name if report.winner else None,
+        "winner_agent": report.winner.agent if report.winner else None,
+        "speedup_vs_eager": report.speedup_vs_eager,
+        "speedup_vs_compile": report.speedup_vs_compile,
+        "elapsed_s": round(report.elapsed_s, 2),
+        "candidates": len(report.candidates),
+        "accepted": sum(c.status in ("accepted", "winner") for c in report.candidates),
+        "rejected": rejected,
+        "leaderboard": [
+            {
+                "name": c.name,
+                "agent": c.agent,
+                "status": c.status,
+                "speedup": c.speedup,
+                "note": c.note[:200],
+                "reject_kind": reject_kind(c) if c.status == "rejected" else None,
+            }
+            for c in report.candidates
+        ],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- Ray
@@ -194,7 +251,9 @@ class JobRunner:
         self.refs: dict[int, Any] = {}
 
     def submit(self, doc: dict, resources: dict) -> None:
-        task = ray.remote(_run_job_json).options(name=f"hetforge-job-{doc['job_id']}-{doc['stage']}", max_retries=0, **resources)
+        task = ray.remote(_run_job_json).options(
+            name=f"hetforge-job-{doc['job_id']}-{doc['stage']}", max_retries=0, **resources
+        )
         self.refs[int(doc["job_id"])] = task.remote(doc)
 
     def reap(self) -> list[tuple[int, str]]:
@@ -217,8 +276,9 @@ class JobLauncher:
 
     def _get(self):
         if self._runner is None:
-            self._runner = JobRunner.options(name=self.name, namespace="hetforge", lifetime="detached", get_if_exists=True,
-                                             num_cpus=0).remote()
+            self._runner = JobRunner.options(
+                name=self.name, namespace="hetforge", lifetime="detached", get_if_exists=True, num_cpus=0
+            ).remote()
         return self._runner
 
     def launch(self, spec: JobSpec, resources: dict[str, Any]) -> None:

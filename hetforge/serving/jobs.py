@@ -94,26 +94,39 @@ class JobSpec:
 
     @classmethod
     def from_json(cls, doc: dict) -> JobSpec:
-        return cls(**{**doc, "init_args": tuple(doc.get("init_args") or ()), "init_kwargs": dict(doc.get("init_kwargs") or {}),
-                      "agents": tuple(doc.get("agents") or ()), "signatures": tuple(doc.get("signatures") or ())})
+        return cls(
+            **{
+                **doc,
+                "init_args": tuple(doc.get("init_args") or ()),
+                "init_kwargs": dict(doc.get("init_kwargs") or {}),
+                "agents": tuple(doc.get("agents") or ()),
+                "signatures": tuple(doc.get("signatures") or ()),
+            }
+        )
 
 
 class JobBoard(SqliteBoard):
     SCHEMA = _SCHEMA
 
-    def queue(self, pipeline: str, stage: str, trigger: str, reason: str, signatures: list[str], hint: str = "") -> Job | None:
+    def queue(
+        self, pipeline: str, stage: str, trigger: str, reason: str, signatures: list[str], hint: str = ""
+    ) -> Job | None:
         """A queued job, or None when the stage already has one queued or running."""
         db = self._db()
         try:
             db.execute("BEGIN IMMEDIATE")
-            busy = db.execute("SELECT 1 FROM jobs WHERE pipeline = ? AND stage = ? AND state IN ('queued', 'running')",
-                              (pipeline, stage)).fetchone()
+            busy = db.execute(
+                "SELECT 1 FROM jobs WHERE pipeline = ? AND stage = ? AND state IN ('queued', 'running')",
+                (pipeline, stage),
+            ).fetchone()
             if busy:
                 db.execute("ROLLBACK")
                 return None
-            job_id = db.execute("INSERT INTO jobs (pipeline, stage, trigger, reason, hint, signatures, state, created_at)"
-                                " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)",
-                                (pipeline, stage, trigger, reason[:2000], hint[:4000], json.dumps(signatures), time.time())).lastrowid
+            job_id = db.execute(
+                "INSERT INTO jobs (pipeline, stage, trigger, reason, hint, signatures, state, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)",
+                (pipeline, stage, trigger, reason[:2000], hint[:4000], json.dumps(signatures), time.time()),
+            ).lastrowid
             db.execute("COMMIT")
         finally:
             db.close()
@@ -123,20 +136,37 @@ class JobBoard(SqliteBoard):
         """queued -> running; False when someone else took it (the launch that wins runs it)."""
         now = time.time()
         with self._db() as db:
-            cur = db.execute("UPDATE jobs SET state = 'running', started_at = ?, heartbeat_at = ? WHERE id = ? AND state = 'queued'",
-                             (now, now, job_id))
+            cur = db.execute(
+                "UPDATE jobs SET state = 'running', started_at = ?, heartbeat_at = ? WHERE id = ? AND state = 'queued'",
+                (now, now, job_id),
+            )
         return cur.rowcount == 1
 
     def beat(self, job_id: int) -> None:
         with self._db() as db:
             db.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND state = 'running'", (time.time(), job_id))
 
-    def finish(self, job_id: int, state: str, variant_id: int | None = None, summary: dict | None = None, error: str | None = None) -> bool:
+    def finish(
+        self,
+        job_id: int,
+        state: str,
+        variant_id: int | None = None,
+        summary: dict | None = None,
+        error: str | None = None,
+    ) -> bool:
         with self._db() as db:
-            cur = db.execute("UPDATE jobs SET state = ?, variant_id = ?, summary = ?, error = ?, finished_at = ? WHERE id = ?"
-                             " AND state IN ('queued', 'running')",
-                             (state, variant_id, json.dumps(summary, default=str) if summary is not None else None,
-                              (error or "")[:4000] or None, time.time(), job_id))
+            cur = db.execute(
+                "UPDATE jobs SET state = ?, variant_id = ?, summary = ?, error = ?, finished_at = ? WHERE id = ?"
+                " AND state IN ('queued', 'running')",
+                (
+                    state,
+                    variant_id,
+                    json.dumps(summary, default=str) if summary is not None else None,
+                    (error or "")[:4000] or None,
+                    time.time(),
+                    job_id,
+                ),
+            )
         return cur.rowcount == 1
 
     def get(self, job_id: int) -> Job:
@@ -146,7 +176,9 @@ class JobBoard(SqliteBoard):
             raise KeyError(f"no job {job_id}")
         return _job(row)
 
-    def list(self, pipeline: str, stage: str | None = None, states: tuple[str, ...] = (), limit: int = 100) -> list[Job]:
+    def list(
+        self, pipeline: str, stage: str | None = None, states: tuple[str, ...] = (), limit: int = 100
+    ) -> list[Job]:
         query, args = "SELECT * FROM jobs WHERE pipeline = ?", [pipeline]
         if stage is not None:
             query, args = query + " AND stage = ?", args + [stage]
@@ -184,5 +216,7 @@ def queue_hint_job(registry_path: str, pipeline, stage: str, hint: str, actor: s
     job = JobBoard(registry_path).queue(pipeline.name, stage, "hint", f"hint from {actor}", [], hint=hint)
     if job is None:
         raise SwapError(f"stage {stage} already has a job queued or running; try again when it ends", 409)
-    RolloutBoard(registry_path).record(pipeline.name, stage, "job", numbers={"job_id": job.id, "trigger": "hint"}, reason=hint, actor=actor)
+    RolloutBoard(registry_path).record(
+        pipeline.name, stage, "job", numbers={"job_id": job.id, "trigger": "hint"}, reason=hint, actor=actor
+    )
     return job

@@ -35,8 +35,15 @@ def render_user(stage, value: Any) -> list[dict]:
     if isinstance(value, dict) and isinstance(value.get("messages"), list):
         messages = value["messages"]
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") or not isinstance(m.get("content"), str):
-                raise StageError(f"stage {stage.name}: messages[{i}] must be {{role: system|user|assistant|tool, content: string}}", 422)
+            if (
+                not isinstance(m, dict)
+                or m.get("role") not in ("system", "user", "assistant", "tool")
+                or not isinstance(m.get("content"), str)
+            ):
+                raise StageError(
+                    f"stage {stage.name}: messages[{i}] must be {{role: system|user|assistant|tool, content: string}}",
+                    422,
+                )
         return list(messages)
     if stage.prompt_template is not None:
         if not isinstance(value, dict):
@@ -44,7 +51,9 @@ def render_user(stage, value: Any) -> list[dict]:
         try:
             return [{"role": "user", "content": stage.prompt_template.format(**value)}]
         except (KeyError, IndexError, ValueError) as err:
-            raise StageError(f"stage {stage.name}: prompt_template needs field {err} (input fields: {', '.join(value)})", 422) from None
+            raise StageError(
+                f"stage {stage.name}: prompt_template needs field {err} (input fields: {', '.join(value)})", 422
+            ) from None
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if isinstance(value, dict) and len(value) == 1 and isinstance(next(iter(value.values())), str):
@@ -123,9 +132,13 @@ class LlmRuntime:
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         s = self.stage.sampling
-        return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
-                              output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-                              structured_outputs=StructuredOutputsParams(choice=self.stage.choices) if self.stage.choices else None)
+        return SamplingParams(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+            structured_outputs=StructuredOutputsParams(choice=self.stage.choices) if self.stage.choices else None,
+        )
 
     def _prompt(self, messages: list[dict]):
         from vllm.inputs import TokensPrompt
@@ -138,40 +151,62 @@ class LlmRuntime:
     async def stream(self, payload: dict, request_id: str = "") -> AsyncIterator[str]:
         messages = build_messages(self.stage, payload, self.tools)
         if self.engine is not None:
-            async for out in self.engine.generate(self._prompt(messages), self._sampling(stream=True), _engine_id(request_id)):
+            async for out in self.engine.generate(
+                self._prompt(messages), self._sampling(stream=True), _engine_id(request_id)
+            ):
                 if out.outputs and out.outputs[0].text:
                     yield out.outputs[0].text
             return
         s = self.stage.sampling
         try:
-            chunks = await self.client.chat.completions.create(model=self.stage.endpoint.model, messages=messages, max_tokens=s.max_tokens,
-                                                               temperature=s.temperature, top_p=s.top_p, stream=True)
+            chunks = await self.client.chat.completions.create(
+                model=self.stage.endpoint.model,
+                messages=messages,
+                max_tokens=s.max_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                stream=True,
+            )
             async for chunk in chunks:
                 if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
                     yield chunk.choices[0].delta.content
         except Exception as err:  # noqa: BLE001 - the endpoint's failure is this stage's 502
-            raise StageError(f"stage {self.stage.name}: endpoint {self.stage.endpoint.base_url}: {type(err).__name__}: {err}", 502) from None
+            raise StageError(
+                f"stage {self.stage.name}: endpoint {self.stage.endpoint.base_url}: {type(err).__name__}: {err}", 502
+            ) from None
 
     async def __call__(self, payload: dict, request_id: str = "") -> dict:
         messages = build_messages(self.stage, payload, self.tools)
         if self.engine is not None:
             text = ""
-            async for out in self.engine.generate(self._prompt(messages), self._sampling(stream=False), _engine_id(request_id)):
+            async for out in self.engine.generate(
+                self._prompt(messages), self._sampling(stream=False), _engine_id(request_id)
+            ):
                 if out.finished and out.outputs:
                     text = out.outputs[0].text
         else:
             text = await self._complete(messages)
         if self.stage.choices and text.strip() not in self.stage.choices:
-            raise StageError(f"stage {self.stage.name}: the model answered {text[:80]!r}, not one of {self.stage.choices}", 502)
+            raise StageError(
+                f"stage {self.stage.name}: the model answered {text[:80]!r}, not one of {self.stage.choices}", 502
+            )
         return parse_answer(text, self.stage.choices, self.tools)
 
     async def _complete(self, messages: list[dict]) -> str:
         s = self.stage.sampling
         try:
-            reply = await self.client.chat.completions.create(model=self.stage.endpoint.model, messages=messages, max_tokens=s.max_tokens,
-                                                              temperature=s.temperature, top_p=s.top_p)
+            reply = await self.client.chat.completions.create(
+                model=self.stage.endpoint.model,
+                messages=messages,
+                max_tokens=s.max_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+            )
         except Exception as err:  # noqa: BLE001 - the endpoint's failure is this stage's 502
-            raise StageError(f"stage {self.stage.name}: endpoint {self.stage.endpoint.base_url}: {type(err).__name__}: {err}"[:2000], 502) from None
+            raise StageError(
+                f"stage {self.stage.name}: endpoint {self.stage.endpoint.base_url}: {type(err).__name__}: {err}"[:2000],
+                502,
+            ) from None
         message = reply.choices[0].message if reply.choices else None
         if message is not None and getattr(message, "tool_calls", None):  # a server with native tool calling
             call = message.tool_calls[0].function

@@ -18,30 +18,66 @@ from prometheus_client.multiprocess import MultiProcessCollector
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 SPEC = {  # name -> (kind, help, labels)
-    "hetforge_pipeline_request_latency_seconds": ("histogram", "End-to-end latency of one pipeline request.", ("pipeline",)),
-    "hetforge_stage_latency_seconds": ("histogram", "Latency of one stage call.", ("pipeline", "stage", "variant", "device")),
-    "hetforge_pipeline_requests_total": ("counter", "Pipeline requests, by outcome (ok | error).", ("pipeline", "outcome")),
+    "hetforge_pipeline_request_latency_seconds": (
+        "histogram",
+        "End-to-end latency of one pipeline request.",
+        ("pipeline",),
+    ),
+    "hetforge_stage_latency_seconds": (
+        "histogram",
+        "Latency of one stage call.",
+        ("pipeline", "stage", "variant", "device"),
+    ),
+    "hetforge_pipeline_requests_total": (
+        "counter",
+        "Pipeline requests, by outcome (ok | error).",
+        ("pipeline", "outcome"),
+    ),
     "hetforge_stage_errors_total": ("counter", "Stage calls that raised.", ("pipeline", "stage")),
-    "hetforge_stage_speedup_ratio": ("gauge", "Active variant's verified speedup over the stage's reference (1 for the reference).",
-                                     ("pipeline", "stage", "device")),
-    "hetforge_kernel_swaps_total": ("counter", "Kernel hot-swaps, by outcome (swapped | refused | rolled_back).",
-                                    ("pipeline", "stage", "outcome")),
+    "hetforge_stage_speedup_ratio": (
+        "gauge",
+        "Active variant's verified speedup over the stage's reference (1 for the reference).",
+        ("pipeline", "stage", "device"),
+    ),
+    "hetforge_kernel_swaps_total": (
+        "counter",
+        "Kernel hot-swaps, by outcome (swapped | refused | rolled_back).",
+        ("pipeline", "stage", "outcome"),
+    ),
     # Set once by the ingress: where the planner put each stage, and the pipeline's latency target.
-    "hetforge_stage_placement_info": ("gauge", "1 for the device class and device the planner placed a stage on.",
-                                      ("pipeline", "stage", "kind", "device_class", "device")),
-    "hetforge_pipeline_slo_seconds": ("gauge", "The pipeline's end-to-end latency target (quantile 0.99: the spec's slo.p99_ms).",
-                                      ("pipeline", "quantile")),
+    "hetforge_stage_placement_info": (
+        "gauge",
+        "1 for the device class and device the planner placed a stage on.",
+        ("pipeline", "stage", "kind", "device_class", "device"),
+    ),
+    "hetforge_pipeline_slo_seconds": (
+        "gauge",
+        "The pipeline's end-to-end latency target (quantile 0.99: the spec's slo.p99_ms).",
+        ("pipeline", "quantile"),
+    ),
 }
 # Written by the re-optimization controller (only pipelines with a `reoptimize:` block have these series).
 CONTROL_SPEC = {
-    "hetforge_rollout_decisions_total": ("counter", "Rollout decisions (start | advance | promote | rollback | resume).",
-                                         ("pipeline", "stage", "decision")),
-    "hetforge_canary_weight_percent": ("gauge", "Percent of a stage's calls its variant under rollout serves (0: none; shadow: 0).",
-                                       ("pipeline", "stage")),
-    "hetforge_optimizer_jobs_total": ("counter", "Background optimization jobs, by outcome (started | registered | no_gain | failed).",
-                                      ("pipeline", "stage", "outcome")),
-    "hetforge_optimizer_candidates_total": ("counter", "Candidates judged by background jobs: accepted, needs_review, skipped, "
-                                            "or rejected:<reason kind>.", ("pipeline", "stage", "outcome")),
+    "hetforge_rollout_decisions_total": (
+        "counter",
+        "Rollout decisions (start | advance | promote | rollback | resume).",
+        ("pipeline", "stage", "decision"),
+    ),
+    "hetforge_canary_weight_percent": (
+        "gauge",
+        "Percent of a stage's calls its variant under rollout serves (0: none; shadow: 0).",
+        ("pipeline", "stage"),
+    ),
+    "hetforge_optimizer_jobs_total": (
+        "counter",
+        "Background optimization jobs, by outcome (started | registered | no_gain | failed).",
+        ("pipeline", "stage", "outcome"),
+    ),
+    "hetforge_optimizer_candidates_total": (
+        "counter",
+        "Candidates judged by background jobs: accepted, needs_review, skipped, or rejected:<reason kind>.",
+        ("pipeline", "stage", "outcome"),
+    ),
 }
 
 

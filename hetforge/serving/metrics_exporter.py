@@ -47,14 +47,20 @@ def serve(folder: str, host: str = "0.0.0.0", port: int = 9500) -> ThreadingHTTP
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dir", default=os.environ.get("PROMETHEUS_MULTIPROC_DIR", "/tmp/hetforge-metrics"),
-                        help="the replicas' PROMETHEUS_MULTIPROC_DIR on this node")
+    parser.add_argument(
+        "--dir",
+        default=os.environ.get("PROMETHEUS_MULTIPROC_DIR", "/tmp/hetforge-metrics"),
+        help="the replicas' PROMETHEUS_MULTIPROC_DIR on this node",
+    )
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=9500)
     args = parser.parse_args(argv)
     os.makedirs(args.dir, exist_ok=True)
     server = serve(args.dir, args.host, args.port)
-    print(f"{time.strftime('%H:%M:%S')} serving the metrics files of {args.dir} at http://{args.host}:{args.port}/metrics", flush=True)
+    print(
+        f"{time.strftime('%H:%M:%S')} serving the metrics files of {args.dir} at http://{args.host}:{args.port}/metrics",
+        flush=True,
+    )
     server.serve_forever()
 
 

@@ -21,8 +21,17 @@ import torch
 from hetforge.core.problem import load_module_file, resolve
 from hetforge.serving.dataflow import StageError
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-          "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
 MAX_ELEMENTS = 1 << 26  # 64M elements per input: a larger request is refused before it is allocated
 
 
@@ -36,13 +45,17 @@ def resolve_function(target: str | None, base_dir: Path) -> Callable | None:
     return resolve(target)
 
 
-def decode_inputs(stage, payload: Any, preprocess: Callable | None = None, arity: int | None = None) -> list[torch.Tensor]:
+def decode_inputs(
+    stage, payload: Any, preprocess: Callable | None = None, arity: int | None = None
+) -> list[torch.Tensor]:
     """The stage's input tensors from a request's JSON input, checked against the declared signature."""
     if preprocess is not None:
         try:
             made = preprocess(payload)
         except (KeyError, TypeError, ValueError) as err:
-            raise StageError(f"stage {stage.name}: preprocess rejected the input: {type(err).__name__}: {err}", 422) from None
+            raise StageError(
+                f"stage {stage.name}: preprocess rejected the input: {type(err).__name__}: {err}", 422
+            ) from None
         return list(made) if isinstance(made, (list, tuple)) else [made]
     specs = stage.inputs
     if not specs:  # signature from the problem file: a list of positional inputs
@@ -51,24 +64,38 @@ def decode_inputs(stage, payload: Any, preprocess: Callable | None = None, arity
         return [_tensor(stage.name, f"inputs[{i}]", v, None) for i, v in enumerate(payload["inputs"])]
     if not isinstance(payload, dict):
         names = ", ".join(s.name for s in specs)
-        raise StageError(f"stage {stage.name}: expected a JSON object with field(s) {names}, got {type(payload).__name__}", 422)
+        raise StageError(
+            f"stage {stage.name}: expected a JSON object with field(s) {names}, got {type(payload).__name__}", 422
+        )
     missing = [s.name for s in specs if s.name not in payload]
     if missing:
-        raise StageError(f"stage {stage.name}: missing input(s) {', '.join(missing)} (fields present: {', '.join(map(str, payload)) or 'none'})", 422)
+        raise StageError(
+            f"stage {stage.name}: missing input(s) {', '.join(missing)} (fields present: {', '.join(map(str, payload)) or 'none'})",
+            422,
+        )
     tensors, sizes = [], {}
     for spec in specs:
         t = _tensor(stage.name, spec.name, payload[spec.name], DTYPES[spec.dtype])
         if t.dim() != len(spec.shape):
-            raise StageError(f"stage {stage.name}, input {spec.name}: expected {len(spec.shape)} dimensions {_shape(spec.shape)}, "
-                             f"got shape {list(t.shape)}", 422)
+            raise StageError(
+                f"stage {stage.name}, input {spec.name}: expected {len(spec.shape)} dimensions {_shape(spec.shape)}, "
+                f"got shape {list(t.shape)}",
+                422,
+            )
         for dim, (want, got) in enumerate(zip(spec.shape, t.shape, strict=True)):
             if isinstance(want, int) and want != got:
-                raise StageError(f"stage {stage.name}, input {spec.name}: dimension {dim} must be {want} {_shape(spec.shape)}, "
-                                 f"got shape {list(t.shape)}", 422)
+                raise StageError(
+                    f"stage {stage.name}, input {spec.name}: dimension {dim} must be {want} {_shape(spec.shape)}, "
+                    f"got shape {list(t.shape)}",
+                    422,
+                )
             if isinstance(want, str):
                 if sizes.setdefault(want, (got, spec.name))[0] != got:
-                    raise StageError(f"stage {stage.name}, input {spec.name}: dimension {want} is {got} here but "
-                                     f"{sizes[want][0]} in input {sizes[want][1]}", 422)
+                    raise StageError(
+                        f"stage {stage.name}, input {spec.name}: dimension {want} is {got} here but "
+                        f"{sizes[want][0]} in input {sizes[want][1]}",
+                        422,
+                    )
         tensors.append(t)
     return tensors
 
@@ -96,7 +123,10 @@ def encode_output(stage, out: Any, payload: Any, postprocess: Callable | None = 
         scores = out.float().softmax(-1)
         best = scores.argmax(-1)
         if best.dim() == 1 and best.numel() == 1:
-            doc["label"], doc["scores"] = stage.labels[int(best)], dict(zip(stage.labels, scores[0].tolist(), strict=True))
+            doc["label"], doc["scores"] = (
+                stage.labels[int(best)],
+                dict(zip(stage.labels, scores[0].tolist(), strict=True)),
+            )
         else:
             doc["label"] = [stage.labels[int(i)] for i in best.flatten()]
     return doc
@@ -149,5 +179,8 @@ def _split(out: Any, sizes: list[int]) -> list[Any] | None:
         pieces = [_split(o, sizes) for o in out]
         if any(p is None for p in pieces):
             return None
-        return [type(out)(p[i] for p in pieces) if isinstance(out, tuple) else [p[i] for p in pieces] for i in range(len(sizes))]
+        return [
+            type(out)(p[i] for p in pieces) if isinstance(out, tuple) else [p[i] for p in pieces]
+            for i in range(len(sizes))
+        ]
     return None

@@ -85,7 +85,7 @@ def read_prometheus(url: str, pipeline: str, timeout_s: float = 10.0) -> Metrics
             raise RuntimeError(f"Prometheus at {url}: {reply.get('error', reply)}")
         return reply["data"]["result"]
 
-    selector = '{pipeline="' + pipeline.replace('"', '') + '"}'
+    selector = '{pipeline="' + pipeline.replace('"', "") + '"}'
     snap = MetricsSnapshot()
     for r in query(f"sum by (stage, le) ({STAGE_LATENCY}_bucket{selector})"):
         snap.stage(r["metric"]["stage"]).buckets[float(r["metric"]["le"])] = float(r["value"][1])
@@ -122,7 +122,9 @@ def window_of(new: StageCounters, old: StageCounters | None) -> StageWindow:
         old = StageCounters()
     calls = new.count - old.count
     mean = (new.sum_s - old.sum_s) / calls * 1e3 if calls > 0 else 0.0
-    return StageWindow(calls, mean, bucket_quantile(bucket_diff(new.buckets, old.buckets), 0.5), max(0.0, new.errors - old.errors))
+    return StageWindow(
+        calls, mean, bucket_quantile(bucket_diff(new.buckets, old.buckets), 0.5), max(0.0, new.errors - old.errors)
+    )
 
 
 def bucket_diff(new: dict[float, float], old: dict[float, float]) -> dict[float, float]:

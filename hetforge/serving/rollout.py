@@ -102,9 +102,17 @@ class StepStats:
     failures: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"canary_calls": self.canary_calls, "baseline_calls": self.baseline_calls, "canary_errors": self.canary_errors,
-                "disagreements": self.disagreements, "canary_p50_ms": _q(self.canary_ms, 0.5), "canary_p99_ms": _q(self.canary_ms, 0.99),
-                "baseline_p50_ms": _q(self.baseline_ms, 0.5), "baseline_p99_ms": _q(self.baseline_ms, 0.99), "failures": self.failures[:3]}
+        return {
+            "canary_calls": self.canary_calls,
+            "baseline_calls": self.baseline_calls,
+            "canary_errors": self.canary_errors,
+            "disagreements": self.disagreements,
+            "canary_p50_ms": _q(self.canary_ms, 0.5),
+            "canary_p99_ms": _q(self.canary_ms, 0.99),
+            "baseline_p50_ms": _q(self.baseline_ms, 0.5),
+            "baseline_p99_ms": _q(self.baseline_ms, 0.99),
+            "failures": self.failures[:3],
+        }
 
 
 def _q(samples: list[float], q: float) -> float | None:
@@ -120,19 +128,25 @@ class RolloutBoard(SqliteBoard):
     SCHEMA = _SCHEMA
 
     # -- rollouts
-    def start(self, pipeline: str, stage: str, variant: str, plan: list[dict], guard: bool, job_id: int | None = None) -> Rollout | None:
+    def start(
+        self, pipeline: str, stage: str, variant: str, plan: list[dict], guard: bool, job_id: int | None = None
+    ) -> Rollout | None:
         """A new running rollout, or None when the stage already has one (one rollout per stage at a time)."""
         now = time.time()
         db = self._db()
         try:
             db.execute("BEGIN IMMEDIATE")
-            busy = db.execute("SELECT 1 FROM rollouts WHERE pipeline = ? AND stage = ? AND state = 'running'", (pipeline, stage)).fetchone()
+            busy = db.execute(
+                "SELECT 1 FROM rollouts WHERE pipeline = ? AND stage = ? AND state = 'running'", (pipeline, stage)
+            ).fetchone()
             if busy:
                 db.execute("ROLLBACK")
                 return None
-            rid = db.execute("INSERT INTO rollouts (pipeline, stage, variant, job_id, plan, guard, step, state, step_started_at, created_at,"
-                             " updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, 'running', ?, ?, ?)",
-                             (pipeline, stage, str(variant), job_id, json.dumps(plan), int(guard), now, now, now)).lastrowid
+            rid = db.execute(
+                "INSERT INTO rollouts (pipeline, stage, variant, job_id, plan, guard, step, state, step_started_at, created_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, 'running', ?, ?, ?)",
+                (pipeline, stage, str(variant), job_id, json.dumps(plan), int(guard), now, now, now),
+            ).lastrowid
             db.execute("COMMIT")
         finally:
             db.close()
@@ -154,35 +168,56 @@ class RolloutBoard(SqliteBoard):
 
     def recent(self, pipeline: str, limit: int = 20) -> list[Rollout]:
         with self._db() as db:
-            rows = db.execute("SELECT * FROM rollouts WHERE pipeline = ? ORDER BY id DESC LIMIT ?", (pipeline, limit)).fetchall()
+            rows = db.execute(
+                "SELECT * FROM rollouts WHERE pipeline = ? ORDER BY id DESC LIMIT ?", (pipeline, limit)
+            ).fetchall()
         return [_rollout(r) for r in rows]
 
     def advance(self, rollout: Rollout) -> Rollout:
         """The next step (only from the step it is at: a second controller cannot skip one)."""
         now = time.time()
         with self._db() as db:
-            db.execute("UPDATE rollouts SET step = step + 1, step_started_at = ?, updated_at = ? WHERE id = ? AND step = ? AND state = 'running'",
-                       (now, now, rollout.id, rollout.step))
+            db.execute(
+                "UPDATE rollouts SET step = step + 1, step_started_at = ?, updated_at = ? WHERE id = ? AND step = ? AND state = 'running'",
+                (now, now, rollout.id, rollout.step),
+            )
         return self.get(rollout.id)
 
     def finish(self, rollout: Rollout, state: str, reason: str) -> bool:
         """promoted or rolled_back; False when it was no longer running."""
         with self._db() as db:
-            cur = db.execute("UPDATE rollouts SET state = ?, reason = ?, updated_at = ? WHERE id = ? AND state = 'running'",
-                             (state, reason[:1000], time.time(), rollout.id))
+            cur = db.execute(
+                "UPDATE rollouts SET state = ?, reason = ?, updated_at = ? WHERE id = ? AND state = 'running'",
+                (state, reason[:1000], time.time(), rollout.id),
+            )
         return cur.rowcount == 1
 
     # -- stats
     def write_stats(self, rollout_id: int, step: int, replica: str, s: StepStats) -> None:
         """This replica's numbers for one step (replacing what it wrote before)."""
         with self._db() as db:
-            db.execute("INSERT OR REPLACE INTO rollout_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (rollout_id, step, replica, s.canary_calls, s.baseline_calls, s.canary_errors, s.disagreements,
-                        json.dumps(s.canary_ms), json.dumps(s.baseline_ms), "; ".join(s.failures) or None, time.time()))
+            db.execute(
+                "INSERT OR REPLACE INTO rollout_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rollout_id,
+                    step,
+                    replica,
+                    s.canary_calls,
+                    s.baseline_calls,
+                    s.canary_errors,
+                    s.disagreements,
+                    json.dumps(s.canary_ms),
+                    json.dumps(s.baseline_ms),
+                    "; ".join(s.failures) or None,
+                    time.time(),
+                ),
+            )
 
     def step_stats(self, rollout_id: int, step: int) -> StepStats:
         with self._db() as db:
-            rows = db.execute("SELECT * FROM rollout_stats WHERE rollout_id = ? AND step = ?", (rollout_id, step)).fetchall()
+            rows = db.execute(
+                "SELECT * FROM rollout_stats WHERE rollout_id = ? AND step = ?", (rollout_id, step)
+            ).fetchall()
         total = StepStats()
         for r in rows:
             total.canary_calls += r["canary_calls"]
@@ -196,16 +231,40 @@ class RolloutBoard(SqliteBoard):
         return total
 
     # -- audit
-    def record(self, pipeline: str, stage: str, decision: str, *, rollout: Rollout | None = None, variant: str | None = None,
-               numbers: dict | None = None, reason: str = "", actor: str = "controller") -> None:
+    def record(
+        self,
+        pipeline: str,
+        stage: str,
+        decision: str,
+        *,
+        rollout: Rollout | None = None,
+        variant: str | None = None,
+        numbers: dict | None = None,
+        reason: str = "",
+        actor: str = "controller",
+    ) -> None:
         with self._db() as db:
-            db.execute("INSERT INTO rollout_events (pipeline, stage, rollout_id, variant, decision, step, weight, numbers, reason, actor, at)"
-                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (pipeline, stage, rollout.id if rollout else None, variant or (rollout.variant if rollout else None), decision,
-                        rollout.step if rollout else None, rollout.weight if rollout else None, json.dumps(numbers or {}, default=str),
-                        reason[:2000], actor, time.time()))
+            db.execute(
+                "INSERT INTO rollout_events (pipeline, stage, rollout_id, variant, decision, step, weight, numbers, reason, actor, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    pipeline,
+                    stage,
+                    rollout.id if rollout else None,
+                    variant or (rollout.variant if rollout else None),
+                    decision,
+                    rollout.step if rollout else None,
+                    rollout.weight if rollout else None,
+                    json.dumps(numbers or {}, default=str),
+                    reason[:2000],
+                    actor,
+                    time.time(),
+                ),
+            )
 
-    def events(self, pipeline: str, stage: str | None = None, limit: int = 200, decision: str | None = None) -> list[dict]:
+    def events(
+        self, pipeline: str, stage: str | None = None, limit: int = 200, decision: str | None = None
+    ) -> list[dict]:
         """The latest `limit` events (of one stage, of one decision), oldest first."""
         query, args = "SELECT * FROM rollout_events WHERE pipeline = ?", [pipeline]
         if stage is not None:
@@ -219,8 +278,20 @@ class RolloutBoard(SqliteBoard):
 
 def _rollout(row: sqlite3.Row) -> Rollout:
     d = dict(row)
-    return Rollout(d["id"], d["pipeline"], d["stage"], d["variant"], d["job_id"], json.loads(d["plan"]), bool(d["guard"]), d["step"],
-                   d["state"], d["reason"], d["step_started_at"], d["created_at"])
+    return Rollout(
+        d["id"],
+        d["pipeline"],
+        d["stage"],
+        d["variant"],
+        d["job_id"],
+        json.loads(d["plan"]),
+        bool(d["guard"]),
+        d["step"],
+        d["state"],
+        d["reason"],
+        d["step_started_at"],
+        d["created_at"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- replica side
@@ -250,8 +321,15 @@ class CanaryArm:
     def snapshot(self) -> StepStats:
         with self._lock:
             s = self._stats
-            return StepStats(s.canary_calls, s.baseline_calls, s.canary_errors, s.disagreements, list(s.canary_ms[-SAMPLES_KEPT:]),
-                             list(s.baseline_ms[-SAMPLES_KEPT:]), list(s.failures))
+            return StepStats(
+                s.canary_calls,
+                s.baseline_calls,
+                s.canary_errors,
+                s.disagreements,
+                list(s.canary_ms[-SAMPLES_KEPT:]),
+                list(s.baseline_ms[-SAMPLES_KEPT:]),
+                list(s.failures),
+            )
 
     def call(self, inputs: list, forward) -> tuple[Any, str]:
         """Answer one call: (output, "running" or "variant": whose output it is).
@@ -291,7 +369,13 @@ class CanaryArm:
             return want, "running"
         return got, "variant"
 
-    def _add(self, baseline_ms: float | None = None, canary_ms: float | None = None, error: bool = False, disagreement: str = "") -> None:
+    def _add(
+        self,
+        baseline_ms: float | None = None,
+        canary_ms: float | None = None,
+        error: bool = False,
+        disagreement: str = "",
+    ) -> None:
         with self._lock:
             s = self._stats
             if baseline_ms is not None:
@@ -330,20 +414,36 @@ class StepDecision:
 
 def judge_step(rollout: Rollout, stats: StepStats, canary, now: float) -> StepDecision:
     """The controller's call on the step a rollout is at, under the spec's `Canary` thresholds."""
-    numbers = stats.to_json() | {"step": rollout.step, "mode": rollout.mode, "weight": rollout.weight,
-                                 "elapsed_s": round(now - rollout.step_started_at, 2)}
+    numbers = stats.to_json() | {
+        "step": rollout.step,
+        "mode": rollout.mode,
+        "weight": rollout.weight,
+        "elapsed_s": round(now - rollout.step_started_at, 2),
+    }
     if stats.failures and not stats.disagreements:
         return StepDecision("rollback", "the variant failed on a replica: " + stats.failures[0], numbers)
     if stats.disagreements:
-        return StepDecision("rollback", f"the variant disagreed with the running module on {stats.disagreements} of "
-                                        f"{stats.canary_calls} calls ({stats.failures[0] if stats.failures else ''})", numbers)
+        return StepDecision(
+            "rollback",
+            f"the variant disagreed with the running module on {stats.disagreements} of "
+            f"{stats.canary_calls} calls ({stats.failures[0] if stats.failures else ''})",
+            numbers,
+        )
     if stats.canary_calls and stats.canary_errors / stats.canary_calls > canary.max_error_rate:
-        return StepDecision("rollback", f"the variant raised on {stats.canary_errors} of {stats.canary_calls} calls "
-                                        f"(allowed share {canary.max_error_rate:g})", numbers)
+        return StepDecision(
+            "rollback",
+            f"the variant raised on {stats.canary_errors} of {stats.canary_calls} calls "
+            f"(allowed share {canary.max_error_rate:g})",
+            numbers,
+        )
     if stats.canary_calls < canary.min_calls or len(stats.baseline_ms) < 5:
         if now - rollout.step_started_at > canary.step_timeout_s:
-            return StepDecision("rollback", f"timeout: {stats.canary_calls} variant calls in {now - rollout.step_started_at:.0f} s, "
-                                            f"the step needs {canary.min_calls} within {canary.step_timeout_s:g} s", numbers)
+            return StepDecision(
+                "rollback",
+                f"timeout: {stats.canary_calls} variant calls in {now - rollout.step_started_at:.0f} s, "
+                f"the step needs {canary.min_calls} within {canary.step_timeout_s:g} s",
+                numbers,
+            )
         return StepDecision("wait", f"{stats.canary_calls} of {canary.min_calls} variant calls", numbers)
     p50_c, p50_b = statistics.median(stats.canary_ms), statistics.median(stats.baseline_ms)
     # The tail is judged at p99 once each arm has 100 samples; before that p99 is just the maximum (one
@@ -353,11 +453,18 @@ def judge_step(rollout: Rollout, stats: StepStats, canary, now: float) -> StepDe
     numbers["tail_quantile"] = tail
     numbers["speedup_p50"] = round(p50_b / p50_c, 4) if p50_c > 0 else None
     if p50_c > canary.max_latency_ratio * p50_b:
-        return StepDecision("rollback", f"slower: p50 {p50_c:.3f} ms against {p50_b:.3f} ms running "
-                                        f"(allowed ratio {canary.max_latency_ratio:g})", numbers)
+        return StepDecision(
+            "rollback",
+            f"slower: p50 {p50_c:.3f} ms against {p50_b:.3f} ms running (allowed ratio {canary.max_latency_ratio:g})",
+            numbers,
+        )
     if p99_c > canary.max_p99_ratio * p99_b:
-        return StepDecision("rollback", f"slower tail: p{round(tail * 100)} {p99_c:.3f} ms against {p99_b:.3f} ms running "
-                                        f"(allowed ratio {canary.max_p99_ratio:g})", numbers)
+        return StepDecision(
+            "rollback",
+            f"slower tail: p{round(tail * 100)} {p99_c:.3f} ms against {p99_b:.3f} ms running "
+            f"(allowed ratio {canary.max_p99_ratio:g})",
+            numbers,
+        )
     last = rollout.step == len(rollout.plan) - 1
     why = f"p50 {p50_c:.3f} ms against {p50_b:.3f} ms running ({numbers['speedup_p50']}x), no disagreement, no error"
     return StepDecision("promote" if last else "advance", why, numbers)

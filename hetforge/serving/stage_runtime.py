@@ -101,14 +101,29 @@ class _Active:
 class ModelStageRuntime:
     """One replica's model stage: call it with a stage's inputs; swap variants while it serves."""
 
-    def __init__(self, pipeline: str, stage: str, problem_file: str | Path, device: str = "cpu", precision: str = "strict",
-                 weights: str | Path | None = None, seed: int = 0, init_args: list | None = None, init_kwargs: dict | None = None,
-                 registry: Registry | None = None, device_class: str | None = None, metrics: Metrics | None = None,
-                 use_registry: bool = True, max_batch_rows: int = 1):
+    def __init__(
+        self,
+        pipeline: str,
+        stage: str,
+        problem_file: str | Path,
+        device: str = "cpu",
+        precision: str = "strict",
+        weights: str | Path | None = None,
+        seed: int = 0,
+        init_args: list | None = None,
+        init_kwargs: dict | None = None,
+        registry: Registry | None = None,
+        device_class: str | None = None,
+        metrics: Metrics | None = None,
+        use_registry: bool = True,
+        max_batch_rows: int = 1,
+    ):
         self.pipeline, self.stage, self.device, self.precision = pipeline, stage, device, precision
         self.max_batch_rows = max_batch_rows  # rows a batched call may have: a new variant is warmed on each count
         self.problem_file = Path(problem_file)
-        problem = Problem(file=str(self.problem_file), init_args=tuple(init_args or ()), init_kwargs=dict(init_kwargs or {}))
+        problem = Problem(
+            file=str(self.problem_file), init_args=tuple(init_args or ()), init_kwargs=dict(init_kwargs or {})
+        )
         self.loaded: LoadedProblem = problem.load()
         self.reference = self.loaded.build(seed=seed, device=device)
         if weights is not None:
@@ -165,7 +180,9 @@ class ModelStageRuntime:
                 raise
             self._rollback(active, f"{type(err).__name__}: {err}")
             return self(*inputs)
-        self.metrics.stage_latency.labels(self.pipeline, self.stage, active.name, self.device).observe(time.perf_counter() - start)
+        self.metrics.stage_latency.labels(self.pipeline, self.stage, active.name, self.device).observe(
+            time.perf_counter() - start
+        )
         return out
 
     def _forward(self, which: _Active | CanaryArm, inputs: list) -> tuple[Any, float]:
@@ -196,7 +213,7 @@ class ModelStageRuntime:
         self.arm = None
 
     def _disagreement(self, got: Any, want: Any) -> str:
-        """"" when the variant's output matches the running module's within the stage's tolerance, else why not."""
+        """ "" when the variant's output matches the running module's within the stage's tolerance, else why not."""
         for g, w in zip(_flat(got), _flat(want), strict=False):
             if not isinstance(w, torch.Tensor):
                 continue
@@ -239,28 +256,44 @@ class ModelStageRuntime:
         self._admissible(variant, statuses)
         arm = self.arm
         if arm is not None and arm.name == f"variant:{variant.id}":
-            return arm.name, arm.module, float(variant.speedup or 1.0)  # promoting the variant under rollout: already built here
+            return (
+                arm.name,
+                arm.module,
+                float(variant.speedup or 1.0),
+            )  # promoting the variant under rollout: already built here
         try:
             if variant.recipe.get("kind") == "transform":
                 module = build_variant(self.reference, VariantSpec.from_json(variant.recipe), self.example_inputs())
             else:
                 source = types.ModuleType(f"hetforge_variant_{variant.id}")
                 exec(compile(variant.source, f"<variant {variant.id}>", "exec"), source.__dict__)  # verified code
-                module = build_module_variant(source, self.reference, tuple(self.loaded.init_args), self.loaded.init_kwargs)
+                module = build_module_variant(
+                    source, self.reference, tuple(self.loaded.init_args), self.loaded.init_kwargs
+                )
             module = module.to(self.device).eval()
         except (VariantError, Exception) as err:  # noqa: BLE001 - a variant that cannot be built is refused, never fatal
-            raise SwapRefused(f"variant {variant.id} cannot be built from this replica's module: {type(err).__name__}: {err}") from None
+            raise SwapRefused(
+                f"variant {variant.id} cannot be built from this replica's module: {type(err).__name__}: {err}"
+            ) from None
         return f"variant:{variant.id}", module, float(variant.speedup or 1.0)
 
     def _admissible(self, variant: Variant, statuses: tuple[str, ...] = ("active",)) -> None:
         if variant.status not in statuses:
-            raise SwapRefused(f"variant {variant.id} is {variant.status}, not {' or '.join(statuses)} (verified and approved)")
+            raise SwapRefused(
+                f"variant {variant.id} is {variant.status}, not {' or '.join(statuses)} (verified and approved)"
+            )
         if variant.fingerprint != self.fingerprint:
-            raise SwapRefused(f"variant {variant.id} was verified for another reference (fingerprint {variant.fingerprint})")
+            raise SwapRefused(
+                f"variant {variant.id} was verified for another reference (fingerprint {variant.fingerprint})"
+            )
         if variant.device_class != self.device_class:
-            raise SwapRefused(f"variant {variant.id} was verified on {variant.device_class}, this replica runs on {self.device_class}")
+            raise SwapRefused(
+                f"variant {variant.id} was verified on {variant.device_class}, this replica runs on {self.device_class}"
+            )
         if not serves(variant.precision, self.precision):
-            raise SwapRefused(f"variant {variant.id} needs precision {variant.precision}; the stage allows {self.precision}")
+            raise SwapRefused(
+                f"variant {variant.id} needs precision {variant.precision}; the stage allows {self.precision}"
+            )
 
     def _check(self, module: nn.Module, batches: list) -> float:
         """Run the candidate and the running module on live inputs: the outputs must agree."""
@@ -294,13 +327,19 @@ class ModelStageRuntime:
             return
         base = self.live_inputs()[-1]
         for rows in range(1, self.max_batch_rows + 1):
-            inputs = [x[:1].repeat(rows, *[1] * (x.dim() - 1)) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] else x
-                      for x in base]
+            inputs = [
+                x[:1].repeat(rows, *[1] * (x.dim() - 1))
+                if isinstance(x, torch.Tensor) and x.dim() and x.shape[0]
+                else x
+                for x in base
+            ]
             try:
                 with torch.inference_mode():
                     module(*inputs)
             except Exception as err:  # noqa: BLE001
-                raise SwapRefused(f"the variant raised on a batch of {rows} rows: {type(err).__name__}: {err}") from None
+                raise SwapRefused(
+                    f"the variant raised on a batch of {rows} rows: {type(err).__name__}: {err}"
+                ) from None
             time.sleep(CHECK_PAUSE_S)  # the warm-up shares the replica's cores with traffic
 
     def _rollback(self, failed: _Active, why: str) -> None:

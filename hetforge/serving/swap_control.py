@@ -62,54 +62,86 @@ class SwapBoard(SqliteBoard):
 
     def request(self, pipeline: str, stage: str, variant: str, requested_by: str = "cli") -> int:
         with self._db() as db:
-            return db.execute("INSERT INTO swap_requests (pipeline, stage, variant, requested_by, requested_at) VALUES (?, ?, ?, ?, ?)",
-                              (pipeline, stage, str(variant), requested_by, time.time())).lastrowid
+            return db.execute(
+                "INSERT INTO swap_requests (pipeline, stage, variant, requested_by, requested_at) VALUES (?, ?, ?, ?, ?)",
+                (pipeline, stage, str(variant), requested_by, time.time()),
+            ).lastrowid
 
     def latest(self, pipeline: str, stage: str) -> tuple[int, str] | None:
         with self._db() as db:
-            row = db.execute("SELECT id, variant FROM swap_requests WHERE pipeline = ? AND stage = ? ORDER BY id DESC LIMIT 1",
-                             (pipeline, stage)).fetchone()
+            row = db.execute(
+                "SELECT id, variant FROM swap_requests WHERE pipeline = ? AND stage = ? ORDER BY id DESC LIMIT 1",
+                (pipeline, stage),
+            ).fetchone()
         return (int(row[0]), row[1]) if row else None
 
     def report(self, request_id: int, replica: str, outcome: str, reason: str = "") -> None:
         with self._db() as db:
-            db.execute("INSERT OR REPLACE INTO swap_reports VALUES (?, ?, ?, ?, ?)", (request_id, replica, outcome, reason, time.time()))
+            db.execute(
+                "INSERT OR REPLACE INTO swap_reports VALUES (?, ?, ?, ?, ?)",
+                (request_id, replica, outcome, reason, time.time()),
+            )
 
-    def heartbeat(self, pipeline: str, stage: str, replica: str, active_variant: str, signatures: dict[str, int] | None = None) -> None:
+    def heartbeat(
+        self, pipeline: str, stage: str, replica: str, active_variant: str, signatures: dict[str, int] | None = None
+    ) -> None:
         now = time.time()
         with self._db() as db:
-            db.execute("INSERT OR REPLACE INTO replicas VALUES (?, ?, ?, ?, ?)", (pipeline, stage, replica, active_variant, now))
+            db.execute(
+                "INSERT OR REPLACE INTO replicas VALUES (?, ?, ?, ?, ?)",
+                (pipeline, stage, replica, active_variant, now),
+            )
             if signatures is not None:
-                db.execute("INSERT OR REPLACE INTO replica_signatures VALUES (?, ?, ?, ?, ?)",
-                           (pipeline, stage, replica, json.dumps(signatures), now))
+                db.execute(
+                    "INSERT OR REPLACE INTO replica_signatures VALUES (?, ?, ?, ?, ?)",
+                    (pipeline, stage, replica, json.dumps(signatures), now),
+                )
 
     def signatures(self, pipeline: str, stage: str, within_s: float = 5 * HEARTBEAT_S) -> dict[str, dict[str, int]]:
         """replica -> {signature: calls since it started}, for the replicas of a stage heard from within `within_s`."""
         with self._db() as db:
-            rows = db.execute("SELECT replica, counts FROM replica_signatures WHERE pipeline = ? AND stage = ? AND seen_at >= ?",
-                              (pipeline, stage, time.time() - within_s)).fetchall()
+            rows = db.execute(
+                "SELECT replica, counts FROM replica_signatures WHERE pipeline = ? AND stage = ? AND seen_at >= ?",
+                (pipeline, stage, time.time() - within_s),
+            ).fetchall()
         return {r[0]: json.loads(r[1]) for r in rows}
 
     def alive(self, pipeline: str, stage: str, within_s: float = 5 * HEARTBEAT_S) -> dict[str, str]:
         """replica -> active variant, for the replicas of a stage heard from within `within_s`."""
         with self._db() as db:
-            rows = db.execute("SELECT replica, active_variant FROM replicas WHERE pipeline = ? AND stage = ? AND seen_at >= ?",
-                              (pipeline, stage, time.time() - within_s)).fetchall()
+            rows = db.execute(
+                "SELECT replica, active_variant FROM replicas WHERE pipeline = ? AND stage = ? AND seen_at >= ?",
+                (pipeline, stage, time.time() - within_s),
+            ).fetchall()
         return dict(rows)
 
     def reports(self, request_id: int) -> list[SwapReport]:
         with self._db() as db:
-            rows = db.execute("SELECT request_id, replica, outcome, reason FROM swap_reports WHERE request_id = ? ORDER BY replica",
-                              (request_id,)).fetchall()
+            rows = db.execute(
+                "SELECT request_id, replica, outcome, reason FROM swap_reports WHERE request_id = ? ORDER BY replica",
+                (request_id,),
+            ).fetchall()
         return [SwapReport(int(r[0]), r[1], r[2], r[3] or "") for r in rows]
 
     def recent(self, pipeline: str, limit: int = 20) -> list[dict]:
         """The latest swap requests, newest first, each with its replicas' outcomes."""
         with self._db() as db:
-            rows = db.execute("SELECT id, stage, variant, requested_by, requested_at FROM swap_requests WHERE pipeline = ? "
-                              "ORDER BY id DESC LIMIT ?", (pipeline, limit)).fetchall()
-        return [{"id": r[0], "stage": r[1], "variant": r[2], "requested_by": r[3] or "", "at": r[4],
-                 "reports": [vars(x) for x in self.reports(int(r[0]))]} for r in rows]
+            rows = db.execute(
+                "SELECT id, stage, variant, requested_by, requested_at FROM swap_requests WHERE pipeline = ? "
+                "ORDER BY id DESC LIMIT ?",
+                (pipeline, limit),
+            ).fetchall()
+        return [
+            {
+                "id": r[0],
+                "stage": r[1],
+                "variant": r[2],
+                "requested_by": r[3] or "",
+                "at": r[4],
+                "reports": [vars(x) for x in self.reports(int(r[0]))],
+            }
+            for r in rows
+        ]
 
     def wait(self, request_id: int, replicas: int, timeout_s: float, poll_s: float = 0.1) -> list[SwapReport]:
         """The reports once `replicas` replicas answered, or whatever came within `timeout_s`."""
@@ -143,11 +175,15 @@ def check_variant(registry_path: str | Path | None, variant: object) -> str:
         except (RegistryError, ValueError) as err:
             raise SwapError(f"swap refused: no variant {variant} in the registry ({err})", 404) from None
         if found.status != "active":
-            raise SwapError(f"swap refused: variant {variant} is {found.status}, not active (verified and approved)", 409)
+            raise SwapError(
+                f"swap refused: variant {variant} is {found.status}, not active (verified and approved)", 409
+            )
     return variant
 
 
-def request_swap(registry_path: str | Path | None, pipeline, stage: str, variant: object, replicas: int, wait_s: float) -> dict:
+def request_swap(
+    registry_path: str | Path | None, pipeline, stage: str, variant: object, replicas: int, wait_s: float
+) -> dict:
     """Check the request, post it, wait for `replicas` reports: {"ok", "request_id", "reports", ...}.
 
     Refused up front (SwapError): an unknown stage, a stage that is not a model stage, a variant that
@@ -156,14 +192,24 @@ def request_swap(registry_path: str | Path | None, pipeline, stage: str, variant
     """
     names = [s.name for s in pipeline.stages]
     if stage not in names:
-        raise SwapError(f"swap refused: pipeline {pipeline.name} has no stage {stage!r} (stages: {', '.join(names)})", 404)
+        raise SwapError(
+            f"swap refused: pipeline {pipeline.name} has no stage {stage!r} (stages: {', '.join(names)})", 404
+        )
     if pipeline.stage(stage).kind != "model":
-        raise SwapError(f"swap refused: stage {stage} is a {pipeline.stage(stage).kind} stage; only model stages have kernel variants", 400)
+        raise SwapError(
+            f"swap refused: stage {stage} is a {pipeline.stage(stage).kind} stage; only model stages have kernel variants",
+            400,
+        )
     variant = check_variant(registry_path, variant)
     board = SwapBoard(registry_path)
     replicas = max(replicas, len(board.alive(pipeline.name, stage)))
     request_id = board.request(pipeline.name, stage, variant, requested_by="api")
     reports = board.wait(request_id, replicas, wait_s)
-    return {"ok": bool(reports) and all(r.outcome == "swapped" for r in reports), "request_id": request_id, "stage": stage,
-            "variant": variant, "replicas_expected": replicas,
-            "reports": [{"replica": r.replica, "outcome": r.outcome, "reason": r.reason} for r in reports]}
+    return {
+        "ok": bool(reports) and all(r.outcome == "swapped" for r in reports),
+        "request_id": request_id,
+        "stage": stage,
+        "variant": variant,
+        "replicas_expected": replicas,
+        "reports": [{"replica": r.replica, "outcome": r.outcome, "reason": r.reason} for r in reports],
+    }

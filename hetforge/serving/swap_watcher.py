@@ -59,7 +59,9 @@ class SwapWatcher:
         current = running[0] if running else None
         arm = runtime.arm
         if arm is not None and (current is None or current.id != arm.rollout_id):
-            self.rollouts.write_stats(arm.rollout_id, arm.step, self.replica, arm.snapshot())  # the last numbers of its last step
+            self.rollouts.write_stats(
+                arm.rollout_id, arm.step, self.replica, arm.snapshot()
+            )  # the last numbers of its last step
             runtime.stop_canary()
             arm = None
         if current is None or current.id in self.failed_rollouts:
@@ -81,8 +83,13 @@ class SwapWatcher:
         while not self._stop.wait(self.interval_s):
             try:
                 if time.monotonic() - last_beat >= HEARTBEAT_S:
-                    self.board.heartbeat(self.runtime.pipeline, self.runtime.stage, self.replica, self.runtime.active_variant,
-                                         self.runtime.signatures.snapshot())
+                    self.board.heartbeat(
+                        self.runtime.pipeline,
+                        self.runtime.stage,
+                        self.replica,
+                        self.runtime.active_variant,
+                        self.runtime.signatures.snapshot(),
+                    )
                     last_beat = time.monotonic()
                 self.poll_once()
                 self.poll_rollout()

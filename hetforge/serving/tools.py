@@ -44,8 +44,10 @@ class ToolRuntime:
             inspect.signature(self.fn).bind(*args, **kwargs)
         except TypeError as err:
             shown = ", ".join(kwargs) if kwargs else type(payload).__name__
-            raise StageError(f"tool {self.stage.name}: arguments ({shown}) do not fit {self.fn.__name__}{inspect.signature(self.fn)}: {err}",
-                             422) from None
+            raise StageError(
+                f"tool {self.stage.name}: arguments ({shown}) do not fit {self.fn.__name__}{inspect.signature(self.fn)}: {err}",
+                422,
+            ) from None
         return args, kwargs
 
     async def _once(self, payload: Any) -> Any:
@@ -62,11 +64,15 @@ class ToolRuntime:
             self._client = httpx.AsyncClient(timeout=self.stage.timeout_s)
         headers = {name: os.environ.get(env, "") for name, env in http.headers_env.items()}
         if http.method == "GET":
-            response = await self._client.get(http.url, params=payload if isinstance(payload, dict) else {"input": payload}, headers=headers)
+            response = await self._client.get(
+                http.url, params=payload if isinstance(payload, dict) else {"input": payload}, headers=headers
+            )
         else:
             response = await self._client.post(http.url, json=payload, headers=headers)
         if 400 <= response.status_code < 500:
-            raise StageError(f"tool {self.stage.name}: {http.url} answered {response.status_code}: {response.text[:300]}", 422)
+            raise StageError(
+                f"tool {self.stage.name}: {http.url} answered {response.status_code}: {response.text[:300]}", 422
+            )
         response.raise_for_status()
         return response.json()
 
@@ -89,4 +95,7 @@ class ToolRuntime:
         if timeouts == tries:
             raise StageError(f"tool {self.stage.name}: timed out after {timeout:g} s on all {tries} attempt(s)", 504)
         detail = f"{type(last).__name__}: {last}" if last is not None else "timed out"
-        raise StageError(f"tool {self.stage.name}: failed on all {tries} attempt(s) ({timeouts} timed out); last: {detail}"[:2000], 500)
+        raise StageError(
+            f"tool {self.stage.name}: failed on all {tries} attempt(s) ({timeouts} timed out); last: {detail}"[:2000],
+            500,
+        )

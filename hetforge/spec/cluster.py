@@ -49,7 +49,9 @@ class NodeType(_Spec):
     count: int = Field(default=1, ge=1, le=10_000, description="Nodes of this type.")
     cpu: CpuSpec = Field(description="Host CPU and memory.")
     gpus: list[GpuGroup] = Field(default_factory=list, max_length=8, description="GPUs per node.")
-    host_link_gbps: float = Field(default=200.0, gt=0, le=100_000, description="CPU<->GPU bandwidth in Gbit/s (PCIe Gen4 x16: ~200).")
+    host_link_gbps: float = Field(
+        default=200.0, gt=0, le=100_000, description="CPU<->GPU bandwidth in Gbit/s (PCIe Gen4 x16: ~200)."
+    )
 
 
 class Interconnect(_Spec):

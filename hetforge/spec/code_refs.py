@@ -151,7 +151,11 @@ def check_hf_model(model: str, base_dir: Path) -> str | None:
     the pipeline, else a model id whose config is in the local cache (looked up on disk, never downloaded)."""
     folder = base_dir / model
     if folder.is_dir():
-        return None if (folder / "config.json").is_file() else f"a model folder saved with save_pretrained; {folder} has no config.json"
+        return (
+            None
+            if (folder / "config.json").is_file()
+            else f"a model folder saved with save_pretrained; {folder} has no config.json"
+        )
     try:
         from huggingface_hub import try_to_load_from_cache  # optional: installed with transformers
     except ImportError:
@@ -162,5 +166,7 @@ def check_hf_model(model: str, base_dir: Path) -> str | None:
         cached = None
     if isinstance(cached, str):
         return None
-    return (f"a model folder relative to the pipeline's folder ({base_dir}) or a model id in the local HuggingFace cache; "
-            "neither exists and nothing is downloaded")
+    return (
+        f"a model folder relative to the pipeline's folder ({base_dir}) or a model id in the local HuggingFace cache; "
+        "neither exists and nothing is downloaded"
+    )

@@ -13,8 +13,8 @@ with a round of tool calls (the slowest tool) between consecutive ones.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import networkx as nx
 
@@ -124,14 +124,27 @@ class PipelineGraph:
                     "optimize": stage.optimize,
                     "replicas": stage.replicas if isinstance(stage.replicas, int) else stage.replicas.model_dump(),
                     "latency_budget_ms": stage.latency_budget_ms,
-                    "max_iterations": stage.agent_loop.max_iterations if isinstance(stage, LlmStage) and stage.agent_loop else None,
+                    "max_iterations": stage.agent_loop.max_iterations
+                    if isinstance(stage, LlmStage) and stage.agent_loop
+                    else None,
                 }
             )
         edges = [
-            {"from": u, "to": v, "kind": d["kind"], "when": d["when"].model_dump(exclude_none=True) if d["when"] else None}
+            {
+                "from": u,
+                "to": v,
+                "kind": d["kind"],
+                "when": d["when"].model_dump(exclude_none=True) if d["when"] else None,
+            }
             for u, v, d in self.graph.edges(data=True)
         ]
-        doc = {"name": self.pipeline.name, "entry": self.pipeline.entry, "output": self.pipeline.output, "nodes": nodes, "edges": edges}
+        doc = {
+            "name": self.pipeline.name,
+            "entry": self.pipeline.entry,
+            "output": self.pipeline.output,
+            "nodes": nodes,
+            "edges": edges,
+        }
         return json.dumps(doc, indent=2)
 
     def to_mermaid(self) -> str:
@@ -176,8 +189,8 @@ def _ident(name: str) -> str:
 
 
 def _condition(when: object) -> str:
-    field = getattr(when, "field")
-    equals, one_of = getattr(when, "equals"), getattr(when, "one_of")
+    field = when.field
+    equals, one_of = when.equals, when.one_of
     return f"{field} == {equals}" if one_of is None else f"{field} in {list(one_of)}"
 
 
@@ -197,15 +210,21 @@ def graph_problems(pipeline: Pipeline) -> list[Problem]:
         shown = " -> ".join([e[0] for e in cycle] + [cycle[0][0]])
         index = dag.edges[u, v]["index"]
         problems.append(
-            Problem(("flow", index), f"{u} -> {v}", f"an edge that closes the cycle {shown}; only an llm stage's agent_loop may repeat stages")
+            Problem(
+                ("flow", index),
+                f"{u} -> {v}",
+                f"an edge that closes the cycle {shown}; only an llm stage's agent_loop may repeat stages",
+            )
         )
     reachable = graph.reachable()
     for i, stage in enumerate(pipeline.stages):
         if stage.name not in reachable:
             what = "the output stage" if stage.name == pipeline.output else "a stage"
             problems.append(
-                Problem(("stages", i, "name"), stage.name, f"{what} that a request can reach from the entry ({pipeline.entry}); add a flow edge into it")
+                Problem(
+                    ("stages", i, "name"),
+                    stage.name,
+                    f"{what} that a request can reach from the entry ({pipeline.entry}); add a flow edge into it",
+                )
             )
     return problems
-
-

@@ -32,7 +32,16 @@ def read_limited(path: str | FsPath) -> bytes:
     except OSError as err:
         raise SpecIOError(f"{path}: cannot read: {err.strerror or err}") from None
     if len(data) > limit:
-        raise SpecError([Diagnostic(str(path), 1, 1, f'Got "more than {limit} bytes" for the document: a file of at most {limit} bytes (HETFORGE_SPEC_MAX_BYTES).')])
+        raise SpecError(
+            [
+                Diagnostic(
+                    str(path),
+                    1,
+                    1,
+                    f'Got "more than {limit} bytes" for the document: a file of at most {limit} bytes (HETFORGE_SPEC_MAX_BYTES).',
+                )
+            ]
+        )
     return data
 
 
@@ -64,7 +73,9 @@ def load_document(data: bytes, file: str, root: type[BaseModel]) -> tuple[BaseMo
     return document, source
 
 
-def load_bytes(data: bytes, file: str = "<string>", base_dir: FsPath | None = None, check_graph: bool = True) -> Pipeline:
+def load_bytes(
+    data: bytes, file: str = "<string>", base_dir: FsPath | None = None, check_graph: bool = True
+) -> Pipeline:
     """Validate a pipeline document; `base_dir` resolves relative files (None skips file checks)."""
     pipeline, source = load_document(data, file, Pipeline)
     problems = check_references(pipeline, base_dir)
@@ -72,7 +83,9 @@ def load_bytes(data: bytes, file: str = "<string>", base_dir: FsPath | None = No
         problems = graph_problems(pipeline)
     if problems:
         raise SpecError(locate(problems, source, file))
-    pipeline._stage_lines = {stage.name: f"{file}:{source.locate(('stages', i))[0]}" for i, stage in enumerate(pipeline.stages)}
+    pipeline._stage_lines = {
+        stage.name: f"{file}:{source.locate(('stages', i))[0]}" for i, stage in enumerate(pipeline.stages)
+    }
     return pipeline
 
 
@@ -91,16 +104,29 @@ _PATTERN_RULES = {
 
 
 _TYPE_RULES = {
-    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
-    "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false", "bool_type": "true or false",
-    "string_type": "text", "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
-    "list_type": "a list", "none_required": "nothing",
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "text",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "list_type": "a list",
+    "none_required": "nothing",
 }
 _BOUND_RULES = {
-    "greater_than": "a number greater than {gt}", "greater_than_equal": "a number of at least {ge}",
-    "less_than": "a number less than {lt}", "less_than_equal": "a number of at most {le}",
-    "string_too_long": "text of at most {max_length} characters", "string_too_short": "text of at least {min_length} characters",
-    "too_long": "at most {max_length} items", "too_short": "at least {min_length} items",
+    "greater_than": "a number greater than {gt}",
+    "greater_than_equal": "a number of at least {ge}",
+    "less_than": "a number less than {lt}",
+    "less_than_equal": "a number of at most {le}",
+    "string_too_long": "text of at most {max_length} characters",
+    "string_too_short": "text of at least {min_length} characters",
+    "too_long": "at most {max_length} items",
+    "too_short": "at least {min_length} items",
 }
 
 
@@ -119,7 +145,11 @@ def _problems(err: ValidationError, source: SourceMap, root: type[BaseModel]) ->
         elif kind == "stage_kind":
             path = path + ("kind",)
             value = value.get("kind") if isinstance(value, dict) else value
-            must = "a stage kind: model, llm or tool" if isinstance(value, str) or value is None else "a mapping with a kind"
+            must = (
+                "a stage kind: model, llm or tool"
+                if isinstance(value, str) or value is None
+                else "a mapping with a kind"
+            )
         elif kind == "string_pattern_mismatch":
             must = _PATTERN_RULES.get(ctx.get("pattern"), f"text matching {ctx.get('pattern')}")
         elif kind in ("literal_error", "enum"):

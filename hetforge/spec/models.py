@@ -34,8 +34,10 @@ IMPORT_PATTERN = r"^(?:[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*|[^:\s
 # GPU models a stage may name as its device. The planner's device table (`hetforge.planners`)
 # carries their figures; the spec only needs the names.
 GPU_MODELS = ("H100", "H200", "B200", "A100", "A10G", "L4", "L40S", "T4", "V100", "RTX6000-BLACKWELL")
-DEVICE_RULE = ("auto, cpu, cuda, a GPU model (" + ", ".join(GPU_MODELS) + "), or a named class of CPU nodes "
-               "(cpu-<name>, lowercase letters, digits and '-')")
+DEVICE_RULE = (
+    "auto, cpu, cuda, a GPU model (" + ", ".join(GPU_MODELS) + "), or a named class of CPU nodes "
+    "(cpu-<name>, lowercase letters, digits and '-')"
+)
 
 # `request`, `request.field.sub`, `stage`, `stage.field`: where a stage argument comes from.
 BINDING_PATTERN = r"[a-z][a-z0-9_-]{0,62}(?:\.[A-Za-z_][A-Za-z0-9_]{0,127})*"
@@ -53,7 +55,6 @@ def _dim(value: object) -> int | str:
 
 
 Dim = Annotated[Union[int, str], BeforeValidator(_dim), Field(description=DIM_RULE)]
-
 
 
 class _Spec(BaseModel):
@@ -131,7 +132,9 @@ class _StageBase(_Spec):
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", name):
                 raise ValueError(f"argument name {name!r} is not an identifier")
             if not re.fullmatch(BINDING_PATTERN, ref):
-                raise ValueError(f"argument {name}: {ref!r} is not `request`, `request.<field>`, `<stage>` or `<stage>.<field>`")
+                raise ValueError(
+                    f"argument {name}: {ref!r} is not `request`, `request.<field>`, `<stage>` or `<stage>.<field>`"
+                )
         return value
 
     @field_validator("device", "prefer_device")
@@ -163,16 +166,26 @@ def normalize_device(value: str) -> str:
 class HuggingFaceModel(_Spec):
     """A HuggingFace transformers model served with its tokenizer or processor in the replica."""
 
-    model: str = Field(min_length=1, max_length=4096,
-                       description="A model folder saved with save_pretrained (relative to this YAML), or a model id "
-                       "already in the local HuggingFace cache; nothing is downloaded.")
+    model: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="A model folder saved with save_pretrained (relative to this YAML), or a model id "
+        "already in the local HuggingFace cache; nothing is downloaded.",
+    )
     task: Literal["embedding", "classification", "audio_encoder", "vision_encoder"] = Field(
         description="embedding: text -> pooled vector; classification: text or (query, document) pairs -> scores "
-        "(rerankers, cross-encoders); audio_encoder: audio samples -> pooled vector; vision_encoder: image -> vector.")
-    pooling: Literal["mean", "cls"] = Field(default="mean", description="embedding: mean over tokens, or the first token.")
+        "(rerankers, cross-encoders); audio_encoder: audio samples -> pooled vector; vision_encoder: image -> vector."
+    )
+    pooling: Literal["mean", "cls"] = Field(
+        default="mean", description="embedding: mean over tokens, or the first token."
+    )
     normalize: bool = Field(default=True, description="embedding: L2-normalize the vector.")
-    max_length: int = Field(default=128, ge=1, le=32_768, description="Text tasks: tokens per sequence (longer is truncated).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="Weights and compute dtype.")
+    max_length: int = Field(
+        default=128, ge=1, le=32_768, description="Text tasks: tokens per sequence (longer is truncated)."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="Weights and compute dtype."
+    )
 
 
 Bucket = dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")], Annotated[int, Field(ge=1, le=1 << 20)]]
@@ -209,21 +222,28 @@ class ModelStage(_StageBase):
     )
     batching: Batching | None = Field(default=None, description="Request batching; none means one request per call.")
     preprocess: str | None = Field(
-        default=None, pattern=IMPORT_PATTERN,
+        default=None,
+        pattern=IMPORT_PATTERN,
         description="A function from the stage's JSON input to its input tensors (`file.py:function`); default: one "
         "field per declared input, as nested lists.",
     )
     postprocess: str | None = Field(
-        default=None, pattern=IMPORT_PATTERN,
-        description="A function from the output tensor(s) and the stage input to JSON; default: {\"output\": nested lists}.",
+        default=None,
+        pattern=IMPORT_PATTERN,
+        description='A function from the output tensor(s) and the stage input to JSON; default: {"output": nested lists}.',
     )
     labels: list[str] | None = Field(
-        default=None, min_length=1, max_length=100_000,
+        default=None,
+        min_length=1,
+        max_length=100_000,
         description="Class names of a classifier's last dimension: the output then carries `label` and `scores`.",
     )
-    huggingface: HuggingFaceModel | None = Field(default=None, description="A HuggingFace model (instead of module or problem_file).")
+    huggingface: HuggingFaceModel | None = Field(
+        default=None, description="A HuggingFace model (instead of module or problem_file)."
+    )
     buckets: list[Bucket] = Field(
-        default_factory=list, max_length=16,
+        default_factory=list,
+        max_length=16,
         description="Serving shapes: sizes of named dimensions (batch, seq, ...) per bucket; requests are padded up to the "
         "smallest bucket that holds them, and every bucket is verified. Empty: batch 1 and the declared sizes.",
     )
@@ -244,8 +264,10 @@ class ModelStage(_StageBase):
         for bucket in self.buckets:
             unknown = sorted(set(bucket) - named)
             if unknown:
-                raise ValueError(f"bucket {bucket} names {', '.join(unknown)}, which no input has"
-                                 f" (named dimensions: {', '.join(sorted(named)) or 'none'})")
+                raise ValueError(
+                    f"bucket {bucket} names {', '.join(unknown)}, which no input has"
+                    f" (named dimensions: {', '.join(sorted(named)) or 'none'})"
+                )
         return self
 
 
@@ -254,13 +276,17 @@ class VllmEngine(_Spec):
 
     model: str = Field(min_length=1, max_length=4096, description="Model folder (relative to this YAML) or name.")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.EngineArgs, passed as given.")
-    chat_template: str | None = Field(default=None, max_length=4096, description="Chat template file, if the tokenizer has none.")
+    chat_template: str | None = Field(
+        default=None, max_length=4096, description="Chat template file, if the tokenizer has none."
+    )
 
 
 class Endpoint(_Spec):
     """A language model behind an OpenAI-compatible HTTP API."""
 
-    base_url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2048, description="The API's base URL, e.g. http://host:8000/v1.")
+    base_url: str = Field(
+        pattern=r"^https?://[^\s]+$", max_length=2048, description="The API's base URL, e.g. http://host:8000/v1."
+    )
     model: str = Field(min_length=1, max_length=256, description="Model name the endpoint serves.")
     api_key_env: str | None = Field(
         default=None,
@@ -295,12 +321,15 @@ class LlmStage(_StageBase):
     sampling: Sampling = Field(default_factory=Sampling, description="Decoding settings.")
     agent_loop: AgentLoop | None = Field(default=None, description="Tools this LLM may call in a loop.")
     prompt_template: str | None = Field(
-        default=None, max_length=100_000,
+        default=None,
+        max_length=100_000,
         description="The user message, with {field} replaced by the stage input's fields; default: the input itself "
         "(a string, a `messages` list, or the JSON of the input).",
     )
     choices: list[str] | None = Field(
-        default=None, min_length=1, max_length=256,
+        default=None,
+        min_length=1,
+        max_length=256,
         description="Constrain the answer to one of these strings (a router); the output carries it as `choice`.",
     )
 
@@ -364,7 +393,9 @@ class Condition(_Spec):
     """A branch condition on a field of the upstream stage's JSON output."""
 
     field: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$", description="Output field, dotted for nesting.")
-    equals: str | int | float | bool | None = Field(default=None, description="Take the edge when the field equals this.")
+    equals: str | int | float | bool | None = Field(
+        default=None, description="Take the edge when the field equals this."
+    )
     one_of: list[str | int | float | bool] | None = Field(
         default=None, min_length=1, max_length=256, description="Take the edge when the field is one of these."
     )
@@ -396,22 +427,39 @@ class Canary(_Spec):
     """How a new variant reaches a stage's traffic: a shadow step, then canary steps, each judged."""
 
     shadow: bool = Field(
-        default=True, description="Start with a shadow step: the variant runs on duplicated calls, its answers compared and discarded.")
+        default=True,
+        description="Start with a shadow step: the variant runs on duplicated calls, its answers compared and discarded.",
+    )
     steps: list[float] = Field(
-        default_factory=lambda: [5.0, 25.0, 100.0], min_length=1, max_length=10,
-        description="Percent of the stage's calls the variant serves at each step, increasing, ending at 100.")
-    min_calls: int = Field(default=30, ge=5, le=1_000_000, description="Variant calls a step needs before it is judged.")
-    step_timeout_s: float = Field(default=300.0, gt=0, le=86_400, description="A step without enough calls by then is rolled back.")
+        default_factory=lambda: [5.0, 25.0, 100.0],
+        min_length=1,
+        max_length=10,
+        description="Percent of the stage's calls the variant serves at each step, increasing, ending at 100.",
+    )
+    min_calls: int = Field(
+        default=30, ge=5, le=1_000_000, description="Variant calls a step needs before it is judged."
+    )
+    step_timeout_s: float = Field(
+        default=300.0, gt=0, le=86_400, description="A step without enough calls by then is rolled back."
+    )
     max_latency_ratio: float = Field(
-        default=1.0, gt=0, le=10, description="Promote only when the variant's p50 is at most this times the running one's.")
+        default=1.0,
+        gt=0,
+        le=10,
+        description="Promote only when the variant's p50 is at most this times the running one's.",
+    )
     max_p99_ratio: float = Field(
-        default=1.5, gt=0, le=100,
-        description="... and its tail at most this times the running one's (p99 once each arm has 100 calls in the step, p90 before).")
+        default=1.5,
+        gt=0,
+        le=100,
+        description="... and its tail at most this times the running one's (p99 once each arm has 100 calls in the step, p90 before).",
+    )
     max_error_rate: float = Field(default=0.0, ge=0, le=1, description="Largest share of variant calls that may raise.")
     guard: bool = Field(
         default=True,
         description="Check every answer the variant serves against the running module before returning it; a disagreement "
-        "returns the running module's answer and rolls the variant back. Costs a second run on canary calls only.")
+        "returns the running module's answer and rolls the variant back. Costs a second run on canary calls only.",
+    )
 
     @field_validator("steps")
     @classmethod
@@ -424,22 +472,48 @@ class Canary(_Spec):
 class Reoptimize(_Spec):
     """Background re-optimization in production: when to start a job, how to roll its result out."""
 
-    interval_s: float = Field(default=30.0, ge=0.2, le=86_400, description="How often the controller looks at the metrics.")
+    interval_s: float = Field(
+        default=30.0, ge=0.2, le=86_400, description="How often the controller looks at the metrics."
+    )
     window_s: float = Field(default=120.0, ge=1, le=86_400, description="The span of metrics each look judges.")
-    min_calls: int = Field(default=20, ge=1, le=1_000_000, description="A stage with fewer calls in the window is not judged.")
+    min_calls: int = Field(
+        default=20, ge=1, le=1_000_000, description="A stage with fewer calls in the window is not judged."
+    )
     hot_share: float = Field(
-        default=0.5, gt=0, le=1, description="Optimize a model stage whose share of the measured critical path reaches this.")
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Optimize a model stage whose share of the measured critical path reaches this.",
+    )
     regression: float = Field(
-        default=1.5, gt=1, le=100, description="Optimize again when a stage's p50 reaches this times its p50 after the last rollout.")
+        default=1.5,
+        gt=1,
+        le=100,
+        description="Optimize again when a stage's p50 reaches this times its p50 after the last rollout.",
+    )
     new_shape_share: float = Field(
-        default=0.25, gt=0, le=1, description="Optimize again when an input signature no job has seen reaches this share of calls.")
+        default=0.25,
+        gt=0,
+        le=1,
+        description="Optimize again when an input signature no job has seen reaches this share of calls.",
+    )
     budget_s: float = Field(default=300.0, gt=0, le=86_400, description="Wall-time budget of one optimization job.")
     agents: list[Literal["recipes", "rewrites", "library", "llm"]] = Field(
-        default_factory=lambda: ["recipes", "rewrites", "library"], min_length=1, max_length=4, description="Agents a job runs.")
-    concurrency: int = Field(default=1, ge=1, le=64, description="Most optimization jobs running at once for this pipeline.")
-    job_cpus: float = Field(default=1.0, gt=0, le=256, description="CPUs one job takes (its Ray task's num_cpus, and its threads).")
+        default_factory=lambda: ["recipes", "rewrites", "library"],
+        min_length=1,
+        max_length=4,
+        description="Agents a job runs.",
+    )
+    concurrency: int = Field(
+        default=1, ge=1, le=64, description="Most optimization jobs running at once for this pipeline."
+    )
+    job_cpus: float = Field(
+        default=1.0, gt=0, le=256, description="CPUs one job takes (its Ray task's num_cpus, and its threads)."
+    )
     approval: Literal["auto", "manual"] = Field(
-        default="auto", description="manual: every new variant waits for `hetforge approvals approve` before its rollout.")
+        default="auto",
+        description="manual: every new variant waits for `hetforge approvals approve` before its rollout.",
+    )
     canary: Canary = Field(default_factory=Canary, description="The rollout of a new variant.")
 
 
@@ -462,7 +536,8 @@ class Pipeline(_Spec):
     stages: list[Stage] = Field(min_length=1, max_length=512, description="The stages.")
     flow: list[Edge] = Field(default_factory=list, max_length=4096, description="Data flow edges between stages.")
     reoptimize: Reoptimize | None = Field(
-        default=None, description="Re-optimize hot stages in the background while serving; absent: never.")
+        default=None, description="Re-optimize hot stages in the background while serving; absent: never."
+    )
 
     def stage(self, name: str) -> ModelStage | LlmStage | ToolStage:
         """The stage called `name`; KeyError if there is none."""

@@ -15,7 +15,9 @@ def check_references(pipeline: Pipeline, base_dir: FsPath | None) -> list[Proble
     kinds: dict[str, str] = {}
     for i, stage in enumerate(pipeline.stages):
         if stage.name in kinds:
-            problems.append(Problem(("stages", i, "name"), stage.name, "stage names must be unique; this one is used twice"))
+            problems.append(
+                Problem(("stages", i, "name"), stage.name, "stage names must be unique; this one is used twice")
+            )
         kinds.setdefault(stage.name, stage.kind)
     known = ", ".join(sorted(kinds))
 
@@ -30,12 +32,22 @@ def check_references(pipeline: Pipeline, base_dir: FsPath | None) -> list[Proble
             if name not in kinds:
                 problems.append(Problem(("flow", i, end), name, f"the name of a stage ({known})"))
         if edge.source == edge.target:
-            problems.append(Problem(("flow", i, "to"), edge.target, "a stage cannot feed itself; use an agent loop to repeat an LLM"))
+            problems.append(
+                Problem(
+                    ("flow", i, "to"), edge.target, "a stage cannot feed itself; use an agent loop to repeat an LLM"
+                )
+            )
         if (edge.source, edge.target) in seen_edges:
-            problems.append(Problem(("flow", i), f"{edge.source} -> {edge.target}", "each edge once; this one is declared twice"))
+            problems.append(
+                Problem(("flow", i), f"{edge.source} -> {edge.target}", "each edge once; this one is declared twice")
+            )
         seen_edges.add((edge.source, edge.target))
         if edge.target == pipeline.entry:
-            problems.append(Problem(("flow", i, "to"), edge.target, "an edge into the entry stage; the entry takes the request only"))
+            problems.append(
+                Problem(
+                    ("flow", i, "to"), edge.target, "an edge into the entry stage; the entry takes the request only"
+                )
+            )
 
     for i, stage in enumerate(pipeline.stages):
         if isinstance(stage, LlmStage) and stage.agent_loop is not None:
@@ -69,8 +81,13 @@ def _check_files(stage: ModelStage | LlmStage | ToolStage, i: int, base_dir: FsP
             else:
                 missing = missing_problem_names(path)
                 if missing:
-                    problems.append(Problem(("stages", i, "problem_file"), stage.problem_file,
-                                            f"a problem file defining {', '.join(PROBLEM_FILE_NAMES)}; it lacks {', '.join(missing)}"))
+                    problems.append(
+                        Problem(
+                            ("stages", i, "problem_file"),
+                            stage.problem_file,
+                            f"a problem file defining {', '.join(PROBLEM_FILE_NAMES)}; it lacks {', '.join(missing)}",
+                        )
+                    )
         if stage.module:
             refs.append(("module", "a class"))
         if stage.huggingface:

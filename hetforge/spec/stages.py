@@ -20,14 +20,28 @@ def stage_problem(stage: ModelStage, base_dir: Path) -> Problem:
     buckets = tuple(tuple(sorted(b.items())) for b in stage.buckets)
     if stage.huggingface is not None:
         hf = stage.huggingface
-        return Problem(hf=HfSource(hf.model, hf.task, hf.pooling, hf.normalize, hf.max_length, hf.dtype), base_dir=str(base_dir),
-                       buckets=buckets)
+        return Problem(
+            hf=HfSource(hf.model, hf.task, hf.pooling, hf.normalize, hf.max_length, hf.dtype),
+            base_dir=str(base_dir),
+            buckets=buckets,
+        )
     if stage.problem_file is not None:
-        return Problem(file=str(base_dir / stage.problem_file), init_args=init_args, init_kwargs=init_kwargs,
-                       base_dir=str(base_dir))
+        return Problem(
+            file=str(base_dir / stage.problem_file),
+            init_args=init_args,
+            init_kwargs=init_kwargs,
+            base_dir=str(base_dir),
+        )
     signature = tuple(InputSpec(i.name, tuple(i.shape), i.dtype) for i in stage.inputs)
-    return Problem(module=stage.module, base_dir=str(base_dir), signature=signature, weights=stage.weights,
-                   init_args=init_args, init_kwargs=init_kwargs, buckets=buckets)
+    return Problem(
+        module=stage.module,
+        base_dir=str(base_dir),
+        signature=signature,
+        weights=stage.weights,
+        init_args=init_args,
+        init_kwargs=init_kwargs,
+        buckets=buckets,
+    )
 
 
 class StageCodeError(Exception):

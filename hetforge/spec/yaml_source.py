@@ -70,7 +70,9 @@ def decode(data: bytes) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line, col = _position(data[: err.start].decode("utf-8", "replace"), err.start)
-        raise YamlError(line, col, f'Got "byte 0x{data[err.start]:02x}" for the document: UTF-8 text (is this a binary file?).') from None
+        raise YamlError(
+            line, col, f'Got "byte 0x{data[err.start]:02x}" for the document: UTF-8 text (is this a binary file?).'
+        ) from None
     if text.startswith("\ufeff"):
         text = text[1:]
     return text
@@ -123,7 +125,9 @@ def _check_depth(text: str) -> None:
                 depth += 1
                 if depth > limit:
                     line, col = _mark(event.start_mark)
-                    raise YamlError(line, col, f'Got "nesting {depth} levels deep" for the document: at most {limit} levels.')
+                    raise YamlError(
+                        line, col, f'Got "nesting {depth} levels deep" for the document: at most {limit} levels.'
+                    )
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
     except yaml.MarkedYAMLError as err:
@@ -147,10 +151,16 @@ class _Builder:
         self.budget -= 1
         if self.budget < 0:  # aliases can make a short file expand exponentially ("billion laughs")
             line, col = _mark(node.start_mark)
-            raise YamlError(line, col, f'Got "more than {self.max_nodes} values" for the document: a smaller file (do aliases expand too much?).')
+            raise YamlError(
+                line,
+                col,
+                f'Got "more than {self.max_nodes} values" for the document: a smaller file (do aliases expand too much?).',
+            )
         if len(path) > self.max_depth:  # a recursive alias (&a [*a]) composes into a cycle
             line, col = _mark(node.start_mark)
-            raise YamlError(line, col, f'Got "nesting deeper than {self.max_depth}" for the document: no recursive aliases.')
+            raise YamlError(
+                line, col, f'Got "nesting deeper than {self.max_depth}" for the document: no recursive aliases.'
+            )
         self.source.values.setdefault(path, _mark(node.start_mark))
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path) if self._tag_ok(node, {_MAP}, path) else REJECTED
@@ -179,7 +189,9 @@ class _Builder:
         for key_node, value_node in node.value:
             line, col = _mark(key_node.start_mark)
             if key_node.tag == _CORE + "merge":
-                message = f'Got "<<" for a key of {field_name(path)}: write the fields out; merge keys are not supported.'
+                message = (
+                    f'Got "<<" for a key of {field_name(path)}: write the fields out; merge keys are not supported.'
+                )
                 self.errors.append((path, YamlError(line, col, message)))
                 continue
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _CORE + "str":

@@ -15,8 +15,12 @@ pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {"embed": tiny_hf.bert(root / "embed"), "rerank": tiny_hf.bert(root / "rerank", classifier=True),
-            "whisper": tiny_hf.whisper_encoder(root / "whisper"), "vit": tiny_hf.vit(root / "vit")}
+    return {
+        "embed": tiny_hf.bert(root / "embed"),
+        "rerank": tiny_hf.bert(root / "rerank", classifier=True),
+        "whisper": tiny_hf.whisper_encoder(root / "whisper"),
+        "vit": tiny_hf.vit(root / "vit"),
+    }
 
 
 def _problem(folder, task, **kw):
@@ -24,8 +28,15 @@ def _problem(folder, task, **kw):
     return Problem(hf=HfSource(str(folder), task, **kw), buckets=buckets)
 
 
-@pytest.mark.parametrize("name, task, shape", [("embed", "embedding", (1, 32)), ("rerank", "classification", (1, 1)),
-                                               ("whisper", "audio_encoder", (1, 32)), ("vit", "vision_encoder", (1, 32))])
+@pytest.mark.parametrize(
+    "name, task, shape",
+    [
+        ("embed", "embedding", (1, 32)),
+        ("rerank", "classification", (1, 1)),
+        ("whisper", "audio_encoder", (1, 32)),
+        ("vit", "vision_encoder", (1, 32)),
+    ],
+)
 def test_each_task_builds_and_runs(models, name, task, shape):
     loaded = _problem(models[name], task, max_length=16).load()
     module = loaded.build()
@@ -44,7 +55,9 @@ def test_mean_pooling_ignores_padding(models):
 
 
 def test_buckets_are_the_main_inputs_and_the_variants(models):
-    loaded = _problem(models["embed"], "embedding", buckets=((("batch", 2), ("seq", 8)), (("batch", 4), ("seq", 16)))).load()
+    loaded = _problem(
+        models["embed"], "embedding", buckets=((("batch", 2), ("seq", 8)), (("batch", 4), ("seq", 16)))
+    ).load()
     main, *variants = loaded.input_sets(seed=3)
     assert [t.shape for t in main] == [(2, 8), (2, 8)] and [t.shape for t in variants[0]] == [(4, 16), (4, 16)]
     assert main[1][-1].all() and not main[1].all() or main[1].all()  # the last row is full length
@@ -62,5 +75,7 @@ def test_the_json_form_round_trips_and_the_fingerprint_follows_the_weights(model
 def test_a_model_id_missing_from_the_cache_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ProblemError, match='model "acme/no-such-model" is neither a folder here nor in the local HuggingFace cache'):
+    with pytest.raises(
+        ProblemError, match='model "acme/no-such-model" is neither a folder here nor in the local HuggingFace cache'
+    ):
         _problem("acme/no-such-model", "embedding").load()

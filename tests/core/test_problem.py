@@ -35,8 +35,9 @@ def team_dir(tmp_path):
 
 def _problem(team_dir, weights=None, **kw):
     signature = (InputSpec("x", ("batch", "seq", 8)), InputSpec("mask", ("batch", "seq"), "int64"))
-    return Problem(module="encoder.py:Encoder", base_dir=str(team_dir), signature=signature, weights=weights,
-                   init_args=(8,), **kw)
+    return Problem(
+        module="encoder.py:Encoder", base_dir=str(team_dir), signature=signature, weights=weights, init_args=(8,), **kw
+    )
 
 
 def test_a_module_stage_builds_with_its_checkpoint_and_makes_declared_inputs(team_dir):
@@ -65,7 +66,10 @@ def test_the_fingerprint_covers_source_arguments_and_weights(team_dir):
     save_file({"proj.weight": torch.ones(16, 8), "proj.bias": torch.zeros(16)}, team_dir / "b.safetensors")
     base = _problem(team_dir).load().fingerprint()
     assert _problem(team_dir, "a.safetensors").load().fingerprint() != base
-    assert _problem(team_dir, "a.safetensors").load().fingerprint() != _problem(team_dir, "b.safetensors").load().fingerprint()
+    assert (
+        _problem(team_dir, "a.safetensors").load().fingerprint()
+        != _problem(team_dir, "b.safetensors").load().fingerprint()
+    )
     assert _problem(team_dir, init_kwargs={"scale": 3.0}).load().fingerprint() != base
     (team_dir / "encoder.py").write_text(textwrap.dedent(MODULE).replace("relu()", "gelu()"))
     assert _problem(team_dir).load().fingerprint() != base
@@ -88,7 +92,8 @@ def test_a_module_needs_exactly_one_form_and_a_signature(team_dir):
 
 
 def test_a_problem_file_may_import_a_module_beside_it(team_dir):
-    (team_dir / "problem.py").write_text(textwrap.dedent("""
+    (team_dir / "problem.py").write_text(
+        textwrap.dedent("""
         import torch
         from helpers import width
         class Model(torch.nn.Module):
@@ -98,6 +103,7 @@ def test_a_problem_file_may_import_a_module_beside_it(team_dir):
             return [torch.ones(2)]
         def get_init_inputs():
             return []
-    """))
+    """)
+    )
     loaded = Problem(file=str(team_dir / "problem.py")).load()
     assert torch.equal(loaded.build()(*loaded.main_inputs(0)), torch.full((2,), 2.0))

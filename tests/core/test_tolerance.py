@@ -22,7 +22,9 @@ def test_within_and_outside_tolerance(chunk):
     bad[3, 4] += 1.0
     bad[9, 9] -= 0.5
     result = compare(bad, r, "strict")
-    assert not result.ok and result.reason.startswith("values: 2 of 100 elements") and result.max_abs == pytest.approx(1.0)
+    assert (
+        not result.ok and result.reason.startswith("values: 2 of 100 elements") and result.max_abs == pytest.approx(1.0)
+    )
     assert compare(bad, r, "bf16").ok is False and compare(r + 1e-3, r, "tf32").ok
     assert torch.equal(r, before)  # the reference is never modified
 
@@ -52,14 +54,17 @@ def test_shapes_dtypes_and_exact_types():
     assert compare(h, h.clone(), "strict").ok and not compare(h + 1, h, "strict").ok
 
 
-@pytest.mark.parametrize("cand, ref, kind", [
-    (torch.zeros(2, 3), torch.zeros(3, 2), "shape"),
-    (torch.zeros(2, dtype=torch.float64), torch.zeros(2), "dtype"),
-    (torch.tensor([float("nan"), 0.0]), torch.zeros(2), "nan"),
-    (torch.tensor([float("inf"), 0.0]), torch.zeros(2), "inf"),
-    (torch.tensor([1.0, 0.0]), torch.zeros(2), "values"),
-    (torch.tensor([1, 0]), torch.zeros(2, dtype=torch.long), "values"),
-    (torch.zeros(2), torch.zeros(2), ""),
-])
+@pytest.mark.parametrize(
+    "cand, ref, kind",
+    [
+        (torch.zeros(2, 3), torch.zeros(3, 2), "shape"),
+        (torch.zeros(2, dtype=torch.float64), torch.zeros(2), "dtype"),
+        (torch.tensor([float("nan"), 0.0]), torch.zeros(2), "nan"),
+        (torch.tensor([float("inf"), 0.0]), torch.zeros(2), "inf"),
+        (torch.tensor([1.0, 0.0]), torch.zeros(2), "values"),
+        (torch.tensor([1, 0]), torch.zeros(2, dtype=torch.long), "values"),
+        (torch.zeros(2), torch.zeros(2), ""),
+    ],
+)
 def test_a_failed_comparison_says_its_kind(cand, ref, kind):
     assert compare(cand, ref, "strict").kind == kind

@@ -118,8 +118,11 @@ def test_on_cuda_the_chain_runs_after_the_convolution(chain):
 
 def _conv_nodes(module: nn.Module) -> list[tuple[bool, bool]]:
     gm = symbolic_trace(module)
-    return [(library._fusable_conv(gm, n), library._splittable_conv(gm, n))
-            for n in gm.graph.nodes if n.op == "call_module" and "conv" in str(n.target)]
+    return [
+        (library._fusable_conv(gm, n), library._splittable_conv(gm, n))
+        for n in gm.graph.nodes
+        if n.op == "call_module" and "conv" in str(n.target)
+    ]
 
 
 def test_matcher_takes_plain_fp32_convolutions_and_splits_those_with_enough_products_per_output():
@@ -137,7 +140,14 @@ def test_matcher_takes_plain_fp32_convolutions_and_splits_those_with_enough_prod
             y = self.conv_d(self.conv_c(self.conv_b(self.conv_a(x))))
             return self.conv_f(y.flatten(2)), self.conv_e(y.flatten(2).double())
 
-    assert _conv_nodes(Net()) == [(True, True), (False, False), (False, False), (True, False), (True, True), (False, False)]
+    assert _conv_nodes(Net()) == [
+        (True, True),
+        (False, False),
+        (False, False),
+        (True, False),
+        (True, True),
+        (False, False),
+    ]
 
 
 def test_library_variant_fuses_the_chain_into_the_convolution():

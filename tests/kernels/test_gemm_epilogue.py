@@ -26,7 +26,7 @@ def test_shapes_and_dtypes(triton_on_cpu, m, k, n, dtype):
     out = gemm_epilogue(x, w.t().contiguous(), b, ep)
     assert out.dtype == dtype and out.shape == (m, n)
     atol, rtol = TOL[dtype]
-    torch.testing.assert_close(out.double(), _reference(x, w, b, ep, None, None), atol=atol * max(1, k ** 0.5), rtol=rtol)
+    torch.testing.assert_close(out.double(), _reference(x, w, b, ep, None, None), atol=atol * max(1, k**0.5), rtol=rtol)
 
 
 @pytest.mark.parametrize("name", sorted(CODES))
@@ -36,7 +36,9 @@ def test_every_op(triton_on_cpu, name):
     x, w, b = torch.randn(9, 20, device=dev), torch.randn(17, 20, device=dev), torch.randn(17, device=dev)
     v, r = torch.randn(17, device=dev), torch.randn(9, 17, device=dev)
     op = Op(name, 0.3 if name in TAKES_SCALAR else 0.0)
-    out = gemm_epilogue(x, w.t().contiguous(), b, (op,), v if name in TAKES_VECTOR else None, r if name in TAKES_RESIDUAL else None)
+    out = gemm_epilogue(
+        x, w.t().contiguous(), b, (op,), v if name in TAKES_VECTOR else None, r if name in TAKES_RESIDUAL else None
+    )
     expected = _reference(x, w, b, (op,), v if name in TAKES_VECTOR else None, r if name in TAKES_RESIDUAL else None)
     torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
 
@@ -46,7 +48,16 @@ def test_batched_input_no_bias_and_long_chain(triton_on_cpu):
     dev = triton_on_cpu
     x, w = torch.randn(2, 3, 31, device=dev), torch.randn(40, 31, device=dev)
     r, v = torch.randn(2, 3, 40, device=dev), torch.randn(40, device=dev)
-    ep = (Op("add_v"), Op("gelu"), Op("add_r"), Op("clamp_min", -0.5), Op("clamp_max", 0.5), Op("silu"), Op("mul", 3.0), Op("tanh"))
+    ep = (
+        Op("add_v"),
+        Op("gelu"),
+        Op("add_r"),
+        Op("clamp_min", -0.5),
+        Op("clamp_max", 0.5),
+        Op("silu"),
+        Op("mul", 3.0),
+        Op("tanh"),
+    )
     out = gemm_epilogue(x, w.t().contiguous(), None, ep, v, r)
     torch.testing.assert_close(out.double(), _reference(x, w, None, ep, v, r), atol=1e-4, rtol=1e-4)
 
@@ -71,9 +82,12 @@ def test_split_tf32_parts_are_exact_in_tf32_and_sum_to_x(triton_on_cpu):
     x = torch.randn(3, 1000, device=triton_on_cpu) * torch.logspace(-20, 20, 1000, device=triton_on_cpu)
     hi, lo = split_tf32(x)
     low_bits = 0x1FFF  # the 13 mantissa bits TF32 drops
-    assert int((hi.view(torch.int32) & low_bits).abs().max()) == 0 and int((lo.view(torch.int32) & low_bits).abs().max()) == 0
+    assert (
+        int((hi.view(torch.int32) & low_bits).abs().max()) == 0
+        and int((lo.view(torch.int32) & low_bits).abs().max()) == 0
+    )
     rel = ((hi.double() + lo.double() - x.double()).abs() / x.double().abs()).max().item()
-    assert rel < 2 ** -21, rel
+    assert rel < 2**-21, rel
     with pytest.raises(ValueError, match="float32"):
         split_tf32(x.half())
 
@@ -82,7 +96,7 @@ def test_strict_fp32_keeps_fp32_accuracy_through_the_split(triton_on_cpu):
     """The split path (each K tile's three products from zero) against float64: fp32-level error."""
     torch.manual_seed(11)
     dev = triton_on_cpu
-    x, w = torch.randn(70, 300, device=dev), torch.randn(45, 300, device=dev) / 300 ** 0.5
+    x, w = torch.randn(70, 300, device=dev), torch.randn(45, 300, device=dev) / 300**0.5
     hi, lo = split_tf32(w)
     truth = x.double() @ w.double().t()
     for out in (gemm_epilogue(x, w.t()), gemm_epilogue(x, hi.t(), w_lo_t=lo.t())):

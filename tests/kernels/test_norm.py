@@ -38,7 +38,9 @@ def test_group_norm_with_channel_vector_and_residual(triton_on_cpu):
     r = torch.randn(3, 12, 5, 7, device=dev)
     ep = (Op("add_v"), Op("relu"), Op("add_r"))
     out = fused_norm(x, "group", w, b, 1e-5, groups=4, epilogue=ep, v=v, r=r)
-    ref = torch_apply(F.group_norm(x.double(), 4, w.double(), b.double(), 1e-5), ep, v.double().reshape(12, 1, 1), r.double())
+    ref = torch_apply(
+        F.group_norm(x.double(), 4, w.double(), b.double(), 1e-5), ep, v.double().reshape(12, 1, 1), r.double()
+    )
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
 
 
@@ -48,7 +50,11 @@ def test_rows_longer_than_one_block(triton_on_cpu, monkeypatch):
     x = torch.randn(4, 1000, device=triton_on_cpu) * 3 + 5
     for mode in ("layer", "rms"):
         out = fused_norm(x, mode, None, None, 1e-6)
-        ref = F.layer_norm(x.double(), (1000,), eps=1e-6) if mode == "layer" else F.rms_norm(x.double(), (1000,), eps=1e-6)
+        ref = (
+            F.layer_norm(x.double(), (1000,), eps=1e-6)
+            if mode == "layer"
+            else F.rms_norm(x.double(), (1000,), eps=1e-6)
+        )
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
 
 

@@ -18,7 +18,12 @@ def test_every_op_on_channels(triton_on_cpu, name):
     vv = v if name in TAKES_VECTOR else None
     rr = r if name in TAKES_RESIDUAL else None
     out = pointwise_chain(x, (op,), vv, 1, rr)
-    ref = torch_apply(x.double(), (op,), vv.double().reshape(5, 1, 1) if vv is not None else None, rr.double() if rr is not None else None)
+    ref = torch_apply(
+        x.double(),
+        (op,),
+        vv.double().reshape(5, 1, 1) if vv is not None else None,
+        rr.double() if rr is not None else None,
+    )
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 

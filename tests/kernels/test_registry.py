@@ -14,10 +14,19 @@ from tests.conftest import run_cli
 ACCEPTED = {"verdict": "accepted", "needs_review": False, "reference_ms": 2.0, "candidate_ms": 1.0, "speedup": 2.0}
 
 
-def _add(reg: Registry, name: str, speedup: float = 2.0, precision: str = "strict", review: bool = False, device: str = "cpu"):
+def _add(
+    reg: Registry, name: str, speedup: float = 2.0, precision: str = "strict", review: bool = False, device: str = "cpu"
+):
     verdict = {**ACCEPTED, "speedup": speedup, "needs_review": review}
-    return reg.add(fingerprint="fp", device_class=device, precision=precision, name=name, agent="test",
-                   source=f"# {name}\n", verdict=verdict)
+    return reg.add(
+        fingerprint="fp",
+        device_class=device,
+        precision=precision,
+        name=name,
+        agent="test",
+        source=f"# {name}\n",
+        verdict=verdict,
+    )
 
 
 def test_best_is_the_fastest_active_variant(tmp_path):
@@ -57,7 +66,15 @@ def test_precision_policy_lookup(tmp_path):
 def test_rejected_verdicts_and_bad_updates_are_refused(tmp_path):
     reg = Registry(tmp_path / "r.sqlite")
     with pytest.raises(RegistryError, match="only accepted"):
-        reg.add(fingerprint="fp", device_class="cpu", precision="strict", name="x", agent="t", source="", verdict={"verdict": "rejected"})
+        reg.add(
+            fingerprint="fp",
+            device_class="cpu",
+            precision="strict",
+            name="x",
+            agent="t",
+            source="",
+            verdict={"verdict": "rejected"},
+        )
     with pytest.raises(RegistryError, match="no variant"):
         reg.set_status(42, "active")
     with pytest.raises(RegistryError, match="for status"):
@@ -104,14 +121,37 @@ def test_fingerprint_changes_with_code_and_arguments():
 def test_cli_verify_register_list_approve_export(tmp_path):
     env = {"HETFORGE_HOME": str(tmp_path / "home")}
     problems = "tests/optimizer/problems"
-    ok = run_cli("verify", f"{problems}/softmax.py", "tests/optimizer/candidates/legit_softmax_explicit.py",
-                 "--rounds", "2", "--register", "explicit", env=env)
+    ok = run_cli(
+        "verify",
+        f"{problems}/softmax.py",
+        "tests/optimizer/candidates/legit_softmax_explicit.py",
+        "--rounds",
+        "2",
+        "--register",
+        "explicit",
+        env=env,
+    )
     assert ok.returncode == 0 and "registered as variant 1 (active)" in ok.stdout
-    flagged = run_cli("verify", f"{problems}/linear_relu.py", "tests/optimizer/candidates/try_fallback.py",
-                      "--rounds", "2", "--register", "fallback", env=env)
+    flagged = run_cli(
+        "verify",
+        f"{problems}/linear_relu.py",
+        "tests/optimizer/candidates/try_fallback.py",
+        "--rounds",
+        "2",
+        "--register",
+        "fallback",
+        env=env,
+    )
     assert flagged.returncode == 0 and "registered as variant 2 (pending_review)" in flagged.stdout
-    rejected = run_cli("verify", f"{problems}/linear_relu.py", "tests/optimizer/candidates/wrong_shape.py",
-                       "--no-timing", "--register", "nope", env=env)
+    rejected = run_cli(
+        "verify",
+        f"{problems}/linear_relu.py",
+        "tests/optimizer/candidates/wrong_shape.py",
+        "--no-timing",
+        "--register",
+        "nope",
+        env=env,
+    )
     assert rejected.returncode == 1 and "registered" not in rejected.stdout
     listed = json.loads(run_cli("kernels", "list", "--json", env=env).stdout.strip().splitlines()[-1])
     assert [(v["name"], v["status"]) for v in listed] == [("explicit", "active"), ("fallback", "pending_review")]

@@ -36,12 +36,19 @@ class ReplayServer:
                 answer = script[turn] if turn < len(script) else "I have nothing more to add."
                 if answer == "HTTP 500":
                     return self._send(500, {"error": {"message": "replayed failure", "type": "server_error"}})
-                return self._send(200, {
-                    "id": f"replay-{len(server.requests)}", "object": "chat.completion", "created": int(time.time()),
-                    "model": body.get("model", "replay"),
-                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                })
+                return self._send(
+                    200,
+                    {
+                        "id": f"replay-{len(server.requests)}",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": body.get("model", "replay"),
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}
+                        ],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    },
+                )
 
             def _send(self, code: int, doc: dict):
                 data = json.dumps(doc).encode()

@@ -145,8 +145,17 @@ def test_confinement_can_be_switched_off_for_debugging(tmp_path, monkeypatch):
 def test_worker_environment_keeps_problem_settings_not_secrets(tmp_path):
     from hetforge.optimizer.confine import worker_environment
 
-    env = worker_environment({"HETFORGE_BENCH_SIZE": "gpu", "CUDA_VISIBLE_DEVICES": "0", "DATABASE_URL": "postgres://x",
-                              "HETFORGE_LLM_API_KEY": "sk-1", "HETFORGE_BENCH_TOKEN": "t", "PATH": "/usr/bin"}, str(tmp_path))
+    env = worker_environment(
+        {
+            "HETFORGE_BENCH_SIZE": "gpu",
+            "CUDA_VISIBLE_DEVICES": "0",
+            "DATABASE_URL": "postgres://x",
+            "HETFORGE_LLM_API_KEY": "sk-1",
+            "HETFORGE_BENCH_TOKEN": "t",
+            "PATH": "/usr/bin",
+        },
+        str(tmp_path),
+    )
     assert env["HETFORGE_BENCH_SIZE"] == "gpu" and env["CUDA_VISIBLE_DEVICES"] == "0" and env["PATH"] == "/usr/bin"
     assert not {"DATABASE_URL", "HETFORGE_LLM_API_KEY", "HETFORGE_BENCH_TOKEN"} & set(env)
     assert env["HOME"] == str(tmp_path)

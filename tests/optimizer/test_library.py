@@ -54,7 +54,10 @@ def test_every_pattern_matches_and_agrees(triton_on_cpu):
     kinds = [type(m) for m in gm.modules()]
     for cls in (FusedLinear, FusedConv, FusedNorm, FusedSoftmax, PointwiseChain, FusedReduce):
         assert cls in kinds
-    assert not any(f"torch.{op}(" in gm.code or f".{op}(" in gm.code.replace("self.", "") for op in ("relu", "softmax", "logsumexp", "tanh", "sigmoid"))
+    assert not any(
+        f"torch.{op}(" in gm.code or f".{op}(" in gm.code.replace("self.", "")
+        for op in ("relu", "softmax", "logsumexp", "tanh", "sigmoid")
+    )
     with torch.no_grad():
         for got, want in zip(gm.to(triton_on_cpu)(*[x.to(triton_on_cpu) for x in inputs]), model(*inputs), strict=True):
             torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
@@ -101,7 +104,11 @@ def test_cpu_gemm_runs_onednn_with_the_chain_and_a_vector_folded_into_the_bias()
 def test_batched_products_of_activations(triton_on_cpu):
     class Products(nn.Module):
         def forward(self, a, b, c):
-            return torch.relu(torch.bmm(a, b) * 0.5) + c, a @ b.transpose(1, 2).contiguous().transpose(1, 2), a.matmul(b[0])
+            return (
+                torch.relu(torch.bmm(a, b) * 0.5) + c,
+                a @ b.transpose(1, 2).contiguous().transpose(1, 2),
+                a.matmul(b[0]),
+            )
 
     torch.manual_seed(4)
     model = Products().eval()

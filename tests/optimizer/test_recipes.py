@@ -19,7 +19,14 @@ def test_recipes_follow_device_and_precision_policy():
     assert {"eager", "compile", "compile-freezing"} <= cpu_strict
     assert not any("tf32" in n or "bf16" in n or "cudagraph" in n or "cuda-graph" in n for n in cpu_strict)
     cuda_tf32 = {r.name for r in recipes_for("cuda", "tf32", has_conv=True)}
-    assert {"compile-cudagraphs", "compile-max-autotune", "tf32", "channels-last", "cuda-graph", "tf32-cuda-graph"} <= cuda_tf32
+    assert {
+        "compile-cudagraphs",
+        "compile-max-autotune",
+        "tf32",
+        "channels-last",
+        "cuda-graph",
+        "tf32-cuda-graph",
+    } <= cuda_tf32
     assert not any("bf16" in n for n in cuda_tf32)  # tf32 policy does not allow bf16
     assert "bf16-autocast" in {r.name for r in recipes_for("cpu", "bf16", has_conv=False)}
 
@@ -76,7 +83,11 @@ def test_cuda_graph_runner_matches_eager_per_shape_and_returns_fresh_outputs():
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 8)).cuda().eval()
     runner = CudaGraphRunner(model)
     with torch.inference_mode():
-        a, b, c = torch.randn(4, 64, device="cuda"), torch.randn(4, 64, device="cuda"), torch.randn(9, 64, device="cuda")
+        a, b, c = (
+            torch.randn(4, 64, device="cuda"),
+            torch.randn(4, 64, device="cuda"),
+            torch.randn(9, 64, device="cuda"),
+        )
         out_a = runner(a)
         out_b = runner(b)  # the same graph replayed: out_a must not change
         torch.testing.assert_close(out_a, model(a))
@@ -109,7 +120,13 @@ with torch.inference_mode():
     except RuntimeError as err:
         print("refused:", err)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert "refused: CUDA graph capture failed" in out.stdout, out.stdout + out.stderr[-2000:]
 
 

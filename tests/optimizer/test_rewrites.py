@@ -102,7 +102,9 @@ def _check(module, inputs, rewrite, fired):
     assert applied.get(rewrite, 0) == fired, (applied, gm.graph)
     with torch.no_grad():
         want, got = module(*inputs), gm(*inputs)
-    for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,), strict=True):
+    for w, g in zip(
+        want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,), strict=True
+    ):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     return gm
 

@@ -49,8 +49,19 @@ def test_cli_optimize_budget_json_and_registry(tmp_path):
     env = {"HETFORGE_HOME": str(tmp_path / "home")}
     out = tmp_path / "out"
     # A 1 s budget: the first candidate (eager) still runs, the compiled ones are recorded as skipped.
-    result = run_cli("optimize", str(PROBLEMS / "softmax.py"), "--agents", "recipes", "--budget-s", "1",
-                     "--out", str(out), "--json", env=env, timeout=300)
+    result = run_cli(
+        "optimize",
+        str(PROBLEMS / "softmax.py"),
+        "--agents",
+        "recipes",
+        "--budget-s",
+        "1",
+        "--out",
+        str(out),
+        "--json",
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["winner_agent"] == "recipes" and summary["verdict"] == "accepted"
@@ -83,17 +94,27 @@ class _HangingModelClient:
     """An LLM 'endpoint' whose one answer is a ModelNew that never returns."""
 
     def complete(self, messages):
-        return "```python\nimport time\nimport torch.nn as nn\n\n\nclass ModelNew(nn.Module):\n    def __init__(self, d):\n" \
-               "        super().__init__()\n        self.lin = nn.Linear(d, d)\n\n    def forward(self, x):\n" \
-               "        time.sleep(3600)\n```\n"
+        return (
+            "```python\nimport time\nimport torch.nn as nn\n\n\nclass ModelNew(nn.Module):\n    def __init__(self, d):\n"
+            "        super().__init__()\n        self.lin = nn.Linear(d, d)\n\n    def forward(self, x):\n"
+            "        time.sleep(3600)\n```\n"
+        )
 
 
 def test_budget_is_a_hard_deadline_and_checks_run_side_by_side(tmp_path, monkeypatch):
     """Checks of a batch run in parallel; a candidate still running at the deadline is cut off and
     recorded as skipped (not as a hang of its own); the eager baseline always gets its verdict."""
     monkeypatch.setattr(scheduling, "parallel_checks", lambda: 3)
-    task = OptimizeTask(str(PROBLEMS / "softmax.py"), agents=("recipes", "rewrites", "library", "llm"), recipes=("eager",),
-                        budget_s=40, trials=1, rounds=2, llm_agents=1, llm_turns=1)
+    task = OptimizeTask(
+        str(PROBLEMS / "softmax.py"),
+        agents=("recipes", "rewrites", "library", "llm"),
+        recipes=("eager",),
+        budget_s=40,
+        trials=1,
+        rounds=2,
+        llm_agents=1,
+        llm_turns=1,
+    )
     started = time.monotonic()
     report = optimize(task, tmp_path, llm_client=_HangingModelClient)
     elapsed = time.monotonic() - started
@@ -153,8 +174,15 @@ def test_checks_one_at_a_time_have_no_stragglers(monkeypatch):
     monkeypatch.setattr(scheduling, "parallel_checks", lambda: 1)
     cut, ended, _ = _checks({**{f"recipe:r{i}": 0.2 for i in range(4)}, "recipe:slow": 1.5}, min_grace=0.1)
     assert cut == {} and ended["recipe:slow"] >= 2.3, ended
-    records = [CandidateRecord(n, "recipes", 1, "", None) for n in ("recipe:compile-max-autotune", "library:kernels", "recipe:eager")]
-    assert [r.name for r in sorted(records, key=scheduling.check_priority)] == ["recipe:eager", "library:kernels", "recipe:compile-max-autotune"]
+    records = [
+        CandidateRecord(n, "recipes", 1, "", None)
+        for n in ("recipe:compile-max-autotune", "library:kernels", "recipe:eager")
+    ]
+    assert [r.name for r in sorted(records, key=scheduling.check_priority)] == [
+        "recipe:eager",
+        "library:kernels",
+        "recipe:compile-max-autotune",
+    ]
 
 
 def test_round_two_waits_on_what_its_parts_took_in_round_one():
@@ -163,11 +191,17 @@ def test_round_two_waits_on_what_its_parts_took_in_round_one():
         return CandidateRecord(name, agent, 1, "", verdict, status=CandidateStatus(status))
 
     report = OptimizeReport(task={})
-    report.candidates = [record("compose:library+compile", "compose", "accepted", {"start": 4.0, "correctness": 15.0}),
-                         record("recipe:compile-freezing", "recipes", "accepted", {"start": 4.0, "correctness": 12.0}),
-                         record("recipe:compile-max-autotune", "recipes", "skipped", {"start": 4.0, "correctness": 40.0})]
+    report.candidates = [
+        record("compose:library+compile", "compose", "accepted", {"start": 4.0, "correctness": 15.0}),
+        record("recipe:compile-freezing", "recipes", "accepted", {"start": 4.0, "correctness": 12.0}),
+        record("recipe:compile-max-autotune", "recipes", "skipped", {"start": 4.0, "correctness": 40.0}),
+    ]
     with_freezing = [("compose:library+compile-freezing", "compose", "", {"recipe": {"name": "compile-freezing"}})]
-    assert scheduling.expected_check_s(report.candidates, with_freezing) == 19.0  # the composition's 19 s, not freezing's 16 s
-    with_autotune = [("compose:library+compile-max-autotune", "compose", "", {"recipe": {"name": "compile-max-autotune"}})]
+    assert (
+        scheduling.expected_check_s(report.candidates, with_freezing) == 19.0
+    )  # the composition's 19 s, not freezing's 16 s
+    with_autotune = [
+        ("compose:library+compile-max-autotune", "compose", "", {"recipe": {"name": "compile-max-autotune"}})
+    ]
     assert scheduling.expected_check_s(report.candidates, with_autotune) == float("inf")  # it never finished in round 1
     assert scheduling.expected_check_s([], with_freezing) == 0.0  # nothing to go by

@@ -36,8 +36,14 @@ def _checkpoint_instance(tmp_path, module_file: Path):
     return problem, served
 
 
-@pytest.mark.parametrize("spec", [VariantSpec(rewrites=("fold_bn",)), VariantSpec(library=True),
-                                  VariantSpec(rewrites=("fold_bn", "dead_code"), library=True)])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        VariantSpec(rewrites=("fold_bn",)),
+        VariantSpec(library=True),
+        VariantSpec(rewrites=("fold_bn", "dead_code"), library=True),
+    ],
+)
 def test_transform_variant_folds_the_checkpoint_weights(tmp_path, spec):
     problem, served = _checkpoint_instance(tmp_path, EXAMPLES / "models" / "page_encoder.py")
     inputs = problem.get_inputs()
@@ -60,7 +66,7 @@ def test_transform_variant_of_an_untraceable_instance_is_a_clear_error():
         VariantSpec.from_json({"kind": "module"})
 
 
-MODULE_SOURCE = '''
+MODULE_SOURCE = """
 import torch
 import torch.nn as nn
 
@@ -73,7 +79,7 @@ class ModelNew(nn.Module):
 
     def forward(self, x):
         return torch.relu(torch.addmm(self.lin.bias, x, self.lin.weight.t())).mul_(2.0)
-'''
+"""
 
 
 def test_module_variant_takes_the_instance_weights(tmp_path):

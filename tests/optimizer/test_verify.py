@@ -17,7 +17,10 @@ from tests.conftest import run_cli
 HERE = Path(__file__).resolve().parent
 PROBLEMS, CANDIDATES = HERE / "problems", HERE / "candidates"
 FAST = dict(trials=2, rounds=2, calls_per_round=3, warmup=1, threads=1)
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
 
 
 def judge(problem: str, candidate: str, device: str = "cpu", **overrides) -> V.Verdict:
@@ -45,7 +48,12 @@ ADVERSARIAL = {
     "forges_reply": ("linear_relu", V.RejectKind.PROTOCOL, "", {}),
     "nan_to_num": ("log_scale", V.RejectKind.NAN_INF, "NaN at different places", {}),
     # more calls per round: the judge's noise allowance is per call, so the 10 ms sleep stands out under load
-    "fakes_clock": ("linear_relu", V.RejectKind.NOT_FASTER, "below the required 1x", {"min_speedup": 1.0, "calls_per_round": 10}),
+    "fakes_clock": (
+        "linear_relu",
+        V.RejectKind.NOT_FASTER,
+        "below the required 1x",
+        {"min_speedup": 1.0, "calls_per_round": 10},
+    ),
 }
 
 
@@ -71,18 +79,26 @@ def test_a_shared_reference_serves_a_batch_on_the_same_seeds():
     side = ReferenceSide(problem, options)
     runs: list[dict] = []
     request = side._request
-    side._request = lambda message, timeout: runs.append(message) or request(message, timeout)  # what reaches the worker
+    side._request = lambda message, timeout: (
+        runs.append(message) or request(message, timeout)
+    )  # what reaches the worker
 
     def judge_shared(candidate: str) -> V.Verdict:
         return Verification(problem, CANDIDATES / f"{candidate}.py", options, shared=side).finish()
 
     try:
-        first, crashed, second = judge_shared("legit_addmm_folded_scale"), judge_shared("segfault"), judge_shared("legit_addmm_folded_scale")
+        first, crashed, second = (
+            judge_shared("legit_addmm_folded_scale"),
+            judge_shared("segfault"),
+            judge_shared("legit_addmm_folded_scale"),
+        )
         assert first.accepted and second.accepted, (first.reasons, second.reasons)
         assert crashed.reasons[0].kind == V.RejectKind.CRASHED, crashed.reasons
         assert [t.seed for t in first.trials] == [t.seed for t in second.trials]
         reference_calls = [m for m in runs if m["cmd"] == "run"]
-        assert len(reference_calls) == FAST["trials"] * 2 + 1, reference_calls  # trials x 2 input sets + the re-initialized model's
+        assert len(reference_calls) == FAST["trials"] * 2 + 1, (
+            reference_calls
+        )  # trials x 2 input sets + the re-initialized model's
         assert sum(m["cmd"] == "init" for m in runs) == 1
         side.new_batch()
         third = judge_shared("legit_addmm_folded_scale")
@@ -177,7 +193,9 @@ def test_legitimate_rewrite_is_accepted(candidate, device):
     assert result.reference_ms > 0 and result.candidate_ms > 0
 
 
-@pytest.mark.parametrize("candidate,flag", [("calls_reference", "static:calls_reference"), ("try_fallback", "static:try_except_fallback")])
+@pytest.mark.parametrize(
+    "candidate,flag", [("calls_reference", "static:calls_reference"), ("try_fallback", "static:try_except_fallback")]
+)
 def test_reward_hacking_patterns_need_review(candidate, flag):
     result = judge("linear_relu", candidate)
     assert result.accepted, result.reasons
@@ -210,25 +228,48 @@ def test_syntax_error_is_a_load_error(tmp_path):
 
 
 def test_cli_contract_accepted_json_last_line():
-    result = run_cli("verify", str(PROBLEMS / "softmax.py"), str(CANDIDATES / "legit_softmax_explicit.py"),
-                     "--trials", "2", "--rounds", "2", "--json")
+    result = run_cli(
+        "verify",
+        str(PROBLEMS / "softmax.py"),
+        str(CANDIDATES / "legit_softmax_explicit.py"),
+        "--trials",
+        "2",
+        "--rounds",
+        "2",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout.strip().splitlines()[-1])
-    for key in ("verdict", "reasons", "flags", "needs_review", "trials", "reference_ms", "candidate_ms", "speedup",
-                "spread", "device", "versions"):
+    for key in (
+        "verdict",
+        "reasons",
+        "flags",
+        "needs_review",
+        "trials",
+        "reference_ms",
+        "candidate_ms",
+        "speedup",
+        "spread",
+        "device",
+        "versions",
+    ):
         assert key in doc
     assert doc["verdict"] == "accepted" and doc["versions"]["torch"] == torch.__version__
     assert {"max_abs_err", "max_rel_err"} <= set(doc["trials"][0])
 
 
 def test_cli_contract_rejected_and_usage():
-    rejected = run_cli("verify", str(PROBLEMS / "linear_relu.py"), str(CANDIDATES / "wrong_shape.py"), "--no-timing", "--json")
+    rejected = run_cli(
+        "verify", str(PROBLEMS / "linear_relu.py"), str(CANDIDATES / "wrong_shape.py"), "--no-timing", "--json"
+    )
     assert rejected.returncode == 1
     doc = json.loads(rejected.stdout.strip().splitlines()[-1])
     assert doc["verdict"] == "rejected" and doc["reasons"][0]["kind"] == V.RejectKind.SHAPE
     missing = run_cli("verify", str(PROBLEMS / "linear_relu.py"), "/nonexistent/candidate.py")
     assert missing.returncode == 2 and "no such file" in missing.stderr
-    bad_option = run_cli("verify", str(PROBLEMS / "linear_relu.py"), str(CANDIDATES / "wrong_shape.py"), "--precision", "fp8")
+    bad_option = run_cli(
+        "verify", str(PROBLEMS / "linear_relu.py"), str(CANDIDATES / "wrong_shape.py"), "--precision", "fp8"
+    )
     assert bad_option.returncode == 2
 
 
@@ -248,8 +289,14 @@ def test_spare_workers_are_fresh_processes_and_gone_afterwards():
     sandbox.SparePool.take = recording_take
     try:
         with sandbox.spare_workers(size=2, memory_mb=VerifyOptions.memory_mb, device="cpu") as pool:
-            good = verify(Problem(file=str(PROBLEMS / "linear_relu.py")), CANDIDATES / "legit_addmm_folded_scale.py", VerifyOptions(**FAST))
-            bad = verify(Problem(file=str(PROBLEMS / "linear_relu.py")), CANDIDATES / "caches_result.py", VerifyOptions(**FAST))
+            good = verify(
+                Problem(file=str(PROBLEMS / "linear_relu.py")),
+                CANDIDATES / "legit_addmm_folded_scale.py",
+                VerifyOptions(**FAST),
+            )
+            bad = verify(
+                Problem(file=str(PROBLEMS / "linear_relu.py")), CANDIDATES / "caches_result.py", VerifyOptions(**FAST)
+            )
             spares = list(pool.idle)
             assert pool.taken == 4  # both verifications ran on spares
     finally:

@@ -27,7 +27,8 @@ MODULE = """
 
 def _pipeline(tmp_path, stage_extra: str):
     (tmp_path / "encoder.py").write_text(textwrap.dedent(MODULE))
-    (tmp_path / "p.yaml").write_text(textwrap.dedent(f"""\
+    (tmp_path / "p.yaml").write_text(
+        textwrap.dedent(f"""\
         name: team
         entry: enc
         output: enc
@@ -37,7 +38,8 @@ def _pipeline(tmp_path, stage_extra: str):
             module: encoder.py:Encoder
             inputs: [{{name: x, shape: [batch, 32]}}]
             {stage_extra}
-    """))
+    """)
+    )
     return load_pipeline(tmp_path / "p.yaml")
 
 
@@ -48,10 +50,13 @@ def test_a_module_stage_with_a_checkpoint_is_profiled_and_placed(tmp_path):
     assert plan.stages["enc"].device == "cpu" and plan.stages["enc"].source == "measured"
 
 
-@pytest.mark.parametrize("extra, cause", [
-    ("init_args: []", "TypeError: Encoder.__init__() missing 1 required positional argument: 'dim'"),
-    ("init_args: [16]", "RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
-])
+@pytest.mark.parametrize(
+    "extra, cause",
+    [
+        ("init_args: []", "TypeError: Encoder.__init__() missing 1 required positional argument: 'dim'"),
+        ("init_args: [16]", "RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+    ],
+)
 def test_a_failing_constructor_or_forward_is_one_line_with_the_stage_and_its_yaml_line(tmp_path, extra, cause):
     pipeline = _pipeline(tmp_path, extra)
     with pytest.raises(PlanError) as info:

@@ -9,7 +9,9 @@ import pytest
 from hetforge.planners.placement import PlacementProblem, brute_force, place
 
 
-def random_problem(rng: random.Random, n: int, k: int, memory_tight: bool = False, loop: bool = False) -> PlacementProblem:
+def random_problem(
+    rng: random.Random, n: int, k: int, memory_tight: bool = False, loop: bool = False
+) -> PlacementProblem:
     """A random DAG pipeline on k device classes with random latencies, memory and transfer costs."""
     classes = ["cpu"] + [f"gpu{j}" for j in range(k - 1)]
     preds = [[]] + [sorted(rng.sample(range(i), rng.randint(1, min(2, i)))) for i in range(1, n)]
@@ -28,9 +30,19 @@ def random_problem(rng: random.Random, n: int, k: int, memory_tight: bool = Fals
     if loop and n >= 3:
         loops = {1: (3, [n - 2])} if n - 2 != 1 else {}
     return PlacementProblem(
-        stages=[f"s{i}" for i in range(n)], preds=preds, entry=0, output=n - 1, options=options, latency=latency,
-        memory=memory, out_bytes=[rng.uniform(10, 500) for _ in range(n)], capacity=cap, device_memory={c: 1e9 for c in classes},
-        count={c: rng.randint(1, 4) for c in classes}, transfer=lambda a, b, nbytes: rate[(a, b)] * nbytes, loops=loops,
+        stages=[f"s{i}" for i in range(n)],
+        preds=preds,
+        entry=0,
+        output=n - 1,
+        options=options,
+        latency=latency,
+        memory=memory,
+        out_bytes=[rng.uniform(10, 500) for _ in range(n)],
+        capacity=cap,
+        device_memory={c: 1e9 for c in classes},
+        count={c: rng.randint(1, 4) for c in classes},
+        transfer=lambda a, b, nbytes: rate[(a, b)] * nbytes,
+        loops=loops,
     )
 
 
@@ -91,9 +103,17 @@ def test_large_pipeline_falls_back_to_a_marked_heuristic():
 def test_transfer_cost_can_keep_a_stage_off_the_faster_device():
     # b is faster on the GPU by 1 ms, but its input and output would cross the link at 5 ms each.
     p = PlacementProblem(
-        stages=["a", "b", "c"], preds=[[], [0], [1]], entry=0, output=2,
-        options=[["cpu"], ["cpu", "gpu"], ["cpu"]], latency=[{"cpu": 1}, {"cpu": 3, "gpu": 2}, {"cpu": 1}],
-        memory=[{"cpu": 1}, {"cpu": 1, "gpu": 1}, {"cpu": 1}], out_bytes=[1, 1, 1], capacity={"cpu": 100, "gpu": 100},
-        device_memory={"cpu": 100, "gpu": 100}, count={"cpu": 1, "gpu": 1}, transfer=lambda a, b, n: 0 if a == b else 5.0,
+        stages=["a", "b", "c"],
+        preds=[[], [0], [1]],
+        entry=0,
+        output=2,
+        options=[["cpu"], ["cpu", "gpu"], ["cpu"]],
+        latency=[{"cpu": 1}, {"cpu": 3, "gpu": 2}, {"cpu": 1}],
+        memory=[{"cpu": 1}, {"cpu": 1, "gpu": 1}, {"cpu": 1}],
+        out_bytes=[1, 1, 1],
+        capacity={"cpu": 100, "gpu": 100},
+        device_memory={"cpu": 100, "gpu": 100},
+        count={"cpu": 1, "gpu": 1},
+        transfer=lambda a, b, n: 0 if a == b else 5.0,
     )
     assert place(p).assignment == ("cpu", "cpu", "cpu")

@@ -29,7 +29,9 @@ def test_plan_examples_on_this_machine(name, home):
     for stage in plan["stages"].values():
         assert stage["device"] == "cpu"  # this machine has no GPU
         assert stage["source"] in ("measured", "estimated") and stage["latency_ms"] > 0
-    models = {"retrieval_agent": {"embed", "rerank"}, "voice_agent": {"listen"}, "document_pipeline": {"classify"}}[name]
+    models = {"retrieval_agent": {"embed", "rerank"}, "voice_agent": {"listen"}, "document_pipeline": {"classify"}}[
+        name
+    ]
     assert {n for n, s in plan["stages"].items() if s["source"] == "measured"} == models
     assert plan["critical_path"] and plan["hot_stages"]
     assert set(plan["hot_stages"]) <= models
@@ -65,10 +67,14 @@ def _write(tmp_path, name, text):
 
 
 def test_unknown_gpu_in_cluster_file_is_located(tmp_path, home):
-    bad = _write(tmp_path, "c.yaml", "name: c\nnodes:\n  - name: n\n    cpu: {cores: 4, memory_gib: 8}\n    gpus: [{model: TPU9}]\n")
+    bad = _write(
+        tmp_path,
+        "c.yaml",
+        "name: c\nnodes:\n  - name: n\n    cpu: {cores: 4, memory_gib: 8}\n    gpus: [{model: TPU9}]\n",
+    )
     result = run_cli("plan", str(EXAMPLES / "voice_agent.yaml"), "--cluster", str(bad), env=home)
     assert result.returncode == 1
-    assert f"{bad}:5:20: Got \"TPU9\" for nodes[0].gpus[0].model: a GPU model" in result.stderr
+    assert f'{bad}:5:20: Got "TPU9" for nodes[0].gpus[0].model: a GPU model' in result.stderr
 
 
 def test_malformed_cluster_file_is_located(tmp_path, home):
@@ -81,7 +87,11 @@ def test_malformed_cluster_file_is_located(tmp_path, home):
 
 def test_constraint_no_device_meets(tmp_path, home):
     text = (EXAMPLES / "voice_agent.yaml").read_text().replace("    prefer_device: H100\n", "    device: A100\n")
-    pipeline = _write(tmp_path, "p.yaml", text.replace("models/", str(EXAMPLES / "models") + "/").replace("tools/", str(EXAMPLES / "tools") + "/"))
+    pipeline = _write(
+        tmp_path,
+        "p.yaml",
+        text.replace("models/", str(EXAMPLES / "models") + "/").replace("tools/", str(EXAMPLES / "tools") + "/"),
+    )
     result = run_cli("plan", str(pipeline), "--cluster", str(CLUSTER), env=home)
     assert result.returncode == 1
     assert 'stage "listen": device A100 is not in the inventory (have: H100, L4, cpu)' in result.stderr

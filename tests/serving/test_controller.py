@@ -51,6 +51,7 @@ class Clock:
 def _counters(score_calls: float, score_ms: float, prepare_calls: float = 0, prepare_ms: float = 0.1) -> dict:
     def c(calls, ms):
         return StageCounters(calls, calls * ms / 1e3, {0.001: 0.0, 0.01: calls, float("inf"): calls})
+
     return {"score": c(score_calls, score_ms), "prepare": c(prepare_calls or score_calls, prepare_ms)}
 
 
@@ -68,8 +69,17 @@ def setup(tmp_path):
         def swapper(stage, variant):
             state["swaps"].append((stage, variant))
             return state["swap_ok"]
-        return Controller(pipeline, stages, registry, metrics_source=lambda: state["counters"], launcher=launcher or FakeLauncher(),
-                          swapper=swapper, clock=clock or Clock(), scratch=str(tmp_path / "jobs"))
+
+        return Controller(
+            pipeline,
+            stages,
+            registry,
+            metrics_source=lambda: state["counters"],
+            launcher=launcher or FakeLauncher(),
+            swapper=swapper,
+            clock=clock or Clock(),
+            scratch=str(tmp_path / "jobs"),
+        )
 
     return {"pipeline": pipeline, "registry": registry, "fingerprint": fingerprint, "state": state, "make": make}
 
@@ -127,7 +137,9 @@ def test_lost_and_crashed_jobs_free_the_stage(setup):
 
 
 def _stats(n_canary=30, canary_ms=1.0, baseline_ms=2.0, errors=0, disagreements=0, failures=()):
-    return StepStats(n_canary, n_canary, errors, disagreements, [canary_ms] * n_canary, [baseline_ms] * n_canary, list(failures))
+    return StepStats(
+        n_canary, n_canary, errors, disagreements, [canary_ms] * n_canary, [baseline_ms] * n_canary, list(failures)
+    )
 
 
 def test_judge_step_thresholds(setup):
@@ -141,7 +153,10 @@ def test_judge_step_thresholds(setup):
     assert "slower" in judge_step(rollout, _stats(canary_ms=3.0), canary, now).reason
     assert "disagreed" in judge_step(rollout, _stats(disagreements=1, failures=["disagrees: x"]), canary, now).reason
     assert "raised" in judge_step(rollout, _stats(errors=1), canary, now).reason
-    assert "failed on a replica" in judge_step(rollout, _stats(n_canary=0, failures=["r1: cannot build"]), canary, now).reason
+    assert (
+        "failed on a replica"
+        in judge_step(rollout, _stats(n_canary=0, failures=["r1: cannot build"]), canary, now).reason
+    )
     last = board.advance(board.advance(rollout))
     assert last.weight == 100 and judge_step(last, _stats(), canary, now).decision == "promote"
 
@@ -149,8 +164,16 @@ def test_judge_step_thresholds(setup):
 def test_rollout_steps_to_promotion_with_an_audit_trail(setup):
     clock = Clock()
     c = setup["make"](clock)
-    variant = Registry(setup["registry"]).add(fingerprint=setup["fingerprint"], device_class="cpu", precision="strict", name="v",
-                                              agent="test", source="", verdict=ACCEPTED, status="canary")
+    variant = Registry(setup["registry"]).add(
+        fingerprint=setup["fingerprint"],
+        device_class="cpu",
+        precision="strict",
+        name="v",
+        agent="test",
+        source="",
+        verdict=ACCEPTED,
+        status="canary",
+    )
     c.tick()
     board = RolloutBoard(setup["registry"])
     rollout = board.running("reopt-test", "score")[0]
@@ -170,21 +193,40 @@ def test_a_refused_promotion_swap_rolls_back(setup):
     setup["state"]["swap_ok"] = False
     clock = Clock()
     c = setup["make"](clock)
-    variant = Registry(setup["registry"]).add(fingerprint=setup["fingerprint"], device_class="cpu", precision="strict", name="v",
-                                              agent="test", source="", verdict=ACCEPTED, status="canary")
+    variant = Registry(setup["registry"]).add(
+        fingerprint=setup["fingerprint"],
+        device_class="cpu",
+        precision="strict",
+        name="v",
+        agent="test",
+        source="",
+        verdict=ACCEPTED,
+        status="canary",
+    )
     c.tick()
     board = RolloutBoard(setup["registry"])
     rollout = board.running("reopt-test", "score")[0]
     for step in range(3):
         board.write_stats(rollout.id, step, "r1", _stats())
         c.tick()
-    assert board.get(rollout.id).state == "rolled_back" and Registry(setup["registry"]).get(variant.id).status == "rejected"
+    assert (
+        board.get(rollout.id).state == "rolled_back"
+        and Registry(setup["registry"]).get(variant.id).status == "rejected"
+    )
 
 
 def test_a_restarted_controller_resumes_or_rolls_back_a_timed_out_step(setup):
     clock = Clock()
-    Registry(setup["registry"]).add(fingerprint=setup["fingerprint"], device_class="cpu", precision="strict", name="v", agent="t",
-                                    source="", verdict=ACCEPTED, status="canary")
+    Registry(setup["registry"]).add(
+        fingerprint=setup["fingerprint"],
+        device_class="cpu",
+        precision="strict",
+        name="v",
+        agent="t",
+        source="",
+        verdict=ACCEPTED,
+        status="canary",
+    )
     setup["make"](clock).tick()
     board = RolloutBoard(setup["registry"])
     rollout = board.running("reopt-test", "score")[0]
@@ -202,13 +244,25 @@ def test_manual_approval_then_rollout_and_hints(setup, tmp_path):
     registry = Registry(setup["registry"])
     jobs = JobBoard(setup["registry"])
     job = jobs.queue("reopt-test", "score", "hot", "test", ["float32[2,16]"])
-    variant = registry.add(fingerprint=setup["fingerprint"], device_class="cpu", precision="strict", name="v", agent="rewrites",
-                           source="class ModelNew: pass\n", verdict=ACCEPTED, status="pending_review")
+    variant = registry.add(
+        fingerprint=setup["fingerprint"],
+        device_class="cpu",
+        precision="strict",
+        name="v",
+        agent="rewrites",
+        source="class ModelNew: pass\n",
+        verdict=ACCEPTED,
+        status="pending_review",
+    )
     jobs.finish(job.id, "done", variant.id, {"winner": "v"})
     pipeline = setup["pipeline"]
     assert [p["variant_id"] for p in approvals.pending(setup["registry"], pipeline)] == [variant.id]
     shown = approvals.show(setup["registry"], pipeline, PIPELINE.parent, variant.id)
-    assert shown["stage"] == "score" and "+class ModelNew: pass" in shown["diff"] and "-class Model(nn.Module):" in shown["diff"]
+    assert (
+        shown["stage"] == "score"
+        and "+class ModelNew: pass" in shown["diff"]
+        and "-class Model(nn.Module):" in shown["diff"]
+    )
     setup["make"]().tick()
     assert RolloutBoard(setup["registry"]).running("reopt-test") == []  # waits for a human
     out = approvals.approve(setup["registry"], pipeline, variant.id, "alice", hint="also try bf16")
@@ -233,7 +287,11 @@ def test_window_quantiles_and_restarted_counters():
 
 def test_guarded_canary_never_returns_a_disagreeing_answer(setup):
     board = RolloutBoard(setup["registry"])
-    rollout = board.advance(board.start("reopt-test", "score", "1", [{"mode": "shadow", "weight": 100}, {"mode": "canary", "weight": 100}], True))
+    rollout = board.advance(
+        board.start(
+            "reopt-test", "score", "1", [{"mode": "shadow", "weight": 100}, {"mode": "canary", "weight": 100}], True
+        )
+    )
     good = torch.nn.Linear(4, 2)
     bad = lambda x: good(x) + (x[:, :1] > 0).float()  # noqa: E731 - wrong on half the inputs
 
@@ -271,18 +329,32 @@ def test_approvals_cli(setup):
     registry = Registry(setup["registry"])
     jobs = JobBoard(setup["registry"])
     job = jobs.queue("reopt-test", "score", "hot", "test", ["float32[2,16]"])
-    variant = registry.add(fingerprint=setup["fingerprint"], device_class="cpu", precision="strict", name="v", agent="llm",
-                           source="class ModelNew: pass\n", verdict={**ACCEPTED, "flags": ["static:fork: forks"]}, status="pending_review")
+    variant = registry.add(
+        fingerprint=setup["fingerprint"],
+        device_class="cpu",
+        precision="strict",
+        name="v",
+        agent="llm",
+        source="class ModelNew: pass\n",
+        verdict={**ACCEPTED, "flags": ["static:fork: forks"]},
+        status="pending_review",
+    )
     jobs.finish(job.id, "done", variant.id, {"winner": "v"})
     reg = ["--registry", setup["registry"]]
     listed = run_cli("approvals", "list", str(PIPELINE), "--json", *reg)
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout.splitlines()[-1])[0]["flags"] == ["static:fork: forks"]
     shown = run_cli("approvals", "show", str(PIPELINE), str(variant.id), *reg)
-    assert shown.returncode == 0 and "--- diff against the reference ---" in shown.stdout and "+class ModelNew: pass" in shown.stdout
+    assert (
+        shown.returncode == 0
+        and "--- diff against the reference ---" in shown.stdout
+        and "+class ModelNew: pass" in shown.stdout
+    )
     missing = run_cli("approvals", "approve", str(PIPELINE), "999", *reg)
     assert missing.returncode == 1 and "no variant with id 999" in missing.stderr
-    rejected = run_cli("approvals", "reject", str(PIPELINE), str(variant.id), "--by", "carol", "--hint", "fuse the probe away", *reg)
+    rejected = run_cli(
+        "approvals", "reject", str(PIPELINE), str(variant.id), "--by", "carol", "--hint", "fuse the probe away", *reg
+    )
     assert rejected.returncode == 0, rejected.stderr
     doc = json.loads(rejected.stdout.splitlines()[-1])
     assert doc["status"] == "rejected" and jobs.get(doc["queued_job"]).hint == "fuse the probe away"
@@ -301,7 +373,9 @@ def test_regression_waits_for_a_window_after_the_rollout_then_starts_a_job(setup
     c.settled_at["score"] = clock.t  # a rollout just ended
     _beat_signatures(setup, {"float32[2,16]": 1})
     c.tick()
-    setup["state"]["counters"] = _counters(50, 8.0)  # p50 in the 1-10 ms bucket, about 5 ms: 2.5x the 2 ms after the rollout
+    setup["state"]["counters"] = _counters(
+        50, 8.0
+    )  # p50 in the 1-10 ms bucket, about 5 ms: 2.5x the 2 ms after the rollout
     c.spec = c.spec.model_copy(update={"regression": 1.5, "window_s": 4.0})
     clock.t += 2
     c.tick()
@@ -320,13 +394,31 @@ def test_job_summary_reads_reject_kinds_from_verdicts_not_notes():
     from hetforge.serving.job_runner import UNVERIFIED, summarize
 
     def rejected(name, kind):
-        verdict = {"verdict": "rejected", "needs_review": False, "reasons": [{"kind": kind, "message": "timeout: worded like another kind"}]}
-        return CandidateRecord(name, "test", 1, "", Verdict.from_dict(verdict), status="rejected", note="mismatch: not what the verdict says")
+        verdict = {
+            "verdict": "rejected",
+            "needs_review": False,
+            "reasons": [{"kind": kind, "message": "timeout: worded like another kind"}],
+        }
+        return CandidateRecord(
+            name,
+            "test",
+            1,
+            "",
+            Verdict.from_dict(verdict),
+            status="rejected",
+            note="mismatch: not what the verdict says",
+        )
 
     winner = CandidateRecord("w", "test", 1, "", Verdict.from_dict({**ACCEPTED, "reasons": []}), status="winner")
-    refused = CandidateRecord("llm:x", "llm", 2, "", None, status="rejected", note="no_code: the answer has no Python code block")
-    report = OptimizeReport(task={}, candidates=[winner, rejected("a", "timeout"), rejected("b", "timeout"), rejected("c", "nan_inf"), refused],
-                            winner=winner, speedup_vs_eager=2.0)
+    refused = CandidateRecord(
+        "llm:x", "llm", 2, "", None, status="rejected", note="no_code: the answer has no Python code block"
+    )
+    report = OptimizeReport(
+        task={},
+        candidates=[winner, rejected("a", "timeout"), rejected("b", "timeout"), rejected("c", "nan_inf"), refused],
+        winner=winner,
+        speedup_vs_eager=2.0,
+    )
     summary = summarize(report)
     assert summary["rejected"] == {"timeout": 2, "nan_inf": 1, UNVERIFIED: 1} and summary["accepted"] == 1
     assert [row["reject_kind"] for row in summary["leaderboard"]] == [None, "timeout", "timeout", "nan_inf", UNVERIFIED]

@@ -57,18 +57,39 @@ def run(runner, request, rid="r1"):
 
 
 ROUTED = _pipeline(
-    [llm("router"), tool("search", args={"query": "request.question"}), tool("left"), tool("right"),
-     tool("join"), tool("answer", args={"q": "request.question", "hits": "search.hits", "route": "router.choice"})],
-    [{"from": "router", "to": "search", "when": {"field": "choice", "equals": "search"}},
-     {"from": "router", "to": "answer", "when": {"field": "choice", "equals": "direct"}},
-     {"from": "search", "to": "left"}, {"from": "search", "to": "right"},
-     {"from": "left", "to": "join"}, {"from": "right", "to": "join"}, {"from": "join", "to": "answer"}],
-    "router", "answer")
+    [
+        llm("router"),
+        tool("search", args={"query": "request.question"}),
+        tool("left"),
+        tool("right"),
+        tool("join"),
+        tool("answer", args={"q": "request.question", "hits": "search.hits", "route": "router.choice"}),
+    ],
+    [
+        {"from": "router", "to": "search", "when": {"field": "choice", "equals": "search"}},
+        {"from": "router", "to": "answer", "when": {"field": "choice", "equals": "direct"}},
+        {"from": "search", "to": "left"},
+        {"from": "search", "to": "right"},
+        {"from": "left", "to": "join"},
+        {"from": "right", "to": "join"},
+        {"from": "join", "to": "answer"},
+    ],
+    "router",
+    "answer",
+)
 
 
 def test_branch_taken_runs_its_stages_and_joins_in_parallel():
-    fake = Fake({"router": {"choice": "search"}, "search": lambda p: {"hits": [p["query"]]}, "left": {"l": 1}, "right": {"r": 2},
-                 "join": lambda p: p, "answer": lambda p: p})
+    fake = Fake(
+        {
+            "router": {"choice": "search"},
+            "search": lambda p: {"hits": [p["query"]]},
+            "left": {"l": 1},
+            "right": {"r": 2},
+            "join": lambda p: p,
+            "answer": lambda p: p,
+        }
+    )
     result = run(PipelineRunner(ROUTED, fake), {"question": "why"})
     assert result.output == {"q": "why", "hits": ["why"], "route": "search"}
     assert ("search", {"query": "why"}) in fake.calls
@@ -105,14 +126,21 @@ def test_missing_request_field_is_400_and_stage_errors_keep_their_status():
 
     with pytest.raises(PipelineError) as caught:
         run(PipelineRunner(ROUTED, Fake({"router": {"choice": "search"}, "search": bad})), {"question": "q"})
-    assert (caught.value.status, caught.value.stage, caught.value.message) == (422, "search", "stage search: shape is wrong")
+    assert (caught.value.status, caught.value.stage, caught.value.message) == (
+        422,
+        "search",
+        "stage search: shape is wrong",
+    )
 
     def boom(p):
         raise ZeroDivisionError("division by zero")
 
     with pytest.raises(PipelineError) as caught:
         run(PipelineRunner(ROUTED, Fake({"router": boom})), {"question": "q"})
-    assert caught.value.status == 500 and caught.value.message == "stage router failed: ZeroDivisionError: division by zero"
+    assert (
+        caught.value.status == 500
+        and caught.value.message == "stage router failed: ZeroDivisionError: division by zero"
+    )
 
 
 def test_binding_a_stage_that_is_not_upstream_is_refused_when_built():
@@ -121,18 +149,22 @@ def test_binding_a_stage_that_is_not_upstream_is_refused_when_built():
         PipelineRunner(bad, Fake({}))
 
 
-LOOP = _pipeline([llm("agent", agent_loop={"tools": ["calc"], "max_iterations": 3}), tool("calc")], [], "agent", "agent")
+LOOP = _pipeline(
+    [llm("agent", agent_loop={"tools": ["calc"], "max_iterations": 3}), tool("calc")], [], "agent", "agent"
+)
 
 
 def test_agent_loop_calls_tools_and_feeds_results_back():
-    turns = iter([{"text": "{...}", "tool_call": {"name": "calc", "arguments": {"expression": "6*7"}}},
-                  {"text": "42"}])
+    turns = iter([{"text": "{...}", "tool_call": {"name": "calc", "arguments": {"expression": "6*7"}}}, {"text": "42"}])
     fake = Fake({"agent": lambda p: next(turns), "calc": lambda p: {"value": 42}})
     result = run(PipelineRunner(LOOP, fake), "what is 6*7?")
     assert result.output == {"text": "42"}
     assert [c[0] for c in fake.calls] == ["agent", "calc", "agent"]
     history = fake.calls[2][1]["history"]
-    assert history[0]["role"] == "assistant" and json.loads(history[1]["content"]) == {"tool": "calc", "result": {"value": 42}}
+    assert history[0]["role"] == "assistant" and json.loads(history[1]["content"]) == {
+        "tool": "calc",
+        "result": {"value": 42},
+    }
 
 
 def test_agent_loop_stops_at_max_iterations_and_tool_errors_go_back_to_the_llm():
@@ -161,7 +193,13 @@ def test_stream_runs_upstream_then_streams_the_output_llm():
 # ---------------------------------------------------------------------------------------------- tools
 def _tool(fn, **kw) -> ToolRuntime:
     rt = ToolRuntime.__new__(ToolRuntime)
-    rt.stage, rt.fn, rt._sem, rt._client, rt.attempts = ToolStage(name="t", kind="tool", callable="m:f", **kw), fn, None, None, 0
+    rt.stage, rt.fn, rt._sem, rt._client, rt.attempts = (
+        ToolStage(name="t", kind="tool", callable="m:f", **kw),
+        fn,
+        None,
+        None,
+        0,
+    )
     return rt
 
 
@@ -200,7 +238,11 @@ def test_tool_arguments_that_do_not_fit_are_422_without_retry():
     rt = _tool(f, retries=3)
     with pytest.raises(StageError) as caught:
         asyncio.run(rt({"expr": "1+1"}))
-    assert caught.value.status == 422 and rt.attempts == 1 and "missing a required argument: 'expression'" in str(caught.value)
+    assert (
+        caught.value.status == 422
+        and rt.attempts == 1
+        and "missing a required argument: 'expression'" in str(caught.value)
+    )
 
 
 def test_tool_concurrency_limit_holds():
@@ -244,27 +286,40 @@ def test_http_tool_posts_json_and_4xx_is_not_retried():
         rt = ToolRuntime(ToolStage(name="h", kind="tool", http={"url": url}, retries=2), base_dir=None)
         assert asyncio.run(rt({"q": 1})) == {"echo": {"q": 1}}
         with pytest.raises(StageError) as caught:
-            asyncio.run(ToolRuntime(ToolStage(name="h", kind="tool", http={"url": url}, retries=2), base_dir=None)({"bad": True}))
+            asyncio.run(
+                ToolRuntime(ToolStage(name="h", kind="tool", http={"url": url}, retries=2), base_dir=None)(
+                    {"bad": True}
+                )
+            )
         assert caught.value.status == 422 and len(hits) == 2
     finally:
         server.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------- model I/O
-STAGE = ModelStage(name="m", kind="model", problem_file="x.py", labels=["no", "yes"],
-                   inputs=[{"name": "ids", "shape": ["batch", "seq"], "dtype": "int64"},
-                           {"name": "mask", "shape": ["batch", "seq", 2], "dtype": "float32"}])
+STAGE = ModelStage(
+    name="m",
+    kind="model",
+    problem_file="x.py",
+    labels=["no", "yes"],
+    inputs=[
+        {"name": "ids", "shape": ["batch", "seq"], "dtype": "int64"},
+        {"name": "mask", "shape": ["batch", "seq", 2], "dtype": "float32"},
+    ],
+)
 
 
 def test_inputs_are_typed_and_checked_against_the_signature():
     ids, mask = decode_inputs(STAGE, {"ids": [[1, 2, 3]], "mask": [[[0, 1]] * 3]})
     assert ids.dtype == torch.int64 and mask.shape == (1, 3, 2)
-    cases = [({"ids": [[1]]}, "missing input(s) mask"),
-             ({"ids": [1, 2], "mask": [[[0, 1]]]}, "expected 2 dimensions [batch, seq]"),
-             ({"ids": [[1, 2]], "mask": [[[0, 1, 2]] * 2]}, "dimension 2 must be 2"),
-             ({"ids": [[1, 2]], "mask": [[[0, 1]] * 3]}, "dimension seq is 3 here but 2 in input ids"),
-             ({"ids": [[1, 2], [3]], "mask": []}, "not a rectangular array"),
-             ([1, 2], "expected a JSON object with field(s) ids, mask")]
+    cases = [
+        ({"ids": [[1]]}, "missing input(s) mask"),
+        ({"ids": [1, 2], "mask": [[[0, 1]]]}, "expected 2 dimensions [batch, seq]"),
+        ({"ids": [[1, 2]], "mask": [[[0, 1, 2]] * 2]}, "dimension 2 must be 2"),
+        ({"ids": [[1, 2]], "mask": [[[0, 1]] * 3]}, "dimension seq is 3 here but 2 in input ids"),
+        ({"ids": [[1, 2], [3]], "mask": []}, "not a rectangular array"),
+        ([1, 2], "expected a JSON object with field(s) ids, mask"),
+    ]
     for payload, message in cases:
         with pytest.raises(StageError) as caught:
             decode_inputs(STAGE, payload)
@@ -287,9 +342,16 @@ def test_labels_and_batched_runs_split_back_per_request():
 
 
 def test_a_join_gets_stage_keyed_input_whichever_branch_ran():
-    pipe = _pipeline([tool("cls"), tool("a"), tool("b"), tool("report")],
-                     [{"from": "cls", "to": "a", "when": {"field": "label", "equals": "a"}},
-                      {"from": "cls", "to": "b", "when": {"field": "label", "equals": "b"}},
-                      {"from": "a", "to": "report"}, {"from": "b", "to": "report"}], "cls", "report")
+    pipe = _pipeline(
+        [tool("cls"), tool("a"), tool("b"), tool("report")],
+        [
+            {"from": "cls", "to": "a", "when": {"field": "label", "equals": "a"}},
+            {"from": "cls", "to": "b", "when": {"field": "label", "equals": "b"}},
+            {"from": "a", "to": "report"},
+            {"from": "b", "to": "report"},
+        ],
+        "cls",
+        "report",
+    )
     fake = Fake({"cls": {"label": "b"}, "b": {"from_b": 1}, "report": lambda p: p})
     assert run(PipelineRunner(pipe, fake), {}).output == {"b": {"from_b": 1}}

@@ -36,11 +36,24 @@ class RayNode:
     """One `ray start --block` node in a session of its own, so that stopping it stops its raylet and workers."""
 
     def __init__(self, args: list[str], log, worker_ports: int):
-        ports = ["--node-manager-port", "--object-manager-port", "--metrics-export-port", "--dashboard-agent-listen-port",
-                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
+        ports = [
+            "--node-manager-port",
+            "--object-manager-port",
+            "--metrics-export-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+        ]
         # ports of their own: nodes on one host would otherwise collide (the workers' range too)
-        cmd = [RAY, "start", "--block", "--disable-usage-stats", f"--min-worker-port={worker_ports}",
-               f"--max-worker-port={worker_ports + 999}", *args]
+        cmd = [
+            RAY,
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            f"--min-worker-port={worker_ports}",
+            f"--max-worker-port={worker_ports + 999}",
+            *args,
+        ]
         cmd += [f"{flag}={free_port()}" for flag in ports]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
 
@@ -59,8 +72,10 @@ class RayNode:
 
 def _nodes(address: str) -> list[dict]:
     """The cluster's alive nodes, asked from a separate process (this one stays out of Ray)."""
-    code = (f"import json, ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False); "
-            "print(json.dumps([{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))")
+    code = (
+        f"import json, ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False); "
+        "print(json.dumps([{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else []
 
@@ -75,16 +90,33 @@ def cluster(tmp_path_factory):
     if not os.environ.get("RAY_AUTH_TOKEN") and not Path("~/.ray/auth_token").expanduser().is_file():
         # a fresh machine has no token yet, and `ray start` with token auth does not make one
         subprocess.run([RAY, "get-auth-token", "--generate"], env=ENV, capture_output=True, timeout=120, check=True)
-    nodes = [RayNode(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp}",
-                      f"--ray-client-server-port={free_port()}"], log, 20000)]
+    nodes = [
+        RayNode(
+            [
+                "--head",
+                f"--port={port}",
+                "--num-cpus=1",
+                "--include-dashboard=false",
+                f"--temp-dir={temp}",
+                f"--ray-client-server-port={free_port()}",
+            ],
+            log,
+            20000,
+        )
+    ]
     try:
         deadline = time.monotonic() + 120
         while not _nodes(address):
             assert time.monotonic() < deadline, (folder / "ray.log").read_text()[-3000:]
             time.sleep(2)
         for i, name in enumerate(("cpu-a", "cpu-b")):  # one at a time: two raylets starting at once time out here
-            nodes.append(RayNode(["--address", address, "--num-cpus=2", f"--resources={json.dumps({f'cpu_class:{name}': 1000})}"], log,
-                                 21000 + 1000 * i))
+            nodes.append(
+                RayNode(
+                    ["--address", address, "--num-cpus=2", f"--resources={json.dumps({f'cpu_class:{name}': 1000})}"],
+                    log,
+                    21000 + 1000 * i,
+                )
+            )
             while len(found := _nodes(address)) < 2 + i:
                 assert time.monotonic() < deadline + 120, (folder / "ray.log").read_text()[-3000:]
                 time.sleep(2)
@@ -99,7 +131,14 @@ def cluster(tmp_path_factory):
 
 
 def _cli(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hetforge.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "hetforge.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+    )
 
 
 def test_stages_land_on_their_device_class_nodes_and_jobs_on_the_target_device_node(cluster):
@@ -118,7 +157,9 @@ def test_stages_land_on_their_device_class_nodes_and_jobs_on_the_target_device_n
     url = f"http://127.0.0.1:{port}"
     try:
         for i in range(5):
-            reply = httpx.post(f"{url}/v1/pipelines/multinode-test/run", json={"input": {"x": [[0.1 * i] * 16]}}, timeout=60)
+            reply = httpx.post(
+                f"{url}/v1/pipelines/multinode-test/run", json={"input": {"x": [[0.1 * i] * 16]}}, timeout=60
+            )
             assert reply.status_code == 200, reply.text
             assert set(reply.json()["output"]["scores"]) == {"a", "b", "c", "d"}
         stages = httpx.get(f"{url}/v1/pipelines/multinode-test/status", timeout=30).json()["stages"]
@@ -127,8 +168,11 @@ def test_stages_land_on_their_device_class_nodes_and_jobs_on_the_target_device_n
         assert stages["score"]["node_id"] == nodes["cpu-b"], (stages, nodes)
         assert stages["score"]["device_class"] == "cpu-b"
 
-        queued = httpx.post(f"{url}/v1/pipelines/multinode-test/stages/score/optimize", json={"hint": "drop dead code", "actor": "test"},
-                            timeout=60)
+        queued = httpx.post(
+            f"{url}/v1/pipelines/multinode-test/stages/score/optimize",
+            json={"hint": "drop dead code", "actor": "test"},
+            timeout=60,
+        )
         assert queued.status_code == 202, queued.text
         job_id = queued.json()["queued"]["id"]
         from hetforge.serving.jobs import JobBoard
@@ -140,7 +184,10 @@ def test_stages_land_on_their_device_class_nodes_and_jobs_on_the_target_device_n
             time.sleep(2)
         job = board.get(job_id)
         assert job.state == "done", job
-        assert job.summary["node_id"] == nodes["cpu-b"], (job.summary.get("node_id"), nodes)  # where score's device class is
+        assert job.summary["node_id"] == nodes["cpu-b"], (
+            job.summary.get("node_id"),
+            nodes,
+        )  # where score's device class is
         assert job.summary["winner"], job.summary
     finally:
         down = _cli("down", "multinode-test", env=env, timeout=120)

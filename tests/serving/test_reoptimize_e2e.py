@@ -35,30 +35,39 @@ ACCEPTED = {"verdict": "accepted", "needs_review": False, "speedup": 2.0, "refer
 
 # Variants injected straight into the registry as `canary` (as if a job had found them): each subclasses the
 # stage's own Model, so it takes the replica's weights.
-_HEAD = f'''
+_HEAD = f"""
 import time
 import torch
 from hetforge.core.problem import load_module_file
 
 _reference = load_module_file({str(SCORER)!r})
-'''
-WRONG_SOMETIMES = _HEAD + '''
+"""
+WRONG_SOMETIMES = (
+    _HEAD
+    + """
 class ModelNew(_reference.Model):
     def forward(self, x):
         out = self.head(self.body(x))
         return torch.where(x[:, :1] > 1.0, -out, out)  # wrong on rows whose first feature is above 1 (about 1 in 6)
-'''
-SLOWER = _HEAD + '''
+"""
+)
+SLOWER = (
+    _HEAD
+    + """
 class ModelNew(_reference.Model):
     def forward(self, x):
         time.sleep(0.01)
         return super().forward(x)
-'''
-SAME = _HEAD + '''
+"""
+)
+SAME = (
+    _HEAD
+    + """
 class ModelNew(_reference.Model):
     def forward(self, x):
         return self.head(self.body(x))
-'''
+"""
+)
 
 
 def _free_port() -> int:
@@ -133,7 +142,13 @@ def served(tmp_path_factory):
         dep.wait_until_running(record, timeout_s=600)
         prometheus = PrometheusServer(home / "prometheus", [record.url.removeprefix("http://")])
         load = Load(record.url)
-        yield {"url": record.url, "registry": registry_path, "load": load, "prometheus": prometheus, "started": time.time()}
+        yield {
+            "url": record.url,
+            "registry": registry_path,
+            "load": load,
+            "prometheus": prometheus,
+            "started": time.time(),
+        }
     finally:
         if load is not None:
             load.stop()
@@ -164,8 +179,10 @@ def _wait_for(served, decision: str, after: int, timeout_s: float, variant: str 
             if e["decision"] == decision and (variant is None or e["variant"] == variant):
                 return e
         time.sleep(0.5)
-    raise AssertionError(f"no {decision} event within {timeout_s} s; events: " +
-                         "; ".join(f"{e['decision']} {e['variant']} {e['reason'][:120]}" for e in _events(served, after)))
+    raise AssertionError(
+        f"no {decision} event within {timeout_s} s; events: "
+        + "; ".join(f"{e['decision']} {e['variant']} {e['reason'][:120]}" for e in _events(served, after))
+    )
 
 
 def _inject(served, name: str, source: str) -> str:
@@ -173,8 +190,16 @@ def _inject(served, name: str, source: str) -> str:
     from hetforge.kernels.registry import Registry
 
     variant = Registry(served["registry"]).add(
-        fingerprint=Problem(file=str(SCORER)).load().fingerprint(), device_class="cpu", precision="strict", name=name, agent="test",
-        source=source, verdict=ACCEPTED, recipe={"kind": "module"}, status="canary")
+        fingerprint=Problem(file=str(SCORER)).load().fingerprint(),
+        device_class="cpu",
+        precision="strict",
+        name=name,
+        agent="test",
+        source=source,
+        verdict=ACCEPTED,
+        recipe={"kind": "module"},
+        status="canary",
+    )
     return str(variant.id)
 
 
@@ -208,7 +233,11 @@ def test_hot_stage_is_found_optimized_canaried_and_promoted(served):
     assert status["stages"]["score"]["active_variant"] == f"variant:{variant}"
     metrics = httpx.get(f"{served['url']}/metrics", timeout=30).text
     assert 'hetforge_rollout_decisions_total{decision="promote",pipeline="reopt-test",stage="score"}' in metrics
-    speedup = [line for line in metrics.splitlines() if line.startswith("hetforge_stage_speedup_ratio{") and 'stage="score"' in line]
+    speedup = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("hetforge_stage_speedup_ratio{") and 'stage="score"' in line
+    ]
     assert speedup and float(speedup[0].rsplit(" ", 1)[1]) > 1.2, speedup
     assert f'variant="variant:{variant}"' in metrics  # per-stage latency by variant
     assert 'hetforge_optimizer_jobs_total{outcome="registered",pipeline="reopt-test",stage="score"}' in metrics
@@ -284,7 +313,9 @@ def test_every_dashboard_query_returns_data_from_prometheus(served):
         variable = re.fullmatch(r"label_values\((.+), (\w+)\)", expr)
         if variable:  # a template variable: the label's values among the matching series
             match, label = dashboards.substitute(variable.group(1), {"pipeline": "reopt-test"}), variable.group(2)
-            values = httpx.get(f"{prometheus.url}/api/v1/label/{label}/values", params={"match[]": match}, timeout=30).json()["data"]
+            values = httpx.get(
+                f"{prometheus.url}/api/v1/label/{label}/values", params={"match[]": match}, timeout=30
+            ).json()["data"]
             if not {"reopt-test", "score"} & set(values):
                 empty.append(f"{where}: {values}")
             continue
@@ -294,13 +325,19 @@ def test_every_dashboard_query_returns_data_from_prometheus(served):
             empty.append(f"{where}: {query}")
     assert not empty, "queries without data:\n" + "\n".join(empty)
     # and the numbers mean what the panels say: the promoted variant's speedup, the rollbacks of the injected ones
-    speedup = prometheus.query(dashboards.substitute('max by (stage) (hetforge_stage_speedup_ratio{pipeline="$pipeline"})',
-                                                     {"pipeline": "reopt-test"}))
+    speedup = prometheus.query(
+        dashboards.substitute(
+            'max by (stage) (hetforge_stage_speedup_ratio{pipeline="$pipeline"})', {"pipeline": "reopt-test"}
+        )
+    )
     assert float(speedup[0]["value"][1]) > 1.2, speedup
     rollbacks = prometheus.query('sum(hetforge_rollout_decisions_total{pipeline="reopt-test", decision="rollback"})')
     assert float(rollbacks[0]["value"][1]) >= 2, rollbacks
     placement = prometheus.query('hetforge_stage_placement_info{pipeline="reopt-test"}')
-    assert {(r["metric"]["stage"], r["metric"]["device_class"]) for r in placement} == {("prepare", "cpu"), ("score", "cpu")}
+    assert {(r["metric"]["stage"], r["metric"]["device_class"]) for r in placement} == {
+        ("prepare", "cpu"),
+        ("score", "cpu"),
+    }
 
 
 def test_dashboard_page_renders_in_chromium(served, tmp_path):
@@ -316,13 +353,25 @@ def test_dashboard_page_renders_in_chromium(served, tmp_path):
     chromium = system_binary("chromium", "chromium")
     data = httpx.get(f"{served['url']}/v1/pipelines/reopt-test/dashboard", timeout=30).json()
     assert len(data["series"]) >= 5 and data["latest"]["speedup"]["score"] > 1.2, data["latest"]
-    assert any(s["stage"] == "score" for s in data["swaps"]) and any(e["decision"] == "rollback" for e in data["rollout_events"])
+    assert any(s["stage"] == "score" for s in data["swaps"]) and any(
+        e["decision"] == "rollback" for e in data["rollout_events"]
+    )
     shot = tmp_path / "dashboard.png"
-    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1360,1400",
-              f"--user-data-dir={tmp_path / 'profile'}"]
-    subprocess.run(common + [f"--screenshot={shot}", f"{served['url']}/dashboard"], check=True, capture_output=True, timeout=120)
-    dom = subprocess.run(common + ["--dump-dom", f"{served['url']}/dashboard"], check=True, capture_output=True, text=True,
-                         timeout=120).stdout
+    common = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1360,1400",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    subprocess.run(
+        common + [f"--screenshot={shot}", f"{served['url']}/dashboard"], check=True, capture_output=True, timeout=120
+    )
+    dom = subprocess.run(
+        common + ["--dump-dom", f"{served['url']}/dashboard"], check=True, capture_output=True, text=True, timeout=120
+    ).stdout
     assert "hetforge: reopt-test" in dom and "Speedup of the active variant over the reference" in dom
     assert "requests/s" in dom and "no requests in the last window" not in dom
     assert "score" in dom and "rollback" in dom and "promote" in dom
@@ -331,7 +380,7 @@ def test_dashboard_page_renders_in_chromium(served, tmp_path):
     pixels = list(image.getdata())
 
     def count(colour: str) -> int:
-        rgb = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+        rgb = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
         return sum(1 for p in pixels if p == rgb)
 
     bar = count(SPEEDUP_BAR)

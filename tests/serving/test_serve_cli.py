@@ -26,8 +26,15 @@ def test_serve_status_down_lifecycle(tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "HETFORGE_HOME": str(tmp_path), "HETFORGE_RAY_TMP": f"/tmp/hf-cli-{os.getpid()}"}
     cli = [sys.executable, "-m", "hetforge.cli"]
-    serve = subprocess.Popen([*cli, "serve", "tests/data/serving/tools_only.yaml", "--port", str(port)], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    serve = subprocess.Popen(
+        [*cli, "serve", "tests/data/serving/tools_only.yaml", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
@@ -41,7 +48,9 @@ def test_serve_status_down_lifecycle(tmp_path):
             time.sleep(1)
         reply = httpx.post(f"{url}/v1/pipelines/tools-only/run", json={"input": {"x": [[1.0]]}}, timeout=30)
         assert reply.status_code == 200 and reply.json()["output"] == {"x": [[1.0]]}
-        status = subprocess.run([*cli, "status", "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [*cli, "status", "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+        )
         doc = json.loads(status.stdout.strip().splitlines()[-1])["deployments"]
         assert [d["pipeline"] for d in doc] == ["tools-only"] and doc[0]["state"] == "RUNNING"
         assert doc[0]["stages"]["prepare"]["device"] == "cpu" and doc[0]["embedded"]

@@ -41,7 +41,10 @@ class ModelNew(nn.Module):
         h = torch.relu(torch.addmm(self.hidden.bias, x, self.hidden.weight.t()))
         return torch.addmm(self.out.bias, h, self.out.weight.t())
 '''
-WRONG = SAME.replace("return torch.addmm(self.out.bias, h, self.out.weight.t())", "return torch.addmm(self.out.bias, h, self.out.weight.t()) * 1.5")
+WRONG = SAME.replace(
+    "return torch.addmm(self.out.bias, h, self.out.weight.t())",
+    "return torch.addmm(self.out.bias, h, self.out.weight.t()) * 1.5",
+)
 ACCEPTED = {"verdict": "accepted", "needs_review": False, "speedup": 1.4, "reference_ms": 1.0, "candidate_ms": 0.71}
 
 
@@ -54,7 +57,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Deploy tests/data/serving/pipeline.yaml; yield (url, home, registry)."""
-    subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_llm.py")], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "build_tiny_llm.py")], check=True, capture_output=True, timeout=300
+    )
     home = tmp_path_factory.mktemp("home")
     saved = {k: os.environ.get(k) for k in ("HETFORGE_HOME", "HETFORGE_RAY_TMP", "PROMETHEUS_MULTIPROC_DIR")}
     os.environ["HETFORGE_HOME"] = str(home)
@@ -65,11 +70,29 @@ def served(tmp_path_factory):
 
     registry = Registry(home / "registry.sqlite")
     fingerprint = source_fingerprint(CLASSIFIER.read_text())
-    ids = {name: registry.add(fingerprint=fingerprint, device_class="cpu", precision="strict", name=name, agent="test", source=src,
-                              verdict=ACCEPTED, recipe={"kind": "module"}).id
-           for name, src in (("addmm", SAME), ("wrong", WRONG))}
-    ids["pending"] = registry.add(fingerprint=fingerprint, device_class="cpu", precision="strict", name="pending", agent="test", source=SAME,
-                                  verdict={**ACCEPTED, "needs_review": True}, recipe={"kind": "module"}).id
+    ids = {
+        name: registry.add(
+            fingerprint=fingerprint,
+            device_class="cpu",
+            precision="strict",
+            name=name,
+            agent="test",
+            source=src,
+            verdict=ACCEPTED,
+            recipe={"kind": "module"},
+        ).id
+        for name, src in (("addmm", SAME), ("wrong", WRONG))
+    }
+    ids["pending"] = registry.add(
+        fingerprint=fingerprint,
+        device_class="cpu",
+        precision="strict",
+        name="pending",
+        agent="test",
+        source=SAME,
+        verdict={**ACCEPTED, "needs_review": True},
+        recipe={"kind": "module"},
+    ).id
     port = _free_port()
     record = dep.deploy(PIPELINE, port=port, registry_path=str(home / "registry.sqlite"))
     try:
@@ -102,13 +125,20 @@ def test_request_runs_every_stage_with_a_request_id(served):
     doc = reply.json()
     assert set(doc["stages"]) == {"prepare", "classify", "reply"}
     assert isinstance(doc["output"]["text"], str) and doc["request_id"] == reply.headers["x-request-id"]
-    again = httpx.post(f"{served['url']}/v1/pipelines/serve-test/run", json={"input": {"x": _x()}}, headers={"x-request-id": "mine-1"}, timeout=60)
+    again = httpx.post(
+        f"{served['url']}/v1/pipelines/serve-test/run",
+        json={"input": {"x": _x()}},
+        headers={"x-request-id": "mine-1"},
+        timeout=60,
+    )
     assert again.json()["request_id"] == "mine-1"
     assert httpx.get(f"{served['url']}/healthz").json() == {"status": "ok", "pipeline": "serve-test"}
 
 
 def test_streaming_and_openai_chat_completions(served):
-    with httpx.stream("POST", f"{served['url']}/v1/pipelines/serve-test/run", json={"input": {"x": _x(1)}, "stream": True}, timeout=60) as r:
+    with httpx.stream(
+        "POST", f"{served['url']}/v1/pipelines/serve-test/run", json={"input": {"x": _x(1)}, "stream": True}, timeout=60
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and len(events) >= 2
@@ -119,7 +149,9 @@ def test_streaming_and_openai_chat_completions(served):
     # the chat messages are the entry stage's input: prepare turns the last message into features
     reply = client.chat.completions.create(model="serve-test", messages=[{"role": "user", "content": "hello there"}])
     assert reply.object == "chat.completion" and isinstance(reply.choices[0].message.content, str)
-    chunks = list(client.chat.completions.create(model="serve-test", messages=[{"role": "user", "content": "hi"}], stream=True))
+    chunks = list(
+        client.chat.completions.create(model="serve-test", messages=[{"role": "user", "content": "hi"}], stream=True)
+    )
     assert chunks[-1].choices[0].finish_reason == "stop" and all(c.object == "chat.completion.chunk" for c in chunks)
     with pytest.raises(Exception) as caught:  # a malformed chat request is the client's error
         client.chat.completions.create(model="serve-test", messages=[])
@@ -145,7 +177,11 @@ def test_stage_that_raises_is_a_located_5xx_and_the_replica_keeps_serving(served
     failed = _run(url, {"input": {"x": _x(), "fail": True}})
     assert failed.status_code == 500
     err = failed.json()["error"]
-    assert err["stage"] == "prepare" and "asked to fail" in err["message"] and err["request_id"] == failed.headers["x-request-id"]
+    assert (
+        err["stage"] == "prepare"
+        and "asked to fail" in err["message"]
+        and err["request_id"] == failed.headers["x-request-id"]
+    )
     assert "2 attempt" in err["message"]  # retried once, then reported
     assert _run(url, {"input": {"x": _x()}}).status_code == 200  # same replicas, still serving
 
@@ -162,7 +198,9 @@ def test_swap_refusals_name_the_reason(served):
     url, ids = served["url"], served["ids"]
 
     def swap(stage, variant):
-        return httpx.post(f"{url}/v1/pipelines/serve-test/stages/{stage}/swap", json={"variant": variant, "wait_s": 30}, timeout=60)
+        return httpx.post(
+            f"{url}/v1/pipelines/serve-test/stages/{stage}/swap", json={"variant": variant, "wait_s": 30}, timeout=60
+        )
 
     missing = swap("classify", 999)
     assert missing.status_code == 404 and "no variant 999" in missing.json()["error"]["message"]
@@ -192,7 +230,9 @@ def test_hot_swap_under_load_drops_nothing(served):
         t.start()
     time.sleep(2)
     before = len(done)
-    swapped = httpx.post(f"{url}/v1/pipelines/serve-test/stages/classify/swap", json={"variant": ids["addmm"], "wait_s": 60}, timeout=90)
+    swapped = httpx.post(
+        f"{url}/v1/pipelines/serve-test/stages/classify/swap", json={"variant": ids["addmm"], "wait_s": 60}, timeout=90
+    )
     time.sleep(2)
     stop.set()
     for t in threads:
@@ -206,13 +246,20 @@ def test_hot_swap_under_load_drops_nothing(served):
 
 def test_cli_status_and_swap_go_through_the_api(served):
     env = {**os.environ, "HETFORGE_HOME": str(served["home"])}
-    status = subprocess.run([sys.executable, "-m", "hetforge.cli", "status", "--json"], capture_output=True, text=True, timeout=60, env=env)
+    status = subprocess.run(
+        [sys.executable, "-m", "hetforge.cli", "status", "--json"], capture_output=True, text=True, timeout=60, env=env
+    )
     assert status.returncode == 0, status.stderr
     doc = json.loads(status.stdout.strip().splitlines()[-1])["deployments"][0]
     assert doc["pipeline"] == "serve-test" and doc["state"] == "RUNNING"
     assert doc["stages"]["reply"]["active_variant"] == "vllm" and doc["stages"]["classify"]["planned"] == "cpu"
-    swap = subprocess.run([sys.executable, "-m", "hetforge.cli", "swap", "serve-test", "classify", "reference", "--json"],
-                          capture_output=True, text=True, timeout=120, env=env)
+    swap = subprocess.run(
+        [sys.executable, "-m", "hetforge.cli", "swap", "serve-test", "classify", "reference", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert swap.returncode == 0, swap.stdout + swap.stderr
     assert [r["outcome"] for r in json.loads(swap.stdout.strip().splitlines()[-1])["reports"]] == ["swapped", "swapped"]
 
@@ -235,13 +282,17 @@ def test_prometheus_scrapes_every_hetforge_metric(served, prometheus):
     for i in range(5):
         _run(url, {"input": {"x": _x(i)}})
     _run(url, {"input": {"x": _x(), "fail": True}})
-    httpx.post(f"{url}/v1/pipelines/serve-test/stages/classify/swap", json={"variant": "reference", "wait_s": 30}, timeout=60)
+    httpx.post(
+        f"{url}/v1/pipelines/serve-test/stages/classify/swap", json={"variant": "reference", "wait_s": 30}, timeout=60
+    )
     queries = {name: (f"{name}_count" if kind == "histogram" else name) for name, (kind, _, _) in SPEC.items()}
     deadline, missing = time.monotonic() + 90, dict(queries)
     while missing and time.monotonic() < deadline:
         for name, query in list(missing.items()):
             try:
-                result = httpx.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()["data"]["result"]
+                result = httpx.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10).json()["data"][
+                    "result"
+                ]
             except (httpx.HTTPError, KeyError, ValueError):
                 continue
             if result:
@@ -250,5 +301,7 @@ def test_prometheus_scrapes_every_hetforge_metric(served, prometheus):
                 del missing[name]
         time.sleep(1)
     assert not missing, f"Prometheus has no data for {sorted(missing)}"
-    stage = httpx.get(f"{prometheus}/api/v1/query", params={"query": 'hetforge_stage_latency_seconds_count{stage="classify"}'}).json()
+    stage = httpx.get(
+        f"{prometheus}/api/v1/query", params={"query": 'hetforge_stage_latency_seconds_count{stage="classify"}'}
+    ).json()
     assert sum(float(r["value"][1]) for r in stage["data"]["result"]) >= 5

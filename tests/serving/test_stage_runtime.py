@@ -19,7 +19,7 @@ from hetforge.serving.stage_runtime import ModelStageRuntime, SwapRefused
 PROBLEM = Path(__file__).resolve().parents[1] / "optimizer" / "problems" / "linear_relu.py"
 ACCEPTED = {"verdict": "accepted", "needs_review": False, "speedup": 1.3, "reference_ms": 1.0, "candidate_ms": 0.77}
 
-MODULE = '''
+MODULE = """
 import torch
 import torch.nn as nn
 
@@ -32,7 +32,7 @@ class ModelNew(nn.Module):
     def forward(self, x):
         {guard}
         return torch.relu(torch.addmm(self.lin.bias, x, self.lin.weight.t())).mul_({scale})
-'''
+"""
 
 
 @pytest.fixture
@@ -48,16 +48,33 @@ def registry(tmp_path) -> Registry:
     return Registry(tmp_path / "registry.sqlite")
 
 
-def _add(registry: Registry, name: str, source: str = "", recipe: dict | None = None, verdict: dict = ACCEPTED, **kw) -> int:
-    args = dict(fingerprint=source_fingerprint(PROBLEM.read_text(), [256, 512]), device_class="cpu", precision="strict", name=name,
-                agent="test", source=source or "# transform variant", verdict=verdict, recipe=recipe or {"kind": "module"})
+def _add(
+    registry: Registry, name: str, source: str = "", recipe: dict | None = None, verdict: dict = ACCEPTED, **kw
+) -> int:
+    args = dict(
+        fingerprint=source_fingerprint(PROBLEM.read_text(), [256, 512]),
+        device_class="cpu",
+        precision="strict",
+        name=name,
+        agent="test",
+        source=source or "# transform variant",
+        verdict=verdict,
+        recipe=recipe or {"kind": "module"},
+    )
     args.update(kw)
     return registry.add(**args).id
 
 
 def _runtime(registry, checkpoint, metrics=None, **kw) -> ModelStageRuntime:
-    return ModelStageRuntime("p", "embed", PROBLEM, weights=checkpoint, registry=registry,
-                             metrics=metrics or Metrics(CollectorRegistry()), **kw)
+    return ModelStageRuntime(
+        "p",
+        "embed",
+        PROBLEM,
+        weights=checkpoint,
+        registry=registry,
+        metrics=metrics or Metrics(CollectorRegistry()),
+        **kw,
+    )
 
 
 def test_reference_runs_with_checkpoint_weights(registry, checkpoint):
@@ -81,13 +98,21 @@ def test_refusals_name_the_reason_and_keep_serving(registry, checkpoint):
     metrics = Metrics(CollectorRegistry())
     rt = _runtime(registry, checkpoint, metrics)
     wrong = _add(registry, "wrong", MODULE.format(guard="pass", scale=3.0))
-    pending = _add(registry, "flagged", MODULE.format(guard="pass", scale=2.0), verdict={**ACCEPTED, "needs_review": True})
+    pending = _add(
+        registry, "flagged", MODULE.format(guard="pass", scale=2.0), verdict={**ACCEPTED, "needs_review": True}
+    )
     other_device = _add(registry, "h100", MODULE.format(guard="pass", scale=2.0), device_class="H100")
     looser = _add(registry, "bf16", MODULE.format(guard="pass", scale=2.0), precision="bf16")
     renamed = _add(registry, "renamed", MODULE.format(guard="pass", scale=2.0).replace("self.lin", "self.proj"))
     live = [torch.randn(16, 256)]
-    for vid, why in ((wrong, "disagrees"), (pending, "pending_review"), (other_device, "verified on H100"),
-                     (looser, "needs precision bf16"), (renamed, "cannot be built"), (424242, "no variant")):
+    for vid, why in (
+        (wrong, "disagrees"),
+        (pending, "pending_review"),
+        (other_device, "verified on H100"),
+        (looser, "needs precision bf16"),
+        (renamed, "cannot be built"),
+        (424242, "no variant"),
+    ):
         with pytest.raises(SwapRefused, match=why):
             rt.swap(vid, live)
         assert rt.active_variant == "reference"
@@ -125,7 +150,11 @@ def test_swaps_under_load_drop_nothing(registry, checkpoint):
 
 def test_variant_failing_on_live_traffic_is_rolled_back_and_the_request_served(registry, checkpoint):
     metrics = Metrics(CollectorRegistry())
-    flaky = _add(registry, "flaky", MODULE.format(guard="if x.shape[0] == 7: raise RuntimeError('bad tile for 7 rows')", scale=2.0))
+    flaky = _add(
+        registry,
+        "flaky",
+        MODULE.format(guard="if x.shape[0] == 7: raise RuntimeError('bad tile for 7 rows')", scale=2.0),
+    )
     rt = _runtime(registry, checkpoint, metrics)
     assert rt.active_variant == f"variant:{flaky}"  # passed its check on the example inputs
     x = torch.randn(7, 256)
@@ -160,11 +189,16 @@ def test_metric_names_and_labels_are_the_contract(registry, checkpoint):
     rt(torch.randn(2, 256))
     text = generate_latest(metrics.registry).decode()
     assert 'hetforge_stage_speedup_ratio{device="cpu",pipeline="p",stage="embed"} 1.3' in text
-    assert f'hetforge_stage_latency_seconds_count{{device="cpu",pipeline="p",stage="embed",variant="variant:{vid}"}} 1.0' in text
+    assert (
+        f'hetforge_stage_latency_seconds_count{{device="cpu",pipeline="p",stage="embed",variant="variant:{vid}"}} 1.0'
+        in text
+    )
     assert 'hetforge_kernel_swaps_total{outcome="swapped",pipeline="p",stage="embed"} 1.0' in text
     rt.swap("reference", [torch.randn(2, 256)])
     text = generate_latest(metrics.registry).decode()
-    assert 'hetforge_stage_speedup_ratio{device="cpu",pipeline="p",stage="embed"} 1.0' in text  # one series, now the reference's
+    assert (
+        'hetforge_stage_speedup_ratio{device="cpu",pipeline="p",stage="embed"} 1.0' in text
+    )  # one series, now the reference's
 
 
 def test_cli_swap_reaches_every_replica_and_reports_refusals(tmp_path, checkpoint):

@@ -42,7 +42,7 @@ EXPECTED: dict[str, list[tuple[int, int, str]]] = {
         (9, 14, 'Got "99" for stages[0].retries: a number of at most 10.'),
         (10, 16, 'Got "0" for stages[0].timeout_s: a number greater than 0'),
         (14, 32, 'Got "0" for stages[1].batching.max_batch_size: a number of at least 1.'),
-        (15, 15, 'for stages[1].replicas: min_replicas must not exceed max_replicas.'),
+        (15, 15, "for stages[1].replicas: min_replicas must not exceed max_replicas."),
         (17, 36, 'Got "-3" for stages[1].inputs[0].shape[1]: a size from 1 to 1048576'),
     ],
     "undeclared_cycle.yaml": [(11, 5, 'Got "c -> b" for flow[2]: an edge that closes the cycle b -> c -> b')],
@@ -54,7 +54,9 @@ EXPECTED: dict[str, list[tuple[int, int, str]]] = {
         (11, 19, 'Got "nowhere" for flow[0].to: the name of a stage'),
     ],
     "duplicate_stage_names.yaml": [(6, 12, 'Got "a" for stages[1].name: stage names must be unique')],
-    "unreachable_stage.yaml": [(7, 12, 'Got "orphan" for stages[2].name: a stage that a request can reach from the entry (a)')],
+    "unreachable_stage.yaml": [
+        (7, 12, 'Got "orphan" for stages[2].name: a stage that a request can reach from the entry (a)')
+    ],
     "missing_fields.yaml": [
         (1, 1, 'Got "nothing" for entry: a value is required here.'),
         (1, 1, 'Got "nothing" for output: a value is required here.'),
@@ -67,10 +69,26 @@ EXPECTED: dict[str, list[tuple[int, int, str]]] = {
     "missing_file.yaml": [(5, 42, 'Got "models/does_not_exist.py" for stages[0].problem_file: an existing file')],
     # Code is parsed, never run: both files raise at import, and a package is looked up without importing it.
     "code_references.yaml": [
-        (5, 41, 'for stages[0].module: a class that code/user_model.py defines; it has no \'TextEncodr\'; did you mean "TextEncoder"?'),
-        (6, 118, 'for stages[1].preprocess: a function that code/user_model.py defines; it has no \'to_tensor\'; did you mean'),
-        (7, 45, 'for stages[2].problem_file: a problem file defining Model, get_inputs, get_init_inputs; it lacks get_inputs.'),
-        (8, 40, "for stages[3].callable: an importable module; no package 'no_such_package_xyz' in the pipeline's folder"),
+        (
+            5,
+            41,
+            "for stages[0].module: a class that code/user_model.py defines; it has no 'TextEncodr'; did you mean \"TextEncoder\"?",
+        ),
+        (
+            6,
+            118,
+            "for stages[1].preprocess: a function that code/user_model.py defines; it has no 'to_tensor'; did you mean",
+        ),
+        (
+            7,
+            45,
+            "for stages[2].problem_file: a problem file defining Model, get_inputs, get_init_inputs; it lacks get_inputs.",
+        ),
+        (
+            8,
+            40,
+            "for stages[3].callable: an importable module; no package 'no_such_package_xyz' in the pipeline's folder",
+        ),
         (9, 41, "for stages[4].callable: a function that json.decoder defines; it has no 'no_such_function'"),
     ],
     "bad_condition.yaml": [(8, 28, "for flow[0].when: a condition needs exactly one of `equals` or `one_of`.")],

@@ -15,7 +15,9 @@ def _write(path, text):
 
 
 def test_names_bound_anywhere_at_module_level_count(tmp_path):
-    _write(tmp_path / "m.py", """
+    _write(
+        tmp_path / "m.py",
+        """
         import os.path
         from torch import nn as tnn
         try:
@@ -26,7 +28,8 @@ def test_names_bound_anywhere_at_module_level_count(tmp_path):
             A, (B, C) = 1, (2, 3)
         X: int = 1
         def f(): pass
-    """)
+    """,
+    )
     for name in ("os", "tnn", "Impl", "A", "B", "C", "X", "f"):
         assert check_reference(f"m.py:{name}", tmp_path) is None, name
     assert "did you mean" in check_reference("m.py:Imp", tmp_path)

@@ -7,8 +7,8 @@ import json
 import networkx as nx
 import pytest
 
-from hetforge.spec.graph import DATA, TOOL_CALL, TOOL_RETURN, PipelineGraph
 from hetforge.spec import SpecError, load_bytes, load_pipeline
+from hetforge.spec.graph import DATA, TOOL_CALL, TOOL_RETURN, PipelineGraph
 from tests.conftest import EXAMPLES, run_cli
 
 

@@ -1,8 +1,10 @@
 """Tier 1: GELU, one pointwise op."""
+
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import os
 
 
 def pick(cpu, gpu):  # HETFORGE_BENCH_SIZE=gpu: 1-15 ms a call on an H100; cpu (default): a few ms on 2 cores

@@ -1,7 +1,9 @@
 """Tier 1: layer norm over the last dim."""
+
+import os
+
 import torch
 import torch.nn as nn
-import os
 
 
 def pick(cpu, gpu):  # HETFORGE_BENCH_SIZE=gpu: 1-15 ms a call on an H100; cpu (default): a few ms on 2 cores

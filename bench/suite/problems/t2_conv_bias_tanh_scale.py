@@ -1,4 +1,5 @@
 """Tier 2: convolution -> + channel bias -> tanh -> scale -> hardswish."""
+
 import os
 
 import torch

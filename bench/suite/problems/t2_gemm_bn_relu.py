@@ -1,4 +1,5 @@
 """Tier 2: linear -> eval batch norm -> ReLU."""
+
 import os
 
 import torch

@@ -1,4 +1,5 @@
 """Tier 2: linear -> divide -> clamp -> Mish."""
+
 import os
 
 import torch

@@ -1,4 +1,5 @@
 """Tier 2: linear -> GELU -> residual add."""
+
 import os
 
 import torch

@@ -1,4 +1,5 @@
 """Tier 2: linear -> ReLU -> scale (KernelBench level-2 style chain)."""
+
 import os
 
 import torch

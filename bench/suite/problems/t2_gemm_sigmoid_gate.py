@@ -1,4 +1,5 @@
 """Tier 2: linear -> sigmoid -> per-feature scale -> clamp."""
+
 import os
 
 import torch

@@ -1,4 +1,5 @@
 """Tier 2: group norm -> SiLU (a diffusion U-Net's norm-act)."""
+
 import os
 
 import torch

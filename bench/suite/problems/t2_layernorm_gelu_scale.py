@@ -1,4 +1,5 @@
 """Tier 2: layer norm -> GELU -> scale."""
+
 import os
 
 import torch

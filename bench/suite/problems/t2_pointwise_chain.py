@@ -1,4 +1,5 @@
 """Tier 2: a long pointwise chain with a residual."""
+
 import os
 
 import torch

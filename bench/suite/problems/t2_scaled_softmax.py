@@ -1,4 +1,5 @@
 """Tier 2: scale -> softmax (attention scores)."""
+
 import os
 
 import torch

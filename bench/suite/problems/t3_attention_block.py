@@ -1,4 +1,5 @@
 """Tier 3: self-attention block (pre-norm, fused QKV projection, SDPA, output projection, residual)."""
+
 import os
 
 import torch

@@ -1,4 +1,5 @@
 """Tier 3: audio encoder block (conv front end with GELU, then a pre-norm MLP), as in Whisper-style encoders."""
+
 import os
 
 import torch

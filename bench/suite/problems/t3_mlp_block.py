@@ -1,4 +1,5 @@
 """Tier 3: transformer MLP block (pre-norm, up-projection, GELU, down-projection, residual)."""
+
 import os
 
 import torch

@@ -1,4 +1,5 @@
 """Tier 3: a small CNN (three conv-BN-ReLU stages, global pool, linear head)."""
+
 import os
 
 import torch

@@ -1,4 +1,5 @@
 """Tier 3: gated MLP block (RMS norm, SiLU-gated up-projection, down-projection, residual)."""
+
 import os
 
 import torch

@@ -39,13 +39,25 @@ def gemm_configs() -> list[triton.Config]:
     if cls == "interpreter":
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=1)]
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
-        (128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (64, 128, 32, 4, 4),
-        (128, 64, 32, 4, 4), (64, 64, 32, 4, 4),
+        (128, 128, 32, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 256, 32, 8, 3),
+        (64, 128, 32, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 64, 32, 4, 4),
     ]
     if cls in ("hopper", "blackwell"):
-        shapes += [(128, 256, 64, 8, 4), (256, 128, 32, 8, 3), (64, 256, 32, 4, 4), (128, 256, 32, 8, 4), (128, 128, 64, 4, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+        shapes += [
+            (128, 256, 64, 8, 4),
+            (256, 128, 32, 8, 3),
+            (64, 256, 32, 4, 4),
+            (128, 256, 32, 8, 4),
+            (128, 128, 64, 4, 3),
+        ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
 
 
 @functools.cache

@@ -22,9 +22,28 @@ MAX_OPS = 8  # slots compiled into each kernel; longer chains are split by the m
 
 # op codes (constexpr in the kernels; 0 = empty slot)
 CODES = {
-    "add": 1, "mul": 2, "relu": 3, "leaky_relu": 4, "gelu": 5, "gelu_tanh": 6, "silu": 7, "sigmoid": 8,
-    "tanh": 9, "clamp_min": 10, "clamp_max": 11, "add_v": 12, "mul_v": 13, "add_r": 14, "mul_r": 15,
-    "hardswish": 16, "rsub": 17, "exp": 18, "abs": 19, "softplus": 20, "mish": 21, "sub_v": 22,
+    "add": 1,
+    "mul": 2,
+    "relu": 3,
+    "leaky_relu": 4,
+    "gelu": 5,
+    "gelu_tanh": 6,
+    "silu": 7,
+    "sigmoid": 8,
+    "tanh": 9,
+    "clamp_min": 10,
+    "clamp_max": 11,
+    "add_v": 12,
+    "mul_v": 13,
+    "add_r": 14,
+    "mul_r": 15,
+    "hardswish": 16,
+    "rsub": 17,
+    "exp": 18,
+    "abs": 19,
+    "softplus": 20,
+    "mish": 21,
+    "sub_v": 22,
 }
 TAKES_SCALAR = {"add", "mul", "leaky_relu", "clamp_min", "clamp_max", "rsub"}
 TAKES_VECTOR = {"add_v", "mul_v", "sub_v"}
@@ -129,9 +148,27 @@ def apply_op(x, OP: tl.constexpr, p, v, r):
 
 
 @triton.jit
-def apply_chain(x, v, r, OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
-                OP4: tl.constexpr, OP5: tl.constexpr, OP6: tl.constexpr, OP7: tl.constexpr,
-                P0, P1, P2, P3, P4, P5, P6, P7):
+def apply_chain(
+    x,
+    v,
+    r,
+    OP0: tl.constexpr,
+    OP1: tl.constexpr,
+    OP2: tl.constexpr,
+    OP3: tl.constexpr,
+    OP4: tl.constexpr,
+    OP5: tl.constexpr,
+    OP6: tl.constexpr,
+    OP7: tl.constexpr,
+    P0,
+    P1,
+    P2,
+    P3,
+    P4,
+    P5,
+    P6,
+    P7,
+):
     x = apply_op(x, OP0, P0, v, r)
     x = apply_op(x, OP1, P1, v, r)
     x = apply_op(x, OP2, P2, v, r)
@@ -143,8 +180,9 @@ def apply_chain(x, v, r, OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr
     return x
 
 
-def torch_apply(x: torch.Tensor, ep: Epilogue, v: torch.Tensor | None = None, r: torch.Tensor | None = None,
-                inplace: bool = False) -> torch.Tensor:
+def torch_apply(
+    x: torch.Tensor, ep: Epilogue, v: torch.Tensor | None = None, r: torch.Tensor | None = None, inplace: bool = False
+) -> torch.Tensor:
     """The eager reference of `ep` (and the CPU path: in place when the caller owns `x`).
 
     `v` must already broadcast against `x` (the caller views it as [C, 1, ...] or [N]).
@@ -203,7 +241,9 @@ def torch_apply(x: torch.Tensor, ep: Epilogue, v: torch.Tensor | None = None, r:
 
 
 def describe(ep: Epilogue) -> str:
-    return " -> ".join(op.name if op.name not in TAKES_SCALAR else f"{op.name}({op.param:g})" for op in ep) or "identity"
+    return (
+        " -> ".join(op.name if op.name not in TAKES_SCALAR else f"{op.name}({op.param:g})" for op in ep) or "identity"
+    )
 
 
 def next_pow2(n: int) -> int:

@@ -74,24 +74,71 @@ def _prune(configs_, named_args, **kwargs):
     """Drop tile shapes whose pipeline does not fit in shared memory (the split path loads 2x)."""
     per_elem = named_args["a_ptr"].element_size() * (2 if kwargs.get("SPLIT") else 1)
     budget = configs.shared_memory_bytes()
-    kept = [c for c in configs_ if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * per_elem <= budget]
+    kept = [
+        c
+        for c in configs_
+        if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * per_elem <= budget
+    ]
     return kept or configs_[-1:]
 
 
-@triton.autotune(configs=configs.gemm_configs(), key=["M", "N", "K", "PRECISION", "CAST_BF16", "SPLIT"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=configs.gemm_configs(),
+    key=["M", "N", "K", "PRECISION", "CAST_BF16", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _gemm_epilogue_kernel(
-    a_ptr, b_ptr, al_ptr, bl_ptr, bias_ptr, v_ptr, r_ptr, c_ptr,  # a: [B?, M, K]  b: [B?, K, N]  bias, v: [N]  r, c: [B?, M, N]
-    M, N, K,
-    stride_ab, stride_am, stride_ak, stride_bb, stride_bk, stride_bn,
-    stride_rb, stride_rm, stride_rn, stride_cb, stride_cm, stride_cn,
-    HAS_BIAS: tl.constexpr, HAS_V: tl.constexpr, HAS_R: tl.constexpr,
-    PRECISION: tl.constexpr, CAST_BF16: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
-    OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
-    OP4: tl.constexpr, OP5: tl.constexpr, OP6: tl.constexpr, OP7: tl.constexpr,
-    P0, P1, P2, P3, P4, P5, P6, P7,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    al_ptr,
+    bl_ptr,
+    bias_ptr,
+    v_ptr,
+    r_ptr,
+    c_ptr,  # a: [B?, M, K]  b: [B?, K, N]  bias, v: [N]  r, c: [B?, M, N]
+    M,
+    N,
+    K,
+    stride_ab,
+    stride_am,
+    stride_ak,
+    stride_bb,
+    stride_bk,
+    stride_bn,
+    stride_rb,
+    stride_rm,
+    stride_rn,
+    stride_cb,
+    stride_cm,
+    stride_cn,
+    HAS_BIAS: tl.constexpr,
+    HAS_V: tl.constexpr,
+    HAS_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+    CAST_BF16: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr,
+    OP0: tl.constexpr,
+    OP1: tl.constexpr,
+    OP2: tl.constexpr,
+    OP3: tl.constexpr,
+    OP4: tl.constexpr,
+    OP5: tl.constexpr,
+    OP6: tl.constexpr,
+    OP7: tl.constexpr,
+    P0,
+    P1,
+    P2,
+    P3,
+    P4,
+    P5,
+    P6,
+    P7,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     # grouped ordering: GROUP_M row-blocks share each column block of b while it is in L2
     pid = tl.program_id(0)
@@ -121,8 +168,12 @@ def _gemm_epilogue_kernel(
             if SPLIT:
                 a_lo = tl.load(al_ptr + a_offs, mask=offs_k[None, :] < k_left, other=0.0)
                 b_lo = tl.load(bl_ptr + b_offs, mask=offs_k[:, None] < k_left, other=0.0)
-                acc += tl.dot(a_lo, b, tl.dot(a, b_lo, tl.dot(a, b, input_precision="ieee"), input_precision="ieee"),
-                              input_precision="ieee")
+                acc += tl.dot(
+                    a_lo,
+                    b,
+                    tl.dot(a, b_lo, tl.dot(a, b, input_precision="ieee"), input_precision="ieee"),
+                    input_precision="ieee",
+                )
             else:
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         elif SPLIT:  # three TF32 products of this tile from zero, then one round-to-nearest add (module docstring)
@@ -160,9 +211,16 @@ def _splits(x: torch.Tensor, precision: str) -> bool:
     return precision == "strict" and x.dtype == torch.float32
 
 
-def gemm_epilogue(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None, epilogue: Epilogue = (),
-                  v: torch.Tensor | None = None, r: torch.Tensor | None = None, precision: str = "strict",
-                  w_lo_t: torch.Tensor | None = None) -> torch.Tensor:
+def gemm_epilogue(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    epilogue: Epilogue = (),
+    v: torch.Tensor | None = None,
+    r: torch.Tensor | None = None,
+    precision: str = "strict",
+    w_lo_t: torch.Tensor | None = None,
+) -> torch.Tensor:
     """chain(x @ w_t + bias) with x: [..., K], w_t: [K, N] (the transposed Linear weight), v: [N], r: [..., N].
 
     `w_lo_t`: when given, `w_t` is the weight's TF32 high part and `w_lo_t` its remainder (`split_tf32`
@@ -179,13 +237,28 @@ def gemm_epilogue(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None 
     if a.shape[0] == 0:
         return c.reshape(*lead, N)
     r2 = r.reshape(a.shape[0], N) if r is not None else None
-    _launch(a.unsqueeze(0), w_t.unsqueeze(0), w_lo_t.unsqueeze(0) if w_lo_t is not None else None, bias, epilogue, v,
-            r2.unsqueeze(0) if r2 is not None else None, c.unsqueeze(0), precision)
+    _launch(
+        a.unsqueeze(0),
+        w_t.unsqueeze(0),
+        w_lo_t.unsqueeze(0) if w_lo_t is not None else None,
+        bias,
+        epilogue,
+        v,
+        r2.unsqueeze(0) if r2 is not None else None,
+        c.unsqueeze(0),
+        precision,
+    )
     return c.reshape(*lead, N)
 
 
-def bmm_epilogue(a: torch.Tensor, b: torch.Tensor, epilogue: Epilogue = (), v: torch.Tensor | None = None,
-                 r: torch.Tensor | None = None, precision: str = "strict") -> torch.Tensor:
+def bmm_epilogue(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    epilogue: Epilogue = (),
+    v: torch.Tensor | None = None,
+    r: torch.Tensor | None = None,
+    precision: str = "strict",
+) -> torch.Tensor:
     """chain(a @ b) for a: [B, M, K], b: [B, K, N] (any strides), v: [N], r: [B, M, N]: torch.bmm + epilogue."""
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
         raise ValueError(f"bmm_epilogue takes [B, M, K] and [B, K, N], got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -217,13 +290,36 @@ def _launch(a, b, b_lo, bias, epilogue, v, r, c, precision) -> None:
     r_ = r if r is not None else c
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), batches)  # noqa: E731
     _gemm_epilogue_kernel[grid](
-        a, b, a_lo if split else a, b_lo if split else b, bias if bias is not None else c, v if v is not None else c, r_, c,
-        M, N, K,
-        a.stride(0), a.stride(1), a.stride(2), stride_bb, b.stride(1), b.stride(2),
-        r_.stride(0), r_.stride(1), r_.stride(2), c.stride(0), c.stride(1), c.stride(2),
-        HAS_BIAS=bias is not None, HAS_V=v is not None, HAS_R=r is not None,
-        PRECISION=DOT_PRECISION[precision] if a.is_cuda else "ieee", CAST_BF16=precision == "bf16",
-        UPCAST=not a.is_cuda, SPLIT=split,
+        a,
+        b,
+        a_lo if split else a,
+        b_lo if split else b,
+        bias if bias is not None else c,
+        v if v is not None else c,
+        r_,
+        c,
+        M,
+        N,
+        K,
+        a.stride(0),
+        a.stride(1),
+        a.stride(2),
+        stride_bb,
+        b.stride(1),
+        b.stride(2),
+        r_.stride(0),
+        r_.stride(1),
+        r_.stride(2),
+        c.stride(0),
+        c.stride(1),
+        c.stride(2),
+        HAS_BIAS=bias is not None,
+        HAS_V=v is not None,
+        HAS_R=r is not None,
+        PRECISION=DOT_PRECISION[precision] if a.is_cuda else "ieee",
+        CAST_BF16=precision == "bf16",
+        UPCAST=not a.is_cuda,
+        SPLIT=split,
         **kernel_args(epilogue),
     )
 

@@ -24,13 +24,40 @@ MAX_BLOCK = 8192  # a row longer than this is walked in blocks
 @triton.autotune(configs=configs.row_configs(), key=["L", "BLOCK", "MODE"])
 @triton.jit
 def _norm_kernel(
-    x_ptr, w_ptr, b_ptr, v_ptr, r_ptr, y_ptr,  # x, r, y: [ROWS, L] contiguous; w, b, v: per channel
-    L, G, CPG, INNER, eps,
-    MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_V: tl.constexpr, HAS_R: tl.constexpr,
-    OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
-    OP4: tl.constexpr, OP5: tl.constexpr, OP6: tl.constexpr, OP7: tl.constexpr,
-    P0, P1, P2, P3, P4, P5, P6, P7,
-    BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    v_ptr,
+    r_ptr,
+    y_ptr,  # x, r, y: [ROWS, L] contiguous; w, b, v: per channel
+    L,
+    G,
+    CPG,
+    INNER,
+    eps,
+    MODE: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_V: tl.constexpr,
+    HAS_R: tl.constexpr,
+    OP0: tl.constexpr,
+    OP1: tl.constexpr,
+    OP2: tl.constexpr,
+    OP3: tl.constexpr,
+    OP4: tl.constexpr,
+    OP5: tl.constexpr,
+    OP6: tl.constexpr,
+    OP7: tl.constexpr,
+    P0,
+    P1,
+    P2,
+    P3,
+    P4,
+    P5,
+    P6,
+    P7,
+    BLOCK: tl.constexpr,
+    SINGLE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * L
@@ -81,8 +108,18 @@ def _norm_kernel(
         tl.store(y_ptr + row * L + c, y.to(y_ptr.dtype.element_ty), mask=m)
 
 
-def fused_norm(x: torch.Tensor, mode: str, weight=None, bias=None, eps: float = 1e-5, groups: int = 1,
-               normalized: int = 1, epilogue: Epilogue = (), v=None, r=None) -> torch.Tensor:
+def fused_norm(
+    x: torch.Tensor,
+    mode: str,
+    weight=None,
+    bias=None,
+    eps: float = 1e-5,
+    groups: int = 1,
+    normalized: int = 1,
+    epilogue: Epilogue = (),
+    v=None,
+    r=None,
+) -> torch.Tensor:
     """chain(norm(x)). layer/rms: over the last `normalized` dims; group: x is [B, C, *], `groups` groups."""
     if not configs.runs_triton(x):
         return fused_norm_reference(x, mode, weight, bias, eps, groups, normalized, epilogue, v, r)
@@ -94,7 +131,7 @@ def fused_norm(x: torch.Tensor, mode: str, weight=None, bias=None, eps: float = 
         L = CPG * inner
     else:
         L = 1
-        for d in x.shape[x.dim() - normalized:]:
+        for d in x.shape[x.dim() - normalized :]:
             L *= d
         G, CPG, INNER = 1, L, 1
     rows = x.numel() // L if L else 0
@@ -104,21 +141,38 @@ def fused_norm(x: torch.Tensor, mode: str, weight=None, bias=None, eps: float = 
     block = min(next_pow2(L), MAX_BLOCK)
     r = r.contiguous() if r is not None else None
     _norm_kernel[(rows,)](
-        x, weight if weight is not None else x, bias if bias is not None else x, v if v is not None else x,
-        r if r is not None else x, y, L, G, CPG, INNER, float(eps),
-        MODE=MODES[mode], HAS_W=weight is not None, HAS_B=bias is not None, HAS_V=v is not None, HAS_R=r is not None,
-        **kernel_args(epilogue), BLOCK=block, SINGLE=block >= L,
+        x,
+        weight if weight is not None else x,
+        bias if bias is not None else x,
+        v if v is not None else x,
+        r if r is not None else x,
+        y,
+        L,
+        G,
+        CPG,
+        INNER,
+        float(eps),
+        MODE=MODES[mode],
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        HAS_V=v is not None,
+        HAS_R=r is not None,
+        **kernel_args(epilogue),
+        BLOCK=block,
+        SINGLE=block >= L,
     )
     return y
 
 
-def fused_norm_reference(x, mode, weight=None, bias=None, eps=1e-5, groups=1, normalized=1, epilogue: Epilogue = (), v=None, r=None):
+def fused_norm_reference(
+    x, mode, weight=None, bias=None, eps=1e-5, groups=1, normalized=1, epilogue: Epilogue = (), v=None, r=None
+):
     import torch.nn.functional as F
 
     if mode == "layer":
-        y = F.layer_norm(x, x.shape[x.dim() - normalized:], weight, bias, eps)
+        y = F.layer_norm(x, x.shape[x.dim() - normalized :], weight, bias, eps)
     elif mode == "rms":
-        y = F.rms_norm(x, x.shape[x.dim() - normalized:], weight, eps)
+        y = F.rms_norm(x, x.shape[x.dim() - normalized :], weight, eps)
         if bias is not None:
             y = y + bias
     else:

@@ -18,11 +18,31 @@ from hetforge.kernels.triton.epilogue import Epilogue, apply_chain, kernel_args,
 @triton.autotune(configs=configs.flat_configs(), key=["n"])
 @triton.jit
 def _pointwise_kernel(
-    x_ptr, v_ptr, r_ptr, y_ptr, n, C, INNER,
-    HAS_V: tl.constexpr, HAS_R: tl.constexpr,
-    OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
-    OP4: tl.constexpr, OP5: tl.constexpr, OP6: tl.constexpr, OP7: tl.constexpr,
-    P0, P1, P2, P3, P4, P5, P6, P7,
+    x_ptr,
+    v_ptr,
+    r_ptr,
+    y_ptr,
+    n,
+    C,
+    INNER,
+    HAS_V: tl.constexpr,
+    HAS_R: tl.constexpr,
+    OP0: tl.constexpr,
+    OP1: tl.constexpr,
+    OP2: tl.constexpr,
+    OP3: tl.constexpr,
+    OP4: tl.constexpr,
+    OP5: tl.constexpr,
+    OP6: tl.constexpr,
+    OP7: tl.constexpr,
+    P0,
+    P1,
+    P2,
+    P3,
+    P4,
+    P5,
+    P6,
+    P7,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -38,8 +58,9 @@ def _pointwise_kernel(
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def pointwise_chain(x: torch.Tensor, epilogue: Epilogue, v: torch.Tensor | None = None, v_dim: int = 1,
-                    r: torch.Tensor | None = None) -> torch.Tensor:
+def pointwise_chain(
+    x: torch.Tensor, epilogue: Epilogue, v: torch.Tensor | None = None, v_dim: int = 1, r: torch.Tensor | None = None
+) -> torch.Tensor:
     """chain(x); `v` is a per-channel vector along dim `v_dim` of x, `r` a tensor shaped like x."""
     if not configs.runs_triton(x):
         return pointwise_chain_reference(x, epilogue, v, v_dim, r)
@@ -51,12 +72,22 @@ def pointwise_chain(x: torch.Tensor, epilogue: Epilogue, v: torch.Tensor | None 
     C = x.shape[v_dim] if v is not None else 1
     inner = 1
     if v is not None:
-        for d in x.shape[v_dim + 1:]:
+        for d in x.shape[v_dim + 1 :]:
             inner *= d
     r = r.expand_as(x).contiguous() if r is not None else None
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-    _pointwise_kernel[grid](x, v.contiguous() if v is not None else x, r if r is not None else x, y, n, C, inner,
-                            HAS_V=v is not None, HAS_R=r is not None, **kernel_args(epilogue))
+    _pointwise_kernel[grid](
+        x,
+        v.contiguous() if v is not None else x,
+        r if r is not None else x,
+        y,
+        n,
+        C,
+        inner,
+        HAS_V=v is not None,
+        HAS_R=r is not None,
+        **kernel_args(epilogue),
+    )
     return y
 
 

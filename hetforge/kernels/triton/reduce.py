@@ -18,17 +18,46 @@ from hetforge.kernels.triton.epilogue import Epilogue, apply_chain, kernel_args,
 KINDS = {"sum": 0, "mean": 1, "max": 2, "min": 3}
 
 
-@triton.autotune(configs=[triton.Config({"BLOCK_I": bi, "BLOCK_R": br}, num_warps=w) for bi, br, w in (
-    ((1, 256, 4),) if configs.device_class() == "interpreter" else ((1, 1024, 4), (1, 2048, 8), (32, 32, 4), (64, 16, 4), (128, 8, 4))
-)], key=["R", "I", "KIND"])
+@triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_I": bi, "BLOCK_R": br}, num_warps=w)
+        for bi, br, w in (
+            ((1, 256, 4),)
+            if configs.device_class() == "interpreter"
+            else ((1, 1024, 4), (1, 2048, 8), (32, 32, 4), (64, 16, 4), (128, 8, 4))
+        )
+    ],
+    key=["R", "I", "KIND"],
+)
 @triton.jit
 def _reduce_kernel(
-    x_ptr, v_ptr, y_ptr, R, I, C, INNER,
-    KIND: tl.constexpr, HAS_V: tl.constexpr,
-    OP0: tl.constexpr, OP1: tl.constexpr, OP2: tl.constexpr, OP3: tl.constexpr,
-    OP4: tl.constexpr, OP5: tl.constexpr, OP6: tl.constexpr, OP7: tl.constexpr,
-    P0, P1, P2, P3, P4, P5, P6, P7,
-    BLOCK_I: tl.constexpr, BLOCK_R: tl.constexpr,
+    x_ptr,
+    v_ptr,
+    y_ptr,
+    R,
+    I,
+    C,
+    INNER,
+    KIND: tl.constexpr,
+    HAS_V: tl.constexpr,
+    OP0: tl.constexpr,
+    OP1: tl.constexpr,
+    OP2: tl.constexpr,
+    OP3: tl.constexpr,
+    OP4: tl.constexpr,
+    OP5: tl.constexpr,
+    OP6: tl.constexpr,
+    OP7: tl.constexpr,
+    P0,
+    P1,
+    P2,
+    P3,
+    P4,
+    P5,
+    P6,
+    P7,
+    BLOCK_I: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     o = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -65,8 +94,15 @@ def _reduce_kernel(
     tl.store(y_ptr + o * I + i, out.to(y_ptr.dtype.element_ty), mask=i < I)
 
 
-def fused_reduce(x: torch.Tensor, kind: str, dim: int, keepdim: bool = False, prologue: Epilogue = (),
-                 v: torch.Tensor | None = None, v_dim: int = 1) -> torch.Tensor:
+def fused_reduce(
+    x: torch.Tensor,
+    kind: str,
+    dim: int,
+    keepdim: bool = False,
+    prologue: Epilogue = (),
+    v: torch.Tensor | None = None,
+    v_dim: int = 1,
+) -> torch.Tensor:
     """`kind` of prologue(x) over `dim`; `v` a per-channel vector along dim `v_dim` (as in pointwise)."""
     if not configs.runs_triton(x):
         return fused_reduce_reference(x, kind, dim, keepdim, prologue, v, v_dim)
@@ -87,8 +123,18 @@ def fused_reduce(x: torch.Tensor, kind: str, dim: int, keepdim: bool = False, pr
         return fused_reduce_reference(x, kind, dim, keepdim, prologue, v, v_dim)
     C, inner = (x.shape[v_dim], x[(0,) * (v_dim + 1)].numel()) if v is not None else (1, 1)
     grid = lambda meta: (O, triton.cdiv(I, meta["BLOCK_I"]))  # noqa: E731
-    _reduce_kernel[grid](x, v.contiguous() if v is not None else x, y, R, I, C, inner,
-                         KIND=KINDS[kind], HAS_V=v is not None, **kernel_args(prologue))
+    _reduce_kernel[grid](
+        x,
+        v.contiguous() if v is not None else x,
+        y,
+        R,
+        I,
+        C,
+        inner,
+        KIND=KINDS[kind],
+        HAS_V=v is not None,
+        **kernel_args(prologue),
+    )
     return y
 
 

@@ -32,12 +32,21 @@ async def decide(variant_id: int, action: str, body: ApprovalDecision, state: Na
     if action not in ("approve", "reject"):
         raise ApiError(404, f"no action {action!r}: approve or reject")
     decide_fn = approvals.approve if action == "approve" else approvals.reject
-    return await asyncio.to_thread(decide_fn, state.registry_path, state.pipeline, variant_id, body.approver or "api", body.hint or "",
-                                   body.note or "")
+    return await asyncio.to_thread(
+        decide_fn,
+        state.registry_path,
+        state.pipeline,
+        variant_id,
+        body.approver or "api",
+        body.hint or "",
+        body.note or "",
+    )
 
 
 @router.post("/v1/pipelines/{name}/stages/{stage}/optimize", status_code=202, response_model=Queued)
 async def optimize_stage(stage: str, body: OptimizeRequest, state: Named):
     """Queue an optimization job for a stage with a human's hint (the controller launches it)."""
-    job = await asyncio.to_thread(queue_hint_job, state.registry_path, state.pipeline, stage, body.hint or "", body.actor or "api")
+    job = await asyncio.to_thread(
+        queue_hint_job, state.registry_path, state.pipeline, stage, body.hint or "", body.actor or "api"
+    )
     return {"queued": job.to_json()}

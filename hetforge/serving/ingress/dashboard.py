@@ -24,9 +24,11 @@ async def dashboard_data(state: IngressState) -> dict:
     """Everything the page shows: the sampler's series, placement, recent swaps and decisions, pending approvals."""
 
     def read() -> tuple:
-        return (SwapBoard(state.registry_path).recent(state.pipeline.name, 10),
-                RolloutBoard(state.registry_path).events(state.pipeline.name, limit=50),
-                approvals.pending(state.registry_path, state.pipeline))
+        return (
+            SwapBoard(state.registry_path).recent(state.pipeline.name, 10),
+            RolloutBoard(state.registry_path).events(state.pipeline.name, limit=50),
+            approvals.pending(state.registry_path, state.pipeline),
+        )
 
     swaps, events, pending = await asyncio.to_thread(read)
     reoptimize = await state.controller_status(timeout_s=5)

@@ -29,19 +29,27 @@ class RunRequest(Request):
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    messages: list[dict[str, Any]] = Field(min_length=1, description="A non-empty list of {role, content}: the entry stage's input.")
+    messages: list[dict[str, Any]] = Field(
+        min_length=1, description="A non-empty list of {role, content}: the entry stage's input."
+    )
     model: str | None = Field(default=None, description="Echoed in the answer; the pipeline's name when absent.")
     stream: bool = Field(default=False, description="Answer with chat.completion.chunk events.")
 
 
 class SwapRequest(Request):
     variant: str | int | None = Field(default=None, description='A registry variant id, or "reference".')
-    wait_s: float = Field(default=30.0, ge=0, le=3600, description="How long to wait for every replica's report, in seconds.")
+    wait_s: float = Field(
+        default=30.0, ge=0, le=3600, description="How long to wait for every replica's report, in seconds."
+    )
 
 
 class ApprovalDecision(Request):
-    approver: str | None = Field(default=None, description='Who decides (recorded in the audit log); "api" when absent.')
-    hint: str | None = Field(default=None, description="Queues a new job for the stage with this text in every agent's prompt.")
+    approver: str | None = Field(
+        default=None, description='Who decides (recorded in the audit log); "api" when absent.'
+    )
+    hint: str | None = Field(
+        default=None, description="Queues a new job for the stage with this text in every agent's prompt."
+    )
     note: str | None = Field(default=None, description="Why, for the audit log.")
 
 
@@ -94,7 +102,9 @@ class ChatCompletion(BaseModel):
 class Health(Response):
     status: str
     pipeline: str
-    waiting_for: list[str] | None = Field(default=None, description="Stages that do not answer yet (only while starting).")
+    waiting_for: list[str] | None = Field(
+        default=None, description="Stages that do not answer yet (only while starting)."
+    )
 
 
 class SwapReport(BaseModel):

@@ -16,7 +16,9 @@ router = APIRouter(route_class=JsonBodyRoute, responses={400: {"model": ErrorBod
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
-async def chat_completions(body: ChatRequest, state: Annotated[IngressState, Depends(llm_pipeline)], request_id: RequestId):
+async def chat_completions(
+    body: ChatRequest, state: Annotated[IngressState, Depends(llm_pipeline)], request_id: RequestId
+):
     """The chat messages are the entry stage's input; the answer is the output stage's text."""
     started = time.perf_counter()
     model = body.model or state.pipeline.name
@@ -25,4 +27,6 @@ async def chat_completions(body: ChatRequest, state: Annotated[IngressState, Dep
         return StreamingResponse(state.sse(pipeline_input, request_id, started, model), media_type="text/event-stream")
     result = await state.run_counted(pipeline_input, request_id, started)
     text = result.output.get("text", "") if isinstance(result.output, dict) else str(result.output)
-    return ChatCompletion(id=request_id, created=int(time.time()), model=model, choices=[ChatChoice(message=ChatMessage(content=text))])
+    return ChatCompletion(
+        id=request_id, created=int(time.time()), model=model, choices=[ChatChoice(message=ChatMessage(content=text))]
+    )

@@ -57,5 +57,7 @@ async def healthz(state: Served):
     up = await asyncio.gather(*(answers(state.handles[n]) for n in names))
     waiting = [n for n, ok in zip(names, up, strict=True) if not ok]
     if waiting:
-        return JSONResponse({"status": "starting", "pipeline": state.pipeline.name, "waiting_for": waiting}, status_code=503)
+        return JSONResponse(
+            {"status": "starting", "pipeline": state.pipeline.name, "waiting_for": waiting}, status_code=503
+        )
     return Health(status="ok", pipeline=state.pipeline.name)

@@ -16,5 +16,7 @@ router = APIRouter(responses={404: {"model": ErrorBody}})
 @router.get("/v1/pipelines/{name}/rollouts", response_model=Rollouts)
 async def rollouts(state: Named):
     board = RolloutBoard(state.registry_path)
-    return {"rollouts": [vars(r) for r in await asyncio.to_thread(board.recent, state.pipeline.name, 50)],
-            "events": await asyncio.to_thread(board.events, state.pipeline.name)}
+    return {
+        "rollouts": [vars(r) for r in await asyncio.to_thread(board.recent, state.pipeline.name, 50)],
+        "events": await asyncio.to_thread(board.events, state.pipeline.name),
+    }

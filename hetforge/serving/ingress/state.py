@@ -66,21 +66,33 @@ class IngressState:
         self.count(started, True)
         return result
 
-    async def sse(self, pipeline_input: Any, request_id: str, started: float, openai_model: str | None = None) -> AsyncIterator[str]:
+    async def sse(
+        self, pipeline_input: Any, request_id: str, started: float, openai_model: str | None = None
+    ) -> AsyncIterator[str]:
         """The output stage's deltas as server-sent events (OpenAI chunks when `openai_model`), then [DONE]."""
         ok = False
         try:
             async for delta in self.runner.stream(pipeline_input, request_id):
                 if openai_model:
-                    chunk = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": openai_model,
-                             "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}]}
+                    chunk = {
+                        "id": request_id,
+                        "object": "chat.completion.chunk",
+                        "created": int(time.time()),
+                        "model": openai_model,
+                        "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}],
+                    }
                 else:
                     chunk = {"request_id": request_id, "delta": delta}
                 yield f"data: {json.dumps(chunk)}\n\n"
             ok = True
             if openai_model:
-                done = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": openai_model,
-                        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+                done = {
+                    "id": request_id,
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": openai_model,
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                }
                 yield f"data: {json.dumps(done)}\n\n"
             yield "data: [DONE]\n\n"
         except PipelineError as err:

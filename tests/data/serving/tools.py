@@ -3,7 +3,9 @@
 import asyncio
 
 
-async def prepare(x: list | None = None, messages: list | None = None, fail: bool = False, sleep_s: float = 0.0) -> dict:
+async def prepare(
+    x: list | None = None, messages: list | None = None, fail: bool = False, sleep_s: float = 0.0
+) -> dict:
     """Pass `x` on (or 16 features made from the last chat message); raise when asked to; sleep first when asked to."""
     if fail:
         raise RuntimeError("asked to fail")
