@@ -4,6 +4,10 @@ Every model forbids unknown fields and every field has a description and bounds,
 `hetforge schema` gives editors a complete JSON Schema and the loader can say exactly what a
 field must be. Cross-stage checks (references, cycles, reachability) live in
 `hetforge.spec.references` and `hetforge.spec.graph`, because they need the whole file.
+
+The whole schema is one file (over 450 lines) on purpose: `hetforge schema` and the loader's messages
+follow the models' order, and the stage kinds refer to the shared parts (tensor specs, batching,
+replicas) above them; split by concern, a reader would chase each field across modules.
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ class _StageBase(_Spec):
         default=None, gt=0, le=3_600_000, description="This stage's share of the end-to-end latency target, in ms."
     )
     precision: Precision = Field(
-        default="strict",
+        default=Precision.STRICT,
         description="Numerics a faster variant may use: strict (fp32 as written), tf32 (TF32 matmuls), bf16.",
     )
     optimize: bool = Field(default=True, description="Whether hetforge may generate kernels for this stage.")
