@@ -7,7 +7,7 @@ planner and the kernel agents treat it like any other module:
 
 | task             | model class                              | inputs                        | output                      |
 |------------------|------------------------------------------|-------------------------------|-----------------------------|
-| `embedding`      | AutoModel                                | input_ids, attention_mask     | pooled (mean or CLS), L2-normalized if asked: [B, H] |
+| `embedding`      | AutoModel (an encoder-decoder's encoder) | input_ids, attention_mask     | pooled (mean or CLS), L2-normalized if asked: [B, H] |
 | `classification` | AutoModelForSequenceClassification       | input_ids, attention_mask     | logits [B, labels] (a cross-encoder's relevance: [B, 1]) |
 | `audio_encoder`  | AutoModel's encoder (Whisper-style)      | input_features [B, mels, T]   | mean over time of the last hidden state [B, H] |
 | `vision_encoder` | AutoModel (ViT) or the vision tower (CLIP) | pixel_values [B, C, S, S]   | the CLS hidden state [B, H] |
@@ -107,8 +107,8 @@ class HfStageModule(nn.Module):
             self.model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, **kwargs)
         else:
             model = transformers.AutoModel.from_pretrained(model_dir, **kwargs)
-            if task == "audio_encoder" and hasattr(model, "get_encoder"):
-                model = model.get_encoder()  # Whisper-style encoder-decoder: the encoder is the stage
+            if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+                model = model.get_encoder()  # T5, BART, Whisper: the encoder is the stage
             elif task == "vision_encoder" and hasattr(model, "vision_model"):
                 model = model.vision_model  # CLIP/SigLIP: the vision tower
             self.model = model

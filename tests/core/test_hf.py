@@ -20,6 +20,7 @@ def models(tmp_path_factory):
         "rerank": tiny_hf.bert(root / "rerank", classifier=True),
         "whisper": tiny_hf.whisper_encoder(root / "whisper"),
         "vit": tiny_hf.vit(root / "vit"),
+        "t5": tiny_hf.t5_encoder(root / "t5"),
     }
 
 
@@ -35,6 +36,7 @@ def _problem(folder, task, **kw):
         ("rerank", "classification", (1, 1)),
         ("whisper", "audio_encoder", (1, 32)),
         ("vit", "vision_encoder", (1, 32)),
+        ("t5", "embedding", (1, 32)),
     ],
 )
 def test_each_task_builds_and_runs(models, name, task, shape):

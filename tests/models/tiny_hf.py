@@ -108,3 +108,22 @@ def vit(out: Path, seed: int = 0) -> Path:
     ViTModel(config, add_pooling_layer=False).eval().save_pretrained(out)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out)
     return out
+
+
+def t5_encoder(out: Path, seed: int = 0) -> Path:
+    """A 2-layer T5 (d_model 32): served as an embedder, its encoder is the stage."""
+    from transformers import T5Config, T5Model
+
+    config = T5Config(
+        vocab_size=200,
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    T5Model(config).eval().save_pretrained(out)
+    return out
