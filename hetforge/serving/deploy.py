@@ -144,7 +144,8 @@ def deploy(
     registry_path: str | None = None,
     placement: dict | None = None,
 ) -> Deployment:
-    """Deploy the pipeline and wait until every replica is up; the returned record is saved for status/down."""
+    """Deploy the pipeline and return while its replicas start (`wait_until_running` waits, and reports a replica
+    that cannot start); the returned record is saved for status/down."""
     pipeline = load_pipeline(pipeline_file)
     base_dir = pipeline_file.resolve().parent
     check_servable(pipeline, base_dir)
@@ -170,7 +171,9 @@ def deploy(
     try:
         serve.start(http_options={"host": host, "port": port})
         app = build_app(pipeline, base_dir, placement, registry_path, str(metrics_dir))
-        serve.run(app, name=pipeline.name, route_prefix="/", blocking=False)
+        # `_run(_blocking=False)` (stable in Serve's API) returns once the application is submitted; `serve.run` would
+        # wait here and raise only "Failed to update the deployments" when a replica cannot start
+        serve._run(app, name=pipeline.name, route_prefix="/", _blocking=False)
     except BaseException:
         state_path(pipeline.name).unlink(missing_ok=True)
         raise
