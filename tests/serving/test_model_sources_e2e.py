@@ -114,6 +114,8 @@ def _check(reply: httpx.Response, want: dict) -> str:
     if reply.status_code != 200:
         return f"HTTP {reply.status_code}: {reply.text[:300]}"
     out = reply.json()["output"]
+    if not isinstance(out.get("intent"), dict):
+        return f"malformed answer: {reply.text[:500]}"
     for field, got in (
         ("embeddings", out["embeddings"]),
         ("scores", out["scores"]),
