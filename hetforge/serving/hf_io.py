@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from hetforge.core.hf import DTYPES, TEXT_TASKS, HfSource, read_config
+from hetforge.core.hf import DTYPES, TEXT_TASKS, HfError, HfSource, read_config, shapes
 from hetforge.serving.dataflow import StageError
 
 MAX_TEXTS = 4096  # rows per request a replica tokenizes at most, whatever the buckets (a bound on the work)
@@ -92,9 +92,29 @@ class HfIO:
             self.pad_id = self.processor.pad_token_id or 0
         elif self.task == "audio_encoder":
             self.processor = transformers.AutoFeatureExtractor.from_pretrained(str(folder), **kwargs)
+            self._check_features(folder)
         else:
             # the slow processor needs only PIL; the fast one needs torchvision, which CPU installs do not have
             self.processor = transformers.AutoImageProcessor.from_pretrained(str(folder), use_fast=False, **kwargs)
+
+    def _check_features(self, folder: Path) -> None:
+        """The feature extractor must make the features the model takes: a mismatch is the model folder's, found at
+        start-up rather than on every request."""
+        import numpy as np  # installed with torch's CPU wheels and transformers
+
+        rate = getattr(self.processor, "sampling_rate", 16000)
+        made = self._features(np.zeros(rate // 10, dtype=np.float32), rate)
+        dims = shapes(folder, self.task)
+        if list(made.shape[1:]) != [dims.mel_bins, dims.frames]:
+            raise HfError(
+                f"{folder}: the feature extractor makes features of shape {list(made.shape[1:])}, the model takes "
+                f"[{dims.mel_bins}, {dims.frames}] (preprocessor_config.json does not fit config.json)"
+            )
+
+    def _features(self, samples, rate: int) -> torch.Tensor:
+        features = self.processor(samples, sampling_rate=rate, return_tensors="pt")
+        key = "input_features" if "input_features" in features else "input_values"
+        return features[key].to(self.dtype)
 
     # ------------------------------------------------------------------ requests
     def _error(self, field: str, why: str) -> StageError:
@@ -187,9 +207,7 @@ class HfIO:
             raise self._error("sampling_rate", f"the samples per second, an integer (the model takes {want})")
         if want is not None and rate != want:
             raise self._error("sampling_rate", f"got {rate}; the model takes {want} Hz audio (resample it first)")
-        features = self.processor(np.asarray(audio, dtype=np.float32), sampling_rate=rate, return_tensors="pt")
-        key = "input_features" if "input_features" in features else "input_values"
-        return features[key].to(self.dtype)
+        return self._features(np.asarray(audio, dtype=np.float32), rate)
 
     def _image(self, payload: dict) -> torch.Tensor:
         from PIL import Image, UnidentifiedImageError  # optional: only vision stages need pillow
