@@ -35,3 +35,5 @@ fi
 case ",$EXTRAS," in
   *,vllm-cpu,*|*,vllm-gpu,*) .venv/bin/python scripts/build_tiny_llm.py >/dev/null ;;
 esac
+# The team-models example's tiny HuggingFace models and checkpoint (random weights), built once, offline.
+if .venv/bin/python -c "import transformers" 2>/dev/null; then .venv/bin/python scripts/build_tiny_models.py >/dev/null; fi

@@ -13,11 +13,11 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from hetforge.core.problem import Problem
 from hetforge.kernels.registry import Registry, RegistryError, Variant
 from hetforge.serving.jobs import JobBoard, queue_hint_job
 from hetforge.serving.rollout import RolloutBoard
 from hetforge.serving.swap_control import SwapError
+from hetforge.spec.stages import stage_problem
 
 
 def _stage_of(pipeline, registry: Registry, variant: Variant, base_dir: Path | None) -> str | None:
@@ -28,14 +28,14 @@ def _stage_of(pipeline, registry: Registry, variant: Variant, base_dir: Path | N
     if base_dir is None:
         return None
     for stage in pipeline.stages:
-        if stage.kind == "model" and stage.problem_file:
-            problem = Problem(
-                file=str(base_dir / stage.problem_file),
-                init_args=tuple(stage.init_args or ()),
-                init_kwargs=dict(stage.init_kwargs),
-            )
-            if problem.load().fingerprint() == variant.fingerprint:
-                return stage.name
+        if stage.kind != "model":
+            continue
+        try:
+            fingerprint = stage_problem(stage, base_dir).load().fingerprint()
+        except Exception:  # noqa: BLE001 - a stage whose code does not load now cannot be the variant's
+            continue
+        if fingerprint == variant.fingerprint:
+            return stage.name
     return None
 
 
@@ -76,9 +76,12 @@ def show(registry_path, pipeline, base_dir: Path, variant_id: int) -> dict:
     job = _job_of(registry_path, pipeline, variant.id)
     stage_name = job.stage if job else _stage_of(pipeline, registry, variant, Path(base_dir))
     reference_source = ""
-    if stage_name is not None and pipeline.stage(stage_name).problem_file:
+    if stage_name is not None:
+        stage = pipeline.stage(stage_name)
+        module_file = stage.module.rpartition(":")[0] if stage.module and ".py:" in stage.module else None
+        source_file = stage.problem_file or module_file  # a HuggingFace stage's reference is the library's code
         try:
-            reference_source = (Path(base_dir) / pipeline.stage(stage_name).problem_file).read_text()
+            reference_source = (Path(base_dir) / source_file).read_text() if source_file else ""
         except OSError:
             pass
     diff = "".join(

@@ -45,6 +45,7 @@ from hetforge.serving.rollout import Rollout, RolloutBoard, judge_step, plan_for
 from hetforge.serving.swap_control import SwapBoard, SwapError, request_swap
 from hetforge.spec.graph import PipelineGraph
 from hetforge.spec.models import ModelStage, Pipeline
+from hetforge.spec.stages import stage_problem
 
 
 # ---------------------------------------------------------------------------------------------- controller
@@ -57,9 +58,7 @@ class StageInfo:
     device: str  # cpu | cuda
     device_class: str
     precision: str
-    problem_file: str
-    init_args: list
-    init_kwargs: dict
+    problem: Problem  # the stage's reference (`stage_problem`): a problem file, the team's module, a HuggingFace model
     resources: dict  # the job's Ray task options
 
 
@@ -242,14 +241,12 @@ class Controller:
                 job_id=job.id,
                 pipeline=self.pipeline.name,
                 stage=job.stage,
-                problem_file=info.problem_file,
+                problem=info.problem.to_json(),
                 device=info.device,
                 device_class=info.device_class,
                 precision=info.precision,
                 budget_s=float(self.spec.budget_s),
                 scratch=self.scratch,
-                init_args=tuple(info.init_args),
-                init_kwargs=dict(info.init_kwargs),
                 agents=tuple(self.spec.agents),
                 hint=job.hint,
                 approval=self.spec.approval,
@@ -450,14 +447,10 @@ def controller_stages(pipeline: Pipeline, base_dir: Path, placement: dict[str, d
     spec = pipeline.reoptimize
     out = {}
     for stage in pipeline.stages:
-        if not isinstance(stage, ModelStage) or not stage.optimize or stage.problem_file is None:
+        if not isinstance(stage, ModelStage) or not stage.optimize:
             continue
         where = placement[stage.name]
-        problem = Problem(
-            file=str(base_dir / stage.problem_file),
-            init_args=tuple(stage.init_args or ()),
-            init_kwargs=dict(stage.init_kwargs),
-        )
+        problem = stage_problem(stage, base_dir)
         resources: dict[str, Any] = {"num_cpus": spec.job_cpus}
         if where["ray_actor_options"].get("resources"):  # a named CPU class: the job runs on one of its nodes
             resources["resources"] = dict(where["ray_actor_options"]["resources"])
@@ -473,9 +466,7 @@ def controller_stages(pipeline: Pipeline, base_dir: Path, placement: dict[str, d
             where["device"],
             where["device_class"],
             stage.precision,
-            str(base_dir / stage.problem_file),
-            list(stage.init_args or []),
-            dict(stage.init_kwargs),
+            problem,
             resources,
         )
     return out

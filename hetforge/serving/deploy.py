@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -31,7 +32,7 @@ from hetforge.serving.dataflow import PipelineRunner
 from hetforge.serving.deployments import build_app
 from hetforge.serving.job_runner import JobLauncher
 from hetforge.spec import load_pipeline
-from hetforge.spec.models import LlmStage, ModelStage, Pipeline
+from hetforge.spec.models import LlmStage, Pipeline
 
 # Logical CPU requests of a replica on the embedded default; Ray counts them, the OS shares the cores.
 CPU_REQUEST = {"model": 1.0, "llm": 1.0, "tool": 0.1}
@@ -143,7 +144,8 @@ def deploy(
     registry_path: str | None = None,
     placement: dict | None = None,
 ) -> Deployment:
-    """Deploy the pipeline and wait until every replica is up; the returned record is saved for status/down."""
+    """Deploy the pipeline and return while its replicas start (`wait_until_running` waits, and reports a replica
+    that cannot start); the returned record is saved for status/down."""
     pipeline = load_pipeline(pipeline_file)
     base_dir = pipeline_file.resolve().parent
     check_servable(pipeline, base_dir)
@@ -169,7 +171,9 @@ def deploy(
     try:
         serve.start(http_options={"host": host, "port": port})
         app = build_app(pipeline, base_dir, placement, registry_path, str(metrics_dir))
-        serve.run(app, name=pipeline.name, route_prefix="/", blocking=False)
+        # `_run(_blocking=False)` (stable in Serve's API) returns once the application is submitted; `serve.run` would
+        # wait here and raise only "Failed to update the deployments" when a replica cannot start
+        serve._run(app, name=pipeline.name, route_prefix="/", _blocking=False)
     except BaseException:
         state_path(pipeline.name).unlink(missing_ok=True)
         raise
@@ -184,10 +188,6 @@ def check_servable(pipeline: Pipeline, base_dir: Path) -> None:
     except ValueError as err:
         problems.append(str(err))
     for stage in pipeline.stages:
-        if isinstance(stage, ModelStage) and stage.problem_file is None:
-            problems.append(
-                f"stage {stage.name}: serving a model stage given by `module` is not supported yet; give a `problem_file`"
-            )
         if isinstance(stage, LlmStage) and stage.vllm is not None:
             folder = base_dir / stage.vllm.model
             if stage.vllm.model.startswith(("models/", "./", "../")) and not folder.is_dir():
@@ -200,7 +200,8 @@ def check_servable(pipeline: Pipeline, base_dir: Path) -> None:
 
 
 def wait_until_running(record: Deployment, timeout_s: float = 600, poll_s: float = 1.0) -> None:
-    """Block until the application is RUNNING; RuntimeError with Serve's message when it fails."""
+    """Block until the application is RUNNING; RuntimeError when it fails, naming the stage whose replicas could
+    not start and the cause (`startup_failure`), else Serve's own message."""
     deadline = time.monotonic() + timeout_s
     while True:
         status = serve.status().applications.get(record.pipeline)
@@ -208,11 +209,61 @@ def wait_until_running(record: Deployment, timeout_s: float = 600, poll_s: float
         if state.endswith("RUNNING"):
             return
         if state.endswith("DEPLOY_FAILED") or state.endswith("UNHEALTHY"):
-            details = "; ".join(f"{n}: {d.message}" for n, d in status.deployments.items() if d.message)
+            messages = {name: d.message for name, d in status.deployments.items() if d.message}
+            causes = startup_failures(messages, _stage_lines(record))
+            if causes:
+                raise RuntimeError("\n".join(causes)[:4000])
+            details = "; ".join(f"{n}: {m}" for n, m in messages.items())
             raise RuntimeError(f"deployment of {record.pipeline} failed: {status.message or details}"[:4000])
         if time.monotonic() > deadline:
             raise RuntimeError(f"deployment of {record.pipeline} not running after {timeout_s:g} s (state {state})")
         time.sleep(poll_s)
+
+
+# Serve keeps a replica's start-up failure as text only: its deployment status message ends with the replica's
+# traceback (`str()` of the RayTaskError of the replica's constructor), whose last line is the exception. A model
+# stage's replica raises `StageCodeError` with the located line (`deployments.ModelStageDeployment`).
+_STAGE_CODE_ERROR = "StageCodeError: "
+
+
+def startup_failures(messages: dict[str, str], stage_lines: dict[str, str] | None = None) -> list[str]:
+    """One line per deployment whose replicas failed to start: `FILE:LINE: stage "NAME": Error: cause`.
+
+    `messages`: Serve's deployment status messages by deployment name (`stage-<name>` for stages);
+    `stage_lines`: `Pipeline.where` by stage, for causes that do not carry their location.
+    """
+    out = []
+    for deployment, message in messages.items():
+        if "failed to start" not in message:  # Serve's words for a replica whose constructor raised
+            continue
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        located = [line.split(_STAGE_CODE_ERROR, 1)[1] for line in lines if _STAGE_CODE_ERROR in line]
+        if located:
+            out.append(located[-1])
+            continue
+        stage = deployment.removeprefix("stage-")
+        where = (stage_lines or {}).get(stage, "")
+        what = f'stage "{stage}"' if deployment.startswith("stage-") else f"deployment {deployment}"
+        out.append(f"{where + ': ' if where else ''}{what}: {_last_exception(lines)}")
+    return out
+
+
+def _last_exception(lines: list[str]) -> str:
+    """The exception line of a traceback text (its last `module.Name: message` line, module dropped), else its
+    last line."""
+    for line in reversed(lines):
+        match = re.match(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*): (.*)$", line)
+        if match:
+            return f"{match.group(1)}: {match.group(2)}"
+    return lines[-1] if lines else "no message"
+
+
+def _stage_lines(record: Deployment) -> dict[str, str]:
+    try:
+        pipeline = load_pipeline(Path(record.pipeline_file))
+    except Exception:  # noqa: BLE001 - the file changed since it was deployed: report without lines
+        return {}
+    return {stage.name: pipeline.where(stage.name) for stage in pipeline.stages}
 
 
 def status(pipeline: str | None = None) -> list[dict]:

@@ -36,16 +36,22 @@ from hetforge.serving.ingress import create_app
 from hetforge.serving.ingress.state import HandleCaller, IngressState
 from hetforge.serving.llm import LlmRuntime
 from hetforge.serving.metrics import default_metrics
-from hetforge.serving.model_io import decode_inputs, encode_output, resolve_function, run_batched
+from hetforge.serving.model_io import ModelIO
 from hetforge.serving.stage_runtime import ModelStageRuntime
 from hetforge.serving.swap_control import SwapBoard
 from hetforge.serving.swap_watcher import SwapWatcher
 from hetforge.serving.tools import ToolRuntime
 from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
+from hetforge.spec.stages import stage_code_error, stage_problem
 
 
-def _pipeline(doc: dict) -> Pipeline:
-    return Pipeline.model_validate(doc)
+def _pipeline(doc: dict, stage_lines: dict | None = None) -> Pipeline:
+    """The pipeline in a replica; `stage_lines` (`Pipeline.where` of each stage, from the file the driver loaded)
+    lets errors raised here name the YAML line, as `hetforge.spec.load` sets them."""
+    pipeline = Pipeline.model_validate(doc)
+    if stage_lines:
+        pipeline._stage_lines = dict(stage_lines)
+    return pipeline
 
 
 def _replica_name() -> str:
@@ -85,28 +91,29 @@ class ModelStageDeployment:
         device: str,
         registry_path: str,
         device_class: str | None = None,
+        stage_lines: dict | None = None,
     ):
-        pipeline = _pipeline(pipeline_doc)
+        pipeline = _pipeline(pipeline_doc, stage_lines)
         stage: ModelStage = pipeline.stage(stage_name)
         base = Path(base_dir)
         self.stage, self.device = stage, device
-        self.runtime = ModelStageRuntime(
-            pipeline.name,
-            stage.name,
-            base / stage.problem_file,
-            device=device,
-            precision=stage.precision,
-            weights=base / stage.weights if stage.weights else None,
-            seed=stage.seed,
-            init_args=stage.init_args,
-            init_kwargs=stage.init_kwargs,
-            registry=Registry(registry_path),
-            max_batch_rows=stage.batching.max_batch_size if stage.batching else 1,
-            device_class=device_class,
-        )
-        self.pre = resolve_function(stage.preprocess, base)
-        self.post = resolve_function(stage.postprocess, base)
-        self.arity = len(self.runtime.example_inputs())
+        try:  # the stage's own code (import, constructor, checkpoint, processor): one located line, never a traceback
+            problem = stage_problem(stage, base)
+            self.runtime = ModelStageRuntime(
+                pipeline.name,
+                stage.name,
+                problem,
+                device=device,
+                precision=stage.precision,
+                weights=base / stage.weights if stage.weights and stage.problem_file else None,
+                seed=stage.seed,
+                registry=Registry(registry_path),
+                max_batch_rows=stage.batching.max_batch_size if stage.batching else 1,
+                device_class=device_class,
+            )
+            self.io = ModelIO(stage, problem, base, len(self.runtime.example_inputs()))
+        except Exception as err:  # noqa: BLE001 - whatever the user's code raised; `deploy.startup_failure` reads it back
+            raise stage_code_error(pipeline, stage.name, err) from None
         batching = stage.batching
         self.run_batch.set_max_batch_size(batching.max_batch_size if batching else 1)
         self.run_batch.set_batch_wait_timeout_s((batching.wait_ms if batching else 0.0) / 1e3)
@@ -115,16 +122,16 @@ class ModelStageDeployment:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def run_batch(self, items: list[list]) -> list[Any]:
         try:
-            return await asyncio.to_thread(run_batched, self.runtime, items)
+            return await asyncio.to_thread(self.io.run, self.runtime, items)
         except Exception as err:  # noqa: BLE001 - one failure answers every request of the batch, as an error value
             return [StageError(f"stage {self.stage.name}: {type(err).__name__}: {err}"[:2000], 500)] * len(items)
 
     async def __call__(self, payload: Any, request_id: str = "") -> Any:
-        tensors = [t.to(self.device) for t in decode_inputs(self.stage, payload, self.pre, self.arity)]
+        tensors = [t.to(self.device) for t in self.io.decode(payload)]
         out = await self.run_batch(tensors)
         if isinstance(out, Exception):
             raise out
-        return encode_output(self.stage, out, payload, self.post)
+        return self.io.encode(out, payload)
 
     def status(self) -> dict:
         r = self.runtime
@@ -300,6 +307,7 @@ def _deployment_name(stage: str) -> str:
 def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], registry_path: str, metrics_dir: str):
     """The bound application: `placement[stage]` = {"device": "cpu"|"cuda", "ray_actor_options": {...}}."""
     doc = pipeline.model_dump(mode="json", by_alias=True)
+    lines = {stage.name: pipeline.where(stage.name) for stage in pipeline.stages if pipeline.where(stage.name)}
     handles = {}
     for stage in pipeline.stages:
         where = placement[stage.name]
@@ -319,7 +327,7 @@ def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], re
             batch = stage.batching.max_batch_size if stage.batching else 1
             options["max_ongoing_requests"] = max(16, 2 * batch)
             handles[stage.name] = ModelStageDeployment.options(**options).bind(
-                doc, str(base_dir), stage.name, where["device"], registry_path, where.get("device_class")
+                doc, str(base_dir), stage.name, where["device"], registry_path, where.get("device_class"), lines
             )
         elif isinstance(stage, ToolStage):
             options["max_ongoing_requests"] = max(16, stage.concurrency)

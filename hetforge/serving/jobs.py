@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from hetforge.serving.boards import SqliteBoard
 from hetforge.serving.rollout import RolloutBoard
@@ -72,14 +72,12 @@ class JobSpec:
     job_id: int
     pipeline: str
     stage: str
-    problem_file: str  # the stage's reference problem
+    problem: dict  # the stage's reference, `Problem.to_json()`
     device: str  # cpu | cuda
     device_class: str
     precision: str
     budget_s: float
     scratch: str  # a folder for the job's files (its production problem, candidates)
-    init_args: tuple = ()
-    init_kwargs: dict = field(default_factory=dict)
     agents: tuple[str, ...] = ()
     hint: str = ""
     approval: str = "auto"  # auto: the winner becomes `canary`; manual: `pending_review`
@@ -88,7 +86,7 @@ class JobSpec:
 
     def to_json(self) -> dict:
         doc = asdict(self)
-        for key in ("init_args", "agents", "signatures"):
+        for key in ("agents", "signatures"):
             doc[key] = list(doc[key])
         return doc
 
@@ -97,8 +95,6 @@ class JobSpec:
         return cls(
             **{
                 **doc,
-                "init_args": tuple(doc.get("init_args") or ()),
-                "init_kwargs": dict(doc.get("init_kwargs") or {}),
                 "agents": tuple(doc.get("agents") or ()),
                 "signatures": tuple(doc.get("signatures") or ()),
             }

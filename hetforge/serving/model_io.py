@@ -1,5 +1,8 @@
 """JSON in and out of a model stage: checked input tensors, batching of requests, JSON outputs.
 
+`ModelIO` is the one front a replica uses: a HuggingFace stage's client data (text, audio, images) goes
+through `hf_io`; the team's modules and problem files take tensors as nested lists, as below.
+
 A request's input for a model stage is a JSON object with one field per declared input (nested
 lists), or whatever the stage's `preprocess` function accepts. Each input is converted to its
 declared dtype and checked against its declared shape: fixed dimensions must match and a named
@@ -18,8 +21,10 @@ from typing import Any
 
 import torch
 
-from hetforge.core.problem import load_module_file, resolve
+from hetforge.core.hf import model_folder
+from hetforge.core.problem import Problem, load_module_file, resolve
 from hetforge.serving.dataflow import StageError
+from hetforge.serving.hf_io import HfIO
 
 DTYPES = {
     "float32": torch.float32,
@@ -33,6 +38,31 @@ DTYPES = {
     "bool": torch.bool,
 }
 MAX_ELEMENTS = 1 << 26  # 64M elements per input: a larger request is refused before it is allocated
+
+
+class ModelIO:
+    """One model stage's request decoding, batching and response encoding, whatever its source."""
+
+    def __init__(self, stage, problem: Problem, base_dir: Path, arity: int):
+        self.stage, self.arity = stage, arity
+        self.hf = HfIO(stage, problem.hf, model_folder(problem.hf.model, base_dir)) if problem.hf else None
+        self.pre = resolve_function(stage.preprocess, base_dir)
+        self.post = resolve_function(stage.postprocess, base_dir)
+
+    def decode(self, payload: Any) -> list[torch.Tensor]:
+        if self.hf is not None:
+            return self.hf.decode(payload)
+        return decode_inputs(self.stage, payload, self.pre, self.arity)
+
+    def run(self, run: Callable[..., Any], items: list[list[torch.Tensor]]) -> list[Any]:
+        if self.hf is not None:
+            return self.hf.run(run, items)
+        return run_batched(run, items)
+
+    def encode(self, out: Any, payload: Any) -> Any:
+        if self.hf is not None and self.post is None:
+            return self.hf.encode(out, payload)
+        return encode_output(self.stage, out, payload, self.post)
 
 
 def resolve_function(target: str | None, base_dir: Path) -> Callable | None:

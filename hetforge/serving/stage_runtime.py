@@ -1,6 +1,8 @@
 """A model stage at run time: its module, the active variant, and the hot-swap between variants.
 
-The reference module is built once (the spec's weights file, else seeded init). The active variant
+The reference module is built once from the stage's `Problem` (`hetforge.spec.stages.stage_problem`): the
+team's module with its checkpoint, a HuggingFace model, or a problem file (with the spec's weights file,
+else seeded init). Its registry key is `LoadedProblem.fingerprint()`. The active variant
 comes from the kernel registry for (stage fingerprint, device class, precision) and is built from
 *that* instance (its loaded weights), or is the reference when the registry has none.
 
@@ -32,7 +34,7 @@ import torch.nn as nn
 
 from hetforge.core.devices import local_device_class
 from hetforge.core.precision import serves
-from hetforge.core.problem import LoadedProblem, Problem
+from hetforge.core.problem import LoadedProblem, Problem, load_weights
 from hetforge.core.tolerance import compare
 from hetforge.kernels.registry import Registry, RegistryError, Variant
 from hetforge.optimizer.rewrites import TRACE_LOCK
@@ -105,30 +107,25 @@ class ModelStageRuntime:
         self,
         pipeline: str,
         stage: str,
-        problem_file: str | Path,
+        problem: Problem,
         device: str = "cpu",
         precision: str = "strict",
         weights: str | Path | None = None,
         seed: int = 0,
-        init_args: list | None = None,
-        init_kwargs: dict | None = None,
         registry: Registry | None = None,
         device_class: str | None = None,
         metrics: Metrics | None = None,
         use_registry: bool = True,
         max_batch_rows: int = 1,
     ):
+        """`weights`: a problem-file stage's checkpoint (a module stage's is part of its `problem`)."""
         self.pipeline, self.stage, self.device, self.precision = pipeline, stage, device, precision
         self.max_batch_rows = max_batch_rows  # rows a batched call may have: a new variant is warmed on each count
-        self.problem_file = Path(problem_file)
-        problem = Problem(
-            file=str(self.problem_file), init_args=tuple(init_args or ()), init_kwargs=dict(init_kwargs or {})
-        )
+        self.problem = problem
         self.loaded: LoadedProblem = problem.load()
         self.reference = self.loaded.build(seed=seed, device=device)
         if weights is not None:
-            state = torch.load(weights, map_location=device, weights_only=True)
-            self.reference.load_state_dict(state, strict=True)
+            load_weights(self.reference, Path(weights))
         self.fingerprint = self.loaded.fingerprint()
         self.device_class = device_class or local_device_class(device)
         self.registry = registry if registry is not None else Registry()
@@ -320,27 +317,38 @@ class ModelStageRuntime:
         return worst
 
     def _warm(self, module: nn.Module) -> None:
-        """Run a new module once per row count a batched call may have (1..max_batch_rows), here and not on
-        a request: a compiled variant compiles each new shape on first sight (seconds on a CPU), which
+        """Run a new module once on every shape this replica runs (`_warm_inputs`), here and not on a request: a compiled variant compiles each new shape on first sight (seconds on a CPU), which
         on the request path is a multi-second p99 (seen in bench/e2e before this warm-up existed)."""
-        if self.max_batch_rows <= 1 or module is self.reference:
+        if module is self.reference:
             return
-        base = self.live_inputs()[-1]
-        for rows in range(1, self.max_batch_rows + 1):
-            inputs = [
-                x[:1].repeat(rows, *[1] * (x.dim() - 1))
-                if isinstance(x, torch.Tensor) and x.dim() and x.shape[0]
-                else x
-                for x in base
-            ]
+        for inputs in self._warm_inputs():
             try:
                 with torch.inference_mode():
                     module(*inputs)
             except Exception as err:  # noqa: BLE001
                 raise SwapRefused(
-                    f"the variant raised on a batch of {rows} rows: {type(err).__name__}: {err}"
+                    f"the variant raised on inputs of signature {signature_of(inputs)}: {type(err).__name__}: {err}"
                 ) from None
             time.sleep(CHECK_PAUSE_S)  # the warm-up shares the replica's cores with traffic
+
+    def _warm_inputs(self) -> list[list]:
+        """The shapes this replica runs: a HuggingFace stage's buckets (requests are padded to them), else each
+        row count of a batched call, from the last live input."""
+        if self.problem.hf is not None:
+            with torch.random.fork_rng():
+                return self.loaded.input_sets(seed=0, device=self.device)
+        if self.max_batch_rows <= 1:
+            return []
+        base = self.live_inputs()[-1]
+        return [
+            [
+                x[:1].repeat(rows, *[1] * (x.dim() - 1))
+                if isinstance(x, torch.Tensor) and x.dim() and x.shape[0]
+                else x
+                for x in base
+            ]
+            for rows in range(1, self.max_batch_rows + 1)
+        ]
 
     def _rollback(self, failed: _Active, why: str) -> None:
         with self._lock:

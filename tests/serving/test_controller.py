@@ -62,7 +62,9 @@ def setup(tmp_path):
     from hetforge.core.problem import Problem
 
     fingerprint = Problem(file=str(SCORER)).load().fingerprint()
-    stages = {"score": StageInfo("score", fingerprint, "cpu", "cpu", "strict", str(SCORER), [], {}, {"num_cpus": 1})}
+    stages = {
+        "score": StageInfo("score", fingerprint, "cpu", "cpu", "strict", Problem(file=str(SCORER)), {"num_cpus": 1})
+    }
     state = {"counters": _counters(0, 1.0), "swaps": [], "swap_ok": True}
 
     def make(clock=None, launcher=None):
@@ -311,9 +313,11 @@ def test_guarded_canary_never_returns_a_disagreeing_answer(setup):
 
 def test_production_problem_has_production_shapes(tmp_path):
     assert parse_signature("float32[8,16];int64[8]") == [("float32", [8, 16]), ("int64", [8])]
-    path = write_production_problem(tmp_path, 7, "p", "score", str(SCORER), [], ["float32[3,16]", "float32[1,16]"])
     from hetforge.core.problem import Problem
 
+    path = write_production_problem(
+        tmp_path, 7, "p", "score", Problem(file=str(SCORER)), ["float32[3,16]", "float32[1,16]"]
+    )
     loaded = Problem(file=str(path)).load()
     assert [list(x.shape) for x in loaded.get_inputs()] == [[3, 16]]
     assert [[list(x.shape) for x in v] for v in loaded.get_variants()] == [[[1, 16]]]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
-from hetforge.core.problem import source_fingerprint
+from hetforge.core.problem import Problem, source_fingerprint
 from hetforge.kernels.registry import Registry
 from hetforge.optimizer.variants import VariantSpec
 from hetforge.serving.metrics import CONTROL_SPEC, SPEC, Metrics
@@ -69,7 +69,7 @@ def _runtime(registry, checkpoint, metrics=None, **kw) -> ModelStageRuntime:
     return ModelStageRuntime(
         "p",
         "embed",
-        PROBLEM,
+        Problem(file=str(PROBLEM)),
         weights=checkpoint,
         registry=registry,
         metrics=metrics or Metrics(CollectorRegistry()),
