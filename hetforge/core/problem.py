@@ -191,13 +191,14 @@ class Problem:
                 if not hasattr(module, name):
                     raise ProblemError(f"{self.file}: a problem file must define {name}")
             init = list(self.init_args) if self.init_args else list(module.get_init_inputs())
+            model_class, source = self._with_checkpoint(module.Model, Path(self.file).read_text())
             return LoadedProblem(
-                model_class=module.Model,
+                model_class=model_class,
                 get_inputs=module.get_inputs,
                 get_variants=getattr(module, "get_input_variants", lambda: []),
                 init_args=init,
                 init_kwargs=dict(self.init_kwargs),
-                source=Path(self.file).read_text(),
+                source=source,
             )
         if self.module is not None:
             return self._load_module()
@@ -215,13 +216,7 @@ class Problem:
             cls = getattr(code, attr)
         else:
             cls = resolve(self.module)
-        source = module_source(cls)
-        weights = self._path(self.weights) if self.weights else None
-        if weights is not None:
-            if not weights.is_file():
-                raise ProblemError(f"{weights}: no such weights file")
-            source += f"\0weights sha256 {file_digest(weights)}"  # a new checkpoint is another reference
-        model_class = cls if weights is None else _with_weights(cls, weights)
+        model_class, source = self._with_checkpoint(cls, module_source(cls))
         signature, (first, *rest) = self.signature, self._bucket_sizes()
 
         def get_inputs(sizes: dict = first) -> list[torch.Tensor]:
@@ -256,6 +251,16 @@ class Problem:
         return LoadedProblem(
             HfStageModule, get_inputs, lambda: [get_inputs(b) for b in rest], [], kwargs, fingerprint_source(folder, hf)
         )
+
+    def _with_checkpoint(self, cls, source: str) -> tuple:
+        """`cls` as a constructor that loads `weights` (when given), and `source` extended by the checkpoint's
+        digest: a new checkpoint is another reference, so its variants are keyed apart."""
+        if not self.weights:
+            return cls, source
+        weights = self._path(self.weights)
+        if not weights.is_file():
+            raise ProblemError(f"{weights}: no such weights file")
+        return _with_weights(cls, weights), source + f"\0weights sha256 {file_digest(weights)}"
 
     def _bucket_sizes(self) -> list[dict]:
         """Sizes of named dimensions for the main input set, then for each other serving bucket."""

@@ -48,10 +48,7 @@ from hetforge.spec.stages import stage_code_error, stage_problem
 def _pipeline(doc: dict, stage_lines: dict | None = None) -> Pipeline:
     """The pipeline in a replica; `stage_lines` (`Pipeline.where` of each stage, from the file the driver loaded)
     lets errors raised here name the YAML line, as `hetforge.spec.load` sets them."""
-    pipeline = Pipeline.model_validate(doc)
-    if stage_lines:
-        pipeline._stage_lines = dict(stage_lines)
-    return pipeline
+    return Pipeline.model_validate(doc).set_stage_lines(stage_lines or {})
 
 
 def _replica_name() -> str:
@@ -105,7 +102,6 @@ class ModelStageDeployment:
                 problem,
                 device=device,
                 precision=stage.precision,
-                weights=base / stage.weights if stage.weights and stage.problem_file else None,
                 seed=stage.seed,
                 registry=Registry(registry_path),
                 max_batch_rows=stage.batching.max_batch_size if stage.batching else 1,

@@ -26,7 +26,6 @@ import threading
 import time
 import types
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ import torch.nn as nn
 
 from hetforge.core.devices import local_device_class
 from hetforge.core.precision import serves
-from hetforge.core.problem import LoadedProblem, Problem, load_weights
+from hetforge.core.problem import LoadedProblem, Problem
 from hetforge.core.tolerance import compare
 from hetforge.kernels.registry import Registry, RegistryError, Variant
 from hetforge.optimizer.rewrites import TRACE_LOCK
@@ -110,7 +109,6 @@ class ModelStageRuntime:
         problem: Problem,
         device: str = "cpu",
         precision: str = "strict",
-        weights: str | Path | None = None,
         seed: int = 0,
         registry: Registry | None = None,
         device_class: str | None = None,
@@ -118,14 +116,11 @@ class ModelStageRuntime:
         use_registry: bool = True,
         max_batch_rows: int = 1,
     ):
-        """`weights`: a problem-file stage's checkpoint (a module stage's is part of its `problem`)."""
         self.pipeline, self.stage, self.device, self.precision = pipeline, stage, device, precision
         self.max_batch_rows = max_batch_rows  # rows a batched call may have: a new variant is warmed on each count
         self.problem = problem
         self.loaded: LoadedProblem = problem.load()
         self.reference = self.loaded.build(seed=seed, device=device)
-        if weights is not None:
-            load_weights(self.reference, Path(weights))
         self.fingerprint = self.loaded.fingerprint()
         self.device_class = device_class or local_device_class(device)
         self.registry = registry if registry is not None else Registry()

@@ -83,10 +83,9 @@ def load_bytes(
         problems = graph_problems(pipeline)
     if problems:
         raise SpecError(locate(problems, source, file))
-    pipeline._stage_lines = {
-        stage.name: f"{file}:{source.locate(('stages', i))[0]}" for i, stage in enumerate(pipeline.stages)
-    }
-    return pipeline
+    return pipeline.set_stage_lines(
+        {stage.name: f"{file}:{source.locate(('stages', i))[0]}" for i, stage in enumerate(pipeline.stages)}
+    )
 
 
 def locate(problems: list[Problem], source: SourceMap, file: str) -> list[Diagnostic]:

@@ -532,6 +532,12 @@ class Pipeline(_Spec):
         """`FILE:LINE` of the stage named `stage` in the file it was loaded from ("" when not loaded from one)."""
         return self._stage_lines.get(stage, "")
 
+    def set_stage_lines(self, lines: dict[str, str]) -> Pipeline:
+        """Remember where each stage is declared (`where`): the loader does; a process that rebuilds the pipeline
+        from a dict passes the lines the loader found."""
+        self._stage_lines = dict(lines)
+        return self
+
     name: str = Field(pattern=NAME_PATTERN, description="Pipeline name: " + NAME_RULE + ".")
     description: str = Field(default="", max_length=10_000, description="What the pipeline does, for people.")
     entry: str = Field(pattern=NAME_PATTERN, description="The stage that receives each request.")

@@ -93,7 +93,7 @@ def whisper_encoder(out: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     WhisperModel(config).eval().save_pretrained(out)
-    WhisperFeatureExtractor(feature_size=16, n_samples=32 * 160, chunk_length=1).save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=16, chunk_length=1, hop_length=500).save_pretrained(out)
     return out
 
 

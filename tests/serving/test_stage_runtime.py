@@ -10,7 +10,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
-from hetforge.core.problem import Problem, source_fingerprint
+from hetforge.core.problem import Problem
 from hetforge.kernels.registry import Registry
 from hetforge.optimizer.variants import VariantSpec
 from hetforge.serving.metrics import CONTROL_SPEC, SPEC, Metrics
@@ -40,7 +40,11 @@ def checkpoint(tmp_path) -> Path:
     torch.manual_seed(99)
     state = {"lin.weight": torch.randn(512, 256) * 0.05, "lin.bias": torch.randn(512)}
     torch.save(state, tmp_path / "weights.pt")
+    FINGERPRINT[0] = Problem(file=str(PROBLEM), weights=str(tmp_path / "weights.pt")).load().fingerprint()
     return tmp_path / "weights.pt"
+
+
+FINGERPRINT = [""]  # the stage's registry key: the problem file with this test's checkpoint (set by `checkpoint`)
 
 
 @pytest.fixture
@@ -52,7 +56,7 @@ def _add(
     registry: Registry, name: str, source: str = "", recipe: dict | None = None, verdict: dict = ACCEPTED, **kw
 ) -> int:
     args = dict(
-        fingerprint=source_fingerprint(PROBLEM.read_text(), [256, 512]),
+        fingerprint=FINGERPRINT[0],
         device_class="cpu",
         precision="strict",
         name=name,
@@ -69,8 +73,7 @@ def _runtime(registry, checkpoint, metrics=None, **kw) -> ModelStageRuntime:
     return ModelStageRuntime(
         "p",
         "embed",
-        Problem(file=str(PROBLEM)),
-        weights=checkpoint,
+        Problem(file=str(PROBLEM), weights=str(checkpoint)),
         registry=registry,
         metrics=metrics or Metrics(CollectorRegistry()),
         **kw,
