@@ -38,7 +38,7 @@ from hetforge.kernels.modules import (
     PointwiseChain,
 )
 from hetforge.kernels.triton.epilogue import MAX_OPS, Op
-from hetforge.optimizer.capture import CaptureError, capture
+from hetforge.optimizer.capture import EXPORT, CaptureError, capture
 
 aten = torch.ops.aten
 
@@ -628,6 +628,10 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs: list) -> None:
     from torch.fx.passes.shape_prop import ShapeProp
 
     if all("tensor_meta" in n.meta or "val" in n.meta for n in gm.graph.nodes if n.op.startswith("call")):
+        return
+    if gm.meta.get("capture") == EXPORT:  # its graph asserts devices: the meta device fails it
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
         return
     try:
         meta = copy.deepcopy(gm).to("meta")
