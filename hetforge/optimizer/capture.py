@@ -99,19 +99,29 @@ def describe_export_error(err: BaseException) -> str:
         what = "unsupported Python: " + _first_line(err, with_type=False)
     else:
         what = _first_line(err)
-    where = _user_frame(err)
+    where, line = _user_frame(err)
     ops = sorted(set(re.findall(r"aten\.[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?", text)))[:3]
-    if "_local_scalar_dense" in text or ".item()" in text:
-        ops = ops or ["aten._local_scalar_dense"]
+    if not ops:  # the message names no operator: the user's line shows which read a tensor's value
+        ops = sorted({op for call, op in _VALUE_READS.items() if call in line})
     return f"{EXPORT}: {what}" + (f" at {where}" if where else "") + (f" ({', '.join(ops)})" if ops else "")
 
 
-def _user_frame(err: BaseException) -> str:
-    """FILE:LINE of the innermost frame in the model's own code (not torch, not this package)."""
+# Calls in a model's line that read tensor values on the host, and the ATen operator export fails on.
+_VALUE_READS = {
+    ".item()": "aten._local_scalar_dense",
+    ".tolist()": "aten._local_scalar_dense",
+    "nonzero": "aten.nonzero",
+    "masked_select": "aten.masked_select",
+    "unique": "aten._unique2",
+}
+
+
+def _user_frame(err: BaseException) -> tuple[str, str]:
+    """(FILE:LINE, the line's text) of the innermost frame in the model's own code (not torch, not this package)."""
     frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith((_TORCH_DIR, _OWN_DIR))]
     if not frames:
-        return ""
-    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}"
+        return "", ""
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}", frames[-1].line or ""
 
 
 def _first_line(err: BaseException, with_type: bool = True) -> str:

@@ -14,7 +14,6 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -94,9 +93,7 @@ def measure(name: str, problem: Problem, scratch: Path, compile_recipe: bool) ->
         if not matched:
             rows.append({**row, "verdict": "-", "reason": "no pattern matched: no candidate"})
             continue
-        spec = (
-            VariantSpec(rewrites=tuple(matched)) if agent == "rewrites" else VariantSpec(library=True)
-        )
+        spec = VariantSpec(rewrites=tuple(matched)) if agent == "rewrites" else VariantSpec(library=True)
         rows.append(judged(agent, variant_candidate_source(problem, spec), row))
     recipes = [Recipe("eager")] + ([Recipe("compile", "default")] if compile_recipe else [])
     for recipe in recipes:
