@@ -71,7 +71,7 @@ def test_a_failing_constructor_is_one_line_naming_the_stage(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
-    assert f'{pipeline}:16: stage "broken": AssertionError: embed_dim must be divisible by num_heads' in line
+    assert f'{pipeline}:14: stage "broken": AssertionError: embed_dim must be divisible by num_heads' in line
 
 
 def test_optimize_a_module_path_with_an_input_spec(tmp_path):
