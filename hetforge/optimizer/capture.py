@@ -66,6 +66,10 @@ def _export(model: nn.Module, example_inputs: list) -> fx.GraphModule:
         ep = torch.export.export(model, args, strict=False)
     gm = ep.module()
     gm.meta["capture"] = EXPORT
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:  # buffers the graph never reads (num_batches_tracked)
+            gm.graph.erase_node(node)
+    gm.recompile()
     for node in gm.graph.nodes:  # the matchers read shapes from tensor_meta, as ShapeProp writes them
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and "tensor_meta" not in node.meta:

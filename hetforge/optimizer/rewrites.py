@@ -108,12 +108,16 @@ def _set_params(gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor, bias: t
             gm.register_parameter(f"{base}{i}_bias", nn.Parameter(bias.detach().clone(), requires_grad=False))
             b_node = gm.graph.get_attr(f"{base}{i}_bias")
     args = list(node.args)
+    old = [a for a in args[1:3] if isinstance(a, fx.Node)]
     args[1] = w_node
     if len(args) > 2:
         args[2] = b_node
     elif b_node is not None:
         args.append(b_node)
     node.args = tuple(args)
+    for attr in old:  # the old parameters' reads, unless another call still uses them
+        if not attr.users:
+            gm.graph.erase_node(attr)
 
 
 @rewrite("fold_bn")
@@ -121,6 +125,9 @@ def fold_bn(gm: fx.GraphModule) -> int:
     """conv/linear -> eval BatchNorm: w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta."""
     count = 0
     for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is aten.batch_norm.default:
+            count += _fold_aten_bn(gm, node)
+            continue
         bn = _module(gm, node)
         if (
             not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
@@ -143,6 +150,34 @@ def fold_bn(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(node)
         count += 1
     return count
+
+
+def _fold_aten_bn(gm: fx.GraphModule, node: fx.Node) -> int:
+    """fold_bn on `aten.batch_norm(aten.linear / aten.convNd(...), ..., training=False, ...)`."""
+    producer = node.args[0]
+    params = _aten_layer(gm, producer)
+    if params is None or not _single_user(producer) or len(node.args) < 8 or node.args[5] is not False:
+        return 0
+    gamma, beta, mean, var = (_get_attr(gm, a) if a is not None else None for a in node.args[1:5])
+    if mean is None or var is None or any(a is not None and t is None for a, t in zip(node.args[1:3], (gamma, beta))):
+        return 0
+    weight, bias = params
+    out = producer.meta.get("val")
+    # BatchNorm normalizes dim 1: a linear layer's features are dim 1 only on 2-D inputs
+    if producer.target is aten.linear.default and (not isinstance(out, torch.Tensor) or out.dim() != 2):
+        return 0
+    eps = float(node.args[7])
+    scale = (gamma.double() if gamma is not None else 1.0) / torch.sqrt(var.double() + eps)
+    shift = (beta.double() if beta is not None else 0.0) - mean.double() * scale
+    new_w = (weight.double() * scale.reshape(-1, *([1] * (weight.dim() - 1)))).to(weight.dtype)
+    new_b = ((bias.double() * scale if bias is not None else 0.0) + shift).to(weight.dtype)
+    _set_params(gm, producer, new_w, new_b, "bnfolded")
+    node.replace_all_uses_with(producer)
+    gm.graph.erase_node(node)
+    for attr in node.args[1:5]:
+        if isinstance(attr, fx.Node) and not attr.users:
+            gm.graph.erase_node(attr)
+    return 1
 
 
 _SCALE_OPS = {
@@ -358,10 +393,15 @@ def _sum_aten_linear(gm: fx.GraphModule, node: fx.Node) -> int:
 
 @rewrite("dead_code")
 def dead_code(gm: fx.GraphModule) -> int:
-    """Drop nodes whose results never reach the output (fx's own pass; impure calls stay)."""
-    before = len(gm.graph.nodes)
+    """Drop nodes whose results never reach the output (fx's own pass; impure calls stay). Counts computations:
+    parameter reads other rewrites left unused are dropped too, but are no finding of their own."""
+
+    def computations() -> int:
+        return sum(n.op != "get_attr" for n in gm.graph.nodes)
+
+    before = computations()
     gm.graph.eliminate_dead_code()
-    return before - len(gm.graph.nodes)
+    return before - computations()
 
 
 def symbolic_trace(module: nn.Module) -> fx.GraphModule:
