@@ -1,7 +1,8 @@
 """The library agent: match graph patterns of a stage to the hand-written Triton kernels.
 
-On a torch.fx graph of the stage's own instance (real weights), with shapes from one propagation
-of example inputs:
+On a graph of the stage's own instance (real weights; `capture`: torch.export's ATen graph, else
+torch.fx's, so both `aten.linear` and `call_module(nn.Linear)` forms are matched), with shapes from
+the capture or from one propagation of example inputs:
   linear -> chain          FusedLinear (GEMM + epilogue; also alone: fp32-accurate split TF32 products on CUDA)
   fp32 conv1d / conv2d -> chain   FusedConv (CPU: oneDNN, post-op fused; CUDA: cuDNN + the chain in one pass,
                                   as three TF32 convolutions of split operands under `strict` when K >= SPLIT_CONV_MIN_K)
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +38,9 @@ from hetforge.kernels.modules import (
     PointwiseChain,
 )
 from hetforge.kernels.triton.epilogue import MAX_OPS, Op
-from hetforge.optimizer.rewrites import symbolic_trace
+from hetforge.optimizer.capture import EXPORT, CaptureError, capture
+
+aten = torch.ops.aten
 
 _UNARY_MODULES = {
     nn.ReLU: "relu",
@@ -72,6 +76,38 @@ _BINARY = {
 }
 _BINARY_METHODS = {"add": "add", "mul": "mul", "sub": "sub", "div": "div"}
 _REDUCE_FUNCS = {torch.sum: "sum", torch.mean: "mean", torch.amax: "max", torch.amin: "min"}
+# The same operations in torch.export's ATen graphs (the training IR keeps linear, layer_norm, gelu, softmax).
+_UNARY_FUNCS.update(
+    {
+        aten.relu.default: "relu",
+        aten.sigmoid.default: "sigmoid",
+        aten.tanh.default: "tanh",
+        aten.exp.default: "exp",
+        aten.abs.default: "abs",
+        aten.silu.default: "silu",
+        aten.hardswish.default: "hardswish",
+        aten.mish.default: "mish",
+    }
+)
+_BINARY.update(
+    {
+        aten.add.Tensor: "add",
+        aten.add.Scalar: "add",
+        aten.mul.Tensor: "mul",
+        aten.mul.Scalar: "mul",
+        aten.sub.Tensor: "sub",
+        aten.sub.Scalar: "sub",
+        aten.div.Tensor: "div",
+        aten.div.Scalar: "div",
+    }
+)
+_ATEN_REDUCE = {aten.sum.dim_IntList: "sum", aten.mean.dim: "mean", aten.amax.default: "max", aten.amin.default: "min"}
+_ATEN_SOFTMAX = {
+    aten.softmax.int: "softmax",
+    aten._softmax.default: "softmax",
+    aten.log_softmax.int: "log_softmax",
+    aten._log_softmax.default: "log_softmax",
+}
 _REDUCE_METHODS = {"sum": "sum", "mean": "mean", "amax": "max", "amin": "min"}
 
 
@@ -132,19 +168,28 @@ def _pointwise(
         if node.args != (x,) or kwargs:
             return None
         return [Op(_UNARY_FUNCS.get(target) or _UNARY_METHODS[target])], None, None
-    if node.op == "call_function" and target is F.gelu and node.args == (x,):
-        approx = node.kwargs.get("approximate", "none")
+    if node.op == "call_function" and target in (F.gelu, aten.gelu.default) and node.args[:1] == (x,):
+        approx = _kwarg(node, 1, "approximate", "none")
         return [Op("gelu_tanh" if approx == "tanh" else "gelu")], None, None
-    if node.op == "call_function" and target is F.leaky_relu and node.args[:1] == (x,):
+    if node.op == "call_function" and target in (F.leaky_relu, aten.leaky_relu.default) and node.args[:1] == (x,):
         return [Op("leaky_relu", float(_kwarg(node, 1, "negative_slope", 0.01)))], None, None
-    if (node.op == "call_function" and target in (torch.clamp, F.hardtanh)) or (
+    if node.op == "call_function" and target is aten.dropout.default and node.args[:1] == (x,):
+        # eval-mode dropout (train=False) is the identity; in training it is not pointwise-deterministic
+        return ([], None, None) if not _kwarg(node, 2, "train", True) else None
+    if node.op == "call_function" and target in (aten.clamp_min.default, aten.clamp_max.default):
+        value = _kwarg(node, 1, "min" if target is aten.clamp_min.default else "max")
+        if node.args[:1] != (x,) or not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        return [Op("clamp_min" if target is aten.clamp_min.default else "clamp_max", float(value))], None, None
+    hardtanh = (F.hardtanh, aten.hardtanh.default)
+    if (node.op == "call_function" and target in (torch.clamp, aten.clamp.default, *hardtanh)) or (
         node.op == "call_method" and target == "clamp"
     ):
         if node.args[:1] != (x,):
             return None
-        names = ("min_val", "max_val") if target is F.hardtanh else ("min", "max")
-        lo = _kwarg(node, 1, names[0], -1.0 if target is F.hardtanh else None)
-        hi = _kwarg(node, 2, names[1], 1.0 if target is F.hardtanh else None)
+        names = ("min_val", "max_val") if target in hardtanh else ("min", "max")
+        lo = _kwarg(node, 1, names[0], -1.0 if target in hardtanh else None)
+        hi = _kwarg(node, 2, names[1], 1.0 if target in hardtanh else None)
         if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)):
             return None
         return [Op(n, float(v)) for n, v in (("clamp_min", lo), ("clamp_max", hi)) if v is not None], None, None
@@ -155,7 +200,7 @@ def _pointwise(
         if node.op == "call_method"
         else None
     )
-    if kind is None or len(node.args) != 2 or node.kwargs:
+    if kind is None or len(node.args) != 2 or {k: v for k, v in node.kwargs.items() if (k, v) != ("alpha", 1)}:
         return None
     a, b = node.args
     if a is not x and b is not x or a is b:
@@ -249,7 +294,7 @@ def _linear_parts(gm, node) -> tuple[fx.Node, torch.Tensor, torch.Tensor | None]
     if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Linear:
         mod = gm.get_submodule(node.target)
         return node.args[0], mod.weight, mod.bias
-    if node.op == "call_function" and node.target is F.linear:
+    if node.op == "call_function" and node.target in (F.linear, aten.linear.default):
         w, b = _attr(gm, _kwarg(node, 1, "weight")), _kwarg(node, 2, "bias")
         if w is not None and (b is None or _attr(gm, b) is not None):
             return node.args[0], w, _attr(gm, b) if b is not None else None
@@ -262,24 +307,50 @@ def _linear_parts(gm, node) -> tuple[fx.Node, torch.Tensor, torch.Tensor | None]
 SPLIT_CONV_MIN_K = 2048
 
 
+def _conv(gm, node):
+    """The convolution `node` applies (an nn.Conv1d / nn.Conv2d, or its parameters read off `aten.conv1d/2d`), or
+    None unless it is fp32 with numeric zero padding and called on one input."""
+    if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+        mod = gm.get_submodule(node.target)
+        if type(mod) not in (nn.Conv1d, nn.Conv2d) or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+            return None
+        return mod if mod.weight.dtype == torch.float32 else None
+    if node.op != "call_function" or node.target not in (aten.conv1d.default, aten.conv2d.default) or node.kwargs:
+        return None
+    w = _attr(gm, node.args[1]) if len(node.args) > 1 else None
+    b = node.args[2] if len(node.args) > 2 else None
+    bias = _attr(gm, b) if b is not None else None
+    if w is None or (b is not None and bias is None) or w.dtype != torch.float32:
+        return None
+    dims = w.dim() - 2
+
+    def ints(index, default):
+        value = node.args[index] if len(node.args) > index else default
+        return tuple(value) if isinstance(value, (list, tuple)) and len(value) == dims else (value,) * dims
+
+    if not all(isinstance(v, int) for v in (*ints(3, 1), *ints(4, 0), *ints(5, 1))):
+        return None
+    groups = node.args[6] if len(node.args) > 6 else 1
+    return types.SimpleNamespace(
+        weight=w, bias=bias, stride=ints(3, 1), padding=ints(4, 0), dilation=ints(5, 1), groups=groups
+    )
+
+
 def _fusable_conv(gm, node) -> bool:
-    """An fp32 nn.Conv1d / nn.Conv2d with numeric padding and zero padding mode, called on one input."""
-    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-        return False
-    mod = gm.get_submodule(node.target)
-    if type(mod) not in (nn.Conv1d, nn.Conv2d) or mod.padding_mode != "zeros" or isinstance(mod.padding, str):
-        return False
-    return mod.weight.dtype == torch.float32
+    """An fp32 convolution with numeric zero padding, called on one input."""
+    return _conv(gm, node) is not None
 
 
 def _splittable_conv(gm, node) -> bool:
     """A fusable convolution with enough products per output for the tensor cores to pay for three convolutions."""
-    return _fusable_conv(gm, node) and gm.get_submodule(node.target).weight[0].numel() >= SPLIT_CONV_MIN_K
+    conv = _conv(gm, node)
+    return conv is not None and conv.weight[0].numel() >= SPLIT_CONV_MIN_K
 
 
 def _bmm_parts(node) -> tuple[fx.Node, fx.Node] | None:
     """(a, b) if `node` multiplies two 3-D tensors of one batch size: torch.bmm, torch.matmul or `@`."""
-    is_product = (node.op == "call_function" and node.target in (torch.bmm, torch.matmul, operator.matmul)) or (
+    products = (torch.bmm, torch.matmul, operator.matmul, aten.bmm.default, aten.matmul.default)
+    is_product = (node.op == "call_function" and node.target in products) or (
         node.op == "call_method" and node.target in ("bmm", "matmul")
     )
     if not is_product or len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
@@ -291,6 +362,8 @@ def _bmm_parts(node) -> tuple[fx.Node, fx.Node] | None:
 
 
 def _norm_parts(gm, node) -> dict | None:
+    if node.op == "call_function":
+        return _aten_norm_parts(gm, node)
     if node.op != "call_module":
         return None
     mod = gm.get_submodule(node.target)
@@ -304,14 +377,42 @@ def _norm_parts(gm, node) -> dict | None:
     return None
 
 
+def _aten_norm_parts(gm, node) -> dict | None:
+    """aten.layer_norm / rms_norm / group_norm with parameters (or None) as get_attr nodes."""
+
+    def param(index):
+        arg = node.args[index] if len(node.args) > index else None
+        return (True, None) if arg is None else ((value := _attr(gm, arg)) is not None, value)
+
+    if node.target is aten.layer_norm.default and len(node.args) >= 2:
+        (ok_w, w), (ok_b, b) = param(2), param(3)
+        eps = node.args[4] if len(node.args) > 4 else 1e-5
+        return dict(mode="layer", weight=w, bias=b, eps=eps, normalized=len(node.args[1])) if ok_w and ok_b else None
+    if node.target is aten.rms_norm.default and len(node.args) >= 2:
+        ok_w, w = param(2)
+        eps = _kwarg(node, 3, "eps")
+        eps = eps if eps is not None else torch.finfo(torch.float32).eps
+        return dict(mode="rms", weight=w, eps=eps, normalized=len(node.args[1])) if ok_w else None
+    if node.target is aten.group_norm.default and len(node.args) >= 2:
+        (ok_w, w), (ok_b, b) = param(2), param(3)
+        eps = node.args[4] if len(node.args) > 4 else 1e-5
+        return dict(mode="group", weight=w, bias=b, eps=eps, groups=node.args[1]) if ok_w and ok_b else None
+    return None
+
+
 def fuse(
     module: nn.Module, example_inputs: list, precision: str = "strict"
 ) -> tuple[fx.GraphModule, dict[str, int]] | None:
-    """A copy of `module` with library kernels in place of the patterns found; None if untraceable."""
+    """A copy of `module` with library kernels in place of the patterns found; None if it cannot be captured."""
     try:
-        gm = symbolic_trace(module)
-    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: fx cannot trace every module
+        gm = capture(module, example_inputs)
+    except CaptureError:
         return None
+    return gm, fuse_graph(gm, example_inputs, precision)
+
+
+def fuse_graph(gm: fx.GraphModule, example_inputs: list, precision: str = "strict") -> dict[str, int]:
+    """Put library kernels in place of the patterns found in `gm` (in place); how many of each kind."""
     _propagate_shapes(gm, example_inputs)
     counts: dict[str, int] = {}
     consumed: set[fx.Node] = set()
@@ -330,7 +431,7 @@ def fuse(
             args = (node.args[0], chain.residual) if chain.residual is not None else (node.args[0],)
             _install(
                 gm,
-                FusedConv(gm.get_submodule(node.target), tuple(chain.ops), chain.vector, split),
+                FusedConv(_conv(gm, node), tuple(chain.ops), chain.vector, split),
                 node,
                 last,
                 args,
@@ -443,7 +544,7 @@ def fuse(
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return gm, counts
+    return counts
 
 
 def _softmax_parts(gm, node) -> tuple[str, bool] | None:
@@ -457,6 +558,17 @@ def _softmax_parts(gm, node) -> tuple[str, bool] | None:
         if isinstance(mod, (nn.Softmax, nn.LogSoftmax)) and mod.dim is not None and mod.dim % len(shape) == last:
             return ("softmax" if isinstance(mod, nn.Softmax) else "log_softmax"), False
         return None
+    if node.op == "call_function" and node.target in _ATEN_SOFTMAX:
+        dim = _kwarg(node, 1, "dim")
+        # softmax.int's dtype / _softmax's half_to_float change the output dtype: not this kernel
+        extra = node.args[2] if len(node.args) > 2 else node.kwargs.get("dtype", node.kwargs.get("half_to_float"))
+        ok = isinstance(dim, int) and dim % len(shape) == last and not extra
+        return (_ATEN_SOFTMAX[node.target], False) if ok else None
+    if node.op == "call_function" and node.target is aten.logsumexp.default:
+        dim = _kwarg(node, 1, "dim")
+        dim = dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else dim
+        keepdim = bool(_kwarg(node, 2, "keepdim", False))
+        return ("logsumexp", keepdim) if isinstance(dim, int) and dim % len(shape) == last else None
     funcs = {
         torch.softmax: "softmax",
         F.softmax: "softmax",
@@ -486,6 +598,13 @@ def _softmax_parts(gm, node) -> tuple[str, bool] | None:
 
 
 def _reduce_parts(node: fx.Node) -> tuple[str, int, bool] | None:
+    if node.op == "call_function" and node.target in _ATEN_REDUCE:
+        dim = _kwarg(node, 1, "dim")
+        dim = dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else dim
+        extra = node.kwargs.get("dtype") or (len(node.args) > 3 and node.args[3] is not None)
+        if not isinstance(dim, int) or extra:
+            return None
+        return _ATEN_REDUCE[node.target], dim, bool(_kwarg(node, 2, "keepdim", False))
     kind = (
         _REDUCE_FUNCS.get(node.target)
         if node.op == "call_function"
@@ -504,9 +623,16 @@ def _reduce_parts(node: fx.Node) -> tuple[str, int, bool] | None:
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: list) -> None:
-    """Annotate nodes with shapes: on the meta device (no compute), else on the real inputs."""
+    """Annotate nodes with shapes: on the meta device (no compute), else on the real inputs. A captured ATen graph
+    has them already, unless a rewrite added nodes."""
     from torch.fx.passes.shape_prop import ShapeProp
 
+    if all("tensor_meta" in n.meta or "val" in n.meta for n in gm.graph.nodes if n.op.startswith("call")):
+        return
+    if gm.meta.get("capture") == EXPORT:  # its graph asserts devices: the meta device fails it
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+        return
     try:
         meta = copy.deepcopy(gm).to("meta")
         ShapeProp(meta).propagate(*[x.to("meta") if isinstance(x, torch.Tensor) else x for x in example_inputs])

@@ -32,13 +32,15 @@ from hetforge import config
 from hetforge.core.problem import Problem
 from hetforge.optimizer import llm_agent, scheduling
 from hetforge.optimizer import verdict as V
+from hetforge.optimizer.capture import CaptureError, capture
 from hetforge.optimizer.judge import ReferenceSide, Verification, VerifyOptions
+from hetforge.optimizer.library import fuse_graph
 from hetforge.optimizer.recipes import recipe_candidate_source, recipes_for
 from hetforge.optimizer.report import BASELINE, CandidateRecord, CandidateStatus, OptimizeReport
-from hetforge.optimizer.rewrites import apply_rewrites, rewrite_candidate_source
+from hetforge.optimizer.rewrites import rewrite_graph
 from hetforge.optimizer.sandbox import close_all, spare_workers
 from hetforge.optimizer.scheduling import Proposal
-from hetforge.optimizer.variants import VariantSpec, variant_candidate_source
+from hetforge.optimizer.variants import VariantSpec, rewrite_candidate_source, variant_candidate_source
 
 AGENTS = ("recipes", "rewrites", "library", "llm")
 TRUSTED_AGENTS = ("recipes", "rewrites", "library", "compose")  # hetforge's own code: may share the compile cache
@@ -59,9 +61,10 @@ FETCH_SAMPLE = 1 << 16  # timed outputs of hetforge's own candidates are checked
 
 @dataclass(frozen=True)
 class OptimizeTask:
-    """What to optimize, where, under which numerics, within which budget."""
+    """What to optimize, where, under which numerics, within which budget: `problem_file` (a problem file), or
+    `problem` (any Problem's JSON: a module stage with its checkpoint, a HuggingFace stage, ...)."""
 
-    problem_file: str
+    problem_file: str | None = None
     device: str = "cpu"
     precision: str = "strict"
     budget_s: float = 60.0
@@ -74,6 +77,15 @@ class OptimizeTask:
     recipes: tuple[str, ...] = ()  # restrict the compiler recipes to these names (empty: all that apply)
     compose: bool = True  # round 2: join the round-1 winners into one variant
     threads: int = 0  # CPU threads per verification worker (0: min(cores, 8)); background jobs keep it low
+    problem: dict | None = None  # Problem.to_json(); takes the place of problem_file
+
+    def reference(self) -> Problem:
+        """The reference computation this task optimizes."""
+        if self.problem is not None:
+            return Problem.from_json(self.problem)
+        if self.problem_file is None:
+            raise ValueError("an OptimizeTask needs a problem_file or a problem")
+        return Problem(file=str(Path(self.problem_file).resolve()))
 
 
 def _has_conv(problem: Problem) -> bool:
@@ -81,9 +93,12 @@ def _has_conv(problem: Problem) -> bool:
     return any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules())
 
 
-def propose_round1(task: OptimizeTask, problem: Problem) -> list[Proposal]:
-    """Every first-round candidate of the enabled fast agents."""
-    reference = str(Path(task.problem_file).resolve())
+def propose_round1(
+    task: OptimizeTask, problem: Problem, refused: list[tuple[Proposal, V.Reason]] | None = None
+) -> list[Proposal]:
+    """Every first-round candidate of the enabled fast agents. A graph agent that cannot capture the stage goes
+    into `refused` with the reason (the operation or exception that broke capture), to be recorded unrun."""
+    reference = problem.to_json()
     out: list[Proposal] = []
     # baselines first: eager and torch.compile are what every other candidate is measured against
     if "recipes" in task.agents:
@@ -92,21 +107,34 @@ def propose_round1(task: OptimizeTask, problem: Problem) -> list[Proposal]:
                 continue
             spec = VariantSpec(recipe=asdict(recipe), precision=task.precision)
             out.append((f"recipe:{recipe.name}", "recipes", recipe_candidate_source(reference, recipe), spec.to_json()))
-    if "rewrites" in task.agents:
-        result = apply_rewrites(problem.load().build())
-        if result is not None and result[1]:
-            names = list(result[1])
-            spec = VariantSpec(rewrites=tuple(names), precision=task.precision)
-            out.append(
-                ("rewrites:" + "+".join(names), "rewrites", rewrite_candidate_source(reference, names), spec.to_json())
-            )
-    if "library" in task.agents:
-        spec = VariantSpec(library=True, precision=task.precision)
-        out.append(("library:kernels", "library", variant_candidate_source(reference, spec), spec.to_json()))
+    graph_agents = [a for a in ("rewrites", "library") if a in task.agents]
+    if not graph_agents:
+        return out
+    loaded = problem.load()
+    inputs = loaded.main_inputs(0)
+    for agent in graph_agents:
+        try:  # a fresh capture each: the library matches the graph as it comes, not the rewritten one
+            gm = capture(loaded.build(), inputs)
+        except CaptureError as err:
+            name = "rewrites" if agent == "rewrites" else "library:kernels"
+            if refused is not None:
+                refused.append(((name, agent, "", None), V.Reason(V.RejectKind.NO_GRAPH, str(err))))
+            continue
+        if agent == "rewrites":
+            names = list(rewrite_graph(gm))
+            if names:
+                spec = VariantSpec(rewrites=tuple(names), precision=task.precision)
+                source = rewrite_candidate_source(reference, names, task.precision)
+                out.append(("rewrites:" + "+".join(names), "rewrites", source, spec.to_json()))
+        elif fuse_graph(gm, inputs, task.precision):  # some pattern matched a library kernel
+            spec = VariantSpec(library=True, precision=task.precision)
+            out.append(("library:kernels", "library", variant_candidate_source(reference, spec), spec.to_json()))
     return out
 
 
-def propose_compositions(task: OptimizeTask, round1: list[Proposal], report: OptimizeReport | None) -> list[Proposal]:
+def propose_compositions(
+    task: OptimizeTask, round1: list[Proposal], report: OptimizeReport | None, problem: Problem | None = None
+) -> list[Proposal]:
     """Variants joining rewrites, library kernels and a compile recipe.
 
     Without a report (round 1, checked beside the single agents' candidates `round1`): every join of
@@ -118,7 +146,7 @@ def propose_compositions(task: OptimizeTask, round1: list[Proposal], report: Opt
         found = next((spec for _, agent, _, spec in round1 if agent == "rewrites"), None)  # what round 1 proposes
         if found:
             parts["rewrites"] = found
-        if "library" in task.agents:
+        if any(agent == "library" for _, agent, _, _ in round1):
             parts["library"] = {}
         if "recipes" in task.agents and (not task.recipes or "compile" in task.recipes):
             parts["recipes"] = {
@@ -132,7 +160,7 @@ def propose_compositions(task: OptimizeTask, round1: list[Proposal], report: Opt
             found = [c for c in faster if c.agent == agent and c.name != "recipe:eager"]
             if found:
                 parts[agent] = max(found, key=lambda c: c.speedup).spec
-    reference = str(Path(task.problem_file).resolve())
+    reference = (problem or task.reference()).to_json()
     out: list[Proposal] = []
     for n in (2, 3):
         for combo in itertools.combinations(parts, n):
@@ -167,7 +195,7 @@ def optimize(
     if unknown:
         raise ValueError(f'Got "{",".join(unknown)}" for agents: any of {", ".join(AGENTS)}.')
     start = started if started is not None else time.monotonic()
-    problem = Problem(file=str(Path(task.problem_file).resolve()))
+    problem = task.reference()
     options = VerifyOptions(
         device=task.device,
         precision=task.precision,
@@ -326,11 +354,14 @@ def _optimize(
             progress(record)
         return record
 
-    first = propose_round1(task, problem)
-    judge_all(first + (propose_compositions(task, first, None) if task.compose else []), 1)
+    refused: list[tuple[Proposal, V.Reason]] = []
+    first = propose_round1(task, problem, refused)
+    for proposal, reason in refused:
+        judge(proposal, 1, refused=reason)
+    judge_all(first + (propose_compositions(task, first, None, problem) if task.compose else []), 1)
     if task.compose:
         tried = {c.name for c in report.candidates}
-        second = [p for p in propose_compositions(task, first, report) if p[0] not in tried]
+        second = [p for p in propose_compositions(task, first, report, problem) if p[0] not in tried]
         window = CHECK_SHARE[task.device] * max(0.0, deadline - time.monotonic())
         need = scheduling.expected_check_s(report.candidates, second)
         if second and need > window:

@@ -37,6 +37,8 @@ class RejectKind(enum.StrEnum):
     # An LLM agent's turn that brought nothing to verify; recorded as a rejected candidate, never run.
     NO_CODE = "no_code"  # the answer has no Python code block
     ENDPOINT_ERROR = "endpoint_error"  # the model's endpoint failed: no answer at all
+    # A graph agent (rewrites, library) that could not capture the stage: nothing to transform, never run.
+    NO_GRAPH = "no_graph"  # neither torch.export nor torch.fx captured it; the message names what broke
 
 
 class Flag(enum.StrEnum):

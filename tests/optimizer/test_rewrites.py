@@ -8,7 +8,8 @@ import torch.nn as nn
 
 from hetforge.core.problem import Problem
 from hetforge.optimizer.judge import VerifyOptions, verify
-from hetforge.optimizer.rewrites import apply_rewrites, rewrite_candidate_source
+from hetforge.optimizer.rewrites import apply_rewrites
+from hetforge.optimizer.variants import rewrite_candidate_source
 from tests.conftest import EXAMPLES
 
 
