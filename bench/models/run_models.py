@@ -64,6 +64,13 @@ SEQ = 128
 
 # (task, transformers config class, model class, config kwargs): small and base encoders teams serve.
 ARCHS = {
+    # a 2-layer BERT for a smoke run of this script on the CPU (`--device cpu --archs tiny_bert_embed`)
+    "tiny_bert_embed": (
+        "embedding",
+        "BertConfig",
+        "BertModel",
+        {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+    ),
     "minilm_embed": (
         "embedding",
         "BertConfig",
@@ -158,14 +165,14 @@ def build_model(arch: str, root: Path) -> Path:
 
 
 @contextlib.contextmanager
-def policy(precision: str):
+def policy(precision: str, device: str = "cuda"):
     """The precision policy for every side: TF32 flags, bf16 autocast."""
     import torch
 
     tf32 = precision in ("tf32", "bf16")
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     try:
         with autocast, torch.inference_mode():
             yield
@@ -173,7 +180,7 @@ def policy(precision: str):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def optimize(problem: Path, precision: str, budget_s: float, out: Path) -> tuple[dict, float]:
+def optimize(problem: Path, precision: str, budget_s: float, out: Path, device: str) -> tuple[dict, float]:
     start = time.monotonic()
     cmd = [
         sys.executable,
@@ -182,7 +189,7 @@ def optimize(problem: Path, precision: str, budget_s: float, out: Path) -> tuple
         "optimize",
         str(problem),
         "--device",
-        "cuda",
+        device,
         "--precision",
         precision,
         "--budget-s",
@@ -215,18 +222,31 @@ def capture(report: dict) -> dict[str, str]:
     return out
 
 
-def measure(problem: Path, report: dict, precision: str) -> dict:
+def bench(fn, device: str) -> float:
+    """Median ms of `fn`: triton's do_bench on CUDA (L2 flushed); on the CPU, the median of 20 timed calls."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    samples = []
+    for _ in range(20):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return sorted(samples)[len(samples) // 2]
+
+
+def measure(problem: Path, report: dict, precision: str, device: str) -> dict:
     """Eager, torch.compile and the winner at the same policy, in this process."""
     import torch
-    from triton.testing import do_bench
 
     from hetforge.core.problem import Problem
     from hetforge.core.tolerance import compare
     from hetforge.optimizer.variants import VariantSpec, build_variant
 
     loaded = Problem(file=str(problem)).load()
-    reference = loaded.build(seed=0, device="cuda")
-    inputs = loaded.main_inputs(seed=1, device="cuda")
+    reference = loaded.build(seed=0, device=device)
+    inputs = loaded.main_inputs(seed=1, device=device)
     winner = next((c for c in report["candidates"] if c["name"] == report["winner"]), None)
     variant = None
     if winner is not None and winner.get("spec"):
@@ -234,20 +254,21 @@ def measure(problem: Path, report: dict, precision: str) -> dict:
     compiled = torch.compile(reference)
     sides = {"eager": reference, "compile": compiled, **({"hetforge": variant} if variant is not None else {})}
     times: dict[str, list[float]] = {k: [] for k in sides}
-    with policy(precision):
+    with policy(precision, device):
         for fn in sides.values():  # warm up, compile
             for _ in range(3):
                 fn(*inputs)
-        torch.cuda.synchronize()
+        if device == "cuda":
+            torch.cuda.synchronize()
         for _ in range(3):
             for name, fn in sides.items():
-                times[name].append(do_bench(lambda fn=fn: fn(*inputs), warmup=25, rep=200, return_mode="median"))
+                times[name].append(bench(lambda fn=fn: fn(*inputs), device))
     row = {f"{k}_ms": round(sorted(v)[1], 4) for k, v in times.items()}
     if variant is not None:
-        fresh = loaded.main_inputs(seed=7, device="cuda")
-        with policy("strict"):
+        fresh = loaded.main_inputs(seed=7, device=device)
+        with policy("strict", device):
             want = reference(*fresh)
-        with policy(precision):
+        with policy(precision, device):
             got = variant(*fresh)
         result = compare(got.float(), want.float(), precision)
         row["check"] = "ok" if result.ok else f"FAIL {result.reason[:60]}"
@@ -284,7 +305,7 @@ def write_summary(csv_path: Path, md_path: Path, env: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cuda"], default="cuda")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a smoke run of the script")
     parser.add_argument("--archs", default=",".join(ARCHS))
     parser.add_argument("--precisions", default="strict,tf32,bf16")
     parser.add_argument("--batches", default="1,8,32")
@@ -307,7 +328,7 @@ def main() -> None:
     import triton
 
     env = (
-        f"{torch.cuda.get_device_name(0)}; torch {torch.__version__}, triton {triton.__version__}, "
+        f"{torch.cuda.get_device_name(0) if args.device == 'cuda' else 'cpu'}; torch {torch.__version__}, triton {triton.__version__}, "
         f"transformers {transformers.__version__}, Python {sys.version.split()[0]}; {time.strftime('%Y-%m-%d')}"
     )
     env_path.write_text(env + "\n")
@@ -326,7 +347,11 @@ def main() -> None:
                 row = {"arch": arch, "task": task, "batch": batch, "precision": precision}
                 try:
                     report, elapsed = optimize(
-                        problem, precision, args.budget_s, args.scratch / f"out_{arch}_b{batch}_{precision}"
+                        problem,
+                        precision,
+                        args.budget_s,
+                        args.scratch / f"out_{arch}_b{batch}_{precision}",
+                        args.device,
                     )
                     row.update(
                         winner=report["winner"],
@@ -334,7 +359,7 @@ def main() -> None:
                         optimize_s=round(elapsed, 1),
                         **capture(report),
                     )
-                    row.update(measure(problem, report, precision))
+                    row.update(measure(problem, report, precision, args.device))
                     if row.get("hetforge_ms") is None:  # the winner was eager itself, or nothing won
                         row["hetforge_ms"] = row["eager_ms"]
                     row["speedup_vs_eager"] = round(row["eager_ms"] / row["hetforge_ms"], 4)
