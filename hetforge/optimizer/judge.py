@@ -9,6 +9,9 @@ worker among them (`ReferenceSide`): each reference output is computed once per 
 
 This module is the public API and the orchestration (start-up, replies, the verdict's assembly);
 the checks are in `correctness`, the timing rounds and their statistics in `timing`.
+
+Over 450 lines (by a few): the orchestration of two workers per candidate and the verdict's
+assembly; correctness and timing are `correctness.py` and `timing.py`.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ the capture or from one propagation of example inputs:
 A chain is a run of single-user pointwise nodes: scalars, at most one per-channel parameter
 (a "vector") and at most one full-size tensor (a "residual") as operands. Matching is generic
 over graphs; the result is a candidate like any other and goes through the verifier.
+
+Over 450 lines: the pattern tables (torch.fx and ATen spellings of the same operations) and the
+matcher that walks them belong together; the kernels themselves live in `hetforge/kernels/`.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ baseline is verified whatever the budget. One reference worker serves every veri
 run (`judge.ReferenceSide`): a batch's candidates are checked on the same fresh seeds, each
 reference output computed once. When checks run, and which are cut, is `scheduling`'s; the records
 and the report are `report`'s.
+
+Over 450 lines: the round loop, candidate generation per agent and the budget bookkeeping share
+one state (the task, the deadline, the records); scheduling of checks is `scheduling.py`, records `report.py`.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ with its numbers, and into `hetforge_rollout_decisions_total` / `hetforge_canary
 The side effects go through small objects passed in (`metrics_source`, `launcher`, `swapper`, a
 clock), so the decisions are unit-tested without Ray (`tests/serving/test_controller.py`);
 `build_controller` wires the real ones for a served pipeline.
+
+Over 450 lines: the tick (what is hot, which job, which rollout step) reads and writes one
+shared state; jobs are `jobs.py`/`job_runner.py`, rollout analysis `rollout.py`, metrics reading `replica_metrics.py`.
 """
 
 from __future__ import annotations

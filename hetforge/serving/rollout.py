@@ -12,6 +12,9 @@ Replicas read it on every swap-watcher poll and run a `CanaryArm` beside their a
 
 A replica adds its counts and forward times per (rollout, step) to `rollout_stats`; the controller
 sums them over replicas. Nothing here imports Ray: the same classes run in tests with no cluster.
+
+Over 450 lines: the rollout's stored state, the replica's canary arm and the step analysis are the
+three views of one rollout and change together.
 """
 
 from __future__ import annotations
