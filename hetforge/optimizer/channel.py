@@ -9,6 +9,7 @@ without limit, and every read has a deadline.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
@@ -172,8 +173,6 @@ def _widen_pipe(fd: int) -> None:
     """Pipes hold 64 KiB by default: up to the system's maximum (1 MiB by default) means 16x fewer
     reads and waits for large tensors. Best effort: other descriptors and systems keep their size."""
     try:
-        import fcntl
-
         with open("/proc/sys/fs/pipe-max-size") as fh:
             limit = int(fh.read())
         fcntl.fcntl(fd, 1031, min(limit, 1 << 20))  # F_SETPIPE_SZ

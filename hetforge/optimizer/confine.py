@@ -31,7 +31,9 @@ import errno
 import os
 import platform
 import resource
+import signal
 import struct
+import time
 from pathlib import Path
 
 # Variables a worker keeps from the judge's environment: what Python, torch, Triton and CUDA need.
@@ -377,9 +379,6 @@ def remove_cgroup(path: str | None) -> None:
     """
     if not path:
         return
-    import signal
-    import time
-
     for control, value in (("cgroup.kill", "1"), ("pids.max", "0")):
         try:
             Path(path, control).write_text(value)

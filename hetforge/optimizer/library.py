@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
 
 from hetforge.kernels.modules import (
     FusedBmm,
@@ -628,8 +629,6 @@ def _reduce_parts(node: fx.Node) -> tuple[str, int, bool] | None:
 def _propagate_shapes(gm: fx.GraphModule, example_inputs: list) -> None:
     """Annotate nodes with shapes: on the meta device (no compute), else on the real inputs. A captured ATen graph
     has them already, unless a rewrite added nodes."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
     if all("tensor_meta" in n.meta or "val" in n.meta for n in gm.graph.nodes if n.op.startswith("call")):
         return
     if gm.meta.get("capture") == EXPORT:  # its graph asserts devices: the meta device fails it

@@ -13,11 +13,14 @@ The `openai` package is imported only when an endpoint is configured (the GPU ho
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 import textwrap
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from hetforge import config
 from hetforge.core.devices import GPU_FACTS, gpu_class
@@ -82,9 +85,6 @@ def extract_code(answer: str) -> str | None:
 def device_facts(device: str) -> dict:
     """Name, multiprocessors, memory, L2 and memory bandwidth of the target device."""
     if device != "cuda" or not torch.cuda.is_available():
-        import os
-        import platform
-
         return {"name": platform.processor() or platform.machine(), "cores": os.cpu_count(), "kind": "cpu"}
     props = torch.cuda.get_device_properties(0)
     facts = {
@@ -107,8 +107,6 @@ def device_facts(device: str) -> dict:
 
 def profile_reference(model: torch.nn.Module, inputs: list, device: str, top: int = 8) -> list[dict]:
     """The reference's top operators (CUDA kernels on a GPU) by self time, with their share."""
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch.no_grad():
         for _ in range(2):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn as nn
 
 from hetforge.optimizer.reference import describe, load_reference, reference_doc
@@ -69,8 +70,6 @@ class RecipeModule(nn.Module):
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         if recipe.freezing:
-            import torch._inductor.config as inductor_config
-
             inductor_config.freezing = True
 
     def forward(self, *args):

@@ -19,6 +19,8 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from hetforge.core.devices import GPU_FACTS, DeviceFacts, gpu_class
 
 
@@ -96,8 +98,6 @@ def local_cpu() -> dict:
 
 def local_gpus() -> list[dict]:
     """Each CUDA GPU here: name, class, multiprocessors, memory, compute capability."""
-    import torch
-
     out = []
     if not torch.cuda.is_available():
         return out

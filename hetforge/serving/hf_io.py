@@ -20,7 +20,7 @@ of a real row whose outputs are dropped), run once, and split back. A request th
 the client's 422, naming the limit. Without declared buckets the stage has one: batch 1 and `max_length`
 tokens (what the verifier checks then).
 
-`transformers`, `numpy` and `PIL` are imported inside functions: optional heavy dependencies, needed
+`transformers` and `PIL` are imported inside functions: optional heavy dependencies, needed
 only by replicas of HuggingFace stages.
 """
 
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from hetforge.core.hf import DTYPES, TEXT_TASKS, HfError, HfSource, read_config, shapes
@@ -100,8 +101,6 @@ class HfIO:
     def _check_features(self, folder: Path) -> None:
         """The feature extractor must make the features the model takes: a mismatch is the model folder's, found at
         start-up rather than on every request."""
-        import numpy as np  # installed with torch's CPU wheels and transformers
-
         rate = getattr(self.processor, "sampling_rate", 16000)
         made = self._features(np.zeros(rate // 10, dtype=np.float32), rate)
         dims = shapes(folder, self.task)
@@ -195,8 +194,6 @@ class HfIO:
         return value
 
     def _audio(self, payload: dict) -> torch.Tensor:
-        import numpy as np  # installed with torch's CPU wheels and transformers
-
         audio, rate = payload.get("audio"), payload.get("sampling_rate")
         if not isinstance(audio, list) or not audio or not all(isinstance(v, (int, float)) for v in audio):
             raise self._error("audio", "a non-empty list of samples (numbers, mono)")

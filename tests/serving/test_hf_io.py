@@ -99,8 +99,10 @@ def test_audio_and_images_go_through_their_processors(models, tmp_path):
 
     from hetforge.core.hf import HfError
 
+    # An extractor that makes 1 s of 10 ms frames does not fit a model of 32 frames: refused at start-up.
+    WhisperFeatureExtractor(feature_size=16, n_samples=32 * 160, chunk_length=1).save_pretrained(models["whisper"])
     with pytest.raises(HfError, match=r"makes features of shape \[16, 100\], the model takes \[16, 32\]"):
-        _setup(models["whisper"], "audio_encoder", (), tmp_path)  # tiny_hf's extractor makes 1 s of 10 ms frames
+        _setup(models["whisper"], "audio_encoder", (), tmp_path)
     WhisperFeatureExtractor(feature_size=16, chunk_length=1, hop_length=500).save_pretrained(models["whisper"])
     audio, runtime = _setup(models["whisper"], "audio_encoder", (), tmp_path)
     samples = torch.randn(16000).tolist()

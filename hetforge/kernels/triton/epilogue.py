@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -187,8 +188,6 @@ def torch_apply(
 
     `v` must already broadcast against `x` (the caller views it as [C, 1, ...] or [N]).
     """
-    import torch.nn.functional as F
-
     if not inplace:
         x = x.clone()
     for op in ep:

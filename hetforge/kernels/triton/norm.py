@@ -11,6 +11,7 @@ otherwise: mean, variance, output) and writes it once.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -167,8 +168,6 @@ def fused_norm(
 def fused_norm_reference(
     x, mode, weight=None, bias=None, eps=1e-5, groups=1, normalized=1, epilogue: Epilogue = (), v=None, r=None
 ):
-    import torch.nn.functional as F
-
     if mode == "layer":
         y = F.layer_norm(x, x.shape[x.dim() - normalized :], weight, bias, eps)
     elif mode == "rms":
