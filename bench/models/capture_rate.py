@@ -1,6 +1,6 @@
 """Capture rate of the graph agents on the tiny models, and whether their candidates verify on the CPU.
 
-    python -m tests.optimizer.capture_rate [--compile] [--json]
+    python -m bench.models.capture_rate [--compile] [--json]   (from the repository root)
 
 For each model (tests/models/tiny_hf.py's BERT embedder, cross-encoder, Whisper encoder and ViT, and a
 module stage wrapping nn.TransformerEncoder with a safetensors checkpoint), each agent: how the graph
