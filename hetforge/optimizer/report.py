@@ -34,9 +34,8 @@ class CandidateRecord:
     status: CandidateStatus | None = None  # None until the search decides
     note: str = ""  # why it lost
     spec: dict | None = None  # transform variants: how to rebuild it from an instance
-    refusal: V.Reason | None = (
-        None  # why an agent's answer was rejected without a verification (no code, endpoint error)
-    )
+    # why an agent's answer was rejected without a verification (no code, endpoint error)
+    refusal: V.Reason | None = None
 
     @property
     def speedup(self) -> float:
