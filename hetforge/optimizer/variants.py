@@ -45,7 +45,7 @@ class VariantSpec:
             "rewrites": list(self.rewrites),
             "library": self.library,
             "recipe": self.recipe,
-            "precision": self.precision,
+            "precision": str(self.precision),  # a plain string: candidate sources embed this dict as Python
         }
 
     @classmethod

@@ -468,7 +468,7 @@ def controller_stages(pipeline: Pipeline, base_dir: Path, placement: dict[str, d
             problem.load().fingerprint(),
             where["device"],
             where["device_class"],
-            stage.precision,
+            str(stage.precision),
             problem,
             resources,
         )

@@ -109,3 +109,15 @@ def test_verifier_loads_reference_weights_into_module_variants(tmp_path):
     path.write_text(MODULE_SOURCE.replace("self.lin", "self.proj"))
     verdict = verify(problem, path, replace(options, weights_from_reference=True))
     assert verdict.verdict == "rejected" and "state_dict" in verdict.reasons[0].message
+
+
+def test_candidate_sources_are_valid_python_whatever_type_the_policy_arrives_as():
+    """A stage's policy is a `Precision` enum (from the spec); the generated file must still parse."""
+    import ast
+
+    from hetforge.core.precision import Precision
+    from hetforge.optimizer.variants import VariantSpec, variant_candidate_source
+
+    source = variant_candidate_source("problem.py", VariantSpec(("dead_code",), precision=Precision.TF32))
+    ast.parse(source)
+    assert "'precision': 'tf32'" in source
