@@ -12,7 +12,7 @@ planner and the kernel agents treat it like any other module:
 | `audio_encoder`  | AutoModel's encoder (Whisper-style)      | input_features [B, mels, T]   | mean over time of the last hidden state [B, H] |
 | `vision_encoder` | AutoModel (ViT) or the vision tower (CLIP) | pixel_values [B, C, S, S]   | the CLS hidden state [B, H] |
 
-`transformers` is imported inside functions: it is an optional dependency (the `models` extra) and
+`transformers` is imported inside functions: it is an optional dependency (the `models` extra in pyproject.toml) and
 the GPU host's optimizer and kernels run without importing it unless a stage needs it. Nothing is
 downloaded: every load passes `local_files_only=True`, and a model id missing from the local cache
 is one `ProblemError` naming it.

@@ -17,7 +17,7 @@ from hetforge.optimizer.report import BASELINE, CandidateRecord, CandidateStatus
 # On the H100, torch.compile's max-autotune never finished within the 60 s budget on any GEMM or convolution
 # problem of the suite (28 times cut by the budget, after 20-44 s of its own checks); where it did finish (23
 # times), its checks took at most 3.1 s (1.19x) longer than the slowest other check of its batch
-# (bench/suite/report_spread.py over sessions 7 and 8's H100 reports).
+# (`python bench/suite/report_spread.py bench/suite/raw/h100_s7_reports bench/suite/raw/h100_s8_*_reports`).
 STRAGGLER_SHARE = 0.3
 STRAGGLER_BATCH = 4
 
