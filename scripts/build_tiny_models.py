@@ -51,8 +51,10 @@ def _fresh(stamp_file: Path, stamp: str) -> bool:
     return stamp_file.is_file() and json.loads(stamp_file.read_text()).get("stamp") == stamp
 
 
-def tokenizer(out: Path):
-    """A lowercase WordPiece tokenizer with BERT's special tokens and pair template."""
+def tokenizer(
+    out: Path, corpus: list[str] = CORPUS, vocab_size: int = 300, max_length: int = BERT["max_position_embeddings"]
+):
+    """A lowercase WordPiece tokenizer with BERT's special tokens and pair template, trained on `corpus`."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -60,9 +62,9 @@ def tokenizer(out: Path):
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(
-        vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False
+        vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False
     )
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(corpus, trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
@@ -74,7 +76,7 @@ def tokenizer(out: Path):
         cls_token="[CLS]",
         sep_token="[SEP]",
         mask_token="[MASK]",
-        model_max_length=BERT["max_position_embeddings"],
+        model_max_length=max_length,
     )
     fast.save_pretrained(out)
     return fast

@@ -7,9 +7,16 @@ encoders that teams serve, at sizes a 2-core CPU runs in milliseconds.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
+
+_spec = importlib.util.spec_from_file_location(
+    "build_tiny_models", Path(__file__).resolve().parents[2] / "scripts" / "build_tiny_models.py"
+)
+_BUILD = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_BUILD)
 
 CORPUS = [
     "hetforge plans optimizes and serves agent pipelines on mixed hardware",
@@ -21,33 +28,8 @@ CORPUS = [
 
 
 def tokenizer(out: Path):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(
-        CORPUS,
-        trainers.WordPieceTrainer(
-            vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False
-        ),
-    )
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=64,
-    )
-    fast.save_pretrained(out)
-    return fast
+    """The example models' WordPiece tokenizer (scripts/build_tiny_models.py), trained on CORPUS, 200 tokens."""
+    return _BUILD.tokenizer(out, corpus=CORPUS, vocab_size=200, max_length=64)
 
 
 def bert(out: Path, classifier: bool = False, seed: int = 0) -> Path:
