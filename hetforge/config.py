@@ -94,3 +94,16 @@ def prometheus_url() -> str | None:
     re-optimization controller reads stage metrics through its HTTP API instead of this node's metrics files,
     so it sees replicas on every node of a cluster."""
     return os.environ.get("HETFORGE_PROMETHEUS_URL") or None
+
+
+def state_url() -> str | None:
+    """Where the registry and the serving boards live when not in the SQLite file under home_dir():
+    a PostgreSQL URL (HETFORGE_STATE_URL, e.g. postgresql://hetforge@db:5432/hetforge). Keep the
+    password out of it: libpq reads PGPASSWORD or PGPASSFILE."""
+    return os.environ.get("HETFORGE_STATE_URL") or None
+
+
+def state_retry_s() -> int:
+    """Seconds a state-store call keeps reconnecting (with backoff) to an unreachable database before it
+    fails (HETFORGE_STATE_RETRY_S, default 60)."""
+    return _int("HETFORGE_STATE_RETRY_S", 60, 0, 86_400)

@@ -1,8 +1,8 @@
 """The package layering, checked on the source: a rule broken anywhere fails here.
 
-Bottom to top: core (with config) < kernels < optimizer; core < spec; planners over spec and
-optimizer; serving over all of them; cli and demo on top. `core`, `kernels` and `optimizer` import
-only torch, triton, numpy and the standard library at module level: they run on a bare GPU host
+Bottom to top: core and state (with config) < kernels < optimizer; core < spec; planners over spec and
+optimizer; serving over all of them; cli and demo on top. `core`, `state`, `kernels` and `optimizer`
+import only torch, triton, numpy and the standard library at module level: they run on a bare GPU host
 that has no pydantic, ray or fastapi. Inside a hetforge package an import of hetforge itself sits at
 module level (an import inside a function would hide a cycle); only the CLI and the demo import
 hetforge modules lazily, so that `hetforge --help` starts without ray or torch.
@@ -24,15 +24,16 @@ ROOT = Path(__file__).resolve().parents[1] / "hetforge"
 ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "core": {"config"},
-    "kernels": {"core", "config"},
-    "optimizer": {"kernels", "core", "config"},
+    "state": {"config"},  # the SQL store under the registry and the boards; psycopg imported lazily
+    "kernels": {"state", "core", "config"},
+    "optimizer": {"kernels", "state", "core", "config"},
     "spec": {"core", "config"},
-    "planners": {"spec", "optimizer", "kernels", "core", "config"},
-    "serving": {"planners", "spec", "optimizer", "kernels", "core", "config"},
-    "cli": {"demo", "serving", "planners", "spec", "optimizer", "kernels", "core", "config"},
-    "demo": {"serving", "planners", "spec", "optimizer", "kernels", "core", "config"},
+    "planners": {"spec", "optimizer", "kernels", "state", "core", "config"},
+    "serving": {"planners", "spec", "optimizer", "kernels", "state", "core", "config"},
+    "cli": {"demo", "serving", "planners", "spec", "optimizer", "kernels", "state", "core", "config"},
+    "demo": {"serving", "planners", "spec", "optimizer", "kernels", "state", "core", "config"},
 }
-BARE_HOST = {"core", "kernels", "optimizer", "config"}  # runs where only these third-party packages exist
+BARE_HOST = {"core", "state", "kernels", "optimizer", "config"}  # runs where only these third-party packages exist
 BARE_HOST_PACKAGES = {"torch", "triton", "numpy"}
 LAZY_OK = {"cli", "demo"}  # may import hetforge modules inside functions (start-up time)
 
@@ -179,6 +180,8 @@ def test_hetforge_modules_import_no_cycle_at_module_level():
         ("from hetforge.planners.plan import build_plan\n", "hetforge/spec/load.py", "spec may not import planners"),
         ("import ray\n", "hetforge/optimizer/judge.py", "no module-level import of ray"),
         ("import pydantic\n", "hetforge/core/problem.py", "no module-level import of pydantic"),
+        ("import psycopg\n", "hetforge/state/postgres.py", "no module-level import of psycopg"),
+        ("from hetforge.kernels.registry import Registry\n", "hetforge/state/store.py", "state may not import kernels"),
         ("def f():\n    from hetforge.spec import graph\n", "hetforge/planners/plan.py", "imported inside a function"),
         ("def f():\n    import signal\n", "hetforge/optimizer/confine.py", "import it at module level"),
         (
@@ -199,6 +202,7 @@ def test_allowed_imports_are_not_reported():
         ("from hetforge.core.problem import Problem\n", "hetforge/serving/deployments.py"),
         ("import torch\nimport numpy as np\nimport json\n", "hetforge/optimizer/judge.py"),
         ("def f():\n    import openai\n", "hetforge/optimizer/llm_agent.py"),
+        ("def f():\n    import psycopg\n", "hetforge/state/postgres.py"),
         ("def f():\n    from hetforge.serving import deploy\n", "hetforge/cli/__init__.py"),
     ]
     for source, module in ok:

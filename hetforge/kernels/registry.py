@@ -1,8 +1,10 @@
 """The kernel registry: verified variants of stages, looked up by (stage fingerprint, device class,
-precision policy). SQLite is the embedded default.
+precision policy), in the state store (`hetforge.state`): an SQLite file by default, PostgreSQL for
+clusters ($HETFORGE_STATE_URL or a postgresql:// location).
 
-Every write is one transaction (WAL journal, busy timeout), so concurrent writers from several
-processes neither lose nor corrupt rows, and a crash mid-write leaves the previous state. A variant
+Every write is one statement or one transaction, so concurrent writers from several processes
+neither lose nor corrupt rows, and a crash mid-write leaves the previous state. A store that cannot
+be read or written raises `hetforge.state.StoreError` naming the database and the cause. A variant
 flagged `needs_review` is stored as `pending_review` and is never returned by `best()` until a
 human approves it. A variant found by a background job in production is stored as `canary`: verified,
 waiting for (or in) its rollout, and served only by that rollout until it is promoted to `active`.
@@ -10,19 +12,21 @@ waiting for (or in) its rollout, and served only by that rollout until it is pro
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hetforge import config
+from hetforge import state
 from hetforge.core.precision import serving_policies
 
 STATUSES = ("active", "pending_review", "canary", "rejected", "retired")
 
-_SCHEMA = """
+MIGRATIONS = [
+    state.Migration(
+        1,
+        "variants",
+        """
 CREATE TABLE IF NOT EXISTS variants (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     fingerprint TEXT NOT NULL,      -- the reference stage's fingerprint (code, arguments, signature)
@@ -41,7 +45,9 @@ CREATE TABLE IF NOT EXISTS variants (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS variants_lookup ON variants (fingerprint, device_class, precision, status);
-"""
+""",
+    ),
+]
 
 
 class RegistryError(Exception):
@@ -76,43 +82,17 @@ class Variant:
         return out
 
 
-def default_path() -> Path:
-    return config.home_dir() / "registry.sqlite"
+def default_path() -> str | Path:
+    """The default registry: $HETFORGE_STATE_URL when set, else $HETFORGE_HOME/registry.sqlite."""
+    return state.default_location()
 
 
 class Registry:
-    """Verified variants in one SQLite file."""
+    """Verified variants in the state store (an SQLite file or a PostgreSQL database)."""
 
     def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._session() as db:
-            db.executescript(_SCHEMA)
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA busy_timeout=60000")
-        return db
-
-    @contextlib.contextmanager
-    def _session(self, write: bool = False):
-        """A connection, closed afterwards; with `write`, one IMMEDIATE transaction, rolled back on error."""
-        db = self._connect()
-        try:
-            if write:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-            else:
-                yield db
-        finally:
-            db.close()
+        self.path = state.location_of(path)  # a file path, or a postgresql:// URL
+        self.store = state.open_store(self.path, "registry", MIGRATIONS)
 
     def add(
         self,
@@ -136,35 +116,32 @@ class Registry:
             raise RegistryError(f'Got "{status}" for status: one of {", ".join(STATUSES)}.')
         status = "pending_review" if verdict.get("needs_review") else (status or "active")
         now = time.time()
-        with self._session(write=True) as db:
-            cur = db.execute(
-                "INSERT INTO variants (fingerprint, device_class, precision, name, agent, source, recipe, signature, verdict,"
-                " reference_ms, candidate_ms, speedup, status, approver, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
-                (
-                    fingerprint,
-                    device_class,
-                    precision,
-                    name,
-                    agent,
-                    source,
-                    json.dumps(recipe or {}),
-                    json.dumps(signature or {}),
-                    json.dumps(verdict),
-                    verdict.get("reference_ms"),
-                    verdict.get("candidate_ms"),
-                    verdict.get("speedup"),
-                    status,
-                    now,
-                    now,
-                ),
-            )
-            new_id = cur.lastrowid
+        new_id = self.store.execute(
+            "INSERT INTO variants (fingerprint, device_class, precision, name, agent, source, recipe, signature, verdict,"
+            " reference_ms, candidate_ms, speedup, status, approver, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?) RETURNING id",
+            (
+                fingerprint,
+                device_class,
+                precision,
+                name,
+                agent,
+                source,
+                json.dumps(recipe or {}),
+                json.dumps(signature or {}),
+                json.dumps(verdict),
+                verdict.get("reference_ms"),
+                verdict.get("candidate_ms"),
+                verdict.get("speedup"),
+                status,
+                now,
+                now,
+            ),
+        ).fetchone()[0]
         return self.get(new_id)
 
     def get(self, variant_id: int) -> Variant:
-        with self._session() as db:
-            row = db.execute("SELECT * FROM variants WHERE id = ?", (variant_id,)).fetchone()
+        row = self.store.execute("SELECT * FROM variants WHERE id = ?", (variant_id,)).fetchone()
         if row is None:
             raise RegistryError(f"no variant with id {variant_id}")
         return _variant(row)
@@ -178,8 +155,7 @@ class Registry:
                 clauses.append(f"{column} = ?")
                 args.append(value)
         where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-        with self._session() as db:
-            rows = db.execute(f"SELECT * FROM variants{where} ORDER BY id", args).fetchall()
+        rows = self.store.execute(f"SELECT * FROM variants{where} ORDER BY id", args).fetchall()
         return [_variant(r) for r in rows]
 
     def best(self, fingerprint: str, device_class: str, precision: str) -> Variant | None:
@@ -189,25 +165,24 @@ class Registry:
         """
         allowed = serving_policies(precision)
         marks = ",".join("?" * len(allowed))
-        with self._session() as db:
-            row = db.execute(
-                f"SELECT * FROM variants WHERE fingerprint = ? AND device_class = ? AND precision IN ({marks}) AND status = 'active'"
-                " ORDER BY speedup DESC, id DESC LIMIT 1",
-                (fingerprint, device_class, *allowed),
-            ).fetchone()
+        # NULLS LAST: PostgreSQL sorts NULL first under DESC, SQLite last; a variant with no speedup never wins
+        row = self.store.execute(
+            f"SELECT * FROM variants WHERE fingerprint = ? AND device_class = ? AND precision IN ({marks}) AND status = 'active'"
+            " ORDER BY speedup DESC NULLS LAST, id DESC LIMIT 1",
+            (fingerprint, device_class, *allowed),
+        ).fetchone()
         return _variant(row) if row else None
 
     def set_status(self, variant_id: int, status: str, approver: str | None = None) -> Variant:
         """Approve (active), reject, or retire a variant; records who did it."""
         if status not in STATUSES:
             raise RegistryError(f'Got "{status}" for status: one of {", ".join(STATUSES)}.')
-        with self._session(write=True) as db:
-            cur = db.execute(
-                "UPDATE variants SET status = ?, approver = COALESCE(?, approver), updated_at = ? WHERE id = ?",
-                (status, approver, time.time(), variant_id),
-            )
-            if cur.rowcount == 0:
-                raise RegistryError(f"no variant with id {variant_id}")
+        cur = self.store.execute(
+            "UPDATE variants SET status = ?, approver = COALESCE(?, approver), updated_at = ? WHERE id = ?",
+            (status, approver, time.time(), variant_id),
+        )
+        if cur.rowcount == 0:
+            raise RegistryError(f"no variant with id {variant_id}")
         return self.get(variant_id)
 
     def export(self, variant_id: int, out_dir: str | Path) -> tuple[Path, Path]:
@@ -222,7 +197,7 @@ class Registry:
         return source_path, meta_path
 
 
-def _variant(row: sqlite3.Row) -> Variant:
+def _variant(row) -> Variant:
     d = dict(row)
     for key in ("recipe", "signature", "verdict"):
         d[key] = json.loads(d[key])

@@ -49,6 +49,7 @@ from hetforge.serving.swap_control import SwapBoard, SwapError, request_swap
 from hetforge.spec.graph import PipelineGraph
 from hetforge.spec.models import ModelStage, Pipeline
 from hetforge.spec.stages import stage_problem
+from hetforge.state import local_dir
 
 
 # ---------------------------------------------------------------------------------------------- controller
@@ -92,7 +93,7 @@ class Controller:
         self.heartbeats = SwapBoard(registry_path)
         self.metrics_source, self.launcher, self.swapper = metrics_source, launcher, swapper
         self.metrics, self.clock = metrics, clock
-        self.scratch = scratch or str(Path(registry_path).parent / "jobs")
+        self.scratch = scratch or str(local_dir(registry_path) / "jobs")  # registry_path may be a postgresql:// URL
         self.snapshots: collections.deque = collections.deque()  # (time, stage counters, stage signatures)
         self.settled_at: dict[str, float] = {}  # stage -> when its last rollout ended
         self.baseline_p50: dict[str, float] = self._baselines_from_audit()

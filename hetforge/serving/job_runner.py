@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from hetforge.optimizer.registration import register_winner
 from hetforge.optimizer.report import OptimizeReport
 from hetforge.optimizer.supervisor import OptimizeTask, optimize
 from hetforge.serving.jobs import HEARTBEAT_S, JobBoard, JobSpec
+from hetforge.state import StoreError
 
 UNVERIFIED = "unverified"  # the reject kind of a candidate refused before any verification (no code came back)
 
@@ -210,7 +210,7 @@ def run_job(spec: JobSpec) -> dict:
         while not stop.wait(HEARTBEAT_S):
             try:
                 board.beat(spec.job_id)
-            except sqlite3.Error:
+            except StoreError:  # the store is away (restarting): the next beat tries again
                 continue
 
     threading.Thread(target=beat, daemon=True, name=f"job-{spec.job_id}-heartbeat").start()

@@ -1,7 +1,7 @@
 """Optimization jobs started by the controller: their records and the spec a job runs from.
 
 A job optimizes one model stage for the input signatures production sends it. Its record lives in
-the registry's SQLite file (`jobs`): queued (by the controller, the API or `hetforge approvals
+the registry's store (`jobs`): queued (by the controller, the API or `hetforge approvals
 guide`), running (with a heartbeat the job itself writes), then done or failed. At most one job per
 stage is queued or running; the check and the insert are one transaction, so two controllers (or a
 restarted one) never start a stage's job twice, and a running job whose heartbeat stops is marked
@@ -14,11 +14,11 @@ starts it, are in `job_runner.py`.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import asdict, dataclass
 
-from hetforge.serving.boards import SqliteBoard
+from hetforge import state
+from hetforge.serving.boards import Board
 from hetforge.serving.rollout import RolloutBoard
 from hetforge.serving.swap_control import SwapError
 
@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_stage ON jobs (pipeline, stage, state);
 """
+MIGRATIONS = [state.Migration(1, "jobs", _SCHEMA)]
 HEARTBEAT_S = 2.0
 LOST_AFTER_S = 60.0  # a running job silent this long is counted lost (its process died with its node)
 
@@ -101,46 +102,41 @@ class JobSpec:
         )
 
 
-class JobBoard(SqliteBoard):
-    SCHEMA = _SCHEMA
+class JobBoard(Board):
+    COMPONENT, MIGRATIONS = "jobs", MIGRATIONS
 
     def queue(
         self, pipeline: str, stage: str, trigger: str, reason: str, signatures: list[str], hint: str = ""
     ) -> Job | None:
         """A queued job, or None when the stage already has one queued or running."""
-        db = self._db()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            busy = db.execute(
+
+        def check_and_insert(tx: state.Tx) -> int | None:
+            busy = tx.execute(
                 "SELECT 1 FROM jobs WHERE pipeline = ? AND stage = ? AND state IN ('queued', 'running')",
                 (pipeline, stage),
             ).fetchone()
             if busy:
-                db.execute("ROLLBACK")
                 return None
-            job_id = db.execute(
+            return tx.execute(
                 "INSERT INTO jobs (pipeline, stage, trigger, reason, hint, signatures, state, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?) RETURNING id",
                 (pipeline, stage, trigger, reason[:2000], hint[:4000], json.dumps(signatures), time.time()),
-            ).lastrowid
-            db.execute("COMMIT")
-        finally:
-            db.close()
-        return self.get(job_id)
+            ).fetchone()[0]
+
+        job_id = self.store.atomic(check_and_insert, lock="hetforge-jobs")
+        return None if job_id is None else self.get(job_id)
 
     def claim(self, job_id: int) -> bool:
         """queued -> running; False when someone else took it (the launch that wins runs it)."""
         now = time.time()
-        with self._db() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state = 'running', started_at = ?, heartbeat_at = ? WHERE id = ? AND state = 'queued'",
-                (now, now, job_id),
-            )
+        cur = self.store.execute(
+            "UPDATE jobs SET state = 'running', started_at = ?, heartbeat_at = ? WHERE id = ? AND state = 'queued'",
+            (now, now, job_id),
+        )
         return cur.rowcount == 1
 
     def beat(self, job_id: int) -> None:
-        with self._db() as db:
-            db.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND state = 'running'", (time.time(), job_id))
+        self.store.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND state = 'running'", (time.time(), job_id))
 
     def finish(
         self,
@@ -150,24 +146,22 @@ class JobBoard(SqliteBoard):
         summary: dict | None = None,
         error: str | None = None,
     ) -> bool:
-        with self._db() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state = ?, variant_id = ?, summary = ?, error = ?, finished_at = ? WHERE id = ?"
-                " AND state IN ('queued', 'running')",
-                (
-                    state,
-                    variant_id,
-                    json.dumps(summary, default=str) if summary is not None else None,
-                    (error or "")[:4000] or None,
-                    time.time(),
-                    job_id,
-                ),
-            )
+        cur = self.store.execute(
+            "UPDATE jobs SET state = ?, variant_id = ?, summary = ?, error = ?, finished_at = ? WHERE id = ?"
+            " AND state IN ('queued', 'running')",
+            (
+                state,
+                variant_id,
+                json.dumps(summary, default=str) if summary is not None else None,
+                (error or "")[:4000] or None,
+                time.time(),
+                job_id,
+            ),
+        )
         return cur.rowcount == 1
 
     def get(self, job_id: int) -> Job:
-        with self._db() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self.store.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise KeyError(f"no job {job_id}")
         return _job(row)
@@ -180,8 +174,7 @@ class JobBoard(SqliteBoard):
             query, args = query + " AND stage = ?", args + [stage]
         if states:
             query, args = query + f" AND state IN ({','.join('?' * len(states))})", args + list(states)
-        with self._db() as db:
-            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", args + [limit]).fetchall()
+        rows = self.store.execute(query + " ORDER BY id DESC LIMIT ?", args + [limit]).fetchall()
         return [_job(r) for r in reversed(rows)]
 
     def mark_lost(self, pipeline: str, now: float | None = None) -> list[Job]:
@@ -193,7 +186,7 @@ class JobBoard(SqliteBoard):
         return lost
 
 
-def _job(row: sqlite3.Row) -> Job:
+def _job(row) -> Job:
     d = dict(row)
     d["signatures"] = json.loads(d["signatures"])
     d["summary"] = json.loads(d["summary"]) if d["summary"] else None

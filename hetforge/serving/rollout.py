@@ -1,7 +1,7 @@
 """Canary rollouts of a new variant: the shared state, each replica's canary arm, and the analysis.
 
 A rollout is a plan of steps (an optional shadow step, then canary weights up to 100%) kept in the
-registry's SQLite file with the step it is at. The controller (`controller.py`) starts it, judges
+registry's store (`boards.py`) with the step it is at. The controller (`controller.py`) starts it, judges
 each step and records every decision with its numbers in the audit log (`rollout_events`).
 Replicas read it on every swap-watcher poll and run a `CanaryArm` beside their active module:
 
@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import json
 import random
-import sqlite3
 import statistics
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hetforge.serving.boards import SqliteBoard
+from hetforge import state
+from hetforge.serving.boards import Board
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS rollout_events (  -- the audit log: every decision, w
     step INTEGER, weight REAL, numbers TEXT NOT NULL, reason TEXT, actor TEXT NOT NULL, at REAL NOT NULL
 );
 """
+MIGRATIONS = [state.Migration(1, "rollouts, stats, audit log", _SCHEMA)]
 SAMPLES_KEPT = 1000  # forward times per arm a replica keeps for one step
 
 
@@ -125,10 +126,10 @@ def _q(samples: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
 
 
-class RolloutBoard(SqliteBoard):
-    """Rollouts, their per-replica stats and the audit log, in the registry's SQLite file."""
+class RolloutBoard(Board):
+    """Rollouts, their per-replica stats and the audit log, in the registry's store."""
 
-    SCHEMA = _SCHEMA
+    COMPONENT, MIGRATIONS = "rollouts", MIGRATIONS
 
     # -- rollouts
     def start(
@@ -136,28 +137,24 @@ class RolloutBoard(SqliteBoard):
     ) -> Rollout | None:
         """A new running rollout, or None when the stage already has one (one rollout per stage at a time)."""
         now = time.time()
-        db = self._db()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            busy = db.execute(
+
+        def check_and_insert(tx: state.Tx) -> int | None:
+            busy = tx.execute(
                 "SELECT 1 FROM rollouts WHERE pipeline = ? AND stage = ? AND state = 'running'", (pipeline, stage)
             ).fetchone()
             if busy:
-                db.execute("ROLLBACK")
                 return None
-            rid = db.execute(
+            return tx.execute(
                 "INSERT INTO rollouts (pipeline, stage, variant, job_id, plan, guard, step, state, step_started_at, created_at,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, 'running', ?, ?, ?)",
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, 'running', ?, ?, ?) RETURNING id",
                 (pipeline, stage, str(variant), job_id, json.dumps(plan), int(guard), now, now, now),
-            ).lastrowid
-            db.execute("COMMIT")
-        finally:
-            db.close()
-        return self.get(rid)
+            ).fetchone()[0]
+
+        rid = self.store.atomic(check_and_insert, lock="hetforge-rollouts")
+        return None if rid is None else self.get(rid)
 
     def get(self, rollout_id: int) -> Rollout:
-        with self._db() as db:
-            row = db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+        row = self.store.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
         if row is None:
             raise KeyError(f"no rollout {rollout_id}")
         return _rollout(row)
@@ -166,61 +163,60 @@ class RolloutBoard(SqliteBoard):
         query, args = "SELECT * FROM rollouts WHERE pipeline = ? AND state = 'running'", [pipeline]
         if stage is not None:
             query, args = query + " AND stage = ?", args + [stage]
-        with self._db() as db:
-            return [_rollout(r) for r in db.execute(query + " ORDER BY id", args).fetchall()]
+        return [_rollout(r) for r in self.store.execute(query + " ORDER BY id", args).fetchall()]
 
     def recent(self, pipeline: str, limit: int = 20) -> list[Rollout]:
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT * FROM rollouts WHERE pipeline = ? ORDER BY id DESC LIMIT ?", (pipeline, limit)
-            ).fetchall()
+        rows = self.store.execute(
+            "SELECT * FROM rollouts WHERE pipeline = ? ORDER BY id DESC LIMIT ?", (pipeline, limit)
+        ).fetchall()
         return [_rollout(r) for r in rows]
 
     def advance(self, rollout: Rollout) -> Rollout:
         """The next step (only from the step it is at: a second controller cannot skip one)."""
         now = time.time()
-        with self._db() as db:
-            db.execute(
-                "UPDATE rollouts SET step = step + 1, step_started_at = ?, updated_at = ? WHERE id = ? AND step = ? AND state = 'running'",
-                (now, now, rollout.id, rollout.step),
-            )
+        self.store.execute(
+            "UPDATE rollouts SET step = step + 1, step_started_at = ?, updated_at = ? WHERE id = ? AND step = ? AND state = 'running'",
+            (now, now, rollout.id, rollout.step),
+        )
         return self.get(rollout.id)
 
     def finish(self, rollout: Rollout, state: str, reason: str) -> bool:
         """promoted or rolled_back; False when it was no longer running."""
-        with self._db() as db:
-            cur = db.execute(
-                "UPDATE rollouts SET state = ?, reason = ?, updated_at = ? WHERE id = ? AND state = 'running'",
-                (state, reason[:1000], time.time(), rollout.id),
-            )
+        cur = self.store.execute(
+            "UPDATE rollouts SET state = ?, reason = ?, updated_at = ? WHERE id = ? AND state = 'running'",
+            (state, reason[:1000], time.time(), rollout.id),
+        )
         return cur.rowcount == 1
 
     # -- stats
     def write_stats(self, rollout_id: int, step: int, replica: str, s: StepStats) -> None:
         """This replica's numbers for one step (replacing what it wrote before)."""
-        with self._db() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO rollout_stats VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    rollout_id,
-                    step,
-                    replica,
-                    s.canary_calls,
-                    s.baseline_calls,
-                    s.canary_errors,
-                    s.disagreements,
-                    json.dumps(s.canary_ms),
-                    json.dumps(s.baseline_ms),
-                    "; ".join(s.failures) or None,
-                    time.time(),
-                ),
-            )
+        self.store.execute(
+            "INSERT INTO rollout_stats (rollout_id, step, replica, canary_calls, baseline_calls, canary_errors,"
+            " disagreements, canary_ms, baseline_ms, failure, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (rollout_id, step, replica) DO UPDATE SET canary_calls = excluded.canary_calls,"
+            " baseline_calls = excluded.baseline_calls, canary_errors = excluded.canary_errors,"
+            " disagreements = excluded.disagreements, canary_ms = excluded.canary_ms,"
+            " baseline_ms = excluded.baseline_ms, failure = excluded.failure, updated_at = excluded.updated_at",
+            (
+                rollout_id,
+                step,
+                replica,
+                s.canary_calls,
+                s.baseline_calls,
+                s.canary_errors,
+                s.disagreements,
+                json.dumps(s.canary_ms),
+                json.dumps(s.baseline_ms),
+                "; ".join(s.failures) or None,
+                time.time(),
+            ),
+        )
 
     def step_stats(self, rollout_id: int, step: int) -> StepStats:
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT * FROM rollout_stats WHERE rollout_id = ? AND step = ?", (rollout_id, step)
-            ).fetchall()
+        rows = self.store.execute(
+            "SELECT * FROM rollout_stats WHERE rollout_id = ? AND step = ?", (rollout_id, step)
+        ).fetchall()
         total = StepStats()
         for r in rows:
             total.canary_calls += r["canary_calls"]
@@ -246,24 +242,23 @@ class RolloutBoard(SqliteBoard):
         reason: str = "",
         actor: str = "controller",
     ) -> None:
-        with self._db() as db:
-            db.execute(
-                "INSERT INTO rollout_events (pipeline, stage, rollout_id, variant, decision, step, weight, numbers, reason, actor, at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    pipeline,
-                    stage,
-                    rollout.id if rollout else None,
-                    variant or (rollout.variant if rollout else None),
-                    decision,
-                    rollout.step if rollout else None,
-                    rollout.weight if rollout else None,
-                    json.dumps(numbers or {}, default=str),
-                    reason[:2000],
-                    actor,
-                    time.time(),
-                ),
-            )
+        self.store.execute(
+            "INSERT INTO rollout_events (pipeline, stage, rollout_id, variant, decision, step, weight, numbers, reason, actor, at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                pipeline,
+                stage,
+                rollout.id if rollout else None,
+                variant or (rollout.variant if rollout else None),
+                decision,
+                rollout.step if rollout else None,
+                rollout.weight if rollout else None,
+                json.dumps(numbers or {}, default=str),
+                reason[:2000],
+                actor,
+                time.time(),
+            ),
+        )
 
     def events(
         self, pipeline: str, stage: str | None = None, limit: int = 200, decision: str | None = None
@@ -274,12 +269,11 @@ class RolloutBoard(SqliteBoard):
             query, args = query + " AND stage = ?", args + [stage]
         if decision is not None:
             query, args = query + " AND decision = ?", args + [decision]
-        with self._db() as db:
-            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", args + [limit]).fetchall()
+        rows = self.store.execute(query + " ORDER BY id DESC LIMIT ?", args + [limit]).fetchall()
         return [{**dict(r), "numbers": json.loads(r["numbers"])} for r in reversed(rows)]
 
 
-def _rollout(row: sqlite3.Row) -> Rollout:
+def _rollout(row) -> Rollout:
     d = dict(row)
     return Rollout(
         d["id"],

@@ -1,6 +1,6 @@
 """Swap requests to every replica of a stage, without restarting any.
 
-`hetforge swap` (and the API) writes a swap request into the registry's SQLite file; each replica
+`hetforge swap` (and the API) writes a swap request into the registry's store (`boards.py`); each replica
 of the stage runs a `SwapWatcher` (`swap_watcher.py`) that polls for requests newer than the one it applied, checks
 the variant on its own recent live inputs (`ModelStageRuntime.swap`) and writes back its outcome.
 The requester waits for the replicas' reports. This reaches every replica whatever the router
@@ -17,8 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hetforge import state
 from hetforge.kernels.registry import Registry, RegistryError
-from hetforge.serving.boards import SqliteBoard
+from hetforge.serving.boards import Board
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS swap_requests (
@@ -44,6 +45,7 @@ CREATE TABLE IF NOT EXISTS replica_signatures (  -- calls per input signature si
     PRIMARY KEY (pipeline, stage, replica)
 );
 """
+MIGRATIONS = [state.Migration(1, "swap requests, reports, heartbeats", _SCHEMA)]
 HEARTBEAT_S = 1.0  # a replica writes its heartbeat this often; one silent for 5 heartbeats is counted gone
 
 
@@ -55,82 +57,82 @@ class SwapReport:
     reason: str
 
 
-class SwapBoard(SqliteBoard):
-    """Swap requests and replica reports in one SQLite file (the registry's, by default)."""
+class SwapBoard(Board):
+    """Swap requests and replica reports in the registry's store."""
 
-    SCHEMA = _SCHEMA
+    COMPONENT, MIGRATIONS = "swaps", MIGRATIONS
 
     def request(self, pipeline: str, stage: str, variant: str, requested_by: str = "cli") -> int:
-        with self._db() as db:
-            return db.execute(
-                "INSERT INTO swap_requests (pipeline, stage, variant, requested_by, requested_at) VALUES (?, ?, ?, ?, ?)",
+        return int(
+            self.store.execute(
+                "INSERT INTO swap_requests (pipeline, stage, variant, requested_by, requested_at) VALUES (?, ?, ?, ?, ?)"
+                " RETURNING id",
                 (pipeline, stage, str(variant), requested_by, time.time()),
-            ).lastrowid
+            ).fetchone()[0]
+        )
 
     def latest(self, pipeline: str, stage: str) -> tuple[int, str] | None:
-        with self._db() as db:
-            row = db.execute(
-                "SELECT id, variant FROM swap_requests WHERE pipeline = ? AND stage = ? ORDER BY id DESC LIMIT 1",
-                (pipeline, stage),
-            ).fetchone()
+        row = self.store.execute(
+            "SELECT id, variant FROM swap_requests WHERE pipeline = ? AND stage = ? ORDER BY id DESC LIMIT 1",
+            (pipeline, stage),
+        ).fetchone()
         return (int(row[0]), row[1]) if row else None
 
     def report(self, request_id: int, replica: str, outcome: str, reason: str = "") -> None:
-        with self._db() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO swap_reports VALUES (?, ?, ?, ?, ?)",
-                (request_id, replica, outcome, reason, time.time()),
-            )
+        self.store.execute(
+            "INSERT INTO swap_reports (request_id, replica, outcome, reason, reported_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (request_id, replica) DO UPDATE SET outcome = excluded.outcome, reason = excluded.reason,"
+            " reported_at = excluded.reported_at",
+            (request_id, replica, outcome, reason, time.time()),
+        )
 
     def heartbeat(
         self, pipeline: str, stage: str, replica: str, active_variant: str, signatures: dict[str, int] | None = None
     ) -> None:
         now = time.time()
-        with self._db() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO replicas VALUES (?, ?, ?, ?, ?)",
-                (pipeline, stage, replica, active_variant, now),
+        self.store.execute(
+            "INSERT INTO replicas (pipeline, stage, replica, active_variant, seen_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (pipeline, stage, replica) DO UPDATE SET active_variant = excluded.active_variant,"
+            " seen_at = excluded.seen_at",
+            (pipeline, stage, replica, active_variant, now),
+        )
+        if signatures is not None:
+            self.store.execute(
+                "INSERT INTO replica_signatures (pipeline, stage, replica, counts, seen_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (pipeline, stage, replica) DO UPDATE SET counts = excluded.counts, seen_at = excluded.seen_at",
+                (pipeline, stage, replica, json.dumps(signatures), now),
             )
-            if signatures is not None:
-                db.execute(
-                    "INSERT OR REPLACE INTO replica_signatures VALUES (?, ?, ?, ?, ?)",
-                    (pipeline, stage, replica, json.dumps(signatures), now),
-                )
 
     def signatures(self, pipeline: str, stage: str, within_s: float = 5 * HEARTBEAT_S) -> dict[str, dict[str, int]]:
         """replica -> {signature: calls since it started}, for the replicas of a stage heard from within `within_s`."""
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT replica, counts FROM replica_signatures WHERE pipeline = ? AND stage = ? AND seen_at >= ?",
-                (pipeline, stage, time.time() - within_s),
-            ).fetchall()
+        rows = self.store.execute(
+            "SELECT replica, counts FROM replica_signatures WHERE pipeline = ? AND stage = ? AND seen_at >= ?",
+            (pipeline, stage, time.time() - within_s),
+        ).fetchall()
         return {r[0]: json.loads(r[1]) for r in rows}
 
     def alive(self, pipeline: str, stage: str, within_s: float = 5 * HEARTBEAT_S) -> dict[str, str]:
         """replica -> active variant, for the replicas of a stage heard from within `within_s`."""
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT replica, active_variant FROM replicas WHERE pipeline = ? AND stage = ? AND seen_at >= ?",
-                (pipeline, stage, time.time() - within_s),
-            ).fetchall()
+        rows = self.store.execute(
+            "SELECT replica, active_variant FROM replicas WHERE pipeline = ? AND stage = ? AND seen_at >= ?",
+            (pipeline, stage, time.time() - within_s),
+        ).fetchall()
         return dict(rows)
 
     def reports(self, request_id: int) -> list[SwapReport]:
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT request_id, replica, outcome, reason FROM swap_reports WHERE request_id = ? ORDER BY replica",
-                (request_id,),
-            ).fetchall()
+        rows = self.store.execute(
+            "SELECT request_id, replica, outcome, reason FROM swap_reports WHERE request_id = ? ORDER BY replica",
+            (request_id,),
+        ).fetchall()
         return [SwapReport(int(r[0]), r[1], r[2], r[3] or "") for r in rows]
 
     def recent(self, pipeline: str, limit: int = 20) -> list[dict]:
         """The latest swap requests, newest first, each with its replicas' outcomes."""
-        with self._db() as db:
-            rows = db.execute(
-                "SELECT id, stage, variant, requested_by, requested_at FROM swap_requests WHERE pipeline = ? "
-                "ORDER BY id DESC LIMIT ?",
-                (pipeline, limit),
-            ).fetchall()
+        rows = self.store.execute(
+            "SELECT id, stage, variant, requested_by, requested_at FROM swap_requests WHERE pipeline = ? "
+            "ORDER BY id DESC LIMIT ?",
+            (pipeline, limit),
+        ).fetchall()
         return [
             {
                 "id": r[0],
@@ -186,6 +188,7 @@ def request_swap(
 ) -> dict:
     """Check the request, post it, wait for `replicas` reports: {"ok", "request_id", "reports", ...}.
 
+    A store that cannot be read or written is a SwapError with status 503 and the store's message.
     Refused up front (SwapError): an unknown stage, a stage that is not a model stage, a variant that
     is not in the registry or not active (verified and approved). Each replica then checks the variant
     on its own live inputs and reports swapped or refused.
@@ -200,11 +203,14 @@ def request_swap(
             f"swap refused: stage {stage} is a {pipeline.stage(stage).kind} stage; only model stages have kernel variants",
             400,
         )
-    variant = check_variant(registry_path, variant)
-    board = SwapBoard(registry_path)
-    replicas = max(replicas, len(board.alive(pipeline.name, stage)))
-    request_id = board.request(pipeline.name, stage, variant, requested_by="api")
-    reports = board.wait(request_id, replicas, wait_s)
+    try:
+        variant = check_variant(registry_path, variant)
+        board = SwapBoard(registry_path)
+        replicas = max(replicas, len(board.alive(pipeline.name, stage)))
+        request_id = board.request(pipeline.name, stage, variant, requested_by="api")
+        reports = board.wait(request_id, replicas, wait_s)
+    except state.StoreError as err:  # the registry cannot be read or written: say so, with its cause
+        raise SwapError(f"swap failed: {err}", 503) from None
     return {
         "ok": bool(reports) and all(r.outcome == "swapped" for r in reports),
         "request_id": request_id,
