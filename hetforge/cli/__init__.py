@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from hetforge import __version__
-from hetforge.cli import approvals, dashboards, demo, kernels, optimize, plan, serve, spec, verify
+from hetforge.cli import approvals, dashboards, demo, kernels, optimize, plan, registry, serve, spec, verify
 
 app = typer.Typer(
     name="hetforge",
@@ -60,11 +60,17 @@ for command in (
     app.command()(command)
 app.add_typer(kernels.app, name="kernels")
 app.add_typer(approvals.app, name="approvals")
+app.add_typer(registry.app, name="registry")
 
 
 def main() -> None:
     """Console-script entry point."""
+    from hetforge.state import StoreError  # standard library only: `--help` stays fast
+
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except StoreError as err:  # the registry is missing, damaged or unreachable: one line with its fix, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

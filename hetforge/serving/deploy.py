@@ -24,7 +24,7 @@ import ray
 from ray import serve
 
 from hetforge.config import home_dir
-from hetforge.kernels.registry import default_path
+from hetforge.kernels.registry import Registry, default_path
 from hetforge.planners import devices
 from hetforge.planners.plan import build_plan
 from hetforge.planners.profiles import ProfileCache
@@ -155,6 +155,7 @@ def deploy(
     shutil.rmtree(metrics_dir, ignore_errors=True)  # counters of an earlier deployment must not add up with these
     metrics_dir.mkdir(parents=True)
     registry_path = registry_path or str(default_path())
+    Registry(registry_path)  # a missing, damaged or unreachable registry fails here, in one line, before Ray starts
     _ray_init(address, metrics_dir, _cpus_wanted(pipeline, placement))
     record = Deployment(
         pipeline.name,

@@ -45,6 +45,7 @@ __all__ = [
     "forget",
     "is_url",
     "local_dir",
+    "location_of",
     "open_store",
     "redact",
 ]
