@@ -80,7 +80,7 @@ class PostgresStore(Store):
         self._local = threading.local()
         self._all: list = []  # every thread's connection, to close them all
         self._all_lock = threading.Lock()
-        self.reconnects = 0  # connections opened again after one was lost (observability and tests)
+        self.retries = 0  # calls tried again after the connection was lost or could not be opened
 
     def dialect(self, ddl: str) -> str:
         # AUTOINCREMENT ids become identity columns; REAL is 4 bytes in PostgreSQL (timestamps need 8)
@@ -96,9 +96,7 @@ class PostgresStore(Store):
         conn = psycopg.connect(
             self.url, autocommit=True, row_factory=_row_factory, connect_timeout=self.connect_timeout_s
         )
-        if getattr(self._local, "had", False):
-            self.reconnects += 1
-        self._local.conn, self._local.had = conn, True
+        self._local.conn = conn
         with self._all_lock:
             self._all.append(conn)
         return conn
@@ -129,6 +127,7 @@ class PostgresStore(Store):
                 if not lost:
                     raise StoreUnavailable(f"{self.location}: {err}", self.location, str(err)) from None
                 self._drop()
+                self.retries += 1
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailable(
                         f"{self.location} unreachable for {self.retry_s:g} s ($HETFORGE_STATE_RETRY_S): {str(err).strip()}",
