@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The test command: set up .venv (and, as root or with sudo on Debian, a Prometheus server and a headless
-# Chromium for the serving tests), then run the whole test suite. Extra arguments go to pytest.
+# Chromium for the serving tests, PostgreSQL for the state-store tests), then run the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 missing=""
 command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+# the state-store tests start a throwaway PostgreSQL cluster with Debian's server binaries
+ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || missing="$missing postgresql"
 if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then as_root=""; elif sudo -n true 2>/dev/null; then as_root="sudo -n"; else as_root="none"; fi
   if [ "$as_root" != none ]; then

@@ -137,15 +137,13 @@ def test_rayservice_metrics_folder_exporter_and_scrape_config_agree():
         ray_container = next(c for n, c in containers.items() if n != "metrics-exporter")
         mounts = {m["mountPath"]: m["name"] for m in ray_container["volumeMounts"]}
         assert "emptyDir" in volumes[mounts[folder]]  # the replicas' files, per pod, shared with the exporter
-        assert volumes[mounts[env["HETFORGE_HOME"]]]["persistentVolumeClaim"]["claimName"] == "hetforge-home"
+        assert "emptyDir" in volumes[mounts[env["HETFORGE_HOME"]]]  # per pod: shared state is in PostgreSQL
         assert group["template"]["metadata"]["labels"]["hetforge.dev/metrics"] == "true"
     scrape = yaml.safe_load(_yaml(K8S / "prometheus-scrape.yaml")[0]["data"]["prometheus.yml"])["scrape_configs"][0]
     assert scrape["metrics_path"] == "/metrics"
     keeps = {tuple(r["source_labels"]): r["regex"] for r in scrape["relabel_configs"] if r.get("action") == "keep"}
     assert keeps[("__meta_kubernetes_pod_label_hetforge_dev_metrics",)] == "true"
     assert keeps[("__meta_kubernetes_pod_container_port_name",)] == "metrics"
-    pvc = next(d for d in _yaml(K8S / "storage.yaml") if d["kind"] == "PersistentVolumeClaim")
-    assert pvc["metadata"]["name"] == "hetforge-home" and "ReadWriteMany" in pvc["spec"]["accessModes"]
 
 
 def test_worker_groups_are_the_planners_device_classes():
@@ -188,3 +186,44 @@ def test_head_script_deploys_with_the_cli():
     serve_line = next(line for line in text.splitlines() if line.startswith("hetforge serve"))
     args = shlex.split(serve_line)
     assert "--address" in args and "--host" in args
+
+
+# ---------------------------------------------------------------------------------------------- PostgreSQL
+def test_kubernetes_runs_postgresql_with_its_volume_and_every_ray_container_reaches_it():
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _yaml(K8S / "postgres.yaml")}
+    sts, svc = docs[("StatefulSet", "postgres")], docs[("Service", "postgres")]
+    assert "postgres.yaml" in _yaml(K8S / "kustomization.yaml")[0]["resources"]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    (container,) = sts["spec"]["template"]["spec"]["containers"]
+    assert {"name": claim["metadata"]["name"], "mountPath": "/var/lib/postgresql/data"} in container["volumeMounts"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "hetforge-postgres", "key": "password"}
+    assert svc["spec"]["ports"][0]["port"] == 5432 and svc["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+    cluster = _rayservice()["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]:
+        ray_container = group["template"]["spec"]["containers"][0]
+        ray_env = {e["name"]: e for e in ray_container["env"]}
+        url = ray_env["HETFORGE_STATE_URL"]["value"]
+        assert (
+            url
+            == f"postgresql://{env['POSTGRES_USER']['value']}@postgres.hetforge.svc:5432/{env['POSTGRES_DB']['value']}"
+        )
+        assert ray_env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "hetforge-postgres", "key": "password"}
+    serve_config = yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])
+    assert "registry" not in serve_config["applications"][0]["args"]  # $HETFORGE_STATE_URL decides
+    for path in K8S.glob("*.yaml"):
+        assert "ReadWriteMany" not in path.read_text(), path
+        assert "password:" not in path.read_text().replace("key: password", ""), path  # no password in a file
+
+
+def test_compose_runs_postgresql_and_takes_the_password_from_the_shell():
+    services = _yaml(DEPLOY / "compose.yaml")[0]["services"]
+    pg = services["postgres"]
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in pg["volumes"])
+    assert pg["environment"]["POSTGRES_PASSWORD"].startswith("${HETFORGE_DB_PASSWORD:?")
+    for name in ("ray-head", "ray-worker-cpu", "ray-worker-gpu"):
+        env = services[name]["environment"]
+        assert env["HETFORGE_STATE_URL"] == "postgresql://hetforge@postgres:5432/hetforge", name
+        assert env["PGPASSWORD"] == pg["environment"]["POSTGRES_PASSWORD"], name
+        assert services[name]["depends_on"]["postgres"] == {"condition": "service_healthy"}, name
+    assert "postgres" in (DEPLOY / "Dockerfile").read_text()  # the image installs the postgres extra (psycopg)

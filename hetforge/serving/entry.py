@@ -10,8 +10,8 @@
 It does what `hetforge serve --address` does inside the cluster: loads and checks the pipeline,
 plans it on the cluster's devices (`planners.devices.ray_inventory`: GPU models from Ray's
 accelerator_type, CPU node groups from `cpu_class:<name>`), and builds the application. The
-registry is `args.registry` or `$HETFORGE_HOME/registry.sqlite` (on a cluster: a volume every node
-mounts), the metrics folder `$PROMETHEUS_MULTIPROC_DIR` (per node; `metrics_exporter` serves it).
+registry is `args.registry`, else `$HETFORGE_STATE_URL` (on a cluster: PostgreSQL), else
+`$HETFORGE_HOME/registry.sqlite`; the metrics folder `$PROMETHEUS_MULTIPROC_DIR` (per node; `metrics_exporter` serves it).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from hetforge.config import home_dir
+from hetforge.kernels.registry import default_path
 from hetforge.planners import devices
 from hetforge.serving.deploy import check_servable, placement_for
 from hetforge.serving.deployments import build_app
@@ -37,7 +38,7 @@ def app(args: dict):
     base_dir = pipeline_file.resolve().parent
     check_servable(pipeline, base_dir)
     placement, _ = placement_for(pipeline, base_dir, devices.ray_inventory())
-    registry_path = str(args.get("registry") or home_dir() / "registry.sqlite")
+    registry_path = str(args.get("registry") or default_path())
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or str(home_dir() / "serve" / f"{pipeline.name}.metrics")
     os.makedirs(metrics_dir, exist_ok=True)
     return build_app(pipeline, base_dir, placement, registry_path, metrics_dir)
