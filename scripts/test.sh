@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: set up .venv (and, as root or with sudo on Debian, a Prometheus server and a headless
-# Chromium for the serving tests, PostgreSQL for the state-store tests), then run the whole test suite. Extra arguments go to pytest.
+# Chromium for the serving tests, PostgreSQL for the state-store tests), then run the whole test suite.
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
