@@ -107,3 +107,9 @@ def state_retry_s() -> int:
     """Seconds a state-store call keeps reconnecting (with backoff) to an unreachable database before it
     fails (HETFORGE_STATE_RETRY_S, default 60)."""
     return _int("HETFORGE_STATE_RETRY_S", 60, 0, 86_400)
+
+
+def registry_backup_s() -> int:
+    """How often a local `hetforge serve` backs its SQLite registry up into `backups/` beside it, the newest 24 kept
+    (HETFORGE_REGISTRY_BACKUP_S, default 3600; 0 turns it off)."""
+    return _int("HETFORGE_REGISTRY_BACKUP_S", 3600, 0, 7 * 86_400)

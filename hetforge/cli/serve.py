@@ -61,12 +61,27 @@ def serve(
     )
     if address is not None:
         return
+    backups = _backups(record.registry_path)
     wait_for_stop()
+    if backups is not None:
+        backups.stop()
     from ray import serve as ray_serve
 
     ray_serve.shutdown()
     dep.state_path(record.pipeline).unlink(missing_ok=True)
     typer.echo(f"stopped {record.pipeline}")
+
+
+def _backups(registry_path: str):
+    """Regular online backups of an SQLite registry while this process serves (a PostgreSQL one has its own tools)."""
+    from hetforge.config import registry_backup_s
+    from hetforge.state import is_url
+    from hetforge.state.backup import Schedule
+
+    every = registry_backup_s()
+    if is_url(registry_path) or every == 0:
+        return None
+    return Schedule(registry_path, every, keep=24).start()
 
 
 def wait_for_stop() -> None:

@@ -148,6 +148,23 @@ def test_an_online_backup_while_writing_then_restore(reg_path):
     _add(restored, "writable")  # the restored file is a working registry
 
 
+def test_scheduled_backups_keep_the_newest(reg_path):
+    _add(Registry(reg_path), "v")
+    schedule = backups.Schedule(reg_path, every_s=0.1, keep=2).start()
+    folder = reg_path.parent / "backups"
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(folder.glob("registry-*.sqlite"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first = sorted(folder.glob("registry-*.sqlite"))[0]
+        while first.exists() and time.monotonic() < deadline:  # a third run prunes the oldest
+            time.sleep(0.1)
+    finally:
+        schedule.stop()
+    assert schedule.last_error == "" and schedule.last is not None
+    assert not first.exists() and len(list(folder.glob("registry-*.sqlite"))) == 2
+
+
 def test_restore_refuses_what_is_not_a_registry_backup(reg_path, tmp_path):
     Registry(reg_path)
     junk = tmp_path / "junk.sqlite"
