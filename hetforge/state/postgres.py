@@ -53,6 +53,17 @@ def _row_factory(cursor):
     return lambda values: Row(tuple(values), index)
 
 
+def _psycopg():
+    """The psycopg module, or StoreUnavailable saying how to install it (only PostgreSQL deployments need it)."""
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreUnavailable(
+            "a postgresql:// state location needs psycopg 3: pip install 'hetforge[postgres]'"
+        ) from None
+    return psycopg
+
+
 def to_pg(sql: str) -> str:
     """`?` parameters as psycopg's `%s` (a literal `%` doubled)."""
     return sql.replace("%", "%%").replace("?", "%s")
@@ -88,8 +99,7 @@ class PostgresStore(Store):
         return re.sub(r"\bREAL\b", "DOUBLE PRECISION", ddl)
 
     def _conn(self):
-        import psycopg  # optional: only a PostgreSQL deployment needs it
-
+        psycopg = _psycopg()
         conn = getattr(self._local, "conn", None)
         if conn is not None and not conn.closed:
             return conn
@@ -111,8 +121,7 @@ class PostgresStore(Store):
                     self._all.remove(conn)
 
     def _retrying(self, fn: Callable[[Any], T]) -> T:
-        import psycopg
-
+        psycopg = _psycopg()
         deadline = time.monotonic() + self.retry_s
         delay = BACKOFF_FIRST_S
         while True:

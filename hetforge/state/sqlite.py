@@ -11,6 +11,7 @@ on a network filesystem; clusters use PostgreSQL.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import urllib.parse
@@ -79,7 +80,7 @@ class SqliteStore(Store):
         else:
             self.check()
         if not marker.exists():
-            tmp = marker.with_name(marker.name + ".tmp")
+            tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")  # per process: two first opens may race
             tmp.write_text(json.dumps({"created_at": time.time(), "path": str(self.path)}) + "\n")
             tmp.replace(marker)
 
