@@ -136,16 +136,19 @@ class SqliteStore(Store):
         return StoreUnavailable(f"the registry {self.path} refused the operation: {text}", self.location, text)
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Result:
-        return self.atomic(lambda tx: tx.execute(sql, args), lock=None)
+        return self._run(lambda tx: tx.execute(sql, args), begin=False)
 
-    def atomic(self, fn: Callable[[Tx], T], lock: str | None = "") -> T:
-        """`fn(tx)` in one `BEGIN IMMEDIATE` transaction (SQLite has one writer: that is the lock); `lock=None`: autocommit."""
+    def atomic(self, fn: Callable[[Tx], T], lock: str = "") -> T:
+        """`fn(tx)` in one `BEGIN IMMEDIATE` transaction: SQLite has one writer, which is the lock whatever its name."""
+        return self._run(fn, begin=True)
+
+    def _run(self, fn: Callable[[Tx], T], begin: bool) -> T:
         try:
             db = self._connect()
         except sqlite3.Error as err:
             raise self._error(err) from None
         try:
-            if lock is None:
+            if not begin:
                 return fn(_SqliteTx(db))
             db.execute("BEGIN IMMEDIATE")
             try:

@@ -79,7 +79,7 @@ def test_a_corrupt_file_at_start_is_one_error_with_the_path_and_the_fix(reg_path
     assert str(reg_path) in str(err.value) and "hetforge registry reset" in str(err.value)
 
 
-def test_a_write_that_fails_is_an_error_with_its_cause(reg_path, monkeypatch):
+def test_a_write_that_fails_is_an_error_with_its_cause(reg_path):
     Registry(reg_path)
     store = SqliteStore(reg_path, timeout_s=0.2)
     locker = sqlite3.connect(reg_path, isolation_level=None)
