@@ -177,7 +177,7 @@ def test_stages_land_on_their_device_class_nodes_and_jobs_on_the_target_device_n
         job_id = queued.json()["queued"]["id"]
         from hetforge.serving.jobs import JobBoard
 
-        board = JobBoard(cluster["home"] / "registry.sqlite")
+        board = JobBoard(os.environ.get("HETFORGE_STATE_URL") or cluster["home"] / "registry.sqlite")
         deadline = time.monotonic() + 400
         while board.get(job_id).state not in ("done", "failed"):
             assert time.monotonic() < deadline, board.get(job_id)
