@@ -292,6 +292,8 @@ def summarize(report: OptimizeReport) -> dict:
         "winner_agent": report.winner.agent if report.winner else None,
         "speedup_vs_eager": report.speedup_vs_eager,
         "speedup_vs_compile": report.speedup_vs_compile,
+        "compile_baseline": report.compile_baseline,
+        "claim": report.claim,
         "elapsed_s": round(report.elapsed_s, 2),
         "candidates": len(report.candidates),
         "accepted": sum(c.status in ("accepted", "winner") for c in report.candidates),
