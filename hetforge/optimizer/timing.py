@@ -184,7 +184,7 @@ class Timing:
         self.verdict.spread = {
             "reference": spread(ref.per_call_ms, [w / n for w in ref.window_ms]),
             "candidate": spread(cand.per_call_ms, host_per_call),
-            "rounds": self.opt.rounds,
+            "rounds": len(ref.rounds_ms),
             "calls_per_round": n,
         }
         if self.opt.flag_speedup and self.verdict.speedup > self.opt.review_speedup:
