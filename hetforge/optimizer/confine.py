@@ -348,26 +348,58 @@ def _owned(proc: Path) -> bool:
         return False
 
 
-def make_pids_cgroup(name: str, max_procs: int) -> str | None:
-    """A pids cgroup for one worker (None when this host does not let us make one): v2, or v1's pids hierarchy."""
-    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
-        if not (root / "cgroup.procs").exists() or (
-            root == Path("/sys/fs/cgroup")
-            and not (root / "pids.max").exists()
-            and "pids" not in _read(root / "cgroup.subtree_control")
-        ):
-            continue
+def cgroup_roots() -> list[Path]:
+    """Where worker cgroups are made: cgroup v1's pids hierarchy and the v2 hierarchy (pure, or a hybrid's unified)."""
+    candidates = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
+    return [root for root in candidates if (root / "cgroup.procs").exists()]
+
+
+def make_worker_cgroups(name: str, max_procs: int) -> dict[str, str | None]:
+    """One worker's cgroups (None where this host does not let us make one): `pids`, whose pids.max bounds its
+    process count, and `kill`, a v2 cgroup whose `cgroup.kill` (Linux 5.14+) kills every member at once, stopped
+    ones included. On a pure v2 host with the pids controller one folder serves both."""
+    made: dict[str, str | None] = {"pids": None, "kill": None}
+    for root in cgroup_roots():
+        v2 = (root / "cgroup.controllers").exists()
+        # v1: a hierarchy of its own per controller (the pids one); v2: the pids controller enabled for children
+        has_pids = root.name == "pids" if not v2 else "pids" in _read(root / "cgroup.subtree_control")
+        if made["pids"] and (made["kill"] or not v2):
+            break
         path = root / f"hetforge-{name}"
         try:
             path.mkdir(exist_ok=True)
-            (path / "pids.max").write_text(str(max_procs))
-            return str(path)
         except OSError:
+            continue
+        used = False
+        if has_pids and not made["pids"]:
             try:
-                path.rmdir()
+                (path / "pids.max").write_text(str(max_procs))
+                made["pids"], used = str(path), True
             except OSError:
                 pass
-    return None
+        if v2 and not made["kill"] and (path / "cgroup.kill").exists():
+            made["kill"], used = str(path), True
+        if not used:
+            _rmdir(path)
+    return made
+
+
+def join_cgroups(pid: int, paths: list[str]) -> list[str]:
+    """Move process `pid` into each cgroup of `paths`; returns those it could not join, with the reason."""
+    failed = []
+    for path in paths:
+        try:
+            Path(path, "cgroup.procs").write_text(str(pid))
+        except OSError as err:
+            failed.append(f"{path}: {err.strerror}")
+    return failed
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
 
 
 def remove_cgroup(path: str | None) -> None:

@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,11 +26,35 @@ from pathlib import Path
 
 import hetforge
 from hetforge import config
-from hetforge.optimizer import confine
+from hetforge.optimizer import confine, lifetime
 from hetforge.optimizer.channel import Channel, ChannelClosed, ChannelCorrupt, ChannelTimeout
 
 _PACKAGE_ROOT = str(Path(hetforge.__file__).resolve().parents[1])
 _serial = itertools.count()
+# Workers are forked from this one thread: the kernel sends a worker its parent-death signal when the thread that
+# forked it exits, and this thread lives as long as the judge (a pool's thread that ends would kill its workers).
+_spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hetforge-spawner")
+_reaper: tuple[int, lifetime.Reaper] | None = None  # (the judge's pid, its reaper)
+
+
+def _spawn(argv: list[str], cgroups: list[str], **popen) -> subprocess.Popen:
+    """Start a worker from the spawner thread and put it into its cgroups at once (before it can fork)."""
+
+    def start() -> subprocess.Popen:
+        global _reaper
+        if _reaper is None or _reaper[0] != os.getpid():  # the first worker of this judge (or of a forked copy)
+            lifetime.sweep()  # what dead judges left
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p),
+            }
+            _reaper = (os.getpid(), lifetime.Reaper(env))
+        proc = subprocess.Popen(argv, **popen)
+        confine.join_cgroups(proc.pid, cgroups)  # a failure is reported by the worker's own join
+        _reaper[1].track(proc.pid)
+        return proc
+
+    return _spawner.submit(start).result()
 
 
 @dataclass(frozen=True)
@@ -51,7 +76,8 @@ class WorkerProcess:
     ):
         self.name = name
         self.trusted = trusted
-        self.scratch = scratch or tempfile.mkdtemp(prefix=f"hetforge-{name}-")
+        self._own_scratch = scratch is None  # removed at close()
+        self.scratch = scratch or tempfile.mkdtemp(prefix=f"{lifetime.SCRATCH_PREFIX}{lifetime.owner_tag()}-{name}-")
         self.log_path = os.path.join(self.scratch, "worker.log")
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
@@ -61,22 +87,25 @@ class WorkerProcess:
             os.makedirs(shared, exist_ok=True)
         env = confine.worker_environment(dict(os.environ), self.scratch, shared)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
-        self.cgroup = None
+        env["HETFORGE_WORKER_PARENT"] = str(os.getpid())  # the worker's parent-death signal checks it
+        self.cgroups: list[str] = []
         if config.confine_workers():
             max_procs = config.worker_max_procs()
-            self.cgroup = confine.make_pids_cgroup(f"{os.getpid()}-{next(_serial)}", max_procs)
+            made = confine.make_worker_cgroups(f"{lifetime.owner_tag()}-{next(_serial)}", max_procs)
+            self.cgroups = sorted({p for p in made.values() if p})
             env["HETFORGE_WORKER_CONFINE"] = json.dumps(
                 {
                     "writable": [self.scratch] + ([shared] if shared else []),
                     "cpu_s": config.worker_cpu_s(),
                     "max_procs": max_procs,
-                    "cgroup": self.cgroup,
+                    "cgroup": made["pids"],
+                    "trusted": trusted,
                 }
             )
         if warm_device == "cuda":
             env["HETFORGE_WORKER_WARM_CUDA"] = "1"  # make the CUDA context while waiting for work
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
+            self.proc = _spawn(
                 [
                     sys.executable,
                     "-m",
@@ -85,6 +114,7 @@ class WorkerProcess:
                     str(from_worker_w),
                     str(memory_mb),
                 ],
+                self.cgroups,
                 pass_fds=(to_worker_r, from_worker_w),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -166,8 +196,11 @@ class WorkerProcess:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
-        confine.remove_cgroup(self.cgroup)  # anything the candidate forked that is still in the cgroup
-        self.cgroup = None
+        for cgroup in self.cgroups:  # anything the candidate forked that is still in the cgroup, then the folder
+            confine.remove_cgroup(cgroup)
+        self.cgroups = []
+        if self.proc.returncode is not None and _reaper is not None and _reaper[0] == os.getpid():
+            _reaper[1].forget(self.proc.pid)  # reaped: its number may be reused
 
     def close(self) -> None:
         """Ask the worker to exit, then make sure it and its children are gone."""
@@ -184,6 +217,8 @@ class WorkerProcess:
                 os.close(fd)
             except OSError:
                 pass
+        if self._own_scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def __enter__(self) -> WorkerProcess:
         return self

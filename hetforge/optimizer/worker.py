@@ -8,14 +8,32 @@ clocks first only keeps an honest candidate's own timing honest; it is not what 
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import time
 
 _perf_counter = time.perf_counter  # bound before any candidate code is imported
 _sleep = time.sleep
 
+
+def die_with_parent() -> None:
+    """SIGKILL when the judge dies (PR_SET_PDEATHSIG), stopped or not; exit now if it is already gone.
+    Set before torch is imported (seconds) so that a judge killed meanwhile leaves no worker; set again after
+    a change of user, which clears it."""
+    if not _PARENT:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(_PARENT):  # the judge died before the request took effect: reparented already
+        os._exit(1)
+
+
+_PARENT = os.environ.pop("HETFORGE_WORKER_PARENT", None)
+die_with_parent()
+
 import errno  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
