@@ -59,6 +59,8 @@ class Correctness:
         ref = self._ask(self.side, {**call, "model_seed": model_seed}, True, label, keep=True)
         if ref is None:
             return None
+        # the candidate's replies may carry what the reference's do (with room for a wrong dtype), never a frame's claim
+        self.cand_worker.output_bytes = max(self.cand_worker.output_bytes or 0, tensor_bytes(ref["outputs"]))
         cand = self._ask(self.cand_worker, call, False, label)
         if cand is None:
             return None
@@ -191,6 +193,17 @@ def cast_like(ref: Any, cand: Any) -> Any:
     ):
         return ref.to(cand.dtype)
     return ref
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a reply's outputs (nested lists, sampled outputs)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 def flatten(value: Any) -> list[Any]:

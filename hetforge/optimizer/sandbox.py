@@ -128,22 +128,43 @@ class WorkerProcess:
         self.channel = Channel(from_worker_r, to_worker_w)
         self._fds = (from_worker_r, to_worker_w)
         self.paused = False
+        self.output_bytes: int | None = None  # bytes of the reference's outputs of one call (set by the judge)
 
     def request(self, message: dict, timeout_s: float) -> dict:
         """Send one command and wait for its reply; WorkerFailure (and the worker killed) otherwise."""
-        self.send(message)
-        return self.receive(message.get("cmd", "?"), timeout_s)
+        self.send(message, timeout_s)
+        return self.receive(message.get("cmd", "?"), timeout_s, self.reply_limit(message))
 
-    def send(self, message: dict) -> None:
+    def reply_limit(self, message: dict) -> int | None:
+        """The most tensor bytes a reply to `message` may carry, once `output_bytes` is known (None: the channel's
+        limit). Twice the reference's outputs and a MiB: a wrong dtype (float64 for float32) is still received,
+        and rejected for its dtype; a frame that claims gigabytes is refused before any of it is read."""
+        command = message.get("cmd")
+        if command not in ("run", "fetch"):
+            return 1 << 20  # the other replies carry no tensors
+        if self.output_bytes is None:
+            return None
+        per_call = 2 * self.output_bytes + (1 << 20)
+        return per_call * (max(1, len(message.get("indices") or [])) if command == "fetch" else 1)
+
+    def send(self, message: dict, timeout_s: float = 60.0) -> None:
         """The first half of `request`: the reply is read by `receive` (start-ups of several workers overlap)."""
         try:
-            self.channel.send(message)
+            self.channel.send(message, timeout_s)
+        except ChannelTimeout:
+            self.kill()
+            raise WorkerFailure(
+                "timeout", f"the worker did not take {message.get('cmd', '?')} within {timeout_s:.0f} s"
+            ) from None
         except ChannelClosed:
             raise self._death(message.get("cmd", "?")) from None
 
-    def receive(self, command: str, timeout_s: float) -> dict:
+    def receive(self, command: str, timeout_s: float, max_bytes: int | None = None) -> dict:
+        """The reply to `command` (its tensors bounded by `max_bytes`, default `reply_limit`); WorkerFailure otherwise."""
+        if max_bytes is None:
+            max_bytes = self.reply_limit({"cmd": command})
         try:
-            return self.channel.recv(timeout_s)
+            return self.channel.recv(timeout_s, max_bytes)
         except ChannelTimeout:
             self.kill()
             raise WorkerFailure("timeout", f"no answer to {command} within {timeout_s:.0f} s") from None
@@ -207,9 +228,9 @@ class WorkerProcess:
         if self.alive():
             self.resume()
             try:
-                self.channel.send({"cmd": "exit"})
+                self.channel.send({"cmd": "exit"}, timeout_s=2)
                 self.proc.wait(timeout=2)
-            except (ChannelClosed, subprocess.TimeoutExpired):
+            except (ChannelClosed, ChannelTimeout, subprocess.TimeoutExpired):
                 pass
         self.kill()
         for fd in self._fds:
