@@ -28,6 +28,7 @@ import hetforge
 from hetforge import config
 from hetforge.optimizer import confine, lifetime
 from hetforge.optimizer.channel import Channel, ChannelClosed, ChannelCorrupt, ChannelTimeout
+from hetforge.optimizer.verdict import excerpt
 
 _PACKAGE_ROOT = str(Path(hetforge.__file__).resolve().parents[1])
 _serial = itertools.count()
@@ -164,7 +165,7 @@ class WorkerProcess:
         if max_bytes is None:
             max_bytes = self.reply_limit({"cmd": command})
         try:
-            return self.channel.recv(timeout_s, max_bytes)
+            reply = self.channel.recv(timeout_s, max_bytes)
         except ChannelTimeout:
             self.kill()
             raise WorkerFailure("timeout", f"no answer to {command} within {timeout_s:.0f} s") from None
@@ -173,6 +174,9 @@ class WorkerProcess:
             raise WorkerFailure("protocol", f"malformed reply to {command}: {err}") from None
         except ChannelClosed:
             raise self._death(command) from None
+        if isinstance(reply, dict) and "error" in reply:  # the worker's own words: quoted bounded and sanitized
+            reply = {"error": excerpt(str(reply["error"]), 40), "message": excerpt(str(reply.get("message", "")))}
+        return reply
 
     def _death(self, command: str) -> WorkerFailure:
         try:
@@ -191,8 +195,8 @@ class WorkerProcess:
             text = Path(self.log_path).read_text(errors="replace").strip()
         except OSError:
             return ""
-        lines = [line for line in text.splitlines() if line.strip()][-3:]
-        return ("; log: " + " | ".join(lines))[:600] if lines else ""
+        lines = [line for line in text[-20000:].splitlines() if line.strip()][-3:]
+        return "; log: " + excerpt(" | ".join(lines)) if lines else ""
 
     def pause(self) -> None:
         """Stop the worker and everything it forked (so it cannot load the machine while another is timed)."""

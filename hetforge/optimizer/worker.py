@@ -102,6 +102,7 @@ class Worker:
         self.role = "reference"
         self.baseline = "eager"
         self.confinement: dict[str, str] = {}
+        self.rules: dict | None = None  # the confinement asked for (None: none)
 
     def init(self, msg: dict) -> dict:
         self.device = msg["device"]
@@ -114,6 +115,10 @@ class Worker:
         if self.device == "cuda":
             fraction = float(msg.get("cuda_memory_fraction", 0.9))
             torch.cuda.set_per_process_memory_fraction(fraction)
+        if self.rules:  # reads closed to what this problem and candidate need, before either is loaded
+            readable = problem_paths(msg["problem"]) + ([msg["candidate_file"]] if msg.get("candidate_file") else [])
+            self.confinement.update(confine.confine_reads(readable, self.rules["writable"], _drops_user(self.rules)))
+            die_with_parent()  # a change of user clears the parent-death signal
         self.problem = Problem.from_json(msg["problem"]).load()
         if self.role == "candidate":
             module = load_module_file(msg["candidate_file"], name="hetforge_candidate")
@@ -350,6 +355,35 @@ def _set_matmul_precision(mode: str) -> None:
     torch.set_float32_matmul_precision("high" if allow else "highest")
 
 
+def _drops_user(rules: dict) -> bool:
+    """Generated code runs as an unprivileged user where the host allows; trusted workers share the compile cache."""
+    return not rules.get("trusted") and os.geteuid() == 0
+
+
+def problem_paths(doc: dict) -> list[str]:
+    """What the problem `doc` (Problem.to_json) reads: every path it names, and the folder of its file (a problem
+    file may import modules beside it)."""
+    base = doc.get("base_dir")
+    out: list[str] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, list):
+            for v in value:
+                visit(v)
+        elif isinstance(value, str) and value:
+            for path in (value, os.path.join(base, value) if base else None):
+                if path and os.path.isabs(path) and os.path.exists(path):
+                    out.append(path)
+
+    visit(doc)
+    if doc.get("file"):
+        out.append(os.path.dirname(doc["file"]))
+    return sorted({p for p in out if os.path.realpath(p) != "/"})
+
+
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
@@ -381,8 +415,13 @@ def main(argv: list[str]) -> int:
     rules = os.environ.pop("HETFORGE_WORKER_CONFINE", None)
     if rules:  # before any problem or candidate code is imported; a failure leaves the worker unusable
         rules = json.loads(rules)
+        worker.rules = rules
         worker.confinement = confine.confine(
-            rules["writable"], cpu_s=int(rules["cpu_s"]), max_procs=int(rules["max_procs"]), cgroup=rules.get("cgroup")
+            rules["writable"],
+            cpu_s=int(rules["cpu_s"]),
+            max_procs=int(rules["max_procs"]),
+            cgroup=rules.get("cgroup"),
+            drop_user=_drops_user(rules),
         )
     channel = Channel(read_fd, write_fd)
     while True:
