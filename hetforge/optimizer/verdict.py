@@ -47,6 +47,9 @@ class Flag(enum.StrEnum):
     SPEEDUP = "implausible_speedup"
     INSENSITIVE = "insensitive_output"
     HIDDEN_WORK = "hidden_work"
+    # The source reads its environment, argv, process or parent, or the judge's files: it can tell a verification
+    # run from serving and compute the right answer only when judged (static_checks.context_flag).
+    INSPECTS_CONTEXT = "inspects_context"
 
 
 STATIC_FLAG_PREFIX = "static:"

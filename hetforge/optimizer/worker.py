@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from hetforge.core.problem import LoadedProblem, Problem, load_module_file  # noqa: E402
 from hetforge.optimizer import confine  # noqa: E402
 from hetforge.optimizer.channel import Channel, ChannelClosed  # noqa: E402
+from hetforge.optimizer.correctness import beyond_the_draw  # noqa: E402
 
 _CudaEvent = torch.cuda.Event
 _synchronize = torch.cuda.synchronize
@@ -156,6 +157,8 @@ class Worker:
         """One call on input set `set` generated under `seed`; a reference may be asked for its module under
         another `model_seed` (kept beside the first: the judge's re-initialization check)."""
         inputs = self._input_sets(int(msg["seed"]))[int(msg.get("set", 0))]
+        if msg.get("transform"):  # the judge's check beyond the problem's own draw
+            inputs = beyond_the_draw(inputs, str(msg["transform"]), int(msg["seed"]))
         model_seed = int(msg.get("model_seed", self.seed))
         if msg.get("float64"):
             return self._run_float64(inputs, msg.get("sample"), model_seed)
