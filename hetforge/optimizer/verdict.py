@@ -47,9 +47,24 @@ class Flag(enum.StrEnum):
     SPEEDUP = "implausible_speedup"
     INSENSITIVE = "insensitive_output"
     HIDDEN_WORK = "hidden_work"
+    # The source reads its environment, argv, process or parent, or the judge's files: it can tell a verification
+    # run from serving and compute the right answer only when judged (static_checks.context_flag).
+    INSPECTS_CONTEXT = "inspects_context"
 
 
-STATIC_FLAG_PREFIX = "static:"  # flags from static checks of the source: `static:<rule>`
+STATIC_FLAG_PREFIX = "static:"
+EXCERPT_CHARS = 400  # the most of a candidate's own text (its exception, its log) a verdict quotes
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text` as a verdict may quote it: printable ASCII only (no terminal escapes, no forged lines), whitespace
+    runs as one space, at most `limit` characters. A candidate's exception is a channel out of its confinement
+    (whatever it read goes into the message): bounded, it carries little, and nothing that acts on a reader."""
+    clean = "".join(c if " " <= c <= "~" else " " if c.isspace() else "?" for c in str(text)[: limit * 4])
+    clean = " ".join(clean.split())
+    return (
+        clean if len(clean) <= limit else clean[: limit - 3] + "..."
+    )  # flags from static checks of the source: `static:<rule>`
 
 
 @dataclass(frozen=True)
