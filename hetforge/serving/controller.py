@@ -309,6 +309,7 @@ class Controller:
                         "speedup_vs_compile",
                         "compile_baseline",
                         "claim",
+                        "not_registered",
                         "elapsed_s",
                         "candidates",
                     )

@@ -284,6 +284,7 @@ def summarize(report: OptimizeReport) -> dict:
                 "agent": c.agent,
                 "status": c.status,
                 "speedup": c.speedup,
+                "claim": c.verdict.claim if c.verdict is not None else None,
                 "note": c.note[:200],
                 "reject_kind": reject_kind(c) if c.status == "rejected" else None,
             }

@@ -31,7 +31,7 @@ def test_interval_claims_faster_slower_or_nothing():
     ref = rounds(rng, 1.0)
     assert stats.speedup_interval(ref, rounds(rng, 1.0)).claim == stats.Claim.WITHIN_NOISE
     faster = stats.speedup_interval(ref, rounds(rng, 0.8))
-    assert faster.claim == stats.Claim.FASTER and faster.low < 1.25 < faster.high
+    assert faster.claim == stats.Claim.FASTER and 1.15 < faster.low <= faster.high < 1.35
     assert stats.speedup_interval(ref, rounds(rng, 1.25)).claim == stats.Claim.SLOWER
     # the interval is a statistic of the samples: the same samples, the same interval
     same = rounds(rng, 0.9)
@@ -50,24 +50,26 @@ def test_a_median_ratio_that_one_noisy_round_makes_is_no_claim():
     assert interval.claim == stats.Claim.WITHIN_NOISE, interval
 
 
-def test_three_clustered_ratios_are_no_claim_unless_the_rounds_separate():
-    """Load in bursts: three round ratios near 2-4x pass a t interval, but the rounds overlap by rank."""
-    ref = [[3.0], [1.0], [9.0]]
-    cand = [[1.5], [0.4], [2.5]]  # ratios 2.0, 2.5, 3.6; the candidate's slowest round beats two reference rounds
+def test_a_burst_of_load_in_one_round_does_not_hide_a_real_speedup():
+    """Ranks, not means: a reference round slowed 100x leaves the bounds where the other rounds put them."""
+    ref = [[2.0], [2.1], [200.0], [2.2]]
+    cand = [[1.0], [1.05], [1.1], [1.02]]
     interval = stats.speedup_interval(ref, cand)
-    assert interval.low > 1.0 and interval.p_faster > stats.RANK_P
+    assert interval.claim == stats.Claim.FASTER and 1.0 < interval.low < 2.0, interval
+
+
+def test_three_clustered_ratios_are_no_claim_unless_the_rounds_separate():
+    """Load in bursts: round ratios of 2-3.6x whose rounds overlap by rank claim nothing."""
+    ref = [[3.0], [1.0], [9.0]]
+    cand = [[1.5], [0.4], [2.5]]  # the candidate's slowest round beats two of the reference's rounds
+    interval = stats.speedup_interval(ref, cand)
+    assert interval.low < 1.0 and interval.p_faster > stats.RANK_P
     assert interval.claim == stats.Claim.WITHIN_NOISE
+    separated = stats.speedup_interval([[2.0], [2.1], [2.2]], [[1.0], [1.1], [1.2]])
+    # 3 rounds a side: the bound is the smallest ratio, and claiming means every candidate round beat every reference round
+    assert separated.claim == stats.Claim.FASTER and separated.low == pytest.approx(2.0 / 1.2)
     assert stats.rank_test([2.0, 2.1, 2.2], [1.0, 1.1, 1.2]) == (0.05, 1.0)  # 1 in C(6, 3) = 20 orderings
     assert stats.rank_test([1.0, 2.0, 3.0], [1.5, 2.5, 3.5]) == (0.8, 0.35)
-
-
-def test_interval_needs_paired_rounds():
-    with pytest.raises(ValueError, match="same number of rounds"):
-        stats.speedup_interval([[1.0]], [[1.0], [1.0]])
-    with pytest.raises(ValueError, match="at least one timed call"):
-        stats.speedup_interval([[]], [[1.0]])
-    alone = stats.speedup_interval([[1.0, 1.0]], [[0.5, 0.5]])  # one round: no spread to judge the noise by
-    assert alone.claim == stats.Claim.WITHIN_NOISE and alone.to_dict()["high"] is None
 
 
 @pytest.mark.parametrize(
@@ -155,13 +157,13 @@ def test_the_speedup_review_bar_is_the_best_recipe_not_eager():
 
 
 def test_the_judges_verdict_carries_its_interval_and_recipes_are_never_flagged_for_speed():
-    fast = dict(trials=1, rounds=2, max_rounds=2, calls_per_round=3, warmup=1, review_speedup=0.0)
+    fast = dict(trials=1, rounds=3, max_rounds=3, calls_per_round=3, warmup=1, review_speedup=0.0)
     problem = Problem(file=str(PROBLEMS / "wasteful.py"))
     candidate = CANDIDATES / "legit_drop_dead_code.py"
     flagged = verify(problem, candidate, VerifyOptions(**fast))
     assert flagged.accepted, flagged.reasons
     interval = flagged.interval
-    assert interval["low"] <= interval["high"] and interval["confidence"] == 0.95
+    assert interval["high"] is not None and interval["low"] <= interval["high"] and interval["confidence"] == 0.95
     kept = stats.Interval(
         interval["low"], interval["high"] or float("inf"), 0.95, interval["p_faster"], interval["p_slower"]
     )

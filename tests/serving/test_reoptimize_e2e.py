@@ -218,7 +218,7 @@ def test_hot_stage_is_found_optimized_canaried_and_promoted(served):
     job = _wait_for(served, "job", 0, 60)
     assert job["stage"] == "score" and job["numbers"]["trigger"] == "hot", job
     done = _wait_for(served, "job_done", 0, 300)
-    assert done["numbers"]["outcome"] == "registered", done
+    assert done["numbers"]["outcome"] == "registered", done["numbers"]
     assert done["numbers"]["winner"].startswith("rewrites:dead_code")
     variant = str(done["numbers"]["variant_id"])
     start = _wait_for(served, "start", 0, 60, variant)
