@@ -111,6 +111,9 @@ class Verdict:
     reference_ms: float | None = None
     candidate_ms: float | None = None
     speedup: float | None = None  # reference_ms / candidate_ms
+    # the speedup's bootstrap interval over the timing rounds (`stats.Interval.to_dict()`: low, high, confidence,
+    # claim); empty when not timed
+    interval: dict = field(default_factory=dict)
     spread: dict = field(default_factory=dict)  # per side: p10 and p90 of per-call ms, host-clock ms
     device: str = ""
     precision: str = "strict"
@@ -129,6 +132,11 @@ class Verdict:
     def accepted(self) -> bool:
         return self.verdict == Status.ACCEPTED
 
+    @property
+    def claim(self) -> str | None:
+        """'faster', 'slower' or 'within_noise' (see `stats.Claim`); None when not timed."""
+        return self.interval.get("claim")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -143,7 +151,7 @@ class Verdict:
         values["trials"] = [TrialResult.from_dict(t) for t in doc.get("trials") or []]
         for key in ("flags", "notes"):
             values[key] = list(doc.get(key) or [])
-        for key in ("spread", "versions", "phases_s", "confinement"):
+        for key in ("interval", "spread", "versions", "phases_s", "confinement"):
             values[key] = dict(doc.get(key) or {})
         return cls(**values)
 
