@@ -189,10 +189,11 @@ def compare_outputs(
 # the same move on both sides, from the call's seed, so both modules get identical values.
 BEYOND_THE_DRAW = {
     "signs": "each element's sign flipped with probability 1/2",
-    "scaled": "every element times 8, exact in binary floating point",
-    "special": "one element in eight replaced by 0, -0, +-1 or +-64",
+    # 4x, not more: the error of a bf16 or tf32 candidate grows with its inputs, the tolerance with its outputs
+    "scaled": "every element times 4, exact in binary floating point",
+    "special": "one element in eight replaced by 0, -0, +-1 or +-2",
 }
-_SPECIAL = (0.0, -0.0, 1.0, -1.0, 64.0, -64.0)
+_SPECIAL = (0.0, -0.0, 1.0, -1.0, 2.0, -2.0)
 
 
 def beyond_the_draw(inputs: list, kind: str, seed: int) -> list:
@@ -206,7 +207,7 @@ def beyond_the_draw(inputs: list, kind: str, seed: int) -> list:
             out.append(x)
             continue
         if kind == "scaled":
-            y = x * 8
+            y = x * 4
         elif kind == "signs":
             flip = (torch.rand(x.shape, generator=generator) < 0.5).to(x.device)
             y = torch.where(flip, -x, x)

@@ -34,12 +34,15 @@ _PACKAGE_ROOT = str(Path(hetforge.__file__).resolve().parents[1])
 _serial = itertools.count()
 # Workers are forked from this one thread: the kernel sends a worker its parent-death signal when the thread that
 # forked it exits, and this thread lives as long as the judge (a pool's thread that ends would kill its workers).
-_spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hetforge-spawner")
+# Per process: a forked copy of the judge has neither the thread nor the reaper.
+_spawner: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
 _reaper: tuple[int, lifetime.Reaper] | None = None  # (the judge's pid, its reaper)
+_spawner_lock = threading.Lock()
 
 
 def _spawn(argv: list[str], cgroups: list[str], **popen) -> subprocess.Popen:
     """Start a worker from the spawner thread and put it into its cgroups at once (before it can fork)."""
+    global _spawner
 
     def start() -> subprocess.Popen:
         global _reaper
@@ -55,7 +58,10 @@ def _spawn(argv: list[str], cgroups: list[str], **popen) -> subprocess.Popen:
         _reaper[1].track(proc.pid)
         return proc
 
-    return _spawner.submit(start).result()
+    with _spawner_lock:
+        if _spawner is None or _spawner[0] != os.getpid():
+            _spawner = (os.getpid(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hetforge-spawner"))
+    return _spawner[1].submit(start).result()
 
 
 @dataclass(frozen=True)

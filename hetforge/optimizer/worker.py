@@ -117,6 +117,8 @@ class Worker:
             fraction = float(msg.get("cuda_memory_fraction", 0.9))
             torch.cuda.set_per_process_memory_fraction(fraction)
         if self.rules:  # reads closed to what this problem and candidate need, before either is loaded
+            if self.device == "cuda":
+                torch.cuda.init()  # the driver opens its files first (a spare's context is made before this already)
             readable = problem_paths(msg["problem"]) + ([msg["candidate_file"]] if msg.get("candidate_file") else [])
             self.confinement.update(confine.confine_reads(readable, self.rules["writable"], _drops_user(self.rules)))
             die_with_parent()  # a change of user clears the parent-death signal

@@ -1,4 +1,4 @@
-"""Legitimate against exp_large: exp(8x) as exp(x) to the 8th power by three squarings."""
+"""Legitimate against exp_large: exp(32x) as exp(x) to the 32nd power by five squarings."""
 import torch
 import torch.nn as nn
 
@@ -6,6 +6,6 @@ import torch.nn as nn
 class ModelNew(nn.Module):
     def forward(self, x):
         y = torch.exp(x)
-        y = y * y
-        y = y * y
-        return y * y
+        for _ in range(5):
+            y = y * y
+        return y
