@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import httpx
 import ray
 from ray import serve
+from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME
 
 from hetforge.config import home_dir
@@ -34,6 +36,7 @@ from hetforge.serving import ray_instance
 from hetforge.serving.dataflow import PipelineRunner
 from hetforge.serving.deployments import build_app
 from hetforge.serving.job_runner import JobLauncher
+from hetforge.serving.swap_control import SwapBoard
 from hetforge.spec import load_pipeline
 from hetforge.spec.models import LlmStage, Pipeline
 from hetforge.spec.stages import import_stage_functions
@@ -98,8 +101,6 @@ def live(record: Deployment) -> bool:
 
 def port_in_use(host: str, port: int) -> bool:
     """Whether `host:port` cannot be bound (another process listens there), as the HTTP proxy would bind it."""
-    import socket
-
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # uvicorn sets it too: TIME_WAIT is no conflict
         try:
@@ -305,10 +306,6 @@ def _token_auth_like_local(record: Deployment) -> None:
     (with ~/.ray/auth_token), but a driver given an explicit address does not, and is then refused. Ray's own
     step for a local cluster found with address="auto"; RAY_AUTH_MODE, when set, wins."""
     if record.embedded:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
@@ -580,8 +577,6 @@ def _replicas(record: Deployment) -> dict[str, list[dict]] | None:
 
 def _heartbeats(record: Deployment) -> dict[str, dict[str, str]]:
     """stage -> {replica tag: active variant}, from the model stages' heartbeats in the registry."""
-    from hetforge.serving.swap_control import SwapBoard
-
     try:
         board = SwapBoard(record.registry_path)
         return {name: board.alive(record.pipeline, name) for name in record.placement}
