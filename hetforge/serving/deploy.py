@@ -83,13 +83,22 @@ class DeployError(RuntimeError):
 
 
 def serving_process_alive(record: Deployment) -> bool:
-    """Whether the recorded `hetforge serve` process still runs (the same PID and start time, `serve` in its
-    command line); always False for a deployment on a cluster (`--address`), which has none."""
-    return record.embedded and ray_instance.is_same_process(record.pid, record.started, ("hetforge", "serve"))
+    """Whether the process that made the embedded deployment still runs: the same PID with the same start time
+    (`deploy` may be called by a program other than `hetforge serve`, such as `hetforge demo` or a test)."""
+    return record.embedded and record.started > 0 and ray_instance.start_ticks(record.pid) == record.started
+
+
+def is_serve_command(record: Deployment) -> bool:
+    """Whether the recorded process is still the `hetforge serve` process that was recorded: the only one `down`
+    signals (same PID and start time, and `serve` an argument of a hetforge command line)."""
+    args = ray_instance.cmdline(record.pid)
+    hetforge = any(a == "hetforge.cli" or Path(a).name == "hetforge" for a in args)
+    return serving_process_alive(record) and hetforge and "serve" in args
 
 
 def live(record: Deployment) -> bool:
-    """Whether the recorded deployment still runs: its serve process (embedded), or its HTTP address answers."""
+    """Whether the recorded deployment still runs: the process that made it (embedded), or its HTTP address
+    answers (on a cluster)."""
     if record.embedded:
         return serving_process_alive(record)
     try:
@@ -229,7 +238,7 @@ def deploy(
         session_dir=_session_dir(),
         versions=versions,
     )
-    record.save()  # before the replicas start: `status` and `down` reach a deployment that is still coming up
+    record_processes(record)  # saves it before the replicas start: `status` and `down` reach one still coming up
     try:
         try:
             serve.start(http_options={"host": host, "port": port})
@@ -310,12 +319,13 @@ def _token_auth_like_local(record: Deployment) -> None:
 
 
 def record_processes(record: Deployment) -> None:
-    """Note the processes of the embedded Ray instance (the serve process's descendants, with start times), so
-    that `down` ends the ones a SIGKILL of the serve process orphans: Ray's agents name no session folder."""
+    """Save the record with the processes of its embedded Ray instance (the serve process's descendants, with start
+    times), so that `down` ends the ones a SIGKILL of the serve process orphans: Ray's agents name no session
+    folder. Called once Ray runs and again once the replicas do."""
     if record.embedded:
         pids = ray_instance.descendants(record.pid)
         record.ray_processes = {str(p): t for p in pids if (t := ray_instance.start_ticks(p)) is not None}
-        record.save()
+    record.save()
 
 
 def connect(record: Deployment) -> None:
@@ -599,11 +609,13 @@ def down(pipeline: str | None = None) -> list[tuple[str, str]]:
     stopped = []
     for record in load_state(pipeline):
         if record.embedded:
-            if serving_process_alive(record):
+            if is_serve_command(record):
                 os.kill(record.pid, signal.SIGTERM)  # `hetforge serve` shuts Serve and Ray down on SIGTERM
                 if not ray_instance.wait_gone(record.pid, record.started, 120):
                     ray_instance.end_processes([record.pid], grace_s=0)
                 what = f"serve process {record.pid} stopped"
+            elif serving_process_alive(record):
+                what = f"process {record.pid} is not a `hetforge serve` command line (not signalled; stop it yourself)"
             else:
                 what = f"serve process {record.pid} was already gone (not signalled)"
             ended = _clean_leftovers(record)

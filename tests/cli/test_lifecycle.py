@@ -98,9 +98,13 @@ def test_status_exits_non_zero_when_the_deployment_is_unreachable(tmp_path, home
 
 
 def test_down_never_signals_a_pid_that_is_no_longer_the_serve_process(tmp_path, home):
-    impostor = _sleeper()  # the recorded PID, now another program (its command line is not `hetforge serve`)
+    impostor = _sleeper()  # another program: its command line is not `hetforge serve`
     try:
-        _record(tmp_path, pid=impostor.pid, started=ray_instance.start_ticks(impostor.pid))
+        started = ray_instance.start_ticks(impostor.pid)
+        _record(tmp_path, pid=impostor.pid, started=started)
+        [(_, what)] = deploy.down("life")
+        assert what.startswith(f"process {impostor.pid} is not a `hetforge serve` command line (not signalled")
+        _record(tmp_path, pid=impostor.pid, started=started - 1)  # the PID reused since: another start time
         assert deploy.down("life") == [("life", f"serve process {impostor.pid} was already gone (not signalled)")]
         time.sleep(0.5)
         assert impostor.poll() is None
