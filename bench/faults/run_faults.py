@@ -12,7 +12,8 @@ other (timeout 30 s each). Each fault is injected once the pipeline answers agai
     failed   answered with a status other than 200
     lost     no answer (connection refused or reset, or the 30 s timeout)
 
-plus the seconds from the injection to the first answer with 200 ("recovered after"). The serve-process fault
+plus the seconds from the injection to the start of the last request that failed or was lost ("last error
+after"). The injection happens at the start of the window (the PID to kill is looked up before). The serve-process fault
 comes last: its window ends with `hetforge down`, and the processes of its Ray instance still alive after that
 are counted ("left after down").
 
@@ -81,13 +82,13 @@ class Load:
 
     def window(self, t0: float, t1: float) -> dict:
         inside = [o for o in list(self.outcomes) if t0 <= o.started < t1]
-        first_ok = min((o.started for o in inside if o.kind == "ok"), default=None)
+        last_bad = max((o.started for o in inside if o.kind != "ok"), default=None)
         details = sorted({o.detail for o in inside if o.detail})
         return {
             "sent": len(inside),
             "failed": sum(o.kind == "failed" for o in inside),
             "lost": sum(o.kind == "lost" for o in inside),
-            "recovered_after_s": None if first_ok is None else round(first_ok - t0, 1),
+            "last_error_after_s": None if last_bad is None else round(last_bad - t0, 1),
             "errors": details[:3],
         }
 
@@ -146,8 +147,9 @@ def main() -> None:
         load.start()
         time.sleep(args.observe_s / 3)
 
-        def phase(name: str, inject, after=None) -> None:
+        def phase(name: str, prepare, after=None) -> None:
             wait_ok(url, 120)
+            inject = prepare()  # looked up before the window opens (`hetforge status` takes seconds)
             t0 = time.monotonic()
             inject()
             time.sleep(args.observe_s)
@@ -156,13 +158,16 @@ def main() -> None:
             rows.append((name, load.window(t0, time.monotonic())))
             print(name, rows[-1][1], flush=True)
 
-        phase("none (steady load)", lambda: None)
-        phase("model replica killed (SIGKILL)", lambda: os.kill(replica_pid(env, "classify"), signal.SIGKILL))
-        phase("Serve controller killed (SIGKILL)", lambda: os.kill(controller_pid(serve.pid), signal.SIGKILL))
+        def kill(pid: int):
+            return lambda: os.kill(pid, signal.SIGKILL)
+
+        phase("none (steady load)", lambda: lambda: None)
+        phase("model replica killed (SIGKILL)", lambda: kill(replica_pid(env, "classify")))
+        phase("Serve controller killed (SIGKILL)", lambda: kill(controller_pid(serve.pid)))
         locked = sorted(str(p) for p in home.glob("registry.sqlite*"))
         phase(
-            "registry file made unwritable (chattr +i)",
-            lambda: subprocess.run(["chattr", "+i", *locked], check=True),
+            "registry files made unwritable (chattr +i)",
+            lambda: lambda: subprocess.run(["chattr", "+i", *locked], check=True),
             lambda: subprocess.run(["chattr", "-i", *locked], check=True),
         )
         record = json.loads((home / "serve" / "faults.json").read_text())
@@ -196,12 +201,12 @@ def write(args, rows: list[tuple[str, dict]]) -> None:
         "model stage with 2 replicas) served by `hetforge serve` on the embedded default; each window runs from "
         "the injection to its end (the script's docstring defines the columns).",
         "",
-        "| fault | sent | failed | lost | recovered after (s) | errors seen (first 3 kinds) |",
+        "| fault | sent | failed | lost | last error after (s) | errors seen (first 3 kinds) |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in rows:
         errors = "; ".join(e.replace("|", "/") for e in r["errors"]) or "-"
-        recovered = "-" if r["recovered_after_s"] is None else f"{r['recovered_after_s']:g}"
+        recovered = "-" if r["last_error_after_s"] is None else f"{r['last_error_after_s']:g}"
         lines.append(f"| {name} | {r['sent']} | {r['failed']} | {r['lost']} | {recovered} | {errors} |")
     for name, r in rows:
         if "left_after_down" in r:

@@ -21,13 +21,16 @@ PROC = Path("/proc")
 
 
 def start_ticks(pid: int) -> int | None:
-    """The start time of `pid` in clock ticks since boot (None when there is no such process)."""
+    """The start time of `pid` in clock ticks since boot (None when there is no such process, or it has exited)."""
     try:
         stat = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may hold spaces: fields count from the last ")".
-    return int(stat[stat.rindex(")") + 2 :].split()[19])
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):  # exited (a zombie waits only for its parent to collect it): no process any more
+        return None
+    return int(fields[19])
 
 
 def cmdline(pid: int) -> list[str]:

@@ -177,3 +177,18 @@ def test_only_the_stage_whose_code_or_fields_changed_gets_a_new_version(tmp_path
     scaled = versions()
     assert scaled["stage-first"] == after["stage-first"]  # a replica count scales; it restarts nothing
     assert scaled["PipelineIngress"] != after["PipelineIngress"]
+
+
+def test_an_exited_process_not_yet_collected_by_its_parent_counts_as_gone():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # until it has exited; it stays a zombie: nobody waits for it yet
+        stat = (ray_instance.PROC / str(child.pid) / "stat").read_text()
+        if stat[stat.rindex(")") + 2] == "Z":
+            break
+        started = ray_instance.start_ticks(child.pid)
+        time.sleep(0.1)
+    assert ray_instance.start_ticks(child.pid) is None
+    assert started is None or not ray_instance.is_same_process(child.pid, started, ())
+    child.wait()
