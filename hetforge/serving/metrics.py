@@ -73,6 +73,12 @@ CONTROL_SPEC = {
         "Background optimization jobs, by outcome (started | registered | no_gain | failed).",
         ("pipeline", "stage", "outcome"),
     ),
+    "hetforge_optimizer_speedup_ratio": (
+        "gauge",
+        "The last job's winner over eager and over torch.compile (baseline eager | compile), both at the stage's "
+        "precision policy, as the judge measured them.",
+        ("pipeline", "stage", "baseline"),
+    ),
     "hetforge_optimizer_candidates_total": (
         "counter",
         "Candidates judged by background jobs: accepted, needs_review, skipped, or rejected:<reason kind>.",
@@ -108,6 +114,7 @@ class Metrics:
         self.canary_weight = made["hetforge_canary_weight_percent"]
         self.optimizer_jobs = made["hetforge_optimizer_jobs_total"]
         self.optimizer_candidates = made["hetforge_optimizer_candidates_total"]
+        self.optimizer_speedup = made["hetforge_optimizer_speedup_ratio"]
         self.registry = registry
 
     def zero_serving_series(self, pipeline: str, stages: list[str], model_stages: list[str]) -> None:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path as FsPath
 
-from hetforge.spec.code_refs import PROBLEM_FILE_NAMES, check_hf_model, check_reference, missing_problem_names
+from hetforge.spec.code_refs import (
+    PROBLEM_FILE_NAMES,
+    check_constructor,
+    check_hf_model,
+    check_reference,
+    missing_problem_names,
+)
 from hetforge.spec.errors import Problem
 from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
 
@@ -104,6 +111,13 @@ def _check_files(stage: ModelStage | LlmStage | ToolStage, i: int, base_dir: FsP
         why = check_reference(value, base_dir, kind)
         if why:
             problems.append(Problem(("stages", i, field), value, why))
+        elif field == "module":
+            why = check_constructor(value, base_dir, stage.init_args, stage.init_kwargs)
+            if why:
+                at = "init_kwargs" if stage.init_kwargs else "init_args" if stage.init_args else "module"
+                given = stage.init_kwargs or stage.init_args
+                shown = json.dumps(given, separators=(", ", ": ")) if given else value
+                problems.append(Problem(("stages", i, at), shown, why))
     return problems
 
 

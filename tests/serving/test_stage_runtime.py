@@ -185,6 +185,7 @@ def test_metric_names_and_labels_are_the_contract(registry, checkpoint):
         "hetforge_canary_weight_percent": ("pipeline", "stage"),
         "hetforge_optimizer_jobs_total": ("pipeline", "stage", "outcome"),
         "hetforge_optimizer_candidates_total": ("pipeline", "stage", "outcome"),
+        "hetforge_optimizer_speedup_ratio": ("pipeline", "stage", "baseline"),
     }
     metrics = Metrics(CollectorRegistry())
     vid = _add(registry, "addmm", MODULE.format(guard="pass", scale=2.0))

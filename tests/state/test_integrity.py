@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 import threading
 import time
 
@@ -90,6 +91,22 @@ def test_a_write_that_fails_is_an_error_with_its_cause(reg_path):
     finally:
         locker.execute("ROLLBACK")
         locker.close()
+
+
+def test_an_unwritable_file_fails_writes_with_the_cause_and_still_reads(reg_path):
+    reg = Registry(reg_path)
+    kept = _add(reg, "kept")
+    files = [str(p) for p in reg_path.parent.glob("registry.sqlite*")]
+    if subprocess.run(["chattr", "+i", *files], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i (immutable files) needs root and a filesystem that supports it")
+    try:
+        with pytest.raises(state.StoreUnavailable, match="attempt to write a readonly database") as err:
+            reg.set_status(kept.id, "retired")
+        assert str(reg_path) in str(err.value)
+        assert [v.name for v in reg.list()] == ["kept"]  # serving's lookups still work
+    finally:
+        subprocess.run(["chattr", "-i", *files], check=True)
+    assert reg.set_status(kept.id, "retired").status == "retired"
 
 
 def test_the_swap_api_reports_a_store_failure_with_its_cause(reg_path, monkeypatch):
