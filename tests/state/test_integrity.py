@@ -51,6 +51,24 @@ def test_the_first_use_creates_the_file_and_its_marker(reg_path):
     assert reg_path.exists() and marker_of(reg_path).exists()
 
 
+def test_a_registry_written_before_migrations_opens_and_is_recorded_at_version_1(reg_path):
+    from hetforge.kernels.registry import MIGRATIONS
+
+    reg_path.parent.mkdir(parents=True)
+    db = sqlite3.connect(reg_path)
+    db.executescript(MIGRATIONS[0].sql)  # the tables as hetforge wrote them before `schema_migrations` existed
+    db.execute(
+        "INSERT INTO variants (fingerprint, device_class, precision, name, agent, source, recipe, signature, verdict,"
+        " status, created_at, updated_at) VALUES ('fp', 'cpu', 'strict', 'old', 'test', '', '{}', '{}', '{}', 'active', 1, 1)"
+    )
+    db.commit()
+    db.close()
+    reg = Registry(reg_path)
+    assert [v.name for v in reg.list()] == ["old"]
+    assert reg.store.execute("SELECT version FROM schema_migrations WHERE component = 'registry'").fetchone()[0] == 1
+    assert marker_of(reg_path).exists()
+
+
 def test_a_file_that_vanishes_while_serving_is_detected_not_recreated(reg_path):
     reg, jobs = Registry(reg_path), JobBoard(reg_path)
     _add(reg, "v")
