@@ -70,6 +70,7 @@ class IngressState:
         taken: no queue here."""
         limits = self.pipeline.limits
         if self.in_flight >= limits.max_concurrent_requests:
+            self.metrics.pipeline_requests.labels(self.pipeline.name, "error").inc()
             raise ApiError(
                 503,
                 f"pipeline {self.pipeline.name} is at capacity ({limits.max_concurrent_requests} requests in flight, "
