@@ -272,6 +272,10 @@ class PipelineRunner:
             )
         except PipelineError as failed:
             err = failed
+        except asyncio.CancelledError:  # the request ended (its timeout, a failed sibling): the trial tested nothing
+            if breaker is not None:
+                breaker.trial = False
+            raise
         else:
             if breaker is not None:
                 breaker.succeeded()

@@ -281,3 +281,20 @@ def test_a_fallback_stage_outside_the_flow_is_reachable_and_the_defaults_are_bou
     assert pipeline.stage("a").fallback.stage == "c"
     assert pipeline.limits.max_body_bytes == 16 << 20 and pipeline.limits.timeout_s == 120
     assert pipeline.stage("b").limits.max_queued == 64 and pipeline.auth.pipeline_routes == "open"
+
+
+def test_a_trial_call_cut_short_by_the_requests_timeout_does_not_leave_the_circuit_stuck():
+    now = [0.0]
+    pipeline = _pipeline(
+        [tool("a"), tool("out", circuit_breaker={"failures": 1, "reset_s": 10})],
+        [{"from": "a", "to": "out"}],
+        limits={"timeout_s": 0.3},
+    )
+    runner, caller, _ = _runner(pipeline, {"a": {}, "out": [BOOM, 30.0, {"ok": 1}]}, clock=lambda: now[0])
+    with pytest.raises(PipelineError):
+        run(runner)  # opens the circuit
+    now[0] = 11.0
+    with pytest.raises(PipelineError) as err:
+        run(runner)  # the trial call hangs past the pipeline's timeout
+    assert err.value.stage is None and err.value.status == 504
+    assert run(runner).output == {"ok": 1} and caller.calls.count("out") == 3  # the next call is the new trial
