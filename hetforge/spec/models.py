@@ -5,7 +5,7 @@ Every model forbids unknown fields and every field has a description and bounds,
 field must be. Cross-stage checks (references, cycles, reachability) live in
 `hetforge.spec.references` and `hetforge.spec.graph`, because they need the whole file.
 
-The whole schema is one file (over 450 lines) on purpose: `hetforge schema` and the loader's messages
+The whole schema is one file (over 650 lines) on purpose: `hetforge schema` and the loader's messages
 follow the models' order, and the stage kinds refer to the shared parts (tensor specs, batching,
 replicas) above them; split by concern, a reader would chase each field across modules.
 """
