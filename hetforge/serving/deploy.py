@@ -534,7 +534,11 @@ def status(pipeline: str | None = None) -> list[dict]:
         doc = {"pipeline": record.pipeline, "url": record.url, "embedded": record.embedded, "pid": record.pid}
         doc["log_dir"] = str(Path(record.session_dir) / "logs") if record.session_dir else ""
         try:
-            reply = httpx.get(f"{record.url}/v1/pipelines/{record.pipeline}/status", timeout=10)
+            from hetforge.serving.ingress.auth import client_headers  # pipelines may protect their routes
+
+            reply = httpx.get(
+                f"{record.url}/v1/pipelines/{record.pipeline}/status", headers=client_headers(), timeout=10
+            )
             doc["stages"] = reply.json().get("stages", {})
             doc["state"] = "RUNNING" if reply.status_code == 200 else f"HTTP {reply.status_code}"
             doc["reachable"] = reply.status_code == 200
