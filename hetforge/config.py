@@ -113,3 +113,16 @@ def registry_backup_s() -> int:
     """How often a local `hetforge serve` backs its SQLite registry up into `backups/` beside it, the newest 24 kept
     (HETFORGE_REGISTRY_BACKUP_S, default 3600; 0 turns it off)."""
     return _int("HETFORGE_REGISTRY_BACKUP_S", 3600, 0, 7 * 86_400)
+
+
+def api_token() -> str | None:
+    """The API token of the serving routes that need one (HETFORGE_API_TOKEN; `NAME:TOKEN` names its holder for
+    the audit trail). When unset, the token file (`api_token_file`) holds it."""
+    return os.environ.get("HETFORGE_API_TOKEN") or None
+
+
+def api_token_file() -> Path:
+    """The file of API tokens, one `TOKEN` or `NAME:TOKEN` a line (HETFORGE_API_TOKEN_FILE, default
+    $HETFORGE_HOME/api-token; `hetforge serve` creates it with one new token when neither it nor
+    HETFORGE_API_TOKEN exists)."""
+    return Path(os.environ.get("HETFORGE_API_TOKEN_FILE") or home_dir() / "api-token")

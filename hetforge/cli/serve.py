@@ -251,12 +251,14 @@ def swap_through_api(url: str, pipeline: str, stage: str, variant: str, wait_s: 
     1 if refused."""
     import httpx
 
+    from hetforge.serving.ingress.auth import client_headers
     from hetforge.serving.swap_control import SwapReport
 
     try:
         reply = httpx.post(
             f"{url}/v1/pipelines/{pipeline}/stages/{stage}/swap",
             json={"variant": variant, "wait_s": wait_s},
+            headers=client_headers(),  # an admin route: the API token of this machine (HETFORGE_API_TOKEN or its file)
             timeout=wait_s + 30,
         )
     except httpx.HTTPError as err:

@@ -11,7 +11,11 @@ It does what `hetforge serve --address` does inside the cluster: loads and check
 plans it on the cluster's devices (`planners.devices.ray_inventory`: GPU models from Ray's
 accelerator_type, CPU node groups from `cpu_class:<name>`), and builds the application. The
 registry is `args.registry`, else `$HETFORGE_STATE_URL` (on a cluster: PostgreSQL), else
-`$HETFORGE_HOME/registry.sqlite`; the metrics folder `$PROMETHEUS_MULTIPROC_DIR` (per node; `metrics_exporter` serves it).
+`$HETFORGE_HOME/registry.sqlite`; the metrics folder `$PROMETHEUS_MULTIPROC_DIR` (per node;
+`metrics_exporter` serves it).
+The admin routes' API token (`ingress.auth`) is read where this builder runs: set HETFORGE_API_TOKEN
+(or HETFORGE_API_TOKEN_FILE, for example a mounted Kubernetes secret) in the cluster's environment;
+otherwise a new token is written under that node's HETFORGE_HOME and printed once to its log.
 """
 
 from __future__ import annotations

@@ -64,6 +64,26 @@ def check_references(pipeline: Pipeline, base_dir: FsPath | None) -> list[Proble
                     problems.append(Problem(where, tool, f"the name of a tool stage ({known})"))
                 elif kinds[tool] != "tool":
                     problems.append(Problem(where, tool, f"a tool stage; {tool} is a {kinds[tool]} stage"))
+        if stage.fallback is not None and stage.fallback.stage is not None and stage.fallback.stage not in kinds:
+            problems.append(
+                Problem(("stages", i, "fallback", "stage"), stage.fallback.stage, f"the name of a stage ({known})")
+            )
+        if stage.on_error == "skip" and stage.name == pipeline.output:
+            problems.append(
+                Problem(
+                    ("stages", i, "on_error"),
+                    "skip",
+                    "fail or fallback: the output stage answers the request, so it cannot be skipped",
+                )
+            )
+        if stage.limits.timeout_s is not None and stage.limits.timeout_s > pipeline.limits.timeout_s:
+            problems.append(
+                Problem(
+                    ("stages", i, "limits", "timeout_s"),
+                    stage.limits.timeout_s,
+                    f"at most the pipeline's limits.timeout_s ({pipeline.limits.timeout_s:g})",
+                )
+            )
         for arg, ref in (stage.args or {}).items():
             head = ref.split(".")[0]
             if head != "request" and head not in kinds:
