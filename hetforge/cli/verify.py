@@ -41,6 +41,9 @@ def verify(
     min_speedup: Annotated[
         float, typer.Option(min=0, help="Reject candidates slower than this speedup (0: never).")
     ] = 0.0,
+    review_speedup: Annotated[
+        float, typer.Option(min=0, help="A larger speedup over the reference is accepted but flagged for review.")
+    ] = 10.0,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the verdict as one JSON object on the last line.")
     ] = False,
@@ -75,6 +78,7 @@ def verify(
         rounds=rounds,
         time=not no_timing,
         min_speedup=min_speedup,
+        review_speedup=review_speedup,
         weights_from_reference=weights_from_reference,
     )
     result = run_verify(Problem(file=str(reference)), candidate, options)
