@@ -27,6 +27,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from hetforge.kernels.registry import Registry
 from hetforge.serving.controller import build_controller
@@ -34,7 +35,7 @@ from hetforge.serving.dashboard_page import DashboardSampler
 from hetforge.serving.dataflow import PipelineRunner, StageError
 from hetforge.serving.ingress import create_app
 from hetforge.serving.ingress.state import HandleCaller, IngressState
-from hetforge.serving.llm import LlmRuntime
+from hetforge.serving.llm import LlmRuntime, loop_tools
 from hetforge.serving.metrics import default_metrics
 from hetforge.serving.model_io import ModelIO
 from hetforge.serving.stage_runtime import ModelStageRuntime
@@ -43,6 +44,10 @@ from hetforge.serving.swap_watcher import SwapWatcher
 from hetforge.serving.tools import ToolRuntime
 from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
 from hetforge.spec.stages import stage_code_error, stage_problem
+
+# Ray Serve's consistent hashing over the handle's session_id: the same session, the same replica; when
+# that replica is at max_ongoing_requests, the next ones on the ring (a request without a session: any).
+SESSION_ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
 
 
 def _pipeline(doc: dict, stage_lines: dict | None = None) -> Pipeline:
@@ -174,12 +179,9 @@ class LlmStageDeployment:
     def __init__(self, pipeline_doc: dict, base_dir: str, stage_name: str, device: str):
         pipeline = _pipeline(pipeline_doc)
         stage: LlmStage = pipeline.stage(stage_name)
-        tools = [
-            {"name": t, "description": pipeline.stage(t).description}
-            for t in (stage.agent_loop.tools if stage.agent_loop else [])
-        ]
         self.pipeline, self.stage, self.device = pipeline.name, stage, device
-        self.runtime = LlmRuntime(stage, Path(base_dir), tools)
+        labels = (pipeline.name, stage.name, _replica_name())
+        self.runtime = LlmRuntime(stage, Path(base_dir), loop_tools(pipeline, stage, Path(base_dir)), labels)
         self.metrics = default_metrics()
 
     async def __call__(self, payload: dict, request_id: str = "") -> dict:
@@ -331,6 +333,10 @@ def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], re
         else:
             options["max_ongoing_requests"] = 64
             options["health_check_timeout_s"] = 120
+            if stage.session_routing:  # a conversation's turns to the replica holding its prefix (SESSION)
+                options["request_router_config"] = RequestRouterConfig(
+                    request_router_class=SESSION_ROUTER, request_router_kwargs={"num_fallback_replicas": 2}
+                )
             handles[stage.name] = LlmStageDeployment.options(**options).bind(
                 doc, str(base_dir), stage.name, where["device"]
             )

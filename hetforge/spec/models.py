@@ -283,6 +283,11 @@ class VllmEngine(_Spec):
     chat_template: str | None = Field(
         default=None, max_length=4096, description="Chat template file, if the tokenizer has none."
     )
+    prefix_caching: bool = Field(
+        default=True,
+        description="vLLM's automatic prefix caching: an agent loop's turns reuse the KV cache of the conversation so "
+        "far (`engine_args: {enable_prefix_caching: ...}` overrides it).",
+    )
 
 
 class Endpoint(_Spec):
@@ -335,6 +340,11 @@ class LlmStage(_StageBase):
         min_length=1,
         max_length=256,
         description="Constrain the answer to one of these strings (a router); the output carries it as `choice`.",
+    )
+    session_routing: bool = Field(
+        default=True,
+        description="Send a conversation's turns (the `x-session-id` header, else the conversation's first messages) "
+        "to the same replica, where its prefix is cached; another replica when that one is full.",
     )
 
     @model_validator(mode="after")
@@ -521,6 +531,17 @@ class Reoptimize(_Spec):
     canary: Canary = Field(default_factory=Canary, description="The rollout of a new variant.")
 
 
+class OpenAiApi(_Spec):
+    """The pipeline on the ingress's OpenAI-compatible routes (its output stage must be an LLM)."""
+
+    models: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        min_length=1,
+        max_length=64,
+        description="The `model` names this pipeline answers on /v1/chat/completions and lists on /v1/models "
+        "(default: the pipeline's name).",
+    )
+
+
 class Pipeline(_Spec):
     """A whole agent pipeline: stages, the data flow between them, and its targets."""
 
@@ -547,6 +568,9 @@ class Pipeline(_Spec):
     flow: list[Edge] = Field(default_factory=list, max_length=4096, description="Data flow edges between stages.")
     reoptimize: Reoptimize | None = Field(
         default=None, description="Re-optimize hot stages in the background while serving; absent: never."
+    )
+    openai: OpenAiApi | None = Field(
+        default=None, description="Model names the OpenAI-compatible routes answer for this pipeline."
     )
 
     def stage(self, name: str) -> ModelStage | LlmStage | ToolStage:
