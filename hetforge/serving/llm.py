@@ -44,7 +44,10 @@ TOOL_LISTING = (
     'to call, {{"content": "..."}} to answer):\n{tools}'
 )
 # Prefix caching is what makes an agent loop's turns cheap: each turn resends the conversation so far.
+# Constrained JSON without whitespace between tokens: a model (a small one above all) may otherwise emit
+# whitespace until max_tokens (an engine-wide setting in vLLM 0.32, of the xgrammar and guidance backends only).
 ENGINE_DEFAULTS = {"enable_prefix_caching": True, "disable_log_stats": True}
+STRUCTURED_DEFAULTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
 
 
@@ -246,6 +249,11 @@ class LlmRuntime:
         if spec.chat_template:
             self.tokenizer.chat_template = (base_dir / spec.chat_template).read_text()
         args = {**ENGINE_DEFAULTS, "enable_prefix_caching": spec.prefix_caching, **spec.engine_args}
+        if isinstance(args.get("structured_outputs_config", {}), dict):
+            from vllm.config import StructuredOutputsConfig
+
+            given = args.get("structured_outputs_config", {})
+            args["structured_outputs_config"] = StructuredOutputsConfig(**{**STRUCTURED_DEFAULTS, **given})
         self.engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs(model=model, **args), stat_loggers=[stat_logger_factory(*labels)]
         )
@@ -257,7 +265,9 @@ class LlmRuntime:
         tools = self.tools + [
             t for t in options.get("tools") or [] if _tool_name(t) not in {_tool_name(x) for x in self.tools}
         ]
-        choice = options.get("tool_choice") or ("auto" if tools else "none")
+        loop = self.stage.agent_loop
+        default = (loop.tool_choice if loop is not None and self.tools else "auto") if tools else "none"
+        choice = options.get("tool_choice") or default
         if isinstance(choice, dict) and choice.get("function", {}).get("name") not in {_tool_name(t) for t in tools}:
             raise StageError(f"stage {self.stage.name}: tool_choice names a tool not in `tools`", 400)
         return build_messages(self.stage, payload), tools, choice, options
@@ -273,7 +283,8 @@ class LlmRuntime:
         if schema is not None:
             structured = StructuredOutputsParams(json=schema)
         elif fmt.get("type") == "json_schema":
-            structured = StructuredOutputsParams(json=fmt["json_schema"].get("schema") or {"type": "object"})
+            schema = fmt["json_schema"].get("schema") or {"type": "object"}
+            structured = StructuredOutputsParams(json=schema)
         elif fmt.get("type") == "json_object":
             structured = StructuredOutputsParams(json_object=True)
         elif self.stage.choices:

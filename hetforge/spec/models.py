@@ -318,6 +318,11 @@ class AgentLoop(_Spec):
 
     tools: list[str] = Field(min_length=1, max_length=64, description="Names of tool stages the LLM may call.")
     max_iterations: int = Field(ge=1, le=64, description="Most LLM calls in one request, tool rounds between them.")
+    tool_choice: Literal["auto", "required"] = Field(
+        default="auto",
+        description="auto: each turn the model calls tools or answers; required: it calls tools on every turn but "
+        "the last allowed, which answers (a fixed number of tool rounds).",
+    )
 
 
 class LlmStage(_StageBase):
