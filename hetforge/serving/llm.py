@@ -62,8 +62,12 @@ def parameters_of(fn) -> dict:
     for name, param in inspect.signature(fn).parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
-        hint = typing.get_origin(hints.get(name)) or hints.get(name)
-        props[name] = {"type": _JSON_TYPES[hint]} if hint in _JSON_TYPES else {}
+        hint = hints.get(name)
+        if typing.get_origin(hint) is typing.Literal:  # a closed set: decoding can only pick one of them
+            props[name] = {"enum": list(typing.get_args(hint))}
+        else:
+            hint = typing.get_origin(hint) or hint
+            props[name] = {"type": _JSON_TYPES[hint]} if hint in _JSON_TYPES else {}
         if param.default is param.empty:
             required.append(name)
     return {"type": "object", "properties": props, "required": required}
