@@ -115,6 +115,7 @@ def test_the_pipelines_own_agent_loop_calls_its_tool_on_one_replica(client, serv
     reply = client.chat.completions.create(
         model="hetforge-agent",
         messages=[{"role": "user", "content": "Where is my order?"}],
+        parallel_tool_calls=False,  # one call a turn: every turn's array fits max_tokens
         response_format={
             "type": "json_schema",
             "json_schema": {
