@@ -4,7 +4,7 @@
 
 The workload (the same for both): a shared system prompt of about 1,500 tokens, tasks of `--turns`
 LLM turns each (every turn but the last calls the `lookup_order` tool, the last answers), `--sessions`
-tasks in flight at once, greedy decoding, 24 tokens at most per turn, on the tiny Llama of
+tasks in flight at once, one tool call a turn, greedy decoding, 24 tokens at most per turn, on the tiny Llama of
 `scripts/build_tiny_llm.py` (context raised to 4,096 positions with `hf_overrides`) on vLLM's CPU engine.
 
 - baseline: `python -m vllm.entrypoints.openai.api_server` with its defaults, and the loop most teams
@@ -114,6 +114,7 @@ async def baseline_task(client: httpx.AsyncClient, url: str, i: int, turns: int)
             "messages": messages,
             "tools": [TOOL],
             "tool_choice": "none" if turn == turns - 1 else "required",
+            "parallel_tool_calls": False,
             "max_tokens": MAX_TOKENS,
             "temperature": 0,
             "stream": True,
@@ -199,7 +200,13 @@ async def hetforge_task(client: httpx.AsyncClient, url: str, i: int, turns: int)
     start = time.perf_counter()
     reply = await client.post(
         f"{url}/v1/chat/completions",
-        json={"model": "tiny", "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0},
+        json={
+            "model": "tiny",
+            "messages": messages,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "parallel_tool_calls": False,
+        },
         headers={"x-session-id": f"task-{i}"},
         timeout=300,
     )
