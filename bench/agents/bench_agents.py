@@ -4,7 +4,7 @@
 
 The workload (the same for both): a shared system prompt of about 1,500 tokens, tasks of `--turns`
 LLM turns each (every turn but the last calls the `lookup_order` tool, the last answers), `--sessions`
-tasks in flight at once, one tool call a turn, greedy decoding, 24 tokens at most per turn, on the tiny Llama of
+tasks in flight at once, one tool call a turn, greedy decoding, 40 tokens at most per turn (a tool call is 28), on the tiny Llama of
 `scripts/build_tiny_llm.py` (context raised to 4,096 positions with `hf_overrides`) on vLLM's CPU engine.
 
 - baseline: `python -m vllm.entrypoints.openai.api_server` with its defaults, and the loop most teams
@@ -39,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 MODEL = REPO / "examples" / "models" / "tiny-llm"
-MAX_TOKENS = 24
+MAX_TOKENS = 40
 OVERRIDES = {"max_position_embeddings": 4096}
 SYSTEM = "You are the support agent of a parcel company. " + " ".join(
     f"Policy {i}: look the order up with the tool before you answer, quote its status exactly, never invent a "
