@@ -6,6 +6,7 @@ output stage, answers and chunks have OpenAI's shapes, errors OpenAI's format, s
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import pytest
 from fastapi.testclient import TestClient
@@ -235,3 +236,36 @@ def test_llm_metric_names_are_pinned():
     assert value("hetforge_llm_prefix_cache_queries_tokens_total", labels) == 256
     assert value("hetforge_llm_time_per_output_token_seconds_count", labels) == 1
     assert value("hetforge_llm_queue_time_seconds_sum", labels) == pytest.approx(0.001)
+
+
+def test_messages_for_a_template_without_tools_and_tool_schemas_from_signatures():
+    from hetforge.serving.llm import for_template, parameters_of
+
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "oslo"}'}}
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"sky": "snow"}'},
+    ]
+    plain = for_template(messages, [WEATHER], "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert plain[0]["content"].startswith("Be brief.\n\nTools you may call") and '"get_weather"' in plain[0]["content"]
+    assert json.loads(plain[2]["content"]) == {
+        "tool_calls": [{"name": "get_weather", "parameters": '{"city": "oslo"}'}]
+    }
+    assert plain[3] == {"role": "user", "content": 'Tool result (c1): {"sky": "snow"}'}
+    assert for_template(messages, [WEATHER], "{{ m.tool_calls }}") == messages  # a template that knows tools
+
+    def tool(city: Literal["oslo", "paris"], days: int, verbose: bool = False, *rest, note=None):
+        return city
+
+    assert parameters_of(tool) == {
+        "type": "object",
+        "properties": {
+            "city": {"enum": ["oslo", "paris"]},
+            "days": {"type": "integer"},
+            "verbose": {"type": "boolean"},
+            "note": {},
+        },
+        "required": ["city", "days"],
+    }
