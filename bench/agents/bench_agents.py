@@ -7,8 +7,9 @@ LLM turns each (every turn but the last calls the `lookup_order` tool, the last 
 tasks in flight at once, one tool call a turn, greedy decoding, 40 tokens at most per turn (a tool call is 28), on the tiny Llama of
 `scripts/build_tiny_llm.py` (context raised to 4,096 positions with `hf_overrides`) on vLLM's CPU engine.
 
-- baseline: `python -m vllm.entrypoints.openai.api_server` with its defaults, and the loop most teams
-  start with, in the client: call the server with the tool, run the tool, append, call again
+- baseline: `python -m vllm.entrypoints.openai.api_server` (defaults, plus a tool-call parser, which
+  vLLM 0.32 requires for tool_choice required, and the same structured-output settings as hetforge's:
+  xgrammar without whitespace), and the loop most teams start with, in the client: call the server with the tool, run the tool, append, call again
   (tool_choice required, then none on the last turn). Time to first token per turn is measured by
   the client (streamed turns); the prefix-cache hit rate from the server's `vllm:prefix_cache_*` counters.
 - hetforge: `bench/agents/pipeline.yaml` (one LLM stage with `agent_loop: {tool_choice: required}` and
@@ -122,6 +123,8 @@ async def baseline_task(client: httpx.AsyncClient, url: str, i: int, turns: int)
         }
         sent, first, calls, text, usage = time.perf_counter(), None, {}, "", {}
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as reply:
+            if reply.status_code != 200:
+                raise RuntimeError(f"task {i} turn {turn}: {reply.status_code} {(await reply.aread())[:500]!r}")
             async for line in reply.aiter_lines():
                 if not line.startswith("data: {"):
                     continue
@@ -171,6 +174,9 @@ def run_baseline(tasks: int, sessions: int, turns: int, work: Path) -> dict:
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL), "--served-model-name", "tiny",
         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096", "--enforce-eager", "--dtype", "float32",
         "--hf-overrides", json.dumps(OVERRIDES), "--enable-prompt-tokens-details",
+        # vLLM 0.32 refuses tool_choice required without a tool-call parser; the decoding settings match hetforge's
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+        "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
     ]  # fmt: skip
     log = open(work / "vllm_server.log", "w")  # noqa: SIM115 - closed in finally
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
