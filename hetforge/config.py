@@ -94,3 +94,16 @@ def prometheus_url() -> str | None:
     re-optimization controller reads stage metrics through its HTTP API instead of this node's metrics files,
     so it sees replicas on every node of a cluster."""
     return os.environ.get("HETFORGE_PROMETHEUS_URL") or None
+
+
+def api_token() -> str | None:
+    """The API token of the serving routes that need one (HETFORGE_API_TOKEN; `NAME:TOKEN` names its holder for
+    the audit trail). When unset, the token file (`api_token_file`) holds it."""
+    return os.environ.get("HETFORGE_API_TOKEN") or None
+
+
+def api_token_file() -> Path:
+    """The file of API tokens, one `TOKEN` or `NAME:TOKEN` a line (HETFORGE_API_TOKEN_FILE, default
+    $HETFORGE_HOME/api-token; `hetforge serve` creates it with one new token when neither it nor
+    HETFORGE_API_TOKEN exists)."""
+    return Path(os.environ.get("HETFORGE_API_TOKEN_FILE") or home_dir() / "api-token")

@@ -58,6 +58,8 @@ FIELDS = [
     "rewrites",
     "library",
     "note",
+    "judge_claim",  # the judge's claim for its winner: faster | within_noise (not registered) | slower
+    "judge_vs_compile",  # the optimizer's own speedup_vs_compile (over compile at the same policy)
 ]
 AGENTS = ("recipes", "rewrites", "library")
 SEQ = 128
@@ -356,6 +358,8 @@ def main() -> None:
                     row.update(
                         winner=report["winner"],
                         winner_agent=report["winner_agent"],
+                        judge_claim=report.get("claim"),
+                        judge_vs_compile=report.get("speedup_vs_compile"),
                         optimize_s=round(elapsed, 1),
                         **capture(report),
                     )

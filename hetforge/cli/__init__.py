@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from hetforge import __version__
-from hetforge.cli import approvals, dashboards, demo, kernels, optimize, plan, serve, spec, verify
+from hetforge.cli import approvals, dashboards, demo, kernels, logs, optimize, plan, serve, spec, verify
 
 app = typer.Typer(
     name="hetforge",
@@ -53,7 +53,9 @@ for command in (
     demo.demo,
     serve.swap,
     serve.serve,
+    serve.reload,
     serve.status,
+    logs.logs,
     serve.down,
     dashboards.dashboards,
 ):

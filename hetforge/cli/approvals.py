@@ -11,7 +11,13 @@ import typer
 from hetforge.cli.common import EXIT_INVALID, load_spec
 
 app = typer.Typer(help="Variants that background re-optimization found, waiting for a human.", no_args_is_help=True)
-PipelineArg = Annotated[Path, typer.Argument(help="The pipeline YAML file.", show_default=False)]
+PipelineArg = Annotated[
+    str,
+    typer.Argument(
+        help="The pipeline: its name (a recorded deployment, as `hetforge status` lists it) or its YAML file.",
+        show_default=False,
+    ),
+]
 VariantArg = Annotated[int, typer.Argument(help="Variant id.", show_default=False)]
 RegistryOpt = Annotated[
     Optional[Path], typer.Option(help="The registry file (default $HETFORGE_HOME/registry.sqlite).")
@@ -29,6 +35,25 @@ def call(fn, *args):
         raise typer.Exit(EXIT_INVALID) from None
 
 
+def pipeline_file(pipeline: str) -> Path:
+    """The YAML file of `pipeline`: the path itself when it is a file, else the file the recorded deployment of that
+    name was served from; exit 1 when neither."""
+    path = Path(pipeline)
+    if path.is_file() or path.suffix in (".yaml", ".yml"):
+        return path  # a path, even a missing one: `load_spec` reports it as such
+    from hetforge.serving.deploy import load_state
+
+    records = load_state(pipeline) if "/" not in pipeline else []
+    if not records:
+        typer.echo(
+            f"error: no deployment of a pipeline named {pipeline!r} is recorded (hetforge status); "
+            "pass its YAML file instead",
+            err=True,
+        )
+        raise typer.Exit(EXIT_INVALID)
+    return Path(records[0].pipeline_file)
+
+
 def registry_path(registry: Optional[Path]) -> str:
     """The registry file: `registry`, else the default under $HETFORGE_HOME."""
     from hetforge.kernels.registry import default_path
@@ -38,7 +63,7 @@ def registry_path(registry: Optional[Path]) -> str:
 
 @app.command("list")
 def approvals_list(
-    pipeline_file: PipelineArg,
+    pipeline: PipelineArg,
     registry: RegistryOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON list on the last line.")] = False,
 ) -> None:
@@ -48,7 +73,7 @@ def approvals_list(
 
     from hetforge.serving import approvals
 
-    rows = approvals.pending(registry_path(registry), load_spec(pipeline_file))
+    rows = approvals.pending(registry_path(registry), load_spec(pipeline_file(pipeline)))
     if as_json:
         typer.echo(json.dumps(rows, default=str))
         return
@@ -68,13 +93,12 @@ def approvals_list(
 
 
 @app.command("show")
-def approvals_show(pipeline_file: PipelineArg, variant_id: VariantArg, registry: RegistryOpt = None) -> None:
+def approvals_show(pipeline: PipelineArg, variant_id: VariantArg, registry: RegistryOpt = None) -> None:
     """The report of a variant: speedups, flags, errors, the job's leaderboard, and its diff against the reference."""
     from hetforge.serving import approvals
 
-    doc = call(
-        approvals.show, registry_path(registry), load_spec(pipeline_file), pipeline_file.resolve().parent, variant_id
-    )
+    path = pipeline_file(pipeline)
+    doc = call(approvals.show, registry_path(registry), load_spec(path), path.resolve().parent, variant_id)
     diff = doc.pop("diff")
     doc.pop("source")
     typer.echo(json.dumps(doc, indent=2, default=str))
@@ -84,7 +108,7 @@ def approvals_show(pipeline_file: PipelineArg, variant_id: VariantArg, registry:
 
 @app.command("approve")
 def approvals_approve(
-    pipeline_file: PipelineArg,
+    pipeline: PipelineArg,
     variant_id: VariantArg,
     by: Annotated[str, typer.Option(help="Who approves (recorded in the audit log).")] = "cli",
     hint: Annotated[str, typer.Option(help="Also start a new job for the stage with this hint.")] = "",
@@ -94,13 +118,15 @@ def approvals_approve(
     from hetforge.serving import approvals
 
     typer.echo(
-        json.dumps(call(approvals.approve, registry_path(registry), load_spec(pipeline_file), variant_id, by, hint))
+        json.dumps(
+            call(approvals.approve, registry_path(registry), load_spec(pipeline_file(pipeline)), variant_id, by, hint)
+        )
     )
 
 
 @app.command("reject")
 def approvals_reject(
-    pipeline_file: PipelineArg,
+    pipeline: PipelineArg,
     variant_id: VariantArg,
     by: Annotated[str, typer.Option(help="Who rejects (recorded in the audit log).")] = "cli",
     hint: Annotated[str, typer.Option(help="Start a new job for the stage with this hint.")] = "",
@@ -110,13 +136,15 @@ def approvals_reject(
     from hetforge.serving import approvals
 
     typer.echo(
-        json.dumps(call(approvals.reject, registry_path(registry), load_spec(pipeline_file), variant_id, by, hint))
+        json.dumps(
+            call(approvals.reject, registry_path(registry), load_spec(pipeline_file(pipeline)), variant_id, by, hint)
+        )
     )
 
 
 @app.command("guide")
 def approvals_guide(
-    pipeline_file: PipelineArg,
+    pipeline: PipelineArg,
     stage: Annotated[str, typer.Argument(help="The model stage.", show_default=False)],
     hint: Annotated[str, typer.Option(help="Text that goes into every agent's prompt.", show_default=False)],
     by: Annotated[str, typer.Option(help="Who asks (recorded).")] = "cli",
@@ -125,5 +153,5 @@ def approvals_guide(
     """Start a new optimization job for a stage with a human's hint (the controller launches it)."""
     from hetforge.serving.jobs import queue_hint_job
 
-    job = call(queue_hint_job, registry_path(registry), load_spec(pipeline_file), stage, hint, by)
+    job = call(queue_hint_job, registry_path(registry), load_spec(pipeline_file(pipeline)), stage, hint, by)
     typer.echo(json.dumps({"queued_job": job.id, "stage": stage, "hint": hint}))

@@ -170,6 +170,8 @@ def optimize(
         "best_variant_path": str(best_path) if best_path else None,
         "speedup_vs_eager": report.speedup_vs_eager,
         "speedup_vs_compile": report.speedup_vs_compile,
+        "compile_baseline": report.compile_baseline,
+        "claim": report.claim,
         "winner_agent": doc["winner_agent"],
         "verdict": "accepted" if report.winner else "none",
         "report": str(out / "report.json"),

@@ -38,6 +38,7 @@ def plan(
     from hetforge.planners.plan import PlanError, build_plan
     from hetforge.planners.profiles import ProfileCache
     from hetforge.spec.cluster import load_cluster
+    from hetforge.spec.stages import import_stage_functions
 
     spec = load_spec(pipeline)
     if cluster is not None:
@@ -51,6 +52,9 @@ def plan(
     else:
         inventory = devices.local_inventory()
     try:
+        functions = import_stage_functions(spec, pipeline.resolve().parent)
+        if functions:
+            raise PlanError(functions)
         result = build_plan(spec, pipeline.resolve().parent, inventory, objective.value, ProfileCache())
     except PlanError as err:
         for message in err.messages:

@@ -36,11 +36,21 @@ def print_leaderboard(console, records) -> None:
     from rich.table import Table
 
     table = Table(title="candidates, fastest first")
-    for col in ("candidate", "agent", "round", "status", "speedup vs eager", "note"):
+    for col in ("candidate", "agent", "round", "status", "speedup vs eager [95% interval]", "note"):
         table.add_column(col)
     for r in sorted(records, key=lambda r: -r.speedup):
-        table.add_row(r.name, r.agent, str(r.round), r.status, f"{r.speedup:.3f}x" if r.speedup else "-", r.note[:80])
+        table.add_row(r.name, r.agent, str(r.round), r.status, _speedup(r), r.note[:80])
     console.print(table)
+
+
+def _speedup(record) -> str:
+    if not record.speedup:
+        return "-"
+    interval = record.verdict.interval if record.verdict is not None else {}
+    if not interval:
+        return f"{record.speedup:.3f}x"
+    high = "inf" if interval["high"] is None else f"{interval['high']:.3f}"
+    return f"{record.speedup:.3f}x [{interval['low']:.3f}-{high}]"
 
 
 def print_table(columns, rows, title: str | None = None) -> None:

@@ -40,7 +40,15 @@ def serve(
     base_dir = pipeline.resolve().parent
     try:
         dep.check_servable(spec, base_dir)
+        running = dep.running_deployment(spec.name)
+        if running is not None:  # one deployment per pipeline: a second one would share its port and its record
+            raise dep.DeployError(dep.already_served_message(running, pipeline))
+        if address is None and dep.port_in_use(host, port):
+            raise dep.DeployError(dep.busy_port_message(host, port))
         placement, notes = dep.placement_for(spec, base_dir, address=address)
+    except dep.DeployError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
     except (ValueError, PlanError, RuntimeError) as err:
         for line in str(err).splitlines():
             typer.echo(located(pipeline, line), err=True)
@@ -49,24 +57,64 @@ def serve(
         typer.echo(f"{name}: {where['device_class']} {where['ray_actor_options']}")
     for note in notes:
         typer.echo(f"note: {note}")
-    record = dep.deploy(pipeline, address=address, host=host, port=port, placement=placement)
+    try:
+        record = dep.deploy(pipeline, address=address, host=host, port=port, placement=placement)
+    except dep.DeployError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
     try:
         dep.wait_until_running(record, timeout_s)
     except RuntimeError as err:
         typer.echo(f"error: {err}", err=True)
         dep.state_path(record.pipeline).unlink(missing_ok=True)
         raise typer.Exit(EXIT_INVALID) from None
+    dep.record_processes(record)
     typer.echo(
         f"serving {record.pipeline} at {record.url}/v1/pipelines/{record.pipeline}/run (metrics {record.url}/metrics)"
     )
+    if record.session_dir:
+        typer.echo(f"logs: {record.session_dir}/logs (hetforge logs {record.pipeline})")
     if address is not None:
         return
     wait_for_stop()
+    import ray
     from ray import serve as ray_serve
 
     ray_serve.shutdown()
+    ray.shutdown()
     dep.state_path(record.pipeline).unlink(missing_ok=True)
     typer.echo(f"stopped {record.pipeline}")
+
+
+def reload(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file of a served pipeline.", show_default=False)],
+    timeout_s: Annotated[float, typer.Option(min=1, help="Seconds to wait for the new replicas to come up.")] = 600,
+) -> None:
+    """Update a served pipeline in place from its changed YAML: changed stages are redeployed, the others kept.
+
+    A redeployed stage's new replicas start before its old ones stop, so requests keep being answered.
+    Exit 0 updated, 1 invalid pipeline, not served, or new replicas that failed to start.
+    """
+    from hetforge.planners.plan import PlanError
+    from hetforge.serving import deploy as dep
+
+    load_spec(pipeline)
+    try:
+        record, changed, kept = dep.reload(pipeline, timeout_s)
+    except dep.DeployError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    except (ValueError, PlanError) as err:
+        for line in str(err).splitlines():
+            typer.echo(located(pipeline, line), err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    except RuntimeError as err:  # new replicas that did not start: one located line each (`wait_until_running`)
+        for line in str(err).splitlines():
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(EXIT_INVALID) from None
+    typer.echo(f"redeployed: {', '.join(changed) or 'nothing (no change)'}")
+    typer.echo(f"kept: {', '.join(kept) or 'nothing'}")
+    typer.echo(f"reloaded {record.pipeline} at {record.url}")
 
 
 def wait_for_stop() -> None:
@@ -87,39 +135,54 @@ def status(
     pipeline: PipelineNameArg = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on the last line.")] = False,
 ) -> None:
-    """Deployments, their stages' replicas, devices and active variants."""
+    """Deployments: every replica of every stage, its state, device and active variant.
+
+    Exit 0 when every deployment shown is reachable, 1 when one is not (or none is recorded for PIPELINE).
+    """
     from hetforge.serving.deploy import status as get_status
 
     found = get_status(pipeline)
+    ok = all(d["reachable"] for d in found) and (bool(found) or pipeline is None)
     if as_json:
         typer.echo(json.dumps({"deployments": found}, default=str))
-        return
+        raise typer.Exit(0 if ok else EXIT_INVALID)
     if not found:
         typer.echo("no deployment recorded" + (f" for {pipeline}" if pipeline else ""))
-        return
+        raise typer.Exit(0 if ok else EXIT_INVALID)
     for d in found:
-        print_table(
-            ("stage", "planned", "device", "active variant", "replica"),
-            (
-                (
-                    name,
-                    st.get("planned", ""),
-                    st.get("device", ""),
-                    st.get("active_variant", st.get("error", "")),
-                    st.get("replica", ""),
+        rows = []
+        for name, st in d["stages"].items():
+            shown = st.get("active_variant", st.get("error", ""))
+            for r in st.get("replicas") or [{"replica": st.get("replica", "-"), "state": "", "pid": ""}]:
+                rows.append(
+                    (
+                        name,
+                        st.get("planned", ""),
+                        st.get("device", ""),
+                        str(r.get("active_variant") or shown),
+                        str(r["replica"]),
+                        str(r["state"]),
+                        str(r.get("pid") or ""),
+                    )
                 )
-                for name, st in d["stages"].items()
-            ),
+        print_table(
+            ("stage", "planned", "device", "active variant", "replica", "state", "pid"),
+            rows,
             title=f"{d['pipeline']} at {d['url']}: {d['state']}",
         )
+        if d.get("log_dir"):
+            typer.echo(f"logs: {d['log_dir']}")
+    raise typer.Exit(0 if ok else EXIT_INVALID)
 
 
 def down(pipeline: PipelineNameArg = None) -> None:
-    """Stop deployments: delete them from Serve (or stop the embedded serving process)."""
+    """Stop deployments: delete them from Serve, or stop the embedded serving process and what its Ray left."""
     from hetforge.serving.deploy import down as stop
 
     stopped = stop(pipeline)
-    typer.echo("stopped: " + (", ".join(stopped) if stopped else "nothing recorded"))
+    for name, what in stopped:
+        typer.echo(f"{name}: {what}")
+    typer.echo("stopped: " + (", ".join(name for name, _ in stopped) if stopped else "nothing recorded"))
 
 
 def swap(
@@ -173,12 +236,14 @@ def swap_through_api(url: str, pipeline: str, stage: str, variant: str, wait_s: 
     1 if refused."""
     import httpx
 
+    from hetforge.serving.ingress.auth import client_headers
     from hetforge.serving.swap_control import SwapReport
 
     try:
         reply = httpx.post(
             f"{url}/v1/pipelines/{pipeline}/stages/{stage}/swap",
             json={"variant": variant, "wait_s": wait_s},
+            headers=client_headers(),  # an admin route: the API token of this machine (HETFORGE_API_TOKEN or its file)
             timeout=wait_s + 30,
         )
     except httpx.HTTPError as err:

@@ -3,8 +3,12 @@
 Never pickle: unpickling bytes a candidate controls would run its code in the judge. A frame is
   8-byte big-endian header length | JSON header | tensor payloads, in header order
 and a value in the header is a JSON value, a tensor reference {"__tensor__": i}, or a list of them.
-The reader bounds every length it is told, so a hostile worker cannot make the judge allocate
-without limit, and every read has a deadline.
+The reader never allocates what a frame claims before its bytes arrive: it reads in chunks of at most
+1 MiB into a buffer that at most doubles, so memory follows the bytes received, and it refuses a frame
+whose tensors add up to more than the caller expects (`max_bytes`: the judge knows the size of the
+reference's outputs) before reading any of them. One deadline covers the whole frame: a worker that
+trickles bytes cannot stretch it. Sends to a worker take a deadline too (a worker that stops reading
+cannot hold the judge).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch
 
 _LEN = struct.Struct(">Q")
 MAX_HEADER_BYTES = 16 << 20
+_CHUNK = 1 << 20  # bytes per read: what a claim can make the reader allocate ahead of the data
+_PIPE_BUF = 4096  # a write of at most this many bytes to a pipe that select() calls writable does not block
 
 
 class ChannelClosed(Exception):
@@ -127,42 +133,60 @@ class Channel:
         for fd in (read_fd, write_fd):
             _widen_pipe(fd)
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any], timeout_s: float | None = None) -> None:
+        """Write one frame; with `timeout_s`, ChannelTimeout when the other end does not take it in time."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for part in _frame(message):
             data = memoryview(part).cast("B")
             while data:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not select.select([], [self.write_fd], [], left)[1]:
+                        raise ChannelTimeout("the other end did not read within the deadline")
                 try:
-                    written = os.write(self.write_fd, data[: 1 << 20])
+                    written = os.write(self.write_fd, data[: _PIPE_BUF if deadline is not None else _CHUNK])
                 except (BrokenPipeError, OSError) as err:
                     raise ChannelClosed(str(err)) from None
                 data = data[written:]
 
-    def recv(self, timeout_s: float | None = None) -> dict[str, Any]:
+    def recv(self, timeout_s: float | None = None, max_bytes: int | None = None) -> dict[str, Any]:
+        """One frame, within `timeout_s`; its tensors may add up to `max_bytes` (default: the channel's limit)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        limit = self.max_frame_bytes if max_bytes is None else min(max_bytes, self.max_frame_bytes)
         (head_len,) = _LEN.unpack(self._read(_LEN.size, deadline))
         if head_len > MAX_HEADER_BYTES:
-            raise ChannelCorrupt(f"header of {head_len} bytes")
+            raise ChannelCorrupt(f"header of {head_len} bytes (at most {MAX_HEADER_BYTES})")
         try:
             header = json.loads(self._read(head_len, deadline))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ChannelCorrupt(f"header is not JSON: {err}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            raise ChannelCorrupt(f"header is not JSON: {str(err)[:200]}") from None
         sizes: list[int] = []
-        _tensor_sizes(header, sizes)
-        if any(s < 0 for s in sizes) or sum(sizes) > self.max_frame_bytes:
-            raise ChannelCorrupt(f"frame of {sum(sizes)} bytes exceeds {self.max_frame_bytes}")
+        try:
+            _tensor_sizes(header, sizes)
+        except (TypeError, ValueError, RecursionError):
+            raise ChannelCorrupt("a tensor's size is not a number") from None
+        if any(s < 0 for s in sizes) or sum(sizes) > limit:
+            raise ChannelCorrupt(f"frame claims {sum(sizes)} bytes of tensors, at most {limit} expected")
         payloads = [self._read(size, deadline) for size in sizes]
-        return _unpack(header, payloads)
+        try:
+            return _unpack(header, payloads)
+        except (KeyError, IndexError, TypeError, ValueError, OverflowError, RuntimeError, RecursionError) as err:
+            raise ChannelCorrupt(f"malformed tensor reference: {type(err).__name__}") from None
 
     def _read(self, count: int, deadline: float | None) -> bytearray:
-        """Exactly `count` bytes, read into one buffer (no joining of chunks)."""
-        out = bytearray(count)
-        view, done = memoryview(out), 0
+        """Exactly `count` bytes, in one buffer that grows (doubling) as they arrive: never more than twice what
+        was received plus one chunk is allocated, whatever `count` claims."""
+        out = bytearray(min(count, _CHUNK))
+        done = 0
         while done < count:
+            if done == len(out):
+                out += bytes(min(len(out), count - len(out)))
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([self.read_fd], [], [], left)[0]:
                     raise ChannelTimeout(f"no reply within the deadline ({done}/{count} bytes read)")
-            got = os.readv(self.read_fd, [view[done : done + (1 << 20)]])
+            with memoryview(out) as view:
+                got = os.readv(self.read_fd, [view[done : min(len(out), done + _CHUNK)]])
             if not got:
                 raise ChannelClosed("the other end closed the pipe")
             done += got

@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import os
 import platform
 import resource
 import signal
+import stat
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -122,6 +125,11 @@ _ARCH = platform.machine()
 _NR = {
     "x86_64": {
         "socket": 41,
+        "connect": 42,
+        "socketpair": 53,
+        "io_uring_setup": 425,
+        "io_uring_enter": 426,
+        "io_uring_register": 427,
         "setsid": 112,
         "setpgid": 109,
         "ptrace": 101,
@@ -142,6 +150,11 @@ _NR = {
     },
     "aarch64": {
         "socket": 198,
+        "connect": 203,
+        "socketpair": 199,
+        "io_uring_setup": 425,
+        "io_uring_enter": 426,
+        "io_uring_register": 427,
         "setsid": 157,
         "setpgid": 154,
         "ptrace": 117,
@@ -176,22 +189,41 @@ def _no_new_privs() -> str:
     return "on"
 
 
-def _drop_capabilities() -> str:
-    """Root loses every capability: effective, permitted, inheritable and the bounding set."""
-    if os.geteuid() != 0:
-        return "not root"
-    for cap in range(64):
-        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == errno.EINVAL:
-            break  # past the last capability this kernel knows
+# Kept until `confine_reads` when the worker may still drop to an unprivileged user: CAP_CHOWN (its scratch folder
+# is given to that user), CAP_SETGID, CAP_SETUID, CAP_SETPCAP (to drop these from the bounding set afterwards).
+_USER_DROP_CAPS = (0, 6, 7, 8)
+UNPRIVILEGED_UID = UNPRIVILEGED_GID = 65534  # "nobody" by convention; no file on a host should belong to it
+
+
+def _capset(keep: tuple[int, ...] = ()) -> None:
+    mask = sum(1 << cap for cap in keep)
     header = struct.pack("Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
-    data = bytes(24)  # two {effective, permitted, inheritable} words, all zero
+    data = struct.pack("IIIIII", mask, mask, 0, 0, 0, 0)  # {effective, permitted, inheritable} x 2 words
     if _libc.syscall(_NR[_ARCH]["capset"], ctypes.c_char_p(header), ctypes.c_char_p(data)) != 0:
         raise OSError(ctypes.get_errno(), "capset: " + _errno_text())
-    return "dropped"
+
+
+def _drop_bounding(keep: tuple[int, ...] = ()) -> None:
+    for cap in range(64):
+        if cap in keep:
+            continue
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == errno.EINVAL:
+            break  # past the last capability this kernel knows
+
+
+def _drop_capabilities(keep: tuple[int, ...] = ()) -> str:
+    """Root loses every capability (but `keep`): effective, permitted, inheritable and the bounding set."""
+    if os.geteuid() != 0:
+        return "not root"
+    _drop_bounding(keep)
+    _capset(keep)
+    return "dropped" + (" (but chown, setuid, setgid until the user drop)" if keep else "")
 
 
 # Landlock filesystem rights (linux/landlock.h) and the ABI version that introduced each.
 _FS = {
+    "read_file": (1 << 2, 1),
+    "read_dir": (1 << 3, 1),
     "write_file": (1 << 1, 1),
     "remove_dir": (1 << 4, 1),
     "remove_file": (1 << 5, 1),
@@ -205,19 +237,38 @@ _FS = {
     "refer": (1 << 13, 2),
     "truncate": (1 << 14, 3),
 }
+_FILE_RIGHTS = 1 | (1 << 1) | (1 << 2) | (1 << 14) | (1 << 15)  # execute, write, read, truncate, ioctl_dev
 _NET_BIND_TCP, _NET_CONNECT_TCP = 1, 2
 _SCOPE_ABSTRACT_UNIX, _SCOPE_SIGNAL = 1, 2
 
 
-def _landlock(writable: list[str]) -> str:
-    abi = _libc.syscall(
-        _LANDLOCK_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1)
-    )  # LANDLOCK_CREATE_RULESET_VERSION
-    if abi < 1:
-        return f"unavailable ({_errno_text()})"
-    handled = sum(bit for bit, since in _FS.values() if since <= abi)
-    net = _NET_BIND_TCP | _NET_CONNECT_TCP if abi >= 4 else 0
-    scoped = _SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL if abi >= 6 else 0
+# Device nodes a worker may open: the usual character devices and what CUDA opens (the NVIDIA driver's nodes). Not
+# /dev/shm (other processes' shared memory), not /dev/kmsg, not disks: Landlock rules on these files, not on /dev.
+_DEVICE_NAMES = ("null", "zero", "full", "random", "urandom")
+_DEVICE_PATTERNS = ("/dev/nvidia*", "/dev/nvidia-caps/*")
+
+
+def device_nodes() -> list[str]:
+    """The character devices of `_DEVICE_NAMES` and `_DEVICE_PATTERNS` present on this host."""
+    paths = [f"/dev/{name}" for name in _DEVICE_NAMES]
+    for pattern in _DEVICE_PATTERNS:
+        paths += sorted(glob.glob(pattern))
+    out = []
+    for path in paths:
+        try:
+            if stat.S_ISCHR(os.stat(path).st_mode):
+                out.append(path)
+        except OSError:
+            continue
+    return out
+
+
+def _landlock_abi() -> int:
+    return _libc.syscall(_LANDLOCK_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # ..._VERSION
+
+
+def _landlock_layer(abi: int, handled: int, rules: list[tuple[str, int]], net: int = 0, scoped: int = 0) -> None:
+    """One Landlock layer on this process: `handled` rights denied except beneath each rule's path."""
     attr = (
         struct.pack("QQQ", handled, net, scoped)
         if abi >= 6
@@ -229,14 +280,15 @@ def _landlock(writable: list[str]) -> str:
     if ruleset < 0:
         raise OSError(ctypes.get_errno(), "landlock_create_ruleset: " + _errno_text())
     try:
-        # /dev for device files; /proc/self (this process's own /proc/<pid>, its threads' entries included) because the
-        # NVIDIA driver writes there while CUDA initializes (without it: cudaGetDeviceCount error 304, found on an H100)
-        device_rights = _FS["write_file"][0] | (_FS["truncate"][0] if abi >= 3 else 0)
-        rules = [(path, handled) for path in writable] + [("/dev", device_rights), ("/proc/self", device_rights)]
         for path, rights in rules:
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:
-                rule = struct.pack("=Qi", rights, fd)  # struct landlock_path_beneath_attr is packed
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # a path this host lacks (a venv's missing python311.zip)
+            try:
+                if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                    rights &= _FILE_RIGHTS  # a rule on a file takes only the rights a file has
+                rule = struct.pack("=Qi", rights & handled, fd)  # struct landlock_path_beneath_attr is packed
                 if (
                     _libc.syscall(
                         _LANDLOCK_ADD_RULE,
@@ -254,16 +306,39 @@ def _landlock(writable: list[str]) -> str:
             raise OSError(ctypes.get_errno(), "landlock_restrict_self: " + _errno_text())
     finally:
         os.close(ruleset)
-    parts = ["writes only beneath " + ", ".join(writable) + ", /dev and its own /proc entry"]
+
+
+def _landlock(writable: list[str]) -> str:
+    """Writes (and deletes, renames, new files) only beneath `writable`, into the allowed device nodes and the
+    process's own /proc entry; TCP denied; signals and abstract Unix sockets scoped to the worker's processes."""
+    abi = _landlock_abi()
+    if abi < 1:
+        return f"unavailable ({_errno_text()})"
+    reads = _FS["read_file"][0] | _FS["read_dir"][0]  # reads are `confine_reads`' layer, once the problem is known
+    handled = sum(bit for bit, since in _FS.values() if since <= abi) & ~reads
+    net = _NET_BIND_TCP | _NET_CONNECT_TCP if abi >= 4 else 0
+    scoped = _SCOPE_ABSTRACT_UNIX | _SCOPE_SIGNAL if abi >= 6 else 0
+    # /proc/self (this process's own /proc/<pid>, its threads' entries included): the NVIDIA driver writes there while
+    # CUDA initializes (without it: cudaGetDeviceCount error 304, found on an H100)
+    device_rights = _FS["write_file"][0] | (_FS["truncate"][0] if abi >= 3 else 0)
+    devices = device_nodes()
+    rules = [(path, handled) for path in writable] + [(d, device_rights) for d in devices]
+    _landlock_layer(abi, handled, rules + [("/proc/self", device_rights)], net, scoped)
+    parts = [
+        "writes only beneath "
+        + ", ".join(writable)
+        + ", its own /proc entry and the device nodes "
+        + " ".join(d.removeprefix("/dev/") for d in devices)
+    ]
     parts.append("TCP denied" if net else "TCP not covered (ABI < 4)")
     parts.append("signals scoped" if scoped else "signals not scoped (ABI < 6)")
     return f"abi {abi}: " + "; ".join(parts)
 
 
 # Classic BPF for seccomp: struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}.
-_LD_W_ABS, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
+_LD_W_ABS, _JEQ_K, _RET_K, _AND_K = 0x20, 0x15, 0x06, 0x54
 _SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
-_AF_UNIX = 1
+_AF_UNIX, _SOCK_STREAM, _SOCK_SEQPACKET = 1, 1, 5
 _X32_BIT = 0x40000000
 
 
@@ -292,6 +367,10 @@ def _seccomp() -> str:
         "finit_module",
         "bpf",
         "perf_event_open",
+        # io_uring performs connect, sendmsg and more without the syscalls this filter sees
+        "io_uring_setup",
+        "io_uring_enter",
+        "io_uring_register",
     ]
     allow, eperm, eacces = _SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO | errno.EPERM, _SECCOMP_RET_ERRNO | errno.EACCES
     prog = [
@@ -302,14 +381,23 @@ def _seccomp() -> str:
     ]
     if _ARCH == "x86_64":  # x32 syscalls carry bit 30: refused, they would bypass the numbers below
         prog += [struct.pack("HBBI", 0x45, 0, 1, _X32_BIT), _bpf(_RET_K, eperm)]  # jset
-    # socket(domain, ...): AF_UNIX only; any other family (INET, INET6, PACKET, NETLINK, ...) is refused
-    prog += [
-        _bpf(_JEQ_K, nr["socket"], 0, 4),  # not socket: jump past the next four, nr still loaded
-        _bpf(_LD_W_ABS, 16),  # seccomp_data.args[0] (low word): the address family
-        _bpf(_JEQ_K, _AF_UNIX, 0, 1),
-        _bpf(_RET_K, allow),
-        _bpf(_RET_K, eacces),
-    ]
+    # socket() and socketpair(): AF_UNIX only (no network of any family: INET, INET6, PACKET, NETLINK, ...), and only
+    # stream or seqpacket: a datagram socket sends to any path named in sendto()/sendmsg(), connected or not
+    for call in ("socket", "socketpair"):
+        prog += [
+            _bpf(_JEQ_K, nr[call], 0, 8),  # not this call: skip the block, nr still loaded
+            _bpf(_LD_W_ABS, 16),  # seccomp_data.args[0] (low word): the address family
+            _bpf(_JEQ_K, _AF_UNIX, 0, 5),
+            _bpf(_LD_W_ABS, 24),  # args[1]: the type, with SOCK_NONBLOCK / SOCK_CLOEXEC
+            _bpf(_AND_K, 0xF),  # SOCK_TYPE_MASK
+            _bpf(_JEQ_K, _SOCK_STREAM, 1, 0),
+            _bpf(_JEQ_K, _SOCK_SEQPACKET, 0, 1),
+            _bpf(_RET_K, allow),
+            _bpf(_RET_K, eacces),
+        ]
+    # connect(): every socket here is AF_UNIX; abstract names are scoped by Landlock (ABI 6+), but a path names a
+    # listener anywhere on the host, and the kernel checks no Landlock right on it. Refused, inside scratch too.
+    prog += [_bpf(_JEQ_K, nr["connect"], 0, 1), _bpf(_RET_K, eacces)]
     for name in deny_eperm:
         prog += [_bpf(_JEQ_K, nr[name], 0, 1), _bpf(_RET_K, eperm)]
     prog.append(_bpf(_RET_K, allow))
@@ -319,7 +407,10 @@ def _seccomp() -> str:
     fprog_buf = ctypes.create_string_buffer(fprog)
     if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog_buf), 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "seccomp filter: " + _errno_text())
-    return "socket: AF_UNIX only; setsid/setpgid, ptrace, mount, namespaces refused"
+    return (
+        "socket: AF_UNIX only, stream or seqpacket; connect refused; setsid/setpgid, ptrace, mount, namespaces, "
+        "io_uring refused"
+    )
 
 
 def _process_limit(max_procs: int, cgroup: str | None) -> str:
@@ -348,26 +439,58 @@ def _owned(proc: Path) -> bool:
         return False
 
 
-def make_pids_cgroup(name: str, max_procs: int) -> str | None:
-    """A pids cgroup for one worker (None when this host does not let us make one): v2, or v1's pids hierarchy."""
-    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
-        if not (root / "cgroup.procs").exists() or (
-            root == Path("/sys/fs/cgroup")
-            and not (root / "pids.max").exists()
-            and "pids" not in _read(root / "cgroup.subtree_control")
-        ):
-            continue
+def cgroup_roots() -> list[Path]:
+    """Where worker cgroups are made: cgroup v1's pids hierarchy and the v2 hierarchy (pure, or a hybrid's unified)."""
+    candidates = (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
+    return [root for root in candidates if (root / "cgroup.procs").exists()]
+
+
+def make_worker_cgroups(name: str, max_procs: int) -> dict[str, str | None]:
+    """One worker's cgroups (None where this host does not let us make one): `pids`, whose pids.max bounds its
+    process count, and `kill`, a v2 cgroup whose `cgroup.kill` (Linux 5.14+) kills every member at once, stopped
+    ones included. On a pure v2 host with the pids controller one folder serves both."""
+    made: dict[str, str | None] = {"pids": None, "kill": None}
+    for root in cgroup_roots():
+        v2 = (root / "cgroup.controllers").exists()
+        # v1: a hierarchy of its own per controller (the pids one); v2: the pids controller enabled for children
+        has_pids = root.name == "pids" if not v2 else "pids" in _read(root / "cgroup.subtree_control")
+        if made["pids"] and (made["kill"] or not v2):
+            break
         path = root / f"hetforge-{name}"
         try:
             path.mkdir(exist_ok=True)
-            (path / "pids.max").write_text(str(max_procs))
-            return str(path)
         except OSError:
+            continue
+        used = False
+        if has_pids and not made["pids"]:
             try:
-                path.rmdir()
+                (path / "pids.max").write_text(str(max_procs))
+                made["pids"], used = str(path), True
             except OSError:
                 pass
-    return None
+        if v2 and not made["kill"] and (path / "cgroup.kill").exists():
+            made["kill"], used = str(path), True
+        if not used:
+            _rmdir(path)
+    return made
+
+
+def join_cgroups(pid: int, paths: list[str]) -> list[str]:
+    """Move process `pid` into each cgroup of `paths`; returns those it could not join, with the reason."""
+    failed = []
+    for path in paths:
+        try:
+            Path(path, "cgroup.procs").write_text(str(pid))
+        except OSError as err:
+            failed.append(f"{path}: {err.strerror}")
+    return failed
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
 
 
 def remove_cgroup(path: str | None) -> None:
@@ -408,11 +531,15 @@ def _read(path: Path) -> str:
         return ""
 
 
-def confine(writable: list[str], *, cpu_s: int = 0, max_procs: int = 256, cgroup: str | None = None) -> dict[str, str]:
+def confine(
+    writable: list[str], *, cpu_s: int = 0, max_procs: int = 256, cgroup: str | None = None, drop_user: bool = False
+) -> dict[str, str]:
     """Apply every layer to this process (irreversibly); returns what each layer did.
 
     A layer that fails raises: a worker that asked for confinement and did not get it must not
-    run candidates. A layer the kernel does not offer is reported `unavailable`.
+    run candidates. A layer the kernel does not offer is reported `unavailable`. `drop_user`: the
+    worker will switch to an unprivileged user in `confine_reads` (the capabilities that takes are kept
+    until then; no candidate code runs before it).
     """
     report = {"process_limit": _process_limit(max_procs, cgroup)}
     if cpu_s > 0:
@@ -420,7 +547,100 @@ def confine(writable: list[str], *, cpu_s: int = 0, max_procs: int = 256, cgroup
         report["cpu"] = f"RLIMIT_CPU {cpu_s} s"
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     report["no_new_privs"] = _no_new_privs()
-    report["capabilities"] = _drop_capabilities()
+    report["capabilities"] = _drop_capabilities(_USER_DROP_CAPS if drop_user and os.geteuid() == 0 else ())
     report["landlock"] = _landlock(writable)
     report["seccomp"] = _seccomp()
     return report
+
+
+# What every worker reads besides Python and the problem: system libraries and compilers (Inductor runs g++, Triton
+# ptxas), /proc and /sys (torch and the NVIDIA driver read them; other processes' /proc entries stay closed: Landlock
+# denies ptrace-mode access outside the worker's domain), and the few files of /etc that libc and the loader read.
+_SYSTEM_READS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/proc", "/sys")
+_ETC_READS = (
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "timezone",
+    "nsswitch.conf",
+    "passwd",
+    "group",
+    "hosts",
+    "host.conf",
+    "gai.conf",
+    "os-release",
+    "alternatives",
+)
+
+
+def python_paths() -> list[str]:
+    """The Python installation and every import path (site-packages, PYTHONPATH) and library path of this process."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *filter(None, sys.path)}
+    paths.update(filter(None, os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep)))
+    for compiler in ("CC", "CXX"):
+        if os.path.isabs(os.environ.get(compiler, "")):
+            paths.add(os.path.dirname(os.environ[compiler]))
+    return sorted(p for p in paths if os.path.isabs(p) and os.path.realpath(p) != "/")
+
+
+def confine_reads(readable: list[str], writable: list[str], drop_user: bool = False) -> dict[str, str]:
+    """The second stage, once the problem is known and before it is loaded: reads (files and folder listings) only
+    beneath `readable`, `writable`, the Python installation, the system folders and device nodes; then, with
+    `drop_user`, the switch to an unprivileged user where everything read is readable by it."""
+    report = {}
+    abi = _landlock_abi()
+    allowed = sorted({*readable, *writable, *python_paths()} - {"/"})
+    if abi < 1:
+        report["reads"] = f"unrestricted: Landlock unavailable ({_errno_text()})"
+    else:
+        rights = _FS["read_file"][0] | _FS["read_dir"][0]
+        paths = [*allowed, *_SYSTEM_READS, *(f"/etc/{name}" for name in _ETC_READS), *device_nodes()]
+        _landlock_layer(abi, rights, [(path, rights) for path in paths])
+        report["reads"] = f"abi {abi}: only beneath " + ", ".join(allowed) + ", system folders, /etc's loader files"
+    if drop_user and os.geteuid() == 0:
+        report["user"] = _drop_user(allowed, writable)
+        report["capabilities"] = "dropped"
+    elif os.geteuid() == 0:
+        report["user"] = "uid 0 without capabilities (trusted worker)"
+    else:
+        report["user"] = f"uid {os.geteuid()}"
+    return report
+
+
+def _reachable(path: str) -> bool:
+    """Whether an unprivileged user (by the `other` permission bits) can read `path` (traverse, if a folder)."""
+    parts = Path(os.path.realpath(path)).parts
+    for depth in range(1, len(parts) + 1):
+        try:
+            info = os.stat(Path(*parts[:depth]))
+        except OSError:
+            return False
+        last = depth == len(parts)
+        if stat.S_ISDIR(info.st_mode):
+            needed = stat.S_IXOTH | (stat.S_IROTH if last else 0)
+        else:
+            needed = stat.S_IROTH
+        if info.st_mode & needed != needed:
+            return False
+    return True
+
+
+def _drop_user(readable: list[str], writable: list[str]) -> str:
+    """Become UNPRIVILEGED_UID, owning the writable folders, when it can read what the worker needs; else stay uid 0
+    without capabilities and say why."""
+    blocked = next((p for p in readable if p not in writable and os.path.exists(p) and not _reachable(p)), None)
+    if blocked is None:
+        for folder in writable:
+            for root, dirs, files in os.walk(folder):
+                for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
+                    os.lchown(name, UNPRIVILEGED_UID, UNPRIVILEGED_GID)
+    _drop_bounding()
+    if blocked is not None:
+        _capset()
+        return f"uid 0 without capabilities: {blocked} is not readable by uid {UNPRIVILEGED_UID}"
+    os.setgroups([])
+    os.setresgid(UNPRIVILEGED_GID, UNPRIVILEGED_GID, UNPRIVILEGED_GID)
+    os.setresuid(UNPRIVILEGED_UID, UNPRIVILEGED_UID, UNPRIVILEGED_UID)  # clears every capability
+    _capset()
+    return f"uid {UNPRIVILEGED_UID}, gid {UNPRIVILEGED_GID}"

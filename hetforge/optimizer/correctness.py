@@ -39,6 +39,8 @@ class Correctness:
         flag = insensitive_flag(first_outputs)
         if flag:
             self.verdict.flags.append(flag)
+        if not self._beyond_the_draw(seeds[0], first_outputs[0][0]):
+            return False
         # Rebuild the candidate under another seed (the reference keeps a module under each): a candidate that
         # hard-codes the first seed's weights fails here.
         other = self.opt.seed + 1
@@ -49,16 +51,50 @@ class Correctness:
             return False
         return True
 
-    def _compare_call(self, model_seed: int, seed: int, k: int, label: str) -> tuple[Any, Any, float, float] | None:
-        """Input set `k` made under `seed` through both modules (the reference's built under `model_seed`)."""
+    def _beyond_the_draw(self, seed: int, drawn: Any) -> bool:
+        """The main input set under `seed`, moved outside the problem's own distribution (`BEYOND_THE_DRAW`), through
+        both modules: a candidate that exploits the draw (drops a ReLU on inputs drawn non-negative) fails here.
+        Checked wherever the reference's output stays finite; a move that makes it overflow or NaN (where its output
+        on the draw itself, `drawn`, had none) is skipped and noted."""
+        checked, skipped = [], []
+        for kind in BEYOND_THE_DRAW:
+            label = f"inputs beyond the problem's draw ({kind}: {BEYOND_THE_DRAW[kind]}), seed {seed}"
+            call = self._run_call(seed, 0, kind)
+            ref = self.side.ask({**call, "model_seed": self.opt.seed}, self._timeout(self.opt.timeout_s), keep=True)
+            if not isinstance(ref, dict) or "error" in ref:
+                skipped.append(f"{kind} (the reference fails there)")
+                continue
+            if nonfinite_count(ref["outputs"]) > nonfinite_count(drawn):
+                skipped.append(f"{kind} (the reference's output is not finite there)")
+                continue
+            if self._compare_call(self.opt.seed, seed, 0, label, transform=kind) is None:
+                return False
+            checked.append(kind)
+        note = "inputs beyond the draw: " + (f"checked {', '.join(checked)}" if checked else "none checked")
+        self.verdict.notes.append(note + (f"; skipped {', '.join(skipped)}" if skipped else ""))
+        return True
+
+    def _run_call(self, seed: int, k: int, transform: str | None = None) -> dict:
         call = {"cmd": "run", "seed": seed, "set": k}
+        if transform:
+            call["transform"] = transform
         if (
             self.opt.fetch_sample
         ):  # trusted candidates: positions fixed per seed, so the batch shares the reference's reply
             call["sample"] = {"seed": seed, "count": self.opt.fetch_sample, "above": self.opt.check_sample_above}
+        return call
+
+    def _compare_call(
+        self, model_seed: int, seed: int, k: int, label: str, transform: str | None = None
+    ) -> tuple[Any, Any, float, float] | None:
+        """Input set `k` made under `seed` (moved by `transform`, one of BEYOND_THE_DRAW) through both modules (the
+        reference's built under `model_seed`)."""
+        call = self._run_call(seed, k, transform)
         ref = self._ask(self.side, {**call, "model_seed": model_seed}, True, label, keep=True)
         if ref is None:
             return None
+        # the candidate's replies may carry what the reference's do (with room for a wrong dtype), never a frame's claim
+        self.cand_worker.output_bytes = max(self.cand_worker.output_bytes or 0, tensor_bytes(ref["outputs"]))
         cand = self._ask(self.cand_worker, call, False, label)
         if cand is None:
             return None
@@ -149,6 +185,51 @@ def compare_outputs(
     return worst_abs, worst_rel
 
 
+# How inputs leave the problem's own draw (floating tensors only; integer and boolean inputs are indices and masks):
+# the same move on both sides, from the call's seed, so both modules get identical values.
+BEYOND_THE_DRAW = {
+    "signs": "each element's sign flipped with probability 1/2",
+    # 4x, not more: the error of a bf16 or tf32 candidate grows with its inputs, the tolerance with its outputs
+    "scaled": "every element times 4, exact in binary floating point",
+    "special": "one element in eight replaced by 0, -0, +-1 or +-2",
+}
+_SPECIAL = (0.0, -0.0, 1.0, -1.0, 2.0, -2.0)
+
+
+def beyond_the_draw(inputs: list, kind: str, seed: int) -> list:
+    """`inputs` moved outside their distribution as `BEYOND_THE_DRAW[kind]` says (new tensors; inputs untouched)."""
+    if kind not in BEYOND_THE_DRAW:
+        raise ValueError(f'Got "{kind}" for an input transform: one of {", ".join(BEYOND_THE_DRAW)}.')
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for x in inputs:
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()):
+            out.append(x)
+            continue
+        if kind == "scaled":
+            y = x * 4
+        elif kind == "signs":
+            flip = (torch.rand(x.shape, generator=generator) < 0.5).to(x.device)
+            y = torch.where(flip, -x, x)
+        else:
+            pick = (torch.rand(x.shape, generator=generator) < 0.125).to(x.device)
+            which = torch.randint(len(_SPECIAL), x.shape, generator=generator)
+            y = torch.where(pick, torch.tensor(_SPECIAL, dtype=x.dtype)[which].to(x.device), x)
+        out.append(y.contiguous())
+    return out
+
+
+def nonfinite_count(value: Any) -> int:
+    """NaN and infinite elements in a reply's outputs (nested lists, sampled outputs)."""
+    if isinstance(value, torch.Tensor):
+        return int((~torch.isfinite(value)).sum()) if value.is_floating_point() or value.is_complex() else 0
+    if isinstance(value, dict):
+        return sum(nonfinite_count(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(nonfinite_count(v) for v in value)
+    return 0
+
+
 _FAILURE_KINDS = {
     "shape": V.RejectKind.SHAPE,
     "dtype": V.RejectKind.DTYPE,
@@ -191,6 +272,17 @@ def cast_like(ref: Any, cand: Any) -> Any:
     ):
         return ref.to(cand.dtype)
     return ref
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a reply's outputs (nested lists, sampled outputs)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
 
 
 def flatten(value: Any) -> list[Any]:

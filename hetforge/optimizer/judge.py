@@ -51,6 +51,8 @@ class VerifyOptions:
     baseline: str = "eager"  # eager | compile: how the reference is timed
     seed: int = 0  # the seed both modules are constructed under
     rounds: int = 5  # timing rounds, reference and candidate interleaved
+    # more rounds, up to this many (0: twice `rounds`), while a faster-looking candidate's interval still holds 1
+    max_rounds: int = 0
     calls_per_round: int = 10  # timed calls per round, each on new input values (fewer if they would pass timing_bytes)
     # What one worker's timed input sets and their outputs may take (0: 12 GiB on CUDA, 2 GiB on the CPU): a
     # round of 1.5 GB inputs is 4 calls, not 10 (30 GB on each side, beside the idle workers of a batch).
@@ -58,6 +60,9 @@ class VerifyOptions:
     warmup: int = 3
     threads: int = 0  # CPU threads per worker; 0 means min(cpu count, 8)
     review_speedup: float = 10.0  # a larger speedup is accepted but needs review
+    # False for hetforge's compiler recipes (the reference under torch.compile or a CUDA graph), never flagged for
+    # being fast: on a LayerNorm over long rows torch.compile ran 25x faster than eager
+    flag_speedup: bool = True
     min_speedup: float = 0.0  # below this the candidate is rejected as not faster (0: never)
     memory_mb: int = 8192  # address-space limit of CPU workers (a runaway allocation fails)
     time: bool = True  # measure speed (correctness only when False)
@@ -354,7 +359,8 @@ class _Judge(Correctness, Timing):
             source = Path(self.candidate_file).read_text()
         except (OSError, UnicodeDecodeError) as err:
             return self._reject(V.RejectKind.LOAD_ERROR, f"cannot read candidate {self.candidate_file}: {err}")
-        self.verdict.flags.extend(review_flags(source))
+        if not self.opt.trusted_candidate:  # hetforge's own templates embed the problem's paths (often under /tmp)
+            self.verdict.flags.extend(review_flags(source))
         try:
             self.problem = self.reference.load()
         except Exception as err:  # noqa: BLE001 - the user's reference: report, never crash the judge

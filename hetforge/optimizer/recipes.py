@@ -58,6 +58,33 @@ def recipes_for(device: str, precision: str, has_conv: bool) -> list[Recipe]:
     return out
 
 
+def matched_compile(device: str, precision: str) -> str:
+    """The recipe that is torch.compile at `precision` on `device`: the baseline a speedup over compile divides by.
+
+    strict: IEEE fp32 (TF32 off for matmuls and convolutions); tf32: TF32 on (on a GPU; a CPU has no TF32,
+    so plain compile); bf16: under bf16 autocast. Always one of `recipes_for(device, precision, ...)`.
+    """
+    if precision == "bf16":
+        return "compile-bf16-autocast"
+    if precision == "tf32" and device == "cuda":
+        return "compile-tf32"
+    return "compile"
+
+
+def set_fp32_precision(tf32: bool) -> None:
+    """TF32 on or off for fp32 matmuls and cuDNN convolutions (off: IEEE fp32, no tensor-core rounding), as the
+    judge's workers set it (`worker._set_matmul_precision`).
+
+    Through the legacy `allow_tf32` flags, which torch 2.9+ maps onto its `fp32_precision` settings (read back
+    on torch 2.13: `cuda.matmul.fp32_precision` "ieee" after `allow_tf32 = False`). Setting the new API instead
+    makes every later read of a legacy flag raise ("a mix of the legacy and new APIs", torch 2.13), and
+    Inductor and cuDNN callers still read them.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
 class RecipeModule(nn.Module):
     """Runs `model` under `recipe`; compiles on the first call, once the device is known."""
 
@@ -67,8 +94,7 @@ class RecipeModule(nn.Module):
         self.recipe = recipe
         object.__setattr__(self, "_compiled", None)
         if recipe.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            set_fp32_precision(True)
         if recipe.freezing:
             inductor_config.freezing = True
 

@@ -1,7 +1,8 @@
 """The registration policy: which winner of an optimization goes into the kernel registry.
 
 One rule for `hetforge optimize` and for background jobs: the reference itself (`recipe:eager`)
-never registers, and neither does a winner under `REGISTER_MIN_GAIN` over eager, since serving
+never registers, and neither does a winner under `REGISTER_MIN_GAIN` over eager, nor one whose
+speedup does not hold with confidence (`Verdict.claim`, the bootstrap interval of `stats`): serving
 would swap it in for a gain within noise of the reference.
 """
 
@@ -53,6 +54,14 @@ def register_winner(
             None,
             f"{winner.name} is {winner.speedup:.3f}x over eager: the registry takes variants "
             f"at least {REGISTER_MIN_GAIN:g}x faster than the reference",
+        )
+    interval = winner.verdict.interval
+    if winner.verdict.claim not in (None, "faster"):
+        high = "inf" if interval["high"] is None else f"{interval['high']:.3f}"
+        return Registration(
+            None,
+            f"{winner.name}'s {winner.speedup:.3f}x over eager is within noise: its {interval['confidence']:.0%} "
+            f"interval is {interval['low']:.3f}-{high}x",
         )
     variant = registry.add(
         fingerprint=fingerprint,

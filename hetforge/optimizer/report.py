@@ -68,7 +68,9 @@ class OptimizeReport:
     candidates: list[CandidateRecord] = field(default_factory=list)
     winner: CandidateRecord | None = None
     speedup_vs_eager: float | None = None
-    speedup_vs_compile: float | None = None
+    speedup_vs_compile: float | None = None  # over `compile_baseline`: torch.compile at the same precision policy
+    compile_baseline: str | None = None
+    claim: str | None = None  # the winner's timing claim: faster, slower or within_noise (`stats.Claim`)
     elapsed_s: float = 0.0
     notices: list[str] = field(default_factory=list)
 
@@ -80,6 +82,9 @@ class OptimizeReport:
             "winner_agent": self.winner.agent if self.winner else None,
             "speedup_vs_eager": self.speedup_vs_eager,
             "speedup_vs_compile": self.speedup_vs_compile,
+            "compile_baseline": self.compile_baseline,
+            "claim": self.claim,
+            "interval": self.winner.verdict.interval if self.winner and self.winner.verdict else {},
             "elapsed_s": round(self.elapsed_s, 2),
             "notices": self.notices,
         }

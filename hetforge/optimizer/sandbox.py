@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,11 +26,42 @@ from pathlib import Path
 
 import hetforge
 from hetforge import config
-from hetforge.optimizer import confine
+from hetforge.optimizer import confine, lifetime
 from hetforge.optimizer.channel import Channel, ChannelClosed, ChannelCorrupt, ChannelTimeout
+from hetforge.optimizer.verdict import excerpt
 
 _PACKAGE_ROOT = str(Path(hetforge.__file__).resolve().parents[1])
 _serial = itertools.count()
+# Workers are forked from this one thread: the kernel sends a worker its parent-death signal when the thread that
+# forked it exits, and this thread lives as long as the judge (a pool's thread that ends would kill its workers).
+# Per process: a forked copy of the judge has neither the thread nor the reaper.
+_spawner: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+_reaper: tuple[int, lifetime.Reaper] | None = None  # (the judge's pid, its reaper)
+_spawner_lock = threading.Lock()
+
+
+def _spawn(argv: list[str], cgroups: list[str], **popen) -> subprocess.Popen:
+    """Start a worker from the spawner thread and put it into its cgroups at once (before it can fork)."""
+    global _spawner
+
+    def start() -> subprocess.Popen:
+        global _reaper
+        if _reaper is None or _reaper[0] != os.getpid():  # the first worker of this judge (or of a forked copy)
+            lifetime.sweep()  # what dead judges left
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p),
+            }
+            _reaper = (os.getpid(), lifetime.Reaper(env))
+        proc = subprocess.Popen(argv, **popen)
+        confine.join_cgroups(proc.pid, cgroups)  # a failure is reported by the worker's own join
+        _reaper[1].track(proc.pid)
+        return proc
+
+    with _spawner_lock:
+        if _spawner is None or _spawner[0] != os.getpid():
+            _spawner = (os.getpid(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hetforge-spawner"))
+    return _spawner[1].submit(start).result()
 
 
 @dataclass(frozen=True)
@@ -51,7 +83,8 @@ class WorkerProcess:
     ):
         self.name = name
         self.trusted = trusted
-        self.scratch = scratch or tempfile.mkdtemp(prefix=f"hetforge-{name}-")
+        self._own_scratch = scratch is None  # removed at close()
+        self.scratch = scratch or tempfile.mkdtemp(prefix=f"{lifetime.SCRATCH_PREFIX}{lifetime.owner_tag()}-{name}-")
         self.log_path = os.path.join(self.scratch, "worker.log")
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
@@ -61,22 +94,25 @@ class WorkerProcess:
             os.makedirs(shared, exist_ok=True)
         env = confine.worker_environment(dict(os.environ), self.scratch, shared)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
-        self.cgroup = None
+        env["HETFORGE_WORKER_PARENT"] = str(os.getpid())  # the worker's parent-death signal checks it
+        self.cgroups: list[str] = []
         if config.confine_workers():
             max_procs = config.worker_max_procs()
-            self.cgroup = confine.make_pids_cgroup(f"{os.getpid()}-{next(_serial)}", max_procs)
+            made = confine.make_worker_cgroups(f"{lifetime.owner_tag()}-{next(_serial)}", max_procs)
+            self.cgroups = sorted({p for p in made.values() if p})
             env["HETFORGE_WORKER_CONFINE"] = json.dumps(
                 {
                     "writable": [self.scratch] + ([shared] if shared else []),
                     "cpu_s": config.worker_cpu_s(),
                     "max_procs": max_procs,
-                    "cgroup": self.cgroup,
+                    "cgroup": made["pids"],
+                    "trusted": trusted,
                 }
             )
         if warm_device == "cuda":
             env["HETFORGE_WORKER_WARM_CUDA"] = "1"  # make the CUDA context while waiting for work
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
+            self.proc = _spawn(
                 [
                     sys.executable,
                     "-m",
@@ -85,6 +121,7 @@ class WorkerProcess:
                     str(from_worker_w),
                     str(memory_mb),
                 ],
+                self.cgroups,
                 pass_fds=(to_worker_r, from_worker_w),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -98,22 +135,43 @@ class WorkerProcess:
         self.channel = Channel(from_worker_r, to_worker_w)
         self._fds = (from_worker_r, to_worker_w)
         self.paused = False
+        self.output_bytes: int | None = None  # bytes of the reference's outputs of one call (set by the judge)
 
     def request(self, message: dict, timeout_s: float) -> dict:
         """Send one command and wait for its reply; WorkerFailure (and the worker killed) otherwise."""
-        self.send(message)
-        return self.receive(message.get("cmd", "?"), timeout_s)
+        self.send(message, timeout_s)
+        return self.receive(message.get("cmd", "?"), timeout_s, self.reply_limit(message))
 
-    def send(self, message: dict) -> None:
+    def reply_limit(self, message: dict) -> int | None:
+        """The most tensor bytes a reply to `message` may carry, once `output_bytes` is known (None: the channel's
+        limit). Twice the reference's outputs and a MiB: a wrong dtype (float64 for float32) is still received,
+        and rejected for its dtype; a frame that claims gigabytes is refused before any of it is read."""
+        command = message.get("cmd")
+        if command not in ("run", "fetch"):
+            return 1 << 20  # the other replies carry no tensors
+        if self.output_bytes is None:
+            return None
+        per_call = 2 * self.output_bytes + (1 << 20)
+        return per_call * (max(1, len(message.get("indices") or [])) if command == "fetch" else 1)
+
+    def send(self, message: dict, timeout_s: float = 60.0) -> None:
         """The first half of `request`: the reply is read by `receive` (start-ups of several workers overlap)."""
         try:
-            self.channel.send(message)
+            self.channel.send(message, timeout_s)
+        except ChannelTimeout:
+            self.kill()
+            raise WorkerFailure(
+                "timeout", f"the worker did not take {message.get('cmd', '?')} within {timeout_s:.0f} s"
+            ) from None
         except ChannelClosed:
             raise self._death(message.get("cmd", "?")) from None
 
-    def receive(self, command: str, timeout_s: float) -> dict:
+    def receive(self, command: str, timeout_s: float, max_bytes: int | None = None) -> dict:
+        """The reply to `command` (its tensors bounded by `max_bytes`, default `reply_limit`); WorkerFailure otherwise."""
+        if max_bytes is None:
+            max_bytes = self.reply_limit({"cmd": command})
         try:
-            return self.channel.recv(timeout_s)
+            reply = self.channel.recv(timeout_s, max_bytes)
         except ChannelTimeout:
             self.kill()
             raise WorkerFailure("timeout", f"no answer to {command} within {timeout_s:.0f} s") from None
@@ -122,6 +180,9 @@ class WorkerProcess:
             raise WorkerFailure("protocol", f"malformed reply to {command}: {err}") from None
         except ChannelClosed:
             raise self._death(command) from None
+        if isinstance(reply, dict) and "error" in reply:  # the worker's own words: quoted bounded and sanitized
+            reply = {"error": excerpt(str(reply["error"]), 40), "message": excerpt(str(reply.get("message", "")))}
+        return reply
 
     def _death(self, command: str) -> WorkerFailure:
         try:
@@ -140,8 +201,8 @@ class WorkerProcess:
             text = Path(self.log_path).read_text(errors="replace").strip()
         except OSError:
             return ""
-        lines = [line for line in text.splitlines() if line.strip()][-3:]
-        return ("; log: " + " | ".join(lines))[:600] if lines else ""
+        lines = [line for line in text[-20000:].splitlines() if line.strip()][-3:]
+        return "; log: " + excerpt(" | ".join(lines)) if lines else ""
 
     def pause(self) -> None:
         """Stop the worker and everything it forked (so it cannot load the machine while another is timed)."""
@@ -166,17 +227,20 @@ class WorkerProcess:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
-        confine.remove_cgroup(self.cgroup)  # anything the candidate forked that is still in the cgroup
-        self.cgroup = None
+        for cgroup in self.cgroups:  # anything the candidate forked that is still in the cgroup, then the folder
+            confine.remove_cgroup(cgroup)
+        self.cgroups = []
+        if self.proc.returncode is not None and _reaper is not None and _reaper[0] == os.getpid():
+            _reaper[1].forget(self.proc.pid)  # reaped: its number may be reused
 
     def close(self) -> None:
         """Ask the worker to exit, then make sure it and its children are gone."""
         if self.alive():
             self.resume()
             try:
-                self.channel.send({"cmd": "exit"})
+                self.channel.send({"cmd": "exit"}, timeout_s=2)
                 self.proc.wait(timeout=2)
-            except (ChannelClosed, subprocess.TimeoutExpired):
+            except (ChannelClosed, ChannelTimeout, subprocess.TimeoutExpired):
                 pass
         self.kill()
         for fd in self._fds:
@@ -184,6 +248,8 @@ class WorkerProcess:
                 os.close(fd)
             except OSError:
                 pass
+        if self._own_scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def __enter__(self) -> WorkerProcess:
         return self

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ast
 
-from hetforge.optimizer.verdict import STATIC_FLAG_PREFIX
+from hetforge.optimizer.verdict import STATIC_FLAG_PREFIX, Flag
 
 # Modules whose use in a kernel candidate suggests tampering, escaping the timer, or doing work elsewhere.
 _SUSPICIOUS_MODULES = {
@@ -36,6 +36,101 @@ _SUSPICIOUS_CALLS = {
     "torch.set_default_dtype": ("precision_switch", "changes global precision"),
 }
 _REFERENCE_NAMES = {"Model", "get_inputs", "get_init_inputs"}
+
+# What tells a verification run from serving: a kernel has no reason to read any of it. Dotted names (matched on
+# their end, so `os.environ` and `from os import environ` both count) -> what it looks at.
+_CONTEXT_NAMES = {
+    "os.environ": "its environment",
+    "os.environb": "its environment",
+    "os.getenv": "its environment",
+    "os.getenvb": "its environment",
+    "sys.argv": "its argv",
+    "sys.orig_argv": "its argv",
+    "sys.executable": "its interpreter",
+    "sys.modules": "the modules loaded beside it",
+    "os.getpid": "its process",
+    "os.getppid": "its parent process",
+    "os.getpgid": "its process group",
+    "os.getpgrp": "its process group",
+    "os.getsid": "its session",
+    "os.getuid": "its user",
+    "os.geteuid": "its user",
+    "os.getlogin": "its user",
+    "os.getcwd": "its working folder",
+    "os.getcwdb": "its working folder",
+    "os.path.expanduser": "home folders",
+    "Path.home": "home folders",
+    "Path.cwd": "its working folder",
+    "tempfile.gettempdir": "the temp folder",
+    "socket.gethostname": "the host",
+    "platform.node": "the host",
+}
+# Modules (by prefix) that show the process or the judging harness; hetforge's kernels and recipes are an API.
+_HARNESS = "the judge's own modules"
+_CONTEXT_MODULES = {
+    "psutil": "processes",
+    "__main__": "the worker's main module",
+    **{
+        f"hetforge.{m}": _HARNESS
+        for m in ("config", "optimizer.worker", "optimizer.sandbox", "optimizer.judge", "optimizer.channel")
+    },
+    **{f"hetforge.optimizer.{m}": _HARNESS for m in ("confine", "lifetime", "correctness", "timing", "verdict")},
+}
+# String literals naming the process's files or the judge's (its home ~/.hetforge, workers' scratch folders).
+_CONTEXT_STRINGS = (
+    ("/proc", "/proc"),
+    ("/sys/", "/sys"),
+    (".hetforge", "the judge's files"),
+    ("hetforge-w", "workers' scratch folders"),
+    ("/tmp", "the temp folder"),
+)
+
+
+def _context_module(name: str) -> str | None:
+    for prefix, what in _CONTEXT_MODULES.items():
+        if name == prefix or name.startswith(prefix + "."):
+            return what
+    return None
+
+
+def context_flag(tree: ast.AST) -> str | None:
+    """`inspects_context: <what>` when the source reads its environment, argv, process or parent, or the judge's
+    files; None otherwise. Legitimate kernels have no use for any of it; a candidate that does can behave one way
+    when judged and another when served."""
+    seen: dict[str, str] = {}
+    imported: dict[str, str] = {}  # local name -> dotted origin (`from os import environ as e`: e -> os.environ)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                imported[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+                what = _context_module(f"{node.module}.{alias.name}")
+                if what:
+                    seen.setdefault(f"imports {node.module}.{alias.name}", what)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                what = _context_module(alias.name)
+                if what:
+                    seen.setdefault(f"imports {alias.name}", what)
+    docstrings = {
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Attribute, ast.Name)):
+            name = _dotted(node)
+            head, _, rest = name.partition(".")
+            name = imported.get(head, head) + ("." + rest if rest else "")
+            for pattern, what in _CONTEXT_NAMES.items():
+                if name == pattern or name.endswith("." + pattern):
+                    seen.setdefault(pattern, what)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            for fragment, what in _CONTEXT_STRINGS:
+                if fragment in node.value:
+                    seen.setdefault(repr(node.value[:40]), what)
+    if not seen:
+        return None
+    return f"{Flag.INSPECTS_CONTEXT}: " + "; ".join(f"{k} ({v})" for k, v in sorted(seen.items()))
 
 
 def _dotted(node: ast.AST) -> str:
@@ -93,4 +188,6 @@ def review_flags(source: str) -> list[str]:
                     add("precision_switch", "changes global matmul precision")
                 if name.startswith(("torch.", "time.", "os.", "sys.")) and "backends" not in name:
                     add("patches_library", f"assigns to {name}")
-    return [f"{STATIC_FLAG_PREFIX}{rule}: {why}" for rule, why in flags.items()]
+    found = [f"{STATIC_FLAG_PREFIX}{rule}: {why}" for rule, why in flags.items()]
+    context = context_flag(tree)
+    return found + ([context] if context else [])

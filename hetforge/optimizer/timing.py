@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from hetforge.core.problem import Problem
+from hetforge.optimizer import stats
 from hetforge.optimizer import verdict as V
 from hetforge.optimizer.correctness import cast_like, flatten
 from hetforge.optimizer.sandbox import spares_paused
@@ -32,6 +33,7 @@ class Side:
     """Timing samples of one worker across rounds."""
 
     per_call_ms: list[float] = field(default_factory=list)
+    rounds_ms: list[list[float]] = field(default_factory=list)  # per_call_ms by round, for the interval
     window_ms: list[float] = field(default_factory=list)  # judge's clock around each timed round
     overhead_ms: list[float] = field(default_factory=list)  # window minus the worker's own per-call sum
     fetch_ms: list[float] = field(default_factory=list)
@@ -58,7 +60,8 @@ class Timing:
         sides = {"reference": Side(), "candidate": Side()}
         workers = {"reference": self.side, "candidate": self.cand_worker}
         calls = self._calls = self._calls_per_round()
-        for round_ in range(self.opt.rounds):
+        round_ = 0
+        while self._another_round(round_, sides):
             seeds = [self._fresh_seed() for _ in range(calls)]
             check = self.rng.randrange(calls)  # chosen after the run: every call must be right
             # positions drawn after the run too, the same for both sides (trusted candidates only: see VerifyOptions)
@@ -111,6 +114,7 @@ class Timing:
                     )
                 side = sides[name]
                 side.per_call_ms.extend(times)
+                side.rounds_ms.append(times)
                 side.window_ms.append(window)
                 side.overhead_ms.append(window - sum(times))
                 side.fetch_ms.append(fetch)
@@ -128,7 +132,25 @@ class Timing:
                 is None
             ):
                 return
+            round_ += 1
         self._summarize(sides["reference"], sides["candidate"])
+
+    def _another_round(self, done: int, sides: dict[str, Side]) -> bool:
+        """`opt.rounds` rounds; then more, up to `opt.max_rounds`, while the candidate looks faster but its interval
+        still holds 1 and the deadline leaves room for twice the last round."""
+        if done < self.opt.rounds:
+            return True
+        if done >= (self.opt.max_rounds or 2 * self.opt.rounds):
+            return False
+        ref, cand = sides["reference"], sides["candidate"]
+        if statistics.median(ref.per_call_ms) <= statistics.median(cand.per_call_ms):
+            return False  # not faster by its median: more rounds would only settle how much slower
+        if stats.speedup_interval(ref.rounds_ms, cand.rounds_ms).claim != stats.Claim.WITHIN_NOISE:
+            return False
+        if self.opt.deadline:
+            last_round_s = (ref.window_ms[-1] + cand.window_ms[-1] + ref.fetch_ms[-1] + cand.fetch_ms[-1]) / 1e3
+            return time.monotonic() + 2 * last_round_s < self.opt.deadline
+        return True
 
     def _summarize(self, ref: Side, cand: Side) -> None:
         n = self._calls
@@ -150,20 +172,25 @@ class Timing:
                 f"{V.Flag.HIDDEN_WORK}: per-call times say {cand_ms:.3f} ms, the judge's clock {shown:.3f} ms; using the latter"
             )
             cand_ms = shown
+            cand.rounds_ms = [[t + hidden_per_call for t in r] for r in cand.rounds_ms]
         host_per_call = [
             (w + max(0.0, c - r)) / n for w, c, r in zip(cand.window_ms, cand.fetch_ms, ref.fetch_ms, strict=True)
         ]
         self.verdict.reference_ms = round(ref_ms, 6)
         self.verdict.candidate_ms = round(cand_ms, 6)
         self.verdict.speedup = round(ref_ms / cand_ms, 4) if cand_ms > 0 else float("inf")
+        interval = stats.speedup_interval(ref.rounds_ms, cand.rounds_ms)
+        self.verdict.interval = interval.to_dict()
         self.verdict.spread = {
             "reference": spread(ref.per_call_ms, [w / n for w in ref.window_ms]),
             "candidate": spread(cand.per_call_ms, host_per_call),
-            "rounds": self.opt.rounds,
+            "rounds": len(ref.rounds_ms),
             "calls_per_round": n,
         }
-        if self.verdict.speedup > self.opt.review_speedup:
-            # Published kernel agents' largest "speedups" were mostly exploits: a human looks first.
+        if self.opt.flag_speedup and self.verdict.speedup > self.opt.review_speedup:
+            # Published kernel agents' largest "speedups" were mostly exploits: a human looks first. hetforge's own
+            # recipes (torch.compile, CUDA graphs) are never flagged for being fast; the supervisor lifts the flag
+            # from a candidate within review_speedup of the best of them (`supervisor.review_against_recipes`).
             self.verdict.flags.append(
                 f"{V.Flag.SPEEDUP}: {self.verdict.speedup:.1f}x exceeds {self.opt.review_speedup:g}x"
             )

@@ -47,9 +47,24 @@ class Flag(enum.StrEnum):
     SPEEDUP = "implausible_speedup"
     INSENSITIVE = "insensitive_output"
     HIDDEN_WORK = "hidden_work"
+    # The source reads its environment, argv, process or parent, or the judge's files: it can tell a verification
+    # run from serving and compute the right answer only when judged (static_checks.context_flag).
+    INSPECTS_CONTEXT = "inspects_context"
 
 
-STATIC_FLAG_PREFIX = "static:"  # flags from static checks of the source: `static:<rule>`
+STATIC_FLAG_PREFIX = "static:"
+EXCERPT_CHARS = 400  # the most of a candidate's own text (its exception, its log) a verdict quotes
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text` as a verdict may quote it: printable ASCII only (no terminal escapes, no forged lines), whitespace
+    runs as one space, at most `limit` characters. A candidate's exception is a channel out of its confinement
+    (whatever it read goes into the message): bounded, it carries little, and nothing that acts on a reader."""
+    clean = "".join(c if " " <= c <= "~" else " " if c.isspace() else "?" for c in str(text)[: limit * 4])
+    clean = " ".join(clean.split())
+    return (
+        clean if len(clean) <= limit else clean[: limit - 3] + "..."
+    )  # flags from static checks of the source: `static:<rule>`
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,9 @@ class Verdict:
     reference_ms: float | None = None
     candidate_ms: float | None = None
     speedup: float | None = None  # reference_ms / candidate_ms
+    # the speedup's bootstrap interval over the timing rounds (`stats.Interval.to_dict()`: low, high, confidence,
+    # claim); empty when not timed
+    interval: dict = field(default_factory=dict)
     spread: dict = field(default_factory=dict)  # per side: p10 and p90 of per-call ms, host-clock ms
     device: str = ""
     precision: str = "strict"
@@ -114,6 +132,11 @@ class Verdict:
     def accepted(self) -> bool:
         return self.verdict == Status.ACCEPTED
 
+    @property
+    def claim(self) -> str | None:
+        """'faster', 'slower' or 'within_noise' (see `stats.Claim`); None when not timed."""
+        return self.interval.get("claim")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -128,7 +151,7 @@ class Verdict:
         values["trials"] = [TrialResult.from_dict(t) for t in doc.get("trials") or []]
         for key in ("flags", "notes"):
             values[key] = list(doc.get(key) or [])
-        for key in ("spread", "versions", "phases_s", "confinement"):
+        for key in ("interval", "spread", "versions", "phases_s", "confinement"):
             values[key] = dict(doc.get(key) or {})
         return cls(**values)
 

@@ -8,14 +8,32 @@ clocks first only keeps an honest candidate's own timing honest; it is not what 
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import time
 
 _perf_counter = time.perf_counter  # bound before any candidate code is imported
 _sleep = time.sleep
 
+
+def die_with_parent() -> None:
+    """SIGKILL when the judge dies (PR_SET_PDEATHSIG), stopped or not; exit now if it is already gone.
+    Set before torch is imported (seconds) so that a judge killed meanwhile leaves no worker; set again after
+    a change of user, which clears it."""
+    if not _PARENT:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(_PARENT):  # the judge died before the request took effect: reparented already
+        os._exit(1)
+
+
+_PARENT = os.environ.pop("HETFORGE_WORKER_PARENT", None)
+die_with_parent()
+
 import errno  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
@@ -26,6 +44,7 @@ import torch  # noqa: E402
 from hetforge.core.problem import LoadedProblem, Problem, load_module_file  # noqa: E402
 from hetforge.optimizer import confine  # noqa: E402
 from hetforge.optimizer.channel import Channel, ChannelClosed  # noqa: E402
+from hetforge.optimizer.correctness import beyond_the_draw  # noqa: E402
 
 _CudaEvent = torch.cuda.Event
 _synchronize = torch.cuda.synchronize
@@ -84,6 +103,7 @@ class Worker:
         self.role = "reference"
         self.baseline = "eager"
         self.confinement: dict[str, str] = {}
+        self.rules: dict | None = None  # the confinement asked for (None: none)
 
     def init(self, msg: dict) -> dict:
         self.device = msg["device"]
@@ -96,6 +116,12 @@ class Worker:
         if self.device == "cuda":
             fraction = float(msg.get("cuda_memory_fraction", 0.9))
             torch.cuda.set_per_process_memory_fraction(fraction)
+        if self.rules:  # reads closed to what this problem and candidate need, before either is loaded
+            if self.device == "cuda":
+                torch.cuda.init()  # the driver opens its files first (a spare's context is made before this already)
+            readable = problem_paths(msg["problem"]) + ([msg["candidate_file"]] if msg.get("candidate_file") else [])
+            self.confinement.update(confine.confine_reads(readable, self.rules["writable"], _drops_user(self.rules)))
+            die_with_parent()  # a change of user clears the parent-death signal
         self.problem = Problem.from_json(msg["problem"]).load()
         if self.role == "candidate":
             module = load_module_file(msg["candidate_file"], name="hetforge_candidate")
@@ -133,6 +159,8 @@ class Worker:
         """One call on input set `set` generated under `seed`; a reference may be asked for its module under
         another `model_seed` (kept beside the first: the judge's re-initialization check)."""
         inputs = self._input_sets(int(msg["seed"]))[int(msg.get("set", 0))]
+        if msg.get("transform"):  # the judge's check beyond the problem's own draw
+            inputs = beyond_the_draw(inputs, str(msg["transform"]), int(msg["seed"]))
         model_seed = int(msg.get("model_seed", self.seed))
         if msg.get("float64"):
             return self._run_float64(inputs, msg.get("sample"), model_seed)
@@ -332,6 +360,35 @@ def _set_matmul_precision(mode: str) -> None:
     torch.set_float32_matmul_precision("high" if allow else "highest")
 
 
+def _drops_user(rules: dict) -> bool:
+    """Generated code runs as an unprivileged user where the host allows; trusted workers share the compile cache."""
+    return not rules.get("trusted") and os.geteuid() == 0
+
+
+def problem_paths(doc: dict) -> list[str]:
+    """What the problem `doc` (Problem.to_json) reads: every path it names, and the folder of its file (a problem
+    file may import modules beside it)."""
+    base = doc.get("base_dir")
+    out: list[str] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, list):
+            for v in value:
+                visit(v)
+        elif isinstance(value, str) and value:
+            for path in (value, os.path.join(base, value) if base else None):
+                if path and os.path.isabs(path) and os.path.exists(path):
+                    out.append(path)
+
+    visit(doc)
+    if doc.get("file"):
+        out.append(os.path.dirname(doc["file"]))
+    return sorted({p for p in out if os.path.realpath(p) != "/"})
+
+
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
@@ -363,8 +420,13 @@ def main(argv: list[str]) -> int:
     rules = os.environ.pop("HETFORGE_WORKER_CONFINE", None)
     if rules:  # before any problem or candidate code is imported; a failure leaves the worker unusable
         rules = json.loads(rules)
+        worker.rules = rules
         worker.confinement = confine.confine(
-            rules["writable"], cpu_s=int(rules["cpu_s"]), max_procs=int(rules["max_procs"]), cgroup=rules.get("cgroup")
+            rules["writable"],
+            cpu_s=int(rules["cpu_s"]),
+            max_procs=int(rules["max_procs"]),
+            cgroup=rules.get("cgroup"),
+            drop_user=_drops_user(rules),
         )
     channel = Channel(read_fd, write_fd)
     while True:

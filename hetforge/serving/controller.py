@@ -287,6 +287,10 @@ class Controller:
             self._count_job(job.stage, outcome)
             summary = job.summary or {}
             if self.metrics is not None:
+                for baseline in ("eager", "compile"):
+                    value = summary.get(f"speedup_vs_{baseline}")
+                    if value:
+                        self.metrics.optimizer_speedup.labels(self.pipeline.name, job.stage, baseline).set(value)
                 m = self.metrics.optimizer_candidates
                 for row in summary.get("leaderboard", []):
                     status = "accepted" if row["status"] in ("winner", "accepted") else row["status"]
@@ -299,7 +303,16 @@ class Controller:
                 "variant_id": job.variant_id,
                 **{
                     k: summary.get(k)
-                    for k in ("winner", "speedup_vs_eager", "speedup_vs_compile", "elapsed_s", "candidates")
+                    for k in (
+                        "winner",
+                        "speedup_vs_eager",
+                        "speedup_vs_compile",
+                        "compile_baseline",
+                        "claim",
+                        "not_registered",
+                        "elapsed_s",
+                        "candidates",
+                    )
                 },
             }
             self.rollouts.record(

@@ -211,6 +211,21 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
                 options={"displayMode": "basic", "orientation": "horizontal"},
             ),
             Panel(
+                "Last job's winner over eager and torch.compile",
+                "bargauge",
+                (
+                    Query(
+                        f"max by (stage, baseline) (hetforge_optimizer_speedup_ratio{{{STAGES}}})",
+                        "{{stage}} vs {{baseline}}",
+                        instant=True,
+                    ),
+                ),
+                "The last job's winner as the judge timed it, over eager and over torch.compile, both at the stage's "
+                "precision policy (compile: the recipe named compile_baseline in the job's summary).",
+                width=12,
+                options={"displayMode": "basic", "orientation": "horizontal"},
+            ),
+            Panel(
                 "Candidates judged, by outcome",
                 "bargauge",
                 (

@@ -16,15 +16,25 @@ in production, coroutines in tests), so the walk is the same code everywhere.
   tool) ends the loop: the answer goes back to the client, which runs it.
 - Errors carry an HTTP status, the stage and the request id: 4xx for what the client sent, 5xx
   for a stage that failed or timed out.
+- Each stage call is bounded by the stage's `limits.timeout_s` (retries included; 504 after), the
+  whole request by the pipeline's `limits.timeout_s`. A failed call (5xx) is retried `retries`
+  times (tools retry inside their replica instead, each attempt with its own timeout); a circuit
+  breaker, when the stage has one, refuses calls for `reset_s` after `failures` consecutive failed
+  calls (503 with Retry-After). A stage that still fails follows its `on_error`: fail the request,
+  skip the stage (its dependants see a branch not taken), or take its `fallback` (a value, or
+  another stage called with the same input); the answer lists such stages under `failed`.
+- Every failure, argument binding included, is reported once to `on_failure(stage, kind)` with a
+  kind of `FAILURE_KINDS` (the ingress counts them in hetforge_stage_errors_total).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -34,6 +44,16 @@ from hetforge.spec.graph import PipelineGraph
 from hetforge.spec.models import LlmStage, Pipeline
 
 _SKIPPED = object()
+
+# Why a stage call failed, the `kind` label of hetforge_stage_errors_total.
+FAILURE_KINDS = ("binding", "client", "timeout", "overload", "circuit_open", "error")
+
+
+def failure_kind(status: int) -> str:
+    """The kind of a stage failure answered with `status`: the client's (4xx), a timeout, overload, or an error."""
+    if status < 500:
+        return "client"
+    return {504: "timeout", 503: "overload"}.get(status, "error")
 
 
 class StageError(Exception):
@@ -48,11 +68,23 @@ class StageError(Exception):
 
 
 class PipelineError(Exception):
-    """A request failed: the status, the stage that failed (if one did) and the request id."""
+    """A request failed: the status, the stage that failed (if one did) and the request id.
 
-    def __init__(self, status: int, message: str, request_id: str, stage: str | None = None):
+    `kind` is one of `FAILURE_KINDS`; `retry_after_s` is sent as Retry-After (overload, an open circuit)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        request_id: str,
+        stage: str | None = None,
+        kind: str | None = None,
+        retry_after_s: int | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.request_id, self.stage = status, message, request_id, stage
+        self.kind = kind or failure_kind(status)
+        self.retry_after_s = retry_after_s
 
     def to_json(self) -> dict:
         return {
@@ -77,6 +109,7 @@ class RunResult:
     output: Any
     stages: dict[str, float] = field(default_factory=dict)  # stage -> ms (stages that ran)
     skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # stage -> its error, for stages skipped or replaced on error
 
     def to_json(self) -> dict:
         return {
@@ -84,7 +117,42 @@ class RunResult:
             "output": self.output,
             "stages": {k: round(v, 3) for k, v in self.stages.items()},
             "skipped": self.skipped,
+            "failed": self.failed,
         }
+
+
+class Breaker:
+    """A stage's circuit breaker: open after `failures` consecutive failed calls; after `reset_s`, one trial call
+    at a time (half-open) closes it on success or opens it again. Per ingress replica."""
+
+    def __init__(self, failures: int, reset_s: float, clock=time.monotonic):
+        self.failures, self.reset_s, self.clock = failures, reset_s, clock
+        self.consecutive = 0
+        self.opened_at: float | None = None
+        self.trial = False  # a half-open trial call is in flight
+
+    def allow(self) -> bool:
+        if self.opened_at is None:
+            return True
+        if self.clock() - self.opened_at < self.reset_s or self.trial:
+            return False
+        self.trial = True
+        return True
+
+    def retry_in_s(self) -> float:
+        return 0.0 if self.opened_at is None else max(0.0, self.reset_s - (self.clock() - self.opened_at))
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None
+
+    def succeeded(self) -> None:
+        self.consecutive, self.opened_at, self.trial = 0, None, False
+
+    def failed(self) -> None:
+        self.consecutive += 1
+        if self.trial or self.consecutive >= self.failures:
+            self.opened_at, self.trial = self.clock(), False
 
 
 def lookup(value: Any, path: list[str]) -> Any:
@@ -112,8 +180,20 @@ def condition_holds(when, output: Any) -> bool:
 class PipelineRunner:
     """Runs requests through one pipeline with a given stage caller."""
 
-    def __init__(self, pipeline: Pipeline, caller: StageCaller):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        caller: StageCaller,
+        on_failure: Callable[[str, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.pipeline, self.caller = pipeline, caller
+        self.on_failure = on_failure or (lambda stage, kind: None)
+        self.breakers = {
+            s.name: Breaker(s.circuit_breaker.failures, s.circuit_breaker.reset_s, clock)
+            for s in pipeline.stages
+            if s.circuit_breaker is not None
+        }
         self.preds: dict[str, list] = {s.name: [] for s in pipeline.stages}
         for edge in pipeline.flow:
             self.preds[edge.target].append(edge)
@@ -160,6 +240,7 @@ class PipelineRunner:
                         f"stage {name}: argument {arg} = {ref}: {head} has no field {err.args[0]!r}",
                         request_id,
                         name,
+                        kind="binding",
                     ) from None
             return bound
         if name == self.pipeline.entry:
@@ -170,12 +251,69 @@ class PipelineRunner:
 
     # ------------------------------------------------------------------ calls
     async def _call(self, name: str, payload: Any, request_id: str) -> Any:
+        """One call of a stage: its circuit breaker, its retries and its timeout; a failure is reported once."""
+        stage = self.pipeline.stage(name)
+        breaker = self.breakers.get(name)
+        if breaker is not None and not breaker.allow():
+            err = PipelineError(
+                503,
+                f"stage {name}: circuit open after {breaker.failures} consecutive failed calls; "
+                f"calls resume in {breaker.retry_in_s():.0f} s",
+                request_id,
+                name,
+                kind="circuit_open",
+                retry_after_s=max(1, round(breaker.retry_in_s())),
+            )
+            self.on_failure(name, err.kind)
+            raise err
+        timeout = stage.limits.timeout_s
         try:
-            return await self.caller(name, payload, request_id)
-        except PipelineError:
+            out = await asyncio.wait_for(self._attempts(name, payload, request_id), timeout)
+        except TimeoutError:
+            err = PipelineError(
+                504, f"stage {name}: no answer within {timeout:g} s (limits.timeout_s)", request_id, name
+            )
+        except PipelineError as failed:
+            err = failed
+        except asyncio.CancelledError:  # the request ended (its timeout, a failed sibling): the trial tested nothing
+            if breaker is not None:
+                breaker.trial = False
             raise
-        except Exception as err:  # noqa: BLE001 - whatever a stage raised becomes a located 5xx (or its own status)
-            raise _located(err, name, request_id) from None
+        else:
+            if breaker is not None:
+                breaker.succeeded()
+            return out
+        self.on_failure(name, err.kind)
+        if breaker is not None:
+            if err.kind in ("error", "timeout"):  # the stage's own failure; not the client's input or overload
+                breaker.failed()
+            elif breaker.trial:
+                breaker.trial = False  # the trial did not test the stage: let the next call try
+        raise err
+
+    async def _attempts(self, name: str, payload: Any, request_id: str) -> Any:
+        stage = self.pipeline.stage(name)
+        tries = 1 if stage.kind == "tool" else stage.retries + 1  # a tool retries inside its replica
+        for attempt in range(tries):
+            try:
+                return await self.caller(name, payload, request_id)
+            except PipelineError:
+                raise
+            except Exception as err:  # noqa: BLE001 - whatever a stage raised becomes a located 5xx (or its own status)
+                located = _located(err, name, request_id, self.pipeline.limits.retry_after_s)
+                if located.kind != "error" or attempt + 1 == tries:  # the last attempt returns or raises
+                    raise located from None
+
+    async def _recover(self, name: str, payload: Any, err: PipelineError, request_id: str) -> Any:
+        """The output of a failed stage under its `on_error`: `_SKIPPED`, the fallback value or stage; or `err`."""
+        stage = self.pipeline.stage(name)
+        if stage.on_error == "fail" or (err.kind == "binding" and err.status < 500):
+            raise err  # a request field that is missing is the client's error, whatever the policy
+        if stage.on_error == "skip":
+            return _SKIPPED
+        if stage.fallback.stage is None:
+            return copy.deepcopy(stage.fallback.value)
+        return await self._run_stage(stage.fallback.stage, payload, request_id)
 
     async def _run_stage(self, name: str, payload: Any, request_id: str, options: dict | None = None) -> Any:
         """`options` (an OpenAI request's tools and sampling) go to the output LLM stage's calls."""
@@ -225,6 +363,7 @@ class PipelineRunner:
         outputs: dict[str, Any] = {}
         held: dict[str, Any] = {}
         timings: dict[str, float] = {}
+        failed: dict[str, str] = {}
         done: dict[str, asyncio.Future] = {n: asyncio.get_running_loop().create_future() for n in self.dag}
 
         async def node(name: str) -> None:
@@ -243,16 +382,23 @@ class PipelineRunner:
                     outputs[name] = _SKIPPED
                     done[name].set_result(_SKIPPED)
                     return
-                payload = self.stage_input(name, request, outputs, taken, request_id)
-                if name == stop_before:  # streaming: the caller runs this one
-                    held[name] = payload
-                    outputs[name] = _SKIPPED
-                    done[name].set_result(_SKIPPED)
-                    return
-                start = time.perf_counter()
-                mine = options if name == self.pipeline.output else None
-                outputs[name] = await self._run_stage(name, payload, request_id, mine)
-                timings[name] = (time.perf_counter() - start) * 1e3
+                payload = None
+                try:
+                    payload = self.stage_input(name, request, outputs, taken, request_id)
+                    if name == stop_before:  # streaming: the caller runs this one
+                        held[name] = payload
+                        outputs[name] = _SKIPPED
+                        done[name].set_result(_SKIPPED)
+                        return
+                    start = time.perf_counter()
+                    mine = options if name == self.pipeline.output else None
+                    outputs[name] = await self._run_stage(name, payload, request_id, mine)
+                    timings[name] = (time.perf_counter() - start) * 1e3
+                except PipelineError as err:
+                    if err.kind == "binding":
+                        self.on_failure(name, err.kind)
+                    outputs[name] = await self._recover(name, payload, err, request_id)
+                    failed[name] = err.message
                 done[name].set_result(outputs[name])
             except BaseException as err:
                 if not done[name].done():
@@ -268,13 +414,25 @@ class PipelineRunner:
             for f in done.values():  # an upstream failure: its dependants' futures hold it; retrieve it once
                 if f.done() and not f.cancelled():
                     f.exception()
-        return outputs, timings, held
+        return outputs, timings, held, failed
+
+    async def _bounded_walk(
+        self, request: Any, request_id: str, stop_before: str | None = None, options: dict | None = None
+    ) -> tuple:
+        """`_walk` within the pipeline's limits.timeout_s (504 after)."""
+        limit = self.pipeline.limits.timeout_s
+        try:
+            return await asyncio.wait_for(self._walk(request, request_id, stop_before, options), limit)
+        except TimeoutError:
+            raise PipelineError(
+                504, f"the request took longer than the pipeline's limits.timeout_s ({limit:g} s)", request_id
+            ) from None
 
     async def run(self, request: Any, request_id: str, options: dict | None = None) -> RunResult:
-        outputs, timings, _ = await self._walk(request, request_id, options=options)
-        return self._result(outputs, timings, request_id)
+        outputs, timings, _, failed = await self._bounded_walk(request, request_id, options=options)
+        return self._result(outputs, timings, failed, request_id)
 
-    def _result(self, outputs: dict, timings: dict, request_id: str) -> RunResult:
+    def _result(self, outputs: dict, timings: dict, failed: dict, request_id: str) -> RunResult:
         out_name = self.pipeline.output
         value = outputs.get(out_name, _SKIPPED)
         if value is _SKIPPED:
@@ -282,7 +440,8 @@ class PipelineRunner:
             raise PipelineError(
                 500, f"no branch reached the output stage {out_name} (stages that ran: {ran})", request_id, out_name
             )
-        return RunResult(request_id, value, timings, [n for n in self.dag if outputs.get(n) is _SKIPPED])
+        skipped = [n for n in self.dag if outputs.get(n) is _SKIPPED]
+        return RunResult(request_id, value, timings, skipped, failed)
 
     async def stream(self, request: Any, request_id: str, options: dict | None = None) -> AsyncIterator[str | dict]:
         """Text deltas of the output LLM stage, after every stage before it ran, then (from an LLM runtime) one dict
@@ -295,17 +454,20 @@ class PipelineRunner:
                 yield out["text"]
             yield {k: out[k] for k in ("tool_calls", "finish_reason", "usage") if k in out}
             return
-        _, _, held = await self._walk(request, request_id, stop_before=out_name)
+        _, _, held, _ = await self._bounded_walk(request, request_id, stop_before=out_name)
         if out_name not in held:
             raise PipelineError(500, f"no branch reached the output stage {out_name}", request_id, out_name)
         try:
             payload = {"input": held[out_name], "history": [], "options": options or {}}
             async for delta in self.caller.stream(out_name, payload, request_id):
                 yield delta
-        except PipelineError:
+        except PipelineError as err:
+            self.on_failure(out_name, err.kind)
             raise
         except Exception as err:  # noqa: BLE001
-            raise _located(err, out_name, request_id) from None
+            located = _located(err, out_name, request_id, self.pipeline.limits.retry_after_s)
+            self.on_failure(out_name, located.kind)
+            raise located from None
 
 
 def tool_calls_of(out: Any) -> list[dict]:
@@ -342,9 +504,10 @@ def _add_usage(total: dict, usage: dict | None) -> dict:
     return out
 
 
-def _located(err: Exception, stage: str, request_id: str) -> PipelineError:
+def _located(err: Exception, stage: str, request_id: str, retry_after_s: int = 1) -> PipelineError:
     """A stage's exception as a PipelineError: a StageError keeps its status and message; others are 500s."""
     cause = getattr(err, "cause", None) or err  # Ray wraps a replica's exception; .cause is the original
     if isinstance(cause, StageError):
-        return PipelineError(cause.status, cause.message[:2000], request_id, stage)
+        retry = retry_after_s if cause.status == 503 else None
+        return PipelineError(cause.status, cause.message[:2000], request_id, stage, retry_after_s=retry)
     return PipelineError(500, f"stage {stage} failed: {type(cause).__name__}: {cause}"[:2000], request_id, stage)

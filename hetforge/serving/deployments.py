@@ -4,8 +4,12 @@
                                                       --handle-->   ReoptimizeController (with a `reoptimize:` block)
 
 Each stage deployment gets its `ray_actor_options` (CPUs, GPUs, accelerator type) from the plan,
-its replicas or autoscaling from the spec, and `max_ongoing_requests` from its batching or tool
-concurrency. Model stages batch with `serve.batch`; a swap reaches their replicas through the
+its replicas or autoscaling from the spec, `max_ongoing_requests` from its `limits.max_concurrency`
+(else its batching or tool concurrency) and `max_queued_requests` from `limits.max_queued`, so that
+an overloaded stage refuses calls (503 with Retry-After at the ingress) instead of queueing them
+without bound. A model replica refuses an input over `limits.max_tensor_elements` and a vLLM
+replica a prompt over its context (422) before any compute. Tool and LLM replicas report their
+outside dependencies (`dependency_checks`) for /healthz. Model stages batch with `serve.batch`; a swap reaches their replicas through the
 registry file (`swap_control`, `swap_watcher`), so no replica restarts.
 
 Metrics: replicas write prometheus_client's multiprocess files into one folder per deployment
@@ -24,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import ray
 from ray import serve
@@ -34,8 +39,9 @@ from hetforge.serving.controller import build_controller
 from hetforge.serving.dashboard_page import DashboardSampler
 from hetforge.serving.dataflow import PipelineRunner, StageError
 from hetforge.serving.ingress import create_app
+from hetforge.serving.ingress.auth import Tokens, resolve_tokens
 from hetforge.serving.ingress.state import HandleCaller, IngressState
-from hetforge.serving.llm import LlmRuntime, loop_tools
+from hetforge.serving.llm import LlmRuntime, loop_tools, plan_call, prompt_ids
 from hetforge.serving.metrics import default_metrics
 from hetforge.serving.model_io import ModelIO
 from hetforge.serving.stage_runtime import ModelStageRuntime
@@ -70,14 +76,80 @@ def _node_id() -> str:
 
 @contextlib.contextmanager
 def _observed(metrics, pipeline: str, stage: str, device: str):
-    """A tool or LLM stage call: its latency, or an error count when it raises."""
+    """A tool or LLM stage call's latency when it answers (the ingress counts the calls that fail, by kind)."""
     start = time.perf_counter()
-    try:
-        yield
-    except BaseException:
-        metrics.stage_errors.labels(pipeline, stage).inc()
-        raise
+    yield
     metrics.stage_latency.labels(pipeline, stage, "reference", device).observe(time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------- input limits
+def check_tensor_elements(stage: ModelStage, tensors: list, limit: int) -> None:
+    """422 naming the input whose element count exceeds `limit` (limits.max_tensor_elements), before any compute."""
+    for i, tensor in enumerate(tensors):
+        count = tensor.numel() if hasattr(tensor, "numel") else 0
+        if count > limit:
+            name = stage.inputs[i].name if i < len(stage.inputs) else f"#{i}"
+            raise StageError(
+                f"stage {stage.name}: input {name} has {count} elements; limits.max_tensor_elements is {limit}", 422
+            )
+
+
+def prompt_token_limit(stage: LlmStage, context_tokens: int | None) -> int | None:
+    """Most prompt tokens the stage takes: limits.max_prompt_tokens, else the model's context less
+    sampling.max_tokens (the answer must fit too); None when neither is known (an endpoint checks its own)."""
+    room = None if context_tokens is None else max(1, context_tokens - stage.sampling.max_tokens)
+    cap = stage.limits.max_prompt_tokens
+    if cap is None:
+        return room
+    return cap if room is None else min(cap, room)
+
+
+def check_prompt_tokens(stage: LlmStage, count: int, limit: int | None, context_tokens: int | None) -> None:
+    """422 when the prompt has more than `limit` tokens (`prompt_token_limit`), before the engine does any work."""
+    if limit is None or count <= limit:
+        return
+    context = f"the model's context is {context_tokens} tokens, " if context_tokens else ""
+    raise StageError(
+        f"stage {stage.name}: the prompt is {count} tokens; {context}sampling.max_tokens reserves "
+        f"{stage.sampling.max_tokens}, so at most {limit} prompt tokens fit",
+        422,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- dependencies
+async def _connects(url: str, timeout_s: float = 2.0) -> str | None:
+    """None when a TCP connection to the URL's host and port opens within `timeout_s`, else why not."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, port), timeout_s)
+    except (OSError, TimeoutError) as err:
+        return f"{type(err).__name__}: {err}"[:300] if str(err) else f"{type(err).__name__} after {timeout_s:g} s"
+    writer.close()
+    return None
+
+
+async def dependency_checks(stage: LlmStage | ToolStage) -> list[dict]:
+    """What a stage needs from outside hetforge: its endpoint's host reachable, its API-key variables set (in the
+    replica's environment, where the calls are made)."""
+    url, variables = None, []
+    if isinstance(stage, LlmStage) and stage.endpoint is not None:
+        url, variables = stage.endpoint.base_url, [stage.endpoint.api_key_env] if stage.endpoint.api_key_env else []
+    elif isinstance(stage, ToolStage) and stage.http is not None:
+        url, variables = stage.http.url, sorted(set(stage.http.headers_env.values()))
+    checks = [
+        {
+            "stage": stage.name,
+            "dependency": f"${name}",
+            "ok": bool(os.environ.get(name)),
+            "detail": "set" if os.environ.get(name) else "not set in the replica's environment",
+        }
+        for name in variables
+    ]
+    if url is not None:
+        why = await _connects(url)
+        checks.append({"stage": stage.name, "dependency": url, "ok": why is None, "detail": why or "reachable"})
+    return checks
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -99,6 +171,7 @@ class ModelStageDeployment:
         stage: ModelStage = pipeline.stage(stage_name)
         base = Path(base_dir)
         self.stage, self.device = stage, device
+        self.max_elements = stage.limits.max_tensor_elements or pipeline.limits.max_tensor_elements
         try:  # the stage's own code (import, constructor, checkpoint, processor): one located line, never a traceback
             problem = stage_problem(stage, base)
             self.runtime = ModelStageRuntime(
@@ -128,7 +201,9 @@ class ModelStageDeployment:
             return [StageError(f"stage {self.stage.name}: {type(err).__name__}: {err}"[:2000], 500)] * len(items)
 
     async def __call__(self, payload: Any, request_id: str = "") -> Any:
-        tensors = [t.to(self.device) for t in self.io.decode(payload)]
+        decoded = self.io.decode(payload)
+        check_tensor_elements(self.stage, decoded, self.max_elements)
+        tensors = [t.to(self.device) for t in decoded]
         out = await self.run_batch(tensors)
         if isinstance(out, Exception):
             raise out
@@ -161,6 +236,9 @@ class ToolStageDeployment:
         with _observed(self.metrics, self.pipeline, self.stage.name, "cpu"):
             return await self.runtime(payload)
 
+    async def dependencies(self) -> list[dict]:
+        return await dependency_checks(self.stage)
+
     def status(self) -> dict:
         return {
             "replica": _replica_name(),
@@ -183,15 +261,32 @@ class LlmStageDeployment:
         labels = (pipeline.name, stage.name, _replica_name())
         self.runtime = LlmRuntime(stage, Path(base_dir), loop_tools(pipeline, stage, Path(base_dir)), labels)
         self.metrics = default_metrics()
+        engine_config = getattr(self.runtime.engine, "model_config", None)  # vLLM's; an endpoint has none here
+        self.context_tokens = getattr(engine_config, "max_model_len", None)
+        self.prompt_limit = prompt_token_limit(stage, self.context_tokens)
+
+    def _check_prompt(self, payload: dict) -> None:
+        """422 for a prompt the model cannot take, counted with the tokenizer the engine uses."""
+        tokenizer = self.runtime.tokenizer
+        if tokenizer is None or self.prompt_limit is None:
+            return
+        messages, tools, _, _ = plan_call(self.stage, self.runtime.tools, payload)  # as the runtime will send it
+        count = len(prompt_ids(tokenizer, messages, tools))
+        check_prompt_tokens(self.stage, count, self.prompt_limit, self.context_tokens)
 
     async def __call__(self, payload: dict, request_id: str = "") -> dict:
+        self._check_prompt(payload)
         with _observed(self.metrics, self.pipeline, self.stage.name, self.device):
             return await self.runtime(payload, request_id)
 
     async def stream(self, payload: dict, request_id: str = ""):
+        self._check_prompt(payload)
         with _observed(self.metrics, self.pipeline, self.stage.name, self.device):
             async for delta in self.runtime.stream(payload, request_id):
                 yield delta
+
+    async def dependencies(self) -> list[dict]:
+        return await dependency_checks(self.stage)
 
     def status(self) -> dict:
         backend = "vllm" if self.stage.vllm else f"endpoint {self.stage.endpoint.base_url}"
@@ -264,6 +359,7 @@ class PipelineIngress:
         controller=None,
         base_dir: str = ".",
         placement: dict | None = None,
+        token_digests: dict[str, str] | None = None,
     ):
         pipeline = _pipeline(pipeline_doc)
         placement = placement or {}
@@ -280,9 +376,13 @@ class PipelineIngress:
         )
         if pipeline.slo is not None:
             metrics.pipeline_slo.labels(pipeline.name, "0.99").set(pipeline.slo.p99_ms / 1e3)
+
+        def failed(stage: str, kind: str) -> None:
+            metrics.stage_errors.labels(pipeline.name, stage, kind).inc()
+
         self.state = IngressState(
             pipeline=pipeline,
-            runner=PipelineRunner(pipeline, HandleCaller(handles)),
+            runner=PipelineRunner(pipeline, HandleCaller(handles), on_failure=failed),
             handles=handles,
             registry_path=registry_path,
             metrics_dir=metrics_dir,
@@ -291,6 +391,7 @@ class PipelineIngress:
             base_dir=Path(base_dir),
             controller=controller,
             placement=placement,
+            tokens=Tokens(dict(token_digests or {})),
         )
 
     def __serve_build_asgi_app__(self):
@@ -321,17 +422,20 @@ def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], re
                 "max_replicas": stage.replicas.max_replicas,
                 "target_ongoing_requests": stage.replicas.target_ongoing_requests,
             }
+        # back-pressure: a caller holds at most limits.max_queued calls waiting; Serve refuses more (BackPressureError)
+        options["max_queued_requests"] = stage.limits.max_queued
+        most = stage.limits.max_concurrency
         if isinstance(stage, ModelStage):
             batch = stage.batching.max_batch_size if stage.batching else 1
-            options["max_ongoing_requests"] = max(16, 2 * batch)
+            options["max_ongoing_requests"] = most or max(16, 2 * batch)
             handles[stage.name] = ModelStageDeployment.options(**options).bind(
                 doc, str(base_dir), stage.name, where["device"], registry_path, where.get("device_class"), lines
             )
         elif isinstance(stage, ToolStage):
-            options["max_ongoing_requests"] = max(16, stage.concurrency)
+            options["max_ongoing_requests"] = most or max(16, stage.concurrency)
             handles[stage.name] = ToolStageDeployment.options(**options).bind(doc, str(base_dir), stage.name)
         else:
-            options["max_ongoing_requests"] = 64
+            options["max_ongoing_requests"] = most or 64
             options["health_check_timeout_s"] = 120
             if stage.session_routing:  # a conversation's turns to the replica holding its prefix (SESSION)
                 options["request_router_config"] = RequestRouterConfig(
@@ -345,6 +449,13 @@ def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], re
         controller = ReoptimizeController.options(name="reoptimize-controller").bind(
             doc, str(base_dir), placement, registry_path, metrics_dir
         )
-    return PipelineIngress.options(ray_actor_options={"num_cpus": 0.1}).bind(
-        doc, handles, registry_path, metrics_dir, controller, str(base_dir), placement
+    tokens = resolve_tokens()  # here, in the process that deploys: a token generated now is printed to its user
+    # The ingress admits limits.max_concurrent_requests pipeline requests itself (503 beyond); the headroom keeps
+    # /healthz, /metrics and the admin routes answering while it is full.
+    ingress_options = {
+        "ray_actor_options": {"num_cpus": 0.1},
+        "max_ongoing_requests": pipeline.limits.max_concurrent_requests + 32,
+    }
+    return PipelineIngress.options(**ingress_options).bind(
+        doc, handles, registry_path, metrics_dir, controller, str(base_dir), placement, tokens.digests
     )

@@ -12,6 +12,9 @@ plans it on the cluster's devices (`planners.devices.ray_inventory`: GPU models 
 accelerator_type, CPU node groups from `cpu_class:<name>`), and builds the application. The
 registry is `args.registry` or `$HETFORGE_HOME/registry.sqlite` (on a cluster: a volume every node
 mounts), the metrics folder `$PROMETHEUS_MULTIPROC_DIR` (per node; `metrics_exporter` serves it).
+The admin routes' API token (`ingress.auth`) is read where this builder runs: set HETFORGE_API_TOKEN
+(or HETFORGE_API_TOKEN_FILE, for example a mounted Kubernetes secret) in the cluster's environment;
+otherwise a new token is written under that node's HETFORGE_HOME and printed once to its log.
 """
 
 from __future__ import annotations

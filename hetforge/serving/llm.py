@@ -209,6 +209,31 @@ def for_template(messages: list[dict], tools: list[dict], template: str) -> list
     return out
 
 
+def plan_call(stage, own_tools: list[dict], payload: dict) -> tuple[list[dict], list[dict], Any, dict]:
+    """(messages, tools, tool_choice, options) of one call: the request's tools beside the stage's own (its loop's)."""
+    options = dict(payload.get("options") or {})
+    own = [_openai_tool(t) for t in own_tools]
+    names = {_tool_name(t) for t in own}
+    tools = own + [t for t in options.get("tools") or [] if _tool_name(t) not in names]
+    loop = stage.agent_loop
+    default = (loop.tool_choice if loop is not None and own else "auto") if tools else "none"
+    choice = options.get("tool_choice") or default
+    if isinstance(choice, dict) and choice.get("function", {}).get("name") not in {_tool_name(t) for t in tools}:
+        raise StageError(f"stage {stage.name}: tool_choice names a tool not in `tools`", 400)
+    return build_messages(stage, payload), tools, choice, options
+
+
+def prompt_ids(tokenizer, messages: list[dict], tools: list[dict]) -> list[int]:
+    """The prompt's token ids as the engine gets them: the chat template on the messages (and tools)."""
+    template = tokenizer.chat_template or ""
+    kwargs = {"tools": tools} if tools and "tool_calls" in template else {}
+    rendered = for_template(messages, tools, template)
+    ids = tokenizer.apply_chat_template(rendered, tokenize=True, add_generation_prompt=True, **kwargs)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def _fields(answer: dict, text: str) -> None:
     """A JSON object answer's fields, added for branch conditions and bindings."""
     try:
@@ -264,17 +289,7 @@ class LlmRuntime:
 
     # ------------------------------------------------------------------ one call's settings
     def _plan(self, payload: dict) -> tuple[list[dict], list[dict], Any, dict]:
-        """(messages, tools, tool_choice, options) of one call: the request's tools beside the loop's."""
-        options = dict(payload.get("options") or {})
-        tools = self.tools + [
-            t for t in options.get("tools") or [] if _tool_name(t) not in {_tool_name(x) for x in self.tools}
-        ]
-        loop = self.stage.agent_loop
-        default = (loop.tool_choice if loop is not None and self.tools else "auto") if tools else "none"
-        choice = options.get("tool_choice") or default
-        if isinstance(choice, dict) and choice.get("function", {}).get("name") not in {_tool_name(t) for t in tools}:
-            raise StageError(f"stage {self.stage.name}: tool_choice names a tool not in `tools`", 400)
-        return build_messages(self.stage, payload), tools, choice, options
+        return plan_call(self.stage, self.tools, payload)
 
     def _sampling(self, stream: bool, tools: list[dict], choice: Any, options: dict):
         from vllm import SamplingParams
@@ -307,13 +322,7 @@ class LlmRuntime:
     def _prompt(self, messages: list[dict], tools: list[dict]):
         from vllm.inputs import TokensPrompt
 
-        template = self.tokenizer.chat_template or ""
-        rendered = for_template(messages, tools, template)
-        kwargs = {"tools": tools} if tools and "tool_calls" in template else {}
-        ids = self.tokenizer.apply_chat_template(rendered, tokenize=True, add_generation_prompt=True, **kwargs)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return TokensPrompt(prompt_token_ids=list(ids))
+        return TokensPrompt(prompt_token_ids=prompt_ids(self.tokenizer, messages, tools))
 
     def _answer(self, text: str, tools, choice, finish: str, usage: dict) -> dict:
         content, calls = read_decoded(text, tools, choice)

@@ -1,7 +1,7 @@
 """The metrics contract: names, help texts and labels that the dashboards query.
 
 Names follow `hetforge_<what>_<unit>`; labels are few and bounded (pipeline, stage, variant,
-device, outcome). `tests/serving/test_stage_runtime.py` pins them, and every query of the dashboards
+device, outcome, kind). `tests/serving/test_stage_runtime.py` pins them, and every query of the dashboards
 (`hetforge/serving/dashboards.py`) is checked against a live Prometheus in
 `tests/serving/test_reoptimize_e2e.py`: renaming one breaks the dashboards.
 Each process records its own; under Ray Serve the replicas write prometheus_client's multiprocess
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
+
+from hetforge.serving.dataflow import FAILURE_KINDS
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -33,7 +35,12 @@ SPEC = {  # name -> (kind, help, labels)
         "Pipeline requests, by outcome (ok | error).",
         ("pipeline", "outcome"),
     ),
-    "hetforge_stage_errors_total": ("counter", "Stage calls that raised.", ("pipeline", "stage")),
+    "hetforge_stage_errors_total": (
+        "counter",
+        "Failed stage calls, counted once per call by the ingress, by kind "
+        "(binding | client | timeout | overload | circuit_open | error).",
+        ("pipeline", "stage", "kind"),
+    ),
     "hetforge_stage_speedup_ratio": (
         "gauge",
         "Active variant's verified speedup over the stage's reference (1 for the reference).",
@@ -73,6 +80,12 @@ CONTROL_SPEC = {
         "Background optimization jobs, by outcome (started | registered | no_gain | failed).",
         ("pipeline", "stage", "outcome"),
     ),
+    "hetforge_optimizer_speedup_ratio": (
+        "gauge",
+        "The last job's winner over eager and over torch.compile (baseline eager | compile), both at the stage's "
+        "precision policy, as the judge measured them.",
+        ("pipeline", "stage", "baseline"),
+    ),
     "hetforge_optimizer_candidates_total": (
         "counter",
         "Candidates judged by background jobs: accepted, needs_review, skipped, or rejected:<reason kind>.",
@@ -108,6 +121,7 @@ class Metrics:
         self.canary_weight = made["hetforge_canary_weight_percent"]
         self.optimizer_jobs = made["hetforge_optimizer_jobs_total"]
         self.optimizer_candidates = made["hetforge_optimizer_candidates_total"]
+        self.optimizer_speedup = made["hetforge_optimizer_speedup_ratio"]
         self.registry = registry
 
     def zero_serving_series(self, pipeline: str, stages: list[str], model_stages: list[str]) -> None:
@@ -116,7 +130,8 @@ class Metrics:
         for outcome in ("ok", "error"):
             self.pipeline_requests.labels(pipeline, outcome)
         for stage in stages:
-            self.stage_errors.labels(pipeline, stage)
+            for kind in FAILURE_KINDS:
+                self.stage_errors.labels(pipeline, stage, kind)
         for stage in model_stages:
             for outcome in ("swapped", "refused", "rolled_back"):
                 self.kernel_swaps.labels(pipeline, stage, outcome)

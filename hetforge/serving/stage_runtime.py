@@ -168,8 +168,7 @@ class ModelStageRuntime:
                 out = active.module(*inputs)
         except Exception as err:  # noqa: BLE001 - the new variant failed on live traffic: roll back, serve the request
             if active.name == REFERENCE or self._previous is None or self._active is not active:
-                self.metrics.stage_errors.labels(self.pipeline, self.stage).inc()
-                raise
+                raise  # counted in hetforge_stage_errors_total by the ingress, which sees every failed call
             self._rollback(active, f"{type(err).__name__}: {err}")
             return self(*inputs)
         self.metrics.stage_latency.labels(self.pipeline, self.stage, active.name, self.device).observe(
@@ -180,13 +179,8 @@ class ModelStageRuntime:
     def _forward(self, which: _Active | CanaryArm, inputs: list) -> tuple[Any, float]:
         """One timed forward of the active module or the arm's variant (latency metric labelled by variant)."""
         start = time.perf_counter()
-        try:
-            with TRACE_LOCK, torch.inference_mode():
-                out = which.module(*inputs)
-        except Exception:
-            if which is not self.arm:
-                self.metrics.stage_errors.labels(self.pipeline, self.stage).inc()
-            raise
+        with TRACE_LOCK, torch.inference_mode():  # a failure: the ingress counts the call, the rollout the variant's
+            out = which.module(*inputs)
         elapsed = time.perf_counter() - start
         self.metrics.stage_latency.labels(self.pipeline, self.stage, which.name, self.device).observe(elapsed)
         return out, elapsed * 1e3

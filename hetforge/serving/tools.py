@@ -71,7 +71,9 @@ class ToolRuntime:
             response = await self._client.post(http.url, json=payload, headers=headers)
         if 400 <= response.status_code < 500:
             raise StageError(
-                f"tool {self.stage.name}: {http.url} answered {response.status_code}: {response.text[:300]}", 422
+                f"tool {self.stage.name}: {http.method} {http.url} answered {response.status_code}: "
+                f"{response.text[:300]}",
+                422,
             )
         response.raise_for_status()
         return response.json()
@@ -93,9 +95,17 @@ class ToolRuntime:
                 except Exception as err:  # noqa: BLE001 - the tool's own failure: retried, then reported
                     last = err
         if timeouts == tries:
-            raise StageError(f"tool {self.stage.name}: timed out after {timeout:g} s on all {tries} attempt(s)", 504)
+            raise StageError(
+                f"tool {self.stage.name}{self._target()}: timed out after {timeout:g} s on all {tries} attempt(s)", 504
+            )
         detail = f"{type(last).__name__}: {last}" if last is not None else "timed out"
         raise StageError(
-            f"tool {self.stage.name}: failed on all {tries} attempt(s) ({timeouts} timed out); last: {detail}"[:2000],
+            f"tool {self.stage.name}{self._target()}: failed on all {tries} attempt(s) ({timeouts} timed out); "
+            f"last: {detail}"[:2000],
             500,
         )
+
+    def _target(self) -> str:
+        """` (METHOD URL)` for an HTTP tool, so that its errors say what was called; "" for a callable."""
+        http = self.stage.http
+        return f" ({http.method} {http.url})" if http is not None else ""

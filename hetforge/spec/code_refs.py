@@ -60,6 +60,65 @@ def check_reference(target: str, base_dir: Path, kind: str = "a name") -> str | 
     return f"{kind} that {location} defines; {_no_such_name(name, module)}"
 
 
+def check_constructor(target: str, base_dir: Path, args: list | None, kwargs: dict) -> str | None:
+    """Why the class `target` names cannot be built with `args` and `kwargs`, or None when it may be.
+
+    Read from the `__init__` the class itself defines (parsed, not run); a class that inherits its constructor,
+    or a module that cannot be parsed or may bind names at run time, gets the benefit of the doubt.
+    """
+    location, _, name = target.partition(":")
+    if location.endswith(".py"):
+        path = (base_dir / location).resolve()
+    else:
+        found = find_module_source(location, base_dir)
+        if not isinstance(found, Path):
+            return None
+        path = found
+    init = _constructor(str(path), name)
+    if init is None:
+        return None
+    params = init.args
+    positional = [a.arg for a in (*params.posonlyargs, *params.args)][1:]  # without self
+    defaults = len(params.defaults)
+    required = positional[: len(positional) - defaults] if defaults else positional
+    required += [a.arg for a, d in zip(params.kwonlyargs, params.kw_defaults) if d is None]
+    keywords = {a.arg for a in (*params.args, *params.kwonlyargs)} - {a.arg for a in params.posonlyargs}
+    args = list(args or ())
+    if len(args) > len(positional) and params.vararg is None:
+        return f"arguments {name}.__init__ accepts; it takes {len(positional)} positional argument(s), not {len(args)}"
+    unknown = sorted(k for k in kwargs if k not in keywords)
+    if unknown and params.kwarg is None:
+        close = difflib.get_close_matches(unknown[0], sorted(keywords - {"self"}), n=1)
+        hint = f'; did you mean "{close[0]}"?' if close else f" (it takes {', '.join(positional) or 'none'})"
+        return f"arguments {name}.__init__ accepts; it has no parameter {unknown[0]!r}{hint}"
+    given = set(positional[: len(args)]) | set(kwargs)
+    missing = [r for r in required if r not in given]
+    if missing:
+        return f"arguments {name}.__init__ needs; {', '.join(repr(m) for m in missing)} missing"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _constructor(path: str, name: str) -> ast.FunctionDef | None:
+    """The `__init__` that class `name` defines in its own body at module level of `path` (None if it has none)."""
+    module = module_names(path)
+    if module is None or module.dynamic:
+        return None
+    tree = ast.parse(Path(path).read_bytes(), path)
+    classes = [n for n in _module_level(tree.body) if isinstance(n, ast.ClassDef) and n.name == name]
+    if len(classes) != 1:  # absent, or defined twice (under if/try): which one runs is not known without running
+        return None
+    found = None
+    for node in classes[0].body:
+        if isinstance(node, ast.FunctionDef) and node.name == "__init__":
+            found = node
+        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__init__" for t in node.targets):
+            return None
+    if found is None or found.decorator_list:
+        return None
+    return found
+
+
 def missing_problem_names(path: Path) -> list[str]:
     """The names of the problem-file convention that `path` does not define (empty when it may define all)."""
     module = module_names(str(path.resolve()))

@@ -67,6 +67,10 @@ class PipelineGraph:
         forward = nx.DiGraph()
         forward.add_nodes_from(self.graph)
         forward.add_edges_from((u, v) for u, v, d in self.graph.edges(data=True) if d["kind"] != TOOL_RETURN)
+        # a fallback stage runs when the stage it stands in for fails
+        forward.add_edges_from(
+            (s.name, s.fallback.stage) for s in self.pipeline.stages if s.fallback is not None and s.fallback.stage
+        )
         return {self.pipeline.entry} | nx.descendants(forward, self.pipeline.entry)
 
     # -- latency ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Every model forbids unknown fields and every field has a description and bounds,
 field must be. Cross-stage checks (references, cycles, reachability) live in
 `hetforge.spec.references` and `hetforge.spec.graph`, because they need the whole file.
 
-The whole schema is one file (over 450 lines) on purpose: `hetforge schema` and the loader's messages
+The whole schema is one file (over 650 lines) on purpose: `hetforge schema` and the loader's messages
 follow the models' order, and the stage kinds refer to the shared parts (tensor specs, batching,
 replicas) above them; split by concern, a reader would chase each field across modules.
 """
@@ -100,6 +100,74 @@ class Autoscaling(_Spec):
         return self
 
 
+class StageLimits(_Spec):
+    """What one stage accepts and how long the ingress waits for it; unset fields take the defaults named."""
+
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=86_400,
+        description="Longest wait for one call of this stage, retries included, in seconds (504 after); "
+        "default: only the pipeline's limits.timeout_s.",
+    )
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="Calls in flight per replica (Ray Serve's max_ongoing_requests); default: 16, or twice the batch "
+        "size of a batched model stage, or a tool's `concurrency` when larger.",
+    )
+    max_queued: int = Field(
+        default=64,
+        ge=1,
+        le=1_000_000,
+        description="Calls waiting for a replica, per caller (Ray Serve's max_queued_requests); one more is refused "
+        "with 503 and Retry-After instead of queueing without bound.",
+    )
+    max_tensor_elements: int | None = Field(
+        default=None,
+        ge=1,
+        le=1 << 34,
+        description="Model stages: most elements of one input tensor (422 beyond); default: the pipeline's.",
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="vLLM stages: most prompt tokens (422 before generation); default: the model's context length "
+        "less sampling.max_tokens.",
+    )
+
+
+class Fallback(_Spec):
+    """What a failed stage's output becomes under `on_error: fallback`: a fixed value, or another stage's answer."""
+
+    value: Any = Field(default=None, description="The stage's output when it fails (any JSON value).")
+    stage: str | None = Field(
+        default=None, pattern=NAME_PATTERN, description="A stage called with the failed stage's input instead."
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> Fallback:
+        if ("value" in self.model_fields_set) == (self.stage is not None):
+            raise ValueError("a fallback needs exactly one of `value` or `stage`")
+        return self
+
+
+class CircuitBreaker(_Spec):
+    """Stop calling a failing stage for a while: its failure policy answers at once instead."""
+
+    failures: int = Field(
+        default=5, ge=1, le=10_000, description="Consecutive failed calls (5xx, timeouts) that open the circuit."
+    )
+    reset_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=86_400,
+        description="Seconds the circuit stays open; then one trial call closes it again or reopens it.",
+    )
+
+
 class _StageBase(_Spec):
     """Settings every stage has."""
 
@@ -128,6 +196,37 @@ class _StageBase(_Spec):
         "`<stage>.<field>` (dotted for nesting). Default: the request for the entry stage, the upstream stage's "
         "output for one incoming edge, {stage: output} of the upstream stages that ran for several (a join).",
     )
+
+    retries: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description="Retries after a failed or timed-out attempt (not after the client's own error or a refusal "
+        "for overload); a tool retries inside its replica, each attempt bounded by its timeout_s.",
+    )
+    on_error: Literal["fail", "skip", "fallback"] = Field(
+        default="fail",
+        description="When the stage fails after its retries: fail the request, skip the stage (as if its branch "
+        "were not taken), or use `fallback`.",
+    )
+    fallback: Fallback | None = Field(default=None, description="The output under `on_error: fallback`.")
+    circuit_breaker: CircuitBreaker | None = Field(
+        default=None, description="Stop calling the stage after consecutive failures; absent: always call it."
+    )
+    limits: StageLimits = Field(default_factory=StageLimits, description="Timeouts, concurrency and input limits.")
+
+    @model_validator(mode="after")
+    def _failure_policy(self):
+        if (self.on_error == "fallback") != (self.fallback is not None):
+            raise ValueError("`fallback` goes with `on_error: fallback`, and `on_error: fallback` needs a `fallback`")
+        if self.fallback is not None and self.fallback.stage == self.name:
+            raise ValueError("a stage cannot be its own fallback")
+        kind = getattr(self, "kind", None)
+        if self.limits.max_tensor_elements is not None and kind != "model":
+            raise ValueError("limits.max_tensor_elements applies to model stages only")
+        if self.limits.max_prompt_tokens is not None and kind != "llm":
+            raise ValueError("limits.max_prompt_tokens applies to llm stages only")
+        return self
 
     @field_validator("args")
     @classmethod
@@ -263,6 +362,12 @@ class ModelStage(_StageBase):
         named = {d for i in self.inputs for d in i.shape if isinstance(d, str)}
         if self.huggingface is not None:
             named = {"batch", "seq"} if self.huggingface.task in ("embedding", "classification") else {"batch"}
+        most = self.limits.max_concurrency
+        if most is not None and self.batching is not None and most < self.batching.max_batch_size:
+            raise ValueError(
+                f"limits.max_concurrency ({most}) is below batching.max_batch_size ({self.batching.max_batch_size}): "
+                "a batch could never fill"
+            )
         if self.buckets and self.problem_file is not None:
             raise ValueError("a problem file declares its other input shapes with get_input_variants(), not `buckets`")
         for bucket in self.buckets:
@@ -378,7 +483,6 @@ class ToolStage(_StageBase):
     )
     http: HttpTool | None = Field(default=None, description="Call an HTTP endpoint.")
     timeout_s: float = Field(default=10.0, gt=0, le=3600, description="Per-attempt timeout in seconds.")
-    retries: int = Field(default=0, ge=0, le=10, description="Retries after a failed or timed-out attempt.")
     concurrency: int = Field(default=16, ge=1, le=10_000, description="Most calls in flight per replica.")
 
     @model_validator(mode="after")
@@ -547,6 +651,42 @@ class OpenAiApi(_Spec):
     )
 
 
+class PipelineLimits(_Spec):
+    """What one request may be and take, for the whole pipeline; the ingress refuses the rest with its own status."""
+
+    max_body_bytes: int = Field(
+        default=16 << 20, ge=1024, le=1 << 30, description="Largest request body in bytes (413 beyond)."
+    )
+    max_tensor_elements: int = Field(
+        default=4 << 20,
+        ge=1,
+        le=1 << 34,
+        description="Most elements of one input tensor of a model stage (422 beyond); a stage's limits may differ.",
+    )
+    timeout_s: float = Field(
+        default=120.0, gt=0, le=86_400, description="Longest time one request may take, in seconds (504 after)."
+    )
+    max_concurrent_requests: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="Pipeline requests in flight per ingress replica; one more is refused with 503 and Retry-After.",
+    )
+    retry_after_s: int = Field(
+        default=1, ge=1, le=3600, description="The Retry-After (seconds) of a 503 for overload or an open circuit."
+    )
+
+
+class Auth(_Spec):
+    """Who may call the pipeline's routes. Admin routes and the API docs always need the API token."""
+
+    pipeline_routes: Literal["open", "token"] = Field(
+        default="open",
+        description="token: run, status, chat completions, dashboards and rollouts also need the API token "
+        "(`Authorization: Bearer`); /healthz and /metrics stay open.",
+    )
+
+
 class Pipeline(_Spec):
     """A whole agent pipeline: stages, the data flow between them, and its targets."""
 
@@ -577,6 +717,8 @@ class Pipeline(_Spec):
     openai: OpenAiApi | None = Field(
         default=None, description="Model names the OpenAI-compatible routes answer for this pipeline."
     )
+    limits: PipelineLimits = Field(default_factory=PipelineLimits, description="Request size, time and concurrency.")
+    auth: Auth = Field(default_factory=Auth, description="Which routes need the API token besides the admin ones.")
 
     def stage(self, name: str) -> ModelStage | LlmStage | ToolStage:
         """The stage called `name`; KeyError if there is none."""

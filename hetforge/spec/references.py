@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path as FsPath
 
-from hetforge.spec.code_refs import PROBLEM_FILE_NAMES, check_hf_model, check_reference, missing_problem_names
+from hetforge.spec.code_refs import (
+    PROBLEM_FILE_NAMES,
+    check_constructor,
+    check_hf_model,
+    check_reference,
+    missing_problem_names,
+)
 from hetforge.spec.errors import Problem
 from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
 
@@ -57,6 +64,26 @@ def check_references(pipeline: Pipeline, base_dir: FsPath | None) -> list[Proble
                     problems.append(Problem(where, tool, f"the name of a tool stage ({known})"))
                 elif kinds[tool] != "tool":
                     problems.append(Problem(where, tool, f"a tool stage; {tool} is a {kinds[tool]} stage"))
+        if stage.fallback is not None and stage.fallback.stage is not None and stage.fallback.stage not in kinds:
+            problems.append(
+                Problem(("stages", i, "fallback", "stage"), stage.fallback.stage, f"the name of a stage ({known})")
+            )
+        if stage.on_error == "skip" and stage.name == pipeline.output:
+            problems.append(
+                Problem(
+                    ("stages", i, "on_error"),
+                    "skip",
+                    "fail or fallback: the output stage answers the request, so it cannot be skipped",
+                )
+            )
+        if stage.limits.timeout_s is not None and stage.limits.timeout_s > pipeline.limits.timeout_s:
+            problems.append(
+                Problem(
+                    ("stages", i, "limits", "timeout_s"),
+                    stage.limits.timeout_s,
+                    f"at most the pipeline's limits.timeout_s ({pipeline.limits.timeout_s:g})",
+                )
+            )
         for arg, ref in (stage.args or {}).items():
             head = ref.split(".")[0]
             if head != "request" and head not in kinds:
@@ -104,6 +131,13 @@ def _check_files(stage: ModelStage | LlmStage | ToolStage, i: int, base_dir: FsP
         why = check_reference(value, base_dir, kind)
         if why:
             problems.append(Problem(("stages", i, field), value, why))
+        elif field == "module":
+            why = check_constructor(value, base_dir, stage.init_args, stage.init_kwargs)
+            if why:
+                at = "init_kwargs" if stage.init_kwargs else "init_args" if stage.init_args else "module"
+                given = stage.init_kwargs or stage.init_args
+                shown = json.dumps(given, separators=(", ", ": ")) if given else value
+                problems.append(Problem(("stages", i, at), shown, why))
     return problems
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from hetforge.core.hf import HfSource
-from hetforge.core.problem import InputSpec, Problem
-from hetforge.spec.models import ModelStage, Pipeline
+from hetforge.core.problem import InputSpec, Problem, load_module_file, resolve
+from hetforge.spec.models import ModelStage, Pipeline, ToolStage
 
 
 def stage_problem(stage: ModelStage, base_dir: Path) -> Problem:
@@ -54,3 +54,30 @@ def stage_code_error(pipeline: Pipeline, stage: str, err: BaseException) -> Stag
     where = pipeline.where(stage)
     cause = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return StageCodeError(f'{where + ": " if where else ""}stage "{stage}": {type(err).__name__}: {cause}'.rstrip(": "))
+
+
+def import_stage_functions(pipeline: Pipeline, base_dir: Path) -> list[str]:
+    """One `stage_code_error` line per function a stage names (pre/postprocess, a tool's callable) that cannot be
+    imported, runs its module's top level: `plan` and `serve` report these before any replica starts."""
+    errors = []
+    for stage in pipeline.stages:
+        fields = ("callable",) if isinstance(stage, ToolStage) else ("preprocess", "postprocess")
+        for field in fields:
+            target = getattr(stage, field, None)
+            if not target:
+                continue
+            try:
+                found = _import_function(target, base_dir)
+                if not callable(found):
+                    raise TypeError(f"{target} ({field}) is a {type(found).__name__}, not a function")
+            except Exception as err:  # noqa: BLE001 - the user's module: whatever its import raises is one line
+                errors.append(str(stage_code_error(pipeline, stage.name, err)))
+    return errors
+
+
+def _import_function(target: str, base_dir: Path):
+    """`file.py:name` (relative to the pipeline's folder) or `package.module:name`, imported."""
+    location, _, name = target.rpartition(":")
+    if location.endswith(".py"):
+        return getattr(load_module_file(base_dir / location), name)
+    return resolve(target)

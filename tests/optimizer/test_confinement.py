@@ -4,6 +4,7 @@ harm it tries does not happen (the listener hears nothing, the file is not there
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -29,15 +30,20 @@ def _candidate(tmp_path: Path, name: str, **fields) -> Path:
     return path
 
 
-def _workers_left() -> list[int]:
-    """Processes still running the worker module (every worker of a finished verification must be gone)."""
+def _workers_left(judge: int | None = None) -> list[int]:
+    """Live worker processes of the judge `judge` (default: this process), forked copies included: every worker of a
+    finished verification must be gone. Other engineers' judges on a shared host are not counted."""
+    marker = f"HETFORGE_WORKER_PARENT={judge or os.getpid()}".encode()
     left = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"hetforge.optimizer.worker" in (proc / "cmdline").read_bytes():
-                state = (proc / "stat").read_text().split(") ")[1].split()[0]
-                if state != "Z":
-                    left.append(int(proc.name))
+            if not proc.name.isdigit() or b"hetforge.optimizer.worker" not in (proc / "cmdline").read_bytes():
+                continue
+            if marker not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            state = (proc / "stat").read_text().rsplit(") ", 1)[1].split()[0]
+            if state != "Z":
+                left.append(int(proc.name))
         except OSError:
             continue
     return left

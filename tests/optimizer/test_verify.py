@@ -11,6 +11,7 @@ import torch
 
 from hetforge.core.problem import Problem
 from hetforge.optimizer import verdict as V
+from hetforge.optimizer.correctness import BEYOND_THE_DRAW
 from hetforge.optimizer.judge import ReferenceSide, Verification, VerifyOptions, verify
 from tests.conftest import run_cli
 
@@ -96,9 +97,8 @@ def test_a_shared_reference_serves_a_batch_on_the_same_seeds():
         assert crashed.reasons[0].kind == V.RejectKind.CRASHED, crashed.reasons
         assert [t.seed for t in first.trials] == [t.seed for t in second.trials]
         reference_calls = [m for m in runs if m["cmd"] == "run"]
-        assert len(reference_calls) == FAST["trials"] * 2 + 1, (
-            reference_calls
-        )  # trials x 2 input sets + the re-initialized model's
+        # trials x 2 input sets + the moves beyond the draw + the re-initialized model's
+        assert len(reference_calls) == FAST["trials"] * 2 + len(BEYOND_THE_DRAW) + 1, reference_calls
         assert sum(m["cmd"] == "init" for m in runs) == 1
         side.new_batch()
         third = judge_shared("legit_addmm_folded_scale")

@@ -38,6 +38,7 @@ def test_dashboard_covers_what_operators_watch_with_known_metrics():
         "Requests and errors",
         "Optimization jobs",
         "Candidates judged, by outcome",
+        "Last job's winner over eager and torch.compile",
         "Placement",
         "Canary weight",
     ):

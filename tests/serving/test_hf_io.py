@@ -20,7 +20,7 @@ from hetforge.kernels.registry import Registry  # noqa: E402
 from hetforge.serving.dataflow import StageError  # noqa: E402
 from hetforge.serving.deploy import startup_failures  # noqa: E402
 from hetforge.serving.hf_io import HfIO  # noqa: E402
-from hetforge.serving.job_runner import production_sizes, write_production_problem  # noqa: E402
+from hetforge.serving.job_runner import production_problem, production_sizes, write_production_problem  # noqa: E402
 from hetforge.serving.metrics import Metrics  # noqa: E402
 from hetforge.serving.stage_runtime import ModelStageRuntime  # noqa: E402
 from tests.models import tiny_hf  # noqa: E402
@@ -173,8 +173,14 @@ def test_production_problems_of_module_and_hf_stages(models, tmp_path):
     ]
     hf = Problem(hf=HfSource(str(models["embed"]), "embedding", max_length=32))
     assert production_sizes(hf, ["int64[4,16];int64[4,16]", "float32[2,3]"]) == [{"batch": 4, "seq": 16}]
-    path = write_production_problem(tmp_path, 3, "p", "embed", hf, ["int64[4,16];int64[4,16]", "int64[1,8];int64[1,8]"])
-    loaded = Problem(file=str(path)).load()
+    built_problem = production_problem(
+        tmp_path, 3, "p", "embed", hf, ["int64[4,16];int64[4,16]", "int64[1,8];int64[1,8]"]
+    )
+    assert built_problem.hf == hf.hf and built_problem.file is None  # the stage's own model, no generated file
+    assert not list(tmp_path.glob("job_*.py"))
+    with pytest.raises(ValueError, match="not a problem file"):
+        write_production_problem(tmp_path, 3, "p", "embed", hf, ["int64[4,16];int64[4,16]"])
+    loaded = Problem.from_json(built_problem.to_json()).load()  # as the job's OptimizeTask carries it
     assert [list(x.shape) for x in loaded.get_inputs()] == [[4, 16], [4, 16]]
     assert [[list(x.shape) for x in v] for v in loaded.get_variants()] == [[[1, 8], [1, 8]]]
     built = loaded.build()

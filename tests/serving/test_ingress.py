@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from hetforge.serving.dashboard_page import DashboardSampler
 from hetforge.serving.dataflow import PipelineRunner
 from hetforge.serving.ingress import create_app
+from hetforge.serving.ingress.auth import Tokens, digest
 from hetforge.serving.ingress.errors import ApiError
 from hetforge.serving.ingress.state import IngressState
 from hetforge.serving.jobs import JobSpec
@@ -21,6 +22,7 @@ from hetforge.spec import load_pipeline
 from tests.conftest import REPO
 
 DATA = REPO / "tests" / "data" / "serving"
+TOKEN = "test-token-0123456789"
 
 
 class ToolCaller:
@@ -49,6 +51,7 @@ def client(tmp_path):
         metrics=Metrics(CollectorRegistry()),
         sampler=DashboardSampler(pipeline.name, str(tmp_path)),
         base_dir=DATA,
+        tokens=Tokens({digest(TOKEN): "tester"}),
     )
     app = create_app(state)
 
@@ -56,7 +59,7 @@ def client(tmp_path):
     async def raising(status: int):
         raise ApiError(status, "refused for the test", stage="prepare")
 
-    return TestClient(app)
+    return TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
 
 
 def _error(reply, status: int) -> dict:

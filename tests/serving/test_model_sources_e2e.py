@@ -27,6 +27,7 @@ pytest.importorskip("ray.serve")
 pytest.importorskip("transformers")
 httpx = pytest.importorskip("httpx")
 
+from hetforge.serving.ingress.auth import client_headers  # noqa: E402
 from tests.conftest import EXAMPLES, REPO, free_port, run_cli  # noqa: E402
 
 EXAMPLE = EXAMPLES / "team_models.yaml"
@@ -243,7 +244,10 @@ def test_served_answers_then_the_module_stage_is_optimized_and_swapped_under_tra
         load = Load(record.url, reference)
         time.sleep(3)
         queued = httpx.post(
-            f"{url}/stages/intent/optimize", json={"hint": "drop work whose result is unused"}, timeout=30
+            f"{url}/stages/intent/optimize",
+            json={"hint": "drop work whose result is unused"},
+            headers=client_headers(),  # the token `deploy` generated under the test's HETFORGE_HOME
+            timeout=30,
         )
         assert queued.status_code == 202, queued.text
         board = RolloutBoard(registry_path)

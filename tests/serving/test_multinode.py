@@ -170,7 +170,9 @@ def test_stages_land_on_their_device_class_nodes_and_jobs_on_the_target_device_n
 
         queued = httpx.post(
             f"{url}/v1/pipelines/multinode-test/stages/score/optimize",
-            json={"hint": "drop dead code", "actor": "test"},
+            json={"hint": "drop dead code"},
+            # the API token `hetforge serve` generated under the cluster's HETFORGE_HOME
+            headers={"Authorization": "Bearer " + (cluster["home"] / "api-token").read_text().strip()},
             timeout=60,
         )
         assert queued.status_code == 202, queued.text

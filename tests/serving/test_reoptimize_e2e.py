@@ -218,7 +218,7 @@ def test_hot_stage_is_found_optimized_canaried_and_promoted(served):
     job = _wait_for(served, "job", 0, 60)
     assert job["stage"] == "score" and job["numbers"]["trigger"] == "hot", job
     done = _wait_for(served, "job_done", 0, 300)
-    assert done["numbers"]["outcome"] == "registered", done
+    assert done["numbers"]["outcome"] == "registered", done["numbers"]
     assert done["numbers"]["winner"].startswith("rewrites:dead_code")
     variant = str(done["numbers"]["variant_id"])
     start = _wait_for(served, "start", 0, 60, variant)
@@ -241,6 +241,9 @@ def test_hot_stage_is_found_optimized_canaried_and_promoted(served):
     assert speedup and float(speedup[0].rsplit(" ", 1)[1]) > 1.2, speedup
     assert f'variant="variant:{variant}"' in metrics  # per-stage latency by variant
     assert 'hetforge_optimizer_jobs_total{outcome="registered",pipeline="reopt-test",stage="score"}' in metrics
+    # the job's winner over eager at the stage's policy (no compile figure: this job ran the rewrites agent only)
+    assert 'hetforge_optimizer_speedup_ratio{baseline="eager",pipeline="reopt-test",stage="score"}' in metrics
+    assert 'baseline="compile"' not in metrics
     _clean(served)
 
 

@@ -18,6 +18,7 @@ pytest.importorskip("ray.serve")
 pytest.importorskip("vllm")
 httpx = pytest.importorskip("httpx")
 
+from hetforge.serving.ingress.auth import client_headers  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 
 PIPELINE = REPO / "tests" / "data" / "serving" / "pipeline.yaml"
@@ -200,7 +201,10 @@ def test_swap_refusals_name_the_reason(served):
 
     def swap(stage, variant):
         return httpx.post(
-            f"{url}/v1/pipelines/serve-test/stages/{stage}/swap", json={"variant": variant, "wait_s": 30}, timeout=60
+            f"{url}/v1/pipelines/serve-test/stages/{stage}/swap",
+            json={"variant": variant, "wait_s": 30},
+            headers=client_headers(),  # the token `deploy` generated under the test's HETFORGE_HOME
+            timeout=60,
         )
 
     missing = swap("classify", 999)
@@ -232,7 +236,10 @@ def test_hot_swap_under_load_drops_nothing(served):
     time.sleep(2)
     before = len(done)
     swapped = httpx.post(
-        f"{url}/v1/pipelines/serve-test/stages/classify/swap", json={"variant": ids["addmm"], "wait_s": 60}, timeout=90
+        f"{url}/v1/pipelines/serve-test/stages/classify/swap",
+        json={"variant": ids["addmm"], "wait_s": 60},
+        headers=client_headers(),
+        timeout=90,
     )
     time.sleep(2)
     stop.set()
@@ -284,7 +291,10 @@ def test_prometheus_scrapes_every_hetforge_metric(served, prometheus):
         _run(url, {"input": {"x": _x(i)}})
     _run(url, {"input": {"x": _x(), "fail": True}})
     httpx.post(
-        f"{url}/v1/pipelines/serve-test/stages/classify/swap", json={"variant": "reference", "wait_s": 30}, timeout=60
+        f"{url}/v1/pipelines/serve-test/stages/classify/swap",
+        json={"variant": "reference", "wait_s": 30},
+        headers=client_headers(),
+        timeout=60,
     )
     queries = {name: (f"{name}_count" if kind == "histogram" else name) for name, (kind, _, _) in SPEC.items()}
     deadline, missing = time.monotonic() + 90, dict(queries)

@@ -11,13 +11,14 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from hetforge.serving import approvals
 from hetforge.serving.dashboard_page import page_data, render
-from hetforge.serving.ingress.deps import Named, Served
+from hetforge.serving.ingress.deps import JsonBodyRoute, Named, Served
 from hetforge.serving.ingress.models import ErrorBody
 from hetforge.serving.ingress.state import IngressState
 from hetforge.serving.rollout import RolloutBoard
 from hetforge.serving.swap_control import SwapBoard
 
-router = APIRouter(responses={404: {"model": ErrorBody}})
+router = APIRouter(route_class=JsonBodyRoute, responses={404: {"model": ErrorBody}})
+open_router = APIRouter()  # never behind a token: Prometheus scrapes it
 
 
 async def dashboard_data(state: IngressState) -> dict:
@@ -46,7 +47,7 @@ async def dashboard_json(state: Named) -> dict:
     return await dashboard_data(state)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@open_router.get("/metrics", response_class=PlainTextResponse)
 async def metrics_page(state: Served) -> PlainTextResponse:
     """Every replica's metrics on this node, under the names of `metrics.SPEC` (the multiprocess files aggregated)."""
     registry = CollectorRegistry()

@@ -23,9 +23,9 @@ from hetforge.serving.swap_control import SwapError
 class ApiError(Exception):
     """A request refused: `status` is the HTTP status, `stage` the stage it concerns (if one)."""
 
-    def __init__(self, status: int, message: str, stage: str | None = None):
+    def __init__(self, status: int, message: str, stage: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(status, message, stage)
-        self.status, self.message, self.stage = status, message, stage
+        self.status, self.message, self.stage, self.headers = status, message, stage, headers
 
     def __str__(self) -> str:
         return self.message
@@ -47,16 +47,19 @@ def error_body(status: int, message: str, request_id: str, stage: str | None = N
     return PipelineError(status, message, request_id, stage).to_json()
 
 
-def _answer(request: Request, status: int, message: str, stage: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, request_id(request), stage), status_code=status)
+def _answer(
+    request: Request, status: int, message: str, stage: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, request_id(request), stage), status_code=status, headers=headers)
 
 
 async def handle_api_error(request: Request, err: ApiError) -> JSONResponse:
-    return _answer(request, err.status, err.message, err.stage)
+    return _answer(request, err.status, err.message, err.stage, err.headers)
 
 
 async def handle_pipeline_error(request: Request, err: PipelineError) -> JSONResponse:
-    return JSONResponse(err.to_json(), status_code=err.status)
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s else None
+    return JSONResponse(err.to_json(), status_code=err.status, headers=headers)
 
 
 async def handle_swap_error(request: Request, err: SwapError) -> JSONResponse:

@@ -1,4 +1,4 @@
-"""Kernel variants of a model stage: the hot-swap on every replica."""
+"""Kernel variants of a model stage: the hot-swap on every replica (an admin route: `AdminRoute`)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from hetforge.serving.ingress.deps import JsonBodyRoute, Named
+from hetforge.serving.ingress.deps import AdminRoute, Named
 from hetforge.serving.ingress.models import ErrorBody, SwapRequest, SwapResult
 from hetforge.serving.swap_control import request_swap
 
-router = APIRouter(route_class=JsonBodyRoute, responses={code: {"model": ErrorBody} for code in (400, 404, 409)})
+router = APIRouter(
+    route_class=AdminRoute, responses={code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 415)}
+)
 
 
 @router.post(

@@ -44,9 +44,8 @@ class SwapRequest(Request):
 
 
 class ApprovalDecision(Request):
-    approver: str | None = Field(
-        default=None, description='Who decides (recorded in the audit log); "api" when absent.'
-    )
+    """The approver the audit log records is the API token's holder, never a name the body gives."""
+
     hint: str | None = Field(
         default=None, description="Queues a new job for the stage with this text in every agent's prompt."
     )
@@ -54,8 +53,9 @@ class ApprovalDecision(Request):
 
 
 class OptimizeRequest(Request):
+    """The actor the audit log records is the API token's holder."""
+
     hint: str | None = Field(default=None, description="The text that goes into every agent's prompt.")
-    actor: str | None = Field(default=None, description='Who asks (recorded in the audit log); "api" when absent.')
 
 
 # ---------------------------------------------------------------------------------------------- responses
@@ -77,6 +77,10 @@ class RunResponse(Response):
     output: Any
     stages: dict[str, float] = Field(description="Milliseconds per stage that ran.")
     skipped: list[str]
+    failed: dict[str, str] = Field(
+        default_factory=dict,
+        description="Stages that failed and were skipped or replaced by their fallback: the error.",
+    )
 
 
 class ChatMessage(BaseModel):
@@ -104,6 +108,12 @@ class Health(Response):
     pipeline: str
     waiting_for: list[str] | None = Field(
         default=None, description="Stages that do not answer yet (only while starting)."
+    )
+    dependencies: list[dict[str, Any]] | None = Field(
+        default=None, description="Outside dependencies that fail their check (status degraded): endpoints, API keys."
+    )
+    open_circuits: list[str] | None = Field(
+        default=None, description="Stages whose circuit breaker is open on this ingress replica (status degraded)."
     )
 
 

@@ -24,11 +24,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from hetforge.serving.dataflow import PipelineError
-from hetforge.serving.ingress.deps import RequestId, Served
+from hetforge.serving.ingress.deps import JsonBodyRoute, RequestId, Served
 from hetforge.serving.ingress.openai_models import ChatRequest, OpenAiError, usage_of
 from hetforge.serving.ingress.state import SESSION, IngressState
 
-router = APIRouter()
+router = APIRouter(route_class=JsonBodyRoute)  # the API token when the pipeline's routes need it
 SESSION_HEADER = "x-session-id"
 
 
@@ -117,6 +117,7 @@ async def chat_completions(request: Request, state: Served, request_id: RequestI
     pipeline_input, session = entry_input(body.messages), session_of(request, body.messages)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
+        state.admit()  # a full pipeline is a plain 503 before the stream starts; `_chunks` releases the slot
         chunks = _chunks(state, pipeline_input, body.options(), session, request_id, started, model, include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream")
     token = SESSION.set(session)
@@ -182,4 +183,5 @@ async def _chunks(
     except PipelineError as err:
         yield f"data: {json.dumps(OpenAiError(err.status, err.message).body(request_id, err.stage))}\n\n"
     finally:
+        state.release()
         state.count(started, ok)

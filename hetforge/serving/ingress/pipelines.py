@@ -12,7 +12,10 @@ from hetforge.serving.ingress.deps import JsonBodyRoute, Named, RequestId, Serve
 from hetforge.serving.ingress.errors import ApiError
 from hetforge.serving.ingress.models import ErrorBody, Health, PipelineStatus, RunRequest, RunResponse
 
-router = APIRouter(route_class=JsonBodyRoute, responses={400: {"model": ErrorBody}, 404: {"model": ErrorBody}})
+router = APIRouter(
+    route_class=JsonBodyRoute, responses={code: {"model": ErrorBody} for code in (400, 401, 404, 413, 422, 503, 504)}
+)
+open_router = APIRouter()  # never behind a token: probes call it
 
 
 @router.post("/v1/pipelines/{name}/run", response_model=RunResponse)
@@ -42,9 +45,12 @@ async def status(state: Named) -> PipelineStatus:
     return doc
 
 
-@router.get("/healthz", response_model=Health, response_model_exclude_none=True, responses={503: {"model": Health}})
+@open_router.get(
+    "/healthz", response_model=Health, response_model_exclude_none=True, responses={503: {"model": Health}}
+)
 async def healthz(state: Served):
-    """Ready when every stage answers: the ingress alone may be up while an LLM replica still loads."""
+    """Ready when every stage answers (an LLM replica may still load); degraded when an outside dependency fails
+    its check (an endpoint unreachable, an API-key variable unset) or a stage's circuit is open."""
 
     async def answers(handle) -> bool:
         try:
@@ -60,4 +66,28 @@ async def healthz(state: Served):
         return JSONResponse(
             {"status": "starting", "pipeline": state.pipeline.name, "waiting_for": waiting}, status_code=503
         )
+    failing = [c for c in await _dependency_checks(state) if not c["ok"]]
+    open_circuits = sorted(name for name, breaker in state.runner.breakers.items() if breaker.is_open)
+    if failing or open_circuits:
+        return Health(
+            status="degraded",
+            pipeline=state.pipeline.name,
+            dependencies=failing or None,
+            open_circuits=open_circuits or None,
+        )
     return Health(status="ok", pipeline=state.pipeline.name)
+
+
+async def _dependency_checks(state) -> list[dict]:
+    """Every tool and LLM stage's dependency checks, made in one of its replicas (`deployments.dependency_checks`)."""
+    names = [s.name for s in state.pipeline.stages if s.kind in ("tool", "llm") and s.name in state.handles]
+
+    async def checks(name: str) -> list[dict]:
+        try:
+            return await asyncio.wait_for(state.handles[name].dependencies.remote(), timeout=5.0)
+        except Exception as err:  # noqa: BLE001 - a replica that cannot tell is itself a failed check
+            return [
+                {"stage": name, "dependency": "replica", "ok": False, "detail": f"{type(err).__name__}: {err}"[:300]}
+            ]
+
+    return [c for found in await asyncio.gather(*(checks(n) for n in names)) for c in found]

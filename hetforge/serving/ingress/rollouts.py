@@ -6,11 +6,11 @@ import asyncio
 
 from fastapi import APIRouter
 
-from hetforge.serving.ingress.deps import Named
+from hetforge.serving.ingress.deps import JsonBodyRoute, Named
 from hetforge.serving.ingress.models import ErrorBody, Rollouts
 from hetforge.serving.rollout import RolloutBoard
 
-router = APIRouter(responses={404: {"model": ErrorBody}})
+router = APIRouter(route_class=JsonBodyRoute, responses={404: {"model": ErrorBody}})
 
 
 @router.get("/v1/pipelines/{name}/rollouts", response_model=Rollouts)

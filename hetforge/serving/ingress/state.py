@@ -11,8 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ray.serve.exceptions import BackPressureError
+
 from hetforge.serving.dashboard_page import DashboardSampler
-from hetforge.serving.dataflow import PipelineError, PipelineRunner, RunResult
+from hetforge.serving.dataflow import PipelineError, PipelineRunner, RunResult, StageError
+from hetforge.serving.ingress.auth import Tokens
+from hetforge.serving.ingress.errors import ApiError
 from hetforge.serving.metrics import Metrics
 from hetforge.serving.swap_control import SwapBoard
 from hetforge.spec.models import LlmStage, Pipeline
@@ -21,6 +25,11 @@ from hetforge.spec.models import LlmStage, Pipeline
 # (Ray Serve's ConsistentHashRouter reads the handle's session_id), so a conversation's turns meet
 # the replica that holds their prefix in its KV cache. Tasks of the pipeline walk inherit it.
 SESSION: contextvars.ContextVar[str] = contextvars.ContextVar("hetforge_session", default="")
+
+
+def _overloaded(stage: str, err: BackPressureError) -> StageError:
+    """Ray Serve refused the call: the stage's queue (limits.max_queued) is full. The client should retry later."""
+    return StageError(f"stage {stage} is at capacity: {err.message} (limits.max_queued); retry later", 503)
 
 
 class HandleCaller:
@@ -34,11 +43,19 @@ class HandleCaller:
         return self.handles[stage].options(session_id=session) if session else self.handles[stage]
 
     async def __call__(self, stage: str, payload: Any, request_id: str) -> Any:
-        return await self._handle(stage).remote(payload, request_id)
+        try:
+            return await self._handle(stage).remote(payload, request_id)
+        except BackPressureError as err:
+            raise _overloaded(stage, err) from None
 
     async def stream(self, stage: str, payload: Any, request_id: str):
-        async for delta in self._handle(stage).options(stream=True, method_name="stream").remote(payload, request_id):
-            yield delta
+        try:
+            async for delta in (
+                self._handle(stage).options(stream=True, method_name="stream").remote(payload, request_id)
+            ):
+                yield delta
+        except BackPressureError as err:
+            raise _overloaded(stage, err) from None
 
 
 @dataclass
@@ -55,6 +72,29 @@ class IngressState:
     base_dir: Path = Path(".")
     controller: Any = None  # the ReoptimizeController's handle, when the pipeline has a `reoptimize:` block
     placement: dict[str, dict] = field(default_factory=dict)
+    tokens: Tokens = field(default_factory=Tokens)  # none: every route that needs a token is refused
+    in_flight: int = 0  # pipeline requests running now (limits.max_concurrent_requests)
+
+    def admit(self) -> None:
+        """Take one of the pipeline's request slots (`release` gives it back); 503 with Retry-After when all are
+        taken: no queue here."""
+        limits = self.pipeline.limits
+        if self.in_flight >= limits.max_concurrent_requests:
+            self.metrics.pipeline_requests.labels(self.pipeline.name, "error").inc()
+            raise ApiError(
+                503,
+                f"pipeline {self.pipeline.name} is at capacity ({limits.max_concurrent_requests} requests in flight, "
+                "limits.max_concurrent_requests); retry later",
+                headers={"Retry-After": str(limits.retry_after_s)},
+            )
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    def stage_failed(self, stage: str, kind: str) -> None:
+        """A failed stage call, in hetforge_stage_errors_total (the runner's `on_failure`)."""
+        self.metrics.stage_errors.labels(self.pipeline.name, stage, kind).inc()
 
     @property
     def ends_in_llm(self) -> bool:
@@ -70,27 +110,42 @@ class IngressState:
         self, pipeline_input: Any, request_id: str, started: float, options: dict | None = None
     ) -> RunResult:
         """The pipeline's RunResult (a PipelineError propagates); counted in the request metrics either way."""
+        self.admit()
         try:
             result = await self.runner.run(pipeline_input, request_id, options)
         except PipelineError:
             self.count(started, False)
             raise
+        finally:
+            self.release()
         self.count(started, True)
         return result
 
-    async def sse(self, pipeline_input: Any, request_id: str, started: float) -> AsyncIterator[str]:
-        """The output stage's text deltas as server-sent events, then [DONE] (OpenAI chunks: `openai_compat`)."""
+    def sse(self, pipeline_input: Any, request_id: str, started: float) -> AsyncIterator[str]:
+        """The output stage's text deltas as server-sent events, then [DONE] (OpenAI chunks: `openai_compat`).
+
+        The request slot is taken here, before the response starts, so that a full pipeline is a plain 503."""
+        self.admit()
+        return self._sse_counted(pipeline_input, request_id, started)
+
+    async def _sse_counted(self, pipeline_input: Any, request_id: str, started: float) -> AsyncIterator[str]:
         ok = False
+        try:
+            async for event in self._sse(pipeline_input, request_id):
+                yield event
+                ok = ok or event == "data: [DONE]\n\n"
+        finally:
+            self.release()
+            self.count(started, ok)
+
+    async def _sse(self, pipeline_input: Any, request_id: str) -> AsyncIterator[str]:
         try:
             async for delta in self.runner.stream(pipeline_input, request_id):
                 if isinstance(delta, str) and delta:  # the closing dict (finish reason, usage) is OpenAI's
                     yield f"data: {json.dumps({'request_id': request_id, 'delta': delta})}\n\n"
-            ok = True
             yield "data: [DONE]\n\n"
         except PipelineError as err:
             yield f"data: {json.dumps(err.to_json())}\n\n"
-        finally:
-            self.count(started, ok)
 
     async def replicas(self, stage: str) -> int:
         """Replicas of the stage alive now, from their heartbeats in the registry file (at least 1)."""
