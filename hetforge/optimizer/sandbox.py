@@ -346,7 +346,9 @@ def start_worker(name: str, memory_mb: int = 0, device: str = "cpu", trusted: bo
     pool = _pool
     if pool is not None and pool.memory_mb == memory_mb and pool.device == device:
         return pool.take(name, trusted)
-    return WorkerProcess(name, memory_mb, trusted=trusted)
+    # CUDA's context is made before the worker confines itself, as a spare's is: the driver opens its files and
+    # sockets (persistenced, MPS) before Landlock and seccomp close them
+    return WorkerProcess(name, memory_mb, warm_device=device, trusted=trusted)
 
 
 @contextlib.contextmanager

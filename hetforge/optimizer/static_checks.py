@@ -76,14 +76,21 @@ _CONTEXT_MODULES = {
     },
     **{f"hetforge.optimizer.{m}": _HARNESS for m in ("confine", "lifetime", "correctness", "timing", "verdict")},
 }
-# String literals naming the process's files or the judge's (its home ~/.hetforge, workers' scratch folders).
-_CONTEXT_STRINGS = (
-    ("/proc", "/proc"),
-    ("/sys/", "/sys"),
-    (".hetforge", "the judge's files"),
-    ("hetforge-w", "workers' scratch folders"),
-    ("/tmp", "the temp folder"),
-)
+# File access by a literal path: what it names is the judge's (its home ~/.hetforge, the temp folder, workers' scratch)
+# or another user's, never the candidate's own (its files are in its working folder). A path literal passed anywhere
+# else does not count: hetforge's own candidates name the problem file's path for their loader.
+_FILE_CALLS = {"open", "listdir", "scandir", "walk", "glob", "iglob", "Path", "stat", "exists", "isfile", "isdir"}
+_FILE_CALLS |= {"readlink", "read_text", "read_bytes", "iterdir", "copy", "copyfile", "copytree", "rmtree"}
+
+
+def _reads_files(node: ast.Call) -> str | None:
+    """The literal path a file-access call names outside the candidate's own folder (None otherwise)."""
+    if _dotted(node.func).rsplit(".", 1)[-1] not in _FILE_CALLS:
+        return None
+    for arg in node.args[:1]:
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith(("/", "~")):
+            return arg.value
+    return None
 
 
 def _context_module(name: str) -> str | None:
@@ -125,9 +132,12 @@ def context_flag(tree: ast.AST) -> str | None:
                 if name == pattern or name.endswith("." + pattern):
                     seen.setdefault(pattern, what)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-            for fragment, what in _CONTEXT_STRINGS:
-                if fragment in node.value:
-                    seen.setdefault(repr(node.value[:40]), what)
+            if node.value in ("/proc", "/sys") or node.value.startswith(("/proc/", "/sys/")):
+                seen.setdefault(repr(node.value[:40]), "processes and the system (/proc, /sys)")
+        elif isinstance(node, ast.Call):
+            path = _reads_files(node)
+            if path is not None:
+                seen.setdefault(repr(path[:40]), "files outside its own folder (the judge's, other users')")
     if not seen:
         return None
     return f"{Flag.INSPECTS_CONTEXT}: " + "; ".join(f"{k} ({v})" for k, v in sorted(seen.items()))

@@ -35,6 +35,7 @@ from hetforge.planners.profiles import ProfileCache
 from hetforge.serving import ray_instance
 from hetforge.serving.dataflow import PipelineRunner
 from hetforge.serving.deployments import build_app
+from hetforge.serving.ingress.auth import client_headers
 from hetforge.serving.job_runner import JobLauncher
 from hetforge.serving.swap_control import SwapBoard
 from hetforge.spec import load_pipeline
@@ -534,10 +535,11 @@ def status(pipeline: str | None = None) -> list[dict]:
         doc = {"pipeline": record.pipeline, "url": record.url, "embedded": record.embedded, "pid": record.pid}
         doc["log_dir"] = str(Path(record.session_dir) / "logs") if record.session_dir else ""
         try:
-            from hetforge.serving.ingress.auth import client_headers  # pipelines may protect their routes
-
             reply = httpx.get(
-                f"{record.url}/v1/pipelines/{record.pipeline}/status", headers=client_headers(), timeout=10
+                # the token too: pipelines may protect their routes
+                f"{record.url}/v1/pipelines/{record.pipeline}/status",
+                headers=client_headers(),
+                timeout=10,
             )
             doc["stages"] = reply.json().get("stages", {})
             doc["state"] = "RUNNING" if reply.status_code == 200 else f"HTTP {reply.status_code}"

@@ -98,9 +98,11 @@ def test_a_candidate_that_checks_whether_it_is_judged_is_flagged_for_review():
         ("import sys\nx = sys.argv", "sys.argv"),
         ("import os\nx = os.getppid()", "os.getppid"),
         ("import os\nx = os.getpid()", "os.getpid"),
-        ("x = open('/proc/self/status').read()", "/proc"),
         ("from pathlib import Path\nx = Path.home() / '.hetforge'", "Path.home"),
-        ("x = open('/root/.hetforge/registry.db', 'rb')", "the judge's files"),
+        ("x = open('/root/.hetforge/registry.db', 'rb')", "files outside its own folder"),
+        ("import os\nx = os.listdir('/tmp')", "files outside its own folder"),
+        ("x = open('/proc/self/status').read()", "/proc"),
+        ("import glob\nx = glob.glob('/proc/*/cmdline')", "/proc"),
         ("import psutil", "imports psutil"),
         ("from hetforge.optimizer import worker", "imports hetforge.optimizer.worker"),
         ("import sys\nm = sys.modules['__main__']", "sys.modules"),
@@ -118,6 +120,10 @@ def test_context_inspection_patterns_are_flagged(source, what):
         "from hetforge.optimizer.recipes import recipe_model_class",  # hetforge's recipes and kernels are an API
         "from hetforge.kernels.modules import FusedLinear",
         "import os\nx = os.path.join('a', 'b')",
+        # hetforge's own candidates name the problem's path (a temp folder, ~/.hetforge/jobs) for their loader
+        "from hetforge.optimizer.recipes import recipe_model_class\n"
+        "M = recipe_model_class({'file': '/root/.hetforge/jobs/job-1/p.py'}, {'mode': 'eager'})",
+        "M = load('/tmp/pytest-of-root/p.py', '/processing/x')",
     ],
 )
 def test_ordinary_sources_are_not_flagged(source):
