@@ -1,6 +1,7 @@
 """Grafana dashboards of a hetforge deployment, generated from typed code.
 
-`hetforge dashboards --out dashboards/` writes `dashboards/hetforge.json` (the dashboard) and the
+`hetforge dashboards --out dashboards/` writes `dashboards/hetforge.json` (the pipeline dashboard),
+`dashboards/hetforge-llm.json` (the LLM stages' vLLM engine figures: `llm_metrics.LLM_SPEC`) and the
 provisioning files Grafana reads at start: a Prometheus datasource and a file provider for the
 dashboard folder. `deploy/` mounts them (compose) or ships them as a ConfigMap (Kubernetes).
 
@@ -26,9 +27,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hetforge.serving.llm_metrics import LLM_SPEC
 from hetforge.serving.metrics import CONTROL_SPEC, SPEC
 
 UID = "hetforge-pipeline"
+LLM_UID = "hetforge-llm"
 DATASOURCE_UID = "prometheus"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 PIPE = 'pipeline="$pipeline"'
@@ -271,6 +274,97 @@ VARIABLES = (  # (name, label, query); the datasource variable comes first
 )
 
 
+def _hit_rate(by: str) -> str:
+    hits = f"sum by ({by}) (rate(hetforge_llm_prefix_cache_hits_tokens_total{{{STAGES}}}[$__rate_interval]))"
+    return hits + " / " + hits.replace("hits_tokens", "queries_tokens")
+
+
+# The LLM stages' engine figures (`llm_metrics.LLM_SPEC`, from vLLM's own statistics): their own dashboard, so
+# that the pipeline dashboard's queries all have data for pipelines without an LLM on vLLM.
+LLM_ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
+    (
+        "LLM stages (vLLM engine)",
+        (
+            Panel(
+                "Prefix-cache hit rate",
+                "timeseries",
+                (Query(_hit_rate("stage"), "{{stage}}"),),
+                "Share of prompt tokens found in vLLM's prefix cache (not prefilled again): an agent loop's later turns "
+                "reuse the conversation so far.",
+                unit="percentunit",
+            ),
+            Panel(
+                "Prefix-cache hit rate by replica",
+                "timeseries",
+                (Query(_hit_rate("stage, replica"), "{{stage}} {{replica}}"),),
+                "Per replica: with session routing a conversation's turns meet the replica that holds its prefix.",
+                unit="percentunit",
+            ),
+            Panel(
+                "Time to first token",
+                "timeseries",
+                (
+                    Query(_quantile(0.5, "hetforge_llm_time_to_first_token_seconds", STAGES, "stage"), "{{stage}} p50"),
+                    Query(
+                        _quantile(0.99, "hetforge_llm_time_to_first_token_seconds", STAGES, "stage"), "{{stage}} p99"
+                    ),
+                ),
+                "From a generation's arrival in the engine to its first token (queue and prefill).",
+                unit="s",
+            ),
+            Panel(
+                "Time per output token",
+                "timeseries",
+                (
+                    Query(
+                        _quantile(0.5, "hetforge_llm_time_per_output_token_seconds", STAGES, "stage"), "{{stage}} p50"
+                    ),
+                    Query(
+                        _quantile(0.99, "hetforge_llm_time_per_output_token_seconds", STAGES, "stage"), "{{stage}} p99"
+                    ),
+                ),
+                "A finished generation's mean time per token after the first (decode speed).",
+                unit="s",
+            ),
+            Panel(
+                "Queue time",
+                "timeseries",
+                (
+                    Query(_quantile(0.5, "hetforge_llm_queue_time_seconds", STAGES, "stage"), "{{stage}} p50"),
+                    Query(_quantile(0.99, "hetforge_llm_queue_time_seconds", STAGES, "stage"), "{{stage}} p99"),
+                ),
+                "Time a generation waited in the engine's queue before it was scheduled.",
+                unit="s",
+            ),
+            Panel(
+                "Tokens per second",
+                "timeseries",
+                (
+                    Query(
+                        f"sum by (stage) (rate(hetforge_llm_prompt_tokens_total{{{STAGES}}}[$__rate_interval]))",
+                        "{{stage}} prefilled",
+                    ),
+                    Query(
+                        f"sum by (stage) (rate(hetforge_llm_generation_tokens_total{{{STAGES}}}[$__rate_interval]))",
+                        "{{stage}} generated",
+                    ),
+                ),
+                "Prompt tokens prefilled (cache hits excluded) and tokens generated.",
+                unit="short",
+            ),
+        ),
+    ),
+)
+LLM_VARIABLES = (
+    ("pipeline", "Pipeline", "label_values(hetforge_llm_prefix_cache_queries_tokens_total, pipeline)"),
+    (
+        "stage",
+        "Stage",
+        'label_values(hetforge_llm_prefix_cache_queries_tokens_total{pipeline="$pipeline"}, stage)',
+    ),
+)
+
+
 def _panel_json(panel: Panel, pid: int, x: int, y: int) -> dict:
     targets = []
     for i, q in enumerate(panel.queries):
@@ -308,10 +402,33 @@ def _panel_json(panel: Panel, pid: int, x: int, y: int) -> dict:
 
 
 def dashboard() -> dict:
-    """The dashboard as Grafana's JSON model."""
+    """The pipeline dashboard as Grafana's JSON model."""
+    return _dashboard(
+        UID,
+        "hetforge: pipeline",
+        "Per-stage latency and speedups, swaps, canaries and the optimizer of one hetforge pipeline.",
+        ROWS,
+        VARIABLES,
+        ANNOTATIONS,
+    )
+
+
+def llm_dashboard() -> dict:
+    """The LLM stages' dashboard: vLLM's prefix cache, time to first token, time per output token, queue time."""
+    return _dashboard(
+        LLM_UID,
+        "hetforge: LLM stages",
+        "vLLM engine figures of a pipeline's LLM stages, per stage and replica, from vLLM's own statistics.",
+        LLM_ROWS,
+        LLM_VARIABLES,
+        (),
+    )
+
+
+def _dashboard(uid: str, title: str, description: str, rows, variable_specs, annotation_specs) -> dict:
     panels: list[dict] = []
     pid, y = 1, 0
-    for row_title, row in ROWS:
+    for row_title, row in rows:
         panels.append(
             {
                 "id": pid,
@@ -339,7 +456,7 @@ def dashboard() -> dict:
             "hide": 0,
         }
     ]
-    for name, label, query in VARIABLES:
+    for name, label, query in variable_specs:
         variables.append(
             {
                 "name": name,
@@ -367,7 +484,7 @@ def dashboard() -> dict:
             "type": "dashboard",
         }
     ]
-    for a in ANNOTATIONS:
+    for a in annotation_specs:
         annotations.append(
             {
                 "name": a.name,
@@ -382,8 +499,8 @@ def dashboard() -> dict:
             }
         )
     return {
-        "uid": UID,
-        "title": "hetforge: pipeline",
+        "uid": uid,
+        "title": title,
         "tags": ["hetforge"],
         "timezone": "browser",
         "schemaVersion": 39,
@@ -391,7 +508,7 @@ def dashboard() -> dict:
         "editable": True,
         "refresh": "10s",
         "time": {"from": "now-30m", "to": "now"},
-        "description": "Per-stage latency and speedups, swaps, canaries and the optimizer of one hetforge pipeline.",
+        "description": description,
         "templating": {"list": variables},
         "annotations": {"list": annotations},
         "panels": panels,
@@ -417,6 +534,7 @@ def files() -> dict[str, str]:
     """Relative path -> content of everything `hetforge dashboards` writes."""
     return {
         "hetforge.json": json.dumps(dashboard(), indent=2) + "\n",
+        "hetforge-llm.json": json.dumps(llm_dashboard(), indent=2) + "\n",
         "provisioning/datasources/prometheus.yaml": datasource_provisioning(),
         "provisioning/dashboards/hetforge.yaml": dashboard_provisioning(),
     }
@@ -424,12 +542,15 @@ def files() -> dict[str, str]:
 
 def configmap(name: str = "hetforge-dashboards", namespace: str = "hetforge") -> str:
     """The dashboard as a ConfigMap, labelled for Grafana's dashboard sidecar (kube-prometheus-stack's convention)."""
-    body = "".join(f"    {line}\n" if line else "\n" for line in files()["hetforge.json"].splitlines())
+    data = ""
+    for key in ("hetforge.json", "hetforge-llm.json"):
+        body = "".join(f"    {line}\n" if line else "\n" for line in files()[key].splitlines())
+        data += f"  {key}: |\n{body}"
     return (
-        "# Generated by `hetforge dashboards --configmap`: the Grafana dashboard of hetforge.serving.dashboards.\n"
+        "# Generated by `hetforge dashboards --configmap`: the Grafana dashboards of hetforge.serving.dashboards.\n"
         f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: {namespace}\n"
         '  labels:\n    grafana_dashboard: "1"\n    app.kubernetes.io/part-of: hetforge\n'
-        f"data:\n  hetforge.json: |\n{body}"
+        f"data:\n{data}"
     )
 
 
@@ -472,7 +593,7 @@ def metric_names(expr: str) -> set[str]:
 
 def known_metric(name: str) -> bool:
     """Whether a name the dashboards use is one hetforge exports."""
-    return name in SPEC or name in CONTROL_SPEC
+    return name in SPEC or name in CONTROL_SPEC or name in LLM_SPEC
 
 
 def substitute(expr: str, variables: dict[str, str], interval: str = "15s", rate_interval: str = "30s") -> str:

@@ -9,9 +9,11 @@ in production, coroutines in tests), so the walk is the same code everywhere.
 - A stage's input: its `args` bindings when declared; else the request (entry), the upstream
   output (one incoming edge), or {upstream: output} for the upstream stages that ran (a join: a
   stage with several incoming edges).
-- An LLM stage with an agent loop is called with the conversation so far; when its answer names a
-  tool of the loop, that tool stage runs with the given arguments and the LLM is called again with
-  the result, up to `max_iterations` LLM calls.
+- An LLM stage with an agent loop is called with the conversation so far (OpenAI messages); when
+  its answer has `tool_calls` of the loop's tools, those tool stages run (concurrently) with the
+  given arguments and the LLM is called again with the results, up to `max_iterations` LLM calls
+  (the last with tool_choice none). A call of a tool the loop does not own (an OpenAI client's own
+  tool) ends the loop: the answer goes back to the client, which runs it.
 - Errors carry an HTTP status, the stage and the request id: 4xx for what the client sent, 5xx
   for a stage that failed or timed out.
 - Each stage call is bounded by the stage's `limits.timeout_s` (retries included; 504 after), the
@@ -31,6 +33,7 @@ import asyncio
 import copy
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -312,34 +315,49 @@ class PipelineRunner:
             return copy.deepcopy(stage.fallback.value)
         return await self._run_stage(stage.fallback.stage, payload, request_id)
 
-    async def _run_stage(self, name: str, payload: Any, request_id: str) -> Any:
+    async def _run_stage(self, name: str, payload: Any, request_id: str, options: dict | None = None) -> Any:
+        """`options` (an OpenAI request's tools and sampling) go to the output LLM stage's calls."""
         loop = self.loops.get(name)
         if loop is None:
             if name in self.llms:
-                payload = {"input": payload, "history": []}
+                payload = {"input": payload, "history": [], "options": options or {}}
             return await self._call(name, payload, request_id)
         history: list[dict] = []
         out: Any = None
+        usage: dict = {}
         for turn in range(loop.max_iterations):
-            out = await self._call(name, {"input": payload, "history": history}, request_id)
-            call = out.get("tool_call") if isinstance(out, dict) else None
-            if not call or call.get("name") not in loop.tools or turn == loop.max_iterations - 1:
-                break  # an answer, or the last LLM call allowed: no tool runs after it
-            args = call.get("arguments") if isinstance(call.get("arguments"), dict) else {}
-            try:
-                result = await self._call(call["name"], args, request_id)
-            except PipelineError as err:
-                if err.status == 504:
-                    raise
-                result = {"error": err.message}  # the LLM sees the tool's error and may try again
-            history += [
-                {"role": "assistant", "content": out.get("text", "")},
-                {"role": "tool", "content": json.dumps({"tool": call["name"], "result": result}, default=str)[:20_000]},
-            ]
+            last = turn == loop.max_iterations - 1
+            # the last LLM call allowed answers: no tool could run after it
+            turn_options = {**(options or {}), **({"tool_choice": "none"} if last else {})}
+            out = await self._call(name, {"input": payload, "history": history, "options": turn_options}, request_id)
+            usage = _add_usage(usage, out.get("usage") if isinstance(out, dict) else None)
+            calls = tool_calls_of(out)
+            if not calls or last or any(c["function"]["name"] not in loop.tools for c in calls):
+                break  # an answer, or a call of the client's own tools: the client runs those
+            history.append({"role": "assistant", "content": out.get("text") or None, "tool_calls": calls})
+            results = await asyncio.gather(*(self._tool(c, request_id) for c in calls))
+            for call, result in zip(calls, results, strict=True):
+                content = json.dumps(result, default=str)[:20_000]
+                history.append({"role": "tool", "tool_call_id": call["id"], "content": content})
+        if usage and isinstance(out, dict):
+            out = {**out, "usage": usage}
         return out
 
+    async def _tool(self, call: dict, request_id: str) -> Any:
+        """One tool call of an agent loop; its error (a timeout aside) goes back to the LLM, which may try again."""
+        try:
+            args = json.loads(call["function"]["arguments"] or "{}")
+        except ValueError as err:
+            return {"error": f"the arguments are not JSON: {err}"}
+        try:
+            return await self._call(call["function"]["name"], args if isinstance(args, dict) else {}, request_id)
+        except PipelineError as err:
+            if err.status == 504:
+                raise
+            return {"error": err.message}
+
     async def _walk(
-        self, request: Any, request_id: str, stop_before: str | None = None
+        self, request: Any, request_id: str, stop_before: str | None = None, options: dict | None = None
     ) -> tuple[dict, dict[str, float], dict]:
         """Run the stages; `stop_before`'s input is computed and held (for streaming) instead of running it."""
         outputs: dict[str, Any] = {}
@@ -373,7 +391,8 @@ class PipelineRunner:
                         done[name].set_result(_SKIPPED)
                         return
                     start = time.perf_counter()
-                    outputs[name] = await self._run_stage(name, payload, request_id)
+                    mine = options if name == self.pipeline.output else None
+                    outputs[name] = await self._run_stage(name, payload, request_id, mine)
                     timings[name] = (time.perf_counter() - start) * 1e3
                 except PipelineError as err:
                     if err.kind == "binding":
@@ -397,18 +416,20 @@ class PipelineRunner:
                     f.exception()
         return outputs, timings, held, failed
 
-    async def _bounded_walk(self, request: Any, request_id: str, stop_before: str | None = None) -> tuple:
+    async def _bounded_walk(
+        self, request: Any, request_id: str, stop_before: str | None = None, options: dict | None = None
+    ) -> tuple:
         """`_walk` within the pipeline's limits.timeout_s (504 after)."""
         limit = self.pipeline.limits.timeout_s
         try:
-            return await asyncio.wait_for(self._walk(request, request_id, stop_before), limit)
+            return await asyncio.wait_for(self._walk(request, request_id, stop_before, options), limit)
         except TimeoutError:
             raise PipelineError(
                 504, f"the request took longer than the pipeline's limits.timeout_s ({limit:g} s)", request_id
             ) from None
 
-    async def run(self, request: Any, request_id: str) -> RunResult:
-        outputs, timings, _, failed = await self._bounded_walk(request, request_id)
+    async def run(self, request: Any, request_id: str, options: dict | None = None) -> RunResult:
+        outputs, timings, _, failed = await self._bounded_walk(request, request_id, options=options)
         return self._result(outputs, timings, failed, request_id)
 
     def _result(self, outputs: dict, timings: dict, failed: dict, request_id: str) -> RunResult:
@@ -422,18 +443,23 @@ class PipelineRunner:
         skipped = [n for n in self.dag if outputs.get(n) is _SKIPPED]
         return RunResult(request_id, value, timings, skipped, failed)
 
-    async def stream(self, request: Any, request_id: str) -> AsyncIterator[str]:
-        """Text deltas of the output LLM stage, after every stage before it ran (agent loops are not streamed)."""
+    async def stream(self, request: Any, request_id: str, options: dict | None = None) -> AsyncIterator[str | dict]:
+        """Text deltas of the output LLM stage, after every stage before it ran, then (from an LLM runtime) one dict
+        with its tool calls, finish reason and usage. An agent loop's answer comes as one delta, once it is known."""
         out_name = self.pipeline.output
         if out_name in self.loops:
-            result = await self.run(request, request_id)
-            yield (result.output or {}).get("text", "") if isinstance(result.output, dict) else str(result.output)
+            result = await self.run(request, request_id, options)
+            out = result.output if isinstance(result.output, dict) else {"text": str(result.output)}
+            if out.get("text"):
+                yield out["text"]
+            yield {k: out[k] for k in ("tool_calls", "finish_reason", "usage") if k in out}
             return
         _, _, held, _ = await self._bounded_walk(request, request_id, stop_before=out_name)
         if out_name not in held:
             raise PipelineError(500, f"no branch reached the output stage {out_name}", request_id, out_name)
         try:
-            async for delta in self.caller.stream(out_name, {"input": held[out_name], "history": []}, request_id):
+            payload = {"input": held[out_name], "history": [], "options": options or {}}
+            async for delta in self.caller.stream(out_name, payload, request_id):
                 yield delta
         except PipelineError as err:
             self.on_failure(out_name, err.kind)
@@ -442,6 +468,40 @@ class PipelineRunner:
             located = _located(err, out_name, request_id, self.pipeline.limits.retry_after_s)
             self.on_failure(out_name, located.kind)
             raise located from None
+
+
+def tool_calls_of(out: Any) -> list[dict]:
+    """An LLM answer's tool calls in OpenAI's format (`tool_calls`; a single `tool_call` {name, arguments} too)."""
+    if not isinstance(out, dict):
+        return []
+    calls = [c for c in out.get("tool_calls") or [] if isinstance(c, dict) and isinstance(c.get("function"), dict)]
+    one = out.get("tool_call")
+    if not calls and isinstance(one, dict) and isinstance(one.get("name"), str):
+        args = one.get("arguments")
+        text = args if isinstance(args, str) else json.dumps(args if isinstance(args, dict) else {})
+        calls = [
+            {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": one["name"], "arguments": text},
+            }
+        ]
+    return calls
+
+
+def _add_usage(total: dict, usage: dict | None) -> dict:
+    """OpenAI usage summed over an agent loop's LLM calls."""
+    if not usage:
+        return total
+    out = dict(total)
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        out[key] = out.get(key, 0) + (usage.get(key) or 0)
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    if cached is not None:
+        out["prompt_tokens_details"] = {
+            "cached_tokens": (out.get("prompt_tokens_details") or {}).get("cached_tokens", 0) + cached
+        }
+    return out
 
 
 def _located(err: Exception, stage: str, request_id: str, retry_after_s: int = 1) -> PipelineError:

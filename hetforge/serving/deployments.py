@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 import ray
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from hetforge.kernels.registry import Registry
 from hetforge.serving.controller import build_controller
@@ -40,7 +41,7 @@ from hetforge.serving.dataflow import PipelineRunner, StageError
 from hetforge.serving.ingress import create_app
 from hetforge.serving.ingress.auth import Tokens, resolve_tokens
 from hetforge.serving.ingress.state import HandleCaller, IngressState
-from hetforge.serving.llm import LlmRuntime, build_messages
+from hetforge.serving.llm import LlmRuntime, loop_tools, plan_call, prompt_ids
 from hetforge.serving.metrics import default_metrics
 from hetforge.serving.model_io import ModelIO
 from hetforge.serving.stage_runtime import ModelStageRuntime
@@ -49,6 +50,10 @@ from hetforge.serving.swap_watcher import SwapWatcher
 from hetforge.serving.tools import ToolRuntime
 from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
 from hetforge.spec.stages import stage_code_error, stage_problem
+
+# Ray Serve's consistent hashing over the handle's session_id: the same session, the same replica; when
+# that replica is at max_ongoing_requests, the next ones on the ring (a request without a session: any).
+SESSION_ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
 
 
 def _pipeline(doc: dict, stage_lines: dict | None = None) -> Pipeline:
@@ -252,12 +257,9 @@ class LlmStageDeployment:
     def __init__(self, pipeline_doc: dict, base_dir: str, stage_name: str, device: str):
         pipeline = _pipeline(pipeline_doc)
         stage: LlmStage = pipeline.stage(stage_name)
-        tools = [
-            {"name": t, "description": pipeline.stage(t).description}
-            for t in (stage.agent_loop.tools if stage.agent_loop else [])
-        ]
         self.pipeline, self.stage, self.device = pipeline.name, stage, device
-        self.runtime = LlmRuntime(stage, Path(base_dir), tools)
+        labels = (pipeline.name, stage.name, _replica_name())
+        self.runtime = LlmRuntime(stage, Path(base_dir), loop_tools(pipeline, stage, Path(base_dir)), labels)
         self.metrics = default_metrics()
         engine_config = getattr(self.runtime.engine, "model_config", None)  # vLLM's; an endpoint has none here
         self.context_tokens = getattr(engine_config, "max_model_len", None)
@@ -268,11 +270,9 @@ class LlmStageDeployment:
         tokenizer = self.runtime.tokenizer
         if tokenizer is None or self.prompt_limit is None:
             return
-        messages = build_messages(self.stage, payload, self.runtime.tools)
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        check_prompt_tokens(self.stage, len(ids), self.prompt_limit, self.context_tokens)
+        messages, tools, _, _ = plan_call(self.stage, self.runtime.tools, payload)  # as the runtime will send it
+        count = len(prompt_ids(tokenizer, messages, tools))
+        check_prompt_tokens(self.stage, count, self.prompt_limit, self.context_tokens)
 
     async def __call__(self, payload: dict, request_id: str = "") -> dict:
         self._check_prompt(payload)
@@ -437,6 +437,10 @@ def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], re
         else:
             options["max_ongoing_requests"] = most or 64
             options["health_check_timeout_s"] = 120
+            if stage.session_routing:  # a conversation's turns to the replica holding its prefix (SESSION)
+                options["request_router_config"] = RequestRouterConfig(
+                    request_router_class=SESSION_ROUTER, request_router_kwargs={"num_fallback_replicas": 2}
+                )
             handles[stage.name] = LlmStageDeployment.options(**options).bind(
                 doc, str(base_dir), stage.name, where["device"]
             )

@@ -1,50 +1,169 @@
-"""LLM stages: vLLM's engine in the replica, or an OpenAI-compatible endpoint.
+"""LLM stages: vLLM's engine in the replica, or an OpenAI-compatible endpoint, spoken to in OpenAI's terms.
 
-The stage input becomes chat messages: the system prompt (plus, in an agent loop, the tools it may
-call and how), then the user message (the stage's `prompt_template` filled from the input's fields,
-a string as is, a `messages` list as given, anything else as JSON), then the loop's history.
+A call's payload: `input` (the stage input), `history` (the agent loop's turns so far, OpenAI
+messages: assistant turns with `tool_calls`, `tool` results with their `tool_call_id`) and
+`options` (an OpenAI request's own settings: tools, tool_choice, parallel_tool_calls,
+response_format, max_tokens, temperature, top_p, stop, seed; the stage's `sampling` otherwise).
 
-The answer is {"text": ...}; with `choices` the decoding is constrained to them (vLLM structured
-outputs) and the answer also carries `choice`; when the text is a JSON object its fields are added
-(a router can answer {"route": "search"} for a branch condition); when it is {"tool": NAME,
-"arguments": {...}} naming a tool of the loop, the answer carries `tool_call` for the pipeline walk.
+The messages: the stage's system prompt, then the user message (`prompt_template` filled from the
+input's fields, a string as is, a `messages` list as given, anything else as JSON), then the history.
 
-vLLM runs its engine core in a child process; `vllm` is imported only here, when a stage uses it.
+Tool calls are decided by constrained decoding on vLLM (structured outputs), never found in free text:
+- tool_choice `required` or a named function: vLLM's own schema for it
+  (`vllm.tool_parsers.utils.get_json_schema_from_tools`: an array of {name, parameters}, or the named
+  function's parameters);
+- `auto` (the default with tools): the answer is either {"tool_calls": <that array>} or
+  {"content": "..."}, one JSON schema with both (vLLM's `auto` relies on a model-specific text parser
+  instead; this works for any model, at the cost of the answer being JSON while it is generated);
+- `none`: free text, or `response_format`'s JSON schema.
+An endpoint stage passes tools and response_format to the endpoint and reads its native `tool_calls`.
+
+The answer: {"text", "tool_calls" (OpenAI format, when any), "finish_reason", "usage"}; a JSON object
+answer also has its fields added (a router can answer {"route": "search"} for a branch condition), and
+`choices` adds `choice`. vLLM is imported only here, when a stage uses it.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
-import re
+import typing
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from hetforge.serving.dataflow import StageError
+from hetforge.serving.llm_metrics import stat_logger_factory
+from hetforge.serving.model_io import resolve_function
 
-TOOL_INSTRUCTIONS = (
-    "You may call one tool per turn by answering only with JSON: "
-    '{{"tool": "<name>", "arguments": {{...}}}}. Tools:\n{tools}\n'
-    "A tool's result comes back as the next message; answer in plain text when you are done."
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_LISTING = (
+    'Tools you may call (answer with JSON: {{"tool_calls": [{{"name": ..., "parameters": {{...}}}}]}} '
+    'to call, {{"content": "..."}} to answer):\n{tools}'
 )
+# Prefix caching is what makes an agent loop's turns cheap: each turn resends the conversation so far.
+# Constrained JSON without whitespace between tokens: a model (a small one above all) may otherwise emit
+# whitespace until max_tokens (an engine-wide setting in vLLM 0.32, of the xgrammar and guidance backends only).
+ENGINE_DEFAULTS = {"enable_prefix_caching": True, "disable_log_stats": True}
+STRUCTURED_DEFAULTS = {"backend": "xgrammar", "disable_any_whitespace": True}
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+
+
+# ---------------------------------------------------------------------------------------------- tools
+def parameters_of(fn) -> dict:
+    """A JSON schema of a Python tool's keyword arguments, from its signature and type hints."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: the arguments are still named
+        hints = {}
+    props, required = {}, []
+    for name, param in inspect.signature(fn).parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        hint = hints.get(name)
+        if typing.get_origin(hint) is typing.Literal:  # a closed set: decoding can only pick one of them
+            props[name] = {"enum": list(typing.get_args(hint))}
+        else:
+            hint = typing.get_origin(hint) or hint
+            props[name] = {"type": _JSON_TYPES[hint]} if hint in _JSON_TYPES else {}
+        if param.default is param.empty:
+            required.append(name)
+    return {"type": "object", "properties": props, "required": required}
+
+
+def loop_tools(pipeline, stage, base_dir: Path) -> list[dict]:
+    """The agent loop's tool stages as OpenAI tools: a callable's parameters from its signature, an HTTP tool's
+    as any object."""
+    tools = []
+    for name in stage.agent_loop.tools if stage.agent_loop else []:
+        tool = pipeline.stage(name)
+        fn = resolve_function(tool.callable, base_dir) if getattr(tool, "callable", None) else None
+        params = parameters_of(fn) if fn is not None else {"type": "object"}
+        tools.append(
+            {"type": "function", "function": {"name": name, "description": tool.description, "parameters": params}}
+        )
+    return tools
+
+
+def _tool_name(tool: dict) -> str:
+    return tool["function"]["name"] if "function" in tool else tool["name"]
+
+
+def decoding_schema(tools: list[dict], tool_choice: Any, parallel: bool | None) -> dict | None:
+    """The JSON schema decoding is held to for these tools and tool_choice (None: free text)."""
+    if not tools or tool_choice == "none":
+        return None
+    from vllm.entrypoints.openai.chat_completion.protocol import (
+        ChatCompletionNamedToolChoiceParam,
+        ChatCompletionToolsParam,
+    )
+    from vllm.tool_parsers.utils import get_json_schema_from_tools
+
+    params = [ChatCompletionToolsParam(**_openai_tool(t)) for t in tools]
+    if isinstance(tool_choice, dict):
+        return get_json_schema_from_tools(ChatCompletionNamedToolChoiceParam(**tool_choice), params)
+    calls = get_json_schema_from_tools("required", params, parallel)
+    if tool_choice == "required":
+        return calls
+    return {
+        "anyOf": [
+            {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"]},
+            {"type": "object", "properties": {"content": {"type": "string"}}, "required": ["content"]},
+        ]
+    }
+
+
+def _openai_tool(tool: dict) -> dict:
+    if "function" in tool:
+        return tool
+    return {"type": "function", "function": {k: v for k, v in tool.items() if k in ("name", "description")}}
+
+
+def _call(name: str, arguments: Any) -> dict:
+    args = arguments if isinstance(arguments, str) else json.dumps(arguments if arguments is not None else {})
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": args}}
+
+
+def read_decoded(text: str, tools: list[dict], tool_choice: Any) -> tuple[str, list[dict]]:
+    """(content, tool calls) from a constrained answer; a truncated one (max_tokens) is content as generated."""
+    if not tools or tool_choice == "none":
+        return text, []
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return text, []
+    if isinstance(tool_choice, dict):
+        return "", [_call(tool_choice["function"]["name"], doc)]
+    calls = doc if tool_choice == "required" else doc.get("tool_calls") if isinstance(doc, dict) else None
+    if isinstance(calls, list):
+        return "", [_call(c["name"], c.get("parameters")) for c in calls if isinstance(c, dict) and "name" in c]
+    return (doc.get("content") or "") if isinstance(doc, dict) else text, []
+
+
+# ---------------------------------------------------------------------------------------------- messages
+def _content(stage, i: int, m: Any) -> str | None:
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise StageError(f"stage {stage.name}: messages[{i}] needs a role (system, user, assistant or tool)", 422)
+    content = m.get("content")
+    if isinstance(content, list):  # OpenAI content parts: the text ones
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    if content is not None and not isinstance(content, str):
+        raise StageError(f"stage {stage.name}: messages[{i}].content must be a string or a list of text parts", 422)
+    if content is None and not (m["role"] == "assistant" and m.get("tool_calls")):
+        raise StageError(f"stage {stage.name}: messages[{i}] has no content", 422)
+    return content
 
 
 def render_user(stage, value: Any) -> list[dict]:
+    """The conversation the stage input stands for (OpenAI messages)."""
     if isinstance(value, dict) and isinstance(value.get("messages"), list):
-        messages = value["messages"]
-        for i, m in enumerate(messages):
-            if (
-                not isinstance(m, dict)
-                or m.get("role") not in ("system", "user", "assistant", "tool")
-                or not isinstance(m.get("content"), str)
-            ):
-                raise StageError(
-                    f"stage {stage.name}: messages[{i}] must be {{role: system|user|assistant|tool, content: string}}",
-                    422,
-                )
-        return list(messages)
+        out = []
+        for i, m in enumerate(value["messages"]):
+            message = {**m, "content": _content(stage, i, m)}
+            out.append({k: v for k, v in message.items() if k in ("role", "content", "tool_calls", "tool_call_id")})
+        return out
     if stage.prompt_template is not None:
         if not isinstance(value, dict):
             value = {"input": value}
@@ -61,36 +180,69 @@ def render_user(stage, value: Any) -> list[dict]:
     return [{"role": "user", "content": json.dumps(value, default=str)}]
 
 
-def build_messages(stage, payload: dict, tools: list[dict]) -> list[dict]:
-    system = stage.system_prompt
+def build_messages(stage, payload: dict) -> list[dict]:
+    messages = [{"role": "system", "content": stage.system_prompt}] if stage.system_prompt else []
+    return messages + render_user(stage, payload.get("input")) + list(payload.get("history") or [])
+
+
+def for_template(messages: list[dict], tools: list[dict], template: str) -> list[dict]:
+    """Messages a chat template that knows nothing of tools can render: tool calls as their JSON, tool results
+    as user turns, the tool listing in the system message. A template that handles tools gets them as they are."""
+    if "tool_calls" in template:
+        return messages
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = [{"name": c["function"]["name"], "parameters": c["function"]["arguments"]} for c in m["tool_calls"]]
+            out.append({"role": "assistant", "content": json.dumps({"tool_calls": calls})})
+        elif m["role"] == "tool":
+            out.append({"role": "user", "content": f"Tool result ({m.get('tool_call_id', '')}): {m['content']}"})
+        else:
+            out.append({"role": m["role"], "content": m.get("content") or ""})
     if tools:
-        listing = "\n".join(f"- {t['name']}: {t.get('description') or 'no description'}" for t in tools)
-        system = (system + "\n\n" if system else "") + TOOL_INSTRUCTIONS.format(tools=listing)
-    messages = [{"role": "system", "content": system}] if system else []
-    messages += render_user(stage, payload.get("input"))
-    for m in payload.get("history") or []:
-        # the tool role is not in every chat template: tool results go back as user messages
-        messages.append({"role": "user", "content": m["content"]} if m["role"] == "tool" else m)
-    return messages
+        listing = "\n".join(json.dumps(_openai_tool(t)["function"]) for t in tools)
+        note = TOOL_LISTING.format(tools=listing)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + note}
+        else:
+            out.insert(0, {"role": "system", "content": note})
+    return out
 
 
-def parse_answer(text: str, choices: list[str] | None, tools: list[dict]) -> dict:
-    answer: dict = {"text": text}
-    if choices:
-        answer["choice"] = text.strip()
-    match = re.search(r"\{.*\}", text, re.S)
-    if match:
-        try:
-            doc = json.loads(match.group(0))
-        except ValueError:
-            doc = None
-        if isinstance(doc, dict):
-            names = {t["name"] for t in tools}
-            if doc.get("tool") in names:
-                answer["tool_call"] = {"name": doc["tool"], "arguments": doc.get("arguments") or {}}
-            for key, value in doc.items():
-                answer.setdefault(key, value)
-    return answer
+def plan_call(stage, own_tools: list[dict], payload: dict) -> tuple[list[dict], list[dict], Any, dict]:
+    """(messages, tools, tool_choice, options) of one call: the request's tools beside the stage's own (its loop's)."""
+    options = dict(payload.get("options") or {})
+    own = [_openai_tool(t) for t in own_tools]
+    names = {_tool_name(t) for t in own}
+    tools = own + [t for t in options.get("tools") or [] if _tool_name(t) not in names]
+    loop = stage.agent_loop
+    default = (loop.tool_choice if loop is not None and own else "auto") if tools else "none"
+    choice = options.get("tool_choice") or default
+    if isinstance(choice, dict) and choice.get("function", {}).get("name") not in {_tool_name(t) for t in tools}:
+        raise StageError(f"stage {stage.name}: tool_choice names a tool not in `tools`", 400)
+    return build_messages(stage, payload), tools, choice, options
+
+
+def prompt_ids(tokenizer, messages: list[dict], tools: list[dict]) -> list[int]:
+    """The prompt's token ids as the engine gets them: the chat template on the messages (and tools)."""
+    template = tokenizer.chat_template or ""
+    kwargs = {"tools": tools} if tools and "tool_calls" in template else {}
+    rendered = for_template(messages, tools, template)
+    ids = tokenizer.apply_chat_template(rendered, tokenize=True, add_generation_prompt=True, **kwargs)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _fields(answer: dict, text: str) -> None:
+    """A JSON object answer's fields, added for branch conditions and bindings."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            answer.setdefault(key, value)
 
 
 def _engine_id(request_id: str) -> str:
@@ -99,11 +251,11 @@ def _engine_id(request_id: str) -> str:
 
 
 class LlmRuntime:
-    def __init__(self, stage, base_dir: Path, tools: list[dict] | None = None):
-        self.stage, self.tools = stage, tools or []
+    def __init__(self, stage, base_dir: Path, tools: list[dict] | None = None, labels: tuple[str, str] = ("", "")):
+        self.stage, self.tools = stage, [_openai_tool(t) for t in tools or []]
         self.engine = self.tokenizer = self.client = None
         if stage.vllm is not None:
-            self._start_vllm(base_dir)
+            self._start_vllm(base_dir, labels)
         else:
             from openai import AsyncOpenAI  # only endpoint stages need the client library
 
@@ -111,7 +263,7 @@ class LlmRuntime:
             key = os.environ.get(ep.api_key_env, "") if ep.api_key_env else ""
             self.client = AsyncOpenAI(base_url=ep.base_url, api_key=key or "EMPTY", timeout=ep.timeout_s, max_retries=1)
 
-    def _start_vllm(self, base_dir: Path) -> None:
+    def _start_vllm(self, base_dir: Path, labels: tuple[str, str]) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         # vLLM and transformers load only in replicas of vLLM stages: they are heavy, and optional elsewhere
@@ -125,95 +277,159 @@ class LlmRuntime:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         if spec.chat_template:
             self.tokenizer.chat_template = (base_dir / spec.chat_template).read_text()
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, **spec.engine_args))
+        args = {**ENGINE_DEFAULTS, "enable_prefix_caching": spec.prefix_caching, **spec.engine_args}
+        if isinstance(args.get("structured_outputs_config", {}), dict):
+            from vllm.config import StructuredOutputsConfig
 
-    def _sampling(self, stream: bool):
+            given = args.get("structured_outputs_config", {})
+            args["structured_outputs_config"] = StructuredOutputsConfig(**{**STRUCTURED_DEFAULTS, **given})
+        self.engine = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(model=model, **args), stat_loggers=[stat_logger_factory(*labels)]
+        )
+
+    # ------------------------------------------------------------------ one call's settings
+    def _plan(self, payload: dict) -> tuple[list[dict], list[dict], Any, dict]:
+        return plan_call(self.stage, self.tools, payload)
+
+    def _sampling(self, stream: bool, tools: list[dict], choice: Any, options: dict):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         s = self.stage.sampling
+        structured = None
+        schema = decoding_schema(tools, choice, options.get("parallel_tool_calls"))
+        fmt = options.get("response_format") or {}
+        if schema is not None:
+            structured = StructuredOutputsParams(json=schema)
+        elif fmt.get("type") == "json_schema":
+            schema = fmt["json_schema"].get("schema") or {"type": "object"}
+            structured = StructuredOutputsParams(json=schema)
+        elif fmt.get("type") == "json_object":
+            structured = StructuredOutputsParams(json_object=True)
+        elif self.stage.choices:
+            structured = StructuredOutputsParams(choice=self.stage.choices)
+        stop = options.get("stop")
         return SamplingParams(
-            max_tokens=s.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
+            max_tokens=options.get("max_tokens") or s.max_tokens,
+            temperature=s.temperature if options.get("temperature") is None else options["temperature"],
+            top_p=s.top_p if options.get("top_p") is None else options["top_p"],
+            stop=[stop] if isinstance(stop, str) else stop,
+            seed=options.get("seed"),
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-            structured_outputs=StructuredOutputsParams(choice=self.stage.choices) if self.stage.choices else None,
+            structured_outputs=structured,
         )
 
-    def _prompt(self, messages: list[dict]):
+    def _prompt(self, messages: list[dict], tools: list[dict]):
         from vllm.inputs import TokensPrompt
 
-        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return TokensPrompt(prompt_token_ids=list(ids))
+        return TokensPrompt(prompt_token_ids=prompt_ids(self.tokenizer, messages, tools))
 
-    async def stream(self, payload: dict, request_id: str = "") -> AsyncIterator[str]:
-        messages = build_messages(self.stage, payload, self.tools)
-        if self.engine is not None:
-            async for out in self.engine.generate(
-                self._prompt(messages), self._sampling(stream=True), _engine_id(request_id)
-            ):
-                if out.outputs and out.outputs[0].text:
-                    yield out.outputs[0].text
+    def _answer(self, text: str, tools, choice, finish: str, usage: dict) -> dict:
+        content, calls = read_decoded(text, tools, choice)
+        answer: dict = {"text": content, "finish_reason": "tool_calls" if calls else finish, "usage": usage}
+        if calls:
+            answer["tool_calls"] = calls
+        elif not tools or choice == "none":
+            _fields(answer, text)
+        if self.stage.choices and not tools:
+            answer["choice"] = text.strip()
+        return answer
+
+    # ------------------------------------------------------------------ calls
+    async def stream(self, payload: dict, request_id: str = "") -> AsyncIterator[str | dict]:
+        """Text deltas, then one dict: {"tool_calls"?, "finish_reason", "usage"}. A constrained (JSON) answer is
+        read whole first: its deltas are the content it holds."""
+        messages, tools, choice, options = self._plan(payload)
+        if self.engine is None:
+            answer = await self._complete(messages, tools, choice, options)
+            if answer["text"]:
+                yield answer["text"]
+            yield {k: v for k, v in answer.items() if k != "text"}
             return
-        s = self.stage.sampling
-        try:
-            chunks = await self.client.chat.completions.create(
-                model=self.stage.endpoint.model,
-                messages=messages,
-                max_tokens=s.max_tokens,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                stream=True,
-            )
-            async for chunk in chunks:
-                if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
-        except Exception as err:  # noqa: BLE001 - the endpoint's failure is this stage's 502
-            raise StageError(
-                f"stage {self.stage.name}: endpoint {self.stage.endpoint.base_url}: {type(err).__name__}: {err}", 502
-            ) from None
+        constrained = bool(tools) and choice != "none"
+        text, finish, usage = "", "stop", {}
+        async for out in self.engine.generate(
+            self._prompt(messages, tools), self._sampling(True, tools, choice, options), _engine_id(request_id)
+        ):
+            delta = out.outputs[0].text if out.outputs else ""
+            text += delta
+            if delta and not constrained:
+                yield delta
+            usage = _usage(out, usage)
+            if out.finished and out.outputs:
+                finish = out.outputs[0].finish_reason or "stop"
+        answer = self._answer(text, tools, choice, finish, usage)
+        if constrained and answer["text"]:
+            yield answer["text"]
+        yield {k: v for k, v in answer.items() if k in ("tool_calls", "finish_reason", "usage")}
 
     async def __call__(self, payload: dict, request_id: str = "") -> dict:
-        messages = build_messages(self.stage, payload, self.tools)
-        if self.engine is not None:
-            text = ""
-            async for out in self.engine.generate(
-                self._prompt(messages), self._sampling(stream=False), _engine_id(request_id)
-            ):
-                if out.finished and out.outputs:
-                    text = out.outputs[0].text
-        else:
-            text = await self._complete(messages)
-        if self.stage.choices and text.strip() not in self.stage.choices:
+        messages, tools, choice, options = self._plan(payload)
+        if self.engine is None:
+            return await self._complete(messages, tools, choice, options)
+        text, finish, usage = "", "stop", {}
+        async for out in self.engine.generate(
+            self._prompt(messages, tools), self._sampling(False, tools, choice, options), _engine_id(request_id)
+        ):
+            if out.finished and out.outputs:
+                text, finish = out.outputs[0].text, out.outputs[0].finish_reason or "stop"
+                usage = _usage(out, {})
+        if self.stage.choices and not tools and text.strip() not in self.stage.choices:
             raise StageError(
                 f"stage {self.stage.name}: the model answered {text[:80]!r}, not one of {self.stage.choices}", 502
             )
-        return parse_answer(text, self.stage.choices, self.tools)
+        return self._answer(text, tools, choice, finish, usage)
 
-    async def _complete(self, messages: list[dict]) -> str:
+    async def _complete(self, messages: list[dict], tools: list[dict], choice: Any, options: dict) -> dict:
         s = self.stage.sampling
+        extra = {k: options[k] for k in ("stop", "seed", "response_format", "parallel_tool_calls") if options.get(k)}
+        if tools:
+            extra.update(tools=tools, tool_choice=choice)
         try:
             reply = await self.client.chat.completions.create(
                 model=self.stage.endpoint.model,
                 messages=messages,
-                max_tokens=s.max_tokens,
-                temperature=s.temperature,
-                top_p=s.top_p,
+                max_tokens=options.get("max_tokens") or s.max_tokens,
+                temperature=s.temperature if options.get("temperature") is None else options["temperature"],
+                top_p=s.top_p if options.get("top_p") is None else options["top_p"],
+                **extra,
             )
         except Exception as err:  # noqa: BLE001 - the endpoint's failure is this stage's 502
             raise StageError(
                 f"stage {self.stage.name}: endpoint {self.stage.endpoint.base_url}: {type(err).__name__}: {err}"[:2000],
                 502,
             ) from None
-        message = reply.choices[0].message if reply.choices else None
-        if message is not None and getattr(message, "tool_calls", None):  # a server with native tool calling
-            call = message.tool_calls[0].function
-            return json.dumps({"tool": call.name, "arguments": json.loads(call.arguments or "{}")})
-        return (message.content if message is not None else "") or ""
+        choice0 = reply.choices[0] if reply.choices else None
+        message = choice0.message if choice0 is not None else None
+        usage = reply.usage.model_dump(exclude_none=True) if reply.usage is not None else {}
+        answer: dict = {"text": (message.content if message is not None else "") or "", "usage": usage}
+        answer["finish_reason"] = (choice0.finish_reason if choice0 is not None else None) or "stop"
+        if message is not None and message.tool_calls:
+            answer["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": c.function.arguments},
+                }
+                for c in message.tool_calls
+            ]
+        else:
+            _fields(answer, answer["text"])
+        return answer
 
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
+
+
+def _usage(out, seen: dict) -> dict:
+    """OpenAI usage of one generation (cumulative over its delta outputs); cached tokens from vLLM's prefix cache."""
+    prompt = len(out.prompt_token_ids or []) or seen.get("prompt_tokens", 0)
+    completion = seen.get("completion_tokens", 0) + sum(len(o.token_ids) for o in out.outputs)
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = out.num_cached_tokens
+    if cached is None:
+        cached = seen.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+    usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage

@@ -388,6 +388,11 @@ class VllmEngine(_Spec):
     chat_template: str | None = Field(
         default=None, max_length=4096, description="Chat template file, if the tokenizer has none."
     )
+    prefix_caching: bool = Field(
+        default=True,
+        description="vLLM's automatic prefix caching: an agent loop's turns reuse the KV cache of the conversation so "
+        "far (`engine_args: {enable_prefix_caching: ...}` overrides it).",
+    )
 
 
 class Endpoint(_Spec):
@@ -418,6 +423,11 @@ class AgentLoop(_Spec):
 
     tools: list[str] = Field(min_length=1, max_length=64, description="Names of tool stages the LLM may call.")
     max_iterations: int = Field(ge=1, le=64, description="Most LLM calls in one request, tool rounds between them.")
+    tool_choice: Literal["auto", "required"] = Field(
+        default="auto",
+        description="auto: each turn the model calls tools or answers; required: it calls tools on every turn but "
+        "the last allowed, which answers (a fixed number of tool rounds).",
+    )
 
 
 class LlmStage(_StageBase):
@@ -440,6 +450,11 @@ class LlmStage(_StageBase):
         min_length=1,
         max_length=256,
         description="Constrain the answer to one of these strings (a router); the output carries it as `choice`.",
+    )
+    session_routing: bool = Field(
+        default=True,
+        description="Send a conversation's turns (the `x-session-id` header, else the conversation's first messages) "
+        "to the same replica, where its prefix is cached; another replica when that one is full.",
     )
 
     @model_validator(mode="after")
@@ -625,6 +640,17 @@ class Reoptimize(_Spec):
     canary: Canary = Field(default_factory=Canary, description="The rollout of a new variant.")
 
 
+class OpenAiApi(_Spec):
+    """The pipeline on the ingress's OpenAI-compatible routes (its output stage must be an LLM)."""
+
+    models: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        min_length=1,
+        max_length=64,
+        description="The `model` names this pipeline answers on /v1/chat/completions and lists on /v1/models "
+        "(default: the pipeline's name).",
+    )
+
+
 class PipelineLimits(_Spec):
     """What one request may be and take, for the whole pipeline; the ingress refuses the rest with its own status."""
 
@@ -687,6 +713,9 @@ class Pipeline(_Spec):
     flow: list[Edge] = Field(default_factory=list, max_length=4096, description="Data flow edges between stages.")
     reoptimize: Reoptimize | None = Field(
         default=None, description="Re-optimize hot stages in the background while serving; absent: never."
+    )
+    openai: OpenAiApi | None = Field(
+        default=None, description="Model names the OpenAI-compatible routes answer for this pipeline."
     )
     limits: PipelineLimits = Field(default_factory=PipelineLimits, description="Request size, time and concurrency.")
     auth: Auth = Field(default_factory=Auth, description="Which routes need the API token besides the admin ones.")

@@ -2,7 +2,7 @@
 
 Answers are chosen by the strategy named in the system prompt and by the turn (how many assistant
 messages the conversation already holds), so parallel agents get deterministic answers. An answer
-of `HTTP 500` makes the server fail that request. Every request body is kept for the test to read.
+of `HTTP 500` makes the server fail that request; a dict answer is the whole message (tool calls). Every request body is kept for the test to read.
 """
 
 from __future__ import annotations
@@ -44,7 +44,13 @@ class ReplayServer:
                         "created": int(time.time()),
                         "model": body.get("model", "replay"),
                         "choices": [
-                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}
+                            {
+                                "index": 0,
+                                "finish_reason": "tool_calls" if isinstance(answer, dict) else "stop",
+                                "message": answer
+                                if isinstance(answer, dict)
+                                else {"role": "assistant", "content": answer},
+                            }
                         ],
                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
                     },

@@ -65,6 +65,21 @@ def test_dashboard_covers_what_operators_watch_with_known_metrics():
                 cells.add((x, y))
 
 
+def test_llm_dashboard_shows_every_llm_engine_metric():
+    from hetforge.serving.llm_metrics import LLM_SPEC
+
+    doc = dashboards.llm_dashboard()
+    titles = {p["title"] for p in doc["panels"] if p["type"] != "row"}
+    assert {"Prefix-cache hit rate", "Time to first token", "Time per output token", "Queue time"} <= titles
+    used = set()
+    for where, expr in dashboards.queries(doc):
+        names = dashboards.metric_names(expr)
+        assert names and all(n in LLM_SPEC for n in names), (where, expr)
+        used |= names
+    assert used == set(LLM_SPEC)
+    assert doc["uid"] != dashboards.dashboard()["uid"]
+
+
 def test_metric_names_reads_histograms_as_their_family():
     expr = 'histogram_quantile(0.5, sum by (le) (rate(hetforge_stage_latency_seconds_bucket{pipeline="p"}[1m])))'
     assert dashboards.metric_names(expr) == {"hetforge_stage_latency_seconds"}
@@ -83,6 +98,7 @@ def test_provisioning_points_grafana_at_the_dashboard_and_the_datasource_uid():
     assert provider["type"] == "file" and provider["options"]["path"]
     cm = yaml.safe_load(dashboards.configmap())
     assert json.loads(cm["data"]["hetforge.json"]) == dashboards.dashboard()
+    assert json.loads(cm["data"]["hetforge-llm.json"]) == dashboards.llm_dashboard()
 
 
 def test_sampler_turns_counter_differences_into_window_quantiles(tmp_path, monkeypatch):

@@ -94,7 +94,10 @@ def test_branch_taken_runs_its_stages_and_joins_in_parallel():
     assert result.output == {"q": "why", "hits": ["why"], "route": "search"}
     assert ("search", {"query": "why"}) in fake.calls
     assert ("join", {"left": {"l": 1}, "right": {"r": 2}}) in fake.calls  # several upstreams: {stage: output}
-    assert fake.calls[0] == ("router", {"input": {"question": "why"}, "history": []})  # an LLM gets input + history
+    assert fake.calls[0] == (
+        "router",
+        {"input": {"question": "why"}, "history": [], "options": {}},
+    )  # an LLM: input, history, options
     assert fake.most == 2  # left and right ran at the same time
     assert result.skipped == [] and set(result.stages) == {"router", "search", "left", "right", "join", "answer"}
 
@@ -160,11 +163,46 @@ def test_agent_loop_calls_tools_and_feeds_results_back():
     result = run(PipelineRunner(LOOP, fake), "what is 6*7?")
     assert result.output == {"text": "42"}
     assert [c[0] for c in fake.calls] == ["agent", "calc", "agent"]
-    history = fake.calls[2][1]["history"]
-    assert history[0]["role"] == "assistant" and json.loads(history[1]["content"]) == {
-        "tool": "calc",
-        "result": {"value": 42},
+    assert fake.calls[1][1] == {"expression": "6*7"}
+    history = fake.calls[2][1]["history"]  # OpenAI messages: the assistant's call, the tool's answer to that call
+    assert history[0]["role"] == "assistant" and history[0]["tool_calls"][0]["function"]["name"] == "calc"
+    assert history[1]["role"] == "tool" and history[1]["tool_call_id"] == history[0]["tool_calls"][0]["id"]
+    assert json.loads(history[1]["content"]) == {"value": 42}
+
+
+def test_agent_loop_runs_parallel_tool_calls_sums_usage_and_returns_client_tools():
+    def call(name, args, i):
+        return {"id": f"c{i}", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+
+    usage = {
+        "prompt_tokens": 10,
+        "completion_tokens": 2,
+        "total_tokens": 12,
+        "prompt_tokens_details": {"cached_tokens": 4},
     }
+    turns = iter(
+        [
+            {
+                "text": "",
+                "tool_calls": [call("calc", {"expression": "1+1"}, 1), call("calc", {"expression": "2"}, 2)],
+                "usage": usage,
+            },
+            {"text": "", "tool_calls": [call("client_search", {"q": "x"}, 3)], "usage": usage},
+        ]
+    )
+    fake = Fake({"agent": lambda p: next(turns), "calc": lambda p: {"value": p["expression"]}})
+    result = run(PipelineRunner(LOOP, fake), "q")
+    assert [c[0] for c in fake.calls] == ["agent", "calc", "calc", "agent"]
+    assert [m.get("tool_call_id") for m in fake.calls[3][1]["history"]] == [None, "c1", "c2"]
+    # a tool the loop does not own ends the loop: the client runs it
+    assert result.output["tool_calls"][0]["function"]["name"] == "client_search"
+    assert result.output["usage"] == {
+        "prompt_tokens": 20,
+        "completion_tokens": 4,
+        "total_tokens": 24,
+        "prompt_tokens_details": {"cached_tokens": 8},
+    }
+    assert fake.calls[0][1]["options"] == {} and "tool_choice" not in fake.calls[3][1]["options"]
 
 
 def test_agent_loop_stops_at_max_iterations_and_tool_errors_go_back_to_the_llm():
@@ -176,6 +214,7 @@ def test_agent_loop_stops_at_max_iterations_and_tool_errors_go_back_to_the_llm()
     result = run(PipelineRunner(LOOP, fake), "loop forever")
     assert [c[0] for c in fake.calls] == ["agent", "calc", "agent", "calc", "agent"]  # 3 LLM calls at most
     assert "not arithmetic" in fake.calls[-1][1]["history"][-1]["content"]
+    assert fake.calls[-1][1]["options"] == {"tool_choice": "none"}  # the last call allowed may not call a tool
     assert result.output is always
 
 

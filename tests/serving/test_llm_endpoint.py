@@ -9,7 +9,7 @@ import json
 import pytest
 
 from hetforge.serving.dataflow import PipelineError, PipelineRunner
-from hetforge.serving.llm import LlmRuntime
+from hetforge.serving.llm import LlmRuntime, loop_tools
 from hetforge.serving.tools import ToolRuntime
 from hetforge.spec.models import Pipeline
 from tests.conftest import EXAMPLES
@@ -46,7 +46,7 @@ class LocalCaller:
     def __init__(self, pipeline: Pipeline):
         agent = pipeline.stage("agent")
         self.runtimes = {
-            "agent": LlmRuntime(agent, EXAMPLES, [{"name": "calculator", "description": "Evaluates arithmetic."}]),
+            "agent": LlmRuntime(agent, EXAMPLES, loop_tools(pipeline, agent, EXAMPLES)),
             "calculator": ToolRuntime(pipeline.stage("calculator"), EXAMPLES),
         }
 
@@ -57,20 +57,42 @@ class LocalCaller:
         return self.runtimes[stage].stream(payload, request_id)
 
 
+CALL = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "6*7"}'}}
+    ],
+}
+
+
 def test_agent_loop_over_an_endpoint_calls_the_tool_and_answers():
-    script = {"voice": ['{"tool": "calculator", "arguments": {"expression": "6*7"}}', "It is 42."]}
+    script = {"voice": [CALL, "It is 42."]}
     with ReplayServer(script) as server:
         pipeline = _pipeline(server.base_url)
         result = asyncio.run(PipelineRunner(pipeline, LocalCaller(pipeline)).run({"question": "what is 6*7?"}, "r1"))
-        assert result.output == {"text": "It is 42."}
+        assert result.output["text"] == "It is 42." and result.output["usage"]["total_tokens"] == 4
         first, second = server.requests
-        assert (
-            first["messages"][0]["role"] == "system"
-            and "- calculator: Evaluates arithmetic." in first["messages"][0]["content"]
-        )
+        # the endpoint gets the loop's tool in OpenAI's format, its parameters from the function's signature
+        assert first["tools"] == [
+            {
+                "type": "function",
+                "function": {
+                    "name": "calculator",
+                    "description": "Evaluates arithmetic.",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {"expression": {"type": "string"}},
+                        "required": ["expression"],
+                    },
+                },
+            }
+        ]
+        assert first["tool_choice"] == "auto" and first["messages"][0]["role"] == "system"
         assert first["messages"][1] == {"role": "user", "content": "Q: what is 6*7?"}
-        tool_result = json.loads(second["messages"][-1]["content"])
-        assert tool_result == {"tool": "calculator", "result": {"expression": "6*7", "value": 42}}
+        assert second["messages"][-2]["tool_calls"] == CALL["tool_calls"]
+        assert second["messages"][-1]["tool_call_id"] == "call_1"
+        assert json.loads(second["messages"][-1]["content"]) == {"expression": "6*7", "value": 42}
 
 
 def test_endpoint_failure_is_a_located_502():

@@ -153,7 +153,8 @@ def test_streaming_and_openai_chat_completions(served):
     chunks = list(
         client.chat.completions.create(model="serve-test", messages=[{"role": "user", "content": "hi"}], stream=True)
     )
-    assert chunks[-1].choices[0].finish_reason == "stop" and all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")  # max_tokens 8: usually length
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
     with pytest.raises(Exception) as caught:  # a malformed chat request is the client's error
         client.chat.completions.create(model="serve-test", messages=[])
     assert getattr(caught.value, "status_code", 0) == 400

@@ -3,7 +3,7 @@
 POST /v1/pipelines/{name}/run                     pipelines.py: JSON in, JSON out (or text/event-stream
                                                   when asked and the output stage is an LLM)
 GET  /v1/pipelines/{name}/status, GET /healthz    pipelines.py: replicas, devices, active variants; readiness
-POST /v1/chat/completions                         openai_compat.py: OpenAI-compatible, for pipelines ending in an LLM
+GET /v1/models, POST /v1/chat/completions        openai_compat.py: the OpenAI API, for pipelines ending in an LLM
 POST /v1/pipelines/{name}/stages/{stage}/swap     kernels.py: hot-swap a model stage's variant
 GET  /v1/pipelines/{name}/approvals[/{id}], POST .../approvals/{id}/{approve|reject},
 POST /v1/pipelines/{name}/stages/{stage}/optimize approvals.py: variants waiting for a human, hint jobs

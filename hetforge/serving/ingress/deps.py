@@ -34,16 +34,6 @@ def pipeline_named(name: str, state: Annotated[IngressState, Depends(ingress_sta
     return state
 
 
-def llm_pipeline(state: Annotated[IngressState, Depends(ingress_state)]) -> IngressState:
-    """The served pipeline, for routes that need an LLM output stage (404 otherwise)."""
-    if not state.ends_in_llm:
-        raise ApiError(
-            404,
-            f"pipeline {state.pipeline.name} does not end in an LLM stage; use /v1/pipelines/{state.pipeline.name}/run",
-        )
-    return state
-
-
 Served = Annotated[IngressState, Depends(ingress_state)]
 Named = Annotated[IngressState, Depends(pipeline_named)]
 RequestId = Annotated[str, Depends(request_id)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,11 @@ from hetforge.serving.metrics import Metrics
 from hetforge.serving.swap_control import SwapBoard
 from hetforge.spec.models import LlmStage, Pipeline
 
+# The conversation a request belongs to (set by the OpenAI route): LLM deployments route on it
+# (Ray Serve's ConsistentHashRouter reads the handle's session_id), so a conversation's turns meet
+# the replica that holds their prefix in its KV cache. Tasks of the pipeline walk inherit it.
+SESSION: contextvars.ContextVar[str] = contextvars.ContextVar("hetforge_session", default="")
+
 
 def _overloaded(stage: str, err: BackPressureError) -> StageError:
     """Ray Serve refused the call: the stage's queue (limits.max_queued) is full. The client should retry later."""
@@ -32,16 +38,20 @@ class HandleCaller:
     def __init__(self, handles: dict):
         self.handles = handles
 
+    def _handle(self, stage: str):
+        session = SESSION.get()
+        return self.handles[stage].options(session_id=session) if session else self.handles[stage]
+
     async def __call__(self, stage: str, payload: Any, request_id: str) -> Any:
         try:
-            return await self.handles[stage].remote(payload, request_id)
+            return await self._handle(stage).remote(payload, request_id)
         except BackPressureError as err:
             raise _overloaded(stage, err) from None
 
     async def stream(self, stage: str, payload: Any, request_id: str):
         try:
             async for delta in (
-                self.handles[stage].options(stream=True, method_name="stream").remote(payload, request_id)
+                self._handle(stage).options(stream=True, method_name="stream").remote(payload, request_id)
             ):
                 yield delta
         except BackPressureError as err:
@@ -96,11 +106,13 @@ class IngressState:
         if ok:
             self.metrics.pipeline_latency.labels(self.pipeline.name).observe(time.perf_counter() - started)
 
-    async def run_counted(self, pipeline_input: Any, request_id: str, started: float) -> RunResult:
+    async def run_counted(
+        self, pipeline_input: Any, request_id: str, started: float, options: dict | None = None
+    ) -> RunResult:
         """The pipeline's RunResult (a PipelineError propagates); counted in the request metrics either way."""
         self.admit()
         try:
-            result = await self.runner.run(pipeline_input, request_id)
+            result = await self.runner.run(pipeline_input, request_id, options)
         except PipelineError:
             self.count(started, False)
             raise
@@ -109,50 +121,28 @@ class IngressState:
         self.count(started, True)
         return result
 
-    def sse(
-        self, pipeline_input: Any, request_id: str, started: float, openai_model: str | None = None
-    ) -> AsyncIterator[str]:
-        """The output stage's deltas as server-sent events (OpenAI chunks when `openai_model`), then [DONE].
+    def sse(self, pipeline_input: Any, request_id: str, started: float) -> AsyncIterator[str]:
+        """The output stage's text deltas as server-sent events, then [DONE] (OpenAI chunks: `openai_compat`).
 
         The request slot is taken here, before the response starts, so that a full pipeline is a plain 503."""
         self.admit()
-        return self._sse_counted(pipeline_input, request_id, started, openai_model)
+        return self._sse_counted(pipeline_input, request_id, started)
 
-    async def _sse_counted(
-        self, pipeline_input: Any, request_id: str, started: float, openai_model: str | None
-    ) -> AsyncIterator[str]:
+    async def _sse_counted(self, pipeline_input: Any, request_id: str, started: float) -> AsyncIterator[str]:
         ok = False
         try:
-            async for event in self._sse(pipeline_input, request_id, openai_model):
+            async for event in self._sse(pipeline_input, request_id):
                 yield event
                 ok = ok or event == "data: [DONE]\n\n"
         finally:
             self.release()
             self.count(started, ok)
 
-    async def _sse(self, pipeline_input: Any, request_id: str, openai_model: str | None) -> AsyncIterator[str]:
+    async def _sse(self, pipeline_input: Any, request_id: str) -> AsyncIterator[str]:
         try:
             async for delta in self.runner.stream(pipeline_input, request_id):
-                if openai_model:
-                    chunk = {
-                        "id": request_id,
-                        "object": "chat.completion.chunk",
-                        "created": int(time.time()),
-                        "model": openai_model,
-                        "choices": [{"index": 0, "delta": {"content": delta}, "finish_reason": None}],
-                    }
-                else:
-                    chunk = {"request_id": request_id, "delta": delta}
-                yield f"data: {json.dumps(chunk)}\n\n"
-            if openai_model:
-                done = {
-                    "id": request_id,
-                    "object": "chat.completion.chunk",
-                    "created": int(time.time()),
-                    "model": openai_model,
-                    "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                }
-                yield f"data: {json.dumps(done)}\n\n"
+                if isinstance(delta, str) and delta:  # the closing dict (finish reason, usage) is OpenAI's
+                    yield f"data: {json.dumps({'request_id': request_id, 'delta': delta})}\n\n"
             yield "data: [DONE]\n\n"
         except PipelineError as err:
             yield f"data: {json.dumps(err.to_json())}\n\n"

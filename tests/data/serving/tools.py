@@ -4,9 +4,14 @@ import asyncio
 
 
 async def prepare(
-    x: list | None = None, messages: list | None = None, fail: bool = False, sleep_s: float = 0.0
+    x: list | None = None,
+    messages: list | None = None,
+    last_user_message: str | None = None,
+    fail: bool = False,
+    sleep_s: float = 0.0,
 ) -> dict:
-    """Pass `x` on (or 16 features made from the last chat message); raise when asked to; sleep first when asked to."""
+    """Pass `x` on (or 16 features made from the last chat message); raise when asked to; sleep first when asked to.
+    A chat completion's entry input is {messages, last_user_message}."""
     if fail:
         raise RuntimeError("asked to fail")
     if sleep_s:

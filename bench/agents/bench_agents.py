@@ -1,0 +1,337 @@
+"""Agent workload: hetforge's agent loop against a plain vLLM OpenAI server driven by a client-side loop.
+
+    python bench/agents/bench_agents.py [--tasks 8] [--sessions 4] [--turns 5] [--out bench/agents]
+
+The workload (the same for both): a shared system prompt of about 1,500 tokens, tasks of `--turns`
+LLM turns each (every turn but the last calls the `lookup_order` tool, the last answers), `--sessions`
+tasks in flight at once, one tool call a turn, greedy decoding, 40 tokens at most per turn (a tool call is 28), on the tiny Llama of
+`scripts/build_tiny_llm.py` (context raised to 4,096 positions with `hf_overrides`) on vLLM's CPU engine.
+
+- baseline: `python -m vllm.entrypoints.openai.api_server` (defaults, plus a tool-call parser, which
+  vLLM 0.32 requires for tool_choice required, and the same structured-output settings as hetforge's:
+  xgrammar without whitespace), and the loop most teams start with, in the client: call the server with the tool, run the tool, append, call again
+  (tool_choice required, then none on the last turn). Time to first token per turn is measured by
+  the client (streamed turns); the prefix-cache hit rate from the server's `vllm:prefix_cache_*` counters.
+- hetforge: `bench/agents/pipeline.yaml` (one LLM stage with `agent_loop: {tool_choice: required}` and
+  one tool stage), one POST /v1/chat/completions per task; the loop, the tool calls and the session's
+  routing happen server-side. Time to first token from the replica's `hetforge_llm_time_to_first_token_seconds`
+  (vLLM's engine statistic; the baseline's engine figure `vllm:time_to_first_token_seconds` is reported beside
+  it), the hit rate from `hetforge_llm_prefix_cache_*`.
+Both run one engine replica on the same machine, one after the other. Writes results.json and results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+MODEL = REPO / "examples" / "models" / "tiny-llm"
+MAX_TOKENS = 40
+OVERRIDES = {"max_position_embeddings": 4096}
+SYSTEM = "You are the support agent of a parcel company. " + " ".join(
+    f"Policy {i}: look the order up with the tool before you answer, quote its status exactly, never invent a "
+    f"parcel, a date or a carrier, and keep the customer's order number {1000 + i} private."
+    for i in range(1, 26)
+)
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup_order",
+        "description": "An order's status.",
+        "parameters": {
+            "type": "object",
+            "properties": {"order_id": {"enum": ["1234", "5678"]}},
+            "required": ["order_id"],
+        },
+    },
+}
+
+
+def lookup_order(order_id: str) -> dict:
+    return {"order_id": order_id, "status": {"1234": "shipped", "5678": "packed"}.get(order_id, "unknown")}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def _counters(url: str, names: dict[str, str]) -> dict[str, float]:
+    """Sums of the named samples on a /metrics page (key -> sample name)."""
+    out = dict.fromkeys(names, 0.0)
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for s in family.samples:
+            for key, name in names.items():
+                if s.name == name:
+                    out[key] += s.value
+    return out
+
+
+def _wait(url: str, path: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}{path}", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"{url}{path} not ready after {timeout_s} s")
+
+
+def question(i: int) -> str:
+    return f"Task {i}: where is my order {1234 if i % 2 else 5678}, and when will it arrive?"
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+async def baseline_task(client: httpx.AsyncClient, url: str, i: int, turns: int) -> dict:
+    """The hand-written loop: one streamed call per turn, the tool run in the client."""
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question(i)}]
+    ttfts, cached, prompt = [], [], []
+    start = time.perf_counter()
+    for turn in range(turns):
+        body = {
+            "model": "tiny",
+            "messages": messages,
+            "tools": [TOOL],
+            "tool_choice": "none" if turn == turns - 1 else "required",
+            "parallel_tool_calls": False,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        sent, first, calls, text, usage = time.perf_counter(), None, {}, "", {}
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as reply:
+            if reply.status_code != 200:
+                raise RuntimeError(f"task {i} turn {turn}: {reply.status_code} {(await reply.aread())[:500]!r}")
+            async for line in reply.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                usage = event.get("usage") or usage
+                for choice in event.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    if first is None and (delta.get("content") or delta.get("tool_calls")):
+                        first = time.perf_counter()
+                    text += delta.get("content") or ""
+                    for call in delta.get("tool_calls") or []:
+                        slot = calls.setdefault(call["index"], {"id": "", "name": "", "arguments": ""})
+                        slot["id"] = call.get("id") or slot["id"]
+                        fn = call.get("function") or {}
+                        slot["name"] += fn.get("name") or ""
+                        slot["arguments"] += fn.get("arguments") or ""
+        ttfts.append(((first or time.perf_counter()) - sent) * 1e3)
+        prompt.append(usage.get("prompt_tokens", 0))
+        cached.append(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
+        if not calls:
+            break
+        tool_calls = [
+            {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for c in calls.values()
+        ]
+        messages.append({"role": "assistant", "content": text or None, "tool_calls": tool_calls})
+        for c in calls.values():
+            try:
+                result = lookup_order(**json.loads(c["arguments"] or "{}"))
+            except (ValueError, TypeError) as err:
+                result = {"error": str(err)}
+            messages.append({"role": "tool", "tool_call_id": c["id"], "content": json.dumps(result)})
+    return {
+        "task_ms": (time.perf_counter() - start) * 1e3,
+        "ttft_ms": ttfts,
+        "turns": len(ttfts),
+        "cached": cached,
+        "prompt": prompt,
+    }
+
+
+def run_baseline(tasks: int, sessions: int, turns: int, work: Path) -> dict:
+    port = _port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(work / "vllm")}
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL), "--served-model-name", "tiny",
+        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "4096", "--enforce-eager", "--dtype", "float32",
+        "--hf-overrides", json.dumps(OVERRIDES), "--enable-prompt-tokens-details",
+        # vLLM 0.32 refuses tool_choice required without a tool-call parser; the decoding settings match hetforge's
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+        "--structured-outputs-config", json.dumps({"backend": "xgrammar", "disable_any_whitespace": True}),
+    ]  # fmt: skip
+    log = open(work / "vllm_server.log", "w")  # noqa: SIM115 - closed in finally
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait(url, "/health", 600)
+        metric = {"hits": "vllm:prefix_cache_hits_total", "queries": "vllm:prefix_cache_queries_total"}
+        metric |= {
+            "ttft_sum": "vllm:time_to_first_token_seconds_sum",
+            "ttft_count": "vllm:time_to_first_token_seconds_count",
+        }
+        asyncio.run(_drive(lambda c, i: baseline_task(c, url, i, turns), 2, 2))  # warm-up: the system prompt cached
+        before = _counters(url, metric)
+        t0 = time.perf_counter()
+        results = asyncio.run(_drive(lambda c, i: baseline_task(c, url, i, turns), tasks, sessions, offset=100))
+        wall = time.perf_counter() - t0
+        after = _counters(url, metric)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    return _summary(results, wall, {k: after[k] - before[k] for k in metric})
+
+
+# ---------------------------------------------------------------------------------------------- hetforge
+async def hetforge_task(client: httpx.AsyncClient, url: str, i: int, turns: int) -> dict:
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question(i)}]
+    start = time.perf_counter()
+    reply = await client.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "model": "tiny",
+            "messages": messages,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "parallel_tool_calls": False,
+        },
+        headers={"x-session-id": f"task-{i}"},
+        timeout=300,
+    )
+    reply.raise_for_status()
+    usage = reply.json()["usage"]
+    return {
+        "task_ms": (time.perf_counter() - start) * 1e3,
+        "turns": turns,
+        "cached": [usage["prompt_tokens_details"]["cached_tokens"]],
+        "prompt": [usage["prompt_tokens"]],
+    }
+
+
+def run_hetforge(tasks: int, sessions: int, turns: int, work: Path) -> dict:
+    os.environ["HETFORGE_HOME"] = str(work / "home")
+    os.environ["HETFORGE_RAY_TMP"] = str(work / "ray")
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(work / "vllm"))
+    from hetforge.serving import deploy as dep
+    from hetforge.spec import load_pipeline
+
+    pipeline_file = HERE / "pipeline.yaml"
+    if load_pipeline(pipeline_file).stage("agent").agent_loop.max_iterations != turns:
+        raise SystemExit(f"{pipeline_file}: agent_loop.max_iterations must equal --turns ({turns})")
+    record = dep.deploy(pipeline_file, port=_port(), registry_path=str(work / "home" / "registry.sqlite"))
+    try:
+        dep.wait_until_running(record, timeout_s=600)
+        url = record.url
+        metric = {
+            "hits": "hetforge_llm_prefix_cache_hits_tokens_total",
+            "queries": "hetforge_llm_prefix_cache_queries_tokens_total",
+            "ttft_sum": "hetforge_llm_time_to_first_token_seconds_sum",
+            "ttft_count": "hetforge_llm_time_to_first_token_seconds_count",
+        }
+        asyncio.run(_drive(lambda c, i: hetforge_task(c, url, i, turns), 2, 2))
+        before = _counters(url, metric)
+        t0 = time.perf_counter()
+        results = asyncio.run(_drive(lambda c, i: hetforge_task(c, url, i, turns), tasks, sessions, offset=100))
+        wall = time.perf_counter() - t0
+        time.sleep(2)  # the last engine step's statistics
+        after = _counters(url, metric)
+    finally:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    return _summary(results, wall, {k: after[k] - before[k] for k in metric})
+
+
+# ---------------------------------------------------------------------------------------------- common
+async def _drive(task, tasks: int, sessions: int, offset: int = 0) -> list[dict]:
+    """`tasks` tasks, `sessions` at a time."""
+    gate = asyncio.Semaphore(sessions)
+    async with httpx.AsyncClient() as client:
+
+        async def one(i: int) -> dict:
+            async with gate:
+                return await task(client, i)
+
+        return await asyncio.gather(*(one(offset + i) for i in range(tasks)))
+
+
+def _summary(results: list[dict], wall_s: float, engine: dict) -> dict:
+    task_ms = [r["task_ms"] for r in results]
+    out = {
+        "tasks": len(results),
+        "wall_s": round(wall_s, 2),
+        "task_ms_p50": round(statistics.median(task_ms), 1),
+        "task_ms_p90": round(_pct(task_ms, 90), 1),
+        "llm_turns_per_task": statistics.mean(r["turns"] for r in results),
+        "engine_ttft_ms_mean": round(engine["ttft_sum"] / max(engine["ttft_count"], 1) * 1e3, 2),
+        "engine_generations": engine["ttft_count"],
+        "prefix_cache_hit_rate": round(engine["hits"] / engine["queries"], 4) if engine["queries"] else None,
+        "prompt_tokens": sum(sum(r["prompt"]) for r in results),
+        "cached_prompt_tokens": sum(sum(r["cached"]) for r in results),
+    }
+    if results and "ttft_ms" in results[0]:
+        turns = max(len(r["ttft_ms"]) for r in results)
+        out["client_ttft_ms_p50_by_turn"] = [
+            round(statistics.median(r["ttft_ms"][t] for r in results if len(r["ttft_ms"]) > t), 1) for t in range(turns)
+        ]
+        later = [(c, p) for r in results for c, p in zip(r["cached"][1:], r["prompt"][1:], strict=True)]
+        out["hit_rate_after_first_turn"] = round(sum(c for c, _ in later) / max(1, sum(p for _, p in later)), 4)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--work", type=Path, default=Path(f"/tmp/hetforge-bench-agents-{os.getpid()}"))
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_llm.py")], check=True, capture_output=True)
+    import torch
+    import vllm
+
+    doc = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+        "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "workload": {
+            "tasks": args.tasks,
+            "sessions": args.sessions,
+            "llm_turns_per_task": args.turns,
+            "max_tokens": MAX_TOKENS,
+            "system_prompt_chars": len(SYSTEM),
+        },
+        "baseline_vllm_server": run_baseline(args.tasks, args.sessions, args.turns, args.work),
+        "hetforge": run_hetforge(args.tasks, args.sessions, args.turns, args.work),
+    }
+    b, h = doc["baseline_vllm_server"], doc["hetforge"]
+    doc["task_p50_speedup"] = round(b["task_ms_p50"] / h["task_ms_p50"], 3)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
