@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from hetforge.planners.devices import local_inventory
 from hetforge.planners.plan import PlanError, build_plan
 from hetforge.spec import load_pipeline
+from hetforge.spec.errors import SpecError
 
 MODULE = """
     import torch.nn as nn
@@ -50,10 +51,17 @@ def test_a_module_stage_with_a_checkpoint_is_profiled_and_placed(tmp_path):
     assert plan.stages["enc"].device == "cpu" and plan.stages["enc"].source == "measured"
 
 
+def test_a_missing_constructor_argument_is_found_before_anything_runs(tmp_path):
+    """`validate` reads the class's own __init__: no import, no construction."""
+    with pytest.raises(SpecError) as info:
+        _pipeline(tmp_path, "init_args: []")
+    message = str(info.value)
+    assert f"{tmp_path / 'p.yaml'}:7:13:" in message and "'dim' missing" in message, message
+
+
 @pytest.mark.parametrize(
     "extra, cause",
     [
-        ("init_args: []", "TypeError: Encoder.__init__() missing 1 required positional argument: 'dim'"),
         ("init_args: [16]", "RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
     ],
 )
