@@ -20,7 +20,11 @@ PipelineArg = Annotated[
 ]
 VariantArg = Annotated[int, typer.Argument(help="Variant id.", show_default=False)]
 RegistryOpt = Annotated[
-    Optional[Path], typer.Option(help="The registry file (default $HETFORGE_HOME/registry.sqlite).")
+    Optional[str],
+    typer.Option(
+        help="The registry: an SQLite file or a postgresql:// URL (default $HETFORGE_STATE_URL, else "
+        "$HETFORGE_HOME/registry.sqlite)."
+    ),
 ]
 
 
@@ -54,8 +58,8 @@ def pipeline_file(pipeline: str) -> Path:
     return Path(records[0].pipeline_file)
 
 
-def registry_path(registry: Optional[Path]) -> str:
-    """The registry file: `registry`, else the default under $HETFORGE_HOME."""
+def registry_path(registry: Optional[str]) -> str:
+    """The registry's location: `registry`, else the default (`kernels.registry.default_path`)."""
     from hetforge.kernels.registry import default_path
 
     return str(registry or default_path())
