@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -53,6 +54,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(pipeline: str | Path, home: Path, **env: str):
+    """`pipeline` served on Ray Serve on a free port, with HETFORGE_HOME=`home` and `env` set for the deployment's
+    life: yields its `deploy` record once running; Serve and Ray are shut down and the environment restored after."""
+    keys = ("HETFORGE_HOME", "HETFORGE_RAY_TMP", "PROMETHEUS_MULTIPROC_DIR", *env)
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({"HETFORGE_HOME": str(home), **env})
+    from hetforge.serving import deploy as dep
+
+    record = dep.deploy(pipeline, port=free_port(), registry_path=str(home / "registry.sqlite"))
+    try:
+        dep.wait_until_running(record, timeout_s=600)
+        yield record
+    finally:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def system_binary(name: str, package: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import secrets
-import socket
 import time
 
 import pytest
@@ -15,17 +14,11 @@ import pytest
 pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from tests.conftest import REPO  # noqa: E402
+from tests.conftest import REPO, serving  # noqa: E402
 
 PIPELINE = REPO / "tests" / "data" / "serving" / "hardened.yaml"
 RUN = "/v1/pipelines/hardened/run"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,28 +26,10 @@ def served(tmp_path_factory):
     """Deploy hardened.yaml with the API token `alice:<random>`; yield (url, token)."""
     home = tmp_path_factory.mktemp("home")
     token = secrets.token_urlsafe(24)
-    keys = ("HETFORGE_HOME", "HETFORGE_RAY_TMP", "PROMETHEUS_MULTIPROC_DIR", "HETFORGE_API_TOKEN")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ["HETFORGE_HOME"] = str(home)
-    os.environ["HETFORGE_RAY_TMP"] = f"/tmp/hf-ray-{os.getpid()}"
-    os.environ["HETFORGE_API_TOKEN"] = f"alice:{token}"
-    from hetforge.serving import deploy as dep
-
-    record = dep.deploy(PIPELINE, port=_free_port(), registry_path=str(home / "registry.sqlite"))
-    try:
-        dep.wait_until_running(record, timeout_s=600)
+    with serving(
+        PIPELINE, home, HETFORGE_RAY_TMP=f"/tmp/hf-ray-{os.getpid()}", HETFORGE_API_TOKEN=f"alice:{token}"
+    ) as record:
         yield record.url, token
-    finally:
-        import ray
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _x(rows: int = 1) -> list:

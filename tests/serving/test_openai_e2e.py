@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from tests.conftest import REPO  # noqa: E402
+from tests.conftest import REPO, serving  # noqa: E402
 
 PIPELINE = REPO / "tests" / "data" / "serving" / "agent_pipeline.yaml"
 FIXTURES = REPO / "tests" / "data" / "openai"
@@ -43,38 +42,14 @@ WEATHER = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     subprocess.run(
         [sys.executable, str(REPO / "scripts" / "build_tiny_llm.py")], check=True, capture_output=True, timeout=300
     )
     home = tmp_path_factory.mktemp("home")
-    saved = {k: os.environ.get(k) for k in ("HETFORGE_HOME", "HETFORGE_RAY_TMP", "PROMETHEUS_MULTIPROC_DIR")}
-    os.environ["HETFORGE_HOME"] = str(home)
-    os.environ["HETFORGE_RAY_TMP"] = f"/tmp/hf-ray-oa-{os.getpid()}"
-    from hetforge.serving import deploy as dep
-
-    record = dep.deploy(PIPELINE, port=_free_port(), registry_path=str(home / "registry.sqlite"))
-    try:
-        dep.wait_until_running(record, timeout_s=600)
+    with serving(PIPELINE, home, HETFORGE_RAY_TMP=f"/tmp/hf-ray-oa-{os.getpid()}") as record:
         yield record.url
-    finally:
-        import ray
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ pytest.importorskip("vllm")
 httpx = pytest.importorskip("httpx")
 
 from hetforge.serving.ingress.auth import client_headers  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
+from tests.conftest import REPO, serving  # noqa: E402
 
 PIPELINE = REPO / "tests" / "data" / "serving" / "pipeline.yaml"
 CLASSIFIER = REPO / "tests" / "data" / "serving" / "models" / "classifier.py"
@@ -49,12 +48,6 @@ WRONG = SAME.replace(
 ACCEPTED = {"verdict": "accepted", "needs_review": False, "speedup": 1.4, "reference_ms": 1.0, "candidate_ms": 0.71}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Deploy tests/data/serving/pipeline.yaml; yield (url, home, registry)."""
@@ -62,12 +55,8 @@ def served(tmp_path_factory):
         [sys.executable, str(REPO / "scripts" / "build_tiny_llm.py")], check=True, capture_output=True, timeout=300
     )
     home = tmp_path_factory.mktemp("home")
-    saved = {k: os.environ.get(k) for k in ("HETFORGE_HOME", "HETFORGE_RAY_TMP", "PROMETHEUS_MULTIPROC_DIR")}
-    os.environ["HETFORGE_HOME"] = str(home)
-    os.environ["HETFORGE_RAY_TMP"] = f"/tmp/hf-ray-{os.getpid()}"
     from hetforge.core.problem import source_fingerprint
     from hetforge.kernels.registry import Registry
-    from hetforge.serving import deploy as dep
 
     registry = Registry(home / "registry.sqlite")
     fingerprint = source_fingerprint(CLASSIFIER.read_text())
@@ -94,22 +83,8 @@ def served(tmp_path_factory):
         verdict={**ACCEPTED, "needs_review": True},
         recipe={"kind": "module"},
     ).id
-    port = _free_port()
-    record = dep.deploy(PIPELINE, port=port, registry_path=str(home / "registry.sqlite"))
-    try:
-        dep.wait_until_running(record, timeout_s=600)
+    with serving(PIPELINE, home, HETFORGE_RAY_TMP=f"/tmp/hf-ray-{os.getpid()}") as record:
         yield {"url": record.url, "home": home, "ids": ids, "record": record}
-    finally:
-        import ray
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _run(url: str, body: dict, timeout: float = 60) -> httpx.Response:
