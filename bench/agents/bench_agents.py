@@ -17,7 +17,7 @@ tasks in flight at once, one tool call a turn, greedy decoding, 40 tokens at mos
   routing happen server-side. Time to first token from the replica's `hetforge_llm_time_to_first_token_seconds`
   (vLLM's engine statistic; the baseline's engine figure `vllm:time_to_first_token_seconds` is reported beside
   it), the hit rate from `hetforge_llm_prefix_cache_*`.
-Both run one engine replica on the same machine, one after the other. Writes results.json and results.md.
+Both run one engine replica on the same machine, one after the other. Writes results.json; results.md is its table, written from that file.
 """
 
 from __future__ import annotations

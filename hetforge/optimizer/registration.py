@@ -2,7 +2,7 @@
 
 One rule for `hetforge optimize` and for background jobs: the reference itself (`recipe:eager`)
 never registers, and neither does a winner under `REGISTER_MIN_GAIN` over eager, nor one whose
-speedup does not hold with confidence (`Verdict.claim`, the bootstrap interval of `stats`): serving
+speedup does not hold with confidence (`Verdict.claim`, the rank-based interval of `stats`): serving
 would swap it in for a gain within noise of the reference.
 """
 

@@ -30,13 +30,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from hetforge.optimizer.capture import TRACE_LOCK, capture
 
 aten = torch.ops.aten
-__all__ = [
-    "REWRITES",
-    "TRACE_LOCK",
-    "apply_rewrites",
-    "rewrite_graph",
-    "symbolic_trace",
-]  # TRACE_LOCK: serving imports it from here
+__all__ = ["REWRITES", "apply_rewrites", "rewrite_graph", "symbolic_trace"]
 
 REWRITES: dict[str, Callable[[fx.GraphModule], int]] = {}
 
@@ -277,12 +271,7 @@ def merge_linear(gm: fx.GraphModule) -> int:
         )
         merged = merged.to(device=first.weight.device, dtype=first.weight.dtype)
         with torch.no_grad():
-            w = second.weight.double() @ first.weight.double()
-            b = torch.zeros(second.out_features, dtype=torch.float64, device=w.device)
-            if first.bias is not None:
-                b += second.weight.double() @ first.bias.double()
-            if second.bias is not None:
-                b += second.bias.double()
+            w, b = _merged(first.weight, first.bias, second.weight, second.bias)
             merged.weight.copy_(w)
             if merged.bias is not None:
                 merged.bias.copy_(b)

@@ -52,7 +52,7 @@ class Flag(enum.StrEnum):
     INSPECTS_CONTEXT = "inspects_context"
 
 
-STATIC_FLAG_PREFIX = "static:"
+STATIC_FLAG_PREFIX = "static:"  # flags from static checks of the source: `static:<rule>`
 EXCERPT_CHARS = 400  # the most of a candidate's own text (its exception, its log) a verdict quotes
 
 
@@ -62,9 +62,7 @@ def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
     (whatever it read goes into the message): bounded, it carries little, and nothing that acts on a reader."""
     clean = "".join(c if " " <= c <= "~" else " " if c.isspace() else "?" for c in str(text)[: limit * 4])
     clean = " ".join(clean.split())
-    return (
-        clean if len(clean) <= limit else clean[: limit - 3] + "..."
-    )  # flags from static checks of the source: `static:<rule>`
+    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -111,7 +109,7 @@ class Verdict:
     reference_ms: float | None = None
     candidate_ms: float | None = None
     speedup: float | None = None  # reference_ms / candidate_ms
-    # the speedup's bootstrap interval over the timing rounds (`stats.Interval.to_dict()`: low, high, confidence,
+    # the speedup's rank-based interval over the timing rounds (`stats.Interval.to_dict()`: low, high, confidence,
     # claim); empty when not timed
     interval: dict = field(default_factory=dict)
     spread: dict = field(default_factory=dict)  # per side: p10 and p90 of per-call ms, host-clock ms

@@ -36,7 +36,7 @@ from hetforge.core.precision import serves
 from hetforge.core.problem import LoadedProblem, Problem
 from hetforge.core.tolerance import compare
 from hetforge.kernels.registry import Registry, RegistryError, Variant
-from hetforge.optimizer.rewrites import TRACE_LOCK
+from hetforge.optimizer.capture import TRACE_LOCK
 from hetforge.optimizer.variants import VariantError, VariantSpec, build_module_variant, build_variant
 from hetforge.serving.metrics import Metrics, default_metrics
 from hetforge.serving.rollout import CanaryArm, Rollout

@@ -1,6 +1,6 @@
 """API tokens: where they come from, and the checks of the routes that need one.
 
-The admin routes (swap, approvals, optimize, rollout control) and the API docs always need a token;
+The admin routes (swap, approvals, optimize) and the API docs always need a token;
 the pipeline routes need one when the pipeline says `auth: {pipeline_routes: token}`.
 
 - Tokens come from HETFORGE_API_TOKEN, else from the token file (HETFORGE_API_TOKEN_FILE, default

@@ -2,7 +2,7 @@
 
 Routes take the pipeline through `Depends(pipeline_named)`: a name that is not the one this
 deployment serves is a 404 before the route runs. Each router's route class guards it before
-anything is read (`auth`): `AdminRoute` (swap, approvals, optimize, rollout control) needs the API
+anything is read (`auth`): `AdminRoute` (swap, approvals, optimize) needs the API
 token, a same-origin caller and a JSON body; `DocsRoute` (/docs, /redoc, /openapi.json) the token,
 also as a browser's Basic password; `JsonBodyRoute` (the pipeline routes) the token only when the
 pipeline says `auth: {pipeline_routes: token}`, and reads bodies as JSON whatever their

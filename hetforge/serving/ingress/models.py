@@ -7,7 +7,7 @@ the OpenAI-compatible chat request: OpenAI clients send sampling fields (tempera
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -81,26 +81,6 @@ class RunResponse(Response):
         default_factory=dict,
         description="Stages that failed and were skipped or replaced by their fallback: the error.",
     )
-
-
-class ChatMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int = 0
-    message: ChatMessage
-    finish_reason: str = "stop"
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: dict | None = None
 
 
 class Health(Response):
