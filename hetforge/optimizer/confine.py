@@ -603,7 +603,15 @@ def confine_reads(readable: list[str], writable: list[str], drop_user: bool = Fa
     else:
         rights = _FS["read_file"][0] | _FS["read_dir"][0]
         paths = [*allowed, *_SYSTEM_READS, *(f"/etc/{name}" for name in _ETC_READS), *device_nodes()]
-        _landlock_layer(abi, rights, [(path, rights) for path in paths])
+        rules = [(path, rights) for path in paths]
+        if abi >= 2:
+            # Every layer denies moving a file to another folder (EXDEV) unless it handles "refer" and grants it
+            # there (Landlock's docs, LANDLOCK_ACCESS_FS_REFER). Triton's cache writes into tmp.pid_*/ and moves
+            # the file up: without this every Triton compile failed on the H200 host.
+            refer = _FS["refer"][0]
+            rights |= refer
+            rules += [(path, refer) for path in writable]
+        _landlock_layer(abi, rights, rules)
         report["reads"] = f"abi {abi}: only beneath " + ", ".join(allowed) + ", system folders, /etc's loader files"
     if drop_user and os.geteuid() == 0:
         report["user"] = _drop_user(allowed, writable)
