@@ -155,7 +155,11 @@ def propose_compositions(
         if "recipes" in task.agents and (not task.recipes or "compile" in task.recipes):
             parts["recipes"] = {
                 "recipe": asdict(
-                    next(r for r in recipes_for(task.device, task.precision, False) if r.name == "compile")
+                    next(
+                        r
+                        for r in recipes_for(task.device, task.precision, False)
+                        if r.name == matched_compile(task.device, task.precision)
+                    )
                 )
             }
     else:
