@@ -132,7 +132,9 @@ class RecipeModule(nn.Module):
             # them (a caller holding an earlier output, a pipeline's next stage, would read the wrong values)
             return _owned(out) if self.recipe.compile_mode == "reduce-overhead" else _contiguous(out)
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        # autocast caches its bf16 copies of the weights until the context exits: a CUDA graph captured inside it
+        # would replay reads of freed copies (an illegal memory access on the H200, 2026-12-01), so no cache there
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, cache_enabled=not self.recipe.cuda_graph):
             out = _to_float32(self._compiled(*args))
         return _owned(out) if self.recipe.compile_mode == "reduce-overhead" else _contiguous(out)
 

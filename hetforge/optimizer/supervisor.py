@@ -308,7 +308,10 @@ def _optimize(
             checked_at[id(record)] = time.monotonic()
 
         cut = scheduling.check_side_by_side(
-            sorted((r for r in records if id(r) in runs), key=scheduling.check_priority),
+            sorted(
+                (r for r in records if id(r) in runs),
+                key=lambda r: scheduling.check_priority(r, "recipe:" + matched_compile(task.device, task.precision)),
+            ),
             check,
             runs,
             now,
