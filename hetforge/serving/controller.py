@@ -40,14 +40,16 @@ from typing import Any
 
 from hetforge.core.problem import Problem
 from hetforge.kernels.registry import Registry
+from hetforge.planners.profiles import llm_fingerprint
 from hetforge.serving.job_runner import UNVERIFIED, JobLauncher
 from hetforge.serving.jobs import JobBoard, JobSpec
+from hetforge.serving.llm_settings import active_settings, traffic_dir
 from hetforge.serving.metrics import Metrics
 from hetforge.serving.replica_metrics import StageWindow, stage_counters_source, window_of
 from hetforge.serving.rollout import Rollout, RolloutBoard, judge_step, plan_for
 from hetforge.serving.swap_control import SwapBoard, SwapError, request_swap
 from hetforge.spec.graph import PipelineGraph
-from hetforge.spec.models import ModelStage, Pipeline
+from hetforge.spec.models import LlmStage, ModelStage, Pipeline
 from hetforge.spec.stages import stage_problem
 from hetforge.state import local_dir
 
@@ -62,8 +64,12 @@ class StageInfo:
     device: str  # cpu | cuda
     device_class: str
     precision: str
-    problem: Problem  # the stage's reference (`stage_problem`): a problem file, the team's module, a HuggingFace model
+    problem: (
+        Problem | None
+    )  # the stage's reference (`stage_problem`): a problem file, the team's module, a HuggingFace model
     resources: dict  # the job's Ray task options
+    kind: str = "model"  # model | llm (a vLLM stage: its job searches engine settings)
+    llm: dict | None = None  # an LLM stage's job inputs (`JobSpec.llm`) but the running settings, read at launch
 
 
 class Controller:
@@ -245,7 +251,7 @@ class Controller:
                 job_id=job.id,
                 pipeline=self.pipeline.name,
                 stage=job.stage,
-                problem=info.problem.to_json(),
+                problem=info.problem.to_json() if info.problem is not None else {},
                 device=info.device,
                 device_class=info.device_class,
                 precision=info.precision,
@@ -256,6 +262,8 @@ class Controller:
                 approval=self.spec.approval,
                 signatures=tuple(job.signatures),
                 threads=max(1, math.floor(self.spec.job_cpus)),
+                kind=info.kind,
+                llm=self._llm_job(info),
             )
             try:
                 self.launcher.launch(spec, info.resources)
@@ -268,6 +276,13 @@ class Controller:
             self._count_job(job.stage, "started")
             actions.append(f"launched job {job.id} for {job.stage} ({job.trigger})")
         return actions
+
+    def _llm_job(self, info: StageInfo) -> dict | None:
+        """An LLM job's inputs, with the settings its replicas run now (the best active engine-settings variant)."""
+        if info.kind != "llm":
+            return None
+        _, settings = active_settings(self.registry, info.fingerprint, info.device_class, info.precision)
+        return {**info.llm, "settings": settings}
 
     def _reap(self, now: float) -> list[str]:
         """Jobs that ended since the last look: count them (once) and say what they found."""
@@ -459,11 +474,41 @@ class Controller:
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def controller_stages(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict]) -> dict[str, StageInfo]:
-    """The model stages the controller may optimize, with their fingerprints and their jobs' Ray options."""
+def llm_stage_info(pipeline: Pipeline, stage: LlmStage, base_dir: Path, where: dict, registry_path: str) -> StageInfo:
+    """A vLLM stage the controller may tune: its job replays the calls its replicas record (`llm_settings`)."""
+    fingerprint = llm_fingerprint(stage, base_dir)
+    llm = {
+        "stage": stage.model_dump(mode="json"),
+        "base_dir": str(base_dir.resolve()),
+        "fingerprint": fingerprint,
+        "traffic": str(traffic_dir(registry_path, pipeline.name, stage.name)),
+    }
+    resources: dict[str, Any] = {"num_cpus": pipeline.reoptimize.job_cpus}
+    if where["ray_actor_options"].get("resources"):  # a named CPU class: the job runs on one of its nodes
+        resources["resources"] = dict(where["ray_actor_options"]["resources"])
+    return StageInfo(
+        stage.name,
+        fingerprint,
+        where["device"],
+        where["device_class"],
+        str(stage.precision),
+        None,
+        resources,
+        kind="llm",
+        llm=llm,
+    )
+
+
+def controller_stages(
+    pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], registry_path: str = ""
+) -> dict[str, StageInfo]:
+    """The model and vLLM stages the controller may optimize, with their fingerprints and their jobs' Ray options."""
     spec = pipeline.reoptimize
     out = {}
     for stage in pipeline.stages:
+        if isinstance(stage, LlmStage) and stage.vllm is not None and stage.optimize:
+            out[stage.name] = llm_stage_info(pipeline, stage, base_dir, placement[stage.name], registry_path)
+            continue
         if not isinstance(stage, ModelStage) or not stage.optimize:
             continue
         where = placement[stage.name]
@@ -508,7 +553,7 @@ def build_controller(
 
     controller = Controller(
         pipeline,
-        controller_stages(pipeline, base_dir, placement),
+        controller_stages(pipeline, base_dir, placement, registry_path),
         registry_path,
         metrics_source=stage_counters_source(metrics_dir, pipeline.name),
         launcher=JobLauncher(pipeline.name),
