@@ -129,8 +129,10 @@ async def search(spec: JobSpec, stage, base_dir: Path, calls: list[dict]) -> tup
     effective = {**stage.vllm.engine_args, "enable_prefix_caching": stage.vllm.prefix_caching, **current}
     concurrency = min(MAX_CONCURRENCY, max(c["inflight"] for c in calls))
     baseline = build_engine(stage, base_dir, current)
+    built = time.monotonic()
     try:
         first = await replay(baseline, calls, concurrency)  # a warm-up round, and the baseline's profile
+        replayed = time.monotonic()
         measured = LlmMeasurement(
             ttft_ms=round(statistics.mean(r["ttft_ms"] for r in first), 4),
             tpot_ms=round(
@@ -147,8 +149,8 @@ async def search(spec: JobSpec, stage, base_dir: Path, calls: list[dict]) -> tup
             at=time.time(),
         )
         rows: list[dict] = []
-        estimate = time.monotonic() - began  # an engine start and one round, times the rounds
-        estimate *= 1 + ROUNDS
+        # a candidate costs an engine start and 2 x ROUNDS replays: estimated from the baseline's, then the last one
+        estimate = (built - began) + 2 * ROUNDS * (replayed - built)
         for candidate in search_space(effective, spec.precision, calls):
             if time.monotonic() - began + estimate > spec.budget_s:
                 break
