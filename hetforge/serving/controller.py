@@ -40,11 +40,12 @@ from typing import Any
 
 from hetforge.core.problem import Problem
 from hetforge.kernels.registry import Registry
-from hetforge.planners.profiles import llm_fingerprint
+from hetforge.planners.profiles import ProfileCache, llm_fingerprint
 from hetforge.serving.job_runner import UNVERIFIED, JobLauncher
 from hetforge.serving.jobs import JobBoard, JobSpec
+from hetforge.serving.llm_metrics import measurement_of
 from hetforge.serving.llm_settings import active_settings, traffic_dir
-from hetforge.serving.metrics import Metrics
+from hetforge.serving.metrics import Metrics, local_samples
 from hetforge.serving.replica_metrics import StageWindow, stage_counters_source, window_of
 from hetforge.serving.rollout import Rollout, RolloutBoard, judge_step, plan_for
 from hetforge.serving.swap_control import SwapBoard, SwapError, request_swap
@@ -52,6 +53,8 @@ from hetforge.spec.graph import PipelineGraph
 from hetforge.spec.models import LlmStage, ModelStage, Pipeline
 from hetforge.spec.stages import stage_problem
 from hetforge.state import local_dir
+
+LLM_PROFILE_EVERY_S = 30.0
 
 
 # ---------------------------------------------------------------------------------------------- controller
@@ -534,6 +537,27 @@ def controller_stages(
     return out
 
 
+def with_llm_profiles(source: Callable[[], dict], metrics_dir: str, pipeline: Pipeline, stages: dict[str, StageInfo]):
+    """`source`, also writing each vLLM stage's figures from its replicas' metrics into the planner's profile cache
+    (at most every LLM_PROFILE_EVERY_S: the planner's measured LLM profile, `llm_metrics.measurement_of`)."""
+    llm = {name: info for name, info in stages.items() if info.kind == "llm"}
+    last = [0.0]
+
+    def read() -> dict:
+        out = source()
+        if llm and time.monotonic() - last[0] >= LLM_PROFILE_EVERY_S:
+            last[0] = time.monotonic()
+            samples = list(local_samples(metrics_dir, pipeline.name))
+            cache = ProfileCache()
+            for name, info in llm.items():
+                measured = measurement_of(samples, name)
+                if measured is not None and measured.requests >= pipeline.reoptimize.min_calls:
+                    cache.put_llm(info.fingerprint, info.device_class, measured)
+        return out
+
+    return read
+
+
 def build_controller(
     pipeline: Pipeline,
     base_dir: Path,
@@ -551,11 +575,14 @@ def build_controller(
         except SwapError:
             return False
 
+    stages = controller_stages(pipeline, base_dir, placement, registry_path)
     controller = Controller(
         pipeline,
-        controller_stages(pipeline, base_dir, placement, registry_path),
+        stages,
         registry_path,
-        metrics_source=stage_counters_source(metrics_dir, pipeline.name),
+        metrics_source=with_llm_profiles(
+            stage_counters_source(metrics_dir, pipeline.name), metrics_dir, pipeline, stages
+        ),
         launcher=JobLauncher(pipeline.name),
         swapper=swapper,
         metrics=metrics,

@@ -221,3 +221,27 @@ def test_the_planner_counts_a_measured_llm_stage_by_ttft_tpot_and_tokens(tmp_pat
     cache.put_llm(llm_fingerprint(pipeline.stage("chat"), PIPELINE.parent), before.device, m)
     after = build_plan(pipeline, PIPELINE.parent, local_inventory(), "latency", cache).stages["chat"]
     assert after.source == "measured" and after.latency_ms == 82.0 and "TTFT 30.00 ms" in after.detail
+
+
+def test_the_replicas_metrics_give_the_stage_a_measurement_with_the_queue_taken_out_of_ttft():
+    from hetforge.serving.llm_metrics import measurement_of
+
+    def sample(name, value, stage="chat"):
+        return SimpleNamespace(name=name, value=value, labels={"pipeline": "p", "stage": stage, "replica": "r"})
+
+    samples = [
+        sample("hetforge_llm_time_to_first_token_seconds_count", 4),
+        sample("hetforge_llm_time_to_first_token_seconds_sum", 0.4),  # 100 ms a call, from arrival
+        sample("hetforge_llm_queue_time_seconds_count", 4),
+        sample("hetforge_llm_queue_time_seconds_sum", 0.12),  # 30 ms of it queued
+        sample("hetforge_llm_time_per_output_token_seconds_count", 4),
+        sample("hetforge_llm_time_per_output_token_seconds_sum", 0.02),
+        sample("hetforge_llm_generation_tokens_total", 40),
+        sample("hetforge_llm_prefix_cache_queries_tokens_total", 200),
+        sample("hetforge_llm_generation_tokens_total", 999, stage="other"),
+    ]
+    m = measurement_of(samples, "chat")
+    assert (m.queue_ms, m.ttft_ms, m.tpot_ms) == (30.0, 70.0, 5.0)
+    assert (m.output_tokens, m.prompt_tokens, m.requests) == (10.0, 50.0, 4)
+    assert m.latency_ms == 30.0 + 70.0 + 5.0 * 9
+    assert measurement_of(samples, "absent") is None
