@@ -435,6 +435,7 @@ class LlmRuntime:
         constrained = bool(tools) and choice != "none"
         text, finish, usage = "", "stop", {}
         ids, doc = prompt_ids(self.tokenizer, messages, tools), sampling_doc(self.stage, tools, choice, options)
+        self.loop = asyncio.get_running_loop()
         if self.recorder is not None:  # recorded for the engine-settings job; a canary arm judges non-streamed calls
             self.recorder.add(ids, doc, self.inflight)
         async for out in self.engine.generate(
