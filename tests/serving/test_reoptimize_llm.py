@@ -108,6 +108,24 @@ def _wait_for(served, decision: str, after: int, timeout_s: float, variant: str 
     )
 
 
+def _settle(served, timeout_s: float = 900) -> None:
+    """Until the stage has no job queued or running, no rollout running and no variant waiting for one (a job
+    the controller queued on its own, for a prompt-length bucket it had not seen, runs its course first)."""
+    from hetforge.kernels.registry import Registry
+    from hetforge.serving.jobs import JobBoard
+    from hetforge.serving.rollout import RolloutBoard
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy = JobBoard(served["registry"]).list(NAME, STAGE, states=("queued", "running"))
+        rolling = RolloutBoard(served["registry"]).running(NAME, STAGE)
+        waiting = Registry(served["registry"]).list(status="canary")
+        if not busy and not rolling and not waiting:
+            return
+        time.sleep(2)
+    raise AssertionError(f"the stage did not settle within {timeout_s} s")
+
+
 def _stage_status(served) -> dict:
     return httpx.get(f"{served['url']}/v1/pipelines/{NAME}/status", timeout=60).json()["stages"][STAGE]
 
@@ -156,7 +174,9 @@ def test_settings_that_fail_on_recorded_calls_are_rolled_back_and_the_promoted_o
     if promoted is None:
         pytest.skip("needs the promotion of the test before")
     registry = Registry(served["registry"])
-    settings = registry.get(int(promoted)).recipe["settings"]
+    _settle(served)
+    before = _stage_status(served)  # the promoted settings, or a later job's if one was promoted meanwhile
+    settings = before["engine_settings"]
     mark = _events(served)[-1]["id"]
     pipeline = load_pipeline(PIPELINE)
     bad = registry.add(
@@ -174,7 +194,8 @@ def test_settings_that_fail_on_recorded_calls_are_rolled_back_and_the_promoted_o
     assert "failed on a replica" in rollback["reason"] and "recorded calls" in rollback["reason"], rollback
     assert registry.get(bad.id).status == "rejected"
     status = _stage_status(served)
-    assert status["active_variant"] == f"variant:{promoted}" and status["engine_settings"] == settings, status
+    assert before["active_variant"].startswith("variant:"), before
+    assert status["active_variant"] == before["active_variant"] and status["engine_settings"] == settings, status
     served["load"].check()
 
 
@@ -184,6 +205,7 @@ def test_a_swap_to_the_reference_restores_the_specs_settings(served):
 
     if served.get("promoted") is None:
         pytest.skip("needs the promotion of the first test")
+    _settle(served)
     result = request_swap(served["registry"], load_pipeline(PIPELINE), STAGE, "reference", 1, 300)
     assert result["ok"], result
     status = _stage_status(served)
