@@ -196,6 +196,8 @@ class Controller:
             if w is None or w.calls < self.spec.min_calls or self._busy(stage):
                 continue
             sigs = signatures.get(stage, {})
+            if self.stages[stage].kind == "llm" and not sigs:
+                continue  # its job replays the calls the replicas recorded: wait until their heartbeats show some
             history = self.jobs.list(self.pipeline.name, stage)
             seen = {s for job in history for s in job.signatures}
             frequent = [s for s, share in sigs.items() if share >= 0.05 and s != "other"][:4]

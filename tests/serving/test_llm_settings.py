@@ -190,6 +190,14 @@ def test_the_controller_launches_an_engine_settings_job_for_a_hot_llm_stage(tmp_
         swapper=lambda s, v: True,
         clock=lambda: clock[0],
     )
+    controller.tick()
+    controller.tick()
+    assert not launched  # no recorded calls in the replicas' heartbeats yet: nothing for a job to replay
+    from hetforge.serving.swap_control import SwapBoard
+
+    SwapBoard(registry_path).heartbeat("llm-reopt", "chat", "r1", "reference", {"prompt_tokens<=64": 5})
+    controller.tick()
+    SwapBoard(registry_path).heartbeat("llm-reopt", "chat", "r1", "reference", {"prompt_tokens<=64": 60})
     for _ in range(3):
         controller.tick()
         clock[0] += 2
@@ -198,6 +206,7 @@ def test_the_controller_launches_an_engine_settings_job_for_a_hot_llm_stage(tmp_
     assert spec.kind == "llm" and spec.problem == {} and spec.llm["fingerprint"] == info.fingerprint
     assert spec.llm["settings"] == {"max_num_seqs": 8}  # the settings the replicas run now
     assert spec.llm["traffic"].endswith("traffic/llm-reopt/chat")
+    assert spec.signatures == ("prompt_tokens<=64",)
 
 
 def test_the_planner_counts_a_measured_llm_stage_by_ttft_tpot_and_tokens(tmp_path):
