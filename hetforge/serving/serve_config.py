@@ -76,7 +76,9 @@ def update_user_config(app: str, deployment: str, change: Callable[[dict], dict]
     """
     infos = _infos(app)
     if deployment not in infos:
-        raise ConfigPushError(f"application {app!r} has no deployment {deployment!r} (it has {', '.join(sorted(infos))})")
+        raise ConfigPushError(
+            f"application {app!r} has no deployment {deployment!r} (it has {', '.join(sorted(infos))})"
+        )
     current = infos[deployment].deployment_config.user_config
     new = change(copy.deepcopy(current) if isinstance(current, dict) else {})
     if new == current:
