@@ -9,8 +9,9 @@ its replicas or autoscaling from the spec, `max_ongoing_requests` from its `limi
 an overloaded stage refuses calls (503 with Retry-After at the ingress) instead of queueing them
 without bound. A model replica refuses an input over `limits.max_tensor_elements` and a vLLM
 replica a prompt over its context (422) before any compute. Tool and LLM replicas report their
-outside dependencies (`dependency_checks`) for /healthz. Model stages batch with `serve.batch`; a swap reaches their replicas through the
-registry file (`swap_control`, `swap_watcher`), so no replica restarts.
+outside dependencies (`dependency_checks`) for /healthz. Model stages batch with `serve.batch`; swaps and rollout
+steps reach their replicas as the deployment's `user_config` (`reconfigure`, `replica_control`), so no replica
+restarts, and a replica started later comes up with the stage's current config (`stage_configs` of `build_app`).
 
 Metrics: replicas write prometheus_client's multiprocess files into one folder per deployment
 (`PROMETHEUS_MULTIPROC_DIR`, set through the runtime environment), and the ingress's /metrics

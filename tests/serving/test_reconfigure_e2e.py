@@ -69,14 +69,14 @@ def served(tmp_path_factory):
         yield {"url": record.url, "home": home, "registry": str(home / "registry.sqlite"), "ids": ids, "record": record}
 
 
-def _replicas() -> dict[str, int]:
-    """Replica id -> PID of the stage's RUNNING replicas, from Serve's controller."""
+def _replicas(deployment: str = DEPLOYMENT) -> dict[str, int]:
+    """Replica id -> PID of a deployment's RUNNING replicas (the stage's by default), from Serve's controller."""
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME
 
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace="serve")
     details = ray.get(controller.get_serve_instance_details.remote(), timeout=60)
-    found = details["applications"][APP]["deployments"][DEPLOYMENT]["replicas"]
+    found = details["applications"][APP]["deployments"][deployment]["replicas"]
     return {r["replica_id"]: r["pid"] for r in found if str(r["state"]).endswith("RUNNING")}
 
 
@@ -124,7 +124,7 @@ def _wait(what, timeout_s: float = 180, poll_s: float = 0.5):
 
 
 def test_swap_reaches_every_replica_without_restarting_it(served):
-    before = _replicas()
+    before, ingress = _replicas(), _replicas("PipelineIngress")
     assert len(before) == 2
     with _load(served["url"]) as seen:
         time.sleep(2)
@@ -141,6 +141,7 @@ def test_swap_reaches_every_replica_without_restarting_it(served):
     assert sorted(_owner(r["replica"], before) for r in doc["reports"]) == sorted(before)  # each replica, once
     assert {r["outcome"] for r in doc["reports"]} == {"swapped"}
     assert _replicas() == before  # the same replicas, the same processes
+    assert _replicas("PipelineIngress") == ingress  # the application was submitted again: nothing else restarted
     assert seen["failed"] == [] and len(seen["ok"]) > 0
     served["swap_request"] = doc["request_id"]
 
