@@ -188,17 +188,25 @@ def _free_port() -> int:
 def summarize(rows: list[dict], loads: dict[str, dict]) -> str:
     labels = list(dict.fromkeys(r["label"] for r in rows))
     out = [
-        "| path | swaps | to every replica: median s | min s | max s | API round trip median s | requests | failed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| path | swaps | to every replica: median s | min s | max s | median s, to the variant / to the reference "
+        "| API round trip median s | requests | failed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def median(values: list[float]) -> str:
+        return f"{statistics.median(values):.3f}" if values else "-"
+
     for label in labels:
-        mine = [r for r in rows if r["label"] == label]
-        reached = [float(r["all_replicas_s"]) for r in mine if r["all_replicas_s"] not in ("", None)]
-        api = [float(r["api_s"]) for r in mine]
+        mine = [r for r in rows if r["label"] == label and r["all_replicas_s"] not in ("", None)]
+        reached = [float(r["all_replicas_s"]) for r in mine]
+        to_variant = [float(r["all_replicas_s"]) for r in mine if r["variant"] != "reference"]
+        to_reference = [float(r["all_replicas_s"]) for r in mine if r["variant"] == "reference"]
+        api = [float(r["api_s"]) for r in rows if r["label"] == label]
         load = loads.get(label, {})
         out.append(
-            f"| {label} | {len(mine)} | {statistics.median(reached):.3f} | {min(reached):.3f} | {max(reached):.3f} | "
-            f"{statistics.median(api):.3f} | {load.get('ok', '?')} | {load.get('failed', '?')} |"
+            f"| {label} | {len(mine)} | {median(reached)} | {min(reached):.3f} | {max(reached):.3f} | "
+            f"{median(to_variant)} / {median(to_reference)} | {median(api)} | {load.get('ok', '?')} | "
+            f"{load.get('failed', '?')} |"
         )
     return "\n".join(out)
 
