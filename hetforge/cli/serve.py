@@ -204,7 +204,9 @@ def swap(
     pipeline: Annotated[str, typer.Argument(help="Pipeline name.", show_default=False)],
     stage: Annotated[str, typer.Argument(help="Stage name.", show_default=False)],
     variant: Annotated[str, typer.Argument(help='Registry variant id, or "reference".', show_default=False)],
-    replicas: Annotated[int, typer.Option(min=1, help="Replica reports to wait for.")] = 1,
+    replicas: Annotated[
+        int, typer.Option(min=1, help="Ignored: the deployment's API waits for every live replica of the stage.")
+    ] = 1,
     wait_s: Annotated[float, typer.Option(min=0, help="Seconds to wait for the replicas' reports.")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="The reports as one JSON object on the last line.")] = False,
 ) -> None:
@@ -213,20 +215,15 @@ def swap(
     A missing, unapproved or mismatched variant is refused before anything is sent.
     Exit 0 when every reporting replica swapped, 1 when one refused or none answered in time.
     """
-    from hetforge.serving.swap_control import SwapBoard, SwapError, check_variant
-
     recorded = deployment(pipeline)
-    if recorded is not None:  # a deployment of this pipeline is recorded: ask its API (it knows the replica count)
-        request_id, reports = swap_through_api(recorded.url, pipeline, stage, variant, wait_s)
-    else:
-        try:
-            check_variant(None, variant)
-        except SwapError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(EXIT_INVALID) from None
-        board = SwapBoard()
-        request_id = board.request(pipeline, stage, variant)
-        reports = board.wait(request_id, replicas, wait_s)
+    if recorded is None:  # the swap reaches replicas through their deployment (its API publishes the stage config)
+        typer.echo(
+            f"error: no deployment of {pipeline} is recorded on this machine (hetforge status); "
+            f"run the swap where it was served, or POST /v1/pipelines/{pipeline}/stages/{stage}/swap to its API",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    request_id, reports = swap_through_api(recorded.url, pipeline, stage, variant, wait_s)
     doc = {
         "request_id": request_id,
         "stage": stage,

@@ -13,9 +13,11 @@ Every `reoptimize.interval_s` one `tick()`:
 3. launches queued jobs (its own, the API's, a human's hint) up to `concurrency`, as Ray tasks;
 4. starts a rollout for every verified variant waiting in status `canary` (a job's winner, or one a
    human approved) and judges each running rollout's step (`rollout.judge_step`): advance, promote
-   (registry `active`, then a hot-swap on every replica), or roll back (registry `rejected`).
+   (registry `active`, then a hot-swap on every replica), or roll back (registry `rejected`). Every
+   start, step and end of a rollout is published to the stage's replicas as their Serve user_config
+   (`publisher`: `swap_control.publish`); one that fails is published again on the next tick.
 
-All state is in the registry's SQLite file, so a controller that restarts picks up where the last one
+All state is in the registry's store, so a controller that restarts picks up where the last one
 stopped: running jobs keep their rows (and are not started twice), running rollouts resume at their
 step, or roll back when the step ran out of time meanwhile. Every decision goes into the audit log
 with its numbers, and into `hetforge_rollout_decisions_total` / `hetforge_canary_weight_percent`.
@@ -48,7 +50,7 @@ from hetforge.serving.llm_settings import active_settings, traffic_dir
 from hetforge.serving.metrics import Metrics, local_samples
 from hetforge.serving.replica_metrics import StageWindow, stage_counters_source, window_of
 from hetforge.serving.rollout import Rollout, RolloutBoard, judge_step, plan_for
-from hetforge.serving.swap_control import SwapBoard, SwapError, request_swap
+from hetforge.serving.swap_control import SwapBoard, SwapError, publish, request_swap
 from hetforge.spec.graph import PipelineGraph
 from hetforge.spec.models import LlmStage, ModelStage, Pipeline
 from hetforge.spec.stages import stage_problem
@@ -87,6 +89,7 @@ class Controller:
         metrics_source: Callable[[], dict],
         launcher,
         swapper: Callable[[str, str], bool],
+        publisher: Callable[[str, dict | None], None] | None = None,
         metrics=None,
         scratch: str | None = None,
         clock: Callable[[], float] = time.time,
@@ -101,6 +104,8 @@ class Controller:
         )
         self.heartbeats = SwapBoard(registry_path)
         self.metrics_source, self.launcher, self.swapper = metrics_source, launcher, swapper
+        self.publisher = publisher
+        self.unpublished: set[str] = set()  # stages whose rollout change has not reached Serve yet
         self.metrics, self.clock = metrics, clock
         self.scratch = scratch or str(local_dir(registry_path) / "jobs")  # registry_path may be a postgresql:// URL
         self.snapshots: collections.deque = collections.deque()  # (time, stage counters, stage signatures)
@@ -117,6 +122,8 @@ class Controller:
         if not self._resumed:
             done += self._resume(now)
             self._resumed = True
+        for stage in sorted(self.unpublished):
+            done += self._publish(stage)
         windows, signatures = self._observe(now)
         done += self._reap(now)
         done += self._rollouts(now)
@@ -352,6 +359,19 @@ class Controller:
             self.metrics.optimizer_jobs.labels(self.pipeline.name, stage, outcome).inc()
 
     # -- rollouts -------------------------------------------------------------------------------
+    def _publish(self, stage: str) -> list[str]:
+        """Send the stage's running rollout (or none) to its replicas; kept for the next tick when Serve refuses."""
+        if self.publisher is None:
+            return []
+        running = self.rollouts.running(self.pipeline.name, stage)
+        try:
+            self.publisher(stage, running[0].to_config() if running else None)
+        except Exception as err:  # noqa: BLE001 - Serve or the store unreachable: the next tick publishes again
+            self.unpublished.add(stage)
+            return [f"rollout of {stage} not yet published: {type(err).__name__}: {err}"[:500]]
+        self.unpublished.discard(stage)
+        return []
+
     def _resume(self, now: float) -> list[str]:
         """After a (re)start: running rollouts continue at their step, or roll back if their step timed out meanwhile."""
         actions = []
@@ -367,6 +387,7 @@ class Controller:
             else:
                 self._decide(rollout, "resume", f"controller restarted: continuing at step {rollout.step}", {})
                 actions.append(f"resumed rollout {rollout.id} at step {rollout.step}")
+            actions += self._publish(rollout.stage)
         return actions
 
     def _rollouts(self, now: float) -> list[str]:
@@ -403,6 +424,7 @@ class Controller:
                         },
                     )
                     actions.append(f"started rollout {rollout.id} of variant {variant.id} on {stage}")
+                    actions += self._publish(stage)
         for rollout in self.rollouts.running(self.pipeline.name):
             decision = judge_step(rollout, self.rollouts.step_stats(rollout.id, rollout.step), self.spec.canary, now)
             if decision.decision == "wait":
@@ -414,6 +436,7 @@ class Controller:
                 self._decide(rollout, "advance", decision.reason, decision.numbers)
                 nxt = self.rollouts.advance(rollout)
                 self._weight(nxt)
+                actions += self._publish(rollout.stage)
                 actions.append(f"rollout {rollout.id} advanced to step {nxt.step} ({nxt.mode} {nxt.weight:g}%)")
             else:
                 actions.append(self._promote(rollout, decision.reason, decision.numbers))
@@ -428,6 +451,7 @@ class Controller:
         if self.rollouts.finish(rollout, "promoted", reason):
             self._decide(rollout, "promote", reason, numbers)
             self._weight(None, rollout.stage)
+            self._publish(rollout.stage)
             if numbers.get("canary_p50_ms"):
                 self.baseline_p50[rollout.stage] = numbers["canary_p50_ms"]
             self.settled_at[rollout.stage] = self.clock()
@@ -441,6 +465,7 @@ class Controller:
                 pass
             self._decide(rollout, "rollback", reason, numbers)
             self._weight(None, rollout.stage)
+            self._publish(rollout.stage)
             self.settled_at[rollout.stage] = self.clock()
 
     def _decide(self, rollout: Rollout, decision: str, reason: str, numbers: dict) -> None:
@@ -577,6 +602,9 @@ def build_controller(
         except SwapError:
             return False
 
+    def publisher(stage: str, rollout: dict | None) -> None:
+        publish(registry_path, pipeline.name, stage, "rollout", rollout)
+
     stages = controller_stages(pipeline, base_dir, placement, registry_path)
     controller = Controller(
         pipeline,
@@ -587,6 +615,7 @@ def build_controller(
         ),
         launcher=JobLauncher(pipeline.name),
         swapper=swapper,
+        publisher=publisher,
         metrics=metrics,
     )
     metrics.zero_control_series(pipeline.name, list(controller.stages))

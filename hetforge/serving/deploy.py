@@ -32,12 +32,12 @@ from hetforge.kernels.registry import Registry, default_path
 from hetforge.planners import devices
 from hetforge.planners.plan import build_plan
 from hetforge.planners.profiles import ProfileCache
-from hetforge.serving import ray_instance
+from hetforge.serving import ray_instance, serve_config
 from hetforge.serving.dataflow import PipelineRunner
 from hetforge.serving.deployments import build_app
 from hetforge.serving.ingress.auth import client_headers
 from hetforge.serving.job_runner import JobLauncher
-from hetforge.serving.swap_control import SwapBoard
+from hetforge.serving.swap_control import SwapBoard, deployment_name
 from hetforge.spec import load_pipeline
 from hetforge.spec.models import LlmStage, Pipeline
 from hetforge.spec.stages import import_stage_functions
@@ -298,18 +298,31 @@ def reload(pipeline_file: Path, timeout_s: float = 600) -> tuple[Deployment, lis
     _token_auth_like_local(record)
     _ray_init(record.gcs_address, Path(record.metrics_dir), 0)
     try:
-        versions = versions_of(pipeline, base_dir, placement, record.registry_path, record.metrics_dir)
-        app = pin_versions(build_app(pipeline, base_dir, placement, record.registry_path, record.metrics_dir), versions)
-        serve._run(app, name=pipeline.name, route_prefix="/", _blocking=False)
-        changed = sorted(n for n, v in versions.items() if record.versions.get(n) != v)
-        kept = sorted(n for n in versions if n not in changed)
-        record.pipeline_file, record.placement, record.versions = str(pipeline_file.resolve()), placement, versions
+        changed, kept = redeploy(record, pipeline, base_dir, placement)
+        record.pipeline_file = str(pipeline_file.resolve())
         record.save()
         time.sleep(1.0)  # Serve reports the application as updating once its controller has taken the new targets
         wait_until_running(record, timeout_s)
     finally:
         ray.shutdown()  # this process's driver only: the instance belongs to the serve process or the cluster
     return record, changed, kept
+
+
+def redeploy(record: Deployment, pipeline: Pipeline, base_dir: Path, placement: dict) -> tuple[list[str], list[str]]:
+    """Submit the pipeline's application again on the connected Ray cluster: (deployments redeployed, kept).
+
+    Each stage keeps its running stage config (its swap and rollout, `swap_control`): the new target carries the
+    user_config Serve holds now, so an update neither reverts a swap nor restarts replicas for it."""
+    running = serve_config.user_configs(pipeline.name)
+    configs = {s.name: running.get(deployment_name(s.name)) for s in pipeline.stages}
+    configs = {name: config for name, config in configs.items() if isinstance(config, dict)}
+    versions = versions_of(pipeline, base_dir, placement, record.registry_path, record.metrics_dir)
+    app = build_app(pipeline, base_dir, placement, record.registry_path, record.metrics_dir, configs)
+    serve._run(pin_versions(app, versions), name=pipeline.name, route_prefix="/", _blocking=False)
+    changed = sorted(n for n, v in versions.items() if record.versions.get(n) != v)
+    kept = sorted(n for n in versions if n not in changed)
+    record.placement, record.versions = placement, versions
+    return changed, kept
 
 
 def _token_auth_like_local(record: Deployment) -> None:

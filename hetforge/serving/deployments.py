@@ -9,8 +9,9 @@ its replicas or autoscaling from the spec, `max_ongoing_requests` from its `limi
 an overloaded stage refuses calls (503 with Retry-After at the ingress) instead of queueing them
 without bound. A model replica refuses an input over `limits.max_tensor_elements` and a vLLM
 replica a prompt over its context (422) before any compute. Tool and LLM replicas report their
-outside dependencies (`dependency_checks`) for /healthz. Model stages batch with `serve.batch`; a swap reaches their replicas through the
-registry file (`swap_control`, `swap_watcher`), so no replica restarts.
+outside dependencies (`dependency_checks`) for /healthz. Model stages batch with `serve.batch`; swaps and rollout
+steps reach their replicas as the deployment's `user_config` (`reconfigure`, `replica_control`), so no replica
+restarts, and a replica started later comes up with the stage's current config (`stage_configs` of `build_app`).
 
 Metrics: replicas write prometheus_client's multiprocess files into one folder per deployment
 (`PROMETHEUS_MULTIPROC_DIR`, set through the runtime environment), and the ingress's /metrics
@@ -45,9 +46,9 @@ from hetforge.serving.ingress.state import HandleCaller, IngressState
 from hetforge.serving.llm import LlmRuntime, loop_tools, plan_call, prompt_ids
 from hetforge.serving.metrics import default_metrics
 from hetforge.serving.model_io import ModelIO
+from hetforge.serving.replica_control import ReplicaControl
 from hetforge.serving.stage_runtime import ModelStageRuntime
-from hetforge.serving.swap_control import SwapBoard
-from hetforge.serving.swap_watcher import SwapWatcher
+from hetforge.serving.swap_control import deployment_name
 from hetforge.serving.tools import ToolRuntime
 from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
 from hetforge.spec.stages import stage_code_error, stage_problem
@@ -156,7 +157,7 @@ async def dependency_checks(stage: LlmStage | ToolStage) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- stages
 @serve.deployment
 class ModelStageDeployment:
-    """A model stage replica: batched calls on the active variant, swaps from the registry file."""
+    """A model stage replica: batched calls on the active variant; swaps and rollouts from its user_config."""
 
     def __init__(
         self,
@@ -192,7 +193,12 @@ class ModelStageDeployment:
         batching = stage.batching
         self.run_batch.set_max_batch_size(batching.max_batch_size if batching else 1)
         self.run_batch.set_batch_wait_timeout_s((batching.wait_ms if batching else 0.0) / 1e3)
-        self.watcher = SwapWatcher(self.runtime, SwapBoard(registry_path), _replica_name()).start()
+        self.control = ReplicaControl(self.runtime, registry_path, _replica_name()).start()
+
+    async def reconfigure(self, config: dict) -> None:
+        """Serve's call with the stage config (`swap_control`), on every replica, and before a new one takes traffic:
+        the swap check and a canary's build run on a thread, requests keep being served meanwhile."""
+        await asyncio.to_thread(self.control.apply, config)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def run_batch(self, items: list[list]) -> list[Any]:
@@ -220,6 +226,7 @@ class ModelStageDeployment:
             "device_class": r.device_class,
             "active_variant": r.active_variant,
             "swaps": [vars(h) for h in r.history[-10:]],
+            "control": self.control.status(),
         }
 
 
@@ -269,19 +276,26 @@ class LlmStageDeployment:
         self.pipeline, self.stage, self.device = pipeline.name, stage, device
         labels = (pipeline.name, stage.name, _replica_name())
         tools = loop_tools(pipeline, stage, Path(base_dir))
-        self.target = self.watcher = None
+        self.target = self.control = None
         if stage.vllm is not None and registry_path:  # engine settings are variants: recorded, rolled out, swapped
             self.target = llm_settings.serve_target(
                 pipeline.name, stage, Path(base_dir), tools, labels, registry_path, device_class or device
             )
             self.runtime = self.target.runtime
-            self.watcher = SwapWatcher(self.target, SwapBoard(registry_path), _replica_name()).start()
+            self.control = ReplicaControl(self.target, registry_path, _replica_name()).start()
         else:
             self.runtime = LlmRuntime(stage, Path(base_dir), tools, labels)
         self.metrics = default_metrics()
         engine_config = getattr(self.runtime.engine, "model_config", None)  # vLLM's; an endpoint has none here
         self.context_tokens = getattr(engine_config, "max_model_len", None)
         self.prompt_limit = prompt_token_limit(stage, self.context_tokens)
+
+    async def reconfigure(self, config: dict) -> None:
+        """Serve's call with the stage config (`swap_control`): engine-settings swaps and rollouts, on a thread (an
+        engine build takes seconds); requests keep being served by the running engine meanwhile."""
+        if self.control is None:  # an endpoint-backed stage, or no registry: nothing to swap
+            return
+        await asyncio.to_thread(self.control.apply, config)
 
     def _check_prompt(self, payload: dict) -> None:
         """422 for a prompt the model cannot take, counted with the tokenizer the engine uses."""
@@ -418,19 +432,26 @@ class PipelineIngress:
         return create_app(self.state)
 
 
-def _deployment_name(stage: str) -> str:
-    return f"stage-{stage}"
+def build_app(
+    pipeline: Pipeline,
+    base_dir: Path,
+    placement: dict[str, dict],
+    registry_path: str,
+    metrics_dir: str,
+    stage_configs: dict[str, dict] | None = None,
+):
+    """The bound application: `placement[stage]` = {"device": "cpu"|"cuda", "ray_actor_options": {...}}.
 
-
-def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], registry_path: str, metrics_dir: str):
-    """The bound application: `placement[stage]` = {"device": "cpu"|"cuda", "ray_actor_options": {...}}."""
+    `stage_configs[stage]`: the stage config its replicas start with (`hetforge reload` carries the running one
+    over); every stage deployment class with a `reconfigure` gets one (empty: no swap, no rollout)."""
+    stage_configs = stage_configs or {}
     doc = pipeline.model_dump(mode="json", by_alias=True)
     lines = {stage.name: pipeline.where(stage.name) for stage in pipeline.stages if pipeline.where(stage.name)}
     handles = {}
     for stage in pipeline.stages:
         where = placement[stage.name]
         options: dict[str, Any] = {
-            "name": _deployment_name(stage.name),
+            "name": deployment_name(stage.name),
             "ray_actor_options": where["ray_actor_options"],
         }
         if isinstance(stage.replicas, int):
@@ -443,6 +464,9 @@ def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], re
             }
         # back-pressure: a caller holds at most limits.max_queued calls waiting; Serve refuses more (BackPressureError)
         options["max_queued_requests"] = stage.limits.max_queued
+        kind = {ModelStage: ModelStageDeployment, ToolStage: ToolStageDeployment}.get(type(stage), LlmStageDeployment)
+        if hasattr(kind.func_or_class, "reconfigure"):  # Serve refuses a user_config for a class without one
+            options["user_config"] = dict(stage_configs.get(stage.name) or {})
         most = stage.limits.max_concurrency
         if isinstance(stage, ModelStage):
             batch = stage.batching.max_batch_size if stage.batching else 1

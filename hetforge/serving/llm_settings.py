@@ -3,7 +3,7 @@
 An engine-settings variant is a registry row of the LLM stage (fingerprint `profiles.llm_fingerprint`) whose
 recipe is {"kind": "engine_settings", "settings": {...}}: vLLM engine arguments over the spec's. The
 re-optimization job (`llm_job.py`) finds one by replaying the stage's recorded traffic; the rollout runs it as
-a second engine in each replica (`LlmEngineTarget`, the object the swap watcher drives, like
+a second engine in each replica (`LlmEngineTarget`, the object `replica_control.ReplicaControl` drives, like
 `ModelStageRuntime` for a model stage), and a promotion rebuilds the replica's engine with it.
 
 Agreement: at temperature 0 the settings that must not change results (`Candidate.exact`: prefix caching,
@@ -222,8 +222,8 @@ async def _attempt(run) -> tuple[Any, float, Exception | None]:
 
 
 class LlmEngineTarget:
-    """What the swap watcher drives on an LLM replica: `swap`, `start_canary`, `stop_canary`, `live_inputs`,
-    `active_variant`, `signatures`, `arm` (the same interface as `ModelStageRuntime`)."""
+    """What `replica_control.ReplicaControl` drives on an LLM replica (`ControlledRuntime`): `apply_variant`,
+    `start_canary`, `stop_canary`, `active_variant`, `signatures`, `arm`, as on `ModelStageRuntime`."""
 
     def __init__(
         self,
@@ -317,7 +317,13 @@ class LlmEngineTarget:
         engine.shutdown()
         self.runtime.busy.pop(id(engine), None)
 
-    # ------------------------------------------------------------------ the watcher's calls
+    # ------------------------------------------------------------------ the replica control's calls
+    def apply_variant(self, variant: str) -> SwapResult | None:
+        """Make `variant` (an id or "reference") active, checked on recorded calls; None when it already is."""
+        if self.active_variant == (REFERENCE if variant == REFERENCE else f"variant:{variant}"):
+            return None
+        return self.swap(variant, self.live_inputs())
+
     def swap(self, variant_id: int | str, live_inputs: list[dict]) -> SwapResult:
         """Rebuild the engine with the variant's settings (or the spec's, for "reference"), checked on live calls
         first; the arm's engine is taken over when it runs the same variant."""
@@ -360,7 +366,7 @@ def serve_target(
     pipeline: str, stage, base_dir: Path, tools: list[dict], labels: tuple, registry_path: str, device_class: str
 ) -> LlmEngineTarget:
     """An LLM replica's runtime on its best active engine settings (the spec's when none, or when they no longer
-    start), recording its calls for the stage's jobs, wrapped for the swap watcher."""
+    start), recording its calls for the stage's jobs, wrapped for `replica_control.ReplicaControl`."""
     registry = Registry(registry_path)
     fingerprint = llm_fingerprint(stage, base_dir)
     precision = str(stage.precision)

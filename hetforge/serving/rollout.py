@@ -2,8 +2,10 @@
 
 A rollout is a plan of steps (an optional shadow step, then canary weights up to 100%) kept in the
 registry's store (`boards.py`) with the step it is at. The controller (`controller.py`) starts it, judges
-each step and records every decision with its numbers in the audit log (`rollout_events`).
-Replicas read it on every swap-watcher poll and run a `CanaryArm` beside their active module:
+each step and records every decision with its numbers in the audit log (`rollout_events`). Every
+start, step and end is published to the stage's replicas as the `rollout` of their Serve
+user_config (`Rollout.to_config`, `swap_control.publish`); each replica runs a `CanaryArm` beside
+its active module (`replica_control.py`):
 
 - shadow: every call also runs the variant on the same inputs; its answer is compared and discarded.
 - canary: a share of calls (the step's weight) is answered by the variant. With `guard` (default)
@@ -85,6 +87,33 @@ class Rollout:
     @property
     def weight(self) -> float:
         return float(self.plan[self.step]["weight"])
+
+    def to_config(self) -> dict:
+        """What a replica needs of the rollout (the `rollout` of its stage config)."""
+        return {"id": self.id, "variant": self.variant, "plan": self.plan, "guard": self.guard, "step": self.step}
+
+    @classmethod
+    def from_config(cls, pipeline: str, stage: str, doc: dict) -> Rollout:
+        """The rollout a stage config names; ValueError naming the field when it is malformed."""
+        try:
+            rollout = cls(
+                int(doc["id"]),
+                pipeline,
+                stage,
+                str(doc["variant"]),
+                None,
+                list(doc["plan"]),
+                bool(doc["guard"]),
+                int(doc["step"]),
+                "running",
+                None,
+                0.0,
+                0.0,
+            )
+            _ = rollout.mode, rollout.weight
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise ValueError(f'Got "{doc}" for rollout: {type(err).__name__}: {err}') from None
+        return rollout
 
 
 def plan_for(canary) -> list[dict]:

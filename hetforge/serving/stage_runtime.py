@@ -211,6 +211,13 @@ class ModelStageRuntime:
         return ""
 
     # ------------------------------------------------------------------ hot-swap
+    def apply_variant(self, variant: str) -> SwapResult | None:
+        """Make `variant` (an id or "reference") active, checked on this replica's live inputs; None when it already is
+        (`replica_control.ControlledRuntime`)."""
+        if self.active_variant == (REFERENCE if variant == REFERENCE else f"variant:{variant}"):
+            return None
+        return self.swap(variant, self.live_inputs())
+
     def swap(self, variant_id: int | str, live_inputs: list[list] | list) -> SwapResult:
         """Check variant `variant_id` (or "reference") on `live_inputs` against the running one, then switch."""
         batches = live_inputs if live_inputs and isinstance(live_inputs[0], (list, tuple)) else [live_inputs]

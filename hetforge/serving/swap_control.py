@@ -1,13 +1,20 @@
 """Swap requests to every replica of a stage, without restarting any.
 
-`hetforge swap` (and the API) writes a swap request into the registry's store (`boards.py`); each replica
-of the stage runs a `SwapWatcher` (`swap_watcher.py`) that polls for requests newer than the one it applied, checks
-the variant on its own recent live inputs (`ModelStageRuntime.swap`) and writes back its outcome.
-The requester waits for the replicas' reports. This reaches every replica whatever the router
-does (a handle call reaches only one), and a replica started later applies the latest request.
+A swap request (`hetforge swap`, the API's admin route, the controller's promotion) is recorded in
+the registry's store (`SwapBoard.request`: the record, with its id) and then published as the
+stage deployment's Ray Serve `user_config` (`publish`, through `serve_config`): Serve calls
+`reconfigure` on every running replica of the stage, and on every replica it starts later before
+that replica takes traffic. Each replica checks the variant on its own recent live inputs and
+reports its outcome to the store (`replica_control.ReplicaControl`); the requester waits for those
+reports. A replica never reads requests from the store, so serving does not depend on it.
 
-The same watcher follows rollouts (`rollout.py`); its heartbeat, written here, also carries the
-replica's histogram of input signatures, which the controller reads.
+The stage config (the deployment's user_config) holds the newest swap request and the stage's
+running rollout (`rollout.Rollout.to_config`), both published by whoever changes them:
+
+    {"swap": {"id": 12, "variant": "7"} | None, "rollout": {...} | None}
+
+The replicas' heartbeats, written here, carry each replica's active variant and its histogram of
+input signatures, which the controller reads.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from pathlib import Path
 
 from hetforge import state
 from hetforge.kernels.registry import Registry, RegistryError
+from hetforge.serving import serve_config
 from hetforge.serving.boards import Board
 
 _SCHEMA = """
@@ -47,6 +55,51 @@ CREATE TABLE IF NOT EXISTS replica_signatures (  -- calls per input signature si
 """
 MIGRATIONS = [state.Migration(1, "swap requests, reports, heartbeats", _SCHEMA)]
 HEARTBEAT_S = 1.0  # a replica writes its heartbeat this often; one silent for 5 heartbeats is counted gone
+CONFIG_LOCK = "hetforge-stage-config"  # serializes the read-modify-write of a Serve application's user_configs
+
+
+def deployment_name(stage: str) -> str:
+    """The Serve deployment of a stage."""
+    return f"stage-{stage}"
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """What a stage deployment's user_config asks of its replicas: the newest swap request, the running rollout."""
+
+    swap_id: int | None = None
+    swap_variant: str | None = None
+    rollout: dict | None = None  # `Rollout.to_config()`
+
+    @classmethod
+    def from_json(cls, doc: object) -> StageConfig:
+        """The config from a user_config; ValueError naming the field when it is malformed."""
+        if doc is None:
+            return cls()
+        if not isinstance(doc, dict):
+            raise ValueError(f"Got {type(doc).__name__} for the stage config: it must be a mapping")
+        swap, rollout = doc.get("swap"), doc.get("rollout")
+        if swap is not None and not (
+            isinstance(swap, dict) and isinstance(swap.get("id"), int) and swap.get("variant")
+        ):
+            raise ValueError(f'Got "{swap}" for swap: it must be {{"id": <request id>, "variant": <id or reference>}}')
+        if rollout is not None and not isinstance(rollout, dict):
+            raise ValueError(f'Got "{rollout}" for rollout: it must be a mapping (Rollout.to_config)')
+        return cls(swap["id"] if swap else None, str(swap["variant"]) if swap else None, rollout)
+
+
+def publish(registry_path: str | Path | None, pipeline: str, stage: str, key: str, value: dict | None) -> dict:
+    """Set `key` ("swap" or "rollout") of the stage deployment's user_config; Serve reconfigures every replica.
+
+    ConfigPushError when Ray Serve cannot be reached; StoreError when the store's lock cannot be taken
+    (it keeps two publishers of one pipeline from undoing each other's change).
+    """
+    store = SwapBoard(registry_path).store
+
+    def push(_tx: state.Tx) -> dict:
+        return serve_config.update_user_config(pipeline, deployment_name(stage), lambda c: {**c, key: value})
+
+    return store.atomic(push, lock=CONFIG_LOCK)
 
 
 @dataclass(frozen=True)
@@ -209,9 +262,12 @@ def request_swap(
         board = SwapBoard(registry_path)
         replicas = max(replicas, len(board.alive(pipeline.name, stage)))
         request_id = board.request(pipeline.name, stage, variant, requested_by="api")
+        publish(registry_path, pipeline.name, stage, "swap", {"id": request_id, "variant": variant})
         reports = board.wait(request_id, replicas, wait_s)
     except state.StoreError as err:  # the registry cannot be read or written: say so, with its cause
         raise SwapError(f"swap failed: {err}", 503) from None
+    except serve_config.ConfigPushError as err:  # recorded, but the replicas cannot be told
+        raise SwapError(f"swap {request_id} recorded but not sent to the replicas: {err}", 503) from None
     return {
         "ok": bool(reports) and all(r.outcome == "swapped" for r in reports),
         "request_id": request_id,

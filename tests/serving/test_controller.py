@@ -65,12 +65,17 @@ def setup(tmp_path):
     stages = {
         "score": StageInfo("score", fingerprint, "cpu", "cpu", "strict", Problem(file=str(SCORER)), {"num_cpus": 1})
     }
-    state = {"counters": _counters(0, 1.0), "swaps": [], "swap_ok": True}
+    state = {"counters": _counters(0, 1.0), "swaps": [], "swap_ok": True, "published": [], "publish_ok": True}
 
     def make(clock=None, launcher=None):
         def swapper(stage, variant):
             state["swaps"].append((stage, variant))
             return state["swap_ok"]
+
+        def publisher(stage, rollout):
+            if not state["publish_ok"]:
+                raise ConnectionError("Serve's controller did not answer")
+            state["published"].append((stage, None if rollout is None else rollout["step"]))
 
         return Controller(
             pipeline,
@@ -79,6 +84,7 @@ def setup(tmp_path):
             metrics_source=lambda: state["counters"],
             launcher=launcher or FakeLauncher(),
             swapper=swapper,
+            publisher=publisher,
             clock=clock or Clock(),
             scratch=str(tmp_path / "jobs"),
         )
@@ -184,6 +190,7 @@ def test_rollout_steps_to_promotion_with_an_audit_trail(setup):
         clock.t += 1
         c.tick()
     assert setup["state"]["swaps"] == [("score", str(variant.id))]
+    assert setup["state"]["published"] == [("score", 0), ("score", 1), ("score", 2), ("score", None)]  # to replicas
     assert board.get(rollout.id).state == "promoted"
     assert Registry(setup["registry"]).get(variant.id).status == "active"
     decisions = [e["decision"] for e in board.events("reopt-test")]
@@ -215,6 +222,27 @@ def test_a_refused_promotion_swap_rolls_back(setup):
         board.get(rollout.id).state == "rolled_back"
         and Registry(setup["registry"]).get(variant.id).status == "rejected"
     )
+
+
+def test_a_rollout_step_serve_did_not_take_is_published_again(setup):
+    clock = Clock()
+    c = setup["make"](clock)
+    Registry(setup["registry"]).add(
+        fingerprint=setup["fingerprint"],
+        device_class="cpu",
+        precision="strict",
+        name="v",
+        agent="test",
+        source="",
+        verdict=ACCEPTED,
+        status="canary",
+    )
+    setup["state"]["publish_ok"] = False
+    assert any("not yet published" in a for a in c.tick()["actions"]) and c.unpublished == {"score"}
+    assert RolloutBoard(setup["registry"]).running("reopt-test", "score")  # the rollout itself started
+    setup["state"]["publish_ok"] = True
+    c.tick()
+    assert setup["state"]["published"] == [("score", 0)] and c.unpublished == set()
 
 
 def test_a_restarted_controller_resumes_or_rolls_back_a_timed_out_step(setup):

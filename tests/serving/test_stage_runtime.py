@@ -206,39 +206,68 @@ def test_metric_names_and_labels_are_the_contract(registry, checkpoint):
     )  # one series, now the reference's
 
 
-def test_cli_swap_reaches_every_replica_and_reports_refusals(tmp_path, checkpoint):
-    import os
-
+def test_stage_config_swaps_every_replica_and_reports_refusals(tmp_path, checkpoint):
+    """`ReplicaControl.apply` is what Serve's reconfigure runs on each replica: a newer swap request is checked on the
+    replica's live inputs and reported; a refused one leaves the running variant serving; an old one is not re-run."""
+    from hetforge.serving.replica_control import ReplicaControl
     from hetforge.serving.swap_control import SwapBoard
-    from hetforge.serving.swap_watcher import SwapWatcher
-    from tests.conftest import run_cli
 
-    home = tmp_path / "home"
-    os.environ["HETFORGE_HOME"] = str(home)  # the replicas and the CLI share one registry file
+    path = tmp_path / "registry.sqlite"
+    registry = Registry(path)
+    good = _add(registry, "addmm", MODULE.format(guard="pass", scale=2.0))
+    wrong = _add(registry, "wrong", MODULE.format(guard="pass", scale=3.0))
+    board = SwapBoard(path)
+    replicas = [_runtime(registry, checkpoint, use_registry=False) for _ in range(2)]
+    controls = [ReplicaControl(rt, str(path), f"replica-{i}", report_s=3600) for i, rt in enumerate(replicas)]
+    for rt in replicas:
+        rt(torch.randn(5, 256))  # live traffic: the swap is checked on these inputs
+    first = board.request("p", "embed", str(good))
+    for c in controls:
+        c.apply({"swap": {"id": first, "variant": str(good)}, "rollout": None})
+        assert c.report_once()
+    assert [r.outcome for r in board.reports(first)] == ["swapped", "swapped"]
+    assert all(rt.active_variant == f"variant:{good}" for rt in replicas)
+    second = board.request("p", "embed", str(wrong))
+    for c in controls:
+        c.apply({"swap": {"id": second, "variant": str(wrong)}, "rollout": None})
+        c.report_once()
+    refused = board.reports(second)
+    assert [r.outcome for r in refused] == ["refused", "refused"] and "disagrees" in refused[0].reason
+    assert all(rt.active_variant == f"variant:{good}" for rt in replicas)  # still serving the good one
+    replicas[0].swap("reference", replicas[0].live_inputs())
+    controls[0].apply({"swap": {"id": second, "variant": str(wrong)}, "rollout": None})  # the same config again
+    assert replicas[0].active_variant == "reference"  # an applied request is not applied twice
+    controls[0].apply({"swap": "not a request"})
+    assert "swap" in controls[0].config_errors[-1] and replicas[0].active_variant == "reference"
+
+
+def test_reports_wait_for_the_store_and_serving_does_not(tmp_path, checkpoint):
+    """With the store gone, a replica still applies its config and serves; its report is written once the store is back."""
+    from hetforge.serving.replica_control import ReplicaControl
+    from hetforge.serving.swap_control import SwapBoard
+
+    path = tmp_path / "state" / "registry.sqlite"
+    path.parent.mkdir()
+    registry = Registry(path)
+    good = _add(registry, "addmm", MODULE.format(guard="pass", scale=2.0))
+    rt = _runtime(registry, checkpoint, use_registry=False)
+    rt(torch.randn(5, 256))
+    control = ReplicaControl(rt, str(path), "replica-0", report_s=3600)
+    board = SwapBoard(path)
+    swap_to_good = board.request("p", "embed", str(good))
+    control.apply({"swap": {"id": swap_to_good, "variant": str(good)}})
+    back = board.request("p", "embed", "reference")
+    aside = tmp_path / "aside"
+    path.parent.rename(aside)  # the store is unreachable: every statement fails
     try:
-        registry = Registry()
-        good = _add(registry, "addmm", MODULE.format(guard="pass", scale=2.0))
-        wrong = _add(registry, "wrong", MODULE.format(guard="pass", scale=3.0))
-        board = SwapBoard()
-        replicas = [_runtime(registry, checkpoint, use_registry=False) for _ in range(2)]
-        watchers = [SwapWatcher(rt, board, f"replica-{i}", interval_s=0.05).start() for i, rt in enumerate(replicas)]
-        for rt in replicas:
-            rt(torch.randn(5, 256))  # live traffic: the swap is checked on these inputs
-        env = {"HETFORGE_HOME": str(home)}
-        ok = run_cli("swap", "p", "embed", str(good), "--replicas", "2", "--wait-s", "60", "--json", env=env)
-        assert ok.returncode == 0, ok.stdout + ok.stderr
-        doc = __import__("json").loads(ok.stdout.strip().splitlines()[-1])
-        assert sorted(r["outcome"] for r in doc["reports"]) == ["swapped", "swapped"]
-        assert all(rt.active_variant == f"variant:{good}" for rt in replicas)
-        bad = run_cli("swap", "p", "embed", str(wrong), "--replicas", "2", "--wait-s", "60", env=env)
-        assert bad.returncode == 1 and bad.stdout.count(": refused: ") == 2 and "disagrees" in bad.stdout
-        assert all(rt.active_variant == f"variant:{good}" for rt in replicas)  # still serving the good one
-        missing = run_cli("swap", "p", "embed", "999", env=env)
-        assert missing.returncode == 1 and "no variant 999" in missing.stderr
-        for w in watchers:
-            w.stop()
+        control.apply({"swap": {"id": back, "variant": "reference"}})
+        assert rt.active_variant == "reference" and rt(torch.randn(3, 256)).shape == (3, 512)
+        assert control.report_once() is False and control.status()["reports_pending"] == 2
     finally:
-        del os.environ["HETFORGE_HOME"]
+        aside.rename(path.parent)
+    assert control.report_once() is True and control.status()["reports_pending"] == 0
+    assert [r.outcome for r in board.reports(swap_to_good)] == ["swapped"]
+    assert [r.outcome for r in board.reports(back)] == ["swapped"]
 
 
 def test_serving_while_this_process_traces_a_variant(registry, checkpoint):
