@@ -130,6 +130,8 @@ class PostgresStore(Store):
     kind = "postgresql"
 
     def __init__(self, url: str, retry_s: float | None = None, connect_timeout_s: int = 10):
+        # SQLAlchemy-style URLs name a driver (postgresql+psycopg://); libpq knows postgresql:// and postgres://
+        url = re.sub(r"^postgres(ql)?\+\w+://", "postgresql://", url)
         self.url, self.location = url, redact(url)
         self.retry_s = config.state_retry_s() if retry_s is None else retry_s
         self.connect_timeout_s = connect_timeout_s
