@@ -106,6 +106,10 @@ def test_postgresql_restarted_during_a_job_and_a_rollout_loses_nothing_and_fails
     decided = [e for e in _events(served, start["id"]) if e["variant"] == variant]
     assert any(e["decision"] in ("promote", "rollback") for e in decided), decided
 
+    print(  # the figures docs/deployment.md quotes (pytest -rP shows them)
+        f"answered while down: {during_job} (job), {during_rollout} (rollout); answered in all: {load.sent}; "
+        f"rollout: {[e['decision'] for e in decided]}"
+    )
     # serving went on while the database was down, and nothing failed or was wrong at any time
     assert during_job > 0 and during_rollout > 0, (during_job, during_rollout)
     assert load.sent > 0 and load.failed == 0 and load.wrong == 0, load.problems[:5]
