@@ -4,7 +4,8 @@ PostgreSQL records every INSERT/UPDATE/DELETE and every locked transaction in `s
 a retry after a lost acknowledgement does not write twice, `hetforge/state/postgres.py`); upserts
 are not recorded. This times, on one connection, from one thread:
 - `insert`: `SwapBoard.request` (an INSERT ... RETURNING, recorded on PostgreSQL),
-- `insert_unrecorded`: the same INSERT as a `rerun_safe` transaction (what it cost before records),
+- `insert_unrecorded`: the same INSERT written as an upsert on its primary key (`ON CONFLICT (id) DO
+  UPDATE`, which never conflicts here): one autocommit statement, what every insert cost before records,
 - `upsert`: `SwapBoard.heartbeat` without signatures (never recorded),
 - `queue_job`: `JobBoard.queue` (check and insert under the jobs lock, recorded),
 on an SQLite file and on a throwaway PostgreSQL server (`tests/postgres.py`, fsync off, as the tests
@@ -44,13 +45,10 @@ def _kinds(location) -> dict:
     store = swaps.store
 
     def unrecorded(r, i):
-        store.atomic(
-            lambda tx: tx.execute(
-                "INSERT INTO swap_requests (pipeline, stage, variant, requested_by, requested_at) VALUES (?, ?, ?, ?, ?)"
-                " RETURNING id",
-                ("bench", "s", "3", "bench", time.time()),
-            ).fetchone()[0],
-            rerun_safe=True,
+        store.execute(
+            "INSERT INTO swap_requests (pipeline, stage, variant, requested_by, requested_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET variant = excluded.variant RETURNING id",
+            ("bench", "s", "3", "bench", time.time()),
         )
 
     def queue(r, i):
