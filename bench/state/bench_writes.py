@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import platform
+import sqlite3
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import psycopg
 
 from hetforge.serving.jobs import JobBoard
 from hetforge.serving.swap_control import SwapBoard
@@ -71,6 +75,8 @@ def main() -> None:
     rows = []
     server = PgServer(_bin_dir())
     server.start()
+    with psycopg.connect(server.url(), autocommit=True) as conn:
+        server.version = conn.execute("SHOW server_version").fetchone()[0]
     try:
         with tempfile.TemporaryDirectory() as folder:
             for backend, location in (
@@ -99,8 +105,9 @@ def main() -> None:
         w.writerows(rows)
     with open(args.out / "writes.md", "w") as f:
         f.write(
-            f"# Store writes per second ({time.strftime('%Y-%m-%d')}, {platform.node()}, {platform.processor() or 'cpu'},"
-            f" Python {platform.python_version()}; one thread, {args.n} writes a round, median of 5 rounds)\n\n"
+            f"# Store writes per second ({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, psycopg {psycopg.__version__}, "
+            f"PostgreSQL {server.version} (fsync off); one thread, {args.n} writes a round, median of 5 rounds)\n\n"
             "| backend | write | writes/s (median) | min | max |\n|---|---|---|---|---|\n"
         )
         for r in rows:
