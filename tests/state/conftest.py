@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.postgres import PgServer, pg_server  # noqa: F401 - the fixture, for every test of this folder
-
-__all__ = ["PgServer", "pg_server"]
+from tests.postgres import pg_server  # noqa: F401 - the fixture, for every test of this folder
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
