@@ -131,4 +131,5 @@ def test_postgresql_restarted_during_a_job_and_a_rollout_loses_nothing_and_fails
     assert status == ("active" if mine[0].state == "promoted" else "rejected"), (status, mine[0])
     # the controller's looks all went through: the store waited out each restart instead of failing a look
     doc = httpx.get(f"{served['url']}/v1/pipelines/reopt-test/status", timeout=30).json()
+    assert doc.get("reoptimize") is not None, doc  # the controller answered
     assert doc["reoptimize"]["errors"] == [], doc["reoptimize"]["errors"]
