@@ -141,6 +141,10 @@ class PostgresStore(Store):
         self.retries = 0  # calls tried again after the connection was lost or could not be opened
         self.replayed = 0  # retried writes whose commit had landed: their recorded result was returned
         self._recorded = 0  # writes recorded in state_writes by this store
+        # when the database answered again after a lost connection (wall time; 0: never lost); silences that
+        # span an outage (a job's heartbeat) count from here (`jobs.JobBoard.mark_lost`)
+        self.recovered_at = 0.0
+        self._lost = False
         self._keys_ready = False
 
     def dialect(self, ddl: str) -> str:
@@ -178,7 +182,10 @@ class PostgresStore(Store):
             conn = None
             try:
                 conn = self._conn()
-                return fn(conn)
+                out = fn(conn)
+                if self._lost:
+                    self._lost, self.recovered_at = False, time.time()
+                return out
             except (psycopg.OperationalError, psycopg.InterfaceError) as err:
                 # Only a lost connection is retried; an error the server answered (a lock timeout, a full
                 # disk) is the caller's.
@@ -187,6 +194,7 @@ class PostgresStore(Store):
                     raise StoreUnavailable(f"{self.location}: {err}", self.location, str(err)) from None
                 self._drop()
                 self.retries += 1
+                self._lost = True
                 if time.monotonic() + delay > deadline:
                     raise StoreUnavailable(
                         f"{self.location} unreachable for {self.retry_s:g} s ($HETFORGE_STATE_RETRY_S): {str(err).strip()}",
