@@ -57,15 +57,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(pipeline: str | Path, home: Path, **env: str):
+def serving(pipeline: str | Path, home: Path, registry: str | None = None, **env: str):
     """`pipeline` served on Ray Serve on a free port, with HETFORGE_HOME=`home` and `env` set for the deployment's
-    life: yields its `deploy` record once running; Serve and Ray are shut down and the environment restored after."""
+    life: yields its `deploy` record once running; Serve and Ray are shut down and the environment restored after.
+    The registry is `registry` (a file or a postgresql:// URL), else `home`/registry.sqlite."""
     keys = ("HETFORGE_HOME", "HETFORGE_RAY_TMP", "PROMETHEUS_MULTIPROC_DIR", *env)
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update({"HETFORGE_HOME": str(home), **env})
     from hetforge.serving import deploy as dep
 
-    record = dep.deploy(pipeline, port=free_port(), registry_path=str(home / "registry.sqlite"))
+    record = dep.deploy(pipeline, port=free_port(), registry_path=registry or str(home / "registry.sqlite"))
     try:
         dep.wait_until_running(record, timeout_s=600)
         yield record

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hetforge.cli.common import EXIT_INVALID, load_spec
+from hetforge.cli.common import EXIT_INVALID, RegistryOpt, load_spec
 
 app = typer.Typer(help="Variants that background re-optimization found, waiting for a human.", no_args_is_help=True)
 PipelineArg = Annotated[
@@ -19,13 +19,6 @@ PipelineArg = Annotated[
     ),
 ]
 VariantArg = Annotated[int, typer.Argument(help="Variant id.", show_default=False)]
-RegistryOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        help="The registry: an SQLite file or a postgresql:// URL (default $HETFORGE_STATE_URL, else "
-        "$HETFORGE_HOME/registry.sqlite)."
-    ),
-]
 
 
 def call(fn, *args):

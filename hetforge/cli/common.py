@@ -12,6 +12,7 @@ STARTED = time.monotonic()  # `optimize --budget-s` counts from here: the user's
 
 import enum  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
 
 import typer  # noqa: E402
 
@@ -64,3 +65,28 @@ def require_device(device: Device) -> None:
 def names(text: str) -> tuple[str, ...]:
     """`"a, b,"` -> `("a", "b")`: a comma-separated option as a tuple of names."""
     return tuple(a.strip() for a in text.split(",") if a.strip())
+
+
+def registry_location(value: Optional[str]) -> Optional[str]:
+    """--registry's value, checked: an SQLite file path or a postgresql:// URL; another URL is a usage error (exit 2)."""
+    if not value:
+        return None
+    from hetforge.state import StoreError, location_of
+
+    try:
+        location_of(value)
+    except StoreError as err:
+        raise typer.BadParameter(str(err)) from None
+    return value
+
+
+# every command that reads or writes the registry and its boards takes it the same way
+RegistryOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--registry",
+        callback=registry_location,
+        help="The registry: an SQLite file or a postgresql:// URL (default $HETFORGE_STATE_URL, else "
+        "$HETFORGE_HOME/registry.sqlite).",
+    ),
+]

@@ -9,19 +9,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from hetforge.cli.common import EXIT_INVALID, EXIT_USAGE
+from hetforge.cli.common import EXIT_INVALID, EXIT_USAGE, RegistryOpt
 
 app = typer.Typer(
     help="The registry's store: check, back up, restore, reset (SQLite file or $HETFORGE_STATE_URL).",
     no_args_is_help=True,
 )
-RegistryOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        help="The registry: an SQLite file or a postgresql:// URL (default $HETFORGE_STATE_URL, else "
-        "$HETFORGE_HOME/registry.sqlite)."
-    ),
-]
 
 
 def _fail(err: Exception, code: int = EXIT_INVALID) -> typer.Exit:

@@ -203,7 +203,10 @@ class JobBoard(Board):
     def mark_lost(self, pipeline: str, now: float | None = None) -> list[Job]:
         """Running jobs whose heartbeat stopped more than LOST_AFTER_S ago become failed (so the stage may run another)."""
         now = now or time.time()
-        lost = [j for j in self.list(pipeline, states=("running",)) if (j.heartbeat_at or 0) < now - LOST_AFTER_S]
+        running = self.list(pipeline, states=("running",))
+        # a heartbeat that waited out a database outage lands late: silence counts from the database's return
+        recovered = getattr(self.store, "recovered_at", 0.0)  # read after `list`, which may be the return
+        lost = [j for j in running if max(j.heartbeat_at or 0, recovered) < now - LOST_AFTER_S]
         for job in lost:
             self.finish(job.id, "failed", error=f"lost: no heartbeat for {now - (job.heartbeat_at or now):.0f} s")
         return lost

@@ -10,6 +10,7 @@ Like `core`, this package runs on a bare GPU host: only the standard library at 
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,11 +57,33 @@ def default_location() -> str | Path:
     return config.state_url() or config.home_dir() / "registry.sqlite"
 
 
+SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
 def location_of(location: str | Path | None) -> str | Path:
-    """A location as given (a URL stays a string: `Path` would fold its `//`), or the default."""
+    """A location as given (a URL stays a string: `Path` would fold its `//`), or the default.
+
+    A URL of another scheme (mysql://, a typo) is a `StoreError`, never a file of that name."""
     if not location:
-        return default_location()
-    return str(location) if is_url(str(location)) else Path(location)
+        where = default_location()
+        if isinstance(where, str) and not is_url(where):
+            raise StoreError(
+                f'Got "{redact(where)}" for HETFORGE_STATE_URL: a postgresql:// URL (unset it for the SQLite file '
+                f"$HETFORGE_HOME/registry.sqlite).",
+                redact(where),
+            )
+        return where
+    text = str(location)
+    if is_url(text):
+        return text
+    other = SCHEME.match(text)
+    if other and not isinstance(location, Path):
+        raise StoreError(
+            f'Got "{redact(text)}" for the registry: an SQLite file path or a postgresql:// URL '
+            f"({other.group(1)}:// is not a supported database).",
+            redact(text),
+        )
+    return Path(location)
 
 
 def local_dir(location: str | Path | None) -> Path:

@@ -138,8 +138,10 @@ class SqliteStore(Store):
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Result:
         return self._run(lambda tx: tx.execute(sql, args), begin=False)
 
-    def atomic(self, fn: Callable[[Tx], T], lock: str = "") -> T:
-        """`fn(tx)` in one `BEGIN IMMEDIATE` transaction: SQLite has one writer, which is the lock whatever its name."""
+    def atomic(self, fn: Callable[[Tx], T], lock: str = "", rerun_safe: bool = False) -> T:
+        """`fn(tx)` in one `BEGIN IMMEDIATE` transaction: SQLite has one writer, which is the lock whatever its name.
+
+        Nothing is retried here (a local file has no connection to lose), so `rerun_safe` changes nothing."""
         return self._run(fn, begin=True)
 
     def _run(self, fn: Callable[[Tx], T], begin: bool) -> T:

@@ -9,7 +9,8 @@ UPDATE`); parameters are `?`. Schemas are versioned migrations per component, ap
 Every `execute` is one statement in autocommit mode. A read-check-write that must not interleave
 with another process's (one job per stage, one rollout per stage) goes through `atomic(fn, lock=)`:
 one transaction holding a named lock (SQLite: `BEGIN IMMEDIATE`, the single writer; PostgreSQL: a
-transaction-scoped advisory lock), run again from the start when the connection was lost.
+transaction-scoped advisory lock), run again from the start when the connection was lost. On
+PostgreSQL every write runs once even when its connection drops after its commit (`postgres.py`).
 """
 
 from __future__ import annotations
@@ -95,8 +96,13 @@ class Store(abc.ABC):
         """One statement in autocommit mode (`?` parameters)."""
 
     @abc.abstractmethod
-    def atomic(self, fn: Callable[[Tx], T], lock: str = "") -> T:
-        """`fn(tx)` inside one transaction that holds the named lock; committed when fn returns, rolled back when it raises."""
+    def atomic(self, fn: Callable[[Tx], T], lock: str = "", rerun_safe: bool = False) -> T:
+        """`fn(tx)` inside one transaction that holds the named lock; committed when fn returns, rolled back when it raises.
+
+        `fn` returns a JSON value (or nothing): a backend that retries records it, so that a retry after a commit
+        whose acknowledgement was lost returns it instead of running `fn` again. `rerun_safe=True` says that `fn`
+        run twice ends in the same state (it checks before it writes), and skips the record.
+        """
 
     def migrate(self, component: str, migrations: Sequence[Migration]) -> None:
         """Apply the component's migrations not yet recorded in `schema_migrations`, in version order."""
@@ -123,7 +129,7 @@ class Store(abc.ABC):
                     (component, m.version, m.name, time.time()),
                 )
 
-        self.atomic(apply, lock="hetforge-migrations")
+        self.atomic(apply, lock="hetforge-migrations", rerun_safe=True)  # applied versions are checked first
 
     def dialect(self, ddl: str) -> str:
         """DDL written for SQLite, in this backend's types."""

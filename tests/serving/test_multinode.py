@@ -3,10 +3,14 @@ declaring different device classes through the `cpu_class:<name>` resource), the
 on it with `hetforge serve --address`, each stage landing on a node of the class the planner placed it
 on, and a background optimization job running on the node that has the stage's device class.
 
-The nodes share this machine (and so the registry file and the metrics folder); what is checked is
-where Ray puts each replica and task, which is what the planner's Ray options decide. `ray start`
-turns Ray 2.60's token authentication on, so every client here runs with RAY_AUTH_MODE=token (the
-token is in ~/.ray/auth_token), as a user's would.
+The state is on PostgreSQL, as a cluster's is (`docs/state.md`): a database of the tests' server
+(`tests/postgres.py`), its URL in $HETFORGE_STATE_URL of every node and of the CLI; no SQLite file
+is made. The nodes share this machine (and so the metrics folder and the database's host): what is
+checked is where Ray puts each replica and task, which is what the planner's Ray options decide,
+and that the replicas and the job on the worker nodes read and write the one database. It does
+not show behaviour across real hosts (network partitions, clock skew). `ray start` turns Ray
+2.60's token authentication on, so every client here runs with RAY_AUTH_MODE=token (the token is in
+~/.ray/auth_token), as a user's would.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import pytest
 
 pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
+pytest.importorskip("psycopg")
 
 from tests.conftest import REPO, free_port  # noqa: E402
+from tests.postgres import pg_server  # noqa: E402,F401 - the fixture
 
 PIPELINE = REPO / "tests" / "data" / "multinode" / "pipeline.yaml"
 RAY = str(REPO / ".venv" / "bin" / "ray") if (REPO / ".venv" / "bin" / "ray").exists() else "ray"
@@ -35,7 +41,7 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": 
 class RayNode:
     """One `ray start --block` node in a session of its own, so that stopping it stops its raylet and workers."""
 
-    def __init__(self, args: list[str], log, worker_ports: int):
+    def __init__(self, args: list[str], log, worker_ports: int, env: dict):
         ports = [
             "--node-manager-port",
             "--object-manager-port",
@@ -55,7 +61,7 @@ class RayNode:
             *args,
         ]
         cmd += [f"{flag}={free_port()}" for flag in ports]
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
     def stop(self) -> None:
         for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
@@ -81,8 +87,10 @@ def _nodes(address: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, pg_server):  # noqa: F811 - the fixture imported above
     folder = tmp_path_factory.mktemp("multinode")
+    state_url = pg_server.new_database()
+    env = {**ENV, "HETFORGE_STATE_URL": state_url}  # every node's, as a cluster's configuration sets it
     log = open(folder / "ray.log", "w")
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -102,6 +110,7 @@ def cluster(tmp_path_factory):
             ],
             log,
             20000,
+            env,
         )
     ]
     try:
@@ -115,6 +124,7 @@ def cluster(tmp_path_factory):
                     ["--address", address, "--num-cpus=2", f"--resources={json.dumps({f'cpu_class:{name}': 1000})}"],
                     log,
                     21000 + 1000 * i,
+                    env,
                 )
             )
             while len(found := _nodes(address)) < 2 + i:
@@ -123,7 +133,7 @@ def cluster(tmp_path_factory):
         by_class = {"head": next(n["id"] for n in found if not any(k.startswith("cpu_class:") for k in n["resources"]))}
         for name in ("cpu-a", "cpu-b"):
             by_class[name] = next(n["id"] for n in found if f"cpu_class:{name}" in n["resources"])
-        yield {"address": address, "nodes": by_class, "home": folder / "home"}
+        yield {"address": address, "nodes": by_class, "home": folder / "home", "state_url": state_url}
     finally:
         for node in reversed(nodes):
             node.stop()
@@ -142,7 +152,7 @@ def _cli(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedPro
 
 
 def test_stages_land_on_their_device_class_nodes_and_jobs_on_the_target_device_node(cluster):
-    env = {**ENV, "HETFORGE_HOME": str(cluster["home"])}
+    env = {**ENV, "HETFORGE_HOME": str(cluster["home"]), "HETFORGE_STATE_URL": cluster["state_url"]}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     plan = _cli("plan", str(PIPELINE), "--ray-address", cluster["address"], "--json", env=env, timeout=300)
     assert plan.returncode == 0, plan.stderr[-3000:]
@@ -179,7 +189,7 @@ def test_stages_land_on_their_device_class_nodes_and_jobs_on_the_target_device_n
         job_id = queued.json()["queued"]["id"]
         from hetforge.serving.jobs import JobBoard
 
-        board = JobBoard(os.environ.get("HETFORGE_STATE_URL") or cluster["home"] / "registry.sqlite")
+        board = JobBoard(cluster["state_url"])
         deadline = time.monotonic() + 400
         while board.get(job_id).state not in ("done", "failed"):
             assert time.monotonic() < deadline, board.get(job_id)
@@ -191,6 +201,14 @@ def test_stages_land_on_their_device_class_nodes_and_jobs_on_the_target_device_n
             nodes,
         )  # where score's device class is
         assert job.summary["winner"], job.summary
+        from hetforge.kernels.registry import Registry
+        from hetforge.serving.swap_control import SwapBoard
+
+        if job.variant_id is not None:  # registered from the cpu-b node, into the one database
+            assert Registry(cluster["state_url"]).get(job.variant_id).device_class == "cpu-b"
+        # the score replica on the cpu-b node heartbeats into the database (within the last 10 s, as `alive` counts)
+        assert SwapBoard(cluster["state_url"]).alive("multinode-test", "score"), "no heartbeat from score's replica"
+        assert not (cluster["home"] / "registry.sqlite").exists()  # nothing went to a local file
     finally:
         down = _cli("down", "multinode-test", env=env, timeout=120)
         assert down.returncode == 0, down.stderr[-2000:]

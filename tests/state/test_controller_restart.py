@@ -58,3 +58,24 @@ def test_the_controller_survives_a_postgresql_restart_and_resumes_its_job(pg_ser
     again.tick()
     again.tick()
     assert len(launcher.launched) == 1 and [j.id for j in JobBoard(url).list("reopt-test")] == [job.id]
+
+
+def test_a_job_silent_through_a_database_outage_is_not_lost_when_the_database_returns(pg_server):
+    """Its heartbeat waited with the database; silence counts from the database's return, not from the last beat."""
+    import time
+
+    from hetforge.serving.jobs import LOST_AFTER_S
+
+    url = pg_server.new_database()
+    board = JobBoard(url)
+    job = board.queue("reopt-test", "score", "hot", "busy", [])
+    assert board.claim(job.id)
+    # the last beat landed long ago, as after an outage longer than LOST_AFTER_S
+    board.store.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (time.time() - 2 * LOST_AFTER_S, job.id))
+    pg_server.stop()
+    pg_server.start()
+    assert board.mark_lost("reopt-test") == []  # the database just came back: the job gets LOST_AFTER_S to beat
+    assert board.get(job.id).state == "running"
+    later = board.store.recovered_at + LOST_AFTER_S + 1
+    assert [j.id for j in board.mark_lost("reopt-test", now=later)] == [job.id]  # still silent after that: lost
+    assert board.get(job.id).state == "failed"
