@@ -9,7 +9,8 @@ from pathlib import Path
 from hetforge.planners import profiles as prof
 from hetforge.planners.devices import DeviceClass, Inventory
 from hetforge.planners.placement import SMALL_MESSAGE_BYTES, PlacementProblem, evaluate, place
-from hetforge.spec.models import LlmStage, ModelStage, Pipeline
+from hetforge.planners.tool_hops import HopCost, decide, load_hop_cost
+from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
 from hetforge.spec.stages import stage_code_error, stage_problem
 
 GIB = 1 << 30
@@ -37,6 +38,8 @@ class StagePlan:
     replicas: int
     ray_actor_options: dict
     detail: str = ""
+    hop: str = ""  # tool stages: "inline" (in the caller's process) or "separate" (`tool_hops`)
+    hop_reason: str = ""
 
 
 @dataclass
@@ -146,8 +149,11 @@ def build_plan(
     inventory: Inventory,
     objective: str = "latency",
     cache: prof.ProfileCache | None = None,
+    hop: HopCost | None = None,
 ) -> Plan:
-    """Profile, place and rank one pipeline on an inventory; PlanError naming every unplaceable stage."""
+    """Profile, place and rank one pipeline on an inventory; PlanError naming every unplaceable stage.
+
+    `hop`: the Ray Serve hop cost tool placement weighs (default: the one measured on this host, `tool_hops`)."""
     errors: list[str] = []
     options: list[list[str]] = []
     for stage in pipeline.stages:
@@ -218,6 +224,9 @@ def build_plan(
         stages[stage.name] = StagePlan(
             cls, round(p.latency_ms, 4), p.source, round(memory[i][cls] / GIB, 4), _replicas(stage), actor, p.detail
         )
+        if isinstance(stage, ToolStage):
+            decision = decide(stage, pipeline, base_dir, hop or load_hop_cost(), p.latency_ms)
+            stages[stage.name].hop, stages[stage.name].hop_reason = decision.placement, decision.reason
 
     hot, savings = _hot_stages(pipeline, problem, list(result.assignment), result.latency_ms)
     notes = []

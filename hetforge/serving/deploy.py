@@ -153,6 +153,8 @@ def placement_for(
             "device_class": planned.device,
             "ray_actor_options": options,
         }
+        if planned.hop:  # a tool stage: "inline" runs in the ingress's process (`planners/tool_hops.py`)
+            placement[stage.name]["hop"] = planned.hop
     return placement, plan.notes
 
 
@@ -371,7 +373,9 @@ def versions_of(
         if isinstance(stage, LlmStage) and stage.agent_loop is not None:  # the tools' descriptions go into prompts
             extra = [pipeline.stage(t).description for t in stage.agent_loop.tools]
         out[f"stage-{stage.name}"] = _digest([*common, fields, placement[stage.name], extra, _files(stage, base_dir)])
-    whole = _digest([*common, pipeline.model_dump(mode="json", by_alias=True), placement])
+    # inline tools run in the ingress: their code is part of what its replicas are built from
+    inline = [_files(s, base_dir) for s in pipeline.stages if placement[s.name].get("hop") == "inline"]
+    whole = _digest([*common, pipeline.model_dump(mode="json", by_alias=True), placement, *inline])
     out["PipelineIngress"] = whole
     if pipeline.reoptimize is not None:
         out["reoptimize-controller"] = whole

@@ -142,6 +142,34 @@ def read_decoded(text: str, tools: list[dict], tool_choice: Any) -> tuple[str, l
     return (doc.get("content") or "") if isinstance(doc, dict) else text, []
 
 
+CONTENT_OPENING = '{"content":"'  # how an `auto` answer starts under the schema above, whitespace disabled
+
+
+def content_so_far(text: str) -> str | None:
+    """The `content` an `auto` answer holds so far, decoded up to its last complete character; None while the
+    text is not (yet) a content answer. A tool-call answer never is, so its JSON is never streamed as text."""
+    if not text.startswith(CONTENT_OPENING):
+        return None
+    raw, i = text[len(CONTENT_OPENING) :], 0
+    while i < len(raw) and raw[i] != '"':
+        if raw[i] != "\\":
+            i += 1
+        elif raw[i + 1 : i + 2] == "u":  # \\uXXXX, and its low surrogate after a high one
+            high = raw[i + 2 : i + 6].lower().startswith(("d8", "d9", "da", "db"))
+            step = 12 if high else 6
+            if i + step > len(raw):
+                break
+            i += step
+        elif i + 1 < len(raw):
+            i += 2
+        else:
+            break  # an escape cut in two: its second half comes with the next delta
+    try:
+        return json.loads('"' + raw[:i] + '"')
+    except ValueError:
+        return None
+
+
 # ---------------------------------------------------------------------------------------------- messages
 def _content(stage, i: int, m: Any) -> str | None:
     if not isinstance(m, dict) or m.get("role") not in ROLES:
@@ -347,7 +375,7 @@ class LlmRuntime:
             yield {k: v for k, v in answer.items() if k != "text"}
             return
         constrained = bool(tools) and choice != "none"
-        text, finish, usage = "", "stop", {}
+        text, sent, finish, usage = "", "", "stop", {}
         async for out in self.engine.generate(
             self._prompt(messages, tools), self._sampling(True, tools, choice, options), _engine_id(request_id)
         ):
@@ -355,12 +383,17 @@ class LlmRuntime:
             text += delta
             if delta and not constrained:
                 yield delta
+            elif delta and choice == "auto":  # an answer's content, decoded as its JSON string arrives
+                content = content_so_far(text)
+                if content is not None and len(content) > len(sent):
+                    yield content[len(sent) :]
+                    sent = content
             usage = _usage(out, usage)
             if out.finished and out.outputs:
                 finish = out.outputs[0].finish_reason or "stop"
         answer = self._answer(text, tools, choice, finish, usage)
-        if constrained and answer["text"]:
-            yield answer["text"]
+        if constrained and answer["text"].startswith(sent) and len(answer["text"]) > len(sent):
+            yield answer["text"][len(sent) :]
         yield {k: v for k, v in answer.items() if k in ("tool_calls", "finish_reason", "usage")}
 
     async def __call__(self, payload: dict, request_id: str = "") -> dict:
