@@ -11,7 +11,7 @@ input's fields, a string as is, a `messages` list as given, anything else as JSO
 Tool calls are decided by constrained decoding on vLLM (structured outputs), never found in free text:
 - tool_choice `required` or a named function: vLLM's own schema for it
   (`vllm.tool_parsers.utils.get_json_schema_from_tools`: an array of {name, parameters}, or the named
-  function's parameters);
+  function's parameters); `required` with one tool and `parallel_tool_calls: false` is that tool named;
 - `auto` (the default with tools): the answer is either {"tool_calls": <that array>} or
   {"content": "..."}, one JSON schema with both (vLLM's `auto` relies on a model-specific text parser
   instead; this works for any model, at the cost of the answer being JSON while it is generated);
@@ -246,6 +246,10 @@ def plan_call(stage, own_tools: list[dict], payload: dict) -> tuple[list[dict], 
     loop = stage.agent_loop
     default = (loop.tool_choice if loop is not None and own else "auto") if tools else "none"
     choice = options.get("tool_choice") or default
+    if choice == "required" and len(tools) == 1 and options.get("parallel_tool_calls") is False:
+        # one call of the one tool: the same constraint as naming it, and its name and the array around the call
+        # are not decoded token by token (about 20 tokens fewer a turn on the tiny model's tokenizer)
+        choice = {"type": "function", "function": {"name": _tool_name(tools[0])}}
     if isinstance(choice, dict) and choice.get("function", {}).get("name") not in {_tool_name(t) for t in tools}:
         raise StageError(f"stage {stage.name}: tool_choice names a tool not in `tools`", 400)
     return build_messages(stage, payload), tools, choice, options
