@@ -368,6 +368,8 @@ def versions_of(
     common = [pipeline.name, str(base_dir), registry_path, metrics_dir]
     out = {}
     for stage in pipeline.stages:
+        if placement[stage.name].get("hop") == "inline":  # no deployment of its own: part of the ingress's version
+            continue
         fields = {k: v for k, v in stage.model_dump(mode="json", by_alias=True).items() if k not in _NOT_IN_VERSION}
         extra = []
         if isinstance(stage, LlmStage) and stage.agent_loop is not None:  # the tools' descriptions go into prompts

@@ -167,3 +167,16 @@ class _Route:
 
     def stream(self, stage, payload, request_id):
         return self.llm.stream(stage, payload, request_id)
+
+
+def test_an_inline_tools_code_is_part_of_the_ingress_version(tools_dir):
+    from hetforge.serving.deploy import versions_of
+
+    pipeline = _pipeline("lookup")
+    placement = {"agent": {"device": "cpu"}, "lookup": {"device": "cpu", "hop": "inline"}}
+    before = versions_of(pipeline, tools_dir, placement, "r.sqlite", "m")
+    assert "stage-lookup" not in before  # no deployment of its own
+    (tools_dir / "tools.py").write_text(TOOLS.replace("unknown", "lost"))
+    after = versions_of(pipeline, tools_dir, placement, "r.sqlite", "m")
+    assert after["PipelineIngress"] != before["PipelineIngress"]  # the ingress restarts with the new code
+    assert after["stage-agent"] == before["stage-agent"]

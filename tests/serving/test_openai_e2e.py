@@ -128,6 +128,29 @@ def test_streaming_with_usage(client):
     assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
 
 
+def test_the_pipelines_own_loop_streams_its_answer_as_generated(client, served):
+    """The loop's tool turns (tool_choice required) stay inside; its last turn (tool_choice none) streams."""
+    messages = [{"role": "user", "content": "Where is my order 1234?"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, temperature=0, parallel_tool_calls=False)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            temperature=0,
+            parallel_tool_calls=False,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(contents) == whole.choices[0].message.content  # greedy: the same answer
+    assert len(contents) > 1, contents  # 48 tokens at most, sent as they come, not as one chunk
+    assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.prompt_tokens == whole.usage.prompt_tokens > 3 * 400  # the loop's 3 calls, summed
+
+
 @pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.glob("*.json")))
 def test_agent_framework_requests_replayed(served, fixture):
     doc = json.loads((FIXTURES / fixture).read_text())
