@@ -292,6 +292,7 @@ def run_hetforge(tasks: int, sessions: int, turns: int, work: Path, pipeline_fil
 
         serve.shutdown()
         ray.shutdown()
+        dep.state_path(record.pipeline).unlink(missing_ok=True)  # this process served it: the next run may serve again
     engine = {k: after[k] - before[k] for k in metric}
     out = _summary(results, wall, engine)
     out["tool_placement"] = placement.get("lookup_order", "")
@@ -369,7 +370,7 @@ def main() -> None:
     import torch
     import vllm
 
-    doc = {
+    doc: dict = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()},
@@ -380,12 +381,17 @@ def main() -> None:
             "max_tokens": MAX_TOKENS,
             "system_prompt_chars": len(SYSTEM),
         },
-        "baseline_vllm_server": run_baseline(args.tasks, args.sessions, args.turns, args.work),
-        "hetforge": run_hetforge(args.tasks, args.sessions, args.turns, args.work, HERE / "pipeline.yaml"),
     }
+    runs = [
+        ("baseline_vllm_server", lambda: run_baseline(args.tasks, args.sessions, args.turns, args.work)),
+        ("hetforge", lambda: run_hetforge(args.tasks, args.sessions, args.turns, args.work, HERE / "pipeline.yaml")),
+    ]
     if args.separate_tool:
-        separate = _separate_copy(args.work)
-        doc["hetforge_tool_separate"] = run_hetforge(args.tasks, args.sessions, args.turns, args.work, separate)
+        separate = lambda: run_hetforge(args.tasks, args.sessions, args.turns, args.work, _separate_copy(args.work))  # noqa: E731
+        runs.append(("hetforge_tool_separate", separate))
+    for name, run in runs:
+        doc[name] = run()
+        print(name, json.dumps(doc[name]), flush=True)  # each run's figures as soon as it ends
     b, h = doc["baseline_vllm_server"], doc["hetforge"]
     doc["task_p50_speedup"] = round(b["task_ms_p50"] / h["task_ms_p50"], 3)
     if args.separate_tool:
