@@ -187,13 +187,24 @@ def build_plan(
     if errors:
         raise PlanError(errors)
 
+    hop_cost = hop or load_hop_cost()
+    decisions = {
+        s.name: decide(s, pipeline, base_dir, hop_cost, min(p.latency_ms for p in ps.values()))
+        for s, ps in zip(pipeline.stages, profiles)
+        if isinstance(s, ToolStage)
+    }
+    hops = {name: d.placement for name, d in decisions.items()}
     problem = PlacementProblem(
         stages=[s.name for s in pipeline.stages],
         preds=[[index[e.source] for e in pipeline.flow if e.target == s.name] for s in pipeline.stages],
         entry=index[pipeline.entry],
         output=index[pipeline.output],
         options=options,
-        latency=[{c: p.latency_ms for c, p in ps.items()} for ps in profiles],
+        # a separate tool's call costs its Ray Serve hop on top of its compute; an inline one does not
+        latency=[
+            {c: p.latency_ms + (hop_cost.ms if hops.get(s.name, "") == "separate" else 0.0) for c, p in ps.items()}
+            for s, ps in zip(pipeline.stages, profiles)
+        ],
         memory=memory,
         out_bytes=[max(p.output_bytes for p in ps.values()) for ps in profiles],
         capacity={c: d.count * d.facts.memory_gib * GIB for c, d in inventory.classes.items()},
@@ -224,9 +235,8 @@ def build_plan(
         stages[stage.name] = StagePlan(
             cls, round(p.latency_ms, 4), p.source, round(memory[i][cls] / GIB, 4), _replicas(stage), actor, p.detail
         )
-        if isinstance(stage, ToolStage):
-            decision = decide(stage, pipeline, base_dir, hop or load_hop_cost(), p.latency_ms)
-            stages[stage.name].hop, stages[stage.name].hop_reason = decision.placement, decision.reason
+        if stage.name in decisions:
+            stages[stage.name].hop, stages[stage.name].hop_reason = hops[stage.name], decisions[stage.name].reason
 
     hot, savings = _hot_stages(pipeline, problem, list(result.assignment), result.latency_ms)
     notes = []

@@ -114,3 +114,12 @@ def test_the_measured_hop_is_cached_per_host(tmp_path):
 def test_calls_per_request_counts_the_loop_rounds_and_the_flow(tmp_path):
     pipeline = load_pipeline(_pipeline(tmp_path, ""))
     assert calls_per_request(pipeline, "lookup") == 4
+
+
+def test_a_separate_tools_hops_count_in_the_predicted_latency(tmp_path):
+    def predicted(fields: str) -> float:
+        path = _pipeline(tmp_path, fields)
+        return build_plan(load_pipeline(path), tmp_path, devices.local_inventory(), hop=MEASURED).predicted_latency_ms
+
+    # the loop's 4 tool rounds each pay the 2 ms hop when the tool is separate
+    assert predicted("    placement: separate") - predicted("    placement: inline") == pytest.approx(4 * 2.0)
