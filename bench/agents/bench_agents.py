@@ -191,6 +191,9 @@ def run_baseline(tasks: int, sessions: int, turns: int, work: Path) -> dict:
         metric |= {
             "ttft_sum": "vllm:time_to_first_token_seconds_sum",
             "ttft_count": "vllm:time_to_first_token_seconds_count",
+            "tpot_sum": "vllm:request_time_per_output_token_seconds_sum",
+            "tpot_count": "vllm:request_time_per_output_token_seconds_count",
+            "generated": "vllm:generation_tokens_total",
         }
         asyncio.run(_drive(lambda c, i: baseline_task(c, url, i, turns), 2, 2))  # warm-up: the system prompt cached
         before = _counters(url, metric)
@@ -277,6 +280,7 @@ def run_hetforge(tasks: int, sessions: int, turns: int, work: Path, pipeline_fil
             "tpot_count": "hetforge_llm_time_per_output_token_seconds_count",
             "queue_sum": "hetforge_llm_queue_time_seconds_sum",
             "queue_count": "hetforge_llm_queue_time_seconds_count",
+            "generated": "hetforge_llm_generation_tokens_total",
         }
         asyncio.run(_drive(lambda c, i: hetforge_task(c, url, i, turns), 2, 2))
         before, stages_before = _counters(url, metric), _stage_seconds(url, record.pipeline)
@@ -309,7 +313,6 @@ def run_hetforge(tasks: int, sessions: int, turns: int, work: Path, pipeline_fil
         "llm_calls_count": round(stage.get("agent_count", 0.0) / len(results), 2),
         "engine_ttft_total": round(engine["ttft_sum"] * 1e3 / len(results), 1),
         "engine_queue_total": round(engine["queue_sum"] * 1e3 / len(results), 1),
-        "engine_time_per_output_token_mean": round(engine["tpot_sum"] / max(engine["tpot_count"], 1) * 1e3, 2),
         "tool_calls": round(tool_ms, 2),
         "rest": round(task_mean - llm_ms - tool_ms, 1),
     }
@@ -339,6 +342,8 @@ def _summary(results: list[dict], wall_s: float, engine: dict) -> dict:
         "llm_turns_per_task": statistics.mean(r["turns"] for r in results),
         "engine_ttft_ms_mean": round(engine["ttft_sum"] / max(engine["ttft_count"], 1) * 1e3, 2),
         "engine_generations": engine["ttft_count"],
+        "engine_time_per_output_token_ms_mean": round(engine["tpot_sum"] / max(engine["tpot_count"], 1) * 1e3, 2),
+        "engine_generated_tokens_per_task": round(engine["generated"] / max(len(results), 1), 1),
         "prefix_cache_hit_rate": round(engine["hits"] / engine["queries"], 4) if engine["queries"] else None,
         "prompt_tokens": sum(sum(r["prompt"]) for r in results),
         "cached_prompt_tokens": sum(sum(r["cached"]) for r in results),
