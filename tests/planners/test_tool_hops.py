@@ -123,3 +123,17 @@ def test_a_separate_tools_hops_count_in_the_predicted_latency(tmp_path):
 
     # the loop's 4 tool rounds each pay the 2 ms hop when the tool is separate
     assert predicted("    placement: separate") - predicted("    placement: inline") == pytest.approx(4 * 2.0)
+
+
+def test_hetforge_plan_prints_each_tools_hop(tmp_path):
+    from tests.conftest import run_cli
+
+    path = _pipeline(tmp_path, "    placement: separate")
+    home = tmp_path / "home"
+    save_hop_cost(3.0, 50, path=home / "planner" / "hop_cost.json")  # as `--measure-hops` leaves it
+    result = run_cli("plan", str(path), env={"HETFORGE_HOME": str(home)}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "tool lookup: separate (placement: separate in the YAML)" in " ".join(result.stdout.split())
+    light = run_cli("plan", str(_pipeline(tmp_path, "")), "--json", env={"HETFORGE_HOME": str(home)}, timeout=300)
+    stage = json.loads(light.stdout.strip().splitlines()[-1])["stages"]["lookup"]
+    assert stage["hop"] == "inline" and "3.00 ms hop (measured)" in stage["hop_reason"]
