@@ -580,8 +580,15 @@ def python_paths() -> list[str]:
     paths.update(filter(None, os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep)))
     for compiler in ("CC", "CXX"):
         if os.path.isabs(os.environ.get(compiler, "")):
-            paths.add(os.path.dirname(os.environ[compiler]))
+            paths.add(compiler_prefix(os.environ[compiler]))
     return sorted(p for p in paths if os.path.isabs(p) and os.path.realpath(p) != "/")
+
+
+def compiler_prefix(path: str) -> str:
+    """The installation a compiler binary belongs to: `/opt/gcc` for `/opt/gcc/bin/gcc`. The driver reads its
+    headers and start files (`lib/gcc/<target>/<version>/include/stddef.h`, `crtbeginS.o`) beneath that prefix."""
+    folder = os.path.dirname(os.path.realpath(path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "bin" else folder
 
 
 def confine_reads(readable: list[str], writable: list[str], drop_user: bool = False) -> dict[str, str]:
@@ -596,7 +603,15 @@ def confine_reads(readable: list[str], writable: list[str], drop_user: bool = Fa
     else:
         rights = _FS["read_file"][0] | _FS["read_dir"][0]
         paths = [*allowed, *_SYSTEM_READS, *(f"/etc/{name}" for name in _ETC_READS), *device_nodes()]
-        _landlock_layer(abi, rights, [(path, rights) for path in paths])
+        rules = [(path, rights) for path in paths]
+        if abi >= 2:
+            # Every layer denies moving a file to another folder (EXDEV) unless it handles "refer" and grants it
+            # there (Landlock's docs, LANDLOCK_ACCESS_FS_REFER). Triton's cache writes into tmp.pid_*/ and moves
+            # the file up: without this every Triton compile failed on the H200 host.
+            refer = _FS["refer"][0]
+            rights |= refer
+            rules += [(path, refer) for path in writable]
+        _landlock_layer(abi, rights, rules)
         report["reads"] = f"abi {abi}: only beneath " + ", ".join(allowed) + ", system folders, /etc's loader files"
     if drop_user and os.geteuid() == 0:
         report["user"] = _drop_user(allowed, writable)
@@ -630,15 +645,21 @@ def _drop_user(readable: list[str], writable: list[str]) -> str:
     """Become UNPRIVILEGED_UID, owning the writable folders, when it can read what the worker needs; else stay uid 0
     without capabilities and say why."""
     blocked = next((p for p in readable if p not in writable and os.path.exists(p) and not _reachable(p)), None)
-    if blocked is None:
-        for folder in writable:
-            for root, dirs, files in os.walk(folder):
-                for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-                    os.lchown(name, UNPRIVILEGED_UID, UNPRIVILEGED_GID)
+    why = f"{blocked} is not readable by uid {UNPRIVILEGED_UID}" if blocked else ""
+    if not why:
+        # Bottom-up, each folder after what it holds: this process has no CAP_DAC_OVERRIDE any more, so a 0700
+        # folder handed to the unprivileged user first could not be searched for its contents.
+        try:
+            for folder in writable:
+                for root, _dirs, files in os.walk(folder, topdown=False):
+                    for name in [*(os.path.join(root, n) for n in files), root]:
+                        os.lchown(name, UNPRIVILEGED_UID, UNPRIVILEGED_GID)
+        except OSError as err:  # e.g. a filesystem without ownership
+            why = f"{err.filename} could not be handed over ({err.strerror})"
     _drop_bounding()
-    if blocked is not None:
+    if why:
         _capset()
-        return f"uid 0 without capabilities: {blocked} is not readable by uid {UNPRIVILEGED_UID}"
+        return f"uid 0 without capabilities: {why}"
     os.setgroups([])
     os.setresgid(UNPRIVILEGED_GID, UNPRIVILEGED_GID, UNPRIVILEGED_GID)
     os.setresuid(UNPRIVILEGED_UID, UNPRIVILEGED_UID, UNPRIVILEGED_UID)  # clears every capability

@@ -31,9 +31,12 @@ class Recipe:
 
 
 def recipes_for(device: str, precision: str, has_conv: bool) -> list[Recipe]:
-    """The recipes worth trying for a stage on `device` under `precision`, cheapest to build first (a budget
-    may run out before the torch.compile ones, which take tens of seconds each to compile)."""
+    """The recipes worth trying for a stage on `device` under `precision`, in the order they are verified: the
+    cheap eager ones first, then torch.compile at the stage's own policy (the baseline a speedup over compile divides
+    by, `matched_compile`) and its CUDA-graph form, then the other compile modes. A budget may run out before the
+    last ones: each compile takes tens of seconds per input signature on base-size encoders (H200, 2026-12-01)."""
     cuda, tf32 = device == "cuda", device == "cuda" and precision in ("tf32", "bf16")
+    bf16 = precision == "bf16"
     out = [Recipe("eager")]
     if cuda:  # launch-bound stages: one graph launch instead of one per kernel
         out.append(Recipe("cuda-graph", None, cuda_graph=True))
@@ -41,21 +44,29 @@ def recipes_for(device: str, precision: str, has_conv: bool) -> list[Recipe]:
         out += [Recipe("tf32-cuda-graph", None, tf32=True, cuda_graph=True), Recipe("tf32", None, tf32=True)]
     if has_conv:
         out.append(Recipe("channels-last", None, channels_last=True))
-    if precision == "bf16":
+    if bf16:
         out.append(Recipe("bf16-autocast", None, bf16_autocast=True))
-    out += [Recipe("compile", "default"), Recipe("compile-freezing", "default", freezing=True)]
+        if cuda:
+            out.append(Recipe("bf16-cuda-graph", None, bf16_autocast=True, cuda_graph=True))
+    # torch.compile at the policy, and with Inductor's CUDA graphs (reduce-overhead) at the policy
+    at_policy = {"bf16_autocast": True} if bf16 else {"tf32": True} if tf32 else {}
+    suffix = "-bf16-autocast" if bf16 else "-tf32" if tf32 else ""
+    matched = Recipe("compile" + suffix, "default", **at_policy)
+    out.append(matched)
     if cuda:
-        out += [
-            Recipe("compile-max-autotune", "max-autotune-no-cudagraphs"),
+        name = "compile-bf16-cudagraphs" if bf16 else "compile-tf32-cudagraphs" if tf32 else "compile-cudagraphs"
+        out.append(Recipe(name, "reduce-overhead", **at_policy))
+    # then the other modes; max-autotune and channels-last run at the policy too
+    rest = [Recipe("compile", "default"), Recipe("compile-freezing", "default", freezing=True)]
+    if cuda:
+        rest += [
+            Recipe("compile-max-autotune", "max-autotune-no-cudagraphs", **at_policy),
             Recipe("compile-cudagraphs", "reduce-overhead"),
         ]
     if has_conv:
-        out.append(Recipe("compile-channels-last", "default", channels_last=True))
-    if tf32:
-        out.append(Recipe("compile-tf32", "default", tf32=True))
-    if precision == "bf16":
-        out.append(Recipe("compile-bf16-autocast", "default", bf16_autocast=True))
-    return out
+        rest.append(Recipe("compile-channels-last", "default", channels_last=True, **at_policy))
+    names = {r.name for r in out}
+    return out + [r for r in rest if r.name not in names]
 
 
 def matched_compile(device: str, precision: str) -> str:
@@ -121,9 +132,11 @@ class RecipeModule(nn.Module):
             # them (a caller holding an earlier output, a pipeline's next stage, would read the wrong values)
             return _owned(out) if self.recipe.compile_mode == "reduce-overhead" else _contiguous(out)
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-        with torch.autocast(device_type=device, dtype=torch.bfloat16):
-            out = self._compiled(*args)
-        return _contiguous(_to_float32(out))
+        # autocast caches its bf16 copies of the weights until the context exits: a CUDA graph captured inside it
+        # would replay reads of freed copies (an illegal memory access on the H200, 2026-12-01), so no cache there
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, cache_enabled=not self.recipe.cuda_graph):
+            out = _to_float32(self._compiled(*args))
+        return _owned(out) if self.recipe.compile_mode == "reduce-overhead" else _contiguous(out)
 
 
 class CudaGraphRunner:

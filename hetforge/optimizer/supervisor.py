@@ -155,7 +155,11 @@ def propose_compositions(
         if "recipes" in task.agents and (not task.recipes or "compile" in task.recipes):
             parts["recipes"] = {
                 "recipe": asdict(
-                    next(r for r in recipes_for(task.device, task.precision, False) if r.name == "compile")
+                    next(
+                        r
+                        for r in recipes_for(task.device, task.precision, False)
+                        if r.name == matched_compile(task.device, task.precision)
+                    )
                 )
             }
     else:
@@ -304,7 +308,10 @@ def _optimize(
             checked_at[id(record)] = time.monotonic()
 
         cut = scheduling.check_side_by_side(
-            sorted((r for r in records if id(r) in runs), key=scheduling.check_priority),
+            sorted(
+                (r for r in records if id(r) in runs),
+                key=lambda r: scheduling.check_priority(r, "recipe:" + matched_compile(task.device, task.precision)),
+            ),
             check,
             runs,
             now,

@@ -14,8 +14,9 @@ from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
 from hetforge.spec.stages import stage_code_error, stage_problem
 
 GIB = 1 << 30
-# Figures for stages hetforge cannot profile yet (LLMs and tools are measured in serving);
-# each is marked estimated and a stage's latency_budget_ms replaces it.
+# Figures for stages hetforge has not measured (tools are measured in serving; a vLLM stage by its
+# engine-settings job's replay of recorded traffic, `profiles.LlmMeasurement`); each is marked estimated and a
+# stage's latency_budget_ms replaces it.
 LLM_MS_PER_TOKEN = {"gpu": 2.0, "cpu": 20.0, "endpoint": 10.0}
 LLM_MEMORY_BYTES = 2 * GIB
 TOOL_MS, TOOL_MEMORY_BYTES = 5.0, 64 << 20
@@ -120,7 +121,16 @@ def profile_stage(
                 analysis = analysis or prof.analyze(problem, seed=stage.seed)
                 out[cls.name] = prof.estimate(stage.name, analysis, cls, stage.precision)
         return out
+    measured = None
+    if isinstance(stage, LlmStage) and stage.vllm is not None and cache is not None:
+        fingerprint = prof.llm_fingerprint(stage, base_dir)
+        measured = {cls.name: cache.get_llm(fingerprint, cls.name) for cls in classes}
     for cls in classes:
+        if measured and measured.get(cls.name) is not None:  # the engine's own figures on this class
+            out[cls.name] = prof.llm_profile(
+                stage.name, cls.name, measured[cls.name], LLM_MEMORY_BYTES, SMALL_MESSAGE_BYTES
+            )
+            continue
         if isinstance(stage, LlmStage):
             per_token = LLM_MS_PER_TOKEN["endpoint" if stage.endpoint else cls.kind]
             ms = stage.latency_budget_ms or per_token * stage.sampling.max_tokens

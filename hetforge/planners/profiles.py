@@ -3,6 +3,11 @@
 A profile says how long one request takes on a device class, how much memory the stage needs and
 how many bytes it hands to the next stage. Measurements are cached in SQLite, keyed by the stage's
 fingerprint (its code, arguments and input signature) and the device class, and replace estimates.
+
+An LLM stage on vLLM is profiled by its engine's measured figures per request (`LlmMeasurement`:
+time to first token, time per output token after the first, queue time, prompt and output tokens),
+from a replay of recorded traffic (the engine-settings job's baseline) or the replicas' exported
+metrics; its latency is queue + TTFT + TPOT x (output tokens - 1) (`llm_profile`).
 """
 
 from __future__ import annotations
@@ -74,6 +79,28 @@ class ProfileCache:
             ).fetchone()
         return StageProfile(**json.loads(row[0])) if row else None
 
+    def put_llm(self, fingerprint: str, device_class: str, m: LlmMeasurement) -> None:
+        """An LLM stage's measured figures on a device class (the latest measurement wins)."""
+        with self._connect() as db:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS llm_profiles (fingerprint TEXT, device_class TEXT, measurement TEXT, "
+                "measured_at REAL, PRIMARY KEY (fingerprint, device_class))"
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO llm_profiles VALUES (?, ?, ?, ?)",
+                (fingerprint, device_class, json.dumps(asdict(m)), time.time()),
+            )
+
+    def get_llm(self, fingerprint: str, device_class: str) -> LlmMeasurement | None:
+        with self._connect() as db:
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'llm_profiles'").fetchone():
+                return None
+            row = db.execute(
+                "SELECT measurement FROM llm_profiles WHERE fingerprint=? AND device_class=?",
+                (fingerprint, device_class),
+            ).fetchone()
+        return LlmMeasurement(**json.loads(row[0])) if row else None
+
     def put(self, fingerprint: str, profile: StageProfile) -> None:
         with self._connect() as db:
             db.execute(
@@ -96,6 +123,54 @@ def fingerprint(stage, base_dir: Path) -> str:
         ).encode()
     )
     return h.hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------------------------- LLM stages
+@dataclass(frozen=True)
+class LlmMeasurement:
+    """An LLM stage's engine figures per request, means over `requests` generations."""
+
+    ttft_ms: float  # time from a generation's arrival in the engine to its first token
+    tpot_ms: float  # time per output token after the first
+    queue_ms: float  # time waiting in the engine's queue (included in TTFT where the source cannot tell them apart)
+    prompt_tokens: float
+    output_tokens: float
+    requests: int
+    source: str  # where it was measured: "replay of N recorded requests (job 3)", "replica metrics", ...
+    at: float = 0.0
+
+    @property
+    def latency_ms(self) -> float:
+        return self.queue_ms + self.ttft_ms + self.tpot_ms * max(0.0, self.output_tokens - 1)
+
+
+def llm_fingerprint(stage, base_dir: Path) -> str:
+    """An LLM stage on vLLM: changes when its model (config, weight files' names and sizes), its engine arguments or
+    its chat template change. Engine-settings variants and LLM profiles are keyed by it."""
+    spec = stage.vllm
+    h = hashlib.sha256()
+    folder = base_dir / spec.model
+    if folder.is_dir():
+        for f in sorted(folder.iterdir()):
+            if f.is_file():
+                h.update(f.name.encode() + str(f.stat().st_size).encode())
+                if f.suffix == ".json":
+                    h.update(f.read_bytes())
+    else:
+        h.update(spec.model.encode())
+    if spec.chat_template:
+        h.update((base_dir / spec.chat_template).read_bytes())
+    h.update(json.dumps([spec.engine_args, spec.prefix_caching], default=str, sort_keys=True).encode())
+    return "llm-" + h.hexdigest()[:20]
+
+
+def llm_profile(stage_name: str, device: str, m: LlmMeasurement, memory_bytes: int, output_bytes: int) -> StageProfile:
+    """A measured profile of an LLM stage: queue + TTFT + TPOT x (output tokens - 1), from `m`."""
+    detail = (
+        f"queue {m.queue_ms:.2f} ms + TTFT {m.ttft_ms:.2f} ms + TPOT {m.tpot_ms:.3f} ms x "
+        f"({m.output_tokens:.1f} - 1) output tokens; {m.prompt_tokens:.0f} prompt tokens; {m.source}"
+    )
+    return StageProfile(stage_name, device, round(m.latency_ms, 4), "measured", memory_bytes, output_bytes, {}, detail)
 
 
 class _OpCounter(TorchDispatchMode):

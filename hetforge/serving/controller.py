@@ -40,16 +40,21 @@ from typing import Any
 
 from hetforge.core.problem import Problem
 from hetforge.kernels.registry import Registry
+from hetforge.planners.profiles import ProfileCache, llm_fingerprint
 from hetforge.serving.job_runner import UNVERIFIED, JobLauncher
 from hetforge.serving.jobs import JobBoard, JobSpec
-from hetforge.serving.metrics import Metrics
+from hetforge.serving.llm_metrics import measurement_of
+from hetforge.serving.llm_settings import active_settings, traffic_dir
+from hetforge.serving.metrics import Metrics, local_samples
 from hetforge.serving.replica_metrics import StageWindow, stage_counters_source, window_of
 from hetforge.serving.rollout import Rollout, RolloutBoard, judge_step, plan_for
 from hetforge.serving.swap_control import SwapBoard, SwapError, request_swap
 from hetforge.spec.graph import PipelineGraph
-from hetforge.spec.models import ModelStage, Pipeline
+from hetforge.spec.models import LlmStage, ModelStage, Pipeline
 from hetforge.spec.stages import stage_problem
 from hetforge.state import local_dir
+
+LLM_PROFILE_EVERY_S = 30.0
 
 
 # ---------------------------------------------------------------------------------------------- controller
@@ -62,8 +67,12 @@ class StageInfo:
     device: str  # cpu | cuda
     device_class: str
     precision: str
-    problem: Problem  # the stage's reference (`stage_problem`): a problem file, the team's module, a HuggingFace model
+    problem: (
+        Problem | None
+    )  # the stage's reference (`stage_problem`): a problem file, the team's module, a HuggingFace model
     resources: dict  # the job's Ray task options
+    kind: str = "model"  # model | llm (a vLLM stage: its job searches engine settings)
+    llm: dict | None = None  # an LLM stage's job inputs (`JobSpec.llm`) but the running settings, read at launch
 
 
 class Controller:
@@ -187,6 +196,8 @@ class Controller:
             if w is None or w.calls < self.spec.min_calls or self._busy(stage):
                 continue
             sigs = signatures.get(stage, {})
+            if self.stages[stage].kind == "llm" and not sigs:
+                continue  # its job replays the calls the replicas recorded: wait until their heartbeats show some
             history = self.jobs.list(self.pipeline.name, stage)
             seen = {s for job in history for s in job.signatures}
             frequent = [s for s, share in sigs.items() if share >= 0.05 and s != "other"][:4]
@@ -245,7 +256,7 @@ class Controller:
                 job_id=job.id,
                 pipeline=self.pipeline.name,
                 stage=job.stage,
-                problem=info.problem.to_json(),
+                problem=info.problem.to_json() if info.problem is not None else {},
                 device=info.device,
                 device_class=info.device_class,
                 precision=info.precision,
@@ -256,6 +267,8 @@ class Controller:
                 approval=self.spec.approval,
                 signatures=tuple(job.signatures),
                 threads=max(1, math.floor(self.spec.job_cpus)),
+                kind=info.kind,
+                llm=self._llm_job(info),
             )
             try:
                 self.launcher.launch(spec, info.resources)
@@ -268,6 +281,13 @@ class Controller:
             self._count_job(job.stage, "started")
             actions.append(f"launched job {job.id} for {job.stage} ({job.trigger})")
         return actions
+
+    def _llm_job(self, info: StageInfo) -> dict | None:
+        """An LLM job's inputs, with the settings its replicas run now (the best active engine-settings variant)."""
+        if info.kind != "llm":
+            return None
+        _, settings = active_settings(self.registry, info.fingerprint, info.device_class, info.precision)
+        return {**info.llm, "settings": settings}
 
     def _reap(self, now: float) -> list[str]:
         """Jobs that ended since the last look: count them (once) and say what they found."""
@@ -459,11 +479,41 @@ class Controller:
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def controller_stages(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict]) -> dict[str, StageInfo]:
-    """The model stages the controller may optimize, with their fingerprints and their jobs' Ray options."""
+def llm_stage_info(pipeline: Pipeline, stage: LlmStage, base_dir: Path, where: dict, registry_path: str) -> StageInfo:
+    """A vLLM stage the controller may tune: its job replays the calls its replicas record (`llm_settings`)."""
+    fingerprint = llm_fingerprint(stage, base_dir)
+    llm = {
+        "stage": stage.model_dump(mode="json"),
+        "base_dir": str(base_dir.resolve()),
+        "fingerprint": fingerprint,
+        "traffic": str(traffic_dir(registry_path, pipeline.name, stage.name)),
+    }
+    resources: dict[str, Any] = {"num_cpus": pipeline.reoptimize.job_cpus}
+    if where["ray_actor_options"].get("resources"):  # a named CPU class: the job runs on one of its nodes
+        resources["resources"] = dict(where["ray_actor_options"]["resources"])
+    return StageInfo(
+        stage.name,
+        fingerprint,
+        where["device"],
+        where["device_class"],
+        str(stage.precision),
+        None,
+        resources,
+        kind="llm",
+        llm=llm,
+    )
+
+
+def controller_stages(
+    pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], registry_path: str = ""
+) -> dict[str, StageInfo]:
+    """The model and vLLM stages the controller may optimize, with their fingerprints and their jobs' Ray options."""
     spec = pipeline.reoptimize
     out = {}
     for stage in pipeline.stages:
+        if isinstance(stage, LlmStage) and stage.vllm is not None and stage.optimize:
+            out[stage.name] = llm_stage_info(pipeline, stage, base_dir, placement[stage.name], registry_path)
+            continue
         if not isinstance(stage, ModelStage) or not stage.optimize:
             continue
         where = placement[stage.name]
@@ -489,6 +539,27 @@ def controller_stages(pipeline: Pipeline, base_dir: Path, placement: dict[str, d
     return out
 
 
+def with_llm_profiles(source: Callable[[], dict], metrics_dir: str, pipeline: Pipeline, stages: dict[str, StageInfo]):
+    """`source`, also writing each vLLM stage's figures from its replicas' metrics into the planner's profile cache
+    (at most every LLM_PROFILE_EVERY_S: the planner's measured LLM profile, `llm_metrics.measurement_of`)."""
+    llm = {name: info for name, info in stages.items() if info.kind == "llm"}
+    last = [0.0]
+
+    def read() -> dict:
+        out = source()
+        if llm and time.monotonic() - last[0] >= LLM_PROFILE_EVERY_S:
+            last[0] = time.monotonic()
+            samples = list(local_samples(metrics_dir, pipeline.name))
+            cache = ProfileCache()
+            for name, info in llm.items():
+                measured = measurement_of(samples, name)
+                if measured is not None and measured.requests >= pipeline.reoptimize.min_calls:
+                    cache.put_llm(info.fingerprint, info.device_class, measured)
+        return out
+
+    return read
+
+
 def build_controller(
     pipeline: Pipeline,
     base_dir: Path,
@@ -506,11 +577,14 @@ def build_controller(
         except SwapError:
             return False
 
+    stages = controller_stages(pipeline, base_dir, placement, registry_path)
     controller = Controller(
         pipeline,
-        controller_stages(pipeline, base_dir, placement),
+        stages,
         registry_path,
-        metrics_source=stage_counters_source(metrics_dir, pipeline.name),
+        metrics_source=with_llm_profiles(
+            stage_counters_source(metrics_dir, pipeline.name), metrics_dir, pipeline, stages
+        ),
         launcher=JobLauncher(pipeline.name),
         swapper=swapper,
         metrics=metrics,

@@ -35,6 +35,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from hetforge.kernels.registry import Registry
+from hetforge.serving import llm_settings
 from hetforge.serving.controller import build_controller
 from hetforge.serving.dashboard_page import DashboardSampler
 from hetforge.serving.dataflow import PipelineRunner, StageError
@@ -254,12 +255,29 @@ class ToolStageDeployment:
 class LlmStageDeployment:
     """An LLM stage replica: vLLM's engine in the replica, or a client of an OpenAI-compatible endpoint."""
 
-    def __init__(self, pipeline_doc: dict, base_dir: str, stage_name: str, device: str):
+    def __init__(
+        self,
+        pipeline_doc: dict,
+        base_dir: str,
+        stage_name: str,
+        device: str,
+        registry_path: str | None = None,
+        device_class: str | None = None,
+    ):
         pipeline = _pipeline(pipeline_doc)
         stage: LlmStage = pipeline.stage(stage_name)
         self.pipeline, self.stage, self.device = pipeline.name, stage, device
         labels = (pipeline.name, stage.name, _replica_name())
-        self.runtime = LlmRuntime(stage, Path(base_dir), loop_tools(pipeline, stage, Path(base_dir)), labels)
+        tools = loop_tools(pipeline, stage, Path(base_dir))
+        self.target = self.watcher = None
+        if stage.vllm is not None and registry_path:  # engine settings are variants: recorded, rolled out, swapped
+            self.target = llm_settings.serve_target(
+                pipeline.name, stage, Path(base_dir), tools, labels, registry_path, device_class or device
+            )
+            self.runtime = self.target.runtime
+            self.watcher = SwapWatcher(self.target, SwapBoard(registry_path), _replica_name()).start()
+        else:
+            self.runtime = LlmRuntime(stage, Path(base_dir), tools, labels)
         self.metrics = default_metrics()
         engine_config = getattr(self.runtime.engine, "model_config", None)  # vLLM's; an endpoint has none here
         self.context_tokens = getattr(engine_config, "max_model_len", None)
@@ -295,7 +313,8 @@ class LlmStageDeployment:
             "node_id": _node_id(),
             "stage": self.stage.name,
             "device": self.device,
-            "active_variant": backend,
+            "active_variant": self.target.active_variant if self.target is not None else backend,
+            "engine_settings": self.runtime.settings,
         }
 
     def __del__(self):
@@ -450,7 +469,7 @@ def build_app(pipeline: Pipeline, base_dir: Path, placement: dict[str, dict], re
                     request_router_class=SESSION_ROUTER, request_router_kwargs={"num_fallback_replicas": 2}
                 )
             handles[stage.name] = LlmStageDeployment.options(**options).bind(
-                doc, str(base_dir), stage.name, where["device"]
+                doc, str(base_dir), stage.name, where["device"], registry_path, where.get("device_class")
             )
     controller = None
     if pipeline.reoptimize is not None:

@@ -30,6 +30,7 @@ from hetforge.optimizer.registration import register_winner
 from hetforge.optimizer.report import OptimizeReport
 from hetforge.optimizer.supervisor import OptimizeTask, optimize
 from hetforge.serving.jobs import HEARTBEAT_S, JobBoard, JobSpec
+from hetforge.serving.llm_job import run_llm_job
 from hetforge.state import StoreError
 
 UNVERIFIED = "unverified"  # the reject kind of a candidate refused before any verification (no code came back)
@@ -242,8 +243,9 @@ def run_job(spec: JobSpec) -> dict:
 
 
 def _run_job_json(doc: dict) -> dict:
-    """The Ray task's entry: the spec arrives as JSON."""
-    return run_job(JobSpec.from_json(doc))
+    """The Ray task's entry: the spec arrives as JSON; an LLM stage's job searches engine settings (`llm_job`)."""
+    spec = JobSpec.from_json(doc)
+    return run_llm_job(spec) if spec.kind == "llm" else run_job(spec)
 
 
 def _where() -> dict:

@@ -13,7 +13,9 @@ starts it, are in `job_runner.py`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -84,6 +86,8 @@ class JobSpec:
     approval: str = "auto"  # auto: the winner becomes `canary`; manual: `pending_review`
     signatures: tuple[str, ...] = ()  # the input signatures it optimizes for, most frequent first
     threads: int = 1
+    kind: str = "model"  # model: the optimizer on the stage's module; llm: engine settings (`llm_job.py`)
+    llm: dict | None = None  # an LLM job's stage spec, base_dir, fingerprint, recorded-traffic folder, running settings
 
     def to_json(self) -> dict:
         doc = asdict(self)
@@ -100,6 +104,25 @@ class JobSpec:
                 "signatures": tuple(doc.get("signatures") or ()),
             }
         )
+
+
+@contextlib.contextmanager
+def heartbeat(board: JobBoard, job_id: int):
+    """Beat the job's row every HEARTBEAT_S while the block runs (a store that is away is tried again next beat)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                board.beat(job_id)
+            except state.StoreError:
+                continue
+
+    threading.Thread(target=beat, daemon=True, name=f"job-{job_id}-heartbeat").start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 class JobBoard(Board):
@@ -198,8 +221,10 @@ def queue_hint_job(registry_path: str, pipeline, stage: str, hint: str, actor: s
     names = [s.name for s in pipeline.stages]
     if stage not in names:
         raise SwapError(f"pipeline {pipeline.name} has no stage {stage!r} (stages: {', '.join(names)})", 404)
-    if pipeline.stage(stage).kind != "model" or not pipeline.stage(stage).optimize:
-        raise SwapError(f"stage {stage} is not a model stage hetforge may optimize", 400)
+    target = pipeline.stage(stage)
+    optimizable = target.kind == "model" or (target.kind == "llm" and getattr(target, "vllm", None) is not None)
+    if not optimizable or not target.optimize:
+        raise SwapError(f"stage {stage} is not a model or vLLM stage hetforge may optimize", 400)
     if not hint.strip():
         raise SwapError("give a hint: the text that goes into every agent's prompt", 400)
     job = JobBoard(registry_path).queue(pipeline.name, stage, "hint", f"hint from {actor}", [], hint=hint)

@@ -25,6 +25,8 @@ answer also has its fields added (a router can answer {"route": "search"} for a 
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import inspect
 import json
 import os
@@ -248,7 +250,7 @@ def plan_call(stage, own_tools: list[dict], payload: dict) -> tuple[list[dict], 
     choice = options.get("tool_choice") or default
     if choice == "required" and len(tools) == 1 and options.get("parallel_tool_calls") is False:
         # one call of the one tool: the same constraint as naming it, and its name and the array around the call
-        # are not decoded token by token (about 20 tokens fewer a turn on the tiny model's tokenizer)
+        # are not decoded token by token (bench/agents: 15 tokens a tool turn; the array form is 28)
         choice = {"type": "function", "function": {"name": _tool_name(tools[0])}}
     if isinstance(choice, dict) and choice.get("function", {}).get("name") not in {_tool_name(t) for t in tools}:
         raise StageError(f"stage {stage.name}: tool_choice names a tool not in `tools`", 400)
@@ -282,12 +284,129 @@ def _engine_id(request_id: str) -> str:
     return f"{request_id or 'req'}-{uuid.uuid4().hex[:8]}"
 
 
+def engine_arguments(stage, base_dir: Path, settings: dict | None = None) -> dict:
+    """The vLLM engine arguments of an LLM stage: hetforge's defaults, the spec's, then `settings` (an engine-settings
+    variant's) over them."""
+    spec = stage.vllm
+    # A folder beside the pipeline file, else a model name (a missing folder is refused by deploy.check_servable)
+    model = str((base_dir / spec.model).resolve()) if (base_dir / spec.model).exists() else spec.model
+    return {
+        **ENGINE_DEFAULTS,
+        "enable_prefix_caching": spec.prefix_caching,
+        **spec.engine_args,
+        **(settings or {}),
+        "model": model,
+    }
+
+
+def load_tokenizer(stage, base_dir: Path):
+    """The tokenizer the engine uses, with the stage's chat template."""
+    from transformers import AutoTokenizer  # only LLM replicas and their jobs load transformers
+
+    tokenizer = AutoTokenizer.from_pretrained(engine_arguments(stage, base_dir)["model"])
+    if stage.vllm.chat_template:
+        tokenizer.chat_template = (base_dir / stage.vllm.chat_template).read_text()
+    return tokenizer
+
+
+def build_engine(stage, base_dir: Path, settings: dict | None = None, stat_loggers: list | None = None):
+    """A vLLM AsyncLLM for the stage with `settings` over its spec's engine arguments."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # vLLM loads only in replicas of vLLM stages and their jobs: it is heavy, and optional elsewhere
+    from vllm import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = engine_arguments(stage, base_dir, settings)
+    if isinstance(args.get("structured_outputs_config", {}), dict):
+        from vllm.config import StructuredOutputsConfig
+
+        given = args.get("structured_outputs_config", {})
+        args["structured_outputs_config"] = StructuredOutputsConfig(**{**STRUCTURED_DEFAULTS, **given})
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=stat_loggers)
+
+
+def sampling_doc(stage, tools: list[dict], choice: Any, options: dict) -> dict:
+    """One call's sampling settings as JSON (recorded for replay by the engine-settings job): `sampling_params`
+    turns it into vLLM's."""
+    s = stage.sampling
+    structured = None
+    schema = decoding_schema(tools, choice, options.get("parallel_tool_calls"))
+    fmt = options.get("response_format") or {}
+    if schema is not None:
+        structured = {"json": schema}
+    elif fmt.get("type") == "json_schema":
+        structured = {"json": fmt["json_schema"].get("schema") or {"type": "object"}}
+    elif fmt.get("type") == "json_object":
+        structured = {"json_object": True}
+    elif stage.choices:
+        structured = {"choice": list(stage.choices)}
+    stop = options.get("stop")
+    return {
+        "max_tokens": options.get("max_tokens") or s.max_tokens,
+        "temperature": s.temperature if options.get("temperature") is None else options["temperature"],
+        "top_p": s.top_p if options.get("top_p") is None else options["top_p"],
+        "stop": [stop] if isinstance(stop, str) else stop,
+        "seed": options.get("seed"),
+        "structured": structured,
+    }
+
+
+def sampling_params(doc: dict, stream: bool):
+    """vLLM's SamplingParams of a `sampling_doc`."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = StructuredOutputsParams(**doc["structured"]) if doc.get("structured") else None
+    return SamplingParams(
+        max_tokens=doc["max_tokens"],
+        temperature=doc["temperature"],
+        top_p=doc["top_p"],
+        stop=doc.get("stop"),
+        seed=doc.get("seed"),
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        structured_outputs=structured,
+    )
+
+
+async def generate_text(engine, ids: list[int], doc: dict, request_id: str = "") -> tuple[str, str, dict]:
+    """(text, finish reason, usage) of one generation on `engine`."""
+    from vllm.inputs import TokensPrompt
+
+    text, finish, usage = "", "stop", {}
+    async for out in engine.generate(
+        TokensPrompt(prompt_token_ids=list(ids)), sampling_params(doc, False), _engine_id(request_id)
+    ):
+        if out.finished and out.outputs:
+            text, finish = out.outputs[0].text, out.outputs[0].finish_reason or "stop"
+            usage = _usage(out, {})
+    return text, finish, usage
+
+
 class LlmRuntime:
-    def __init__(self, stage, base_dir: Path, tools: list[dict] | None = None, labels: tuple[str, str] = ("", "")):
+    """One replica's LLM stage. With vLLM: the engine (`settings` over the spec's engine arguments), the calls it
+    records for the engine-settings job (`recorder`), and the canary arm of a rollout of other settings (`arm`,
+    `llm_settings.LlmCanaryArm`), both set by `llm_settings.LlmEngineTarget`."""
+
+    def __init__(
+        self,
+        stage,
+        base_dir: Path,
+        tools: list[dict] | None = None,
+        labels: tuple[str, str] = ("", ""),
+        settings: dict | None = None,
+    ):
         self.stage, self.tools = stage, [_openai_tool(t) for t in tools or []]
+        self.base_dir, self.labels = base_dir, labels
         self.engine = self.tokenizer = self.client = None
+        self.settings: dict = dict(settings or {})  # the active engine's settings over the spec's
+        self.arm = self.recorder = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the replica's loop: the engines' calls run on it
+        self.inflight = 0  # calls in progress (recorded with each call: the concurrency a replay reproduces)
+        self.busy: collections.Counter = collections.Counter()  # id(engine) -> generations running on it
         if stage.vllm is not None:
-            self._start_vllm(base_dir, labels)
+            self.tokenizer = load_tokenizer(stage, base_dir)
+            self.engine = self.build_engine(self.settings)
         else:
             from openai import AsyncOpenAI  # only endpoint stages need the client library
 
@@ -295,66 +414,31 @@ class LlmRuntime:
             key = os.environ.get(ep.api_key_env, "") if ep.api_key_env else ""
             self.client = AsyncOpenAI(base_url=ep.base_url, api_key=key or "EMPTY", timeout=ep.timeout_s, max_retries=1)
 
-    def _start_vllm(self, base_dir: Path, labels: tuple[str, str]) -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # vLLM and transformers load only in replicas of vLLM stages: they are heavy, and optional elsewhere
-        from transformers import AutoTokenizer
-        from vllm import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+    def build_engine(self, settings: dict):
+        """An engine of this stage with `settings`, its statistics under the replica's labels."""
+        return build_engine(self.stage, self.base_dir, settings, [stat_logger_factory(*self.labels)])
 
-        spec = self.stage.vllm
-        # A folder beside the pipeline file, else a model name (a missing folder is refused by deploy.check_servable)
-        model = str((base_dir / spec.model).resolve()) if (base_dir / spec.model).exists() else spec.model
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        if spec.chat_template:
-            self.tokenizer.chat_template = (base_dir / spec.chat_template).read_text()
-        args = {**ENGINE_DEFAULTS, "enable_prefix_caching": spec.prefix_caching, **spec.engine_args}
-        if isinstance(args.get("structured_outputs_config", {}), dict):
-            from vllm.config import StructuredOutputsConfig
+    async def generate_on(self, engine, ids: list[int], doc: dict, request_id: str = "") -> tuple[str, str, dict]:
+        """One generation on `engine` (the active one or a canary's), counted while it runs."""
+        self.busy[id(engine)] += 1
+        try:
+            return await generate_text(engine, ids, doc, request_id)
+        finally:
+            self.busy[id(engine)] -= 1
 
-            given = args.get("structured_outputs_config", {})
-            args["structured_outputs_config"] = StructuredOutputsConfig(**{**STRUCTURED_DEFAULTS, **given})
-        self.engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(model=model, **args), stat_loggers=[stat_logger_factory(*labels)]
-        )
+    async def complete_ids(self, ids: list[int], doc: dict, request_id: str = "") -> tuple[str, str, dict]:
+        """One generation: recorded, then on the active engine or through a rollout's canary arm."""
+        self.loop = asyncio.get_running_loop()
+        if self.recorder is not None:
+            self.recorder.add(ids, doc, self.inflight)
+        arm = self.arm
+        if arm is not None:
+            return await arm.acall(self, ids, doc, request_id)
+        return await self.generate_on(self.engine, ids, doc, request_id)
 
     # ------------------------------------------------------------------ one call's settings
     def _plan(self, payload: dict) -> tuple[list[dict], list[dict], Any, dict]:
         return plan_call(self.stage, self.tools, payload)
-
-    def _sampling(self, stream: bool, tools: list[dict], choice: Any, options: dict):
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
-
-        s = self.stage.sampling
-        structured = None
-        schema = decoding_schema(tools, choice, options.get("parallel_tool_calls"))
-        fmt = options.get("response_format") or {}
-        if schema is not None:
-            structured = StructuredOutputsParams(json=schema)
-        elif fmt.get("type") == "json_schema":
-            schema = fmt["json_schema"].get("schema") or {"type": "object"}
-            structured = StructuredOutputsParams(json=schema)
-        elif fmt.get("type") == "json_object":
-            structured = StructuredOutputsParams(json_object=True)
-        elif self.stage.choices:
-            structured = StructuredOutputsParams(choice=self.stage.choices)
-        stop = options.get("stop")
-        return SamplingParams(
-            max_tokens=options.get("max_tokens") or s.max_tokens,
-            temperature=s.temperature if options.get("temperature") is None else options["temperature"],
-            top_p=s.top_p if options.get("top_p") is None else options["top_p"],
-            stop=[stop] if isinstance(stop, str) else stop,
-            seed=options.get("seed"),
-            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
-            structured_outputs=structured,
-        )
-
-    def _prompt(self, messages: list[dict], tools: list[dict]):
-        from vllm.inputs import TokensPrompt
-
-        return TokensPrompt(prompt_token_ids=prompt_ids(self.tokenizer, messages, tools))
 
     def _answer(self, text: str, tools, choice, finish: str, usage: dict) -> dict:
         content, calls = read_decoded(text, tools, choice)
@@ -371,6 +455,8 @@ class LlmRuntime:
     async def stream(self, payload: dict, request_id: str = "") -> AsyncIterator[str | dict]:
         """Text deltas, then one dict: {"tool_calls"?, "finish_reason", "usage"}. A constrained (JSON) answer is
         read whole first: its deltas are the content it holds."""
+        from vllm.inputs import TokensPrompt
+
         messages, tools, choice, options = self._plan(payload)
         if self.engine is None:
             answer = await self._complete(messages, tools, choice, options)
@@ -380,8 +466,12 @@ class LlmRuntime:
             return
         constrained = bool(tools) and choice != "none"
         text, sent, finish, usage = "", "", "stop", {}
+        ids, doc = prompt_ids(self.tokenizer, messages, tools), sampling_doc(self.stage, tools, choice, options)
+        self.loop = asyncio.get_running_loop()
+        if self.recorder is not None:  # recorded for the engine-settings job; a canary arm judges non-streamed calls
+            self.recorder.add(ids, doc, self.inflight)
         async for out in self.engine.generate(
-            self._prompt(messages, tools), self._sampling(True, tools, choice, options), _engine_id(request_id)
+            TokensPrompt(prompt_token_ids=ids), sampling_params(doc, True), _engine_id(request_id)
         ):
             delta = out.outputs[0].text if out.outputs else ""
             text += delta
@@ -404,13 +494,13 @@ class LlmRuntime:
         messages, tools, choice, options = self._plan(payload)
         if self.engine is None:
             return await self._complete(messages, tools, choice, options)
-        text, finish, usage = "", "stop", {}
-        async for out in self.engine.generate(
-            self._prompt(messages, tools), self._sampling(False, tools, choice, options), _engine_id(request_id)
-        ):
-            if out.finished and out.outputs:
-                text, finish = out.outputs[0].text, out.outputs[0].finish_reason or "stop"
-                usage = _usage(out, {})
+        self.inflight += 1
+        try:
+            ids = prompt_ids(self.tokenizer, messages, tools)
+            doc = sampling_doc(self.stage, tools, choice, options)
+            text, finish, usage = await self.complete_ids(ids, doc, request_id)
+        finally:
+            self.inflight -= 1
         if self.stage.choices and not tools and text.strip() not in self.stage.choices:
             raise StageError(
                 f"stage {self.stage.name}: the model answered {text[:80]!r}, not one of {self.stage.choices}", 502
@@ -455,9 +545,10 @@ class LlmRuntime:
         return answer
 
     def shutdown(self) -> None:
-        if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
+        for engine in (self.engine, getattr(self.arm, "module", None)):
+            if engine is not None:
+                engine.shutdown()
+        self.engine = self.arm = None
 
 
 def _usage(out, seen: dict) -> dict:

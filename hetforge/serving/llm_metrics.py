@@ -9,11 +9,18 @@ names and labels, into the replica's prometheus_client multiprocess files like e
 vLLM's own Prometheus logger stays off (`disable_log_stats`): its `vllm:*` series carry no stage.
 
 The prefix-cache hit rate is rate(hits) / rate(queries), both in prompt tokens.
+
+`measurement_of` turns a stage's exported figures into the planner's `LlmMeasurement` (means per call; vLLM's
+TTFT counts from arrival, so the queue time is taken out of it and kept as its own term).
 """
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import REGISTRY, Counter, Histogram
+
+from hetforge.planners.profiles import LlmMeasurement
 
 TOKEN_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
 REQUEST_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
@@ -115,3 +122,30 @@ def stat_logger_factory(pipeline: str, stage: str, replica: str = ""):
             pass
 
     return HetforgeStatLogger
+
+
+def measurement_of(samples, stage: str) -> LlmMeasurement | None:
+    """The stage's mean figures per call from its replicas' samples (`metrics.local_samples`); None before a call."""
+    total: dict[str, float] = {}
+    for sample in samples:
+        if sample.labels.get("stage") == stage and sample.name.startswith("hetforge_llm_"):
+            total[sample.name] = total.get(sample.name, 0.0) + sample.value
+    calls = total.get("hetforge_llm_time_to_first_token_seconds_count", 0.0)
+    if calls <= 0:
+        return None
+
+    def mean_ms(name: str) -> float:
+        count = total.get(name + "_count", 0.0)
+        return 1e3 * total.get(name + "_sum", 0.0) / count if count else 0.0
+
+    queue = mean_ms("hetforge_llm_queue_time_seconds")
+    return LlmMeasurement(
+        ttft_ms=round(max(0.0, mean_ms("hetforge_llm_time_to_first_token_seconds") - queue), 4),
+        tpot_ms=round(mean_ms("hetforge_llm_time_per_output_token_seconds"), 4),
+        queue_ms=round(queue, 4),
+        prompt_tokens=round(total.get("hetforge_llm_prefix_cache_queries_tokens_total", 0.0) / calls, 2),
+        output_tokens=round(total.get("hetforge_llm_generation_tokens_total", 0.0) / calls, 2),
+        requests=int(calls),
+        source=f"metrics of the replicas over {int(calls)} calls",
+        at=time.time(),
+    )

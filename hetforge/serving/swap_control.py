@@ -198,9 +198,10 @@ def request_swap(
         raise SwapError(
             f"swap refused: pipeline {pipeline.name} has no stage {stage!r} (stages: {', '.join(names)})", 404
         )
-    if pipeline.stage(stage).kind != "model":
+    target = pipeline.stage(stage)
+    if target.kind != "model" and getattr(target, "vllm", None) is None:  # vLLM stages have engine-settings variants
         raise SwapError(
-            f"swap refused: stage {stage} is a {pipeline.stage(stage).kind} stage; only model stages have kernel variants",
+            f"swap refused: stage {stage} is a {target.kind} stage; only model and vLLM stages have variants",
             400,
         )
     try:

@@ -167,3 +167,90 @@ def test_worker_environment_keeps_problem_settings_not_secrets(tmp_path):
     assert env["HOME"] == str(tmp_path)
     # every worker allocates the same way (glibc's moving thresholds made one eager module time 0.08 or 0.25 ms)
     assert env["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20) and env["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)
+
+
+def test_a_compilers_installation_is_readable_not_only_its_bin_folder(tmp_path, monkeypatch):
+    """Inductor and Triton run `$CC`; with CC=/opt/gcc/bin/gcc the driver reads /opt/gcc/lib/gcc/.../stddef.h and
+    crtbeginS.o. Reads confined to /opt/gcc/bin failed every compile on the H200 host (2026-12-01)."""
+    from hetforge.optimizer import confine
+
+    gcc = tmp_path / "opt" / "gcc" / "bin" / "gcc"
+    gcc.parent.mkdir(parents=True)
+    gcc.write_text("")
+    monkeypatch.setenv("CC", str(gcc))
+    assert str(tmp_path / "opt" / "gcc") in confine.python_paths()
+    assert confine.compiler_prefix("/usr/bin/gcc") == "/usr"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the switch to the unprivileged user happens only for root")
+def test_the_user_drop_hands_a_private_scratch_folder_to_the_unprivileged_user():
+    """The worker drops its capabilities before the switch, so it must hand nested folders over from the bottom up:
+    a 0700 scratch handed over first cannot be searched for its contents any more."""
+    import shutil
+    import tempfile
+
+    from hetforge.optimizer import confine
+
+    scratch = Path(tempfile.mkdtemp(prefix="hetforge-test-drop-"))  # 0700 beneath /tmp, as a worker's scratch
+    (scratch / "cache" / "triton").mkdir(parents=True)
+    (scratch / "cache" / "triton" / "old").write_text("x")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child does what a worker does, then reports
+        try:
+            confine._drop_capabilities(confine._USER_DROP_CAPS)
+            said = confine._drop_user([], [str(scratch)])
+            (scratch / "cache" / "triton" / "new").write_text("y")
+            os.write(write_end, f"ok {os.geteuid()} {said}".encode())
+        except BaseException as err:  # noqa: BLE001 - reported to the parent
+            os.write(write_end, f"error {type(err).__name__}: {err}".encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    reply = os.read(read_end, 4096).decode()
+    try:
+        assert reply.startswith(f"ok {confine.UNPRIVILEGED_UID}"), reply
+        assert (scratch / "cache" / "triton" / "new").stat().st_uid == confine.UNPRIVILEGED_UID
+    finally:
+        shutil.rmtree(scratch)
+
+
+def test_confined_code_can_move_a_file_between_its_own_folders():
+    """Triton's cache writes a file into `tmp.pid_*/` and moves it up a folder. Each Landlock layer denies that move
+    (EXDEV) unless it grants "refer" there; found on the H200 host, where every Triton compile failed."""
+    import shutil
+    import tempfile
+
+    from hetforge.optimizer import confine
+
+    if confine._landlock_abi() < 2:
+        pytest.skip("Landlock ABI 2 (refer) is not offered by this kernel")
+    scratch = tempfile.mkdtemp(prefix="hetforge-test-refer-")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            confine._no_new_privs()
+            confine._landlock([scratch])
+            confine.confine_reads([], [scratch])
+            staging = Path(scratch, "cache", "tmp.pid_1")
+            staging.mkdir(parents=True)
+            (staging / "kernel.so").write_bytes(b"x")
+            os.replace(staging / "kernel.so", Path(scratch, "cache", "kernel.so"))
+            try:
+                Path("/tmp", f"hetforge-test-refer-outside-{os.getpid()}").write_text("x")
+                outside = "written"
+            except PermissionError:
+                outside = "denied"
+            os.write(write_end, f"ok {outside}".encode())
+        except BaseException as err:  # noqa: BLE001 - reported to the parent
+            os.write(write_end, f"error {type(err).__name__}: {err}".encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    reply = os.read(read_end, 4096).decode()
+    try:
+        assert reply == "ok denied", reply  # the move inside scratch works; a write outside it is still denied
+        assert Path(scratch, "cache", "kernel.so").read_bytes() == b"x"
+    finally:
+        shutil.rmtree(scratch)

@@ -31,6 +31,26 @@ def test_recipes_follow_device_and_precision_policy():
     assert "bf16-autocast" in {r.name for r in recipes_for("cpu", "bf16", has_conv=False)}
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("precision", ["strict", "tf32", "bf16"])
+def test_compile_at_the_policy_comes_before_the_other_compile_modes(device, precision):
+    """A budget that runs out mid-list must still have verified torch.compile at the stage's own policy (the
+    baseline of `speedup_vs_compile`): on the H200 (2026-12-01, 60 s budget) `compile-tf32`, last in the old order,
+    was never reached for three of three encoders."""
+    from hetforge.optimizer.recipes import matched_compile
+
+    names = [r.name for r in recipes_for(device, precision, has_conv=True)]
+    compiles = [n for n in names if n.startswith("compile")]
+    assert compiles[0] == matched_compile(device, precision)
+    assert all(names.index(n) > names.index(compiles[0]) for n in names if n.startswith("compile") and n != compiles[0])
+    assert len(names) == len(set(names))
+    at_policy = {r.name: r for r in recipes_for(device, precision, has_conv=True) if r.compile_mode}
+    for recipe in at_policy.values():  # every compile mode but the strict baselines runs at the policy
+        if recipe.name not in ("compile", "compile-freezing", "compile-cudagraphs") or precision == "strict":
+            assert recipe.tf32 == (device == "cuda" and precision == "tf32")
+            assert recipe.bf16_autocast == (precision == "bf16")
+
+
 def _verify(problem: str, recipe: Recipe, tmp_path, **options):
     reference = str(PROBLEMS / f"{problem}.py")
     candidate = tmp_path / f"{recipe.name}.py"

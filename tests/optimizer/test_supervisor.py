@@ -18,11 +18,17 @@ PROBLEMS = Path(__file__).resolve().parent / "problems"
 
 
 def test_rewrites_agent_wins_on_a_foldable_problem(tmp_path):
-    task = OptimizeTask(str(PROBLEMS / "linear_relu.py"), agents=("rewrites",), trials=2, rounds=2)
+    # review bar 1000x: a load spike on the reference of a loaded 2-core host once read 231x, which would flag the
+    # candidate for a human instead of keeping it (the review itself is tested below)
+    task = OptimizeTask(
+        str(PROBLEMS / "linear_relu.py"), agents=("rewrites",), trials=2, rounds=2, review_speedup=1000.0
+    )
     seen = []
     report = optimize(task, tmp_path, progress=seen.append)
     assert [c.name for c in report.candidates] == ["rewrites:fold_scale"] == [c.name for c in seen]
-    assert report.winner is not None and report.winner.agent == "rewrites"
+    [candidate] = report.candidates
+    assert candidate.usable, (candidate.status, candidate.note, candidate.verdict)
+    assert report.winner is candidate and report.winner.agent == "rewrites"
     assert report.speedup_vs_eager == report.winner.speedup
     assert report.speedup_vs_compile is None  # the recipes agent was not asked
 
@@ -183,6 +189,18 @@ def test_checks_one_at_a_time_have_no_stragglers(monkeypatch):
         "recipe:eager",
         "library:kernels",
         "recipe:compile-max-autotune",
+    ]
+    records = [
+        CandidateRecord(n, "recipes", 1, "", None)
+        for n in ("recipe:cuda-graph", "recipe:compile", "rewrites:dead_code", "recipe:compile-tf32", "recipe:eager")
+    ]
+    tf32 = sorted(records, key=lambda r: scheduling.check_priority(r, "recipe:compile-tf32"))
+    assert [r.name for r in tf32] == [
+        "recipe:eager",
+        "recipe:compile-tf32",  # the policy's torch.compile, before the other recipes
+        "rewrites:dead_code",
+        "recipe:cuda-graph",
+        "recipe:compile",
     ]
 
 

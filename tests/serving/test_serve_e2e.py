@@ -235,7 +235,7 @@ def test_cli_status_and_swap_go_through_the_api(served):
     assert status.returncode == 0, status.stderr
     doc = json.loads(status.stdout.strip().splitlines()[-1])["deployments"][0]
     assert doc["pipeline"] == "serve-test" and doc["state"] == "RUNNING"
-    assert doc["stages"]["reply"]["active_variant"] == "vllm" and doc["stages"]["classify"]["planned"] == "cpu"
+    assert doc["stages"]["reply"]["active_variant"] == "reference" and doc["stages"]["classify"]["planned"] == "cpu"
     swap = subprocess.run(
         [sys.executable, "-m", "hetforge.cli", "swap", "serve-test", "classify", "reference", "--json"],
         capture_output=True,
