@@ -1,6 +1,6 @@
 """Agent workload: hetforge's agent loop against a plain vLLM OpenAI server driven by a client-side loop.
 
-    python bench/agents/bench_agents.py [--tasks 8] [--sessions 4] [--turns 5] [--out bench/agents]
+    python bench/agents/bench_agents.py [--tasks 8] [--sessions 4] [--turns 5] [--out bench/agents] [--separate-tool]
 
 The workload (the same for both): a shared system prompt of about 1,500 tokens, tasks of `--turns`
 LLM turns each (every turn but the last calls the `lookup_order` tool, the last answers), `--sessions`
@@ -16,7 +16,10 @@ tasks in flight at once, one tool call a turn, greedy decoding, 40 tokens at mos
   one tool stage), one POST /v1/chat/completions per task; the loop, the tool calls and the session's
   routing happen server-side. Time to first token from the replica's `hetforge_llm_time_to_first_token_seconds`
   (vLLM's engine statistic; the baseline's engine figure `vllm:time_to_first_token_seconds` is reported beside
-  it), the hit rate from `hetforge_llm_prefix_cache_*`.
+  it), the hit rate from `hetforge_llm_prefix_cache_*`. The tool runs where the planner puts it (inline, in the
+  ingress, for this light tool); `--separate-tool` runs hetforge again with `placement: separate` (one Ray Serve
+  hop per tool call). Where a task's time goes (`breakdown_ms_per_task`): its LLM calls as the LLM replica
+  timed them, its tool calls, and the rest (the ingress, the hops, HTTP), from `hetforge_stage_latency_seconds`.
 Both run one engine replica on the same machine, one after the other. Writes results.json; results.md is its table, written from that file.
 """
 
@@ -107,7 +110,7 @@ def question(i: int) -> str:
 async def baseline_task(client: httpx.AsyncClient, url: str, i: int, turns: int) -> dict:
     """The hand-written loop: one streamed call per turn, the tool run in the client."""
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question(i)}]
-    ttfts, cached, prompt = [], [], []
+    ttfts, cached, prompt, completion = [], [], [], []
     start = time.perf_counter()
     for turn in range(turns):
         body = {
@@ -143,6 +146,7 @@ async def baseline_task(client: httpx.AsyncClient, url: str, i: int, turns: int)
                         slot["arguments"] += fn.get("arguments") or ""
         ttfts.append(((first or time.perf_counter()) - sent) * 1e3)
         prompt.append(usage.get("prompt_tokens", 0))
+        completion.append(usage.get("completion_tokens", 0))
         cached.append(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
         if not calls:
             break
@@ -163,6 +167,7 @@ async def baseline_task(client: httpx.AsyncClient, url: str, i: int, turns: int)
         "turns": len(ttfts),
         "cached": cached,
         "prompt": prompt,
+        "completion": completion,
     }
 
 
@@ -186,6 +191,9 @@ def run_baseline(tasks: int, sessions: int, turns: int, work: Path) -> dict:
         metric |= {
             "ttft_sum": "vllm:time_to_first_token_seconds_sum",
             "ttft_count": "vllm:time_to_first_token_seconds_count",
+            "tpot_sum": "vllm:request_time_per_output_token_seconds_sum",
+            "tpot_count": "vllm:request_time_per_output_token_seconds_count",
+            "generated": "vllm:generation_tokens_total",
         }
         asyncio.run(_drive(lambda c, i: baseline_task(c, url, i, turns), 2, 2))  # warm-up: the system prompt cached
         before = _counters(url, metric)
@@ -223,17 +231,40 @@ async def hetforge_task(client: httpx.AsyncClient, url: str, i: int, turns: int)
         "turns": turns,
         "cached": [usage["prompt_tokens_details"]["cached_tokens"]],
         "prompt": [usage["prompt_tokens"]],
+        "completion": [usage["completion_tokens"]],
     }
 
 
-def run_hetforge(tasks: int, sessions: int, turns: int, work: Path) -> dict:
+def _separate_copy(work: Path) -> Path:
+    """pipeline.yaml with its tool in a replica of its own (`placement: separate`), beside a copy of tools.py."""
+    folder = work / "separate"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tools.py").write_text((HERE / "tools.py").read_text())
+    text = (HERE / "pipeline.yaml").read_text().replace("../../examples/models/tiny-llm", str(MODEL))
+    text = text.replace("callable: tools.py:lookup_order", "callable: tools.py:lookup_order\n    placement: separate")
+    (folder / "pipeline.yaml").write_text(text)
+    return folder / "pipeline.yaml"
+
+
+def _stage_seconds(url: str, pipeline: str) -> dict[str, float]:
+    """hetforge_stage_latency_seconds sums and counts per stage (stage calls that answered)."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for s in family.samples:
+            if s.name.startswith("hetforge_stage_latency_seconds_") and s.labels.get("pipeline") == pipeline:
+                key = f"{s.labels['stage']}_{s.name.rsplit('_', 1)[-1]}"
+                if key.endswith(("_sum", "_count")):
+                    out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def run_hetforge(tasks: int, sessions: int, turns: int, work: Path, pipeline_file: Path) -> dict:
     os.environ["HETFORGE_HOME"] = str(work / "home")
     os.environ["HETFORGE_RAY_TMP"] = str(work / "ray")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(work / "vllm"))
     from hetforge.serving import deploy as dep
     from hetforge.spec import load_pipeline
 
-    pipeline_file = HERE / "pipeline.yaml"
     if load_pipeline(pipeline_file).stage("agent").agent_loop.max_iterations != turns:
         raise SystemExit(f"{pipeline_file}: agent_loop.max_iterations must equal --turns ({turns})")
     record = dep.deploy(pipeline_file, port=_port(), registry_path=str(work / "home" / "registry.sqlite"))
@@ -245,21 +276,47 @@ def run_hetforge(tasks: int, sessions: int, turns: int, work: Path) -> dict:
             "queries": "hetforge_llm_prefix_cache_queries_tokens_total",
             "ttft_sum": "hetforge_llm_time_to_first_token_seconds_sum",
             "ttft_count": "hetforge_llm_time_to_first_token_seconds_count",
+            "tpot_sum": "hetforge_llm_time_per_output_token_seconds_sum",
+            "tpot_count": "hetforge_llm_time_per_output_token_seconds_count",
+            "queue_sum": "hetforge_llm_queue_time_seconds_sum",
+            "queue_count": "hetforge_llm_queue_time_seconds_count",
+            "generated": "hetforge_llm_generation_tokens_total",
         }
         asyncio.run(_drive(lambda c, i: hetforge_task(c, url, i, turns), 2, 2))
-        before = _counters(url, metric)
+        before, stages_before = _counters(url, metric), _stage_seconds(url, record.pipeline)
         t0 = time.perf_counter()
         results = asyncio.run(_drive(lambda c, i: hetforge_task(c, url, i, turns), tasks, sessions, offset=100))
         wall = time.perf_counter() - t0
         time.sleep(2)  # the last engine step's statistics
-        after = _counters(url, metric)
+        after, stages_after = _counters(url, metric), _stage_seconds(url, record.pipeline)
+        placement = {name: where.get("hop", "") for name, where in record.placement.items()}
     finally:
         import ray
         from ray import serve
 
         serve.shutdown()
         ray.shutdown()
-    return _summary(results, wall, {k: after[k] - before[k] for k in metric})
+        dep.state_path(record.pipeline).unlink(missing_ok=True)  # this process served it: the next run may serve again
+    engine = {k: after[k] - before[k] for k in metric}
+    out = _summary(results, wall, engine)
+    out["tool_placement"] = placement.get("lookup_order", "")
+    stage = {k: stages_after.get(k, 0.0) - stages_before.get(k, 0.0) for k in stages_after}
+    # where a task's time goes, per task (means): its LLM calls as the LLM replica timed them (engine queue,
+    # prefill and decode, prompt rendering), its tool calls as the tool timed them, and the rest (the ingress's
+    # walk and loop, the Ray Serve hops to the LLM replica and to a separate tool, HTTP)
+    task_mean = statistics.mean(r["task_ms"] for r in results)
+    llm_ms = stage.get("agent_sum", 0.0) * 1e3 / len(results)
+    tool_ms = stage.get("lookup_order_sum", 0.0) * 1e3 / len(results)
+    out["breakdown_ms_per_task"] = {
+        "task_mean": round(task_mean, 1),
+        "llm_calls": round(llm_ms, 1),
+        "llm_calls_count": round(stage.get("agent_count", 0.0) / len(results), 2),
+        "engine_ttft_total": round(engine["ttft_sum"] * 1e3 / len(results), 1),
+        "engine_queue_total": round(engine["queue_sum"] * 1e3 / len(results), 1),
+        "tool_calls": round(tool_ms, 2),
+        "rest": round(task_mean - llm_ms - tool_ms, 1),
+    }
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- common
@@ -285,9 +342,12 @@ def _summary(results: list[dict], wall_s: float, engine: dict) -> dict:
         "llm_turns_per_task": statistics.mean(r["turns"] for r in results),
         "engine_ttft_ms_mean": round(engine["ttft_sum"] / max(engine["ttft_count"], 1) * 1e3, 2),
         "engine_generations": engine["ttft_count"],
+        "engine_time_per_output_token_ms_mean": round(engine["tpot_sum"] / max(engine["tpot_count"], 1) * 1e3, 2),
+        "engine_generated_tokens_per_task": round(engine["generated"] / max(len(results), 1), 1),
         "prefix_cache_hit_rate": round(engine["hits"] / engine["queries"], 4) if engine["queries"] else None,
         "prompt_tokens": sum(sum(r["prompt"]) for r in results),
         "cached_prompt_tokens": sum(sum(r["cached"]) for r in results),
+        "completion_tokens_per_task": round(statistics.mean(sum(r["completion"]) for r in results), 1),
     }
     if results and "ttft_ms" in results[0]:
         turns = max(len(r["ttft_ms"]) for r in results)
@@ -305,6 +365,9 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument(
+        "--separate-tool", action="store_true", help="also run hetforge with the tool in its own replica"
+    )
     parser.add_argument("--work", type=Path, default=Path(f"/tmp/hetforge-bench-agents-{os.getpid()}"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -312,7 +375,7 @@ def main() -> None:
     import torch
     import vllm
 
-    doc = {
+    doc: dict = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()},
@@ -323,11 +386,23 @@ def main() -> None:
             "max_tokens": MAX_TOKENS,
             "system_prompt_chars": len(SYSTEM),
         },
-        "baseline_vllm_server": run_baseline(args.tasks, args.sessions, args.turns, args.work),
-        "hetforge": run_hetforge(args.tasks, args.sessions, args.turns, args.work),
     }
+    runs = [
+        ("baseline_vllm_server", lambda: run_baseline(args.tasks, args.sessions, args.turns, args.work)),
+        ("hetforge", lambda: run_hetforge(args.tasks, args.sessions, args.turns, args.work, HERE / "pipeline.yaml")),
+    ]
+    if args.separate_tool:
+        separate = lambda: run_hetforge(args.tasks, args.sessions, args.turns, args.work, _separate_copy(args.work))  # noqa: E731
+        runs.append(("hetforge_tool_separate", separate))
+    for name, run in runs:
+        doc[name] = run()
+        print(name, json.dumps(doc[name]), flush=True)  # each run's figures as soon as it ends
     b, h = doc["baseline_vllm_server"], doc["hetforge"]
     doc["task_p50_speedup"] = round(b["task_ms_p50"] / h["task_ms_p50"], 3)
+    if args.separate_tool:
+        doc["task_p50_speedup_tool_separate"] = round(
+            b["task_ms_p50"] / doc["hetforge_tool_separate"]["task_ms_p50"], 3
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc, indent=1))

@@ -29,6 +29,14 @@ def plan(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the plan as one JSON object on the last line.")
     ] = False,
+    measure_hops: Annotated[
+        bool,
+        typer.Option(
+            "--measure-hops",
+            help="Measure the Ray Serve hop cost on this machine first (starts a local Ray, about 20 s) and cache it "
+            "for tool placement.",
+        ),
+    ] = False,
 ) -> None:
     """Profile every stage on every device and place the pipeline; rank its hot stages.
 
@@ -51,6 +59,11 @@ def plan(
             raise typer.Exit(EXIT_USAGE) from None
     else:
         inventory = devices.local_inventory()
+    if measure_hops:
+        from hetforge.serving.hop_probe import measure_and_cache
+
+        hop_ms, where = measure_and_cache()
+        typer.echo(f"Ray Serve hop on this machine: {hop_ms:.2f} ms (cached in {where})", err=as_json)
     try:
         functions = import_stage_functions(spec, pipeline.resolve().parent)
         if functions:
@@ -86,5 +99,8 @@ def print_plan(result, title: str) -> None:
         "hot stages: "
         + (", ".join(f"{n} (-{result.hot_stage_savings_ms[n]:.2f} ms at 2x)" for n in result.hot_stages) or "none")
     )
+    for name, stage in result.stages.items():
+        if stage.hop:
+            console.print(f"tool {name}: {stage.hop} ({stage.hop_reason})")
     for note in result.notes:
         console.print(f"[yellow]note[/] {note}")

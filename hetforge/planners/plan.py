@@ -9,7 +9,8 @@ from pathlib import Path
 from hetforge.planners import profiles as prof
 from hetforge.planners.devices import DeviceClass, Inventory
 from hetforge.planners.placement import SMALL_MESSAGE_BYTES, PlacementProblem, evaluate, place
-from hetforge.spec.models import LlmStage, ModelStage, Pipeline
+from hetforge.planners.tool_hops import HopCost, decide, load_hop_cost
+from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
 from hetforge.spec.stages import stage_code_error, stage_problem
 
 GIB = 1 << 30
@@ -38,6 +39,8 @@ class StagePlan:
     replicas: int
     ray_actor_options: dict
     detail: str = ""
+    hop: str = ""  # tool stages: "inline" (in the caller's process) or "separate" (`tool_hops`)
+    hop_reason: str = ""
 
 
 @dataclass
@@ -156,8 +159,11 @@ def build_plan(
     inventory: Inventory,
     objective: str = "latency",
     cache: prof.ProfileCache | None = None,
+    hop: HopCost | None = None,
 ) -> Plan:
-    """Profile, place and rank one pipeline on an inventory; PlanError naming every unplaceable stage."""
+    """Profile, place and rank one pipeline on an inventory; PlanError naming every unplaceable stage.
+
+    `hop`: the Ray Serve hop cost tool placement weighs (default: the one measured on this host, `tool_hops`)."""
     errors: list[str] = []
     options: list[list[str]] = []
     for stage in pipeline.stages:
@@ -191,13 +197,24 @@ def build_plan(
     if errors:
         raise PlanError(errors)
 
+    hop_cost = hop or load_hop_cost()
+    decisions = {
+        s.name: decide(s, pipeline, base_dir, hop_cost, min(p.latency_ms for p in ps.values()))
+        for s, ps in zip(pipeline.stages, profiles)
+        if isinstance(s, ToolStage)
+    }
+    hops = {name: d.placement for name, d in decisions.items()}
     problem = PlacementProblem(
         stages=[s.name for s in pipeline.stages],
         preds=[[index[e.source] for e in pipeline.flow if e.target == s.name] for s in pipeline.stages],
         entry=index[pipeline.entry],
         output=index[pipeline.output],
         options=options,
-        latency=[{c: p.latency_ms for c, p in ps.items()} for ps in profiles],
+        # a separate tool's call costs its Ray Serve hop on top of its compute; an inline one does not
+        latency=[
+            {c: p.latency_ms + (hop_cost.ms if hops.get(s.name, "") == "separate" else 0.0) for c, p in ps.items()}
+            for s, ps in zip(pipeline.stages, profiles)
+        ],
         memory=memory,
         out_bytes=[max(p.output_bytes for p in ps.values()) for ps in profiles],
         capacity={c: d.count * d.facts.memory_gib * GIB for c, d in inventory.classes.items()},
@@ -228,6 +245,8 @@ def build_plan(
         stages[stage.name] = StagePlan(
             cls, round(p.latency_ms, 4), p.source, round(memory[i][cls] / GIB, 4), _replicas(stage), actor, p.detail
         )
+        if stage.name in decisions:
+            stages[stage.name].hop, stages[stage.name].hop_reason = hops[stage.name], decisions[stage.name].reason
 
     hot, savings = _hot_stages(pipeline, problem, list(result.assignment), result.latency_ms)
     notes = []

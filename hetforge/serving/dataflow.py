@@ -13,7 +13,8 @@ in production, coroutines in tests), so the walk is the same code everywhere.
   its answer has `tool_calls` of the loop's tools, those tool stages run (concurrently) with the
   given arguments and the LLM is called again with the results, up to `max_iterations` LLM calls
   (the last with tool_choice none). A call of a tool the loop does not own (an OpenAI client's own
-  tool) ends the loop: the answer goes back to the client, which runs it.
+  tool) ends the loop: the answer goes back to the client, which runs it. Streamed (`stream`), each
+  LLM call of the loop is a streamed call: the answering turn's tokens go out as they are generated.
 - Errors carry an HTTP status, the stage and the request id: 4xx for what the client sent, 5xx
   for a stage that failed or timed out.
 - Each stage call is bounded by the stage's `limits.timeout_s` (retries included; 504 after), the
@@ -444,29 +445,55 @@ class PipelineRunner:
         return RunResult(request_id, value, timings, skipped, failed)
 
     async def stream(self, request: Any, request_id: str, options: dict | None = None) -> AsyncIterator[str | dict]:
-        """Text deltas of the output LLM stage, after every stage before it ran, then (from an LLM runtime) one dict
-        with its tool calls, finish reason and usage. An agent loop's answer comes as one delta, once it is known."""
+        """Text deltas of the output LLM stage, after every stage before it ran, then one dict with its tool calls,
+        finish reason and usage (from an LLM runtime). An agent loop streams every turn through the engine: its
+        tool-call turns run their tools here as `run` does, and the answering turn's tokens arrive as generated;
+        the closing dict has the usage summed over the loop's calls."""
         out_name = self.pipeline.output
-        if out_name in self.loops:
-            result = await self.run(request, request_id, options)
-            out = result.output if isinstance(result.output, dict) else {"text": str(result.output)}
-            if out.get("text"):
-                yield out["text"]
-            yield {k: out[k] for k in ("tool_calls", "finish_reason", "usage") if k in out}
-            return
         _, _, held, _ = await self._bounded_walk(request, request_id, stop_before=out_name)
         if out_name not in held:
             raise PipelineError(500, f"no branch reached the output stage {out_name}", request_id, out_name)
-        try:
+        loop = self.loops.get(out_name)
+        if loop is None:
             payload = {"input": held[out_name], "history": [], "options": options or {}}
-            async for delta in self.caller.stream(out_name, payload, request_id):
-                yield delta
+            async for event in self._stream_call(out_name, payload, request_id):
+                yield event
+            return
+        history: list[dict] = []
+        usage: dict = {}
+        for turn in range(loop.max_iterations):
+            last = turn == loop.max_iterations - 1
+            turn_options = {**(options or {}), **({"tool_choice": "none"} if last else {})}
+            payload = {"input": held[out_name], "history": history, "options": turn_options}
+            text, final = "", {}
+            async for event in self._stream_call(out_name, payload, request_id):
+                if isinstance(event, dict):
+                    final = event
+                elif event:
+                    text += event
+                    yield event
+            usage = _add_usage(usage, final.get("usage"))
+            calls = tool_calls_of(final)
+            if not calls or last or any(c["function"]["name"] not in loop.tools for c in calls):
+                yield {**final, **({"usage": usage} if usage else {})}
+                return
+            history.append({"role": "assistant", "content": text or None, "tool_calls": calls})
+            results = await asyncio.gather(*(self._tool(c, request_id) for c in calls))
+            for call, result in zip(calls, results, strict=True):
+                content = json.dumps(result, default=str)[:20_000]
+                history.append({"role": "tool", "tool_call_id": call["id"], "content": content})
+
+    async def _stream_call(self, name: str, payload: dict, request_id: str) -> AsyncIterator[str | dict]:
+        """One streamed LLM call; a failure is located at the stage and reported once."""
+        try:
+            async for event in self.caller.stream(name, payload, request_id):
+                yield event
         except PipelineError as err:
-            self.on_failure(out_name, err.kind)
+            self.on_failure(name, err.kind)
             raise
         except Exception as err:  # noqa: BLE001
-            located = _located(err, out_name, request_id, self.pipeline.limits.retry_after_s)
-            self.on_failure(out_name, located.kind)
+            located = _located(err, name, request_id, self.pipeline.limits.retry_after_s)
+            self.on_failure(name, located.kind)
             raise located from None
 
 

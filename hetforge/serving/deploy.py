@@ -153,6 +153,8 @@ def placement_for(
             "device_class": planned.device,
             "ray_actor_options": options,
         }
+        if planned.hop:  # a tool stage: "inline" runs in the ingress's process (`planners/tool_hops.py`)
+            placement[stage.name]["hop"] = planned.hop
     return placement, plan.notes
 
 
@@ -379,12 +381,16 @@ def versions_of(
     common = [pipeline.name, str(base_dir), registry_path, metrics_dir]
     out = {}
     for stage in pipeline.stages:
+        if placement[stage.name].get("hop") == "inline":  # no deployment of its own: part of the ingress's version
+            continue
         fields = {k: v for k, v in stage.model_dump(mode="json", by_alias=True).items() if k not in _NOT_IN_VERSION}
         extra = []
         if isinstance(stage, LlmStage) and stage.agent_loop is not None:  # the tools' descriptions go into prompts
             extra = [pipeline.stage(t).description for t in stage.agent_loop.tools]
         out[f"stage-{stage.name}"] = _digest([*common, fields, placement[stage.name], extra, _files(stage, base_dir)])
-    whole = _digest([*common, pipeline.model_dump(mode="json", by_alias=True), placement])
+    # inline tools run in the ingress: their code is part of what its replicas are built from
+    inline = [_files(s, base_dir) for s in pipeline.stages if placement[s.name].get("hop") == "inline"]
+    whole = _digest([*common, pipeline.model_dump(mode="json", by_alias=True), placement, *inline])
     out["PipelineIngress"] = whole
     if pipeline.reoptimize is not None:
         out["reoptimize-controller"] = whole

@@ -49,7 +49,7 @@ from hetforge.serving.model_io import ModelIO
 from hetforge.serving.replica_control import ReplicaControl
 from hetforge.serving.stage_runtime import ModelStageRuntime
 from hetforge.serving.swap_control import deployment_name
-from hetforge.serving.tools import ToolRuntime
+from hetforge.serving.tools import InlineCaller, InlineTool, ToolRuntime
 from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
 from hetforge.spec.stages import stage_code_error, stage_problem
 
@@ -413,9 +413,15 @@ class PipelineIngress:
         def failed(stage: str, kind: str) -> None:
             metrics.stage_errors.labels(pipeline.name, stage, kind).inc()
 
+        inline = {  # tools placed in this process (`tools.InlineTool`): no deployment, no hop
+            name: InlineTool(pipeline.name, pipeline.stage(name), Path(base_dir), metrics, dependency_checks)
+            for name, where in placement.items()
+            if where.get("hop") == "inline"
+        }
+        handles = {**handles, **inline}  # status and /healthz ask them as they ask replicas
         self.state = IngressState(
             pipeline=pipeline,
-            runner=PipelineRunner(pipeline, HandleCaller(handles), on_failure=failed),
+            runner=PipelineRunner(pipeline, InlineCaller(HandleCaller(handles), inline), on_failure=failed),
             handles=handles,
             registry_path=registry_path,
             metrics_dir=metrics_dir,
@@ -475,6 +481,8 @@ def build_app(
                 doc, str(base_dir), stage.name, where["device"], registry_path, where.get("device_class"), lines
             )
         elif isinstance(stage, ToolStage):
+            if where.get("hop") == "inline":  # runs in the ingress (`PipelineIngress`)
+                continue
             options["max_ongoing_requests"] = most or max(16, stage.concurrency)
             handles[stage.name] = ToolStageDeployment.options(**options).bind(doc, str(base_dir), stage.name)
         else:

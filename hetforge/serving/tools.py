@@ -9,6 +9,12 @@ attempt is retried `retries` times; then the stage answers 504 (timeouts) or 500
 A synchronous callable runs in a worker thread. A thread cannot be killed: an attempt that times
 out is abandoned, not stopped, and keeps its thread until it returns. Tools that may hang should
 be `async def` (cancelled on timeout) or HTTP endpoints.
+
+An inline tool (`placement: inline`, or the planner's choice under `auto`: `planners/tool_hops.py`)
+is the same `ToolRuntime` in the caller's process, the ingress: `InlineTool` answers what a tool
+replica answers (calls with the stage's latency metric, `status`, `dependencies`) and `InlineCaller`
+sends that stage's calls to it instead of through a Ray Serve handle. Timeouts, retries, the
+concurrency limit and the errors are the runtime's, so a failing tool reads the same either way.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from hetforge.serving.dataflow import StageError
+from hetforge.serving.dataflow import StageCaller, StageError
 from hetforge.serving.model_io import resolve_function
 
 
@@ -109,3 +117,59 @@ class ToolRuntime:
         """` (METHOD URL)` for an HTTP tool, so that its errors say what was called; "" for a callable."""
         http = self.stage.http
         return f" ({http.method} {http.url})" if http is not None else ""
+
+
+class _Method:
+    """`handle.method.remote(...)` for an in-process object: the ingress's routes call every stage so."""
+
+    def __init__(self, fn: Callable[..., Awaitable[Any]]):
+        self.fn = fn
+
+    async def remote(self, *args, **kwargs) -> Any:
+        return await self.fn(*args, **kwargs)
+
+
+class InlineTool:
+    """A tool stage run in the caller's process, with the surface of its replica (calls, status, dependencies)."""
+
+    def __init__(self, pipeline: str, stage, base_dir: Path, metrics, checks: Callable[[Any], Awaitable[list]]):
+        self.pipeline, self.stage, self.metrics = pipeline, stage, metrics
+        self.runtime = ToolRuntime(stage, base_dir)
+        self.status = _Method(self._status)
+        self.dependencies = _Method(lambda: checks(stage))
+
+    async def __call__(self, payload: Any, request_id: str = "") -> Any:
+        """One call; its latency, when it answers, in hetforge_stage_latency_seconds under the tool's stage name."""
+        start = time.perf_counter()
+        out = await self.runtime(payload)
+        self.metrics.stage_latency.labels(self.pipeline, self.stage.name, "reference", "cpu").observe(
+            time.perf_counter() - start
+        )
+        return out
+
+    async def _status(self) -> dict:
+        return {
+            "replica": f"inline-{os.getpid()}",
+            "node_id": "",
+            "stage": self.stage.name,
+            "device": "cpu",
+            "placement": "inline",
+            "active_variant": "reference",
+            "attempts": self.runtime.attempts,
+        }
+
+
+class InlineCaller:
+    """The pipeline walk's stage calls: inline tools in this process, every other stage through `inner`."""
+
+    def __init__(self, inner: StageCaller, inline: dict[str, InlineTool]):
+        self.inner, self.inline = inner, inline
+
+    async def __call__(self, stage: str, payload: Any, request_id: str) -> Any:
+        tool = self.inline.get(stage)
+        if tool is not None:
+            return await tool(payload, request_id)
+        return await self.inner(stage, payload, request_id)
+
+    def stream(self, stage: str, payload: Any, request_id: str) -> AsyncIterator[str]:
+        return self.inner.stream(stage, payload, request_id)

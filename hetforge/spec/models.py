@@ -484,11 +484,24 @@ class ToolStage(_StageBase):
     http: HttpTool | None = Field(default=None, description="Call an HTTP endpoint.")
     timeout_s: float = Field(default=10.0, gt=0, le=3600, description="Per-attempt timeout in seconds.")
     concurrency: int = Field(default=16, ge=1, le=10_000, description="Most calls in flight per replica.")
+    placement: Literal["auto", "inline", "separate"] = Field(
+        default="auto",
+        description="Where the tool runs: `inline` in its caller's process (the ingress, which runs the pipeline "
+        "walk and agent loops: no Ray Serve hop per call), `separate` in its own replicas, `auto` as the planner's "
+        "hop-cost model decides (`hetforge plan` shows the decision and why).",
+    )
 
     @model_validator(mode="after")
     def _one_target(self) -> ToolStage:
         if (self.callable is None) == (self.http is None):
             raise ValueError("a tool stage needs exactly one of `callable` or `http`")
+        if self.placement == "inline" and self.replicas != 1:
+            # an inline tool has no replicas of its own: it runs wherever the ingress runs
+            raise ValueError("`placement: inline` runs the tool in its caller's process: `replicas` must stay 1")
+        if self.placement == "inline" and self.device not in ("auto", "cpu"):
+            raise ValueError(
+                f"`placement: inline` runs the tool in its caller's process: device {self.device} cannot apply"
+            )
         return self
 
 

@@ -36,6 +36,7 @@ stages:
     kind: tool
     callable: second.py:second
     args: {{first: first}}
+    placement: separate  # a replica of its own, whose redeploy this test watches (auto would run it inline)
 flow:
   - {{from: first, to: second}}
 """

@@ -128,6 +128,26 @@ def test_streaming_with_usage(client):
     assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
 
 
+def _streamed(client, **kwargs) -> tuple[list[str], list]:
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    return [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content], chunks
+
+
+def test_the_pipelines_own_loop_streams_its_answer_as_generated(client, served):
+    """The loop's tool turns (tool_choice required) stay inside; its last turn (tool_choice none) streams."""
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": "Where is my order 1234?"}], "temperature": 0}
+    contents, chunks = _streamed(client, **ask, parallel_tool_calls=False)
+    assert len(contents) > 1, contents  # up to 48 tokens, sent as they come, not as one chunk
+    assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.prompt_tokens > 3 * 400  # the loop's 3 calls, summed
+    # the same answer as unstreamed, greedy; asked without tools, so that no call id (random, in the prompt) differs
+    whole = client.chat.completions.create(**ask, tool_choice="none")
+    contents, chunks = _streamed(client, **ask, tool_choice="none")
+    assert len(contents) > 1 and "".join(contents) == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
 @pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.glob("*.json")))
 def test_agent_framework_requests_replayed(served, fixture):
     doc = json.loads((FIXTURES / fixture).read_text())

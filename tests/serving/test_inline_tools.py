@@ -1,0 +1,182 @@
+"""Inline tools without Ray: the pipeline walk calls a tool placed in its own process (`tools.InlineTool`), with the
+tool stage's latency metric, and a tool that raises reads exactly as it does behind a Ray Serve hop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from hetforge.serving.dataflow import PipelineError, PipelineRunner
+from hetforge.serving.deployments import dependency_checks
+from hetforge.serving.metrics import Metrics
+from hetforge.serving.tools import InlineCaller, InlineTool, ToolRuntime
+from hetforge.spec.models import Pipeline
+
+TOOLS = """
+def lookup(order_id: str) -> dict:
+    return {"order_id": order_id, "status": {"1234": "shipped"}.get(order_id, "unknown")}
+
+
+def broken(order_id: str) -> dict:
+    raise RuntimeError(f"database down for {order_id}")
+"""
+
+
+def _pipeline(tool: str, loop: bool = True) -> Pipeline:
+    stages = [{"name": "lookup", "kind": "tool", "callable": f"tools.py:{tool}", "placement": "inline"}]
+    if loop:
+        stages.insert(
+            0,
+            {
+                "name": "agent",
+                "kind": "llm",
+                "endpoint": {"base_url": "http://127.0.0.1:1/v1", "model": "x"},
+                "agent_loop": {"tools": ["lookup"], "max_iterations": 3},
+            },
+        )
+    name = "agent" if loop else "lookup"
+    return Pipeline.model_validate({"name": "shop", "entry": name, "output": name, "stages": stages})
+
+
+class Remote:
+    """Stand-in for the Ray Serve handles of the other stages: a scripted agent that calls `lookup` once, then
+    answers with what the tool returned. A tool call reaching it would be a hop the inline placement avoids."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    async def __call__(self, stage, payload, request_id):
+        self.calls.append(stage)
+        history = payload["history"]
+        if not history:
+            call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"order_id": "1234"}'}}
+            return {"text": "", "tool_calls": [call], "finish_reason": "tool_calls"}
+        return {"text": f"Tool said: {history[-1]['content']}", "finish_reason": "stop"}
+
+    async def stream(self, stage, payload, request_id):
+        answer = await self(stage, payload, request_id)
+        if answer["text"]:
+            yield answer["text"]
+        yield {k: v for k, v in answer.items() if k != "text"}
+
+
+class HopLike(Exception):
+    """What Ray raises in the caller for a replica's exception: the original is its `.cause`."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class SeparateTool:
+    """The tool behind a hop: the same runtime, its exception wrapped as Ray wraps it."""
+
+    def __init__(self, runtime: ToolRuntime):
+        self.runtime = runtime
+
+    async def __call__(self, stage, payload, request_id):
+        try:
+            return await self.runtime(payload)
+        except Exception as err:
+            raise HopLike(err) from None
+
+    def stream(self, stage, payload, request_id):
+        raise NotImplementedError
+
+
+@pytest.fixture()
+def tools_dir(tmp_path: Path) -> Path:
+    (tmp_path / "tools.py").write_text(TOOLS)
+    return tmp_path
+
+
+def _inline(pipeline: Pipeline, base: Path, metrics: Metrics, inner) -> tuple[PipelineRunner, InlineTool, list]:
+    tool = InlineTool(pipeline.name, pipeline.stage("lookup"), base, metrics, dependency_checks)
+    failures: list = []
+    runner = PipelineRunner(pipeline, InlineCaller(inner, {"lookup": tool}), lambda s, k: failures.append((s, k)))
+    return runner, tool, failures
+
+
+def test_an_inline_tool_answers_in_the_agent_loop_with_its_stage_metric(tools_dir):
+    pipeline, registry = _pipeline("lookup"), CollectorRegistry()
+    remote = Remote()
+    runner, tool, _ = _inline(pipeline, tools_dir, Metrics(registry), remote)
+    result = asyncio.run(runner.run({"messages": [{"role": "user", "content": "where?"}]}, "r1"))
+    assert json.loads(result.output["text"].removeprefix("Tool said: ")) == {"order_id": "1234", "status": "shipped"}
+    assert remote.calls == ["agent", "agent"]  # the tool never went through the handles
+    count = registry.get_sample_value(
+        "hetforge_stage_latency_seconds_count",
+        {"pipeline": "shop", "stage": "lookup", "variant": "reference", "device": "cpu"},
+    )
+    assert count == 1 and tool.runtime.attempts == 1
+    status = asyncio.run(tool.status.remote())  # the ingress's status route asks it as it asks a replica
+    assert status["stage"] == "lookup" and status["placement"] == "inline" and status["attempts"] == 1
+    assert asyncio.run(tool.dependencies.remote()) == []
+
+
+def test_streaming_through_an_inline_tool(tools_dir):
+    pipeline = _pipeline("lookup")
+    runner, _, _ = _inline(pipeline, tools_dir, Metrics(CollectorRegistry()), Remote())
+
+    async def collect():
+        return [e async for e in runner.stream({"messages": [{"role": "user", "content": "where?"}]}, "r2")]
+
+    events = asyncio.run(collect())
+    assert "shipped" in "".join(e for e in events if isinstance(e, str))
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_a_tool_that_raises_reads_the_same_inline_and_behind_a_hop(tools_dir, loop):
+    pipeline = _pipeline("broken", loop)
+    request = {"order_id": "9"} if not loop else {"messages": [{"role": "user", "content": "where?"}]}
+    runner, _, inline_failures = _inline(pipeline, tools_dir, Metrics(CollectorRegistry()), Remote())
+    separate_failures: list = []
+    separate = PipelineRunner(
+        pipeline,
+        # the agent from Remote, the tool behind a "hop" with the same runtime
+        _Route(Remote(), SeparateTool(ToolRuntime(pipeline.stage("lookup"), tools_dir))),
+        lambda s, k: separate_failures.append((s, k)),
+    )
+    if loop:  # the loop hands a tool's error back to the LLM, which quotes it: the same text either way
+        inline = asyncio.run(runner.run(request, "r3")).output["text"]
+        behind = asyncio.run(separate.run(request, "r3")).output["text"]
+        assert inline == behind and "database down for 1234" in inline and "failed on all 1 attempt(s)" in inline
+    else:
+        with pytest.raises(PipelineError) as a:
+            asyncio.run(runner.run(request, "r3"))
+        with pytest.raises(PipelineError) as b:
+            asyncio.run(separate.run(request, "r3"))
+        assert (a.value.status, a.value.stage, a.value.message) == (b.value.status, b.value.stage, b.value.message)
+        assert a.value.stage == "lookup" and a.value.status == 500
+        assert "tool lookup: failed on all 1 attempt(s)" in a.value.message and "database down for 9" in a.value.message
+    assert inline_failures == separate_failures == [("lookup", "error")]
+
+
+class _Route:
+    """The LLM to one caller, the tool to another."""
+
+    def __init__(self, llm, tool):
+        self.llm, self.tool = llm, tool
+
+    async def __call__(self, stage, payload, request_id):
+        return await (self.tool if stage == "lookup" else self.llm)(stage, payload, request_id)
+
+    def stream(self, stage, payload, request_id):
+        return self.llm.stream(stage, payload, request_id)
+
+
+def test_an_inline_tools_code_is_part_of_the_ingress_version(tools_dir):
+    from hetforge.serving.deploy import versions_of
+
+    pipeline = _pipeline("lookup")
+    placement = {"agent": {"device": "cpu"}, "lookup": {"device": "cpu", "hop": "inline"}}
+    before = versions_of(pipeline, tools_dir, placement, "r.sqlite", "m")
+    assert "stage-lookup" not in before  # no deployment of its own
+    (tools_dir / "tools.py").write_text(TOOLS.replace("unknown", "lost"))
+    after = versions_of(pipeline, tools_dir, placement, "r.sqlite", "m")
+    assert after["PipelineIngress"] != before["PipelineIngress"]  # the ingress restarts with the new code
+    assert after["stage-agent"] == before["stage-agent"]
