@@ -14,7 +14,8 @@ in production, coroutines in tests), so the walk is the same code everywhere.
   given arguments and the LLM is called again with the results, up to `max_iterations` LLM calls
   (the last with tool_choice none). A call of a tool the loop does not own (an OpenAI client's own
   tool) ends the loop: the answer goes back to the client, which runs it. Streamed (`stream`), each
-  LLM call of the loop is a streamed call: the answering turn's tokens go out as they are generated.
+  LLM call of the loop is a streamed call: the answering turn's tokens go out as they are generated;
+  each has its stage's breaker and timeout, and is retried only before its first token.
 - Errors carry an HTTP status, the stage and the request id: 4xx for what the client sent, 5xx
   for a stage that failed or timed out.
 - Each stage call is bounded by the stage's `limits.timeout_s` (retries included; 504 after), the
@@ -31,6 +32,7 @@ in production, coroutines in tests), so the walk is the same code everywhere.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import time
@@ -251,9 +253,8 @@ class PipelineRunner:
         return {t: outputs[t] for t in taken}  # a join: the same shape whichever branches ran
 
     # ------------------------------------------------------------------ calls
-    async def _call(self, name: str, payload: Any, request_id: str) -> Any:
-        """One call of a stage: its circuit breaker, its retries and its timeout; a failure is reported once."""
-        stage = self.pipeline.stage(name)
+    def _admit(self, name: str, request_id: str) -> Breaker | None:
+        """The stage's circuit breaker, after it let this call through (503 `circuit_open`, reported, if not)."""
         breaker = self.breakers.get(name)
         if breaker is not None and not breaker.allow():
             err = PipelineError(
@@ -267,6 +268,22 @@ class PipelineRunner:
             )
             self.on_failure(name, err.kind)
             raise err
+        return breaker
+
+    def _failed(self, name: str, err: PipelineError, breaker: Breaker | None) -> PipelineError:
+        """Report a failed call once, and tell its breaker: only the stage's own failures count against it."""
+        self.on_failure(name, err.kind)
+        if breaker is not None:
+            if err.kind in ("error", "timeout"):  # the stage's own failure; not the client's input or overload
+                breaker.failed()
+            elif breaker.trial:
+                breaker.trial = False  # the trial did not test the stage: let the next call try
+        return err
+
+    async def _call(self, name: str, payload: Any, request_id: str) -> Any:
+        """One call of a stage: its circuit breaker, its retries and its timeout; a failure is reported once."""
+        stage = self.pipeline.stage(name)
+        breaker = self._admit(name, request_id)
         timeout = stage.limits.timeout_s
         try:
             out = await asyncio.wait_for(self._attempts(name, payload, request_id), timeout)
@@ -284,13 +301,7 @@ class PipelineRunner:
             if breaker is not None:
                 breaker.succeeded()
             return out
-        self.on_failure(name, err.kind)
-        if breaker is not None:
-            if err.kind in ("error", "timeout"):  # the stage's own failure; not the client's input or overload
-                breaker.failed()
-            elif breaker.trial:
-                breaker.trial = False  # the trial did not test the stage: let the next call try
-        raise err
+        raise self._failed(name, err, breaker)
 
     async def _attempts(self, name: str, payload: Any, request_id: str) -> Any:
         stage = self.pipeline.stage(name)
@@ -484,17 +495,54 @@ class PipelineRunner:
                 history.append({"role": "tool", "tool_call_id": call["id"], "content": content})
 
     async def _stream_call(self, name: str, payload: dict, request_id: str) -> AsyncIterator[str | dict]:
-        """One streamed LLM call; a failure is located at the stage and reported once."""
-        try:
-            async for event in self.caller.stream(name, payload, request_id):
-                yield event
-        except PipelineError as err:
-            self.on_failure(name, err.kind)
-            raise
-        except Exception as err:  # noqa: BLE001
-            located = _located(err, name, request_id, self.pipeline.limits.retry_after_s)
-            self.on_failure(name, located.kind)
-            raise located from None
+        """One streamed LLM call under the stage's policy, as `_call`: its circuit breaker; its `limits.timeout_s`
+        on the whole stream (504 after); its retries, but only before the first event went out (a client that got
+        tokens cannot be given another answer's). A failure is located at the stage and reported once."""
+        stage = self.pipeline.stage(name)
+        breaker = self._admit(name, request_id)
+        loop = asyncio.get_running_loop()
+        limit = stage.limits.timeout_s
+        deadline = None if limit is None else loop.time() + limit
+        tries = stage.retries + 1
+        for attempt in range(tries):
+            events = aiter(self.caller.stream(name, payload, request_id))
+            started = False
+            try:
+                while True:
+                    remaining = None if deadline is None else deadline - loop.time()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError
+                    try:
+                        event = await asyncio.wait_for(anext(events), remaining)
+                    except StopAsyncIteration:
+                        break
+                    started = True
+                    yield event
+            except TimeoutError:
+                err = PipelineError(
+                    504,
+                    f"stage {name}: no answer within {limit:g} s (limits.timeout_s)",
+                    request_id,
+                    name,
+                )
+            except PipelineError as failed:
+                err = failed
+            except (asyncio.CancelledError, GeneratorExit):  # the request ended: the trial tested nothing
+                if breaker is not None:
+                    breaker.trial = False
+                raise
+            except Exception as raised:  # noqa: BLE001 - whatever a stage raised becomes a located 5xx
+                err = _located(raised, name, request_id, self.pipeline.limits.retry_after_s)
+            else:
+                if breaker is not None:
+                    breaker.succeeded()
+                return
+            finally:
+                with contextlib.suppress(Exception):
+                    await events.aclose()
+            if err.kind == "error" and not started and attempt + 1 < tries:
+                continue
+            raise self._failed(name, err, breaker)
 
 
 def tool_calls_of(out: Any) -> list[dict]:

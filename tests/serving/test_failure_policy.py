@@ -298,3 +298,66 @@ def test_a_trial_call_cut_short_by_the_requests_timeout_does_not_leave_the_circu
         run(runner)  # the trial call hangs past the pipeline's timeout
     assert err.value.stage is None and err.value.status == 504
     assert run(runner).output == {"ok": 1} and caller.calls.count("out") == 3  # the next call is the new trial
+
+
+class StreamScripted(Scripted):
+    """Streamed calls from a script per attempt: ("fail", n) raises after n words, ("hang", n) hangs after n words,
+    ("ok", n) yields n words."""
+
+    def __init__(self, attempts: list[tuple[str, int]]):
+        super().__init__({})
+        self.attempts, self.streams = list(attempts), 0
+
+    async def stream(self, stage, payload, request_id):
+        self.streams += 1
+        how, words = self.attempts.pop(0)
+        for i in range(words):
+            yield f"w{i} "
+        if how == "fail":
+            raise StageError(f"stage {stage}: engine died", 500)
+        if how == "hang":
+            await asyncio.sleep(60)
+
+
+def _streaming(attempts, **llm_fields):
+    stage = {"name": "out", "kind": "llm", "endpoint": {"base_url": "http://x/v1", "model": "m"}, **llm_fields}
+    pipeline = _pipeline([tool("a"), stage], [{"from": "a", "to": "out"}])
+    failures = Failures()
+    caller = StreamScripted(attempts)
+    caller.scripts["a"] = {"v": 1}
+    return PipelineRunner(pipeline, caller, on_failure=failures), caller, failures
+
+
+def _drain(runner) -> tuple[list, BaseException | None]:
+    got: list = []
+
+    async def main():
+        async for event in runner.stream({"q": 1}, "r1"):
+            got.append(event)
+
+    try:
+        asyncio.run(main())
+    except PipelineError as err:
+        return got, err
+    return got, None
+
+
+def test_a_streamed_call_is_retried_only_before_its_first_token():
+    runner, caller, failures = _streaming([("fail", 0), ("ok", 2)], retries=2)
+    got, err = _drain(runner)
+    assert err is None and got == ["w0 ", "w1 "] and caller.streams == 2 and failures.seen == []
+
+    runner, caller, failures = _streaming([("fail", 1), ("ok", 2)], retries=2)
+    got, err = _drain(runner)
+    assert got == ["w0 "] and caller.streams == 1  # the client had a token: no second answer
+    assert (err.status, err.stage, failures.seen) == (500, "out", [("out", "error")])
+
+
+def test_a_streamed_call_is_bounded_by_the_stages_timeout_and_opens_its_circuit():
+    limits = {"timeout_s": 0.3}
+    runner, caller, failures = _streaming([("hang", 1)], limits=limits, circuit_breaker={"failures": 1, "reset_s": 60})
+    got, err = _drain(runner)
+    assert got == ["w0 "] and err.status == 504 and "limits.timeout_s" in err.message
+    got, err = _drain(runner)  # the timeout counted against the stage: its circuit is open now
+    assert got == [] and (err.status, err.kind) == (503, "circuit_open") and caller.streams == 1
+    assert failures.seen == [("out", "timeout"), ("out", "circuit_open")]
