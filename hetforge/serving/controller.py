@@ -203,8 +203,10 @@ class Controller:
             if w is None or w.calls < self.spec.min_calls or self._busy(stage):
                 continue
             sigs = signatures.get(stage, {})
-            if self.stages[stage].kind == "llm" and not sigs:
-                continue  # its job replays the calls the replicas recorded: wait until their heartbeats show some
+            if not sigs:
+                # The job optimizes for the signatures the replicas saw (an LLM job replays their recorded calls):
+                # wait for heartbeats that show some; a job queued without would be followed by a new-shape one
+                continue
             history = self.jobs.list(self.pipeline.name, stage)
             seen = {s for job in history for s in job.signatures}
             frequent = [s for s, share in sigs.items() if share >= 0.05 and s != "other"][:4]

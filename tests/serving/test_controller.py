@@ -96,6 +96,26 @@ def _beat_signatures(setup, counts: dict[str, int]) -> None:
     SwapBoard(setup["registry"]).heartbeat("reopt-test", "score", "r1", "reference", counts)
 
 
+def test_a_hot_stage_waits_for_its_replicas_input_signatures_before_its_job(setup):
+    """A job queued before the heartbeats show which inputs the stage sees would optimize for none, and a new-shape
+    job would follow at once: the controller waits for them."""
+    clock, launcher = Clock(), FakeLauncher()
+    c = setup["make"](clock, launcher)
+    c.tick()
+    setup["state"]["counters"] = _counters(50, 4.0)  # hot, but no replica has reported a signature yet
+    clock.t += 2
+    c.tick()
+    assert launcher.launched == [] and JobBoard(setup["registry"]).list("reopt-test") == []
+    _beat_signatures(setup, {"float32[2,16]": 0})
+    clock.t += 2
+    c.tick()  # counts so far: the window's delta is still empty
+    _beat_signatures(setup, {"float32[2,16]": 30})
+    setup["state"]["counters"] = _counters(100, 4.0)
+    clock.t += 2
+    c.tick()
+    assert [d.signatures for d in launcher.launched] == [("float32[2,16]",)]
+
+
 def test_a_hot_stage_gets_exactly_one_job_even_across_a_restart(setup):
     clock, launcher = Clock(), FakeLauncher()
     c = setup["make"](clock, launcher)
