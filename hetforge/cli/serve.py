@@ -204,9 +204,6 @@ def swap(
     pipeline: Annotated[str, typer.Argument(help="Pipeline name.", show_default=False)],
     stage: Annotated[str, typer.Argument(help="Stage name.", show_default=False)],
     variant: Annotated[str, typer.Argument(help='Registry variant id, or "reference".', show_default=False)],
-    replicas: Annotated[
-        int, typer.Option(min=1, help="Ignored: the deployment's API waits for every live replica of the stage.")
-    ] = 1,
     wait_s: Annotated[float, typer.Option(min=0, help="Seconds to wait for the replicas' reports.")] = 30.0,
     as_json: Annotated[bool, typer.Option("--json", help="The reports as one JSON object on the last line.")] = False,
 ) -> None:

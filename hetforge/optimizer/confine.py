@@ -580,15 +580,24 @@ def python_paths() -> list[str]:
     paths.update(filter(None, os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep)))
     for compiler in ("CC", "CXX"):
         if os.path.isabs(os.environ.get(compiler, "")):
-            paths.add(compiler_prefix(os.environ[compiler]))
+            paths.update(compiler_paths(os.environ[compiler]))
     return sorted(p for p in paths if os.path.isabs(p) and os.path.realpath(p) != "/")
 
 
-def compiler_prefix(path: str) -> str:
-    """The installation a compiler binary belongs to: `/opt/gcc` for `/opt/gcc/bin/gcc`. The driver reads its
-    headers and start files (`lib/gcc/<target>/<version>/include/stddef.h`, `crtbeginS.o`) beneath that prefix."""
+def compiler_paths(path: str) -> list[str]:
+    """What a compiler binary reads besides itself: its folder, and its installation's compiler folders
+    (`/opt/gcc/lib/gcc` for `/opt/gcc/bin/gcc`: the driver's headers `.../include/stddef.h` and start files
+    `crtbeginS.o` are there). Not the whole prefix: `~/bin/gcc` must not open `~`."""
     folder = os.path.dirname(os.path.realpath(path))
-    return os.path.dirname(folder) if os.path.basename(folder) == "bin" else folder
+    out = [folder]
+    if os.path.basename(folder) == "bin":
+        prefix = os.path.dirname(folder)
+        out += [
+            os.path.join(prefix, sub)
+            for sub in ("lib/gcc", "lib64/gcc", "libexec/gcc", "lib/clang", "include")
+            if os.path.isdir(os.path.join(prefix, sub))
+        ]
+    return out
 
 
 def confine_reads(readable: list[str], writable: list[str], drop_user: bool = False) -> dict[str, str]:
@@ -607,7 +616,7 @@ def confine_reads(readable: list[str], writable: list[str], drop_user: bool = Fa
         if abi >= 2:
             # Every layer denies moving a file to another folder (EXDEV) unless it handles "refer" and grants it
             # there (Landlock's docs, LANDLOCK_ACCESS_FS_REFER). Triton's cache writes into tmp.pid_*/ and moves
-            # the file up: without this every Triton compile failed on the H200 host.
+            # the file up a folder.
             refer = _FS["refer"][0]
             rights |= refer
             rules += [(path, refer) for path in writable]

@@ -34,7 +34,8 @@ def recipes_for(device: str, precision: str, has_conv: bool) -> list[Recipe]:
     """The recipes worth trying for a stage on `device` under `precision`, in the order they are verified: the
     cheap eager ones first, then torch.compile at the stage's own policy (the baseline a speedup over compile divides
     by, `matched_compile`) and its CUDA-graph form, then the other compile modes. A budget may run out before the
-    last ones: each compile takes tens of seconds per input signature on base-size encoders (H200, 2026-12-01)."""
+    last ones: each compile takes tens of seconds per input signature on base-size encoders
+    (bench/models/results_h200_e.md)."""
     cuda, tf32 = device == "cuda", device == "cuda" and precision in ("tf32", "bf16")
     bf16 = precision == "bf16"
     out = [Recipe("eager")]
@@ -133,7 +134,7 @@ class RecipeModule(nn.Module):
             return _owned(out) if self.recipe.compile_mode == "reduce-overhead" else _contiguous(out)
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
         # autocast caches its bf16 copies of the weights until the context exits: a CUDA graph captured inside it
-        # would replay reads of freed copies (an illegal memory access on the H200, 2026-12-01), so no cache there
+        # would replay reads of freed copies (an illegal memory access), so no cache under a graph
         with torch.autocast(device_type=device, dtype=torch.bfloat16, cache_enabled=not self.recipe.cuda_graph):
             out = _to_float32(self._compiled(*args))
         return _owned(out) if self.recipe.compile_mode == "reduce-overhead" else _contiguous(out)

@@ -36,7 +36,7 @@ def check_priority(record: CandidateRecord, matched: str = "recipe:compile") -> 
     other recipes in the order they were proposed, the slowest compile (max-autotune, often over a minute) last.
     (Started first, its autotuning took the host's cores from the others: on the H100 the slowest of
     t2_gemm_bn_relu's other checks took 28 s instead of 21 s. Checked among the other recipes, `compile-tf32` was
-    never reached within a 60 s budget on three encoders on the H200, 2026-12-01.)"""
+    not reached within a 60 s budget on three encoders: bench/models/results_h200_e.md.)"""
     order = [BASELINE, "library:", matched, "compose:", "rewrites:", "recipe:"]
     if record.name.startswith("recipe:compile-max-autotune"):
         return len(order)

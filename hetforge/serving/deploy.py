@@ -37,7 +37,7 @@ from hetforge.serving.dataflow import PipelineRunner
 from hetforge.serving.deployments import build_app
 from hetforge.serving.ingress.auth import client_headers
 from hetforge.serving.job_runner import JobLauncher
-from hetforge.serving.swap_control import SwapBoard, deployment_name
+from hetforge.serving.swap_control import CONFIG_LOCK, SwapBoard, deployment_name
 from hetforge.spec import load_pipeline
 from hetforge.spec.models import LlmStage, Pipeline
 from hetforge.spec.stages import import_stage_functions
@@ -315,12 +315,16 @@ def redeploy(record: Deployment, pipeline: Pipeline, base_dir: Path, placement: 
 
     Each stage keeps its running stage config (its swap and rollout, `swap_control`): the new target carries the
     user_config Serve holds now, so an update neither reverts a swap nor restarts replicas for it."""
-    running = serve_config.user_configs(pipeline.name)
-    configs = {s.name: running.get(deployment_name(s.name)) for s in pipeline.stages}
-    configs = {name: config for name, config in configs.items() if isinstance(config, dict)}
     versions = versions_of(pipeline, base_dir, placement, record.registry_path, record.metrics_dir)
-    app = build_app(pipeline, base_dir, placement, record.registry_path, record.metrics_dir, configs)
-    serve._run(pin_versions(app, versions), name=pipeline.name, route_prefix="/", _blocking=False)
+
+    def submit(_tx) -> None:  # under the lock `swap_control.publish` takes: no swap lands between read and submit
+        running = serve_config.user_configs(pipeline.name)
+        configs = {s.name: running.get(deployment_name(s.name)) for s in pipeline.stages}
+        configs = {name: config for name, config in configs.items() if isinstance(config, dict)}
+        app = build_app(pipeline, base_dir, placement, record.registry_path, record.metrics_dir, configs)
+        serve._run(pin_versions(app, versions), name=pipeline.name, route_prefix="/", _blocking=False)
+
+    SwapBoard(record.registry_path).store.atomic(submit, lock=CONFIG_LOCK, rerun_safe=True)
     changed = sorted(n for n, v in versions.items() if record.versions.get(n) != v)
     kept = sorted(n for n in versions if n not in changed)
     record.placement, record.versions = placement, versions

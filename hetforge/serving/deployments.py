@@ -200,6 +200,11 @@ class ModelStageDeployment:
         the swap check and a canary's build run on a thread, requests keep being served meanwhile."""
         await asyncio.to_thread(self.control.apply, config)
 
+    def __del__(self):
+        control = getattr(self, "control", None)
+        if control is not None:
+            control.stop()
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def run_batch(self, items: list[list]) -> list[Any]:
         try:
@@ -295,6 +300,8 @@ class LlmStageDeployment:
         engine build takes seconds); requests keep being served by the running engine meanwhile."""
         if self.control is None:  # an endpoint-backed stage, or no registry: nothing to swap
             return
+        # the engine's calls run on this event loop: a replica that has served no call yet learns it here
+        self.runtime.loop = self.runtime.loop or asyncio.get_running_loop()
         await asyncio.to_thread(self.control.apply, config)
 
     def _check_prompt(self, payload: dict) -> None:
@@ -332,6 +339,9 @@ class LlmStageDeployment:
         }
 
     def __del__(self):
+        control = getattr(self, "control", None)
+        if control is not None:
+            control.stop()
         runtime = getattr(self, "runtime", None)
         if runtime is not None:
             runtime.shutdown()

@@ -470,21 +470,28 @@ class LlmRuntime:
         self.loop = asyncio.get_running_loop()
         if self.recorder is not None:  # recorded for the engine-settings job; a canary arm judges non-streamed calls
             self.recorder.add(ids, doc, self.inflight)
-        async for out in self.engine.generate(
-            TokensPrompt(prompt_token_ids=ids), sampling_params(doc, True), _engine_id(request_id)
-        ):
-            delta = out.outputs[0].text if out.outputs else ""
-            text += delta
-            if delta and not constrained:
-                yield delta
-            elif delta and choice == "auto":  # an answer's content, decoded as its JSON string arrives
-                content = content_so_far(text)
-                if content is not None and len(content) > len(sent):
-                    yield content[len(sent) :]
-                    sent = content
-            usage = _usage(out, usage)
-            if out.finished and out.outputs:
-                finish = out.outputs[0].finish_reason or "stop"
+        engine = self.engine  # counted busy while it streams: a swap retires it only after its running calls
+        self.busy[id(engine)] += 1
+        self.inflight += 1
+        try:
+            async for out in engine.generate(
+                TokensPrompt(prompt_token_ids=ids), sampling_params(doc, True), _engine_id(request_id)
+            ):
+                delta = out.outputs[0].text if out.outputs else ""
+                text += delta
+                if delta and not constrained:
+                    yield delta
+                elif delta and choice == "auto":  # an answer's content, decoded as its JSON string arrives
+                    content = content_so_far(text)
+                    if content is not None and len(content) > len(sent):
+                        yield content[len(sent) :]
+                        sent = content
+                usage = _usage(out, usage)
+                if out.finished and out.outputs:
+                    finish = out.outputs[0].finish_reason or "stop"
+        finally:
+            self.busy[id(engine)] -= 1
+            self.inflight -= 1
         answer = self._answer(text, tools, choice, finish, usage)
         if constrained and answer["text"].startswith(sent) and len(answer["text"]) > len(sent):
             yield answer["text"][len(sent) :]
@@ -545,9 +552,9 @@ class LlmRuntime:
         return answer
 
     def shutdown(self) -> None:
-        for engine in (self.engine, getattr(self.arm, "module", None)):
-            if engine is not None:
-                engine.shutdown()
+        engines = {id(e): e for e in (self.engine, getattr(self.arm, "module", None)) if e is not None}
+        for engine in engines.values():  # after a promotion the arm's engine is the running one: shut down once
+            engine.shutdown()
         self.engine = self.arm = None
 
 

@@ -27,7 +27,7 @@ from hetforge.optimizer.stats import speedup_interval
 from hetforge.optimizer.verdict import RejectKind
 from hetforge.planners.profiles import LlmMeasurement, ProfileCache
 from hetforge.serving.jobs import JobBoard, JobSpec, heartbeat
-from hetforge.serving.llm import _engine_id, build_engine, sampling_params
+from hetforge.serving.llm import _engine_id, build_engine, engine_arguments, sampling_params
 from hetforge.serving.llm_settings import ENGINE_SETTINGS, Candidate, disagreement, read_traffic, search_space
 from hetforge.spec.models import LlmStage
 
@@ -126,7 +126,7 @@ async def search(spec: JobSpec, stage, base_dir: Path, calls: list[dict]) -> tup
     """Every candidate tried within the budget, and the baseline's measurement."""
     began = time.monotonic()
     current = dict(spec.llm.get("settings") or {})
-    effective = {**stage.vllm.engine_args, "enable_prefix_caching": stage.vllm.prefix_caching, **current}
+    effective = engine_arguments(stage, base_dir, current)  # what the engine runs: defaults, spec, then settings
     concurrency = min(MAX_CONCURRENCY, max(c["inflight"] for c in calls))
     baseline = build_engine(stage, base_dir, current)
     built = time.monotonic()

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import json
+import logging
 import os
 import threading
 import time
@@ -32,6 +34,7 @@ from hetforge.serving.llm import LlmRuntime
 from hetforge.serving.rollout import CanaryArm, Rollout
 from hetforge.serving.stage_runtime import SwapRefused, SwapResult
 from hetforge.state import local_dir
+from hetforge.state.store import StoreError
 
 ENGINE_SETTINGS = "engine_settings"  # the recipe kind of an engine-settings variant
 REFERENCE = "reference"  # the spec's own settings
@@ -39,6 +42,7 @@ RECORDED_KEPT = 64  # calls a replica keeps for the job and the live checks
 RECORD_WRITE_S = 1.0  # a replica rewrites its traffic file at most this often
 CHECK_CALLS = 4  # recorded greedy calls a swap or a canary start replays on both engines
 CHECK_TIMEOUT_S = 300.0
+log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 60.0  # a replaced engine ends after its running generations, or after this
 LOOSE_PREFIX_CHARS = 16
 # Settings that change the numbers (not only the schedule): searched under a looser precision policy only.
@@ -277,7 +281,12 @@ class LlmEngineTarget:
         if loop is None:
             coro.close()
             raise SwapRefused("no call has reached this replica yet: there is no recorded traffic to check settings on")
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(CHECK_TIMEOUT_S)
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result(CHECK_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            future.cancel()  # not left running on an engine that is about to be shut down
+            raise SwapRefused(f"the settings check took over {CHECK_TIMEOUT_S:g} s") from None
 
     def _build_checked(self, settings: dict, exact: bool, calls: list[dict]):
         """A new engine with `settings`, checked on recorded greedy calls against the running engine."""
@@ -370,12 +379,26 @@ def serve_target(
     registry = Registry(registry_path)
     fingerprint = llm_fingerprint(stage, base_dir)
     precision = str(stage.precision)
-    name, settings = active_settings(registry, fingerprint, device_class, precision)
+    try:
+        name, settings = active_settings(registry, fingerprint, device_class, precision)
+    except StoreError as err:  # serving does not wait for the store: the spec's settings, the config swaps later
+        log.warning(
+            "stage %s: the registry is unreachable (%s); starting on the spec's engine settings", stage.name, err
+        )
+        name, settings = REFERENCE, {}
     try:
         runtime = LlmRuntime(stage, base_dir, tools, labels, settings=settings)
-    except Exception:  # noqa: BLE001 - registered settings this host cannot start: the spec's settings serve
+    except Exception as err:  # noqa: BLE001 - registered settings this host cannot start: the spec's settings serve
         if name == REFERENCE:
             raise
+        log.warning(
+            "stage %s: %s's engine settings %s did not start (%s: %s); the spec's serve",
+            stage.name,
+            name,
+            settings,
+            type(err).__name__,
+            err,
+        )
         name, runtime = REFERENCE, LlmRuntime(stage, base_dir, tools, labels)
     runtime.recorder = TrafficRecorder(traffic_dir(registry_path, pipeline, stage.name), labels[2])
     return LlmEngineTarget(runtime, pipeline, registry, fingerprint, device_class, precision, name)

@@ -28,6 +28,7 @@ from typing import Protocol
 from hetforge.serving.rollout import CanaryArm, Rollout, RolloutBoard, StepStats
 from hetforge.serving.stage_runtime import SwapRefused
 from hetforge.serving.swap_control import HEARTBEAT_S, StageConfig, SwapBoard
+from hetforge.state.store import StoreError
 
 REPORT_S = HEARTBEAT_S  # the reporter thread's period
 PENDING_KEPT = 1000  # queued reports while the store is down; older ones are dropped (and logged)
@@ -65,6 +66,7 @@ class ReplicaControl:
         self.applied_swap: int | None = None
         self.failed_rollouts: set[int] = set()
         self.config_errors: list[str] = []
+        self._unapplied: object = None  # a config whose apply met an unreachable store, re-applied by the reporter
         self._apply_lock = threading.Lock()  # one config at a time
         self._pending: collections.deque = collections.deque()  # ("swap" | "stats", args), oldest first
         self._pending_lock = threading.Lock()
@@ -77,9 +79,11 @@ class ReplicaControl:
         return self
 
     def stop(self) -> None:
+        """End the reporter thread: a replica shutting down stops beating (the store is the process's, left open)."""
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
 
     # -- applying ---------------------------------------------------------------------------------
     def apply(self, user_config: object) -> None:
@@ -91,9 +95,15 @@ class ReplicaControl:
             log.error("stage %s: config ignored: %s", self.runtime.stage, err)
             return
         with self._apply_lock:
-            if config.swap_id is not None and config.swap_id != self.applied_swap:
-                self._swap(config.swap_id, config.swap_variant or "")
-            self._rollout(config.rollout)
+            try:
+                if config.swap_id is not None and config.swap_id != self.applied_swap:
+                    self._swap(config.swap_id, config.swap_variant or "")
+                self._rollout(config.rollout)
+                self._unapplied = None
+            except StoreError as err:  # the variant's record is out of reach: the reporter thread applies it later
+                self._unapplied = user_config
+                self.config_errors = (self.config_errors + [f"deferred, the store is unreachable: {err}"[:500]])[-10:]
+                log.warning("stage %s: config deferred until the store answers: %s", self.runtime.stage, err)
         self._wake.set()  # report now, not at the next round
 
     def _swap(self, request_id: int, variant: str) -> None:
@@ -102,6 +112,10 @@ class ReplicaControl:
             outcome, reason = "swapped", ""
         except SwapRefused as err:
             outcome, reason = "refused", str(err)
+        except StoreError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a variant that fails to build is refused; the replica serves on
+            outcome, reason = "refused", f"swap to {variant} failed: {type(err).__name__}: {err}"
         self.applied_swap = request_id
         self._queue("swap", (request_id, self.replica, outcome, reason[:500]))
 
@@ -122,7 +136,9 @@ class ReplicaControl:
         if arm is None:
             try:
                 arm = runtime.start_canary(current)
-            except SwapRefused as err:  # this replica cannot run the variant: the controller rolls it back
+            except StoreError:
+                raise
+            except Exception as err:  # noqa: BLE001 - this replica cannot run the variant: the controller rolls it back
                 self.failed_rollouts.add(current.id)
                 self._queue("stats", (current.id, current.step, self.replica, StepStats(failures=[str(err)[:500]])))
                 return
@@ -161,11 +177,16 @@ class ReplicaControl:
                 runtime.active_variant,
                 signatures.snapshot() if signatures is not None else None,
             )
-            while self._pending:
-                kind, args = self._pending[0]
+            while True:
+                with self._pending_lock:
+                    if not self._pending:
+                        break
+                    item = self._pending[0]
+                kind, args = item
                 (swaps.report if kind == "swap" else rollouts.write_stats)(*args)
                 with self._pending_lock:
-                    self._pending.popleft()
+                    if self._pending and self._pending[0] is item:  # `_queue` may have dropped it meanwhile
+                        self._pending.popleft()
             arm = runtime.arm
             if arm is not None:
                 rollouts.write_stats(arm.rollout_id, arm.step, self.replica, arm.snapshot())
@@ -178,5 +199,11 @@ class ReplicaControl:
         while not self._stop.is_set():
             self._wake.wait(self.report_s)
             self._wake.clear()
-            if not self._stop.is_set():
-                self.report_once()
+            if self._stop.is_set():
+                break
+            self.tick()
+
+    def tick(self) -> None:
+        """One round of the reporter thread: the reports, then a config deferred while the store was unreachable."""
+        if self.report_once() and self._unapplied is not None:
+            self.apply(self._unapplied)

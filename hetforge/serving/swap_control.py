@@ -92,14 +92,17 @@ def publish(registry_path: str | Path | None, pipeline: str, stage: str, key: st
     """Set `key` ("swap" or "rollout") of the stage deployment's user_config; Serve reconfigures every replica.
 
     ConfigPushError when Ray Serve cannot be reached; StoreError when the store's lock cannot be taken
-    (it keeps two publishers of one pipeline from undoing each other's change).
+    (it keeps two publishers of one pipeline, and `deploy.redeploy`, from undoing each other's change). The lock
+    is held for Serve's round trip (about 0.5 s, bench/serving/swap_latency.md); on SQLite other writers wait for
+    it meanwhile, replicas' reports among them, which their reporter thread retries. Setting a key is idempotent,
+    so a retry of the transaction may push again.
     """
     store = SwapBoard(registry_path).store
 
     def push(_tx: state.Tx) -> dict:
         return serve_config.update_user_config(pipeline, deployment_name(stage), lambda c: {**c, key: value})
 
-    return store.atomic(push, lock=CONFIG_LOCK)
+    return store.atomic(push, lock=CONFIG_LOCK, rerun_safe=True)
 
 
 @dataclass(frozen=True)

@@ -177,9 +177,12 @@ def test_a_compilers_installation_is_readable_not_only_its_bin_folder(tmp_path, 
     gcc = tmp_path / "opt" / "gcc" / "bin" / "gcc"
     gcc.parent.mkdir(parents=True)
     gcc.write_text("")
+    (tmp_path / "opt" / "gcc" / "lib" / "gcc").mkdir(parents=True)
+    (tmp_path / "opt" / "gcc" / "secrets").mkdir()
     monkeypatch.setenv("CC", str(gcc))
-    assert str(tmp_path / "opt" / "gcc") in confine.python_paths()
-    assert confine.compiler_prefix("/usr/bin/gcc") == "/usr"
+    paths = confine.python_paths()
+    assert str(tmp_path / "opt" / "gcc" / "lib" / "gcc") in paths and str(gcc.parent) in paths
+    assert not any(p in (str(tmp_path / "opt" / "gcc"), str(tmp_path / "opt" / "gcc" / "secrets")) for p in paths)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the switch to the unprivileged user happens only for root")

@@ -270,6 +270,36 @@ def test_reports_wait_for_the_store_and_serving_does_not(tmp_path, checkpoint):
     assert [r.outcome for r in board.reports(back)] == ["swapped"]
 
 
+def test_a_swap_that_needs_the_unreachable_store_waits_for_it_and_the_replica_serves_on(tmp_path, checkpoint):
+    """A swap to a registry variant reads its record: with the store gone, `apply` (Serve's reconfigure) must not
+    fail the replica; the config is applied once the store answers again."""
+    from hetforge.serving.replica_control import ReplicaControl
+    from hetforge.serving.swap_control import SwapBoard
+
+    path = tmp_path / "state" / "registry.sqlite"
+    path.parent.mkdir()
+    registry = Registry(path)
+    good = _add(registry, "addmm", MODULE.format(guard="pass", scale=2.0))
+    rt = _runtime(Registry(path), checkpoint, use_registry=False)
+    rt(torch.randn(5, 256))
+    control = ReplicaControl(rt, str(path), "replica-0", report_s=3600)
+    request = SwapBoard(path).request("p", "embed", str(good))
+    aside = tmp_path / "aside"
+    path.parent.rename(aside)
+    try:
+        control.apply({"swap": {"id": request, "variant": str(good)}})  # does not raise
+        assert "store is unreachable" in control.config_errors[-1]
+        assert rt.active_variant == "reference" and rt(torch.randn(3, 256)).shape == (3, 512)
+        control.tick()  # still unreachable: nothing applied, nothing lost
+        assert rt.active_variant == "reference"
+    finally:
+        aside.rename(path.parent)
+    control.tick()
+    assert rt.active_variant == f"variant:{good}"
+    control.tick()
+    assert [r.outcome for r in SwapBoard(path).reports(request)] == ["swapped"]
+
+
 def test_serving_while_this_process_traces_a_variant(registry, checkpoint):
     """torch.fx patches nn.Module.__call__ for the whole process while it traces; a replica builds variants (tracing)
     while serving, and no call may fail because of it (found by the demo: "module is not installed as a submodule")."""
