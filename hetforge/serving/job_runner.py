@@ -14,9 +14,7 @@ comes first.
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +27,8 @@ from hetforge.kernels.registry import Registry
 from hetforge.optimizer.registration import register_winner
 from hetforge.optimizer.report import OptimizeReport
 from hetforge.optimizer.supervisor import OptimizeTask, optimize
-from hetforge.serving.jobs import HEARTBEAT_S, JobBoard, JobSpec
+from hetforge.serving.jobs import JobBoard, JobSpec, heartbeat, lower_priority
 from hetforge.serving.llm_job import run_llm_job
-from hetforge.state import StoreError
 
 UNVERIFIED = "unverified"  # the reject kind of a candidate refused before any verification (no code came back)
 
@@ -186,60 +183,48 @@ def run_job(spec: JobSpec) -> dict:
     """Optimize one stage for production's signatures and register the winner as a `canary` (or
     `pending_review`) variant. Runs in a Ray task (or any process); writes its outcome into the job row."""
     board = JobBoard(spec.registry_path)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_S):
-            try:
-                board.beat(spec.job_id)
-            except StoreError:  # the store is away (restarting): the next beat tries again
-                continue
-
-    threading.Thread(target=beat, daemon=True, name=f"job-{spec.job_id}-heartbeat").start()
-    try:
+    with heartbeat(board, spec.job_id):
         try:
-            os.nice(10)  # serving on the same cores comes first
-        except OSError:
-            pass
-        threads = max(1, spec.threads)
-        torch.set_num_threads(threads)
-        scratch = Path(spec.scratch) / f"job-{spec.job_id}"
-        reference = Problem.from_json(spec.problem)
-        loaded = reference.load()
-        problem = production_problem(scratch, spec.job_id, spec.pipeline, spec.stage, reference, list(spec.signatures))
-        task = OptimizeTask(
-            None,
-            spec.device,
-            spec.precision,
-            spec.budget_s,
-            spec.agents,
-            spec.hint,
-            trials=2,
-            rounds=3,
-            threads=threads,
-            problem=problem.to_json(),
-        )
-        report = optimize(task, scratch / "candidates")
-        summary = {**summarize(report), **_where()}
-        registration = register_winner(
-            report,
-            Registry(spec.registry_path),
-            fingerprint=loaded.fingerprint(),
-            device_class=spec.device_class,
-            precision=spec.precision,
-            status="pending_review" if spec.approval == "manual" else "canary",
-            signature={"signatures": list(spec.signatures)},
-        )
-        variant_id = registration.variant.id if registration.variant is not None else None
-        if variant_id is None:
-            summary["not_registered"] = registration.reason
-        board.finish(spec.job_id, "done", variant_id, summary)
-        return {"job_id": spec.job_id, "variant_id": variant_id, "summary": summary}
-    except BaseException as err:
-        board.finish(spec.job_id, "failed", error=f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        stop.set()
+            lower_priority()
+            threads = max(1, spec.threads)
+            torch.set_num_threads(threads)
+            scratch = Path(spec.scratch) / f"job-{spec.job_id}"
+            reference = Problem.from_json(spec.problem)
+            loaded = reference.load()
+            problem = production_problem(
+                scratch, spec.job_id, spec.pipeline, spec.stage, reference, list(spec.signatures)
+            )
+            task = OptimizeTask(
+                None,
+                spec.device,
+                spec.precision,
+                spec.budget_s,
+                spec.agents,
+                spec.hint,
+                trials=2,
+                rounds=3,
+                threads=threads,
+                problem=problem.to_json(),
+            )
+            report = optimize(task, scratch / "candidates")
+            summary = {**summarize(report), **_where()}
+            registration = register_winner(
+                report,
+                Registry(spec.registry_path),
+                fingerprint=loaded.fingerprint(),
+                device_class=spec.device_class,
+                precision=spec.precision,
+                status="pending_review" if spec.approval == "manual" else "canary",
+                signature={"signatures": list(spec.signatures)},
+            )
+            variant_id = registration.variant.id if registration.variant is not None else None
+            if variant_id is None:
+                summary["not_registered"] = registration.reason
+            board.finish(spec.job_id, "done", variant_id, summary)
+            return {"job_id": spec.job_id, "variant_id": variant_id, "summary": summary}
+        except BaseException as err:
+            board.finish(spec.job_id, "failed", error=f"{type(err).__name__}: {err}")
+            raise
 
 
 def _run_job_json(doc: dict) -> dict:

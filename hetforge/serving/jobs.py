@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +45,8 @@ CREATE INDEX IF NOT EXISTS jobs_stage ON jobs (pipeline, stage, state);
 MIGRATIONS = [state.Migration(1, "jobs", _SCHEMA)]
 HEARTBEAT_S = 2.0
 LOST_AFTER_S = 60.0  # a running job silent this long is counted lost (its process died with its node)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,14 @@ class JobSpec:
                 "signatures": tuple(doc.get("signatures") or ()),
             }
         )
+
+
+def lower_priority() -> None:
+    """A job runs at nice 10 on the replicas' cores: serving comes first. A host that refuses says so in the log."""
+    try:
+        os.nice(10)
+    except OSError as err:
+        log.warning("job kept its priority: os.nice(10) refused (%s)", err)
 
 
 @contextlib.contextmanager

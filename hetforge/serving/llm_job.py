@@ -17,7 +17,6 @@ its rounds, estimated from the last one).
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from hetforge.kernels.registry import Registry
 from hetforge.optimizer.stats import speedup_interval
 from hetforge.optimizer.verdict import RejectKind
 from hetforge.planners.profiles import LlmMeasurement, ProfileCache
-from hetforge.serving.jobs import JobBoard, JobSpec, heartbeat
+from hetforge.serving.jobs import JobBoard, JobSpec, heartbeat, lower_priority
 from hetforge.serving.llm import _engine_id, build_engine, engine_arguments, sampling_params
 from hetforge.serving.llm_settings import ENGINE_SETTINGS, Candidate, disagreement, read_traffic, search_space
 from hetforge.spec.models import LlmStage
@@ -167,10 +166,7 @@ def run_llm_job(spec: JobSpec) -> dict:
     board = JobBoard(spec.registry_path)
     with heartbeat(board, spec.job_id):
         try:
-            try:
-                os.nice(10)  # serving on the same cores comes first
-            except OSError:
-                pass
+            lower_priority()
             began = time.monotonic()
             stage = LlmStage.model_validate(spec.llm["stage"])
             base_dir = Path(spec.llm["base_dir"])
