@@ -44,21 +44,7 @@ stages:
     batching: {max_batch_size: 8, wait_ms: 2}
     replicas: 2
 """
-VARIANT = """
-import torch
-import torch.nn as nn
-
-
-class ModelNew(nn.Module):
-    def __init__(self, d_in=16, hidden=32):
-        super().__init__()
-        self.hidden = nn.Linear(d_in, hidden)
-        self.out = nn.Linear(hidden, 2)
-
-    def forward(self, x):
-        h = torch.relu(torch.addmm(self.hidden.bias, x, self.hidden.weight.t()))
-        return torch.addmm(self.out.bias, h, self.out.weight.t())
-"""
+VARIANT = (REPO / "tests" / "data" / "serving" / "models" / "classifier_addmm.py").read_text()
 FIELDS = ["label", "swap", "variant", "api_s", "all_replicas_s", "replicas", "outcomes", "commit", "host", "date"]
 
 

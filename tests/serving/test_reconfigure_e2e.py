@@ -24,23 +24,7 @@ PIPELINE = DATA / "swap_pipeline.yaml"
 APP, STAGE, DEPLOYMENT = "swap-test", "classify", "stage-classify"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SAME = '''
-import torch
-import torch.nn as nn
-
-
-class ModelNew(nn.Module):
-    """The classifier through addmm: the same function, another kernel sequence."""
-
-    def __init__(self, d_in=16, hidden=32):
-        super().__init__()
-        self.hidden = nn.Linear(d_in, hidden)
-        self.out = nn.Linear(hidden, 2)
-
-    def forward(self, x):
-        h = torch.relu(torch.addmm(self.hidden.bias, x, self.hidden.weight.t()))
-        return torch.addmm(self.out.bias, h, self.out.weight.t())
-'''
+SAME = (REPO / "tests" / "data" / "serving" / "models" / "classifier_addmm.py").read_text()
 ACCEPTED = {"verdict": "accepted", "needs_review": False, "speedup": 1.4, "reference_ms": 1.0, "candidate_ms": 0.71}
 
 

@@ -24,23 +24,7 @@ PIPELINE = REPO / "tests" / "data" / "serving" / "pipeline.yaml"
 CLASSIFIER = REPO / "tests" / "data" / "serving" / "models" / "classifier.py"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SAME = '''
-import torch
-import torch.nn as nn
-
-
-class ModelNew(nn.Module):
-    """The classifier through addmm: the same function, another kernel sequence."""
-
-    def __init__(self, d_in=16, hidden=32):
-        super().__init__()
-        self.hidden = nn.Linear(d_in, hidden)
-        self.out = nn.Linear(hidden, 2)
-
-    def forward(self, x):
-        h = torch.relu(torch.addmm(self.hidden.bias, x, self.hidden.weight.t()))
-        return torch.addmm(self.out.bias, h, self.out.weight.t())
-'''
+SAME = (REPO / "tests" / "data" / "serving" / "models" / "classifier_addmm.py").read_text()
 WRONG = SAME.replace(
     "return torch.addmm(self.out.bias, h, self.out.weight.t())",
     "return torch.addmm(self.out.bias, h, self.out.weight.t()) * 1.5",
