@@ -143,7 +143,7 @@ def test_stage_and_control_errors_keep_their_status_and_stage(client):
         is None
     )
     swap = _error(client.post("/v1/pipelines/tools-only/stages/prepare/swap", json={"variant": "reference"}), 400)
-    assert swap["stage"] == "prepare" and "only model stages" in swap["message"]
+    assert swap["stage"] == "prepare" and "only model and vLLM stages" in swap["message"]
     assert (
         _error(client.post("/v1/pipelines/tools-only/stages/ghost/optimize", json={"hint": "x"}), 404)["stage"]
         == "ghost"

@@ -303,7 +303,7 @@ def test_an_llm_replica_counts_the_prompt_with_its_tokenizer_before_the_engine_r
     tokenizer.chat_template = (folder / "chat_template.jinja").read_text()
     replica = object.__new__(LlmStageDeployment.func_or_class)
     replica.stage = _llm()
-    replica.runtime = types.SimpleNamespace(tokenizer=tokenizer, tools=[])
+    replica.runtime = types.SimpleNamespace(tokenizer=tokenizer, tools=[], shutdown=lambda: None)
     replica.context_tokens, replica.prompt_limit = 256, prompt_token_limit(replica.stage, 256)
     replica._check_prompt({"input": "def f(x): return x", "history": []})
     with pytest.raises(StageError) as err:
