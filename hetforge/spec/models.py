@@ -502,13 +502,6 @@ class ToolStage(_StageBase):
             raise ValueError(
                 f"`placement: inline` runs the tool in its caller's process: device {self.device} cannot apply"
             )
-        queueing = sorted({"max_concurrency", "max_queued"} & (self.limits.model_fields_set if self.limits else set()))
-        if self.placement == "inline" and queueing:
-            # Ray Serve enforces these at a replica's door: an inline tool has none
-            raise ValueError(
-                f"`placement: inline` runs the tool in its caller's process: limits.{queueing[0]} needs the tool's "
-                "own replicas (`placement: separate`)"
-            )
         return self
 
 

@@ -137,12 +137,3 @@ def test_hetforge_plan_prints_each_tools_hop(tmp_path):
     light = run_cli("plan", str(_pipeline(tmp_path, "")), "--json", env={"HETFORGE_HOME": str(home)}, timeout=300)
     stage = json.loads(light.stdout.strip().splitlines()[-1])["stages"]["lookup"]
     assert stage["hop"] == "inline" and "3.00 ms hop (measured)" in stage["hop_reason"]
-
-
-def test_inline_with_a_replica_queue_limit_is_refused_where_it_is_written(tmp_path):
-    """Ray Serve enforces max_concurrency and max_queued at a replica's door, which an inline tool does not have."""
-    path = _pipeline(tmp_path, "    placement: inline\n    limits: {max_concurrency: 4}")
-    with pytest.raises(SpecError) as info:
-        load_pipeline(path)
-    text = str(info.value)
-    assert f"{path}:" in text and "limits.max_concurrency" in text and "placement: separate" in text
