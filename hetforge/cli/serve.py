@@ -74,6 +74,11 @@ def serve(
     )
     if record.session_dir:
         typer.echo(f"logs: {record.session_dir}/logs (hetforge logs {record.pipeline})")
+    if record.cores:
+        from hetforge.serving import cpu_cores
+
+        typer.echo(f"cpu: {cpu_cores.describe(record.cores['engines'], record.cores['rest'])}")
+        cpu_cores.pin_process(record.cores["rest"])  # this process serves too: off the engines' cores
     if address is not None:
         return
     backups = _backups(record.registry_path)

@@ -8,6 +8,7 @@ address, the HTTP address, the metrics folder, the serving process) for `status`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from hetforge.kernels.registry import Registry, default_path
 from hetforge.planners import devices
 from hetforge.planners.plan import build_plan
 from hetforge.planners.profiles import ProfileCache
-from hetforge.serving import ray_instance, serve_config
+from hetforge.serving import cpu_cores, ray_instance, serve_config
 from hetforge.serving.dataflow import PipelineRunner
 from hetforge.serving.deployments import build_app
 from hetforge.serving.ingress.auth import client_headers
@@ -61,6 +62,7 @@ class Deployment:
     session_dir: str = ""  # Ray's session folder on this machine: its processes and its logs (`<session>/logs`)
     versions: dict = field(default_factory=dict)  # Serve deployment name -> the version deployed (`versions_of`)
     ray_processes: dict = field(default_factory=dict)  # PID -> start time of the processes of its Ray instance
+    cores: dict = field(default_factory=dict)  # {"engines": [[core, ...], ...], "rest": [...]} (`cpu_cores.plan`)
 
     def save(self) -> Path:
         path = state_path(self.pipeline)
@@ -169,7 +171,28 @@ def _cpus_wanted(pipeline: Pipeline, placement: dict) -> float:
     return total
 
 
-def _ray_init(address: str | None, metrics_dir: Path, cpus_wanted: float) -> None:
+def _engine_cores(pipeline: Pipeline, placement: dict) -> tuple[list[list[int]], list[int]] | None:
+    """The core plan for the pipeline's vLLM CPU engines (`cpu_cores.plan`), or None when it has none to isolate or
+    the node's cores do not fit one of their own per engine plus the rest."""
+    engines = 0
+    for stage in pipeline.stages:
+        vllm = getattr(stage, "vllm", None)
+        if vllm is None or not vllm.isolate_cores or placement[stage.name]["device"] != "cpu":
+            continue
+        engines += stage.replicas if isinstance(stage.replicas, int) else stage.replicas.max_replicas
+    if not engines or os.environ.get(cpu_cores.OMP_BIND_ENV):  # the user's own binding wins
+        return None
+    return cpu_cores.plan(sorted(os.sched_getaffinity(0)), engines)
+
+
+def _ray_init(
+    address: str | None,
+    metrics_dir: Path,
+    cpus_wanted: float,
+    cores: tuple[list[list[int]], list[int]] | None = None,
+) -> None:
+    """Connect to the cluster at `address`, or start Ray here; with `cores` (embedded only), Ray's processes start
+    on the plan's other cores and the replicas learn the engine slots."""
     env = {
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         "HETFORGE_HOME": str(home_dir()),
@@ -190,12 +213,20 @@ def _ray_init(address: str | None, metrics_dir: Path, cpus_wanted: float) -> Non
     temp = Path(os.environ.get("HETFORGE_RAY_TMP", f"/tmp/hetforge-ray-{os.getuid()}"))
     if len(str(temp)) > 40:  # Ray puts sockets ~70 characters below it; AF_UNIX paths stop at 107 bytes
         temp = Path(f"/tmp/hf-ray-{hashlib.sha256(str(temp).encode()).hexdigest()[:10]}")
-    ray.init(
-        num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_wanted)),
-        include_dashboard=False,
-        _temp_dir=str(temp),
-        **kwargs,
-    )
+    where = contextlib.nullcontext()
+    if cores is not None:
+        slots, rest = cores
+        locks = metrics_dir.with_suffix(".cores")
+        shutil.rmtree(locks, ignore_errors=True)
+        env |= {cpu_cores.SLOTS_ENV: json.dumps(slots), cpu_cores.LOCKS_ENV: str(locks)}
+        where = cpu_cores.pinned(rest)  # GCS, raylet and every worker they start inherit these cores
+    with where:
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_wanted)),
+            include_dashboard=False,
+            _temp_dir=str(temp),
+            **kwargs,
+        )
 
 
 def deploy(
@@ -226,7 +257,8 @@ def deploy(
     metrics_dir.mkdir(parents=True)
     registry_path = registry_path or str(default_path())
     Registry(registry_path)  # a missing, damaged or unreachable registry fails here, in one line, before Ray starts
-    _ray_init(address, metrics_dir, _cpus_wanted(pipeline, placement))
+    cores = _engine_cores(pipeline, placement) if address is None else None
+    _ray_init(address, metrics_dir, _cpus_wanted(pipeline, placement), cores)
     versions = versions_of(pipeline, base_dir, placement, registry_path, str(metrics_dir))
     record = Deployment(
         pipeline.name,
@@ -241,6 +273,7 @@ def deploy(
         started=ray_instance.start_ticks(os.getpid()) or 0,
         session_dir=_session_dir(),
         versions=versions,
+        cores={"engines": cores[0], "rest": cores[1]} if cores is not None else {},
     )
     record_processes(record)  # saves it before the replicas start: `status` and `down` reach one still coming up
     try:

@@ -43,7 +43,7 @@ from hetforge.serving.dataflow import PipelineRunner, StageError
 from hetforge.serving.ingress import create_app
 from hetforge.serving.ingress.auth import Tokens, resolve_tokens
 from hetforge.serving.ingress.state import HandleCaller, IngressState
-from hetforge.serving.llm import LlmRuntime, loop_tools, plan_call, prompt_ids
+from hetforge.serving.llm import LlmRuntime, loop_tools
 from hetforge.serving.metrics import default_metrics
 from hetforge.serving.model_io import ModelIO
 from hetforge.serving.replica_control import ReplicaControl
@@ -294,6 +294,7 @@ class LlmStageDeployment:
         engine_config = getattr(self.runtime.engine, "model_config", None)  # vLLM's; an endpoint has none here
         self.context_tokens = getattr(engine_config, "max_model_len", None)
         self.prompt_limit = prompt_token_limit(stage, self.context_tokens)
+        self.runtime.check_prompt = self._check_prompt  # on the ids the runtime renders for the engine, before it runs
 
     async def reconfigure(self, config: dict) -> None:
         """Serve's call with the stage config (`swap_control`): engine-settings swaps and rollouts, on a thread (an
@@ -304,22 +305,15 @@ class LlmStageDeployment:
         self.runtime.loop = self.runtime.loop or asyncio.get_running_loop()
         await asyncio.to_thread(self.control.apply, config)
 
-    def _check_prompt(self, payload: dict) -> None:
-        """422 for a prompt the model cannot take, counted with the tokenizer the engine uses."""
-        tokenizer = self.runtime.tokenizer
-        if tokenizer is None or self.prompt_limit is None:
-            return
-        messages, tools, _, _ = plan_call(self.stage, self.runtime.tools, payload)  # as the runtime will send it
-        count = len(prompt_ids(tokenizer, messages, tools))
+    def _check_prompt(self, count: int) -> None:
+        """422 for a prompt the model cannot take: `count` tokens, as the engine's tokenizer rendered it."""
         check_prompt_tokens(self.stage, count, self.prompt_limit, self.context_tokens)
 
     async def __call__(self, payload: dict, request_id: str = "") -> dict:
-        self._check_prompt(payload)
         with _observed(self.metrics, self.pipeline, self.stage.name, self.device):
             return await self.runtime(payload, request_id)
 
     async def stream(self, payload: dict, request_id: str = ""):
-        self._check_prompt(payload)
         with _observed(self.metrics, self.pipeline, self.stage.name, self.device):
             async for delta in self.runtime.stream(payload, request_id):
                 yield delta

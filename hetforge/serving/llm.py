@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import inspect
 import json
 import os
 import typing
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from hetforge.serving import cpu_cores
 from hetforge.serving.dataflow import StageError
 from hetforge.serving.llm_metrics import stat_logger_factory
 from hetforge.serving.model_io import resolve_function
@@ -383,6 +385,21 @@ async def generate_text(engine, ids: list[int], doc: dict, request_id: str = "")
     return text, finish, usage
 
 
+def _claim_cores(stage) -> cpu_cores.Claim | None:
+    """A slot of the deployment's engine cores (`cpu_cores`) for a vLLM CPU engine; None on other platforms, without
+    a plan, with `isolate_cores: false`, or when the user binds vLLM's threads (VLLM_CPU_OMP_THREADS_BIND)."""
+    if not stage.vllm.isolate_cores or os.environ.get(cpu_cores.OMP_BIND_ENV):
+        return None
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    claim = cpu_cores.claim()
+    if claim is not None:  # the engine's worker binds its OpenMP threads to the slot (read in the worker's process)
+        os.environ[cpu_cores.OMP_BIND_ENV] = cpu_cores.omp_bind(claim.cores)
+    return claim
+
+
 class LlmRuntime:
     """One replica's LLM stage. With vLLM: the engine (`settings` over the spec's engine arguments), the calls it
     records for the engine-settings job (`recorder`), and the canary arm of a rollout of other settings (`arm`,
@@ -404,8 +421,12 @@ class LlmRuntime:
         self.loop: asyncio.AbstractEventLoop | None = None  # the replica's loop: the engines' calls run on it
         self.inflight = 0  # calls in progress (recorded with each call: the concurrency a replay reproduces)
         self.busy: collections.Counter = collections.Counter()  # id(engine) -> generations running on it
+        # the replica's prompt-length check (422), run on the token ids the engine gets: the prompt is rendered once
+        self.check_prompt: Callable[[int], None] | None = None
+        self.cores: cpu_cores.Claim | None = None  # the deployment's engine cores this replica holds, if any
         if stage.vllm is not None:
             self.tokenizer = load_tokenizer(stage, base_dir)
+            self.cores = _claim_cores(stage)
             self.engine = self.build_engine(self.settings)
         else:
             from openai import AsyncOpenAI  # only endpoint stages need the client library
@@ -415,8 +436,11 @@ class LlmRuntime:
             self.client = AsyncOpenAI(base_url=ep.base_url, api_key=key or "EMPTY", timeout=ep.timeout_s, max_retries=1)
 
     def build_engine(self, settings: dict):
-        """An engine of this stage with `settings`, its statistics under the replica's labels."""
-        return build_engine(self.stage, self.base_dir, settings, [stat_logger_factory(*self.labels)])
+        """An engine of this stage with `settings`, its statistics under the replica's labels; on the replica's engine
+        cores when it holds some (its processes start from a thread pinned to them)."""
+        where = cpu_cores.pinned(self.cores.cores) if self.cores is not None else contextlib.nullcontext()
+        with where:
+            return build_engine(self.stage, self.base_dir, settings, [stat_logger_factory(*self.labels)])
 
     async def generate_on(self, engine, ids: list[int], doc: dict, request_id: str = "") -> tuple[str, str, dict]:
         """One generation on `engine` (the active one or a canary's), counted while it runs."""
@@ -467,6 +491,8 @@ class LlmRuntime:
         constrained = bool(tools) and choice != "none"
         text, sent, finish, usage = "", "", "stop", {}
         ids, doc = prompt_ids(self.tokenizer, messages, tools), sampling_doc(self.stage, tools, choice, options)
+        if self.check_prompt is not None:
+            self.check_prompt(len(ids))
         self.loop = asyncio.get_running_loop()
         if self.recorder is not None:  # recorded for the engine-settings job; a canary arm judges non-streamed calls
             self.recorder.add(ids, doc, self.inflight)
@@ -504,6 +530,8 @@ class LlmRuntime:
         self.inflight += 1
         try:
             ids = prompt_ids(self.tokenizer, messages, tools)
+            if self.check_prompt is not None:
+                self.check_prompt(len(ids))
             doc = sampling_doc(self.stage, tools, choice, options)
             text, finish, usage = await self.complete_ids(ids, doc, request_id)
         finally:
@@ -556,6 +584,8 @@ class LlmRuntime:
         for engine in engines.values():  # after a promotion the arm's engine is the running one: shut down once
             engine.shutdown()
         self.engine = self.arm = None
+        if self.cores is not None:
+            self.cores.release()
 
 
 def _usage(out, seen: dict) -> dict:

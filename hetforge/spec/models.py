@@ -393,6 +393,11 @@ class VllmEngine(_Spec):
         description="vLLM's automatic prefix caching: an agent loop's turns reuse the KV cache of the conversation so "
         "far (`engine_args: {enable_prefix_caching: ...}` overrides it).",
     )
+    isolate_cores: bool = Field(
+        default=True,
+        description="On vLLM's CPU engine, when hetforge starts Ray itself: the engine's processes get cores of their "
+        "own and Ray, the ingress and the other stages run on the rest (docs/serving.md, CPU cores).",
+    )
 
 
 class Endpoint(_Spec):

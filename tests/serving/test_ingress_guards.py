@@ -28,6 +28,7 @@ from hetforge.serving.deployments import (
 from hetforge.serving.ingress import create_app
 from hetforge.serving.ingress.auth import Tokens, client_headers, digest, parse_tokens, resolve_tokens
 from hetforge.serving.ingress.state import IngressState
+from hetforge.serving.llm import LlmRuntime
 from hetforge.serving.metrics import Metrics
 from hetforge.serving.tools import ToolRuntime
 from hetforge.spec import load_pipeline
@@ -295,6 +296,8 @@ def test_the_prompt_limit_is_the_context_less_the_answer_or_the_stages_own():
 
 
 def test_an_llm_replica_counts_the_prompt_with_its_tokenizer_before_the_engine_runs():
+    """The replica's check runs on the ids the runtime renders once for the engine: a prompt too long gets a 422 and
+    the engine is never called; one that fits reaches it with those ids."""
     transformers = pytest.importorskip("transformers")
     folder = REPO / "examples" / "models" / "tiny-llm"
     if not (folder / "tokenizer.json").is_file():
@@ -303,12 +306,29 @@ def test_an_llm_replica_counts_the_prompt_with_its_tokenizer_before_the_engine_r
     tokenizer.chat_template = (folder / "chat_template.jinja").read_text()
     replica = object.__new__(LlmStageDeployment.func_or_class)
     replica.stage = _llm()
-    replica.runtime = types.SimpleNamespace(tokenizer=tokenizer, tools=[], shutdown=lambda: None)
     replica.context_tokens, replica.prompt_limit = 256, prompt_token_limit(replica.stage, 256)
-    replica._check_prompt({"input": "def f(x): return x", "history": []})
+    runtime = object.__new__(LlmRuntime)
+    runtime.stage, runtime.tools, runtime.tokenizer, runtime.engine, runtime.inflight = (
+        replica.stage,
+        [],
+        tokenizer,
+        0,
+        0,
+    )
+    runtime.check_prompt = replica._check_prompt
+    sent: list[list[int]] = []
+
+    async def engine_call(ids, doc, request_id=""):
+        sent.append(ids)
+        return "hello", "stop", {}
+
+    runtime.complete_ids = engine_call
+    answer = asyncio.run(runtime({"input": "def f(x): return x", "history": []}))
+    assert answer["text"] == "hello" and len(sent) == 1 and 0 < len(sent[0]) <= 240
     with pytest.raises(StageError) as err:
-        replica._check_prompt({"input": "def f(x): return x\n" * 200, "history": []})
+        asyncio.run(runtime({"input": "def f(x): return x\n" * 200, "history": []}))
     assert err.value.status == 422 and "at most 240 prompt tokens fit" in str(err.value)
+    assert len(sent) == 1 and runtime.inflight == 0
 
 
 def test_dependency_checks_report_an_unreachable_endpoint_and_an_unset_key(monkeypatch):

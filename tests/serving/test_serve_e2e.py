@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -275,3 +276,43 @@ def test_prometheus_scrapes_every_hetforge_metric(served, prometheus):
         f"{prometheus}/api/v1/query", params={"query": 'hetforge_stage_latency_seconds_count{stage="classify"}'}
     ).json()
     assert sum(float(r["value"][1]) for r in stage["data"]["result"]) >= 5
+
+
+def _processes_with(env_entry: str) -> dict[int, bytes]:
+    """PID -> command line of the live processes whose environment holds `env_entry` (NAME=value)."""
+    out = {}
+    for proc in os.listdir("/proc"):
+        if not proc.isdigit():
+            continue
+        try:
+            with open(f"/proc/{proc}/environ", "rb") as f:
+                if env_entry.encode() not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{proc}/cmdline", "rb") as f:
+                out[int(proc)] = f.read()
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the engine gets cores of its own from 2 cores up")
+def test_the_vllm_engine_runs_on_cores_of_its_own_and_ray_on_the_others(served):
+    from hetforge.serving import cpu_cores
+
+    record = served["record"]
+    (slot,), rest = cpu_cores.plan(sorted(os.sched_getaffinity(0)), 1)  # one CPU engine in this pipeline
+    assert record.cores == {"engines": [slot], "rest": rest}
+    locks = f"{cpu_cores.LOCKS_ENV}={Path(record.metrics_dir).with_suffix('.cores')}"
+    mine = _processes_with(locks)  # every process Ray started for this deployment carries the plan
+    engine = {pid: cmd for pid, cmd in mine.items() if cmd.startswith((b"VLLM::EngineCore", b"VLLM::Worker"))}
+    assert len(engine) == 2, mine
+    assert all(os.sched_getaffinity(pid) == set(slot) for pid in engine), engine
+    replicas = {pid: cmd for pid, cmd in mine.items() if cmd.startswith(b"ray::ServeReplica")}
+    assert any(b"PipelineIngress" in cmd for cmd in replicas.values()) and any(
+        b"stage-reply" in c for c in replicas.values()
+    )
+    assert all(os.sched_getaffinity(pid) == set(rest) for pid in replicas), replicas
+    raylet = [pid for pid, cmd in _processes_with(f"HETFORGE_RAY_TMP={os.environ['HETFORGE_RAY_TMP']}").items()
+              if b"/raylet" in cmd.split(b"\0")[0]]  # fmt: skip
+    assert raylet and all(os.sched_getaffinity(pid) == set(rest) for pid in raylet)
+    assert os.sched_getaffinity(0) == set(slot) | set(rest)  # the process that deployed keeps every core
