@@ -69,7 +69,7 @@ def split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The launcher: the torch path where the kernel does not run."""
+    """The launcher under the public function and its op (the torch path where the kernel does not run)."""
     x = x.contiguous()
     if not configs.runs_triton(x):
         hi = _rna_tf32_torch(x)
@@ -250,7 +250,7 @@ def gemm_epilogue(
 
 
 def _gemm_epilogue(x, w_t, bias, epilogue: Epilogue, v, r, precision: str, w_lo_t) -> torch.Tensor:
-    """The launcher: the torch path where the kernel does not run."""
+    """The launcher under the public function and its op (the torch path where the kernel does not run)."""
     if not configs.runs_triton(x):
         return gemm_epilogue_reference(x, w_t if w_lo_t is None else w_t + w_lo_t, bias, epilogue, v, r, inplace=True)
     lead, K = x.shape[:-1], x.shape[-1]
@@ -293,7 +293,7 @@ def bmm_epilogue(
 
 
 def _bmm_epilogue(a, b, epilogue: Epilogue, v, r, precision: str) -> torch.Tensor:
-    """The launcher: the torch path where the kernel does not run."""
+    """The launcher under the public function and its op (the torch path where the kernel does not run)."""
     if not configs.runs_triton(a):
         return torch_apply(torch.bmm(a, b), epilogue, v, r, inplace=True)
     c = torch.empty((a.shape[0], a.shape[1], b.shape[2]), device=a.device, dtype=torch.result_type(a, b))

@@ -128,7 +128,7 @@ def fused_norm(
 
 
 def _fused_norm(x, mode, weight, bias, eps, groups, normalized, epilogue: Epilogue, v, r) -> torch.Tensor:
-    """The launcher: the torch path where the kernel does not run."""
+    """The launcher under the public function and its op (the torch path where the kernel does not run)."""
     if not configs.runs_triton(x):
         return fused_norm_reference(x, mode, weight, bias, eps, groups, normalized, epilogue, v, r)
     x = x.contiguous()

@@ -68,7 +68,7 @@ def pointwise_chain(
 
 
 def _pointwise_chain(x, epilogue: Epilogue, v, v_dim: int, r) -> torch.Tensor:
-    """The launcher: the torch path where the kernel does not run."""
+    """The launcher under the public function and its op (the torch path where the kernel does not run)."""
     if not configs.runs_triton(x):
         return pointwise_chain_reference(x, epilogue, v, v_dim, r)
     x = x.contiguous()

@@ -110,7 +110,7 @@ def fused_reduce(
 
 
 def _fused_reduce(x, kind: str, dim: int, keepdim: bool, prologue: Epilogue, v, v_dim: int) -> torch.Tensor:
-    """The launcher: the torch path where the kernel does not run."""
+    """The launcher under the public function and its op (the torch path where the kernel does not run)."""
     if not configs.runs_triton(x):
         return fused_reduce_reference(x, kind, dim, keepdim, prologue, v, v_dim)
     x = x.contiguous()

@@ -66,7 +66,7 @@ def fused_softmax(x: torch.Tensor, mode: str = "softmax", scale: float = 1.0) ->
 
 
 def _fused_softmax(x: torch.Tensor, mode: str, scale: float) -> torch.Tensor:
-    """The launcher (and `torch.ops.hetforge.fused_softmax`): the torch path where the kernel does not run."""
+    """The launcher under the public function and its op (the torch path where the kernel does not run)."""
     if not configs.runs_triton(x):
         return fused_softmax_reference(x, mode, scale)
     x = x.contiguous()
