@@ -11,6 +11,7 @@ a chain costs no extra memory traffic beyond the operands it reads.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -237,6 +238,28 @@ def torch_apply(
         elif n == "mish":
             x = F.mish(x, inplace=True)
     return x
+
+
+def encode(ep: Epilogue) -> str:
+    """`ep` as the string a custom op's schema carries: `name:param` per op, comma-separated ("" if empty).
+
+    `repr` of a float reads back to the same float, so `decode(encode(ep)) == ep` exactly.
+    """
+    return ",".join(f"{op.name}:{float(op.param)!r}" for op in ep)
+
+
+@functools.lru_cache(maxsize=4096)
+def decode(text: str) -> Epilogue:
+    """The epilogue `encode` wrote: parsed once per distinct string (a compiled graph repeats a few)."""
+    if not text:
+        return ()
+    ops = []
+    for part in text.split(","):
+        name, sep, param = part.partition(":")
+        if not sep:
+            raise ValueError(f'Got "{part}" for an encoded epilogue op: NAME:PARAM, as `encode` writes it.')
+        ops.append(Op(name, float(param)))
+    return tuple(ops)
 
 
 def describe(ep: Epilogue) -> str:

@@ -23,8 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-from hetforge.kernels.triton import configs
-from hetforge.kernels.triton.epilogue import Epilogue, apply_chain, kernel_args, torch_apply, uses_residual, uses_vector
+from hetforge.kernels.triton import configs, custom_ops
+from hetforge.kernels.triton.epilogue import (
+    Epilogue,
+    apply_chain,
+    decode,
+    encode,
+    kernel_args,
+    torch_apply,
+    uses_residual,
+    uses_vector,
+)
 
 DOT_PRECISION = {"strict": "tf32", "tf32": "tf32", "bf16": "tf32"}
 
@@ -54,6 +63,13 @@ def split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if x.dtype != torch.float32:
         raise ValueError(f"split_tf32 takes float32 tensors, got {x.dtype}")
+    if configs.runs_triton(x) and not custom_ops.direct(x):
+        return _SPLIT_OP(x)
+    return _split_tf32(x)
+
+
+def _split_tf32(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launcher under the public function and its op (the torch path where the kernel does not run)."""
     x = x.contiguous()
     if not configs.runs_triton(x):
         hi = _rna_tf32_torch(x)
@@ -228,6 +244,13 @@ def gemm_epilogue(
     """
     if uses_vector(epilogue) and v is None or uses_residual(epilogue) and r is None:
         raise ValueError("the epilogue reads a vector or residual operand that was not passed")
+    if configs.runs_triton(x) and not custom_ops.direct(x):
+        return _GEMM_OP(x, w_t, bias, encode(epilogue), v, r, precision, w_lo_t)
+    return _gemm_epilogue(x, w_t, bias, epilogue, v, r, precision, w_lo_t)
+
+
+def _gemm_epilogue(x, w_t, bias, epilogue: Epilogue, v, r, precision: str, w_lo_t) -> torch.Tensor:
+    """The launcher under the public function and its op (the torch path where the kernel does not run)."""
     if not configs.runs_triton(x):
         return gemm_epilogue_reference(x, w_t if w_lo_t is None else w_t + w_lo_t, bias, epilogue, v, r, inplace=True)
     lead, K = x.shape[:-1], x.shape[-1]
@@ -264,6 +287,13 @@ def bmm_epilogue(
         raise ValueError(f"bmm_epilogue takes [B, M, K] and [B, K, N], got {tuple(a.shape)} and {tuple(b.shape)}")
     if uses_vector(epilogue) and v is None or uses_residual(epilogue) and r is None:
         raise ValueError("the epilogue reads a vector or residual operand that was not passed")
+    if configs.runs_triton(a) and not custom_ops.direct(a):
+        return _BMM_OP(a, b, encode(epilogue), v, r, precision)
+    return _bmm_epilogue(a, b, epilogue, v, r, precision)
+
+
+def _bmm_epilogue(a, b, epilogue: Epilogue, v, r, precision: str) -> torch.Tensor:
+    """The launcher under the public function and its op (the torch path where the kernel does not run)."""
     if not configs.runs_triton(a):
         return torch_apply(torch.bmm(a, b), epilogue, v, r, inplace=True)
     c = torch.empty((a.shape[0], a.shape[1], b.shape[2]), device=a.device, dtype=torch.result_type(a, b))
@@ -331,3 +361,52 @@ def gemm_epilogue_reference(x, w_t, bias=None, epilogue: Epilogue = (), v=None, 
     out = torch.addmm(bias, a, w_t) if bias is not None else a @ w_t
     out = out.reshape(*lead, w_t.shape[1])
     return torch_apply(out, epilogue, v, r, inplace=True)
+
+
+# torch.ops.hetforge.{split_tf32, gemm_epilogue, bmm_epilogue}: what torch.compile sees (custom_ops.py says why)
+
+
+def _split_fake(x):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+def _gemm_op(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    epilogue: str,
+    v: torch.Tensor | None,
+    r: torch.Tensor | None,
+    precision: str,
+    w_lo_t: torch.Tensor | None,
+) -> torch.Tensor:
+    return _gemm_epilogue(x, w_t, bias, decode(epilogue), v, r, precision, w_lo_t)
+
+
+def _gemm_fake(x, w_t, bias, epilogue, v, r, precision, w_lo_t):
+    return x.new_empty((*x.shape[:-1], w_t.shape[1]))
+
+
+def _bmm_op(
+    a: torch.Tensor, b: torch.Tensor, epilogue: str, v: torch.Tensor | None, r: torch.Tensor | None, precision: str
+) -> torch.Tensor:
+    return _bmm_epilogue(a, b, decode(epilogue), v, r, precision)
+
+
+def _bmm_fake(a, b, epilogue, v, r, precision):
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.result_type(a, b))
+
+
+_SPLIT_OP = custom_ops.define("split_tf32", "(Tensor x) -> (Tensor, Tensor)", _split_tf32, _split_fake)
+_GEMM_OP = custom_ops.define(
+    "gemm_epilogue",
+    "(Tensor x, Tensor w_t, Tensor? bias, str epilogue, Tensor? v, Tensor? r, str precision, Tensor? w_lo_t) -> Tensor",
+    _gemm_op,
+    _gemm_fake,
+)
+_BMM_OP = custom_ops.define(
+    "bmm_epilogue",
+    "(Tensor a, Tensor b, str epilogue, Tensor? v, Tensor? r, str precision) -> Tensor",
+    _bmm_op,
+    _bmm_fake,
+)

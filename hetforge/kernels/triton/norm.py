@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hetforge.kernels.triton import configs
-from hetforge.kernels.triton.epilogue import Epilogue, apply_chain, kernel_args, next_pow2, torch_apply
+from hetforge.kernels.triton import configs, custom_ops
+from hetforge.kernels.triton.epilogue import Epilogue, apply_chain, decode, encode, kernel_args, next_pow2, torch_apply
 
 MODES = {"layer": 0, "rms": 1, "group": 2}
 MAX_BLOCK = 8192  # a row longer than this is walked in blocks
@@ -122,6 +122,13 @@ def fused_norm(
     r=None,
 ) -> torch.Tensor:
     """chain(norm(x)). layer/rms: over the last `normalized` dims; group: x is [B, C, *], `groups` groups."""
+    if configs.runs_triton(x) and not custom_ops.direct(x):
+        return _OP(x, mode, weight, bias, float(eps), groups, normalized, encode(epilogue), v, r)
+    return _fused_norm(x, mode, weight, bias, eps, groups, normalized, epilogue, v, r)
+
+
+def _fused_norm(x, mode, weight, bias, eps, groups, normalized, epilogue: Epilogue, v, r) -> torch.Tensor:
+    """The launcher under the public function and its op (the torch path where the kernel does not run)."""
     if not configs.runs_triton(x):
         return fused_norm_reference(x, mode, weight, bias, eps, groups, normalized, epilogue, v, r)
     x = x.contiguous()
@@ -179,3 +186,31 @@ def fused_norm_reference(
     if v is not None and mode == "group":
         v = v.reshape(-1, *([1] * (x.dim() - 2)))
     return torch_apply(y, epilogue, v, r, inplace=True)
+
+
+def _op(
+    x: torch.Tensor,
+    mode: str,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    groups: int,
+    normalized: int,
+    epilogue: str,
+    v: torch.Tensor | None,
+    r: torch.Tensor | None,
+) -> torch.Tensor:
+    return _fused_norm(x, mode, weight, bias, eps, groups, normalized, decode(epilogue), v, r)
+
+
+def _fake(x, mode, weight, bias, eps, groups, normalized, epilogue, v, r):
+    return x.new_empty(x.shape)
+
+
+_OP = custom_ops.define(
+    "fused_norm",
+    "(Tensor x, str mode, Tensor? weight, Tensor? bias, float eps, int groups, int normalized, str epilogue, "
+    "Tensor? v, Tensor? r) -> Tensor",
+    _op,
+    _fake,
+)

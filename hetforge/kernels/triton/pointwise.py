@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hetforge.kernels.triton import configs
-from hetforge.kernels.triton.epilogue import Epilogue, apply_chain, kernel_args, torch_apply
+from hetforge.kernels.triton import configs, custom_ops
+from hetforge.kernels.triton.epilogue import Epilogue, apply_chain, decode, encode, kernel_args, torch_apply
 
 
 @triton.autotune(configs=configs.flat_configs(), key=["n"])
@@ -62,6 +62,13 @@ def pointwise_chain(
     x: torch.Tensor, epilogue: Epilogue, v: torch.Tensor | None = None, v_dim: int = 1, r: torch.Tensor | None = None
 ) -> torch.Tensor:
     """chain(x); `v` is a per-channel vector along dim `v_dim` of x, `r` a tensor shaped like x."""
+    if configs.runs_triton(x) and not custom_ops.direct(x):
+        return _OP(x, encode(epilogue), v, v_dim, r)
+    return _pointwise_chain(x, epilogue, v, v_dim, r)
+
+
+def _pointwise_chain(x, epilogue: Epilogue, v, v_dim: int, r) -> torch.Tensor:
+    """The launcher under the public function and its op (the torch path where the kernel does not run)."""
     if not configs.runs_triton(x):
         return pointwise_chain_reference(x, epilogue, v, v_dim, r)
     x = x.contiguous()
@@ -95,3 +102,16 @@ def pointwise_chain_reference(x, epilogue: Epilogue, v=None, v_dim: int = 1, r=N
     if v is not None:
         v = v.reshape(-1, *([1] * (x.dim() - v_dim - 1)))
     return torch_apply(x, epilogue, v, r)
+
+
+def _op(x: torch.Tensor, epilogue: str, v: torch.Tensor | None, v_dim: int, r: torch.Tensor | None) -> torch.Tensor:
+    return _pointwise_chain(x, decode(epilogue), v, v_dim, r)
+
+
+def _fake(x, epilogue, v, v_dim, r):
+    return x.new_empty(x.shape)
+
+
+_OP = custom_ops.define(
+    "pointwise_chain", "(Tensor x, str epilogue, Tensor? v, int v_dim, Tensor? r) -> Tensor", _op, _fake
+)

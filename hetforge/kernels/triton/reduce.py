@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hetforge.kernels.triton import configs
-from hetforge.kernels.triton.epilogue import Epilogue, apply_chain, kernel_args, torch_apply
+from hetforge.kernels.triton import configs, custom_ops
+from hetforge.kernels.triton.epilogue import Epilogue, apply_chain, decode, encode, kernel_args, torch_apply
 
 KINDS = {"sum": 0, "mean": 1, "max": 2, "min": 3}
 
@@ -104,6 +104,13 @@ def fused_reduce(
     v_dim: int = 1,
 ) -> torch.Tensor:
     """`kind` of prologue(x) over `dim`; `v` a per-channel vector along dim `v_dim` (as in pointwise)."""
+    if configs.runs_triton(x) and not custom_ops.direct(x):
+        return _OP(x, kind, dim, keepdim, encode(prologue), v, v_dim)
+    return _fused_reduce(x, kind, dim, keepdim, prologue, v, v_dim)
+
+
+def _fused_reduce(x, kind: str, dim: int, keepdim: bool, prologue: Epilogue, v, v_dim: int) -> torch.Tensor:
+    """The launcher under the public function and its op (the torch path where the kernel does not run)."""
     if not configs.runs_triton(x):
         return fused_reduce_reference(x, kind, dim, keepdim, prologue, v, v_dim)
     x = x.contiguous()
@@ -149,3 +156,27 @@ def fused_reduce_reference(x, kind, dim, keepdim=False, prologue: Epilogue = (),
     if kind == "max":
         return x.amax(dim, keepdim=keepdim)
     return x.amin(dim, keepdim=keepdim)
+
+
+def _op(
+    x: torch.Tensor, kind: str, dim: int, keepdim: bool, prologue: str, v: torch.Tensor | None, v_dim: int
+) -> torch.Tensor:
+    return _fused_reduce(x, kind, dim, keepdim, decode(prologue), v, v_dim)
+
+
+def _fake(x, kind, dim, keepdim, prologue, v, v_dim):
+    shape = list(x.shape)
+    dim = dim % x.dim()
+    if keepdim:
+        shape[dim] = 1
+    else:
+        shape.pop(dim)
+    return x.new_empty(shape)
+
+
+_OP = custom_ops.define(
+    "fused_reduce",
+    "(Tensor x, str kind, int dim, bool keepdim, str prologue, Tensor? v, int v_dim) -> Tensor",
+    _op,
+    _fake,
+)
