@@ -1,6 +1,7 @@
 """Agent workload: hetforge's agent loop against a plain vLLM OpenAI server driven by a client-side loop.
 
-    python bench/agents/bench_agents.py [--tasks 8] [--sessions 4] [--turns 5] [--out bench/agents] [--separate-tool]
+    python bench/agents/bench_agents.py [--tasks 8] [--sessions 4] [--turns 5] [--rounds 3] [--out bench/agents]
+        [--separate-tool] [--shared-cores]
 
 The workload (the same for both): a shared system prompt of about 1,500 tokens, tasks of `--turns`
 LLM turns each (every turn but the last calls the `lookup_order` tool, the last answers), `--sessions`
@@ -18,15 +19,22 @@ tasks in flight at once, one tool call a turn, greedy decoding, 40 tokens at mos
   (vLLM's engine statistic; the baseline's engine figure `vllm:time_to_first_token_seconds` is reported beside
   it), the hit rate from `hetforge_llm_prefix_cache_*`. The tool runs where the planner puts it (inline, in the
   ingress, for this light tool); `--separate-tool` runs hetforge again with `placement: separate` (one Ray Serve
-  hop per tool call). Where a task's time goes (`breakdown_ms_per_task`): its LLM calls as the LLM replica
+  hop per tool call); `--shared-cores` runs it with `vllm.isolate_cores: false` (the engine's processes free to
+  run on every core, beside Ray's, instead of on cores of their own: `hetforge/serving/cpu_cores.py`). Where a task's time goes (`breakdown_ms_per_task`): its LLM calls as the LLM replica
   timed them, its tool calls, and the rest (the ingress, the hops, HTTP), from `hetforge_stage_latency_seconds`.
-Both run one engine replica on the same machine, one after the other. Writes results.json; results.md is its table, written from that file.
+The client (this process) runs on the same cores for both sides (`--client-cores`, default the highest-numbered core:
+see `_client_cores`). Both run one engine replica on the same machine, each alone on it while measured: a round starts, measures and
+stops each side in turn (who goes first alternates), and `--rounds` rounds let the machine's drift reach both
+sides alike. Per phase:
+the figures above and the CPU time every process used (`cpu`: which processes the machine's cores went to).
+Writes results.json; results.md is its table, written from that file.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -102,6 +110,39 @@ def _wait(url: str, path: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url}{path} not ready after {timeout_s} s")
 
 
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Every process's CPU time so far (user + system), with its title (its command line's first word)."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(") ", 1)[1].split()
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        if title:
+            # ray titles its workers (ray::ServeReplica:app:deployment); vLLM its engine (VLLM::EngineCore)
+            out[int(proc.name)] = (Path(title.split()[0]).name[:60], (int(fields[11]) + int(fields[12])) * _TICK_S)
+    return out
+
+
+def _cpu_during(before: dict[int, tuple[str, float]], wall_s: float, top: int = 8) -> dict:
+    """CPU seconds per process title between `before` and now, as a share of the window's core-seconds."""
+    used: dict[str, float] = {}
+    for pid, (title, seconds) in _cpu_seconds().items():
+        used[title] = used.get(title, 0.0) + seconds - before.get(pid, (title, 0.0))[1]
+    ranked = sorted(used.items(), key=lambda kv: -kv[1])
+    capacity = wall_s * (os.cpu_count() or 1)
+    return {
+        "cores_busy": round(sum(used.values()) / wall_s, 2),
+        "by_process_pct_of_machine": {t: round(100 * v / capacity, 1) for t, v in ranked[:top] if v > 0},
+    }
+
+
 def question(i: int) -> str:
     return f"Task {i}: where is my order {1234 if i % 2 else 5678}, and when will it arrive?"
 
@@ -171,7 +212,20 @@ async def baseline_task(client: httpx.AsyncClient, url: str, i: int, turns: int)
     }
 
 
-def run_baseline(tasks: int, sessions: int, turns: int, work: Path) -> dict:
+BASELINE_METRICS = {
+    "hits": "vllm:prefix_cache_hits_total",
+    "queries": "vllm:prefix_cache_queries_total",
+    "ttft_sum": "vllm:time_to_first_token_seconds_sum",
+    "ttft_count": "vllm:time_to_first_token_seconds_count",
+    "tpot_sum": "vllm:request_time_per_output_token_seconds_sum",
+    "tpot_count": "vllm:request_time_per_output_token_seconds_count",
+    "generated": "vllm:generation_tokens_total",
+}
+
+
+@contextlib.contextmanager
+def baseline_server(work: Path, turns: int):
+    """vLLM's OpenAI server on the tiny model, warmed up (the system prompt cached); yields its URL."""
     port = _port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(work / "vllm")}
@@ -187,25 +241,25 @@ def run_baseline(tasks: int, sessions: int, turns: int, work: Path) -> dict:
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait(url, "/health", 600)
-        metric = {"hits": "vllm:prefix_cache_hits_total", "queries": "vllm:prefix_cache_queries_total"}
-        metric |= {
-            "ttft_sum": "vllm:time_to_first_token_seconds_sum",
-            "ttft_count": "vllm:time_to_first_token_seconds_count",
-            "tpot_sum": "vllm:request_time_per_output_token_seconds_sum",
-            "tpot_count": "vllm:request_time_per_output_token_seconds_count",
-            "generated": "vllm:generation_tokens_total",
-        }
-        asyncio.run(_drive(lambda c, i: baseline_task(c, url, i, turns), 2, 2))  # warm-up: the system prompt cached
-        before = _counters(url, metric)
-        t0 = time.perf_counter()
-        results = asyncio.run(_drive(lambda c, i: baseline_task(c, url, i, turns), tasks, sessions, offset=100))
-        wall = time.perf_counter() - t0
-        after = _counters(url, metric)
+        asyncio.run(_drive(lambda c, i: baseline_task(c, url, i, turns), 2, 2))
+        yield url
     finally:
         server.terminate()
         server.wait(timeout=60)
         log.close()
-    return _summary(results, wall, {k: after[k] - before[k] for k in metric})
+
+
+def measure_baseline(url: str, tasks: int, sessions: int, turns: int, offset: int, client: set[int] | None) -> dict:
+    before, cpu = _counters(url, BASELINE_METRICS), _cpu_seconds()
+    t0 = time.perf_counter()
+    with _client_on(client):
+        results = asyncio.run(_drive(lambda c, i: baseline_task(c, url, i, turns), tasks, sessions, offset=offset))
+    wall = time.perf_counter() - t0
+    cpu = _cpu_during(cpu, wall)
+    after = _counters(url, BASELINE_METRICS)
+    out = _summary(results, wall, {k: after[k] - before[k] for k in BASELINE_METRICS})
+    out["cpu"] = cpu
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- hetforge
@@ -235,13 +289,19 @@ async def hetforge_task(client: httpx.AsyncClient, url: str, i: int, turns: int)
     }
 
 
-def _separate_copy(work: Path) -> Path:
-    """pipeline.yaml with its tool in a replica of its own (`placement: separate`), beside a copy of tools.py."""
-    folder = work / "separate"
+def _variant_copy(work: Path, name: str, tool_separate: bool = False, isolate_cores: bool = True) -> Path:
+    """pipeline.yaml changed as named, beside a copy of tools.py: the tool in a replica of its own
+    (`placement: separate`), or the engine sharing every core (`vllm.isolate_cores: false`)."""
+    folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tools.py").write_text((HERE / "tools.py").read_text())
     text = (HERE / "pipeline.yaml").read_text().replace("../../examples/models/tiny-llm", str(MODEL))
-    text = text.replace("callable: tools.py:lookup_order", "callable: tools.py:lookup_order\n    placement: separate")
+    if tool_separate:
+        text = text.replace(
+            "callable: tools.py:lookup_order", "callable: tools.py:lookup_order\n    placement: separate"
+        )
+    if not isolate_cores:
+        text = text.replace("      engine_args:", "      isolate_cores: false\n      engine_args:")
     (folder / "pipeline.yaml").write_text(text)
     return folder / "pipeline.yaml"
 
@@ -258,7 +318,22 @@ def _stage_seconds(url: str, pipeline: str) -> dict[str, float]:
     return out
 
 
-def run_hetforge(tasks: int, sessions: int, turns: int, work: Path, pipeline_file: Path) -> dict:
+HETFORGE_METRICS = {
+    "hits": "hetforge_llm_prefix_cache_hits_tokens_total",
+    "queries": "hetforge_llm_prefix_cache_queries_tokens_total",
+    "ttft_sum": "hetforge_llm_time_to_first_token_seconds_sum",
+    "ttft_count": "hetforge_llm_time_to_first_token_seconds_count",
+    "tpot_sum": "hetforge_llm_time_per_output_token_seconds_sum",
+    "tpot_count": "hetforge_llm_time_per_output_token_seconds_count",
+    "queue_sum": "hetforge_llm_queue_time_seconds_sum",
+    "queue_count": "hetforge_llm_queue_time_seconds_count",
+    "generated": "hetforge_llm_generation_tokens_total",
+}
+
+
+@contextlib.contextmanager
+def hetforge_deployment(work: Path, pipeline_file: Path, turns: int):
+    """The pipeline served on the embedded default, warmed up; yields its deploy record."""
     os.environ["HETFORGE_HOME"] = str(work / "home")
     os.environ["HETFORGE_RAY_TMP"] = str(work / "ray")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(work / "vllm"))
@@ -270,26 +345,8 @@ def run_hetforge(tasks: int, sessions: int, turns: int, work: Path, pipeline_fil
     record = dep.deploy(pipeline_file, port=_port(), registry_path=str(work / "home" / "registry.sqlite"))
     try:
         dep.wait_until_running(record, timeout_s=600)
-        url = record.url
-        metric = {
-            "hits": "hetforge_llm_prefix_cache_hits_tokens_total",
-            "queries": "hetforge_llm_prefix_cache_queries_tokens_total",
-            "ttft_sum": "hetforge_llm_time_to_first_token_seconds_sum",
-            "ttft_count": "hetforge_llm_time_to_first_token_seconds_count",
-            "tpot_sum": "hetforge_llm_time_per_output_token_seconds_sum",
-            "tpot_count": "hetforge_llm_time_per_output_token_seconds_count",
-            "queue_sum": "hetforge_llm_queue_time_seconds_sum",
-            "queue_count": "hetforge_llm_queue_time_seconds_count",
-            "generated": "hetforge_llm_generation_tokens_total",
-        }
-        asyncio.run(_drive(lambda c, i: hetforge_task(c, url, i, turns), 2, 2))
-        before, stages_before = _counters(url, metric), _stage_seconds(url, record.pipeline)
-        t0 = time.perf_counter()
-        results = asyncio.run(_drive(lambda c, i: hetforge_task(c, url, i, turns), tasks, sessions, offset=100))
-        wall = time.perf_counter() - t0
-        time.sleep(2)  # the last engine step's statistics
-        after, stages_after = _counters(url, metric), _stage_seconds(url, record.pipeline)
-        placement = {name: where.get("hop", "") for name, where in record.placement.items()}
+        asyncio.run(_drive(lambda c, i: hetforge_task(c, record.url, i, turns), 2, 2))
+        yield record
     finally:
         import ray
         from ray import serve
@@ -297,9 +354,23 @@ def run_hetforge(tasks: int, sessions: int, turns: int, work: Path, pipeline_fil
         serve.shutdown()
         ray.shutdown()
         dep.state_path(record.pipeline).unlink(missing_ok=True)  # this process served it: the next run may serve again
-    engine = {k: after[k] - before[k] for k in metric}
+
+
+def measure_hetforge(record, tasks: int, sessions: int, turns: int, offset: int, client: set[int] | None) -> dict:
+    url = record.url
+    before, stages_before = _counters(url, HETFORGE_METRICS), _stage_seconds(url, record.pipeline)
+    cpu = _cpu_seconds()
+    t0 = time.perf_counter()
+    with _client_on(client):
+        results = asyncio.run(_drive(lambda c, i: hetforge_task(c, url, i, turns), tasks, sessions, offset=offset))
+    wall = time.perf_counter() - t0
+    cpu = _cpu_during(cpu, wall)
+    time.sleep(2)  # the last engine step's statistics
+    after, stages_after = _counters(url, HETFORGE_METRICS), _stage_seconds(url, record.pipeline)
+    engine = {k: after[k] - before[k] for k in HETFORGE_METRICS}
     out = _summary(results, wall, engine)
-    out["tool_placement"] = placement.get("lookup_order", "")
+    out["tool_placement"] = record.placement.get("lookup_order", {}).get("hop", "")
+    out["cpu"] = cpu
     stage = {k: stages_after.get(k, 0.0) - stages_before.get(k, 0.0) for k in stages_after}
     # where a task's time goes, per task (means): its LLM calls as the LLM replica timed them (engine queue,
     # prefill and decode, prompt rendering), its tool calls as the tool timed them, and the rest (the ingress's
@@ -359,6 +430,39 @@ def _summary(results: list[dict], wall_s: float, engine: dict) -> dict:
     return out
 
 
+def _client_cores(choice: str) -> set[int] | None:
+    """The load generator's cores. A deployment's clients are on other machines; on one host, the client's own CPU
+    time lands wherever the kernel puts it, on an engine's cores too, unless it is kept off them alike for both
+    sides: vLLM binds an engine's threads to the lowest cores (vLLM's server: core 0 of 2, the other reserved;
+    hetforge's split: the same), so by default the client runs on the highest-numbered core."""
+    everything = sorted(os.sched_getaffinity(0))
+    if choice == "none" or len(everything) < 2:
+        return None
+    if choice == "last":
+        return {everything[-1]}
+    return {int(c) for c in choice.split(",")}
+
+
+@contextlib.contextmanager
+def _client_on(cores: set[int] | None):
+    """Every thread of this process on `cores` for the block (the measured load only: the servers this process
+    starts, and Ray when it deploys hetforge, start with its full set of cores), then back."""
+    if not cores:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    tids = [int(t) for t in os.listdir("/proc/self/task")]
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(tid, cores)
+    try:
+        yield
+    finally:
+        for tid in [int(t) for t in os.listdir("/proc/self/task")]:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, before)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=8)
@@ -368,9 +472,20 @@ def main() -> None:
     parser.add_argument(
         "--separate-tool", action="store_true", help="also run hetforge with the tool in its own replica"
     )
+    parser.add_argument(
+        "--shared-cores", action="store_true", help="also run hetforge with the engine sharing every core"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds: each side started, measured and stopped in turn")
+    parser.add_argument(
+        "--client-cores",
+        default="last",
+        help="cores of this process, the load generator, on both sides: 'last' (the highest-numbered core, off the "
+        "cores both engines bind their threads to), 'none' (anywhere), or a list such as 2,3",
+    )
     parser.add_argument("--work", type=Path, default=Path(f"/tmp/hetforge-bench-agents-{os.getpid()}"))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    client_cores = _client_cores(args.client_cores)
     subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_llm.py")], check=True, capture_output=True)
     import torch
     import vllm
@@ -378,6 +493,7 @@ def main() -> None:
     doc: dict = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}",
+        "client_cores": sorted(client_cores) if client_cores else "any",
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "python": platform.python_version()},
         "workload": {
             "tasks": args.tasks,
@@ -387,22 +503,43 @@ def main() -> None:
             "system_prompt_chars": len(SYSTEM),
         },
     }
-    runs = [
-        ("baseline_vllm_server", lambda: run_baseline(args.tasks, args.sessions, args.turns, args.work)),
-        ("hetforge", lambda: run_hetforge(args.tasks, args.sessions, args.turns, args.work, HERE / "pipeline.yaml")),
-    ]
+    variants = [("hetforge", HERE / "pipeline.yaml")]
     if args.separate_tool:
-        separate = lambda: run_hetforge(args.tasks, args.sessions, args.turns, args.work, _separate_copy(args.work))  # noqa: E731
-        runs.append(("hetforge_tool_separate", separate))
-    for name, run in runs:
-        doc[name] = run()
-        print(name, json.dumps(doc[name]), flush=True)  # each run's figures as soon as it ends
-    b, h = doc["baseline_vllm_server"], doc["hetforge"]
-    doc["task_p50_speedup"] = round(b["task_ms_p50"] / h["task_ms_p50"], 3)
-    if args.separate_tool:
-        doc["task_p50_speedup_tool_separate"] = round(
-            b["task_ms_p50"] / doc["hetforge_tool_separate"]["task_ms_p50"], 3
-        )
+        variants.append(("hetforge_tool_separate", _variant_copy(args.work, "separate", tool_separate=True)))
+    if args.shared_cores:
+        variants.append(("hetforge_shared_cores", _variant_copy(args.work, "shared", isolate_cores=False)))
+
+    def baseline(offset: int) -> dict:
+        with baseline_server(args.work, args.turns) as url:
+            return measure_baseline(url, args.tasks, args.sessions, args.turns, offset, client_cores)
+
+    def hetforge(pipeline_file: Path, offset: int) -> dict:
+        with hetforge_deployment(args.work, pipeline_file, args.turns) as record:
+            return measure_hetforge(record, args.tasks, args.sessions, args.turns, offset, client_cores)
+
+    rounds: list[dict] = []
+    for r in range(args.rounds):
+        sides = [("baseline_vllm_server", baseline)] + [
+            (name, lambda offset, f=pipeline_file: hetforge(f, offset)) for name, pipeline_file in variants
+        ]
+        row: dict = {"round": r}
+        for name, run in sides[:: 1 if r % 2 == 0 else -1]:  # who goes first alternates
+            row[name] = run(100 + 1000 * r)  # new questions each round: no whole prompt seen before
+        for name, _ in variants:
+            row[f"task_p50_speedup_{name}"] = round(
+                row["baseline_vllm_server"]["task_ms_p50"] / row[name]["task_ms_p50"], 3
+            )
+        rounds.append(row)
+        print(json.dumps(row), flush=True)  # each round's figures as soon as it ends
+    doc["rounds"] = rounds
+    doc["summary"] = {"baseline_task_ms_p50_per_round": [r["baseline_vllm_server"]["task_ms_p50"] for r in rounds]}
+    for name, _ in variants:
+        ratios = [r[f"task_p50_speedup_{name}"] for r in rounds]
+        doc["summary"][name] = {
+            "task_ms_p50_per_round": [r[name]["task_ms_p50"] for r in rounds],
+            "task_p50_speedup_per_round": ratios,
+            "task_p50_speedup_median": round(statistics.median(ratios), 3),
+        }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc, indent=1))

@@ -87,6 +87,18 @@ def pin_process(cores: list[int]) -> None:
             pass
 
 
+def node_cores(environ: os._Environ | dict | None = None) -> list[int]:
+    """This process's cores together with the deployment's engine slots: the node's cores hetforge was given. An
+    LLM stage's re-optimization job runs its engines there, at a lower priority than serving (`jobs.lower_priority`):
+    it measures engines, and on the other cores alone (one, on a 2-core host) its two engines and Ray's processes
+    would share a core, which hides what a setting changes."""
+    env = os.environ if environ is None else environ
+    cores = set(os.sched_getaffinity(0))
+    if env.get(SLOTS_ENV):
+        cores |= {int(c) for slot in json.loads(env[SLOTS_ENV]) for c in slot}
+    return sorted(cores)
+
+
 class Claim:
     """One engine slot held by this process (a lock file, released on `release()` or when the process ends)."""
 

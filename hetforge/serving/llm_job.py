@@ -25,6 +25,7 @@ from hetforge.kernels.registry import Registry
 from hetforge.optimizer.stats import speedup_interval
 from hetforge.optimizer.verdict import RejectKind
 from hetforge.planners.profiles import LlmMeasurement, ProfileCache
+from hetforge.serving import cpu_cores
 from hetforge.serving.jobs import JobBoard, JobSpec, heartbeat, lower_priority
 from hetforge.serving.llm import _engine_id, build_engine, engine_arguments, sampling_params
 from hetforge.serving.llm_settings import ENGINE_SETTINGS, Candidate, disagreement, read_traffic, search_space
@@ -167,6 +168,7 @@ def run_llm_job(spec: JobSpec) -> dict:
     with heartbeat(board, spec.job_id):
         try:
             lower_priority()
+            cpu_cores.pin_process(cpu_cores.node_cores())  # engines measured on the node's cores, not Ray's alone
             began = time.monotonic()
             stage = LlmStage.model_validate(spec.llm["stage"])
             base_dir = Path(spec.llm["base_dir"])

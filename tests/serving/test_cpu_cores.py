@@ -103,3 +103,21 @@ def test_deploy_plans_cores_only_for_vllm_cpu_engines_that_isolate(tmp_path, mon
     assert dep._engine_cores(pipeline(True), {"chat": {"device": "cuda"}}) is None
     monkeypatch.setenv(cpu_cores.OMP_BIND_ENV, "0-1")  # the user's own binding wins
     assert dep._engine_cores(pipeline(True), cpu) is None
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_a_job_pinned_to_the_node_cores_gets_the_engine_slots_back():
+    """A job's worker starts on the other cores alone; `node_cores` adds the engine slots of the plan it was given."""
+    cores = sorted(os.sched_getaffinity(0))
+    env = {cpu_cores.SLOTS_ENV: json.dumps([[cores[0]]])}
+    script = (
+        "import os, sys, json; from hetforge.serving import cpu_cores; "
+        "cpu_cores.pin_process(cpu_cores.node_cores(json.loads(sys.argv[1]))); "
+        "print(json.dumps(sorted(os.sched_getaffinity(0))))"
+    )
+    with cpu_cores.pinned(cores[1:]):  # as Ray's worker would be
+        out = subprocess.run(
+            [sys.executable, "-c", script, json.dumps(env)], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+    assert json.loads(out) == cores
+    assert cpu_cores.node_cores({}) == sorted(os.sched_getaffinity(0))

@@ -12,6 +12,7 @@ check on recorded calls fails. Throughout, every call answers 200, and each prom
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -134,7 +135,7 @@ def test_the_engine_settings_job_finds_a_batch_limit_and_the_rollout_promotes_it
     job = _wait_for(served, "job", 0, 180)
     assert job["stage"] == STAGE and job["numbers"]["trigger"] == "hot", job
     done = _wait_for(served, "job_done", 0, 600)
-    assert done["numbers"]["outcome"] == "registered", done
+    assert done["numbers"]["outcome"] == "registered", json.dumps(done, default=str)[:4000]
     assert done["numbers"]["winner"].startswith("max_num_seqs="), done["numbers"]
     assert done["numbers"]["claim"] == "faster"
     variant = str(done["numbers"]["variant_id"])
