@@ -70,6 +70,10 @@ class StageError(Exception):
         return self.message
 
 
+class LoopError(StageError):
+    """An agent loop run by its LLM stage's replica failed; the replica reported the failure where it happened."""
+
+
 class PipelineError(Exception):
     """A request failed: the status, the stage that failed (if one did) and the request id.
 
@@ -189,6 +193,7 @@ class PipelineRunner:
         caller: StageCaller,
         on_failure: Callable[[str, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        delegated: frozenset[str] = frozenset(),
     ):
         self.pipeline, self.caller = pipeline, caller
         self.on_failure = on_failure or (lambda stage, kind: None)
@@ -207,6 +212,8 @@ class PipelineRunner:
         self.waits_for = {n: self._bound_stages(n) for n in self.dag}
         self.llms = {s.name for s in pipeline.stages if isinstance(s, LlmStage)}
         self.loops = {s.name: s.agent_loop for s in pipeline.stages if isinstance(s, LlmStage) and s.agent_loop}
+        # agent loops run whole by their LLM stage's replica (`run_loop` there): one call a task, not one a turn
+        self.delegated = frozenset(delegated) & set(self.loops)
 
     def _bound_stages(self, name: str) -> list[str]:
         """Stages whose output `name`'s args bind: they must be upstream of it (else ValueError naming both)."""
@@ -334,6 +341,13 @@ class PipelineRunner:
             if name in self.llms:
                 payload = {"input": payload, "history": [], "options": options or {}}
             return await self._call(name, payload, request_id)
+        if name in self.delegated:
+            return await self._delegate(name, payload, request_id, options)
+        return await self.run_loop(name, payload, request_id, options)
+
+    async def run_loop(self, name: str, payload: Any, request_id: str, options: dict | None = None) -> Any:
+        """Stage `name`'s agent loop on `payload`: its LLM calls and tool calls through this runner's caller."""
+        loop = self.loops[name]
         history: list[dict] = []
         out: Any = None
         usage: dict = {}
@@ -354,6 +368,40 @@ class PipelineRunner:
         if usage and isinstance(out, dict):
             out = {**out, "usage": usage}
         return out
+
+    async def _delegate(self, name: str, payload: Any, request_id: str, options: dict | None) -> Any:
+        """The whole agent loop in one call of the LLM stage's replica, which runs `run_loop` with its own runner:
+        there each turn and tool call has its stage's breaker, timeout and retries, and is reported once. Here the
+        call has the stage's breaker, is bounded by the pipeline's timeout (the walk's) and is not retried (the
+        loop's tools may have run)."""
+        breaker = self._admit(name, request_id)
+        try:
+            out = await self.caller(
+                name, {"input": payload, "history": [], "options": options or {}, "loop": True}, request_id
+            )
+        except PipelineError as err:
+            raise self._failed(name, err, breaker) from None
+        except asyncio.CancelledError:
+            if breaker is not None:
+                breaker.trial = False
+            raise
+        except Exception as err:  # noqa: BLE001 - whatever the call raised becomes a located error
+            located = _located(err, name, request_id, self.pipeline.limits.retry_after_s)
+            if isinstance(getattr(err, "cause", None) or err, LoopError):  # the replica reported it where it happened
+                if breaker is not None and located.kind in ("error", "timeout"):
+                    breaker.failed()
+                raise located from None
+            raise self._failed(name, located, breaker) from None  # the call itself failed (overload, a dead replica)
+        if breaker is not None:
+            breaker.succeeded()
+        return out
+
+    async def answer_loop(self, name: str, payload: dict, request_id: str) -> Any:
+        """A delegated loop call (`_delegate`'s payload), in the LLM stage's replica; a failure is a `LoopError`."""
+        try:
+            return await self.run_loop(name, payload["input"], request_id, payload.get("options"))
+        except PipelineError as err:
+            raise LoopError(err.message, err.status) from None
 
     async def _tool(self, call: dict, request_id: str) -> Any:
         """One tool call of an agent loop; its error (a timeout aside) goes back to the LLM, which may try again."""

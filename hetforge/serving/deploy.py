@@ -39,6 +39,7 @@ from hetforge.serving.deployments import build_app
 from hetforge.serving.ingress.auth import client_headers
 from hetforge.serving.job_runner import JobLauncher
 from hetforge.serving.swap_control import CONFIG_LOCK, SwapBoard, deployment_name
+from hetforge.serving.tools import replica_loops
 from hetforge.spec import load_pipeline
 from hetforge.spec.models import LlmStage, Pipeline
 from hetforge.spec.stages import import_stage_functions
@@ -424,6 +425,8 @@ def versions_of(
         extra = []
         if isinstance(stage, LlmStage) and stage.agent_loop is not None:  # the tools' descriptions go into prompts
             extra = [pipeline.stage(t).description for t in stage.agent_loop.tools]
+            if stage.name in replica_loops(pipeline, placement):  # its replicas run the loop's tools too
+                extra += [_files(pipeline.stage(t), base_dir) for t in stage.agent_loop.tools]
         out[f"stage-{stage.name}"] = _digest([*common, fields, placement[stage.name], extra, _files(stage, base_dir)])
     # inline tools run in the ingress: their code is part of what its replicas are built from
     inline = [_files(s, base_dir) for s in pipeline.stages if placement[s.name].get("hop") == "inline"]

@@ -49,7 +49,7 @@ from hetforge.serving.model_io import ModelIO
 from hetforge.serving.replica_control import ReplicaControl
 from hetforge.serving.stage_runtime import ModelStageRuntime
 from hetforge.serving.swap_control import deployment_name
-from hetforge.serving.tools import InlineCaller, InlineTool, ToolRuntime
+from hetforge.serving.tools import InlineCaller, InlineTool, ToolRuntime, replica_loops
 from hetforge.spec.models import LlmStage, ModelStage, Pipeline, ToolStage
 from hetforge.spec.stages import stage_code_error, stage_problem
 
@@ -275,6 +275,7 @@ class LlmStageDeployment:
         device: str,
         registry_path: str | None = None,
         device_class: str | None = None,
+        runs_loop: bool = False,
     ):
         pipeline = _pipeline(pipeline_doc)
         stage: LlmStage = pipeline.stage(stage_name)
@@ -295,6 +296,24 @@ class LlmStageDeployment:
         self.context_tokens = getattr(engine_config, "max_model_len", None)
         self.prompt_limit = prompt_token_limit(stage, self.context_tokens)
         self.runtime.check_prompt = self._check_prompt  # on the ids the runtime renders for the engine, before it runs
+        self.loop_runner = self._loop_runner(pipeline, Path(base_dir)) if runs_loop else None
+
+    def _loop_runner(self, pipeline: Pipeline, base_dir: Path) -> PipelineRunner:
+        """The stage's agent loop in this replica (`tools.replica_loops`): its turns are this replica's calls, its
+        tools `InlineTool`s here, with their latency and errors in this replica's metrics."""
+        metrics = self.metrics
+        tools = {
+            name: InlineTool(pipeline.name, pipeline.stage(name), base_dir, metrics, dependency_checks)
+            for name in self.stage.agent_loop.tools
+        }
+
+        async def turn(stage: str, payload: dict, request_id: str) -> dict:
+            return await self._turn(payload, request_id)
+
+        def failed(stage: str, kind: str) -> None:
+            metrics.stage_errors.labels(pipeline.name, stage, kind).inc()
+
+        return PipelineRunner(pipeline, InlineCaller(turn, tools), on_failure=failed)
 
     async def reconfigure(self, config: dict) -> None:
         """Serve's call with the stage config (`swap_control`): engine-settings swaps and rollouts, on a thread (an
@@ -310,6 +329,14 @@ class LlmStageDeployment:
         check_prompt_tokens(self.stage, count, self.prompt_limit, self.context_tokens)
 
     async def __call__(self, payload: dict, request_id: str = "") -> dict:
+        """One LLM call; with `loop` in the payload, the stage's whole agent loop (`PipelineRunner._delegate`)."""
+        if payload.get("loop"):
+            if self.loop_runner is None:
+                raise StageError(f"stage {self.stage.name}: this replica runs no agent loop (its tools are not inline)")
+            return await self.loop_runner.answer_loop(self.stage.name, payload, request_id)
+        return await self._turn(payload, request_id)
+
+    async def _turn(self, payload: dict, request_id: str) -> dict:
         with _observed(self.metrics, self.pipeline, self.stage.name, self.device):
             return await self.runtime(payload, request_id)
 
@@ -422,10 +449,19 @@ class PipelineIngress:
             for name, where in placement.items()
             if where.get("hop") == "inline"
         }
+        loops = replica_loops(pipeline, placement)
+        for name in sorted(loops):
+            for tool in pipeline.stage(name).agent_loop.tools:
+                inline[tool].loop_stages.append(name)
         handles = {**handles, **inline}  # status and /healthz ask them as they ask replicas
         self.state = IngressState(
             pipeline=pipeline,
-            runner=PipelineRunner(pipeline, InlineCaller(HandleCaller(handles), inline), on_failure=failed),
+            runner=PipelineRunner(
+                pipeline,
+                InlineCaller(HandleCaller(handles), inline),
+                on_failure=failed,
+                delegated=loops,
+            ),
             handles=handles,
             registry_path=registry_path,
             metrics_dir=metrics_dir,
@@ -497,7 +533,13 @@ def build_app(
                     request_router_class=SESSION_ROUTER, request_router_kwargs={"num_fallback_replicas": 2}
                 )
             handles[stage.name] = LlmStageDeployment.options(**options).bind(
-                doc, str(base_dir), stage.name, where["device"], registry_path, where.get("device_class")
+                doc,
+                str(base_dir),
+                stage.name,
+                where["device"],
+                registry_path,
+                where.get("device_class"),
+                stage.name in replica_loops(pipeline, placement),
             )
     controller = None
     if pipeline.reoptimize is not None:

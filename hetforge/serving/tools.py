@@ -15,6 +15,11 @@ is the same `ToolRuntime` in the caller's process, the ingress: `InlineTool` ans
 replica answers (calls with the stage's latency metric, `status`, `dependencies`) and `InlineCaller`
 sends that stage's calls to it instead of through a Ray Serve handle. Timeouts, retries, the
 concurrency limit and the errors are the runtime's, so a failing tool reads the same either way.
+
+When every tool of an LLM stage's agent loop is inline, the loop's caller is the LLM stage's replica
+(`replica_loops`): the replica runs the whole loop with the tools in its own process, and a task costs
+one Ray Serve call from the ingress instead of one per turn. The tool's `concurrency` then holds per
+process: in the ingress and in each LLM replica.
 """
 
 from __future__ import annotations
@@ -31,6 +36,20 @@ import httpx
 
 from hetforge.serving.dataflow import StageCaller, StageError
 from hetforge.serving.model_io import resolve_function
+from hetforge.spec.models import LlmStage
+
+
+def replica_loops(pipeline, placement: dict[str, dict]) -> frozenset[str]:
+    """The LLM stages whose agent loop runs whole in the stage's replica: every tool of the loop is placed inline.
+
+    A streamed request's loop still runs in the ingress, a call per turn: each turn's tokens stream through it."""
+    return frozenset(
+        stage.name
+        for stage in pipeline.stages
+        if isinstance(stage, LlmStage)
+        and stage.agent_loop is not None
+        and all(placement.get(tool, {}).get("hop") == "inline" for tool in stage.agent_loop.tools)
+    )
 
 
 class ToolRuntime:
@@ -137,6 +156,7 @@ class InlineTool:
         self.runtime = ToolRuntime(stage, base_dir)
         self.status = _Method(self._status)
         self.dependencies = _Method(lambda: checks(stage))
+        self.loop_stages: list[str] = []  # LLM stages whose replicas run this tool in their loop (`replica_loops`)
 
     async def __call__(self, payload: Any, request_id: str = "") -> Any:
         """One call; its latency, when it answers, in hetforge_stage_latency_seconds under the tool's stage name."""
@@ -155,7 +175,8 @@ class InlineTool:
             "device": "cpu",
             "placement": "inline",
             "active_variant": "reference",
-            "attempts": self.runtime.attempts,
+            "attempts": self.runtime.attempts,  # this process's; the loops' calls count in the replicas' metrics
+            "also_in_replicas_of": self.loop_stages,
         }
 
 

@@ -492,8 +492,9 @@ class ToolStage(_StageBase):
     placement: Literal["auto", "inline", "separate"] = Field(
         default="auto",
         description="Where the tool runs: `inline` in its caller's process (the ingress, which runs the pipeline "
-        "walk and agent loops: no Ray Serve hop per call), `separate` in its own replicas, `auto` as the planner's "
-        "hop-cost model decides (`hetforge plan` shows the decision and why).",
+        "walk; an agent loop whose tools are all inline runs whole in its LLM stage's replicas, tools included): no "
+        "Ray Serve hop per call; `separate` in its own replicas; `auto` as the planner's hop-cost model decides "
+        "(`hetforge plan` shows the decision and why).",
     )
 
     @model_validator(mode="after")

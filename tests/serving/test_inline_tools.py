@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from hetforge.serving.dataflow import PipelineError, PipelineRunner
+from hetforge.serving.dataflow import PipelineError, PipelineRunner, StageError
 from hetforge.serving.deployments import dependency_checks
 from hetforge.serving.metrics import Metrics
-from hetforge.serving.tools import InlineCaller, InlineTool, ToolRuntime
+from hetforge.serving.tools import InlineCaller, InlineTool, ToolRuntime, replica_loops
 from hetforge.spec.models import Pipeline
 
 TOOLS = """
@@ -179,4 +179,133 @@ def test_an_inline_tools_code_is_part_of_the_ingress_version(tools_dir):
     (tools_dir / "tools.py").write_text(TOOLS.replace("unknown", "lost"))
     after = versions_of(pipeline, tools_dir, placement, "r.sqlite", "m")
     assert after["PipelineIngress"] != before["PipelineIngress"]  # the ingress restarts with the new code
-    assert after["stage-agent"] == before["stage-agent"]
+    assert after["stage-agent"] != before["stage-agent"]  # so does the LLM stage, whose replicas run the loop's tool
+    separate = {**placement, "lookup": {"device": "cpu", "hop": "separate"}}
+    before = versions_of(pipeline, tools_dir, separate, "r.sqlite", "m")
+    (tools_dir / "tools.py").write_text(TOOLS)
+    assert versions_of(pipeline, tools_dir, separate, "r.sqlite", "m")["stage-agent"] == before["stage-agent"]
+
+
+# ---------------------------------------------------------------------------------------------- loops in the replica
+SLOW = (
+    TOOLS
+    + """
+
+async def slow(order_id: str) -> dict:
+    import asyncio
+
+    await asyncio.sleep(5)
+    return {}
+"""
+)
+
+
+class LlmReplica:
+    """Stand-in for an LLM stage's replica (`LlmStageDeployment`): a turn answered by `Remote`, a `loop` call run by
+    the replica's own runner with the tool inline there; its exceptions cross as Ray's do (`HopLike`)."""
+
+    def __init__(self, pipeline: Pipeline, base: Path):
+        self.remote, self.registry, self.failures = Remote(), CollectorRegistry(), []
+        tool = InlineTool(pipeline.name, pipeline.stage("lookup"), base, Metrics(self.registry), dependency_checks)
+        self.runner = PipelineRunner(
+            pipeline, InlineCaller(self.remote, {"lookup": tool}), lambda s, k: self.failures.append((s, k))
+        )
+        self.calls: list[bool] = []  # per call from the ingress: was it a whole loop
+
+    async def __call__(self, stage, payload, request_id):
+        self.calls.append(bool(payload.get("loop")))
+        try:
+            if payload.get("loop"):
+                return await self.runner.answer_loop(stage, payload, request_id)
+            return await self.remote(stage, payload, request_id)
+        except Exception as err:
+            raise HopLike(err) from None
+
+    def stream(self, stage, payload, request_id):
+        self.calls.append(False)
+        return self.remote.stream(stage, payload, request_id)
+
+
+def _ingress(pipeline: Pipeline, caller) -> tuple[PipelineRunner, list]:
+    placement = {"agent": {"device": "cpu"}, "lookup": {"device": "cpu", "hop": "inline"}}
+    failures: list = []
+    runner = PipelineRunner(
+        pipeline, caller, lambda s, k: failures.append((s, k)), delegated=replica_loops(pipeline, placement)
+    )
+    return runner, failures
+
+
+ASK = {"messages": [{"role": "user", "content": "where?"}]}
+
+
+def test_replica_loops_are_the_loops_whose_tools_are_all_inline():
+    pipeline = _pipeline("lookup")
+    assert replica_loops(pipeline, {"agent": {}, "lookup": {"hop": "inline"}}) == {"agent"}
+    assert replica_loops(pipeline, {"agent": {}, "lookup": {"hop": "separate"}}) == set()
+    assert replica_loops(_pipeline("lookup", loop=False), {"lookup": {"hop": "inline"}}) == set()
+
+
+def test_a_loop_with_inline_tools_is_one_call_to_the_llm_replica(tools_dir):
+    pipeline = _pipeline("lookup")
+    replica = LlmReplica(pipeline, tools_dir)
+    ingress, failures = _ingress(pipeline, replica)
+    delegated = asyncio.run(ingress.run(ASK, "r4")).output
+    assert replica.calls == [True]  # one call from the ingress ...
+    assert replica.remote.calls == ["agent", "agent"]  # ... in which the replica ran both turns and the tool
+    count = replica.registry.get_sample_value(
+        "hetforge_stage_latency_seconds_count",
+        {"pipeline": "shop", "stage": "lookup", "variant": "reference", "device": "cpu"},
+    )
+    assert count == 1 and failures == [] == replica.failures
+    walked, _, _ = _inline(pipeline, tools_dir, Metrics(CollectorRegistry()), Remote())
+    assert delegated == asyncio.run(walked.run(ASK, "r4")).output  # the same answer as the loop run by the ingress
+
+
+def test_a_streamed_loop_stays_in_the_ingress(tools_dir):
+    pipeline = _pipeline("lookup")
+    replica = LlmReplica(pipeline, tools_dir)
+    ingress, _ = _ingress(
+        pipeline,
+        InlineCaller(
+            replica,
+            {
+                "lookup": InlineTool(
+                    pipeline.name, pipeline.stage("lookup"), tools_dir, Metrics(CollectorRegistry()), dependency_checks
+                )
+            },
+        ),
+    )
+
+    async def collect():
+        return [e async for e in ingress.stream(ASK, "r5")]
+
+    events = asyncio.run(collect())
+    assert "shipped" in "".join(e for e in events if isinstance(e, str))
+    assert replica.calls == [False, False]  # a streamed call per turn: each turn's tokens pass through the ingress
+
+
+def test_a_tool_timeout_in_the_replicas_loop_is_a_504_reported_once(tmp_path):
+    (tmp_path / "tools.py").write_text(SLOW)
+    doc = _pipeline("slow").model_dump(mode="json", by_alias=True)
+    doc["stages"][1]["timeout_s"] = 0.2
+    pipeline = Pipeline.model_validate(doc)
+    replica = LlmReplica(pipeline, tmp_path)
+    ingress, failures = _ingress(pipeline, replica)
+    with pytest.raises(PipelineError) as caught:
+        asyncio.run(ingress.run(ASK, "r6"))
+    assert caught.value.status == 504 and caught.value.stage == "agent" and caught.value.request_id == "r6"
+    assert "tool lookup" in caught.value.message and "timed out" in caught.value.message
+    assert replica.failures == [("lookup", "timeout")] and failures == []  # counted where it happened, once
+
+
+def test_a_refused_loop_call_is_reported_by_the_ingress(tools_dir):
+    pipeline = _pipeline("lookup")
+
+    async def full(stage, payload, request_id):  # what HandleCaller raises when Serve's queue is full
+        raise StageError(f"stage {stage} is at capacity: queue full (limits.max_queued); retry later", 503)
+
+    ingress, failures = _ingress(pipeline, full)
+    with pytest.raises(PipelineError) as caught:
+        asyncio.run(ingress.run(ASK, "r7"))
+    assert caught.value.status == 503 and caught.value.retry_after_s is not None
+    assert failures == [("agent", "overload")]

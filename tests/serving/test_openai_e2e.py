@@ -85,8 +85,11 @@ def test_tool_round_trip_decoded_to_the_tools_schema(client):
     assert second.choices[0].finish_reason in ("stop", "length") and 0 < second.usage.completion_tokens <= 8
 
 
-def test_the_pipelines_own_agent_loop_calls_its_tool_on_one_replica(client, served):
-    before = httpx.get(f"{served}/v1/pipelines/agent-test/status", timeout=30).json()["stages"]["lookup_order"]
+def test_the_pipelines_own_agent_loop_runs_with_its_tool_on_one_replica(client, served):
+    """The planner puts the light tool inline, so the whole loop runs in one LLM replica (`tools.replica_loops`)."""
+    status = httpx.get(f"{served}/v1/pipelines/agent-test/status", timeout=30).json()["stages"]["lookup_order"]
+    assert status["placement"] == "inline" and status["also_in_replicas_of"] == ["agent"]
+    before, queries = _calls(served), _queries_by_replica(served)
     reply = client.chat.completions.create(
         model="hetforge-agent",
         messages=[{"role": "user", "content": "Where is my order?"}],
@@ -106,8 +109,12 @@ def test_the_pipelines_own_agent_loop_calls_its_tool_on_one_replica(client, serv
     # tool_choice required for 2 turns (the tool stage runs twice), then the answer, held to the JSON schema
     doc = json.loads(reply.choices[0].message.content)
     assert isinstance(doc["shipped"], bool) and doc["order"] in ("1234", "5678")
-    after = httpx.get(f"{served}/v1/pipelines/agent-test/status", timeout=30).json()["stages"]["lookup_order"]
-    assert after["attempts"] - before["attempts"] == 2
+    after = _calls(served)
+    assert after["lookup_order"] - before.get("lookup_order", 0) == 2  # counted by the replica that ran the loop
+    again = httpx.get(f"{served}/v1/pipelines/agent-test/status", timeout=30).json()["stages"]["lookup_order"]
+    assert again["attempts"] == status["attempts"]  # none of them in the ingress's process
+    assert after["agent"] - before.get("agent", 0) == 3  # the replica's three LLM calls
+    assert len(_served_by(served, queries)) == 1
     # usage sums the 3 LLM calls; turns 2 and 3 reuse the conversation's prefix on the replica of the session
     assert reply.usage.prompt_tokens > 3 * 400 and reply.usage.prompt_tokens_details.cached_tokens >= 2 * 256
 
@@ -170,6 +177,18 @@ def test_agent_framework_requests_replayed(served, fixture):
     if doc["expect"].get("json_schema"):
         answer = json.loads(message["content"])
         assert answer["answer"] in ("yes", "no") and isinstance(answer["sure"], bool)
+
+
+def _calls(url: str) -> dict[str, float]:
+    """Stage calls answered, by stage, from the ingress's /metrics (every process's series, aggregated)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "hetforge_stage_latency_seconds":
+            for s in family.samples:
+                if s.name.endswith("_count") and s.labels.get("pipeline") == "agent-test":
+                    out[s.labels["stage"]] = out.get(s.labels["stage"], 0.0) + s.value
+    return out
 
 
 def _queries_by_replica(url: str) -> dict[str, float]:
