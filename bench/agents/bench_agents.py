@@ -17,9 +17,9 @@ tasks in flight at once, one tool call a turn, greedy decoding, 40 tokens at mos
   one tool stage), one POST /v1/chat/completions per task; the loop, the tool calls and the session's
   routing happen server-side. Time to first token from the replica's `hetforge_llm_time_to_first_token_seconds`
   (vLLM's engine statistic; the baseline's engine figure `vllm:time_to_first_token_seconds` is reported beside
-  it), the hit rate from `hetforge_llm_prefix_cache_*`. The tool runs where the planner puts it (inline, in the
-  ingress, for this light tool); `--separate-tool` runs hetforge again with `placement: separate` (one Ray Serve
-  hop per tool call); `--shared-cores` runs it with `vllm.isolate_cores: false` (the engine's processes free to
+  it), the hit rate from `hetforge_llm_prefix_cache_*`. The tool runs where the planner puts it (inline, for this light
+  tool, so the whole loop runs in the LLM replica: one Ray Serve call a task); `--separate-tool` runs hetforge again
+  with `placement: separate` (the loop in the ingress: a Ray Serve hop per LLM turn and per tool call); `--shared-cores` runs it with `vllm.isolate_cores: false` (the engine's processes free to
   run on every core, beside Ray's, instead of on cores of their own: `hetforge/serving/cpu_cores.py`). Where a task's time goes (`breakdown_ms_per_task`): its LLM calls as the LLM replica
   timed them, its tool calls, and the rest (the ingress, the hops, HTTP), from `hetforge_stage_latency_seconds`.
 The client (this process) runs on the same cores for both sides (`--client-cores`, default the highest-numbered core:
