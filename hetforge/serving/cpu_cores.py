@@ -6,10 +6,11 @@ each other by spinning on shared memory (`shm_broadcast.SpinCondition`, one seco
 read), so while requests flow they keep their cores busy whatever the model's size. Every other process that the
 scheduler puts on those cores delays an engine step.
 
-Measured with `bench/agents/bench_agents.py --tasks 48` (2026-12-01, 2-core x86_64 VM, vLLM 0.32.0 CPU, the tiny
-Llama, 4 sessions): with every process free to run anywhere, the engine inside Ray Serve took 6.55 ms per output
-token against 3.75 ms in vLLM's own server; with EngineCore and Worker on core 0 and Ray, the ingress, the replica
-and the client on core 1, it took 3.34 ms (per-process CPU in `results.md`).
+Measured with `bench/agents/bench_agents.py --tasks 48 --rounds 3 --shared-cores` (2026-12-02, 2-core x86_64 VM,
+vLLM 0.32.0 CPU, the tiny Llama, 4 sessions, `bench/agents/results.md`): with EngineCore and Worker on core 0 and
+everything else on core 1, the engine took 3.20-3.56 ms per output token; with every process free to run anywhere,
+3.40-3.94 ms. The time per task did not differ beyond the noise (p50 504-544 against 489-544 ms): with the split,
+Ray's processes, the ingress and the replica share one core.
 
 So `deploy` (on the embedded default, where hetforge starts Ray itself) splits the node's cores: `plan` gives the
 engines the lowest-numbered cores in equal slots and keeps the rest (at least one core, a quarter of them on larger
