@@ -14,7 +14,9 @@ An inline tool (`placement: inline`, or the planner's choice under `auto`: `plan
 is the same `ToolRuntime` in the caller's process, the ingress: `InlineTool` answers what a tool
 replica answers (calls with the stage's latency metric, `status`, `dependencies`) and `InlineCaller`
 sends that stage's calls to it instead of through a Ray Serve handle. Timeouts, retries, the
-concurrency limit and the errors are the runtime's, so a failing tool reads the same either way.
+concurrency limit and the errors are the runtime's, so a failing tool reads the same either way;
+`limits.max_concurrency` and `limits.max_queued` hold per process as Serve holds them per replica and
+caller (503 beyond).
 
 When every tool of an LLM stage's agent loop is inline, the loop's caller is the LLM stage's replica
 (`replica_loops`): the replica runs the whole loop with the tools in its own process, and a task costs
@@ -157,11 +159,32 @@ class InlineTool:
         self.status = _Method(self._status)
         self.dependencies = _Method(lambda: checks(stage))
         self.loop_stages: list[str] = []  # LLM stages whose replicas run this tool in their loop (`replica_loops`)
+        # the limits Ray Serve holds a separate tool's calls to, here per process: calls in flight (max_ongoing_requests,
+        # as `deployments.build_app` sets it) and calls waiting for one of those (max_queued_requests)
+        self.ongoing = stage.limits.max_concurrency or max(16, stage.concurrency)
+        self.admits = self.ongoing + stage.limits.max_queued
+        self.admitted = 0  # calls in flight or waiting
+        self._slots: asyncio.Semaphore | None = None
 
     async def __call__(self, payload: Any, request_id: str = "") -> Any:
-        """One call; its latency, when it answers, in hetforge_stage_latency_seconds under the tool's stage name."""
-        start = time.perf_counter()
-        out = await self.runtime(payload)
+        """One call; its latency, when it answers, in hetforge_stage_latency_seconds under the tool's stage name.
+        Beyond `admits` calls in flight or waiting in this process, 503: the client retries later."""
+        if self.admitted >= self.admits:
+            raise StageError(
+                f"stage {self.stage.name} is at capacity: {self.admitted} calls in flight or waiting in this process "
+                f"(limits.max_concurrency {self.ongoing} + limits.max_queued {self.stage.limits.max_queued}); "
+                "retry later",
+                503,
+            )
+        if self._slots is None:  # created inside the serving event loop
+            self._slots = asyncio.Semaphore(self.ongoing)
+        self.admitted += 1
+        try:
+            async with self._slots:
+                start = time.perf_counter()
+                out = await self.runtime(payload)
+        finally:
+            self.admitted -= 1
         self.metrics.stage_latency.labels(self.pipeline, self.stage.name, "reference", "cpu").observe(
             time.perf_counter() - start
         )

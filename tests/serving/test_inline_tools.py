@@ -186,6 +186,25 @@ def test_an_inline_tools_code_is_part_of_the_ingress_version(tools_dir):
     assert versions_of(pipeline, tools_dir, separate, "r.sqlite", "m")["stage-agent"] == before["stage-agent"]
 
 
+def test_an_inline_tool_holds_its_limits_as_serve_holds_a_replicas(tmp_path):
+    """limits.max_concurrency calls run, limits.max_queued wait, one more is refused with 503."""
+    (tmp_path / "tools.py").write_text(SLOW.replace("asyncio.sleep(5)", "asyncio.sleep(0.2)"))
+    doc = _pipeline("slow", loop=False).model_dump(mode="json", by_alias=True)
+    doc["stages"][0]["limits"] = {"max_concurrency": 1, "max_queued": 1}
+    pipeline = Pipeline.model_validate(doc)
+    tool = InlineTool(
+        pipeline.name, pipeline.stage("lookup"), tmp_path, Metrics(CollectorRegistry()), dependency_checks
+    )
+
+    async def three():
+        return await asyncio.gather(*(tool({"order_id": str(i)}) for i in range(3)), return_exceptions=True)
+
+    first, second, third = asyncio.run(three())
+    assert first == {} and second == {}  # one ran, one waited for it
+    assert isinstance(third, StageError) and third.status == 503 and "limits.max_queued 1" in str(third)
+    assert tool.admitted == 0 and tool.runtime.attempts == 2
+
+
 # ---------------------------------------------------------------------------------------------- loops in the replica
 SLOW = (
     TOOLS
