@@ -71,7 +71,25 @@ class StageError(Exception):
 
 
 class LoopError(StageError):
-    """An agent loop run by its LLM stage's replica failed; the replica reported the failure where it happened."""
+    """An agent loop run by its LLM stage's replica failed; the replica reported the failure where it happened.
+
+    It keeps the failure's stage (a tool's, or the LLM's), kind and Retry-After; all are in args, so that it survives
+    pickling across Ray processes."""
+
+    def __init__(self, message: str, status: int, stage: str | None, kind: str, retry_after_s: int | None = None):
+        Exception.__init__(self, message, status, stage, kind, retry_after_s)
+        self.message, self.status, self.stage, self.kind, self.retry_after_s = (
+            message,
+            status,
+            stage,
+            kind,
+            retry_after_s,
+        )
+
+
+class NoLoopHere(StageError):
+    """This LLM replica was built without its stage's agent loop (its tools are not all inline in its version): the
+    caller runs the loop itself."""
 
 
 class PipelineError(Exception):
@@ -108,6 +126,10 @@ class StageCaller(Protocol):
     async def __call__(self, stage: str, payload: Any, request_id: str) -> Any: ...
 
     def stream(self, stage: str, payload: Any, request_id: str) -> AsyncIterator[str]: ...
+
+    async def loop(self, stage: str, payload: Any, request_id: str) -> Any:
+        """A whole agent loop, run by the LLM stage's replica (`PipelineRunner.answer_loop` there)."""
+        ...
 
 
 @dataclass
@@ -280,11 +302,7 @@ class PipelineRunner:
     def _failed(self, name: str, err: PipelineError, breaker: Breaker | None) -> PipelineError:
         """Report a failed call once, and tell its breaker: only the stage's own failures count against it."""
         self.on_failure(name, err.kind)
-        if breaker is not None:
-            if err.kind in ("error", "timeout"):  # the stage's own failure; not the client's input or overload
-                breaker.failed()
-            elif breaker.trial:
-                breaker.trial = False  # the trial did not test the stage: let the next call try
+        _tell(breaker, err.kind in ("error", "timeout"))  # the stage's own failure; not the client's input or overload
         return err
 
     async def _call(self, name: str, payload: Any, request_id: str) -> Any:
@@ -372,36 +390,47 @@ class PipelineRunner:
     async def _delegate(self, name: str, payload: Any, request_id: str, options: dict | None) -> Any:
         """The whole agent loop in one call of the LLM stage's replica, which runs `run_loop` with its own runner:
         there each turn and tool call has its stage's breaker, timeout and retries, and is reported once. Here the
-        call has the stage's breaker, is bounded by the pipeline's timeout (the walk's) and is not retried (the
-        loop's tools may have run)."""
+        call has the stage's breaker (told only of the LLM's own failures), is bounded by the pipeline's timeout,
+        also sent to the replica, and is not retried (the loop's tools may have run). A replica without the loop
+        (`NoLoopHere`: one of an earlier version, while a deployment changes) leaves it to `run_loop` here."""
         breaker = self._admit(name, request_id)
+        doc = {"input": payload, "options": options or {}, "timeout_s": self.pipeline.limits.timeout_s}
         try:
-            out = await self.caller(
-                name, {"input": payload, "history": [], "options": options or {}, "loop": True}, request_id
-            )
+            out = await self.caller.loop(name, doc, request_id)
         except PipelineError as err:
             raise self._failed(name, err, breaker) from None
         except asyncio.CancelledError:
-            if breaker is not None:
-                breaker.trial = False
+            _tell(breaker, False)
             raise
         except Exception as err:  # noqa: BLE001 - whatever the call raised becomes a located error
-            located = _located(err, name, request_id, self.pipeline.limits.retry_after_s)
-            if isinstance(getattr(err, "cause", None) or err, LoopError):  # the replica reported it where it happened
-                if breaker is not None and located.kind in ("error", "timeout"):
-                    breaker.failed()
-                raise located from None
-            raise self._failed(name, located, breaker) from None  # the call itself failed (overload, a dead replica)
-        if breaker is not None:
-            breaker.succeeded()
+            cause = getattr(err, "cause", None) or err  # Ray wraps a replica's exception; .cause is the original
+            if isinstance(cause, NoLoopHere):
+                _tell(breaker, False)
+                return await self.run_loop(name, payload, request_id, options)
+            if not isinstance(cause, LoopError):  # the call itself failed (overload, a dead replica)
+                located = _located(err, name, request_id, self.pipeline.limits.retry_after_s)
+                raise self._failed(name, located, breaker) from None
+            # reported by the replica where it happened: here only the LLM's own failures count against its breaker
+            _tell(breaker, cause.stage == name and cause.kind in ("error", "timeout"))
+            raise PipelineError(
+                cause.status, cause.message, request_id, cause.stage, cause.kind, cause.retry_after_s
+            ) from None
+        _tell(breaker, None)
         return out
 
     async def answer_loop(self, name: str, payload: dict, request_id: str) -> Any:
-        """A delegated loop call (`_delegate`'s payload), in the LLM stage's replica; a failure is a `LoopError`."""
+        """A delegated loop (`_delegate`'s call), in the LLM stage's replica, within the timeout it was sent; a
+        failure is a `LoopError`."""
+        limit = payload.get("timeout_s")
         try:
-            return await self.run_loop(name, payload["input"], request_id, payload.get("options"))
+            return await asyncio.wait_for(
+                self.run_loop(name, payload["input"], request_id, payload.get("options")), limit
+            )
+        except TimeoutError:
+            message = f"the agent loop of stage {name} took longer than the pipeline's limits.timeout_s ({limit:g} s)"
+            raise LoopError(message, 504, name, "timeout") from None
         except PipelineError as err:
-            raise LoopError(err.message, err.status) from None
+            raise LoopError(err.message, err.status, err.stage, err.kind, err.retry_after_s) from None
 
     async def _tool(self, call: dict, request_id: str) -> Any:
         """One tool call of an agent loop; its error (a timeout aside) goes back to the LLM, which may try again."""
@@ -625,6 +654,19 @@ def _add_usage(total: dict, usage: dict | None) -> dict:
             "cached_tokens": (out.get("prompt_tokens_details") or {}).get("cached_tokens", 0) + cached
         }
     return out
+
+
+def _tell(breaker: Breaker | None, failed: bool | None) -> None:
+    """Tell a breaker how its call ended: succeeded (None), the stage's own failure (True), or a failure that tested
+    nothing (False: the client's input, overload, a cancelled call; a trial call lets the next one try)."""
+    if breaker is None:
+        return
+    if failed is None:
+        breaker.succeeded()
+    elif failed:
+        breaker.failed()
+    elif breaker.trial:
+        breaker.trial = False
 
 
 def _located(err: Exception, stage: str, request_id: str, retry_after_s: int = 1) -> PipelineError:

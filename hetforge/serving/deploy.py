@@ -426,7 +426,8 @@ def versions_of(
         if isinstance(stage, LlmStage) and stage.agent_loop is not None:  # the tools' descriptions go into prompts
             extra = [pipeline.stage(t).description for t in stage.agent_loop.tools]
             if stage.name in replica_loops(pipeline, placement):  # its replicas run the loop's tools too
-                extra += [_files(pipeline.stage(t), base_dir) for t in stage.agent_loop.tools]
+                tools = [pipeline.stage(t) for t in stage.agent_loop.tools]
+                extra += [[t.model_dump(mode="json", by_alias=True), _files(t, base_dir)] for t in tools]
         out[f"stage-{stage.name}"] = _digest([*common, fields, placement[stage.name], extra, _files(stage, base_dir)])
     # inline tools run in the ingress: their code is part of what its replicas are built from
     inline = [_files(s, base_dir) for s in pipeline.stages if placement[s.name].get("hop") == "inline"]

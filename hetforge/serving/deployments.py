@@ -39,7 +39,7 @@ from hetforge.kernels.registry import Registry
 from hetforge.serving import llm_settings
 from hetforge.serving.controller import build_controller
 from hetforge.serving.dashboard_page import DashboardSampler
-from hetforge.serving.dataflow import PipelineRunner, StageError
+from hetforge.serving.dataflow import NoLoopHere, PipelineRunner, StageError
 from hetforge.serving.ingress import create_app
 from hetforge.serving.ingress.auth import Tokens, resolve_tokens
 from hetforge.serving.ingress.state import HandleCaller, IngressState
@@ -329,12 +329,15 @@ class LlmStageDeployment:
         check_prompt_tokens(self.stage, count, self.prompt_limit, self.context_tokens)
 
     async def __call__(self, payload: dict, request_id: str = "") -> dict:
-        """One LLM call; with `loop` in the payload, the stage's whole agent loop (`PipelineRunner._delegate`)."""
-        if payload.get("loop"):
-            if self.loop_runner is None:
-                raise StageError(f"stage {self.stage.name}: this replica runs no agent loop (its tools are not inline)")
-            return await self.loop_runner.answer_loop(self.stage.name, payload, request_id)
+        """One LLM call."""
         return await self._turn(payload, request_id)
+
+    async def loop(self, payload: dict, request_id: str = "") -> dict:
+        """The stage's whole agent loop (`PipelineRunner._delegate`). It holds one of the replica's request slots
+        (`max_ongoing_requests`) for the whole task, tool calls included."""
+        if self.loop_runner is None:
+            raise NoLoopHere(f"stage {self.stage.name}: this replica runs no agent loop (its tools are not all inline)")
+        return await self.loop_runner.answer_loop(self.stage.name, payload, request_id)
 
     async def _turn(self, payload: dict, request_id: str) -> dict:
         with _observed(self.metrics, self.pipeline, self.stage.name, self.device):

@@ -217,3 +217,6 @@ class InlineCaller:
 
     def stream(self, stage: str, payload: Any, request_id: str) -> AsyncIterator[str]:
         return self.inner.stream(stage, payload, request_id)
+
+    async def loop(self, stage: str, payload: Any, request_id: str) -> Any:
+        return await self.inner.loop(stage, payload, request_id)

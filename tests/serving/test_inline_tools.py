@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from hetforge.serving.dataflow import PipelineError, PipelineRunner, StageError
+from hetforge.serving.dataflow import LoopError, NoLoopHere, PipelineError, PipelineRunner, StageError
 from hetforge.serving.deployments import dependency_checks
 from hetforge.serving.metrics import Metrics
 from hetforge.serving.tools import InlineCaller, InlineTool, ToolRuntime, replica_loops
@@ -221,27 +222,33 @@ async def slow(order_id: str) -> dict:
 
 class LlmReplica:
     """Stand-in for an LLM stage's replica (`LlmStageDeployment`): a turn answered by `Remote`, a `loop` call run by
-    the replica's own runner with the tool inline there; its exceptions cross as Ray's do (`HopLike`)."""
+    the replica's own runner with the tool inline there; its exceptions cross as Ray's do (`HopLike`). Built
+    `without_loop`, it is a replica of a version whose loop tools were not inline."""
 
-    def __init__(self, pipeline: Pipeline, base: Path):
+    def __init__(self, pipeline: Pipeline, base: Path, without_loop: bool = False):
         self.remote, self.registry, self.failures = Remote(), CollectorRegistry(), []
         tool = InlineTool(pipeline.name, pipeline.stage("lookup"), base, Metrics(self.registry), dependency_checks)
         self.runner = PipelineRunner(
             pipeline, InlineCaller(self.remote, {"lookup": tool}), lambda s, k: self.failures.append((s, k))
         )
-        self.calls: list[bool] = []  # per call from the ingress: was it a whole loop
+        self.without_loop = without_loop
+        self.calls: list[str] = []  # the calls from the ingress: "turn" or "loop"
 
     async def __call__(self, stage, payload, request_id):
-        self.calls.append(bool(payload.get("loop")))
+        self.calls.append("turn")
+        return await self.remote(stage, payload, request_id)
+
+    async def loop(self, stage, payload, request_id):
+        self.calls.append("loop")
         try:
-            if payload.get("loop"):
-                return await self.runner.answer_loop(stage, payload, request_id)
-            return await self.remote(stage, payload, request_id)
+            if self.without_loop:
+                raise NoLoopHere(f"stage {stage}: this replica runs no agent loop")
+            return await self.runner.answer_loop(stage, payload, request_id)
         except Exception as err:
             raise HopLike(err) from None
 
     def stream(self, stage, payload, request_id):
-        self.calls.append(False)
+        self.calls.append("turn")
         return self.remote.stream(stage, payload, request_id)
 
 
@@ -269,7 +276,7 @@ def test_a_loop_with_inline_tools_is_one_call_to_the_llm_replica(tools_dir):
     replica = LlmReplica(pipeline, tools_dir)
     ingress, failures = _ingress(pipeline, replica)
     delegated = asyncio.run(ingress.run(ASK, "r4")).output
-    assert replica.calls == [True]  # one call from the ingress ...
+    assert replica.calls == ["loop"]  # one call from the ingress ...
     assert replica.remote.calls == ["agent", "agent"]  # ... in which the replica ran both turns and the tool
     count = replica.registry.get_sample_value(
         "hetforge_stage_latency_seconds_count",
@@ -300,30 +307,71 @@ def test_a_streamed_loop_stays_in_the_ingress(tools_dir):
 
     events = asyncio.run(collect())
     assert "shipped" in "".join(e for e in events if isinstance(e, str))
-    assert replica.calls == [False, False]  # a streamed call per turn: each turn's tokens pass through the ingress
+    assert replica.calls == ["turn", "turn"]  # a streamed call per turn: each turn's tokens pass through the ingress
 
 
-def test_a_tool_timeout_in_the_replicas_loop_is_a_504_reported_once(tmp_path):
-    (tmp_path / "tools.py").write_text(SLOW)
+def _slow_pipeline(base: Path, **agent) -> Pipeline:
+    (base / "tools.py").write_text(SLOW)
     doc = _pipeline("slow").model_dump(mode="json", by_alias=True)
     doc["stages"][1]["timeout_s"] = 0.2
-    pipeline = Pipeline.model_validate(doc)
+    doc["stages"][0].update(agent)
+    return Pipeline.model_validate(doc)
+
+
+def test_a_tool_timeout_in_the_replicas_loop_is_the_tools_504_reported_once(tmp_path):
+    # a breaker on the LLM stage that one failure opens: a tool's failure must not count against it
+    pipeline = _slow_pipeline(tmp_path, circuit_breaker={"failures": 1, "reset_s": 60})
     replica = LlmReplica(pipeline, tmp_path)
     ingress, failures = _ingress(pipeline, replica)
-    with pytest.raises(PipelineError) as caught:
-        asyncio.run(ingress.run(ASK, "r6"))
-    assert caught.value.status == 504 and caught.value.stage == "agent" and caught.value.request_id == "r6"
-    assert "tool lookup" in caught.value.message and "timed out" in caught.value.message
-    assert replica.failures == [("lookup", "timeout")] and failures == []  # counted where it happened, once
+    for attempt in ("r6", "r7"):
+        with pytest.raises(PipelineError) as caught:
+            asyncio.run(ingress.run(ASK, attempt))
+        err = caught.value
+        assert (err.status, err.stage, err.kind, err.request_id) == (504, "lookup", "timeout", attempt)
+        assert "tool lookup" in err.message and "timed out" in err.message
+    assert replica.failures == [("lookup", "timeout")] * 2 and failures == []  # counted where it happened, once
+
+
+def test_the_replicas_loop_ends_at_the_timeout_it_was_sent(tmp_path):
+    doc = _slow_pipeline(tmp_path).model_dump(mode="json", by_alias=True)
+    doc["stages"][1]["timeout_s"] = 30  # the tool alone would hold the loop for its 5 s
+    pipeline = Pipeline.model_validate(doc)
+    replica = LlmReplica(pipeline, tmp_path)
+    with pytest.raises(LoopError) as caught:
+        asyncio.run(replica.runner.answer_loop("agent", {"input": ASK, "options": {}, "timeout_s": 0.3}, "r8"))
+    assert (caught.value.status, caught.value.stage, caught.value.kind) == (504, "agent", "timeout")
+    assert "limits.timeout_s (0.3 s)" in caught.value.message
+    restored = pickle.loads(pickle.dumps(caught.value))  # as Ray carries it back to the ingress
+    assert (restored.status, restored.stage, restored.kind, restored.message) == (
+        504,
+        "agent",
+        "timeout",
+        caught.value.message,
+    )
+
+
+def test_a_replica_without_the_loop_leaves_it_to_the_ingress(tools_dir):
+    """While a deployment changes, an LLM replica of the earlier version (its tools were not inline) answers
+    NoLoopHere: the ingress runs the loop itself, a call per turn, and counts no failure."""
+    pipeline = _pipeline("lookup")
+    replica = LlmReplica(pipeline, tools_dir, without_loop=True)
+    tool = InlineTool(
+        pipeline.name, pipeline.stage("lookup"), tools_dir, Metrics(CollectorRegistry()), dependency_checks
+    )
+    ingress, failures = _ingress(pipeline, InlineCaller(replica, {"lookup": tool}))
+    walked, _, _ = _inline(pipeline, tools_dir, Metrics(CollectorRegistry()), Remote())
+    assert asyncio.run(ingress.run(ASK, "r9")).output == asyncio.run(walked.run(ASK, "r9")).output
+    assert replica.calls == ["loop", "turn", "turn"] and tool.runtime.attempts == 1 and failures == []
 
 
 def test_a_refused_loop_call_is_reported_by_the_ingress(tools_dir):
     pipeline = _pipeline("lookup")
 
-    async def full(stage, payload, request_id):  # what HandleCaller raises when Serve's queue is full
-        raise StageError(f"stage {stage} is at capacity: queue full (limits.max_queued); retry later", 503)
+    class Full:
+        async def loop(self, stage, payload, request_id):  # what HandleCaller raises when Serve's queue is full
+            raise StageError(f"stage {stage} is at capacity: queue full (limits.max_queued); retry later", 503)
 
-    ingress, failures = _ingress(pipeline, full)
+    ingress, failures = _ingress(pipeline, Full())
     with pytest.raises(PipelineError) as caught:
         asyncio.run(ingress.run(ASK, "r7"))
     assert caught.value.status == 503 and caught.value.retry_after_s is not None

@@ -43,10 +43,21 @@ class HandleCaller:
         return self.handles[stage].options(session_id=session) if session else self.handles[stage]
 
     async def __call__(self, stage: str, payload: Any, request_id: str) -> Any:
+        return await self._answer(stage, self._handle(stage), payload, request_id)
+
+    async def loop(self, stage: str, payload: Any, request_id: str) -> Any:
+        return await self._answer(stage, self._handle(stage).options(method_name="loop"), payload, request_id)
+
+    async def _answer(self, stage: str, handle, payload: Any, request_id: str) -> Any:
+        """The call's answer; a call given up here (a timeout, a failed sibling) is cancelled in the replica too."""
+        response = handle.remote(payload, request_id)
         try:
-            return await self._handle(stage).remote(payload, request_id)
+            return await response
         except BackPressureError as err:
             raise _overloaded(stage, err) from None
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
 
     async def stream(self, stage: str, payload: Any, request_id: str):
         try:
