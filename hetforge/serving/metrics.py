@@ -37,7 +37,8 @@ SPEC = {  # name -> (kind, help, labels)
     ),
     "hetforge_stage_errors_total": (
         "counter",
-        "Failed stage calls, counted once per call by the ingress, by kind "
+        "Failed stage calls, counted once per call by the process that made it (the ingress; an LLM replica for its agent "
+        "loop's calls), by kind "
         "(binding | client | timeout | overload | circuit_open | error).",
         ("pipeline", "stage", "kind"),
     ),
