@@ -78,13 +78,8 @@ class LoopError(StageError):
 
     def __init__(self, message: str, status: int, stage: str | None, kind: str, retry_after_s: int | None = None):
         Exception.__init__(self, message, status, stage, kind, retry_after_s)
-        self.message, self.status, self.stage, self.kind, self.retry_after_s = (
-            message,
-            status,
-            stage,
-            kind,
-            retry_after_s,
-        )
+        self.message, self.status = message, status
+        self.stage, self.kind, self.retry_after_s = stage, kind, retry_after_s
 
 
 class NoLoopHere(StageError):

@@ -76,6 +76,22 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+def _inline_tools(pipeline: Pipeline, names, base_dir: Path, metrics) -> dict[str, InlineTool]:
+    """Tool stages run in this process (`tools.InlineTool`): no deployment, no hop."""
+    return {
+        name: InlineTool(pipeline.name, pipeline.stage(name), base_dir, metrics, dependency_checks) for name in names
+    }
+
+
+def _failure_counter(metrics, pipeline: str):
+    """A runner's `on_failure`: each failed stage call counted once, by kind, in this process's metrics."""
+
+    def failed(stage: str, kind: str) -> None:
+        metrics.stage_errors.labels(pipeline, stage, kind).inc()
+
+    return failed
+
+
 @contextlib.contextmanager
 def _observed(metrics, pipeline: str, stage: str, device: str):
     """A tool or LLM stage call's latency when it answers (the ingress counts the calls that fail, by kind)."""
@@ -301,18 +317,12 @@ class LlmStageDeployment:
     def _loop_runner(self, pipeline: Pipeline, base_dir: Path) -> PipelineRunner:
         """The stage's agent loop in this replica (`tools.replica_loops`): its turns are this replica's calls, its
         tools `InlineTool`s here, with their latency and errors in this replica's metrics."""
-        metrics = self.metrics
-        tools = {
-            name: InlineTool(pipeline.name, pipeline.stage(name), base_dir, metrics, dependency_checks)
-            for name in self.stage.agent_loop.tools
-        }
+        tools = _inline_tools(pipeline, self.stage.agent_loop.tools, base_dir, self.metrics)
 
         async def turn(stage: str, payload: dict, request_id: str) -> dict:
             return await self._turn(payload, request_id)
 
-        def failed(stage: str, kind: str) -> None:
-            metrics.stage_errors.labels(pipeline.name, stage, kind).inc()
-
+        failed = _failure_counter(self.metrics, pipeline.name)
         return PipelineRunner(pipeline, InlineCaller(turn, tools), on_failure=failed)
 
     async def reconfigure(self, config: dict) -> None:
@@ -444,14 +454,9 @@ class PipelineIngress:
         if pipeline.slo is not None:
             metrics.pipeline_slo.labels(pipeline.name, "0.99").set(pipeline.slo.p99_ms / 1e3)
 
-        def failed(stage: str, kind: str) -> None:
-            metrics.stage_errors.labels(pipeline.name, stage, kind).inc()
-
-        inline = {  # tools placed in this process (`tools.InlineTool`): no deployment, no hop
-            name: InlineTool(pipeline.name, pipeline.stage(name), Path(base_dir), metrics, dependency_checks)
-            for name, where in placement.items()
-            if where.get("hop") == "inline"
-        }
+        failed = _failure_counter(metrics, pipeline.name)
+        placed_here = [name for name, where in placement.items() if where.get("hop") == "inline"]
+        inline = _inline_tools(pipeline, placed_here, Path(base_dir), metrics)
         loops = replica_loops(pipeline, placement)
         for name in sorted(loops):
             for tool in pipeline.stage(name).agent_loop.tools:
@@ -497,6 +502,7 @@ def build_app(
     doc = pipeline.model_dump(mode="json", by_alias=True)
     lines = {stage.name: pipeline.where(stage.name) for stage in pipeline.stages if pipeline.where(stage.name)}
     handles = {}
+    loops = replica_loops(pipeline, placement)  # LLM stages whose replicas run their agent loop whole
     for stage in pipeline.stages:
         where = placement[stage.name]
         options: dict[str, Any] = {
@@ -542,7 +548,7 @@ def build_app(
                 where["device"],
                 registry_path,
                 where.get("device_class"),
-                stage.name in replica_loops(pipeline, placement),
+                stage.name in loops,
             )
     controller = None
     if pipeline.reoptimize is not None:
