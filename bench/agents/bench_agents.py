@@ -1,33 +1,39 @@
 """Agent workload: hetforge's agent loop against a plain vLLM OpenAI server driven by a client-side loop.
 
-    python bench/agents/bench_agents.py [--tasks 8] [--sessions 4] [--turns 5] [--rounds 3] [--out bench/agents]
-        [--separate-tool] [--shared-cores]
+The committed figures (`results.md` reads them):
+
+    python bench/agents/bench_agents.py --tasks 48 --rounds 3 --separate-tool --shared-cores  # results.json
+    python bench/agents/bench_agents.py --tasks 48 --rounds 3 --separate-tool  # committed as results_earlier.json
 
 The workload (the same for both): a shared system prompt of about 1,500 tokens, tasks of `--turns`
 LLM turns each (every turn but the last calls the `lookup_order` tool, the last answers), `--sessions`
-tasks in flight at once, one tool call a turn, greedy decoding, 40 tokens at most per turn (a tool call is 28), on the tiny Llama of
-`scripts/build_tiny_llm.py` (context raised to 4,096 positions with `hf_overrides`) on vLLM's CPU engine.
+tasks in flight at once, one tool call a turn, greedy decoding, 40 tokens at most per turn (a tool call is 28), on
+the tiny Llama of `scripts/build_tiny_llm.py` (context raised to 4,096 positions with `hf_overrides`) on vLLM's CPU
+engine.
 
 - baseline: `python -m vllm.entrypoints.openai.api_server` (defaults, plus a tool-call parser, which
   vLLM 0.32 requires for tool_choice required, and the same structured-output settings as hetforge's:
-  xgrammar without whitespace), and the loop most teams start with, in the client: call the server with the tool, run the tool, append, call again
-  (tool_choice required, then none on the last turn). Time to first token per turn is measured by
-  the client (streamed turns); the prefix-cache hit rate from the server's `vllm:prefix_cache_*` counters.
+  xgrammar without whitespace), and the loop most teams start with, in the client: call the server with the tool,
+  run the tool, append, call again (tool_choice required, then none on the last turn). Time to first token per turn
+  is measured by the client (streamed turns); the prefix-cache hit rate from the server's `vllm:prefix_cache_*`
+  counters.
 - hetforge: `bench/agents/pipeline.yaml` (one LLM stage with `agent_loop: {tool_choice: required}` and
   one tool stage), one POST /v1/chat/completions per task; the loop, the tool calls and the session's
   routing happen server-side. Time to first token from the replica's `hetforge_llm_time_to_first_token_seconds`
   (vLLM's engine statistic; the baseline's engine figure `vllm:time_to_first_token_seconds` is reported beside
-  it), the hit rate from `hetforge_llm_prefix_cache_*`. The tool runs where the planner puts it (inline, for this light
-  tool, so the whole loop runs in the LLM replica: one Ray Serve call a task); `--separate-tool` runs hetforge again
-  with `placement: separate` (the loop in the ingress: a Ray Serve hop per LLM turn and per tool call); `--shared-cores` runs it with `vllm.isolate_cores: false` (the engine's processes free to
-  run on every core, beside Ray's, instead of on cores of their own: `hetforge/serving/cpu_cores.py`). Where a task's time goes (`breakdown_ms_per_task`): its LLM calls as the LLM replica
-  timed them, its tool calls, and the rest (the ingress, the hops, HTTP), from `hetforge_stage_latency_seconds`.
-The client (this process) runs on the same cores for both sides (`--client-cores`, default the highest-numbered core:
-see `_client_cores`). Both run one engine replica on the same machine, each alone on it while measured: a round starts, measures and
-stops each side in turn (who goes first alternates), and `--rounds` rounds let the machine's drift reach both
-sides alike. Per phase:
-the figures above and the CPU time every process used (`cpu`: which processes the machine's cores went to).
-Writes results.json; results.md is its table, written from that file.
+  it), the hit rate from `hetforge_llm_prefix_cache_*`. The tool runs where the planner puts it (inline, for this
+  light tool, so the whole loop runs in the LLM replica: one Ray Serve call a task); `--separate-tool` runs hetforge
+  again with `placement: separate` (the loop in the ingress: a Ray Serve hop per LLM turn and per tool call);
+  `--shared-cores` runs it with `vllm.isolate_cores: false` (the engine's processes free to run on every core,
+  beside Ray's, instead of on cores of their own: `hetforge/serving/cpu_cores.py`). Where a task's time goes
+  (`breakdown_ms_per_task`): its LLM calls as the LLM replica timed them, its tool calls, and the rest (the
+  ingress, the hops, HTTP), from `hetforge_stage_latency_seconds`.
+
+The client (this process) runs on the same cores for every side (`--client-cores`, default the highest-numbered
+core: see `_client_cores`). Each side runs one engine replica, alone on the machine while measured: a round starts,
+measures and stops each side in turn (who goes first alternates), and `--rounds` rounds let the machine's drift
+reach every side alike. Each measurement records the figures above and the CPU time every process used (`cpu`:
+which processes the machine's cores went to). Writes results.json.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from hetforge.serving import cpu_cores
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -451,16 +459,11 @@ def _client_on(cores: set[int] | None):
         yield
         return
     before = os.sched_getaffinity(0)
-    tids = [int(t) for t in os.listdir("/proc/self/task")]
-    for tid in tids:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(tid, cores)
+    cpu_cores.pin_process(sorted(cores))
     try:
         yield
     finally:
-        for tid in [int(t) for t in os.listdir("/proc/self/task")]:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, before)
+        cpu_cores.pin_process(sorted(before))
 
 
 def main() -> None:
